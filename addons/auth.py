@@ -1,0 +1,173 @@
+"""Proxy authentication: HTTP Basic in ``Proxy-Authorization`` on every request.
+
+The hot path pays no slow hash: a credential that verified once is remembered by
+a keyed BLAKE2b digest of ``username:password`` (see ``datorus_core.hashing``)
+until the ledger snapshot drops it (revoked within ``refresh_ms``). A miss runs
+scrypt in a worker thread, at most two at a time, so guessing cannot stall traffic.
+
+Wrong credentials from one client address are counted; past
+``auth_fail_limit`` a minute the address is throttled: its wrong attempts get
+``429`` instead of ``407``. A correct credential is still accepted from it, and a
+request without credentials (browsers always try that first) is not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+
+from mitmproxy import http
+
+from datorus_core.envelope import DatorusError
+from datorus_core.hashing import cache_key, verify_secret
+from datorus_core.runtime import CredentialState
+
+from .context import FlowCtx, Gateway
+
+log = logging.getLogger("datorus")
+
+_MAX_TRACKED = 100_000
+_NEGATIVE_TTL = 5.0
+
+
+def parse_basic(value: str | None) -> tuple[str, str] | None:
+    """``(username, password)`` from a ``Basic`` header value, or None if it is not one.
+
+    The password may contain ``:`` (the split is at the first colon); both parts
+    must be valid UTF-8.
+    """
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    username, sep, password = text.partition(":")
+    if not sep or not username:
+        return None
+    return username, password
+
+
+class _Failures:
+    """Failed attempts per client address, in one-minute windows."""
+
+    __slots__ = ("blocked_until", "count", "window")
+
+    def __init__(self, now: float) -> None:
+        self.window = now
+        self.count = 0
+        self.blocked_until = 0.0
+
+
+class ProxyAuth:
+    """Authenticate every forward request and CONNECT."""
+
+    name = "datorus_auth"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.failures: dict[str, _Failures] = {}
+        self.negative: dict[bytes, float] = {}
+        self.sem: asyncio.Semaphore | None = None
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow):
+        return self._check(flow)
+
+    def http_connect(self, flow: http.HTTPFlow):
+        return self._check(flow)
+
+    # -- the check ---------------------------------------------------------------------
+
+    def _check(self, flow: http.HTTPFlow):
+        gw = self.gw
+        req = flow.request
+        fc = FlowCtx(flow.id, flow.client_conn.id, req.method, req.host, req.port)
+        flow.metadata["datorus"] = fc
+        rt = gw.runtime
+        if not (rt.loaded and rt.ledger_ok):
+            gw.reject(flow, fc, DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"}))
+            return None
+        creds = parse_basic(req.headers.get("proxy-authorization"))
+        if creds is None:
+            if "proxy-authorization" in req.headers:
+                return self._fail(flow, fc, None)
+            gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))
+            return None
+        key = cache_key(*creds)
+        cred = rt.verified.get(key)
+        if cred is not None:
+            return self._accept(flow, fc, cred)
+        return self._verify(flow, fc, creds, key)
+
+    async def _verify(self, flow: http.HTTPFlow, fc: FlowCtx, creds: tuple[str, str], key: bytes):
+        rt = self.gw.runtime
+        username, password = creds
+        cred = rt.by_username.get(username)
+        now = time.monotonic()
+        if cred is None or self.negative.get(key, 0.0) > now:
+            self._fail(flow, fc, username)
+            return
+        if self.sem is None:
+            self.sem = asyncio.Semaphore(2)
+        async with self.sem:
+            ok = await asyncio.to_thread(verify_secret, password, cred.password_hash)
+        if not ok:
+            if len(self.negative) > _MAX_TRACKED:
+                self.negative.clear()
+            self.negative[key] = time.monotonic() + _NEGATIVE_TTL
+            self._fail(flow, fc, username)
+            return
+        # the snapshot may have changed while we hashed: only a live credential counts
+        live = rt.by_username.get(username)
+        if live is None or live.password_hash != cred.password_hash:
+            self._fail(flow, fc, username)
+            return
+        rt.verified[key] = live
+        self._accept(flow, fc, live)
+
+    def _accept(self, flow: http.HTTPFlow, fc: FlowCtx, cred: CredentialState) -> None:
+        fc.cred = cred
+        fc.account = cred.account
+        if cred.account.status != "active":
+            self.gw.reject(flow, fc, DatorusError("ACCOUNT_SUSPENDED"))
+
+    def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, username: str | None) -> None:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        now = time.monotonic()
+        f = self.failures.get(peer)
+        if f is None:
+            if len(self.failures) > _MAX_TRACKED:
+                self.failures.clear()
+            f = self.failures[peer] = _Failures(now)
+        if now - f.window > 60:
+            f.window, f.count = now, 0
+        f.count += 1
+        limit = self.gw.settings["auth_fail_limit"]
+        if f.count == limit + 1:
+            f.blocked_until = now + self.gw.settings["auth_block_seconds"]
+            log.warning(
+                "datorus: throttling %s after %d failed logins in a minute", peer, f.count - 1
+            )
+        if f.blocked_until > now:
+            retry = max(1, int(f.blocked_until - now + 0.999))
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "RATE_LIMITED",
+                    message="Too many failed logins from this address.",
+                    details={"limit": "auth_failures", "retryAfterSeconds": retry},
+                    headers={"Retry-After": str(retry)},
+                ),
+            )
+            return
+        self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))

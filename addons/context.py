@@ -1,0 +1,169 @@
+"""State the Datorus addons share: the runtime, per-flow context, error responses.
+
+Nothing here is a hook; the addons in this folder translate mitmproxy events into
+calls on this object and on ``datorus_core``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from mitmproxy import ctx as mitm_ctx
+from mitmproxy import http
+
+from datorus_core.envelope import DatorusError, envelope_json, proxy_status
+from datorus_core.runtime import CredentialState, Runtime
+
+log = logging.getLogger("datorus")
+
+FORWARD, TUNNEL = 1, 2
+
+
+class FlowCtx:
+    """What Datorus knows about one request or tunnel."""
+
+    __slots__ = (
+        "account",
+        "client_id",
+        "cred",
+        "cut",
+        "done",
+        "down",
+        "egress",
+        "host",
+        "kind",
+        "method",
+        "port",
+        "request_id",
+        "reserved",
+        "answered",
+        "rl_headers",
+        "session_id",
+        "started",
+        "status",
+        "timed_out",
+        "timer",
+        "trial_spent",
+        "nanocents",
+        "up",
+    )
+
+    def __init__(self, request_id: str, client_id: str, method: str, host: str, port: int) -> None:
+        self.request_id = request_id
+        self.client_id = client_id
+        self.method = method
+        self.host = host
+        self.port = port
+        self.cred: CredentialState | None = None
+        self.account = None
+        self.kind = FORWARD
+        self.up = 0
+        self.down = 0
+        self.reserved = 0
+        self.trial_spent = 0
+        self.nanocents = 0
+        self.answered = False  # the gateway answered itself (an envelope): never billed
+        self.done = False
+        self.cut = ""
+        self.timed_out = False
+        self.timer: Any = None
+        self.rl_headers: tuple[tuple[str, str], ...] = ()
+        self.session_id: str | None = None
+        self.egress: Any = None
+        self.started = time.time()
+        self.status = 0
+
+
+KEY = "datorus"
+
+
+def flow_ctx(flow: http.HTTPFlow) -> FlowCtx | None:
+    """The Datorus context of *flow*, if Datorus has seen it."""
+    return flow.metadata.get(KEY)
+
+
+class Gateway:
+    """The one object every Datorus addon holds."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+        self.runtime: Runtime = Runtime(self.settings)
+        self.ledger: Any = None  # LedgerLink once open
+        self.error_stash: dict[str, FlowCtx] = {}
+        self.tunnels: dict[str, FlowCtx] = {}
+
+    # -- responses ---------------------------------------------------------------------
+
+    def error_response(self, fc: FlowCtx | None, err: DatorusError) -> http.Response:
+        """The envelope response for *err*, with every reserved header it needs."""
+        request_id = fc.request_id if fc else None
+        body = envelope_json(err.code, request_id, err.details, err.message)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-datorus-request-id", (request_id or "").encode()),
+            (b"proxy-status", proxy_status(err.code).encode()),
+        ]
+        if err.code == "INVALID_CREDENTIAL":
+            headers.append((b"proxy-authenticate", b'Basic realm="Datorus"'))
+        if err.status == 503 and "Retry-After" not in err.headers:
+            headers.append((b"retry-after", b"1"))
+        for k, v in err.headers.items():
+            headers.append((k.lower().encode(), str(v).encode()))
+        if fc is not None:
+            for k, v in fc.rl_headers:
+                if not (err.code == "RATE_LIMITED" and k.lower() in err.headers):
+                    headers.append((k.encode(), v.encode()))
+            if fc.session_id:
+                headers.append((b"x-datorus-session-id", fc.session_id.encode()))
+            fc.answered = True
+            fc.status = err.status
+        resp = http.Response.make(err.status, body, headers)
+        if request_id is None:
+            # no flow context: make the header agree with the body's fresh id
+            import json
+
+            rid = json.loads(body)["error"]["requestId"]
+            resp.headers["x-datorus-request-id"] = rid
+        return resp
+
+    def reject(self, flow: http.HTTPFlow, fc: FlowCtx | None, err: DatorusError) -> None:
+        """Answer *flow* with *err* instead of sending it upstream."""
+        flow.response = self.error_response(fc, err)
+        if err.status >= 500 or err.status in (402, 403, 429):
+            log.info(
+                "%s %s:%s -> %s %s",
+                fc.method if fc else "-",
+                fc.host if fc else "-",
+                fc.port if fc else "-",
+                err.status,
+                err.code,
+            )
+
+    # -- connections -------------------------------------------------------------------
+
+    def handler(self, client_id: str) -> Any:
+        """mitmproxy's connection handler for a client connection (*internal*)."""
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        return ps.connections.get(client_id) if ps else None
+
+    def cut_client(self, client_id: str) -> bool:
+        """Close a client connection and everything it opened (*internal*)."""
+        h = self.handler(client_id)
+        if h is None:
+            return False
+        io = h.transports.get(h.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("datorus cut")
+            return True
+        return False
+
+    def abort_upstream(self, client_id: str) -> None:
+        """Cancel every server connection of a client connection (*internal*)."""
+        h = self.handler(client_id)
+        if h is None:
+            return
+        for conn, io in list(h.transports.items()):
+            if conn is not h.client and io.handler is not None:
+                io.handler.cancel("datorus upstream abort")

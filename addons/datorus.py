@@ -1,0 +1,41 @@
+"""Datorus: the addon suite that ``mitmdump -s addons/datorus.py`` loads.
+
+Order matters: for each hook mitmproxy calls these in list order, and each one
+skips a flow another has already answered. Auth first, then limits, acceptable
+use, metering (admission and counting), then relaying.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from addons.auth import ProxyAuth  # noqa: E402
+from addons.context import Gateway  # noqa: E402
+from addons.errors import ErrorPages  # noqa: E402
+from addons.limits import RateLimits  # noqa: E402
+from addons.metering import Metering  # noqa: E402
+from addons.options import LedgerTask, Options  # noqa: E402
+from addons.policy import AcceptableUse  # noqa: E402
+from addons.relay import Relay  # noqa: E402
+
+gateway = Gateway()
+_ledger = LedgerTask(gateway)
+_policy = AcceptableUse(gateway)
+_metering = Metering(gateway)
+_ledger.on_snapshot += [_policy.rebuild, _metering.on_snapshot]
+
+addons = [
+    Options(gateway),
+    _ledger,
+    ErrorPages(gateway),
+    ProxyAuth(gateway),
+    RateLimits(gateway),
+    _policy,
+    _metering,
+    Relay(gateway),
+]

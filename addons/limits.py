@@ -1,0 +1,80 @@
+"""Rate limits per credential (GCRA) and the cap on open tunnels per account.
+
+A CONNECT counts as one request. Every authenticated answer carries
+``X-Datorus-RateLimit-Limit`` (requests per second), ``-Remaining`` (requests left
+in the burst) and ``-Reset`` (Unix time when the burst is full again).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from mitmproxy import http
+
+from datorus_core.envelope import DatorusError
+
+from .context import Gateway, flow_ctx
+
+
+class RateLimits:
+    """Apply the per-credential request rate and the per-account tunnel cap."""
+
+    name = "datorus_limits"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._take(flow, tunnel=False)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._take(flow, tunnel=True)
+
+    def _take(self, flow: http.HTTPFlow, tunnel: bool) -> None:
+        fc = flow_ctx(flow)
+        if flow.response is not None or fc is None or fc.cred is None:
+            return
+        cred = fc.cred
+        lim = cred.limiter
+        v = lim.take(time.monotonic())
+        reset = math.ceil(time.time() + v.reset_after)
+        fc.rl_headers = (
+            ("X-Datorus-RateLimit-Limit", str(cred.account.rps)),
+            ("X-Datorus-RateLimit-Remaining", str(v.remaining)),
+            ("X-Datorus-RateLimit-Reset", str(reset)),
+        )
+        if not v.allowed:
+            retry = v.retry_after_seconds
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "RATE_LIMITED",
+                    details={
+                        "limit": "requests_per_second",
+                        "rps": cred.account.rps,
+                        "burst": cred.account.burst,
+                        "retryAfterSeconds": retry,
+                    },
+                    headers={"Retry-After": str(retry)},
+                ),
+            )
+            return
+        if tunnel:
+            acc = cred.account
+            if len(acc.tunnels) >= acc.max_tunnels:
+                self.gw.reject(
+                    flow,
+                    fc,
+                    DatorusError(
+                        "RATE_LIMITED",
+                        message="Too many open tunnels for this account.",
+                        details={
+                            "limit": "open_tunnels",
+                            "maxTunnels": acc.max_tunnels,
+                            "openTunnels": len(acc.tunnels),
+                        },
+                        headers={"Retry-After": "1"},
+                    ),
+                )

@@ -1,0 +1,131 @@
+"""Relaying: what reaches the target, what comes back, and how long we wait for it.
+
+- Request side: ``Proxy-Authorization``, ``Proxy-Connection``, the other
+  hop-by-hop headers and every ``X-Datorus-*`` header are removed before anything
+  is sent upstream.
+- Response side: ``X-Datorus-Request-Id`` on every response (the CONNECT 200
+  included), the rate-limit headers once the credential is known, the session id
+  echoed; any ``X-Datorus-*`` header the target itself sent is dropped first.
+- Tunnels are passed through as raw TCP: HTTPS is never decrypted.
+- mitmproxy has no upstream timeout: a timer per flow aborts the upstream
+  connection after ``upstream_timeout`` seconds without response headers, and the
+  error page then says ``504 GATEWAY_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy import http
+from mitmproxy.proxy import layers
+
+from .context import FlowCtx, Gateway, flow_ctx
+
+_HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "keep-alive", "proxy-authenticate")
+_KEEP_IN_CONNECTION = {"close", "keep-alive", "upgrade"}
+
+
+def strip_request_headers(headers: http.Headers) -> None:
+    """Remove hop-by-hop, proxy and ``X-Datorus-*`` headers (in place)."""
+    for name in _HOP_BY_HOP:
+        if name in headers:
+            del headers[name]
+    conn = headers.get("connection")
+    if conn is not None:
+        tokens = [t.strip().lower() for t in conn.split(",") if t.strip()]
+        for t in tokens:
+            if t not in _KEEP_IN_CONNECTION and t in headers:
+                del headers[t]
+        kept = [t for t in tokens if t in _KEEP_IN_CONNECTION]
+        if kept:
+            # mitmproxy compares these tokens case-sensitively: normalise them
+            headers["connection"] = ", ".join(kept)
+        else:
+            del headers["connection"]
+    for name in [k for k in headers if k[:10].lower() == "x-datorus-"]:
+        del headers[name]
+
+
+def stamp(headers: http.Headers, fc: FlowCtx) -> None:
+    """Put Datorus's reserved headers on an upstream response (or the CONNECT 200)."""
+    for name in [k for k in headers if k[:10].lower() == "x-datorus-"]:
+        del headers[name]
+    headers["X-Datorus-Request-Id"] = fc.request_id
+    for k, v in fc.rl_headers:
+        headers[k] = v
+    if fc.session_id:
+        headers["X-Datorus-Session-Id"] = fc.session_id
+
+
+class Relay:
+    """Header hygiene, reserved headers, passthrough tunnels and the upstream timer."""
+
+    name = "datorus_relay"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    # -- requests ----------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:
+            strip_request_headers(flow.request.headers)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is not None and flow.response is None and not fc.answered:
+            self._start_timer(fc)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is not None and flow.response is None:
+            self._start_timer(fc)
+
+    # -- responses ---------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is None:
+            return
+        self._stop_timer(fc)
+        if not fc.answered:
+            stamp(flow.response.headers, fc)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is None:
+            return
+        self._stop_timer(fc)
+        stamp(flow.response.headers, fc)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is not None:
+            self._stop_timer(fc)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is not None:
+            self._stop_timer(fc)
+
+    def next_layer(self, nextlayer) -> None:
+        """Inside a CONNECT tunnel: raw TCP passthrough, never TLS interception."""
+        if nextlayer.layer is None and len(nextlayer.context.layers) > 1:
+            nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+
+    # -- the timer ---------------------------------------------------------------------
+
+    def _start_timer(self, fc: FlowCtx) -> None:
+        loop = asyncio.get_running_loop()
+        fc.timer = loop.call_later(self.gw.settings["upstream_timeout"], self._expire, fc)
+
+    @staticmethod
+    def _stop_timer(fc: FlowCtx) -> None:
+        if fc.timer is not None:
+            fc.timer.cancel()
+            fc.timer = None
+
+    def _expire(self, fc: FlowCtx) -> None:
+        fc.timer = None
+        fc.timed_out = True
+        self.gw.abort_upstream(fc.client_id)

@@ -1,0 +1,280 @@
+"""The gateway's in-memory view of the ledger, and the metering arithmetic.
+
+Pure state and decisions: no mitmproxy, no database handle. The ledger task loads
+snapshots into :class:`Runtime` and writes :class:`UsageBatch` es out; the addons
+call :meth:`Runtime.admit`, :meth:`Runtime.reserve` and :meth:`Runtime.settle`.
+
+Money discipline: an account's ``nanocents`` and ``trial`` here always equal the
+ledger's cached balance plus the usage not yet flushed (the current batch). Bytes
+of flows still in progress are *reserved* (``inflight``) against the account's
+*allowance* (trial bytes plus what the balance buys down to minus the overdraft
+bound), so parallel flows of one account cannot together overspend the bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import pricing
+from .envelope import DatorusError
+from .ratelimit import Gcra
+
+
+@dataclass(slots=True, eq=False)
+class AccountState:
+    """One account as the gateway sees it."""
+
+    id: int
+    status: str = "active"
+    price: int = 0
+    rps: int = 1
+    burst: int = 1
+    max_tunnels: int = 1
+    trial: int = 0
+    nanocents: int = 0
+    topped_up: bool = False
+    inflight: int = 0
+    allowance: int = 0
+    tunnels: dict[int, Any] = field(default_factory=dict)
+
+    def recompute(self, floor_nanocents: int) -> None:
+        """Recompute the byte allowance after a balance or price change.
+
+        An account that never topped up may use its trial and not a byte more; a
+        topped-up one may run its balance down to *floor_nanocents* (the overdraft bound).
+        """
+        self.allowance = max(self.trial, 0)
+        if self.topped_up:
+            self.allowance += pricing.affordable_bytes(self.nanocents, floor_nanocents, self.price)
+
+
+@dataclass(slots=True, eq=False)
+class CredentialState:
+    """One live (unrevoked) proxy credential."""
+
+    id: int
+    account: AccountState
+    username: str
+    password_hash: str
+    max_bytes: int | None = None
+    used: int = 0
+    limiter: Gcra | None = None
+
+
+@dataclass(slots=True)
+class UsageBatch:
+    """Usage waiting to be written in one ledger transaction."""
+
+    accounts: dict[int, list[int]] = field(default_factory=dict)  # nanocents, trial, bytes, reqs
+    daily: dict[tuple[int, int, str], list[int]] = field(default_factory=dict)
+    credentials: dict[int, int] = field(default_factory=dict)
+    receipts: list[tuple[Any, ...]] = field(default_factory=list)
+    events: int = 0
+    started: float = 0.0
+
+    def merge(self, other: UsageBatch) -> None:
+        """Fold *other* (a batch that failed to write) back into this one."""
+        for k, v in other.accounts.items():
+            cur = self.accounts.setdefault(k, [0, 0, 0, 0])
+            for i in range(4):
+                cur[i] += v[i]
+        for k, v in other.daily.items():
+            cur = self.daily.setdefault(k, [0, 0, 0, 0, 0])
+            for i in range(5):
+                cur[i] += v[i]
+        for k, n in other.credentials.items():
+            self.credentials[k] = self.credentials.get(k, 0) + n
+        self.receipts[:0] = other.receipts
+        self.events += other.events
+        self.started = min(self.started or other.started, other.started or self.started)
+
+
+class Runtime:
+    """Accounts, credentials and pending usage held by one gateway process."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.accounts: dict[int, AccountState] = {}
+        self.by_username: dict[str, CredentialState] = {}
+        self.verified: dict[bytes, CredentialState] = {}
+        self.policy_rules: list[tuple[str, str, int | None]] = []
+        self.batch = UsageBatch()
+        self.loaded = False
+        self.ledger_ok = False
+        self.version = -1
+
+    # -- settings -----------------------------------------------------------------------
+
+    @property
+    def floor_nanocents(self) -> int:
+        """The lowest an account's balance may be driven to (minus the overdraft bound)."""
+        return -pricing.cents_to_nanocents(self.settings["max_overdraft_cents"])
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def apply_snapshot(
+        self,
+        accounts: list[tuple[Any, ...]],
+        credentials: list[tuple[Any, ...]],
+        policy_rules: list[tuple[str, str, int | None]],
+        version: int,
+    ) -> None:
+        """Replace the view with a fresh ledger read, keeping unflushed usage and limiter state.
+
+        *accounts* rows: (id, status, price, rps, burst, max_tunnels, trial, nanocents,
+        topped_up); *credentials* rows: (id, account_id, username, hash, max_bytes, used).
+        """
+        s = self.settings
+        floor = self.floor_nanocents
+        pending = self.batch.accounts
+        fresh: dict[int, AccountState] = {}
+        for aid, status, price, rps, burst, max_tunnels, trial, nc, topped in accounts:
+            acc = self.accounts.get(aid) or AccountState(aid)
+            acc.status = status
+            acc.price = s["price_cents_per_gb"] if price is None else price
+            acc.rps = rps or s["rps"]
+            acc.burst = burst or s["burst"]
+            acc.max_tunnels = max_tunnels or s["max_tunnels"]
+            p = pending.get(aid)
+            acc.nanocents = nc + (p[0] if p else 0)
+            acc.trial = trial + (p[1] if p else 0)
+            acc.topped_up = bool(topped)
+            acc.recompute(floor)
+            fresh[aid] = acc
+        creds: dict[str, CredentialState] = {}
+        pending_cred = self.batch.credentials
+        for cid, aid, username, pw_hash, max_bytes, used in credentials:
+            acc = fresh.get(aid)
+            if acc is None:
+                continue
+            old = self.by_username.get(username)
+            if old is not None and old.id == cid and old.password_hash == pw_hash:
+                cred = old
+                cred.account = acc
+            else:
+                cred = CredentialState(cid, acc, username, pw_hash)
+            cred.max_bytes = max_bytes
+            cred.used = used + pending_cred.get(cid, 0)
+            if cred.limiter is None:
+                cred.limiter = Gcra(acc.rps, acc.burst)
+            elif cred.limiter.burst != acc.burst or abs(cred.limiter.interval * acc.rps - 1) > 1e-9:
+                cred.limiter.reconfigure(acc.rps, acc.burst)
+            creds[username] = cred
+        live_ids = {id(c) for c in creds.values()}
+        self.verified = {k: c for k, c in self.verified.items() if id(c) in live_ids}
+        self.accounts = fresh
+        self.by_username = creds
+        self.policy_rules = policy_rules
+        self.version = version
+        self.loaded = True
+
+    # -- admission ----------------------------------------------------------------------
+
+    def admit(self, cred: CredentialState) -> None:
+        """Raise the 402/403 a request of *cred* gets before it starts, if any."""
+        acc = cred.account
+        if acc.status != "active":
+            raise DatorusError("ACCOUNT_SUSPENDED", details={"accountId": acc.id})
+        if cred.max_bytes is not None and cred.used >= cred.max_bytes:
+            raise DatorusError(
+                "INSUFFICIENT_BALANCE",
+                message="This credential's byte cap is used up.",
+                details={
+                    "cap": "credential",
+                    "username": cred.username,
+                    "maxBytes": cred.max_bytes,
+                    "usedBytes": cred.used,
+                    "currentBalanceCents": pricing.whole_cents(acc.nanocents),
+                    "requiredCents": self.settings["min_balance_cents"],
+                },
+                headers={"X-Datorus-Used-Bytes": "0"},
+            )
+        if acc.trial - acc.inflight > 0:
+            return
+        if not acc.topped_up:
+            raise DatorusError("TRIAL_EXHAUSTED", headers={"X-Datorus-Used-Bytes": "0"})
+        need = pricing.cents_to_nanocents(self.settings["min_balance_cents"])
+        available = acc.nanocents - max(0, acc.inflight - max(acc.trial, 0)) * acc.price
+        if available < need or (need == 0 and acc.allowance - acc.inflight <= 0):
+            raise DatorusError(
+                "INSUFFICIENT_BALANCE",
+                details={
+                    "currentBalanceCents": pricing.whole_cents(acc.nanocents),
+                    "requiredCents": self.settings["min_balance_cents"],
+                },
+                headers={"X-Datorus-Used-Bytes": "0"},
+            )
+
+    # -- metering -----------------------------------------------------------------------
+
+    @staticmethod
+    def reserve(acc: AccountState, nbytes: int) -> int:
+        """Reserve up to *nbytes* of a flow in progress; returns how many fit the allowance."""
+        fit = min(nbytes, max(0, acc.allowance - acc.inflight))
+        acc.inflight += fit
+        return fit
+
+    @staticmethod
+    def release(acc: AccountState, nbytes: int) -> None:
+        """Drop a reservation without charging (a flow the gateway failed)."""
+        acc.inflight -= nbytes
+
+    def settle(
+        self,
+        cred: CredentialState,
+        up: int,
+        down: int,
+        reserved: int,
+        requests: int = 1,
+        receipt: tuple[Any, ...] | None = None,
+        now: float | None = None,
+    ) -> pricing.Charge:
+        """Charge *up*+*down* bytes to the credential's account, releasing *reserved*.
+
+        Adds the usage to the pending batch; returns the charge (for the receipt).
+        """
+        acc = cred.account
+        nbytes = up + down
+        acc.inflight -= reserved
+        c = pricing.charge(nbytes, acc.trial, acc.price)
+        acc.trial -= c.trial_bytes
+        acc.nanocents -= c.nanocents
+        acc.recompute(self.floor_nanocents)
+        cred.used += nbytes
+        b = self.batch
+        if not b.events:
+            b.started = time.monotonic()
+        row = b.accounts.get(acc.id)
+        if row is None:
+            row = b.accounts[acc.id] = [0, 0, 0, 0]
+        row[0] -= c.nanocents
+        row[1] -= c.trial_bytes
+        row[2] += nbytes
+        row[3] += requests
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        key = (acc.id, cred.id, day)
+        d = b.daily.get(key)
+        if d is None:
+            d = b.daily[key] = [0, 0, 0, 0, 0]
+        d[0] += requests
+        d[1] += up
+        d[2] += down
+        d[3] += c.trial_bytes
+        d[4] += c.nanocents
+        b.credentials[cred.id] = b.credentials.get(cred.id, 0) + nbytes
+        if receipt is not None:
+            b.receipts.append(receipt)
+        b.events += 1
+        return c
+
+    def take_batch(self) -> UsageBatch:
+        """Hand the pending usage to the writer and start a new batch."""
+        batch, self.batch = self.batch, UsageBatch()
+        return batch
+
+    def restore_batch(self, batch: UsageBatch) -> None:
+        """Put back a batch whose write failed, ahead of what came since."""
+        batch.merge(self.batch)
+        self.batch = batch

@@ -1,0 +1,266 @@
+"""The ledger's schema as numbered, idempotent migrations.
+
+The SQLite file is a public interface: an operator can open it with
+``sqlite-utils`` or ``datasette``. ``transactions`` is the append-only truth for
+money and trial bytes; ``balances`` is a cache of its sums kept by a trigger in the
+same transaction as every insert, so the two can never disagree.
+
+Money is stored in *nanocents* (10^9 nanocents = 1 cent). A price of P cents per
+GB (10^9 bytes) is exactly P nanocents per byte, so every charge is an integer
+and a million 1-byte charges cost what one million-byte charge costs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+_TOUCH = "UPDATE config_version SET version = version + 1 WHERE id = 1"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: accounts, credentials, money, usage, receipts, policy
+    f"""
+    CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'suspended')),
+        provider TEXT,
+        price_cents_per_gb INTEGER,
+        rps INTEGER,
+        burst INTEGER,
+        max_tunnels INTEGER,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE TABLE credentials (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        username TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        max_bytes INTEGER,
+        label TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        revoked_at TEXT
+    );
+    CREATE INDEX credentials_account ON credentials(account_id);
+    CREATE TABLE transactions (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        kind TEXT NOT NULL CHECK (kind IN ('trial_grant', 'topup', 'usage', 'adjustment')),
+        nanocents INTEGER NOT NULL DEFAULT 0,
+        trial_bytes INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        requests INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        external_id TEXT UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX transactions_account ON transactions(account_id, id);
+    CREATE TABLE balances (
+        account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+        nanocents INTEGER NOT NULL DEFAULT 0,
+        trial_bytes INTEGER NOT NULL DEFAULT 0,
+        used_bytes INTEGER NOT NULL DEFAULT 0,
+        requests INTEGER NOT NULL DEFAULT 0,
+        charged_nanocents INTEGER NOT NULL DEFAULT 0,
+        topped_up INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TRIGGER transactions_append_only_u BEFORE UPDATE ON transactions
+        BEGIN SELECT RAISE(ABORT, 'transactions are append-only'); END;
+    CREATE TRIGGER transactions_append_only_d BEFORE DELETE ON transactions
+        BEGIN SELECT RAISE(ABORT, 'transactions are append-only'); END;
+    CREATE TRIGGER transactions_balance AFTER INSERT ON transactions BEGIN
+        INSERT INTO balances (account_id) VALUES (NEW.account_id)
+            ON CONFLICT (account_id) DO NOTHING;
+        UPDATE balances SET
+            nanocents = nanocents + NEW.nanocents,
+            trial_bytes = trial_bytes + NEW.trial_bytes,
+            used_bytes = used_bytes + CASE WHEN NEW.kind = 'usage' THEN NEW.bytes ELSE 0 END,
+            requests = requests + CASE WHEN NEW.kind = 'usage' THEN NEW.requests ELSE 0 END,
+            charged_nanocents = charged_nanocents
+                - CASE WHEN NEW.kind = 'usage' THEN NEW.nanocents ELSE 0 END,
+            topped_up = topped_up OR NEW.kind = 'topup'
+        WHERE account_id = NEW.account_id;
+    END;
+    CREATE TABLE usage_daily (
+        account_id INTEGER NOT NULL,
+        credential_id INTEGER NOT NULL,
+        day TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0,
+        trial_bytes INTEGER NOT NULL DEFAULT 0,
+        nanocents INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, credential_id, day)
+    );
+    CREATE TABLE credential_usage (
+        credential_id INTEGER PRIMARY KEY,
+        bytes INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE receipts (
+        request_id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL,
+        credential_id INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        bytes_up INTEGER NOT NULL,
+        bytes_down INTEGER NOT NULL,
+        trial_bytes INTEGER NOT NULL,
+        nanocents INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL
+    );
+    CREATE INDEX receipts_account ON receipts(account_id, finished_at);
+    CREATE INDEX receipts_finished ON receipts(finished_at);
+    CREATE TABLE policy_rules (
+        id INTEGER PRIMARY KEY,
+        action TEXT NOT NULL CHECK (action IN ('allow', 'deny')),
+        target TEXT NOT NULL,
+        port INTEGER,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        UNIQUE (action, target, port)
+    );
+    CREATE TABLE aup_denials (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        rule TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE TABLE config_version (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO config_version (id, version) VALUES (1, 1);
+    CREATE TRIGGER accounts_touch_i AFTER INSERT ON accounts BEGIN {_TOUCH}; END;
+    CREATE TRIGGER accounts_touch_u AFTER UPDATE ON accounts BEGIN {_TOUCH}; END;
+    CREATE TRIGGER credentials_touch_i AFTER INSERT ON credentials BEGIN {_TOUCH}; END;
+    CREATE TRIGGER credentials_touch_u AFTER UPDATE ON credentials BEGIN {_TOUCH}; END;
+    CREATE TRIGGER policy_touch_i AFTER INSERT ON policy_rules BEGIN {_TOUCH}; END;
+    CREATE TRIGGER policy_touch_d AFTER DELETE ON policy_rules BEGIN {_TOUCH}; END;
+    CREATE TRIGGER money_touch AFTER INSERT ON transactions WHEN NEW.kind != 'usage'
+        BEGIN {_TOUCH}; END;
+    CREATE VIEW account_overview AS
+        SELECT a.id, a.email, a.status,
+               COALESCE(b.trial_bytes, 0) AS trial_remaining_bytes,
+               COALESCE(b.nanocents, 0) AS balance_nanocents,
+               COALESCE(b.used_bytes, 0) AS used_bytes,
+               COALESCE(b.requests, 0) AS requests,
+               COALESCE(b.charged_nanocents, 0) AS charged_nanocents,
+               COALESCE(b.topped_up, 0) AS topped_up
+        FROM accounts a LEFT JOIN balances b ON b.account_id = a.id;
+    """,
+    # 2: the customer API (issue 6): API keys, sign-up tokens, mail outbox, Stripe events
+    """
+    ALTER TABLE accounts ADD COLUMN display_name TEXT;
+    ALTER TABLE accounts ADD COLUMN verified_at TEXT;
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL,
+        label TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        last_used_at TEXT,
+        revoked_at TEXT
+    );
+    CREATE INDEX api_keys_prefix ON api_keys(prefix);
+    CREATE TABLE email_tokens (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        purpose TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        recipient TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        sent_at TEXT,
+        error TEXT
+    );
+    CREATE TABLE stripe_events (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    """,
+    # 3: the egress pool (issue 5)
+    f"""
+    CREATE TABLE egress (
+        id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        country TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        score REAL NOT NULL DEFAULT 0.5,
+        uptime_pct REAL,
+        avg_latency_ms REAL,
+        exit_ip TEXT,
+        anonymity TEXT,
+        last_checked_at TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE TABLE egress_checks (
+        id INTEGER PRIMARY KEY,
+        egress_id INTEGER NOT NULL REFERENCES egress(id),
+        checker_name TEXT NOT NULL,
+        stage INTEGER NOT NULL,
+        passed INTEGER NOT NULL,
+        latency_ms REAL,
+        detail TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX egress_checks_egress ON egress_checks(egress_id, id);
+    CREATE TRIGGER egress_touch_i AFTER INSERT ON egress BEGIN {_TOUCH}; END;
+    CREATE TRIGGER egress_touch_u AFTER UPDATE OF url, kind, country, enabled ON egress
+        BEGIN {_TOUCH}; END;
+    CREATE TRIGGER egress_touch_d AFTER DELETE ON egress BEGIN {_TOUCH}; END;
+    """,
+)
+
+
+def connect(path: str, timeout: float = 5.0) -> sqlite3.Connection:
+    """Open the ledger with the pragmas every Datorus connection uses."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration not yet applied; return the schema version. Idempotent."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS, start=1):
+            if number <= current:
+                continue
+            for statement in _split(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)
+
+
+def _split(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete statement in migration: {buf[:80]!r}")
+    return out

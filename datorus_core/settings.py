@@ -1,0 +1,268 @@
+"""Datorus settings: one table of names, types, defaults and help texts.
+
+Each setting comes, lowest precedence first, from its built-in default, from
+``mitm.conf`` at the repository root (YAML ``name: value`` lines), from the
+environment variable ``DATORUS_<NAME>`` and from ``--set datorus_<name>=...``.
+The gateway passes the file and environment values to mitmproxy as the option
+defaults, so a ``--set`` naturally wins over both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONF = REPO_ROOT / "mitm.conf"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value it cannot take."""
+
+
+def _positive(v: int) -> None:
+    if v <= 0:
+        raise SettingsError("must be > 0")
+
+
+def _non_negative(v: int) -> None:
+    if v < 0:
+        raise SettingsError("must be >= 0")
+
+
+def _port(v: int) -> None:
+    if not 0 <= v <= 65535:
+        raise SettingsError("must be a port number 0-65535 (0 disables)")
+
+
+def _cidrs(values: Sequence[str]) -> None:
+    for v in values:
+        net = v.rsplit(":", 1)[0] if v.count(":") == 1 or "]:" in v else v
+        try:
+            ipaddress.ip_network(net.strip("[]"), strict=False)
+        except ValueError as e:
+            raise SettingsError(f"{v!r} is not a CIDR[:PORT]") from e
+
+
+def _ports(values: Sequence[str]) -> None:
+    for v in values:
+        if not v.isdigit() or not 0 < int(v) < 65536:
+            raise SettingsError(f"{v!r} is not a port number")
+
+
+def _statuses(values: Sequence[str]) -> None:
+    for v in values:
+        if not v.isdigit() or not 100 <= int(v) <= 599:
+            raise SettingsError(f"{v!r} is not an HTTP status")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One Datorus setting as mitmproxy sees it (``datorus_<name>``)."""
+
+    name: str
+    type: type | Any
+    default: Any
+    help: str
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def option(self) -> str:
+        """The mitmproxy option name, ``datorus_<name>``."""
+        return f"datorus_{self.name}"
+
+    @property
+    def env(self) -> str:
+        """The environment variable, ``DATORUS_<NAME>``."""
+        return f"DATORUS_{self.name.upper()}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "db", str, "./datorus.db", "Path of the SQLite ledger (created and migrated at start)."
+    ),
+    Setting("api_host", str, "127.0.0.1", "Address the REST API listens on."),
+    Setting("api_port", int, 8002, "Port of the REST API served by the gateway (0: off).", _port),
+    Setting(
+        "upstream_timeout",
+        int,
+        30,
+        "Seconds to wait for an upstream response before 504.",
+        _positive,
+    ),
+    Setting("trial_bytes", int, 100_000_000, "Free trial bytes for a new account.", _non_negative),
+    Setting(
+        "price_cents_per_gb", int, 300, "Default price in cents per GB (10^9 bytes).", _non_negative
+    ),
+    Setting(
+        "min_balance_cents",
+        int,
+        1,
+        "Balance a topped-up account needs to start a request.",
+        _non_negative,
+    ),
+    Setting(
+        "max_overdraft_cents",
+        int,
+        5,
+        "How far below zero one account's usage may run before it is cut.",
+        _non_negative,
+    ),
+    Setting("rps", int, 50, "Default requests per second per credential.", _positive),
+    Setting("burst", int, 100, "Default burst per credential.", _positive),
+    Setting("max_tunnels", int, 200, "Default cap on open tunnels per account.", _positive),
+    Setting(
+        "flush_ms", int, 250, "Longest time usage waits in memory before it is written.", _positive
+    ),
+    Setting("flush_events", int, 2000, "Usage events that force an early write.", _positive),
+    Setting("refresh_ms", int, 500, "How often the gateway looks for operator changes.", _positive),
+    Setting("session_ttl", int, 600, "Idle seconds before a sticky session ends.", _positive),
+    Setting(
+        "max_sessions", int, 200_000, "Most live sticky sessions (oldest idle evicted).", _positive
+    ),
+    Setting("receipt_days", int, 30, "Days receipts are kept.", _positive),
+    Setting(
+        "auth_fail_limit",
+        int,
+        20,
+        "Failed logins from one address per minute before it is throttled.",
+        _positive,
+    ),
+    Setting(
+        "auth_block_seconds",
+        int,
+        60,
+        "How long an address that failed too often is throttled.",
+        _positive,
+    ),
+    Setting(
+        "allow",
+        Sequence[str],
+        [],
+        "CIDR[:PORT] destinations allowed despite the built-in denials.",
+        _cidrs,
+    ),
+    Setting(
+        "deny", Sequence[str], [], "Extra denied domains or CIDRs, each with an optional :PORT."
+    ),
+    Setting("deny_ports", Sequence[str], ["25"], "Destination ports always denied.", _ports),
+    Setting(
+        "block_statuses",
+        Sequence[str],
+        ["403", "429"],
+        "Upstream statuses that mark an egress blocked for a domain.",
+        _statuses,
+    ),
+    Setting("smtp_host", str, "", "SMTP server for mail (empty: mail goes to the outbox table)."),
+    Setting("smtp_port", int, 25, "SMTP port.", _port),
+    Setting("mail_from", str, "datorus@localhost", "Sender of Datorus mail."),
+    Setting(
+        "stripe_api_key", str, "", "Stripe secret key (empty: top-ups through Stripe are off)."
+    ),
+    Setting("stripe_api_base", str, "", "Stripe API base URL (empty: Stripe's own)."),
+    Setting("stripe_webhook_secret", str, "", "Secret that signs Stripe webhook deliveries."),
+    Setting(
+        "public_url",
+        str,
+        "http://127.0.0.1:8002",
+        "Base URL customers use for the API (links in mail).",
+    ),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
+
+
+def coerce(setting: Setting, raw: Any) -> Any:
+    """Turn a file or environment value into the setting's type, or raise SettingsError."""
+    try:
+        if setting.type is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif str(raw).lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif str(raw).lower() in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise SettingsError("must be true or false")
+        elif setting.type is int:
+            if isinstance(raw, bool):
+                raise SettingsError("must be a whole number")
+            value = int(str(raw).strip().replace("_", ""))
+        elif setting.type is str:
+            value = "" if raw is None else str(raw)
+        else:  # Sequence[str]
+            if raw is None:
+                value = []
+            elif isinstance(raw, str):
+                value = [p.strip() for p in raw.split(",") if p.strip()]
+            elif isinstance(raw, list | tuple):
+                value = [str(p).strip() for p in raw]
+            else:
+                raise SettingsError("must be a list")
+    except ValueError as e:
+        if isinstance(e, SettingsError):
+            raise SettingsError(f"{setting.option}: {e}") from None
+        raise SettingsError(f"{setting.option}: {raw!r} is not a valid {setting.type}") from None
+    validate(setting, value)
+    return value
+
+
+def validate(setting: Setting, value: Any) -> None:
+    """Run the setting's own check, raising SettingsError with its name."""
+    if setting.check is not None:
+        try:
+            setting.check(value)
+        except SettingsError as e:
+            raise SettingsError(f"{setting.option}: {e}") from None
+
+
+def read_conf(path: Path | str | None = None) -> dict[str, Any]:
+    """Read ``mitm.conf`` (YAML mapping); missing file means no values."""
+    path = Path(path) if path else Path(os.environ.get("DATORUS_CONF", DEFAULT_CONF))
+    if not path.exists():
+        return {}
+    from ruamel.yaml import YAML
+
+    try:
+        data = YAML(typ="safe").load(path.read_text()) or {}
+    except Exception as e:  # the YAML parser raises many types
+        raise SettingsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected 'name: value' lines")
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = str(key).removeprefix("datorus_")
+        if name not in BY_NAME:
+            raise SettingsError(f"{path}: unknown setting {key!r}")
+        values[name] = coerce(BY_NAME[name], raw)
+    return values
+
+
+def resolve_defaults(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Each setting's value from built-in default < mitm.conf < environment."""
+    conf = read_conf() if conf is None else conf
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for s in SETTINGS:
+        value = conf.get(s.name, s.default)
+        if s.env in environ:
+            value = coerce(s, environ[s.env])
+        out[s.name] = list(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def default_db_path() -> str:
+    """The ledger path a CLI command uses without ``--db``: env, then mitm.conf, then default."""
+    if "DATORUS_DB" in os.environ:
+        return os.environ["DATORUS_DB"]
+    try:
+        return read_conf().get("db", BY_NAME["db"].default)
+    except SettingsError:
+        return BY_NAME["db"].default
