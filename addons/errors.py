@@ -20,6 +20,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
 from datorus_core.envelope import DatorusError
+from datorus_core.runtime import Runtime
 
 from .context import FlowCtx, Gateway, flow_ctx
 
@@ -35,11 +36,18 @@ _CLIENT_ERRORS = {
 
 
 def error_for(
-    status: int, message: str, fc: FlowCtx | None, code: ErrorCode | None
+    status: int,
+    message: str,
+    fc: FlowCtx | None,
+    code: ErrorCode | None,
+    runtime: Runtime | None = None,
 ) -> DatorusError:
     """Map a mitmproxy error (status, message, ErrorCode) to a Datorus error."""
     if fc is not None and fc.timed_out:
         return DatorusError("GATEWAY_TIMEOUT", details={"timeoutSeconds": None})
+    if fc is not None and fc.cut == "balance" and fc.cred is not None and runtime is not None:
+        # a forward request that ran its account dry before its response started
+        return runtime.dry_error(fc.cred, fc.up + fc.down)
     if fc is not None and fc.cut == "ledger":
         return DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
     if code in _CLIENT_ERRORS or (code is None and 400 <= status < 500):
@@ -82,7 +90,7 @@ class ErrorPages:
             status = event.code.http_status_code()
             fc = gw.error_stash.pop(self.context.client.id, None)
             if not self.response and status is not None:
-                err = error_for(status, event.message, fc, event.code)
+                err = error_for(status, event.message, fc, event.code, gw.runtime)
                 resp = gw.error_response(fc, err)
                 resp.headers["connection"] = "close"
                 from mitmproxy.net.http import http1

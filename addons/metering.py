@@ -12,9 +12,12 @@ Counting wraps the server connection's reader and writer when it opens
 connection carries one request at a time, so every byte on its server connections
 belongs to its current flow. Forward flows *reserve* bytes as they pass and
 settle when they end; tunnels and WebSockets settle chunk by chunk. A chunk that
-does not fit the account's allowance is relayed only as far as it fits, and then
-the connection is cut: the trial ends at exactly zero, a balance at exactly the
-overdraft bound.
+does not fit the allowance (trial, then balance down to the overdraft bound, and
+the credential's own cap) is relayed only as far as it fits, and then the flow is
+cut at exactly that bound. A forward request that runs dry before its response
+reached the client is answered with the 402 (``X-Datorus-Used-Bytes`` = what it
+moved); one that runs dry later, and a tunnel, is closed. Bytes moved before a cut
+are billed: they reached the target.
 """
 
 from __future__ import annotations
@@ -132,13 +135,11 @@ class Metering:
         n = up + down
         acc = fc.account
         if fc.kind == FORWARD:
-            fit = rt.reserve(acc, n)
+            fit = rt.reserve(fc.cred, n)
             fc.reserved += fit
         else:
-            fit = min(n, max(0, acc.allowance - acc.inflight))
             cred = fc.cred
-            if cred.max_bytes is not None:
-                fit = min(fit, max(0, cred.max_bytes - cred.used))
+            fit = min(n, max(0, acc.allowance - acc.inflight), cred.room())
             if acc.status != "active":
                 fit = 0
             if fit:
@@ -151,7 +152,11 @@ class Metering:
             fc.down += fit
         if fit < n and not fc.cut:
             fc.cut = "balance"
-            asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
+            if fc.kind == FORWARD and not fc.status:
+                # nothing of the response reached the client yet: answer with the 402
+                asyncio.get_running_loop().call_soon(self.gw.abort_upstream, fc.client_id)
+            else:
+                asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
             log.info(
                 "datorus: cut %s %s:%s, account %s ran dry", fc.method, fc.host, fc.port, acc.id
             )
@@ -187,7 +192,7 @@ class Metering:
             return
         # bytes that reached the client are billed (a client that aborts a download
         # pays for what it got); a request the gateway answered with 502/504 is not
-        self._finish(fc, charge=bool(fc.status) and not fc.answered)
+        self._finish(fc, charge=fc.cut == "balance" or (bool(fc.status) and not fc.answered))
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
@@ -202,7 +207,7 @@ class Metering:
     def client_disconnected(self, client) -> None:
         fc = self.current.get(client.id)
         if fc is not None and not fc.done:
-            self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.status))
+            self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.status) or fc.cut == "balance")
         self.current.pop(client.id, None)
 
     def _settle_forward(self, fc: FlowCtx, final: bool) -> None:
@@ -220,7 +225,7 @@ class Metering:
         if fc.account.tunnels.get(fc.client_id) is fc:
             del fc.account.tunnels[fc.client_id]
         if not charge:
-            rt.release(fc.account, fc.reserved)
+            rt.release(fc.cred, fc.reserved)
             fc.reserved = 0
             return
         if fc.kind == FORWARD:
@@ -232,7 +237,7 @@ class Metering:
             fc.method,
             fc.host,
             fc.port,
-            fc.status,
+            fc.status or (402 if fc.cut == "balance" else 0),
             fc.up,
             fc.down,
             fc.trial_spent,

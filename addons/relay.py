@@ -6,7 +6,9 @@
 - Response side: ``X-Datorus-Request-Id`` on every response (the CONNECT 200
   included), the rate-limit headers once the credential is known, the session id
   echoed; any ``X-Datorus-*`` header the target itself sent is dropped first.
-- Tunnels are passed through as raw TCP: HTTPS is never decrypted.
+- Tunnels are passed through as raw TCP: HTTPS is never decrypted. Upgraded
+  connections (a WebSocket's ``101``) are relayed as raw TCP too (mitmproxy's
+  ``websocket`` option off): frames pass unchanged and no message is buffered whole.
 - mitmproxy has no upstream timeout: a timer per flow aborts the upstream
   connection after ``upstream_timeout`` seconds without response headers, and the
   error page then says ``504 GATEWAY_TIMEOUT``.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mitmproxy import http
+from mitmproxy import ctx, http, tcp
 from mitmproxy.proxy import layers
 
 from .context import FlowCtx, Gateway, flow_ctx
@@ -64,6 +66,14 @@ class Relay:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+
+    def running(self) -> None:
+        if ctx.options.websocket:
+            ctx.options.update(websocket=False)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """An upgraded connection's chunk: relayed as is, never kept."""
+        flow.messages.clear()
 
     # -- requests ----------------------------------------------------------------------
 

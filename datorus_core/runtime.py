@@ -42,12 +42,15 @@ class AccountState:
     def recompute(self, floor_nanocents: int) -> None:
         """Recompute the byte allowance after a balance or price change.
 
-        An account that never topped up may use its trial and not a byte more; a
-        topped-up one may run its balance down to *floor_nanocents* (the overdraft bound).
+        Trial bytes first, then whatever the balance buys down to *floor_nanocents* (the
+        overdraft bound). Admission (:meth:`Runtime.admit`) refuses new requests of an
+        account whose trial is spent and that never topped up, so for such an account
+        the bound only lets a request already under way finish; what it runs past the
+        trial is charged at the account's price and settled by the first top-up.
         """
-        self.allowance = max(self.trial, 0)
-        if self.topped_up:
-            self.allowance += pricing.affordable_bytes(self.nanocents, floor_nanocents, self.price)
+        self.allowance = max(self.trial, 0) + pricing.affordable_bytes(
+            self.nanocents, floor_nanocents, self.price
+        )
 
 
 @dataclass(slots=True, eq=False)
@@ -60,7 +63,14 @@ class CredentialState:
     password_hash: str
     max_bytes: int | None = None
     used: int = 0
+    inflight: int = 0
     limiter: Gcra | None = None
+
+    def room(self) -> int:
+        """Bytes this credential may still move under its own cap (huge without one)."""
+        if self.max_bytes is None:
+            return 1 << 62
+        return max(0, self.max_bytes - self.used - self.inflight)
 
 
 @dataclass(slots=True)
@@ -177,8 +187,34 @@ class Runtime:
         acc = cred.account
         if acc.status != "active":
             raise DatorusError("ACCOUNT_SUSPENDED", details={"accountId": acc.id})
-        if cred.max_bytes is not None and cred.used >= cred.max_bytes:
-            raise DatorusError(
+        if cred.max_bytes is not None and cred.room() <= 0:
+            raise self.dry_error(cred, 0)
+        if acc.trial - acc.inflight > 0:
+            return
+        if not acc.topped_up:
+            raise self.dry_error(cred, 0)
+        need = pricing.cents_to_nanocents(self.settings["min_balance_cents"])
+        available = acc.nanocents - max(0, acc.inflight - max(acc.trial, 0)) * acc.price
+        if available < need or (need == 0 and acc.allowance - acc.inflight <= 0):
+            raise self.dry_error(cred, 0)
+
+    def dry_error(self, cred: CredentialState, used_bytes: int) -> DatorusError:
+        """The 402 for a credential whose cap, trial or balance is spent.
+
+        *used_bytes* is what the refused request itself consumed (0 when refused
+        before it started; the bytes that reached the target when it ran dry on the
+        way). A credential cap is ``INSUFFICIENT_BALANCE`` with ``details.cap``: the
+        customer's remedy is the same (more money or another credential), and
+        ``TRIAL_EXHAUSTED`` would be wrong for a paying account.
+        """
+        acc = cred.account
+        headers = {"X-Datorus-Used-Bytes": str(used_bytes)}
+        balance = {
+            "currentBalanceCents": pricing.whole_cents(acc.nanocents),
+            "requiredCents": self.settings["min_balance_cents"],
+        }
+        if cred.max_bytes is not None and cred.room() <= 0:
+            return DatorusError(
                 "INSUFFICIENT_BALANCE",
                 message="This credential's byte cap is used up.",
                 details={
@@ -186,40 +222,34 @@ class Runtime:
                     "username": cred.username,
                     "maxBytes": cred.max_bytes,
                     "usedBytes": cred.used,
-                    "currentBalanceCents": pricing.whole_cents(acc.nanocents),
-                    "requiredCents": self.settings["min_balance_cents"],
+                    **balance,
                 },
-                headers={"X-Datorus-Used-Bytes": "0"},
+                headers=headers,
             )
-        if acc.trial - acc.inflight > 0:
-            return
         if not acc.topped_up:
-            raise DatorusError("TRIAL_EXHAUSTED", headers={"X-Datorus-Used-Bytes": "0"})
-        need = pricing.cents_to_nanocents(self.settings["min_balance_cents"])
-        available = acc.nanocents - max(0, acc.inflight - max(acc.trial, 0)) * acc.price
-        if available < need or (need == 0 and acc.allowance - acc.inflight <= 0):
-            raise DatorusError(
-                "INSUFFICIENT_BALANCE",
-                details={
-                    "currentBalanceCents": pricing.whole_cents(acc.nanocents),
-                    "requiredCents": self.settings["min_balance_cents"],
-                },
-                headers={"X-Datorus-Used-Bytes": "0"},
-            )
+            return DatorusError("TRIAL_EXHAUSTED", headers=headers)
+        return DatorusError("INSUFFICIENT_BALANCE", details=balance, headers=headers)
 
     # -- metering -----------------------------------------------------------------------
 
     @staticmethod
-    def reserve(acc: AccountState, nbytes: int) -> int:
-        """Reserve up to *nbytes* of a flow in progress; returns how many fit the allowance."""
-        fit = min(nbytes, max(0, acc.allowance - acc.inflight))
+    def reserve(cred: CredentialState, nbytes: int) -> int:
+        """Reserve up to *nbytes* of a flow in progress; returns how many fit.
+
+        What fits is bounded by the account's allowance and the credential's cap,
+        both net of what other flows in progress have reserved.
+        """
+        acc = cred.account
+        fit = min(nbytes, max(0, acc.allowance - acc.inflight), cred.room())
         acc.inflight += fit
+        cred.inflight += fit
         return fit
 
     @staticmethod
-    def release(acc: AccountState, nbytes: int) -> None:
+    def release(cred: CredentialState, nbytes: int) -> None:
         """Drop a reservation without charging (a flow the gateway failed)."""
-        acc.inflight -= nbytes
+        cred.account.inflight -= nbytes
+        cred.inflight -= nbytes
 
     def settle(
         self,
@@ -238,6 +268,7 @@ class Runtime:
         acc = cred.account
         nbytes = up + down
         acc.inflight -= reserved
+        cred.inflight -= reserved
         c = pricing.charge(nbytes, acc.trial, acc.price)
         acc.trial -= c.trial_bytes
         acc.nanocents -= c.nanocents
