@@ -1,0 +1,596 @@
+"""Pay per byte: exact metering, trial then balance, 402s, cut-off, durability.
+
+Metered bytes are compared with what a byte-counting origin (forward requests) or a
+byte-counting TCP relay in front of the target (tunnels, WebSockets) saw on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+
+import pytest
+import requests
+from support import CountingRelay, RawOrigin, basic, cli, raw_connection, read_response, wait_until
+
+NANO = 10**9
+
+
+@pytest.fixture(scope="module")
+def raw_origin():
+    o = RawOrigin()
+    yield o
+    o.close()
+
+
+def receipt(gw, request_id: str) -> dict:
+    """The receipt of a request, once the gateway has flushed it."""
+
+    def get():
+        r = cli(gw.db, "receipt", request_id, check=False)
+        return r if "request_id" in r else None
+
+    return wait_until(get, timeout=5, interval=0.05, what=f"receipt {request_id}")
+
+
+def fresh_get(gw, user, pw, url, **kw) -> requests.Response:
+    with requests.Session() as s:
+        return s.get(url, proxies={"http": gw.proxy(user, pw)}, timeout=60, **kw)
+
+
+def open_tunnel(gw, user, pw, port: int) -> tuple[socket.socket, dict[str, str]]:
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    s.sendall(
+        f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), head
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    return s, headers
+
+
+def tls_download(sock: socket.socket, ca, path: str) -> int:
+    """GET *path* over TLS inside a tunnel; returns body bytes received before EOF."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    got = 0
+    try:
+        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+            )
+            while True:
+                data = tls.recv(1 << 16)
+                if not data:
+                    break
+                got += len(data)
+    except (OSError, ssl.SSLError):
+        pass
+    return got
+
+
+def account(gw, acc_id: int) -> dict:
+    return gw.cli("account", "show", str(acc_id))
+
+
+# -- exact metering ---------------------------------------------------------------------
+
+
+def test_forward_get_is_metered_exactly_as_the_origin_saw_it(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    before = len(raw_origin.conns)
+    r = fresh_get(gateway, user, pw, raw_origin.url("/bytes/12345"))
+    assert r.status_code == 200 and len(r.content) == 12345
+    rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
+    conn = raw_origin.conns[before]
+    assert rec["bytes_up"] == conn["in"]
+    assert rec["bytes_down"] == conn["out"]
+    assert rec["status"] == 200 and rec["method"] == "GET"
+    assert rec["trial_bytes"] == conn["in"] + conn["out"] and rec["nanocents"] == 0
+
+
+def test_forward_post_is_metered_exactly(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    before = len(raw_origin.conns)
+    body = b"p" * 300_000
+    with requests.Session() as s:
+        r = s.post(
+            raw_origin.url("/upload"),
+            data=body,
+            proxies={"http": gateway.proxy(user, pw)},
+            timeout=30,
+        )
+    assert r.status_code == 200
+    rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
+    conn = raw_origin.conns[before]
+    assert rec["bytes_up"] == conn["in"] > len(body)
+    assert rec["bytes_down"] == conn["out"]
+
+
+def test_chunked_response_framing_is_metered(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    before = len(raw_origin.conns)
+    r = fresh_get(gateway, user, pw, raw_origin.url("/chunked/100000/37"))
+    assert len(r.content) == 100000
+    rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
+    conn = raw_origin.conns[before]
+    assert rec["bytes_down"] == conn["out"] > 100000  # framing included
+    assert rec["bytes_up"] == conn["in"]
+
+
+def test_streamed_100mb_download_is_metered_exactly(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+    before = len(raw_origin.conns)
+    n = 100_000_000
+    got = 0
+    with (
+        requests.Session() as s,
+        s.get(
+            raw_origin.url(f"/bytes/{n}"),
+            proxies={"http": gateway.proxy(user, pw)},
+            stream=True,
+            timeout=120,
+        ) as r,
+    ):
+        for chunk in r.iter_content(1 << 20):
+            got += len(chunk)
+        rid = r.headers["X-Datorus-Request-Id"]
+    assert got == n
+    rec = receipt(gateway, rid)
+    conn = raw_origin.conns[before]
+    assert rec["bytes_down"] == conn["out"]
+    assert rec["bytes_up"] == conn["in"]
+    usage = gateway.cli("usage", str(acc))
+    assert usage["bytes"] == conn["in"] + conn["out"] and usage["requests"] == 1
+
+
+def test_tunnel_50mb_tls_download_is_metered_exactly(gateway, tls_origin, ca):
+    relay = CountingRelay(tls_origin.port)
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+    sock, headers = open_tunnel(gateway, user, pw, relay.port)
+    got = tls_download(sock, ca, "/bytes/50000000")
+    assert got > 50_000_000
+    rec = receipt(gateway, headers["x-datorus-request-id"])
+    wait_until(
+        lambda: relay.up == rec["bytes_up"] and relay.down == rec["bytes_down"],
+        timeout=5,
+        what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+    )
+    assert rec["method"] == "CONNECT" and rec["status"] == 200
+    relay.close()
+
+
+def _ws_frame_read(sock: socket.socket) -> bytes:
+    """One unmasked server frame's payload."""
+
+    def exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            assert chunk, "connection closed mid-frame"
+            buf += chunk
+        return buf
+
+    _, n = exact(2)
+    n &= 0x7F
+    if n == 126:
+        n = int.from_bytes(exact(2), "big")
+    elif n == 127:
+        n = int.from_bytes(exact(8), "big")
+    return exact(n)
+
+
+def test_forward_websocket_upgrade_is_metered_exactly(gateway):
+    """A WebSocket through the forward path: the 101 carries the request id, then frames."""
+    from websockets.frames import Frame, Opcode
+
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+
+    async def echo(ws):
+        async for msg in ws:
+            await ws.send(msg)
+
+    result: dict = {}
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:
+        import websockets
+
+        async def main() -> None:
+            async with websockets.serve(echo, "127.0.0.1", 0, compression=None) as server:
+                result["port"] = server.sockets[0].getsockname()[1]
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    relay = CountingRelay(result["port"])
+    try:
+        with raw_connection(gateway.port) as s:
+            s.sendall(
+                f"GET http://127.0.0.1:{relay.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(1)
+                assert chunk, head
+                head += chunk
+            lines = head.decode().split("\r\n")
+            assert lines[0].startswith("HTTP/1.1 101"), head
+            headers = {
+                k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+            }
+            rid = headers["x-datorus-request-id"]
+            for size in (10, 1000, 100_000):
+                s.sendall(Frame(Opcode.BINARY, b"z" * size).serialize(mask=True))
+                assert len(_ws_frame_read(s)) == size
+            s.sendall(Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True))
+            assert _ws_frame_read(s) == b"\x03\xe8"  # the origin's own close, relayed as is
+        rec = receipt(gateway, rid)
+        wait_until(
+            lambda: relay.up == rec["bytes_up"] and relay.down == rec["bytes_down"],
+            timeout=5,
+            what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+        )
+        assert rec["status"] == 101 and relay.up > 101_010 and relay.down > 101_010
+    finally:
+        stop.set()
+        relay.close()
+        t.join(5)
+
+
+def test_websocket_through_connect_is_metered_exactly(gateway):
+    """The websockets client's own proxy support: a CONNECT tunnel carrying the WebSocket."""
+    import websockets
+
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+
+    async def echo(ws):
+        async for msg in ws:
+            await ws.send(msg)
+
+    async def run():
+        async with websockets.serve(echo, "127.0.0.1", 0, compression=None) as server:
+            relay = CountingRelay(server.sockets[0].getsockname()[1])
+            async with websockets.connect(
+                f"ws://127.0.0.1:{relay.port}/",
+                proxy=gateway.proxy(user, pw),
+                open_timeout=10,
+                compression=None,
+            ) as ws:
+                for size in (10, 1000, 100_000):
+                    await ws.send(b"z" * size)
+                    assert len(await asyncio.wait_for(ws.recv(), 10)) == size
+            return relay
+
+    relay = asyncio.run(run())
+
+    def rec():
+        row = (
+            sqlite3.connect(gateway.db)
+            .execute(
+                "SELECT bytes_up, bytes_down, method FROM receipts"
+                " WHERE port = ? AND account_id = ?",
+                (relay.port, acc),
+            )
+            .fetchone()
+        )
+        return row if row and row[:2] == (relay.up, relay.down) else None
+
+    up, down, method = wait_until(rec, timeout=5, what="tunnel receipt equals the relay's count")
+    assert method == "CONNECT" and up > 101_010
+    relay.close()
+
+
+def test_gateway_errors_are_not_billed(gateway):
+    from support import free_port
+
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    r = fresh_get(gateway, user, pw, f"http://127.0.0.1:{free_port()}/")
+    assert r.status_code == 502
+    r = fresh_get(gateway, user, pw + "x", "http://127.0.0.1:9/")
+    assert r.status_code == 407
+    time.sleep(0.6)  # two flush periods: nothing may appear
+    usage = gateway.cli("usage", str(acc))
+    assert usage["bytes"] == 0 and usage["requests"] == 0
+    assert (
+        cli(gateway.db, "receipt", r.headers["X-Datorus-Request-Id"], check=False)["error"]["code"]
+        == "RESOURCE_NOT_FOUND"
+    )
+
+
+# -- 402s ---------------------------------------------------------------------------------
+
+
+def test_trial_exhausted_is_402_with_used_bytes_header(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=0)
+    r = fresh_get(gateway, user, pw, raw_origin.url("/"))
+    assert r.status_code == 402
+    err = r.json()["error"]
+    assert err["code"] == "TRIAL_EXHAUSTED" and err["details"] is None
+    assert r.headers["X-Datorus-Used-Bytes"] == "0"
+    assert r.headers["X-Datorus-Request-Id"] == err["requestId"]
+    assert r.headers["X-Datorus-RateLimit-Limit"]
+    # CONNECT too
+    with raw_connection(gateway.port) as s:
+        s.sendall(
+            f"CONNECT 127.0.0.1:{raw_origin.port} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+        )
+        status, headers, body = read_response(s)
+    assert status == 402 and json.loads(body)["error"]["code"] == "TRIAL_EXHAUSTED"
+    assert headers["x-datorus-used-bytes"] == "0"
+
+
+def test_topped_up_account_below_minimum_is_402_insufficient_balance(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=0, price_cents_per_gb=10**9)
+    gateway.cli("balance", "add", str(acc), "1")
+    # 1 cent at 10^9 cents/GB buys exactly 1 byte, the overdraft bound (5 cents) 5 more:
+    # the first request runs dry after 6 bytes of its request line and is answered 402
+
+    def first_paid():
+        r = fresh_get(gateway, user, pw, raw_origin.url("/"))
+        return [r] if r.json()["error"]["code"] != "TRIAL_EXHAUSTED" else None
+
+    (r,) = wait_until(first_paid, timeout=5, interval=0.1, what="top-up live")
+    err = r.json()["error"]
+    assert r.status_code == 402 and err["code"] == "INSUFFICIENT_BALANCE"
+    assert r.headers["X-Datorus-Used-Bytes"] == "6"
+    assert r.headers["X-Datorus-Request-Id"] == err["requestId"]
+    rec = receipt(gateway, err["requestId"])
+    assert (rec["bytes_up"], rec["bytes_down"], rec["status"]) == (6, 0, 402)
+    assert rec["nanocents"] == 6 * NANO
+    # the next one is refused before it starts
+    r = fresh_get(gateway, user, pw, raw_origin.url("/"))
+    err = r.json()["error"]
+    assert r.status_code == 402 and err["code"] == "INSUFFICIENT_BALANCE"
+    assert err["details"]["requiredCents"] == 1
+    assert err["details"]["currentBalanceCents"] == -5
+    assert r.headers["X-Datorus-Used-Bytes"] == "0"
+    wait_until(lambda: account(gateway, acc)["balanceCents"] == -5, timeout=5, what="ledger")
+
+
+def test_credential_byte_cap_refuses_that_credential_only(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    capped = gateway.cli("credential", "create", str(acc), "--max-bytes", "1000")
+    gateway.wait_for_credential(capped["username"], capped["password"])
+    cut = 0
+    for _ in range(5):
+        try:
+            r = fresh_get(
+                gateway, capped["username"], capped["password"], raw_origin.url("/bytes/400")
+            )
+        except requests.exceptions.RequestException:
+            cut += 1  # the request that crossed the cap mid-response was cut there
+            continue
+        if r.status_code == 402:
+            break
+    assert r.status_code == 402
+    err = r.json()["error"]
+    assert err["code"] == "INSUFFICIENT_BALANCE"
+    assert err["details"]["cap"] == "credential" and err["details"]["maxBytes"] == 1000
+    assert err["details"]["usedBytes"] == 1000  # forward requests are held to the cap exactly
+    assert fresh_get(gateway, user, pw, raw_origin.url("/")).status_code == 200
+
+
+# -- running dry mid-flight -----------------------------------------------------------------
+
+
+# At 5,000,000 cents/GB the 5-cent overdraft bound buys exactly 1,000 bytes: a request
+# under way when the trial runs out may finish on those, and is cut exactly there.
+BOUND_PRICE = 5_000_000
+BOUND = 1000
+
+
+def test_tunnel_is_cut_exactly_at_trial_plus_overdraft_bound(gateway, tls_origin, ca):
+    acc, user, pw = gateway.customer(trial_bytes=1_000_000, price_cents_per_gb=BOUND_PRICE)
+    sock, headers = open_tunnel(gateway, user, pw, tls_origin.port)
+    got = tls_download(sock, ca, "/bytes/20000000")
+    assert got < 1_000_000 + BOUND
+    rec = receipt(gateway, headers["x-datorus-request-id"])
+    assert rec["bytes_up"] + rec["bytes_down"] == 1_000_000 + BOUND
+    assert rec["trial_bytes"] == 1_000_000 and rec["nanocents"] == BOUND * BOUND_PRICE
+    shown = account(gateway, acc)
+    assert shown["trialRemainingBytes"] == 0 and shown["balanceCents"] == -5
+    r = fresh_get(gateway, user, pw, "http://127.0.0.1:9/")
+    assert r.status_code == 402 and r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+
+
+def test_streamed_download_is_cut_when_trial_runs_out(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=2_000_000, price_cents_per_gb=BOUND_PRICE)
+    got = 0
+    with (
+        pytest.raises(requests.exceptions.RequestException),
+        requests.Session() as s,
+        s.get(
+            raw_origin.url("/bytes/50000000"),
+            proxies={"http": gateway.proxy(user, pw)},
+            stream=True,
+            timeout=30,
+        ) as r,
+    ):
+        for chunk in r.iter_content(1 << 16):
+            got += len(chunk)
+    assert 0 < got < 2_000_000 + BOUND
+    wait_until(
+        lambda: gateway.cli("usage", str(acc))["bytes"] == 2_000_000 + BOUND,
+        timeout=5,
+        what="usage flushed",
+    )
+    assert account(gateway, acc)["trialRemainingBytes"] == 0
+
+
+def test_parallel_tunnels_of_one_account_cannot_overspend(gateway, tls_origin, ca):
+    acc, user, pw = gateway.customer(trial_bytes=3_000_000, price_cents_per_gb=BOUND_PRICE)
+    results: list[int] = []
+
+    def one():
+        s, _ = open_tunnel(gateway, user, pw, tls_origin.port)
+        results.append(tls_download(s, ca, "/bytes/20000000"))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4 and sum(results) < 3_000_000 + BOUND
+    wait_until(
+        lambda: gateway.cli("usage", str(acc))["bytes"] == 3_000_000 + BOUND,
+        timeout=5,
+        what="usage flushed",
+    )
+    assert account(gateway, acc)["trialRemainingBytes"] == 0
+
+
+def test_paid_account_overdraft_is_bounded_exactly(make_gateway, tls_origin, ca):
+    gw = make_gateway(max_overdraft_cents=1)
+    acc, user, pw = gw.customer(trial_bytes=0, price_cents_per_gb=1000)
+    gw.cli("balance", "add", str(acc), "1")
+    # 1 cent + 1 cent overdraft at 1000 cents/GB = 2,000,000 bytes
+    wait_until(lambda: account(gw, acc)["toppedUp"], what="top-up")
+    gw.wait_for_credential(user, pw)
+    time.sleep(0.5)  # operator change propagates within refresh_ms (200 ms here)
+    sock, headers = open_tunnel(gw, user, pw, tls_origin.port)
+    tls_download(sock, ca, "/bytes/20000000")
+    rec = receipt(gw, headers["x-datorus-request-id"])
+    assert rec["bytes_up"] + rec["bytes_down"] == 2_000_000
+    acc_now = account(gw, acc)
+    assert acc_now["balanceNanocents"] == -1 * NANO and acc_now["balanceCents"] == -1
+
+
+# -- durability -----------------------------------------------------------------------------
+
+
+def _load(gw, user, pw, url, stop: threading.Event, done: list) -> None:
+    with requests.Session() as s:
+        while not stop.is_set():
+            try:
+                r = s.get(url, proxies={"http": gw.proxy(user, pw)}, timeout=5)
+                if r.status_code == 200:
+                    done.append(r.headers["X-Datorus-Request-Id"])
+            except requests.RequestException:
+                return
+
+
+def test_clean_stop_flushes_every_request(make_gateway, raw_origin):
+    gw = make_gateway(flush_ms=5000, flush_events=100000)  # nothing flushes on its own
+    acc, user, pw = gw.customer(trial_bytes=10**9)
+    with requests.Session() as s:
+        for _ in range(30):
+            assert (
+                s.get(
+                    raw_origin.url("/"), proxies={"http": gw.proxy(user, pw)}, timeout=10
+                ).status_code
+                == 200
+            )
+    assert gw.stop(signal.SIGTERM) == 0
+    usage = cli(gw.db, "usage", str(acc))
+    assert usage["requests"] == 30 and usage["bytes"] > 0
+
+
+def test_kill_9_under_load_never_corrupts_or_double_charges(make_gateway, raw_origin):
+    gw = make_gateway()
+    accs = [gw.customer(trial_bytes=10**9) for _ in range(3)]
+    stop, done = threading.Event(), []
+    threads = [
+        threading.Thread(target=_load, args=(gw, u, p, raw_origin.url("/bytes/2000"), stop, done))
+        for _, u, p in accs
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(done) > 200, timeout=30, what="load running")
+    gw.proc.kill()
+    gw.proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    conn = sqlite3.connect(gw.db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for acc_id, _, _ in accs:
+        nc, tb = conn.execute(
+            "SELECT nanocents, trial_bytes FROM balances WHERE account_id = ?", (acc_id,)
+        ).fetchone()
+        snc, stb = conn.execute(
+            "SELECT SUM(nanocents), SUM(trial_bytes) FROM transactions WHERE account_id = ?",
+            (acc_id,),
+        ).fetchone()
+        assert (nc, tb) == (snc, stb)
+    billed = (
+        conn.execute("SELECT SUM(requests) FROM transactions WHERE kind = 'usage'").fetchone()[0]
+        or 0
+    )
+    receipts = conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+    assert billed == receipts <= len(done)
+    assert billed >= len(done) - 2000  # at most the unflushed window is lost
+    conn.close()
+    # a restart picks up where the ledger is and bills on
+    gw.start()
+    _, u, p = accs[0]
+    assert fresh_get(gw, u, p, raw_origin.url("/")).status_code == 200
+
+
+# -- the new user's path ------------------------------------------------------------------
+
+
+def test_trial_until_402_then_top_up_and_usage_matches_to_the_byte(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=5000, price_cents_per_gb=300)
+    ids = []
+    for _ in range(50):
+        r = fresh_get(gateway, user, pw, raw_origin.url("/bytes/1000"))
+        if r.status_code == 402:
+            break
+        ids.append(r.headers["X-Datorus-Request-Id"])
+    assert r.status_code == 402 and r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+    recs = [receipt(gateway, i) for i in ids]
+    assert sum(r["trial_bytes"] for r in recs) == 5000
+    # the request under way when the trial ran out finished; its excess is owed
+    moved = sum(r["bytes_up"] + r["bytes_down"] for r in recs)
+    assert 5000 < moved < 5000 + 2000 and recs[-1]["nanocents"] == (moved - 5000) * 300
+    gateway.cli("balance", "add", str(acc), "100", "--reason", "test top-up")
+    wait_until(
+        lambda: fresh_get(gateway, user, pw, raw_origin.url("/bytes/1000")).status_code == 200,
+        timeout=5,
+        interval=0.1,
+        what="top-up live",
+    )
+    paid_ids = []
+    for _ in range(3):
+        r = fresh_get(gateway, user, pw, raw_origin.url("/bytes/1000"))
+        assert r.status_code == 200
+        paid_ids.append(r.headers["X-Datorus-Request-Id"])
+    time.sleep(0.6)
+    usage = gateway.cli("usage", str(acc), "--by", "day")
+    rows = (
+        sqlite3.connect(gateway.db)
+        .execute(
+            "SELECT SUM(bytes_up + bytes_down), SUM(nanocents), SUM(trial_bytes)"
+            " FROM receipts WHERE account_id = ?",
+            (acc,),
+        )
+        .fetchone()
+    )
+    assert usage["bytes"] == rows[0]
+    assert usage["chargedNanocents"] == rows[1] == (rows[0] - 5000) * 300
+    assert rows[2] == 5000
+    assert usage["days"][0]["bytes"] == usage["bytes"]
+    hist = gateway.cli("balance", "history", str(acc))["items"]
+    assert {h["kind"] for h in hist} >= {"trial_grant", "topup", "usage"}
