@@ -26,6 +26,7 @@ from datorus_core.hashing import cache_key, verify_secret
 from datorus_core.runtime import CredentialState
 
 from .context import FlowCtx, Gateway
+from .hardening import malformed
 
 log = logging.getLogger("datorus")
 
@@ -93,6 +94,18 @@ class ProxyAuth:
         fc = FlowCtx(flow.id, flow.client_conn.id, req.method, req.host, req.port)
         flow.metadata["datorus"] = fc
         rt = gw.runtime
+        bad = malformed(req)
+        if bad is not None:
+            gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "VALIDATION_ERROR",
+                    message="The request could not be parsed.",
+                    details={"field": bad[0], "reason": bad[1]},
+                ),
+            )
+            return None
         if not (rt.loaded and rt.ledger_ok):
             gw.reject(flow, fc, DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"}))
             return None

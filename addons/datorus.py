@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
 from addons.auth import ProxyAuth  # noqa: E402
 from addons.context import Gateway  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
+from addons.hardening import Hardening  # noqa: E402
 from addons.limits import RateLimits  # noqa: E402
 from addons.metering import Metering  # noqa: E402
 from addons.options import LedgerTask, Options  # noqa: E402
@@ -33,6 +34,7 @@ addons = [
     Options(gateway),
     _ledger,
     ErrorPages(gateway),
+    Hardening(gateway),
     ProxyAuth(gateway),
     RateLimits(gateway),
     _policy,

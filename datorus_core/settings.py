@@ -94,6 +94,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to wait for an upstream response before 504.",
         _positive,
     ),
+    Setting(
+        "header_timeout",
+        int,
+        5,
+        "Seconds a client may take from connecting to a complete request head (slowloris).",
+        _positive,
+    ),
+    Setting(
+        "keepalive_timeout",
+        int,
+        60,
+        "Seconds an idle kept-alive client connection stays open between requests.",
+        _positive,
+    ),
     Setting("trial_bytes", int, 100_000_000, "Free trial bytes for a new account.", _non_negative),
     Setting(
         "price_cents_per_gb", int, 300, "Default price in cents per GB (10^9 bytes).", _non_negative

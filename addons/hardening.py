@@ -1,0 +1,146 @@
+"""Limits on what a client (or a target) can make the gateway hold: head size, time to send it.
+
+- **Head size.** mitmproxy buffers an HTTP/1 request or response head until its
+  blank line with no bound at all (``_http1`` says ``FIXME: protect against header
+  size DoS``). This addon wraps ``Http1Server.read_headers`` and
+  ``Http1Client.read_headers`` (*internal*): a client head over ``MAX_HEAD_BYTES``
+  gets ``400 VALIDATION_ERROR`` and the connection is closed; a target's gets
+  ``502 UPSTREAM_FAILED``. More than ``MAX_HEADERS`` request header fields, control
+  characters in a value or an unknown HTTP version is a ``400`` too
+  (:func:`malformed`, called by ``ProxyAuth``, the first hook to see a request).
+- **Slow clients.** A client must finish its request head within ``header_timeout``
+  seconds of connecting (slowloris), and an idle kept-alive connection is closed
+  after ``keepalive_timeout`` seconds. mitmproxy is one event loop, so a slow client
+  never blocks others; these timers bound the memory and sockets it can hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Generator
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+
+from .context import FORWARD, Gateway, flow_ctx
+
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 64 * 1024
+_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1", "HTTP/2.0"})
+# RFC 9110 5.5: no control characters in a field value (HTAB is allowed)
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def malformed(req: http.Request) -> tuple[str, str] | None:
+    """``(field, reason)`` if a parsed request head is still not acceptable, else None.
+
+    mitmproxy's parser accepts some heads that must not be relayed: unknown HTTP
+    versions, control characters in header values, too many fields.
+    """
+    if req.http_version not in _VERSIONS:
+        return "version", f"unsupported HTTP version {req.http_version[:20]!r}"
+    fields = req.headers.fields
+    if len(fields) > MAX_HEADERS:
+        return "headers", f"more than {MAX_HEADERS} fields"
+    for name, value in fields:
+        if _BAD_VALUE.search(value) is not None or _TOKEN.fullmatch(name) is None:
+            return "headers", f"invalid header field {name[:40].decode('latin-1')!r}"
+    return None
+
+
+def _limited_server(orig: Any) -> Any:
+    def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
+        yield from orig(self, event)
+        if self.state == self.read_headers and len(self.buf) > MAX_HEAD_BYTES:
+            msg = f"request head larger than {MAX_HEAD_BYTES} bytes"
+            yield commands.SendData(self.conn, _http1.make_error_response(400, msg))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+
+    return read_headers
+
+
+def _limited_client(orig: Any) -> Any:
+    def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
+        yield from orig(self, event)
+        if (
+            self.state == self.read_headers
+            and self.stream_id is not None
+            and len(self.buf) > MAX_HEAD_BYTES
+        ):
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(
+                ResponseProtocolError(
+                    self.stream_id,
+                    f"response head larger than {MAX_HEAD_BYTES} bytes",
+                    ErrorCode.GENERIC_SERVER_ERROR,
+                )
+            )
+            self.state = self.done
+
+    return read_headers
+
+
+class Hardening:
+    """Bound head sizes and the time a client may take to send a request head."""
+
+    name = "datorus_hardening"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self._orig: tuple[Any, Any] | None = None
+
+    def load(self, loader) -> None:
+        self._orig = (_http1.Http1Server.read_headers, _http1.Http1Client.read_headers)
+        _http1.Http1Server.read_headers = _limited_server(self._orig[0])
+        _http1.Http1Client.read_headers = _limited_client(self._orig[1])
+
+    def done(self) -> None:
+        if self._orig is not None:
+            _http1.Http1Server.read_headers, _http1.Http1Client.read_headers = self._orig
+            self._orig = None
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _arm(self, client_id: str, seconds: float) -> None:
+        self._disarm(client_id)
+        loop = asyncio.get_running_loop()
+        self.timers[client_id] = loop.call_later(seconds, self._expire, client_id)
+
+    def _disarm(self, client_id: str) -> None:
+        t = self.timers.pop(client_id, None)
+        if t is not None:
+            t.cancel()
+
+    def _expire(self, client_id: str) -> None:
+        self.timers.pop(client_id, None)
+        self.gw.cut_client(client_id)
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def client_connected(self, client) -> None:
+        self._arm(client.id, self.gw.settings["header_timeout"])
+
+    def client_disconnected(self, client) -> None:
+        self._disarm(client.id)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow.client_conn.id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow.client_conn.id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # the connection may now sit idle until the client's next request;
+        # an upgraded one (101) and a tunnel are not idle HTTP connections
+        if flow.response is not None and flow.response.status_code != 101:
+            fc = flow_ctx(flow)
+            if fc is None or fc.kind == FORWARD:
+                self._arm(flow.client_conn.id, self.gw.settings["keepalive_timeout"])
