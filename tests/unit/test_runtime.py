@@ -95,7 +95,7 @@ def test_parallel_flows_never_overspend_the_bound_and_lose_nothing(
         assert acc.trial >= 0
         assert acc.nanocents >= floor or acc.nanocents == nanocents
         assert moved_total + acc.inflight <= start_allowance
-    for i, (reserved, moved) in enumerate(flows):
+    for reserved, moved in flows:
         rt.settle(cred, moved, 0, reserved)
         moved_total += moved
     flush()
