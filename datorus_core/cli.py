@@ -140,8 +140,16 @@ def account_create(
 def account_show(account_id: str) -> None:
     """An account with trial remaining, balance and used bytes."""
     acc = ledger.show_account(_db(), _int("id", account_id))
-    if acc["priceCentsPerGb"] is None:
-        acc["priceCentsPerGb"] = _defaults()["price_cents_per_gb"]
+    # the effective values: an account without its own uses the gateway's defaults
+    defaults = _defaults()
+    for key, setting in (
+        ("priceCentsPerGb", "price_cents_per_gb"),
+        ("rps", "rps"),
+        ("burst", "burst"),
+        ("maxTunnels", "max_tunnels"),
+    ):
+        if acc[key] is None:
+            acc[key] = defaults[setting]
     emit(acc)
 
 
