@@ -282,6 +282,61 @@ def policy_list() -> None:
     emit({"items": ledger.list_policy_rules(_db())}, lambda r: _rows(r["items"]))
 
 
+@app.command()
+def outbox(
+    to: Annotated[str | None, typer.Option("--to", help="Only mail to this address.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """Mail Datorus sent or queued (the outbox), newest first, with bodies."""
+    from .api.mail import list_outbox
+
+    rows = list_outbox(_db(create=True), to, limit)
+    emit(
+        {"items": rows},
+        lambda r: "\n\n".join(
+            f"#{m['id']} {m['createdAt']} to {m['to']}"
+            f" ({'sent ' + m['sentAt'] if m['sentAt'] else m['error'] or 'not sent'})\n"
+            f"Subject: {m['subject']}\n\n{m['body']}"
+            for m in r["items"]
+        )
+        or "(none)",
+    )
+
+
+@app.command("api")
+def api_serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default api_host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default api_port).")] = None,
+) -> None:
+    """Serve the REST API standalone (the gateway also serves it on api_port)."""
+    import uvicorn
+
+    from .api import create_app
+
+    settings = _defaults()
+    settings["db"] = db_path()
+    settings["api_host"] = host or settings["api_host"]
+    settings["api_port"] = settings["api_port"] if port is None else port
+    if not 0 < settings["api_port"] < 65536:
+        raise DatorusError(
+            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
+        )
+    app_ = create_app(settings)
+    print(
+        f"datorus: REST API on http://{settings['api_host']}:{settings['api_port']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app_,
+        host=settings["api_host"],
+        port=settings["api_port"],
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+
+
 # -- entry point --------------------------------------------------------------------------
 
 _GLOBAL_FLAGS = ("--json",)
