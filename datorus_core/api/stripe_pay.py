@@ -147,6 +147,7 @@ class Payments:
         self, account: dict[str, Any], cents: int, payment_method: str | None, client_key: str | None
     ) -> dict[str, Any]:
         """Charge the saved card (or *payment_method*) off-session and credit the balance."""
+        client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
         db = self.store.db()
         pm = payment_method or account.get("stripe_payment_method")
         if not pm:
@@ -154,7 +155,7 @@ class Payments:
         customer = self._customer(db, account)
         currency = self.settings.get("stripe_currency") or "usd"
         intent = self._call(
-            self.client.v1.payment_intents.create,
+            client.v1.payment_intents.create,
             {
                 "amount": cents,
                 "currency": currency,
