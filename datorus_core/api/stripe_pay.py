@@ -55,8 +55,18 @@ class Payments:
             )
         return self._client
 
-    def _call(self, fn, params: dict[str, Any], idem: str | None = None) -> Any:
-        """One Stripe call with errors turned into envelopes."""
+    def _call(
+        self,
+        fn,
+        params: dict[str, Any],
+        idem: str | None = None,
+        missing_field: str | None = None,
+    ) -> Any:
+        """One Stripe call with errors turned into envelopes.
+
+        A 404 from Stripe means the client's *missing_field* names nothing (400), or,
+        when the call names no client-given object, that Stripe lacks the feature (502).
+        """
         try:
             options = {"idempotency_key": idem} if idem else None
             return fn(params=params, options=options) if options else fn(params=params)
@@ -74,7 +84,15 @@ class Payments:
                 "STRIPE_DECLINED", message=e.user_message or None, details={"declineCode": decline}
             ) from None
         except stripe.InvalidRequestError as e:
-            raise validation(e.param or "payment_method", e.user_message or str(e)) from None
+            if e.http_status == 404 and not missing_field:
+                log.warning("datorus: Stripe has no such endpoint or object: %s", e)
+                raise DatorusError(
+                    "UPSTREAM_FAILED",
+                    message="The payment provider does not support this request.",
+                    details={"reason": "stripe answered 404"},
+                ) from None
+            field = e.param or missing_field or "body"
+            raise validation(field, e.user_message or "refused by the payment provider") from None
         except stripe.AuthenticationError:
             raise DatorusError(
                 "SERVICE_UNAVAILABLE",
@@ -130,6 +148,7 @@ class Payments:
             ),
             {"customer": customer},
             f"datorus-attach-{account['id']}-{payment_method}",
+            missing_field="payment_method",
         )
         with ledger.transaction(db):
             db.conn.execute(
@@ -166,6 +185,7 @@ class Payments:
                 "metadata": self._metadata(account["id"]),
             },
             self._idem(account["id"], client_key, "charge"),
+            missing_field="payment_method",
         )
         if intent.status == "requires_action":
             raise DatorusError("STRIPE_3DS_REQUIRED", details={"paymentIntentId": intent.id})
@@ -227,7 +247,9 @@ class Payments:
                 headers={"Retry-After": "3600"},
             )
         try:
-            stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature, secret)
+            stripe.WebhookSignature.verify_header(
+                payload.decode("utf-8"), signature or "", secret, tolerance=300
+            )
             event = json.loads(payload)
             event_id, etype, obj = event["id"], event["type"], event["data"]["object"]
         except stripe.SignatureVerificationError:
