@@ -293,13 +293,15 @@ def outbox(
     rows = list_outbox(_db(create=True), to, limit)
     emit(
         {"items": rows},
-        lambda r: "\n\n".join(
-            f"#{m['id']} {m['createdAt']} to {m['to']}"
-            f" ({'sent ' + m['sentAt'] if m['sentAt'] else m['error'] or 'not sent'})\n"
-            f"Subject: {m['subject']}\n\n{m['body']}"
-            for m in r["items"]
-        )
-        or "(none)",
+        lambda r: (
+            "\n\n".join(
+                f"#{m['id']} {m['createdAt']} to {m['to']}"
+                f" ({'sent ' + m['sentAt'] if m['sentAt'] else m['error'] or 'not sent'})\n"
+                f"Subject: {m['subject']}\n\n{m['body']}"
+                for m in r["items"]
+            )
+            or "(none)"
+        ),
     )
 
 

@@ -25,9 +25,7 @@ def get_account(acc: Account, st: State) -> Any:
 
 
 @router.get("/account/credits", tags=["account"])
-def get_credits(
-    acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20
-) -> Any:
+def get_credits(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
     """The balance in cents and the most recent transactions (seed 002's shape)."""
     return store.credits(st.store.db(), acc["id"], limit)
 

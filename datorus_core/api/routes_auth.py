@@ -96,4 +96,3 @@ def list_keys(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None)
 def revoke_key(key_id: str, acc: Account, st: State) -> Any:
     """Revoke a key; requests with it get 401 from then on."""
     return store.revoke_key(st.store.db(), acc["id"], key_id)
-

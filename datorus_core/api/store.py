@@ -138,8 +138,9 @@ def send_verification(store: Store, settings: dict[str, Any], account_id: int, e
     base = str(settings.get("public_url") or "").rstrip("/")
     body = (
         "Welcome to Datorus.\n\n"
-        f"Verify your email address to receive your free trial: {base}/auth/verify?token={token}\n\n"
-        f"Or POST it to {base}/auth/verify as {{\"token\": \"...\"}}.\n\n"
+        "Verify your email address to receive your free trial:\n"
+        f"{base}/auth/verify?token={token}\n\n"
+        f'Or POST it to {base}/auth/verify as {{"token": "..."}}.\n\n'
         f"Verification token: {token}\n\n"
         "The token can be used once and expires in "
         f"{int(settings.get('email_token_ttl', 86400)) // 3600} hours.\n"

@@ -163,7 +163,11 @@ class Payments:
         }
 
     def charge(
-        self, account: dict[str, Any], cents: int, payment_method: str | None, client_key: str | None
+        self,
+        account: dict[str, Any],
+        cents: int,
+        payment_method: str | None,
+        client_key: str | None,
     ) -> dict[str, Any]:
         """Charge the saved card (or *payment_method*) off-session and credit the balance."""
         client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
@@ -277,7 +281,11 @@ class Payments:
 def _payment_of(etype: str, obj: dict[str, Any]) -> tuple[dict[str, Any], str, int] | None:
     """(metadata, payment id, cents) of an event that means money arrived, else None."""
     if etype == "payment_intent.succeeded":
-        return obj.get("metadata") or {}, obj["id"], int(obj.get("amount_received") or obj["amount"])
+        return (
+            obj.get("metadata") or {},
+            obj["id"],
+            int(obj.get("amount_received") or obj["amount"]),
+        )
     if etype in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         if obj.get("payment_status") != "paid":
             return None

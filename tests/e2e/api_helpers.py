@@ -45,3 +45,17 @@ def register(api: str, email: str, **extra: Any) -> dict[str, Any]:
 def bearer(key: str) -> dict[str, str]:
     """The Authorization header for an API key."""
     return {"Authorization": f"Bearer {key}"}
+
+
+def token_from_ledger(db, email: str) -> str:
+    """Like :func:`token_from_outbox`, reading the ledger's ``outbox`` table directly (fast)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        row = c.execute(
+            "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", (email,)
+        ).fetchone()
+    assert row, f"no mail to {email}"
+    m = TOKEN_RE.search(row[0])
+    assert m, row[0]
+    return m.group(1)

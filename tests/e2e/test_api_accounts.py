@@ -13,7 +13,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import requests
-from api_helpers import assert_api_error, bearer, register, token_from_outbox
+from api_helpers import (
+    assert_api_error,
+    bearer,
+    register,
+    token_from_ledger,
+    token_from_outbox,
+)
 from support import ApiProcess, Gateway, free_port, prepare_ledger, wait_http, wait_until
 
 
@@ -37,7 +43,7 @@ def _verified(gw: Gateway) -> tuple[int, str, str]:
     email = _email()
     body = register(gw.api_url, email)
     r = httpx.post(
-        f"{gw.api_url}/auth/verify", json={"token": token_from_outbox(gw.db, email)}, timeout=30
+        f"{gw.api_url}/auth/verify", json={"token": token_from_ledger(gw.db, email)}, timeout=30
     )
     assert r.status_code == 200, r.text
     return body["user"]["id"], email, body["api_key"]["key"]
@@ -174,7 +180,7 @@ def test_token_used_twice_is_token_used_and_trial_granted_once(gw: Gateway) -> N
 def test_bad_token_is_token_invalid(gw: Gateway, mangle: str) -> None:
     email = _email()
     register(gw.api_url, email)
-    token = token_from_outbox(gw.db, email)
+    token = token_from_ledger(gw.db, email)
     payload, sig = token.split(".")
     bad = {
         "garbage": "not-a-token",
@@ -354,3 +360,32 @@ def test_verification_mail_goes_over_smtp(gw: Gateway, smtp_server) -> None:
         assert r.status_code == 200
     finally:
         api.stop()
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+def test_gateway_with_api_port_in_use_refuses_to_start(tmp_path) -> None:
+    import socket
+
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        g = Gateway(db, {"api_port": taken.getsockname()[1]}).start(wait=False)
+        try:
+            assert g.proc.wait(30) == 2
+        finally:
+            g.stop()
+        assert "REST API cannot listen" in g.log.read_text()
+
+
+def test_gateway_stops_cleanly_with_its_api(tmp_path) -> None:
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    g = Gateway(db, {"api_port": free_port()}).start()
+    wait_http(g.api_url + "/health", proc=g.proc)
+    assert g.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(g.api_url + "/health", timeout=5)

@@ -10,6 +10,7 @@ Checkout path is tested from its webhook (``checkout.session.completed``) onward
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import stripe
-from api_helpers import assert_api_error, bearer, register, token_from_outbox
+from api_helpers import assert_api_error, bearer, register, token_from_ledger
 from support import ApiProcess, prepare_ledger, wait_until
 
 SECRET = "whsec_datorus_test"
@@ -70,7 +71,7 @@ def _card(client: stripe.StripeClient, number: str) -> str:
 def _account(api: ApiProcess) -> tuple[int, dict[str, str]]:
     email = f"s{time.monotonic_ns()}@example.com"
     body = register(api.url, email)
-    r = httpx.post(f"{api.url}/auth/verify", json={"token": token_from_outbox(api.db, email)})
+    r = httpx.post(f"{api.url}/auth/verify", json={"token": token_from_ledger(api.db, email)})
     assert r.status_code == 200
     return body["user"]["id"], bearer(body["api_key"]["key"])
 
@@ -79,6 +80,7 @@ def _balance(api: ApiProcess, h: dict[str, str]) -> int:
     return httpx.get(f"{api.url}/account/credits", headers=h, timeout=30).json()["balance"]
 
 
+@functools.cache
 def _ledger_id(api: ApiProcess) -> str:
     with sqlite3.connect(api.db) as c:
         return c.execute("SELECT value FROM api_secrets WHERE name = 'ledger_id'").fetchone()[0][
