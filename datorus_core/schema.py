@@ -196,6 +196,13 @@ MIGRATIONS: tuple[str, ...] = (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
+    CREATE TABLE idempotency (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        key TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        PRIMARY KEY (account_id, key)
+    );
     """,
     # 3: the egress pool (issue 5)
     f"""

@@ -169,9 +169,21 @@ class Payments:
         payment_method: str | None,
         client_key: str | None,
     ) -> dict[str, Any]:
-        """Charge the saved card (or *payment_method*) off-session and credit the balance."""
+        """Charge the saved card (or *payment_method*) off-session and credit the balance.
+
+        A repeated *client_key* (the ``Idempotency-Key`` header) replays the first
+        successful answer without charging again; Stripe itself sees the same
+        outbound key, so even a retry racing the first request charges once.
+        """
         client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
         db = self.store.db()
+        if client_key:
+            row = db.conn.execute(
+                "SELECT response FROM idempotency WHERE account_id = ? AND key = ?",
+                (account["id"], client_key),
+            ).fetchone()
+            if row is not None:
+                return {**json.loads(row[0]), "replayed": True}
         pm = payment_method or account.get("stripe_payment_method")
         if not pm:
             raise validation("payment_method", "no saved card: POST /account/cards first")
@@ -199,13 +211,20 @@ class Payments:
             raise DatorusError("STRIPE_DECLINED", details={"declineCode": code or intent.status})
         applied = credit(db, account["id"], int(intent.amount), intent.id, "card top-up")
         acc = ledger.show_account(db, account["id"])
-        return {
+        result = {
             "payment_intent": intent.id,
             "status": intent.status,
             "amount_cents": int(intent.amount),
             "credited": applied,
             "balance_cents": acc["balanceCents"],
         }
+        if client_key:
+            db.conn.execute(
+                "INSERT INTO idempotency (account_id, key, response) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (account["id"], client_key, json.dumps(result)),
+            )
+        return {**result, "replayed": False}
 
     def checkout(self, account: dict[str, Any], cents: int, client_key: str | None) -> dict:
         """A Checkout Session for *cents*; the webhook credits the balance when it is paid."""

@@ -160,6 +160,17 @@ def test_card_top_up_credits_once_even_after_stripes_webhook(api, client) -> Non
     assert credits["recent_transactions"][0]["tx_type"] == "purchase"
     assert credits["recent_transactions"][0]["amount"] == 500
 
+    # a client retry with the same Idempotency-Key charges nothing more
+    r = httpx.post(
+        f"{api.url}/account/topups",
+        json={"amount_cents": 500},
+        headers={**h, "Idempotency-Key": "first-top-up"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["payment_intent"] == paid["payment_intent"] and r.json()["replayed"] is True
+    assert _balance(api, h) == 500
+
 
 def test_card_declined_when_saved_is_stripe_declined(api, client) -> None:
     _, h = _account(api)
