@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..envelope import DatorusError, envelope, new_request_id
+from .models import ERROR_RESPONSES
 from .store import Store
 from .stripe_pay import Payments
 
@@ -108,6 +109,7 @@ def create_app(settings: dict[str, Any], runtime: Any = None) -> FastAPI:
         title="Datorus API",
         version=VERSION,
         description="Accounts, API keys, proxy credentials, usage and Stripe top-ups.",
+        responses=ERROR_RESPONSES,
     )
     app.state.api = ApiState(store, settings, Payments(store, settings), runtime)
     app.add_exception_handler(DatorusError, _datorus_error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field, field_validator
 
 from ..ledger import EMAIL_RE
@@ -61,3 +63,27 @@ class CheckoutIn(BaseModel):
     """``POST /account/topups/checkout``: a Stripe Checkout Session for this amount."""
 
     amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)
+
+
+class ErrorBody(BaseModel):
+    """The inside of every error envelope."""
+
+    code: str = Field(examples=["VALIDATION_ERROR"], description="One of the 18 codes.")
+    message: str = Field(examples=["The submitted data is invalid."])
+    details: dict[str, Any] | None = Field(examples=[{"field": "email", "reason": "..."}])
+    requestId: str = Field(description="Equals the X-Datorus-Request-Id header.")  # noqa: N815
+    timestamp: str = Field(examples=["2026-05-19T14:32:18Z"])
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error the API answers: ``{"error": {...}}``."""
+
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorEnvelope, "description": "VALIDATION_ERROR or TOKEN_INVALID"},
+    401: {"model": ErrorEnvelope, "description": "INVALID_CREDENTIAL: missing or wrong API key"},
+    404: {"model": ErrorEnvelope, "description": "RESOURCE_NOT_FOUND"},
+    503: {"model": ErrorEnvelope, "description": "SERVICE_UNAVAILABLE"},
+}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -106,7 +107,10 @@ def register(
     The trial allocation is granted on verification, not here.
     """
     db = store.db()
-    acc = ledger.create_account(db, email, trial_bytes=0)
+    try:
+        acc = ledger.create_account(db, email, trial_bytes=0)
+    except sqlite3.IntegrityError:  # a concurrent sign-up with the same email won
+        raise DatorusError("EMAIL_TAKEN", details={"email": email}) from None
     account_id = acc["id"]
     with ledger.transaction(db):
         db.conn.execute(

@@ -291,6 +291,17 @@ def test_credential_revoked_through_api_is_refused_by_gateway(gw: Gateway, origi
     assert_api_error(r, 404, "RESOURCE_NOT_FOUND")
 
 
+def test_unverified_account_has_no_trial_at_the_gateway(gw: Gateway, origin) -> None:
+    body = register(gw.api_url, _email())
+    h = bearer(body["api_key"]["key"])
+    cred = httpx.post(f"{gw.api_url}/account/credentials", headers=h, timeout=30).json()
+    gw.wait_for_credential(cred["username"], cred["password"])
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+    r = requests.get(origin.url("/"), proxies=proxies, timeout=30)
+    assert r.status_code == 402
+    assert r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+
+
 def test_credential_of_suspended_account_is_refused(gw: Gateway) -> None:
     account_id, _, key = _verified(gw)
     gw.cli("account", "suspend", str(account_id))

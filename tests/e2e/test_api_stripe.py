@@ -21,9 +21,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import requests
 import stripe
 from api_helpers import assert_api_error, bearer, register, token_from_ledger
-from support import ApiProcess, prepare_ledger, wait_until
+from support import ApiProcess, Gateway, prepare_ledger, wait_until
 
 SECRET = "whsec_datorus_test"
 
@@ -284,3 +285,28 @@ def test_webhook_for_another_ledger_or_event_type_is_acknowledged_not_credited(a
     r = httpx.post(f"{api.url}/stripe/webhook", content=failed, headers=_signed(failed))
     assert r.status_code == 200 and r.json()["credited"] is False
     assert _balance(api, h) == 0
+
+
+def test_paying_lifts_trial_exhausted_at_the_gateway(api, client, origin) -> None:
+    """A gateway on the same ledger: no trial (unverified) → 402; a card top-up → 200."""
+    gw = Gateway(api.db).start()
+    try:
+        h = bearer(register(api.url, f"p{time.monotonic_ns()}@example.com")["api_key"]["key"])
+        cred = httpx.post(f"{api.url}/account/credentials", headers=h, timeout=30).json()
+        gw.wait_for_credential(cred["username"], cred["password"])
+        proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+        r = requests.get(origin.url("/"), proxies=proxies, timeout=30)
+        assert r.status_code == 402 and r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+
+        pm = _card(client, "4242424242424242")
+        assert httpx.post(f"{api.url}/account/cards", json={"payment_method": pm}, headers=h)
+        r = httpx.post(f"{api.url}/account/topups", json={"amount_cents": 100}, headers=h)
+        assert r.status_code == 201, r.text
+        wait_until(
+            lambda: requests.get(origin.url("/"), proxies=proxies, timeout=30).ok,
+            5,
+            0.1,
+            "top-up reaching the gateway",
+        )
+    finally:
+        gw.stop()
