@@ -168,7 +168,7 @@ def test_register_malformed_json_is_validation_error(gw: Gateway) -> None:
 def test_token_used_twice_is_token_used_and_trial_granted_once(gw: Gateway) -> None:
     email = _email()
     key = register(gw.api_url, email)["api_key"]["key"]
-    token = token_from_outbox(gw.db, email)
+    token = token_from_ledger(gw.db, email)
     assert httpx.post(f"{gw.api_url}/auth/verify", json={"token": token}).status_code == 200
     r = httpx.post(f"{gw.api_url}/auth/verify", json={"token": token}, timeout=30)
     assert_api_error(r, 409, "TOKEN_USED")
@@ -371,32 +371,3 @@ def test_verification_mail_goes_over_smtp(gw: Gateway, smtp_server) -> None:
         assert r.status_code == 200
     finally:
         api.stop()
-
-
-# -- serving -------------------------------------------------------------------------------
-
-
-def test_gateway_with_api_port_in_use_refuses_to_start(tmp_path) -> None:
-    import socket
-
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        g = Gateway(db, {"api_port": taken.getsockname()[1]}).start(wait=False)
-        try:
-            assert g.proc.wait(30) == 2
-        finally:
-            g.stop()
-        assert "REST API cannot listen" in g.log.read_text()
-
-
-def test_gateway_stops_cleanly_with_its_api(tmp_path) -> None:
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    g = Gateway(db, {"api_port": free_port()}).start()
-    wait_http(g.api_url + "/health", proc=g.proc)
-    assert g.stop() == 0
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(g.api_url + "/health", timeout=5)
