@@ -114,12 +114,10 @@ class Payments:
     def _metadata(self, account_id: int) -> dict[str, str]:
         return {"datorus_account": str(account_id), "datorus_ledger": self.store.ledger_id}
 
-    @staticmethod
-    def _idem(account_id: int, client_key: str | None, what: str) -> str:
-        """Outbound idempotency key: the client's own (scoped) or a fresh one."""
-        if client_key:
-            return f"datorus-{account_id}-{what}-{client_key}"[:255]
-        return f"datorus-{account_id}-{what}-{uuid.uuid4()}"
+    def _idem(self, account_id: int, client_key: str | None, what: str) -> str:
+        """Outbound idempotency key: the client's own (scoped to ledger and account) or fresh."""
+        scope = f"datorus-{self.store.ledger_id}-{account_id}-{what}"
+        return f"{scope}-{client_key}"[:255] if client_key else f"{scope}-{uuid.uuid4()}"
 
     def _customer(self, db: sqlite_utils.Database, account: dict[str, Any]) -> str:
         if account.get("stripe_customer_id"):
@@ -147,7 +145,7 @@ class Payments:
                 payment_method, params=params, options=options
             ),
             {"customer": customer},
-            f"datorus-attach-{account['id']}-{payment_method}",
+            f"datorus-attach-{self.store.ledger_id}-{account['id']}-{payment_method}",
             missing_field="payment_method",
         )
         with ledger.transaction(db):
