@@ -339,6 +339,49 @@ def api_serve(
     )
 
 
+key_app = typer.Typer(no_args_is_help=True, help="REST API keys (pp_...).")
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("create")
+def key_create(
+    account_id: str,
+    label: Annotated[str | None, typer.Option(help="A name for the key.")] = None,
+) -> None:
+    """Create an API key for an account; the key is shown this once."""
+    from .api.store import account_row, create_key
+
+    db = _db()
+    aid = _int("account_id", account_id)
+    account_row(db, aid)
+    emit(create_key(db, aid, label))
+
+
+@key_app.command("list")
+def key_list(account_id: str) -> None:
+    """An account's API keys by prefix (never the keys)."""
+    from .api.store import account_row, key_view
+
+    db = _db()
+    aid = _int("account_id", account_id)
+    account_row(db, aid)
+    rows = [key_view(r) for r in db.query("SELECT * FROM api_keys WHERE account_id = ?", [aid])]
+    emit({"items": rows}, lambda r: _rows(r["items"]))
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str) -> None:
+    """Revoke an API key by id."""
+    db = _db()
+    kid = _int("key_id", key_id)
+    row = db.conn.execute("SELECT account_id FROM api_keys WHERE id = ?", (kid,)).fetchone()
+    if row is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
+    from .api.store import revoke_key
+
+    emit(revoke_key(db, row[0], str(kid)))
+
+
 # -- entry point --------------------------------------------------------------------------
 
 _GLOBAL_FLAGS = ("--json",)

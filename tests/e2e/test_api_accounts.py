@@ -371,3 +371,32 @@ def test_verification_mail_goes_over_smtp(gw: Gateway, smtp_server) -> None:
         assert r.status_code == 200
     finally:
         api.stop()
+
+
+def test_operator_made_account_gets_a_key_from_the_cli(gw: Gateway) -> None:
+    acc = gw.cli("account", "create", _email(), "--trial-bytes", "777")
+    key = gw.cli("key", "create", str(acc["id"]), "--label", "ops")
+    assert key["key"].startswith("pp_") and key["label"] == "ops"
+    r = httpx.get(f"{gw.api_url}/account", headers=bearer(key["key"]), timeout=30)
+    assert r.status_code == 200 and r.json()["trial_remaining_bytes"] == 777
+    assert gw.cli("key", "list", str(acc["id"]))["items"][0]["prefix"] == key["prefix"]
+    assert gw.cli("key", "revoke", str(key["id"]))["revoked"] is True
+    r = httpx.get(f"{gw.api_url}/account", headers=bearer(key["key"]), timeout=30)
+    assert_api_error(r, 401, "INVALID_CREDENTIAL")
+
+
+def test_resend_mails_a_fresh_token(gw: Gateway) -> None:
+    email = _email()
+    h = bearer(register(gw.api_url, email)["api_key"]["key"])
+    first = token_from_ledger(gw.db, email)
+    r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
+    assert r.status_code == 202 and r.json() == {"sent": True, "verified": False}
+    second = token_from_ledger(gw.db, email)
+    assert second != first
+    assert httpx.post(f"{gw.api_url}/auth/verify", json={"token": second}).status_code == 200
+    r = httpx.post(f"{gw.api_url}/auth/verify", json={"token": first}, timeout=30)
+    assert r.status_code == 200  # the earlier token was still unused: idempotent grant
+    acc = httpx.get(f"{gw.api_url}/account", headers=h, timeout=30).json()
+    assert acc["trial_remaining_bytes"] == 5_000_000
+    r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
+    assert r.json() == {"sent": False, "verified": True}
