@@ -4,8 +4,9 @@ Cards are Stripe's documented test numbers: 4242424242424242 succeeds,
 4000000000000002 is declined (when it is saved), 4000000000000341 is declined when
 charged, 4000002500003155 needs 3-D Secure. localstripe delivers its own signed
 webhooks to the API (as Stripe does); the tests also sign deliveries themselves to
-send duplicates and bad signatures. localstripe has no Checkout Sessions, so the
-Checkout path is tested from its webhook (``checkout.session.completed``) onwards.
+send duplicates and bad signatures. localstripe has no Checkout Sessions; the test
+server (tests/localstripe_server.py) adds a minimal session endpoint, and records each
+request so the idempotency keys Datorus sends can be checked.
 """
 
 from __future__ import annotations
@@ -211,11 +212,49 @@ def test_top_up_without_saved_card_or_with_unknown_card_is_validation_error(api)
     assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == "amount_cents"
 
 
-def test_checkout_is_reported_unsupported_by_localstripe(api) -> None:
-    """localstripe has no Checkout Sessions: the API says the provider failed (502)."""
+def test_checkout_session_returns_its_url_and_the_webhook_credits_it(api, localstripe) -> None:
+    """Checkout against the minimal session endpoint the test server adds to localstripe."""
+    account_id, h = _account(api)
+    r = httpx.post(
+        f"{api.url}/account/topups/checkout",
+        json={"amount_cents": 1500},
+        headers={**h, "Idempotency-Key": "cart-7"},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    session = r.json()
+    assert session["id"].startswith("cs_test_") and session["url"].startswith("http")
+    assert session["amount_cents"] == 1500
+    assert _balance(api, h) == 0  # nothing until Stripe says it is paid
+    pi = f"pi_{uuid.uuid4().hex[:24]}"
+    completed = _event(
+        "checkout.session.completed",
+        {
+            "id": session["id"],
+            "object": "checkout.session",
+            "payment_status": "paid",
+            "payment_intent": pi,
+            "amount_total": 1500,
+            "metadata": {"datorus_account": str(account_id), "datorus_ledger": _ledger_id(api)},
+        },
+    )
+    for _ in range(2):
+        r = httpx.post(f"{api.url}/stripe/webhook", content=completed, headers=_signed(completed))
+        assert r.status_code == 200
+    assert _balance(api, h) == 1500
+
+
+def test_every_write_to_stripe_carries_an_idempotency_key(api, client, localstripe) -> None:
     _, h = _account(api)
-    r = httpx.post(f"{api.url}/account/topups/checkout", json={"amount_cents": 500}, headers=h)
-    assert_api_error(r, 502, "UPSTREAM_FAILED")
+    pm = _card(client, "4242424242424242")
+    assert httpx.post(f"{api.url}/account/cards", json={"payment_method": pm}, headers=h)
+    assert httpx.post(f"{api.url}/account/topups", json={"amount_cents": 60}, headers=h)
+    seen = httpx.get(f"{localstripe}/_config/requests", timeout=30).json()
+    # every POST except the test's own card making (what Stripe.js does in a browser)
+    ours = [s for s in seen if s["method"] == "POST" and s["path"] != "/v1/payment_methods"]
+    assert {s["path"].split("/")[2] for s in ours} >= {"customers", "payment_methods"}
+    assert any(s["path"] == "/v1/payment_intents" for s in ours)
+    assert all(s["idempotency_key"] for s in ours), ours
 
 
 # -- webhook deliveries --------------------------------------------------------------------
