@@ -59,6 +59,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path, localstripe: str) ->
             capture_output=True,
             text=True,
             timeout=240,
+            cwd=tmp_path,  # schemathesis keeps a .schemathesis/ folder in its cwd
             env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"},
         )
         assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
