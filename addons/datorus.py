@@ -14,6 +14,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from addons.api_server import ApiServer  # noqa: E402
 from addons.auth import ProxyAuth  # noqa: E402
 from addons.context import Gateway  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
@@ -40,4 +41,5 @@ addons = [
     _policy,
     _metering,
     Relay(gateway),
+    ApiServer(gateway),
 ]

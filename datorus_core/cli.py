@@ -290,6 +290,106 @@ def policy_list() -> None:
     emit({"items": ledger.list_policy_rules(_db())}, lambda r: _rows(r["items"]))
 
 
+@app.command()
+def outbox(
+    to: Annotated[str | None, typer.Option("--to", help="Only mail to this address.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """Mail Datorus sent or queued (the outbox), newest first, with bodies."""
+    from .api.mail import list_outbox
+
+    rows = list_outbox(_db(create=True), to, limit)
+    emit(
+        {"items": rows},
+        lambda r: (
+            "\n\n".join(
+                f"#{m['id']} {m['createdAt']} to {m['to']}"
+                f" ({'sent ' + m['sentAt'] if m['sentAt'] else m['error'] or 'not sent'})\n"
+                f"Subject: {m['subject']}\n\n{m['body']}"
+                for m in r["items"]
+            )
+            or "(none)"
+        ),
+    )
+
+
+@app.command("api")
+def api_serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default api_host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default api_port).")] = None,
+) -> None:
+    """Serve the REST API standalone (the gateway also serves it on api_port)."""
+    import uvicorn
+
+    from .api import create_app
+
+    settings = _defaults()
+    settings["db"] = db_path()
+    settings["api_host"] = host or settings["api_host"]
+    settings["api_port"] = settings["api_port"] if port is None else port
+    if not 0 < settings["api_port"] < 65536:
+        raise DatorusError(
+            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
+        )
+    app_ = create_app(settings)
+    print(
+        f"datorus: REST API on http://{settings['api_host']}:{settings['api_port']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app_,
+        host=settings["api_host"],
+        port=settings["api_port"],
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+
+
+key_app = typer.Typer(no_args_is_help=True, help="REST API keys (pp_...).")
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("create")
+def key_create(
+    account_id: str,
+    label: Annotated[str | None, typer.Option(help="A name for the key.")] = None,
+) -> None:
+    """Create an API key for an account; the key is shown this once."""
+    from .api.store import account_row, create_key
+
+    db = _db()
+    aid = _int("account_id", account_id)
+    account_row(db, aid)
+    emit(create_key(db, aid, label))
+
+
+@key_app.command("list")
+def key_list(account_id: str) -> None:
+    """An account's API keys by prefix (never the keys)."""
+    from .api.store import account_row, key_view
+
+    db = _db()
+    aid = _int("account_id", account_id)
+    account_row(db, aid)
+    rows = [key_view(r) for r in db.query("SELECT * FROM api_keys WHERE account_id = ?", [aid])]
+    emit({"items": rows}, lambda r: _rows(r["items"]))
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str) -> None:
+    """Revoke an API key by id."""
+    db = _db()
+    kid = _int("key_id", key_id)
+    row = db.conn.execute("SELECT account_id FROM api_keys WHERE id = ?", (kid,)).fetchone()
+    if row is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
+    from .api.store import revoke_key
+
+    emit(revoke_key(db, row[0], str(kid)))
+
+
 # -- entry point --------------------------------------------------------------------------
 
 _GLOBAL_FLAGS = ("--json",)

@@ -155,22 +155,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN display_name TEXT;
     ALTER TABLE accounts ADD COLUMN verified_at TEXT;
+    ALTER TABLE accounts ADD COLUMN stripe_customer_id TEXT;
+    ALTER TABLE accounts ADD COLUMN stripe_payment_method TEXT;
     CREATE TABLE api_keys (
         id INTEGER PRIMARY KEY,
         account_id INTEGER NOT NULL REFERENCES accounts(id),
         prefix TEXT NOT NULL,
-        key_hash TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
         label TEXT,
         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
         last_used_at TEXT,
         revoked_at TEXT
     );
-    CREATE INDEX api_keys_prefix ON api_keys(prefix);
+    CREATE INDEX api_keys_account ON api_keys(account_id, id);
     CREATE TABLE email_tokens (
         id INTEGER PRIMARY KEY,
         account_id INTEGER NOT NULL REFERENCES accounts(id),
         purpose TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
         used_at TEXT
     );
     CREATE TABLE outbox (
@@ -185,7 +188,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE stripe_events (
         id TEXT PRIMARY KEY,
         type TEXT NOT NULL,
+        account_id INTEGER,
+        external_id TEXT,
         received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE TABLE api_secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE idempotency (
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        key TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        PRIMARY KEY (account_id, key)
     );
     """,
     # 3: the egress pool (issue 5)

@@ -185,6 +185,14 @@ SETTINGS: tuple[Setting, ...] = (
         "http://127.0.0.1:8002",
         "Base URL customers use for the API (links in mail).",
     ),
+    Setting(
+        "email_token_ttl",
+        int,
+        86400,
+        "Seconds an emailed verification token stays valid (0: expired at once).",
+        _non_negative,
+    ),
+    Setting("stripe_currency", str, "usd", "Currency of Stripe top-ups (amounts are in cents)."),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -79,3 +79,58 @@ def make_gateway(tmp_path: Path) -> Iterator:
 def customer(gateway: Gateway) -> tuple[int, str, str]:
     """An account with plenty of trial bytes and a credential: (id, user, password)."""
     return gateway.customer(trial_bytes=10**12)
+
+
+# -- the REST API (issue 6): fake Stripe and a real SMTP server, one each per session ------
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """localstripe on a free loopback port; yields its base URL."""
+    import subprocess
+
+    from support import REPO, free_port, wait_http
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("localstripe") / "localstripe.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "localstripe_server.py"), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/v1/customers", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator:
+    """An aiosmtpd server on a free loopback port; ``.messages`` holds what it received."""
+    from aiosmtpd.controller import Controller
+    from support import free_port
+
+    class Sink:
+        def __init__(self) -> None:
+            self.messages: list[dict] = []
+
+        async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802
+            self.messages.append(
+                {
+                    "from": envelope.mail_from,
+                    "to": list(envelope.rcpt_tos),
+                    "data": envelope.content.decode("utf-8", "replace"),
+                }
+            )
+            return "250 OK"
+
+    sink = Sink()
+    ctl = Controller(sink, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    ctl.messages = sink.messages  # type: ignore[attr-defined]
+    yield ctl
+    ctl.stop()

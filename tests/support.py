@@ -531,3 +531,75 @@ class CountingRelay:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- the REST API (issue 6) ---------------------------------------------------------------
+
+
+def _gateway_api_url(self: Gateway) -> str:
+    """The REST API the gateway serves (start it with ``settings={"api_port": free_port()}``)."""
+    port = self.settings.get("api_port")
+    if not port:
+        raise AssertionError("this gateway runs without its REST API (api_port=0)")
+    return f"http://127.0.0.1:{port}"
+
+
+Gateway.api_url = property(_gateway_api_url)  # type: ignore[attr-defined]
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until *url* answers any HTTP response (a server is up)."""
+    import urllib.error
+    import urllib.request
+
+    def probe() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+
+    wait_until(probe, timeout, 0.05, f"{url} answering")
+
+
+class ApiProcess:
+    """A standalone ``datorus api`` on a free loopback port (settings as DATORUS_* env)."""
+
+    def __init__(self, db: Path, settings: dict[str, Any] | None = None) -> None:
+        self.db = db
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            **{f"DATORUS_{k.upper()}": str(v) for k, v in (settings or {}).items()},
+        }
+        self.log = db.parent / f"api-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiProcess:
+        self.logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [DATORUS, "--db", str(self.db), "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO,
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        wait_http(self.url + "/health", proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None:
+            self.logf.close()

@@ -1,0 +1,89 @@
+"""Serve the REST API from the gateway process, as a task in mitmproxy's event loop.
+
+The API listens on ``api_host:api_port`` (0: off). Its socket is bound at start-up,
+so a port in use stops the gateway with a clear message instead of running without
+its API. Requests that touch SQLite, SMTP or Stripe run in worker threads; the
+event loop only parses HTTP and reads the live rate-limit state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from datorus_core.api import create_app
+
+from .context import Gateway
+from .options import fatal
+
+log = logging.getLogger("datorus")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: mitmproxy owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on *host*:*port* (IPv4 or IPv6 literal or name)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class ApiServer:
+    """Start the REST API when the gateway runs; stop it when the gateway stops."""
+
+    name = "datorus_api"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.server: _EmbeddedServer | None = None
+        self.task: asyncio.Task | None = None
+
+    def running(self) -> None:
+        s = self.gw.settings
+        if not s.get("api_port"):
+            return
+        try:
+            sock = bind(s["api_host"], s["api_port"])
+        except OSError as e:
+            fatal(f"REST API cannot listen on {s['api_host']}:{s['api_port']}: {e}")
+            return
+        try:
+            app = create_app(s, runtime=self.gw.runtime)
+        except Exception as e:
+            sock.close()
+            fatal(f"REST API cannot open the ledger {s['db']}: {e}")
+            return
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5
+        )
+        self.server = _EmbeddedServer(config)
+        self.task = asyncio.get_running_loop().create_task(
+            self.server.serve(sockets=[sock]), name="datorus api"
+        )
+        log.info("datorus: REST API on http://%s:%d", s["api_host"], s["api_port"])
+
+    async def done(self) -> None:
+        if self.server is None or self.task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(self.task, 10)

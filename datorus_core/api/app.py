@@ -1,0 +1,145 @@
+"""The FastAPI application factory and its error handling.
+
+Every error leaves as the canonical envelope (``datorus_core.envelope``) with the
+``X-Datorus-Request-Id`` header equal to its ``requestId``: Datorus's own errors,
+FastAPI's validation errors (400 ``VALIDATION_ERROR`` with ``details.field`` and
+``details.reason``), unknown routes and methods (404 ``RESOURCE_NOT_FOUND``), and
+anything unexpected (503 ``SERVICE_UNAVAILABLE``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..envelope import DatorusError, envelope, new_request_id
+from .models import ERROR_RESPONSES
+from .store import Store
+from .stripe_pay import Payments
+
+log = logging.getLogger("datorus.api")
+
+try:
+    VERSION = metadata.version("datorus")
+except metadata.PackageNotFoundError:  # running from a bare checkout
+    VERSION = "0.0.0"
+
+
+@dataclass
+class ApiState:
+    """What the routes share: the ledger, the settings, Stripe, and (in the gateway) its runtime."""
+
+    store: Store
+    settings: dict[str, Any]
+    payments: Payments
+    runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def error_response(request: Request, err: DatorusError) -> JSONResponse:
+    """The envelope for *err*, with its status and headers."""
+    rid = getattr(request.state, "request_id", None) or new_request_id()
+    headers = {**err.headers, "X-Datorus-Request-Id": rid}
+    return JSONResponse(
+        envelope(err.code, rid, err.details, err.message), status_code=err.status, headers=headers
+    )
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:] or parts[:1]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        reason = "not valid JSON"
+    details = {"field": _field(first.get("loc", ("body",))), "reason": reason}
+    return error_response(request, DatorusError("VALIDATION_ERROR", details=details))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    if status == 405:
+        allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        err = DatorusError(
+            "RESOURCE_NOT_FOUND",
+            message=f"{request.method} is not supported on {request.url.path}.",
+            details={"method": request.method, "allowed": allow.replace(" ", "").split(",")},
+            headers={"Allow": allow} if allow else None,
+        )
+    elif status == 400:
+        err = DatorusError("VALIDATION_ERROR", details={"field": "body", "reason": "bad request"})
+    else:
+        err = DatorusError(
+            "RESOURCE_NOT_FOUND",
+            message=f"No such endpoint: {request.method} {request.url.path}.",
+            details={"path": request.url.path},
+        )
+    return error_response(request, err)
+
+
+async def _datorus_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DatorusError)
+    return error_response(request, exc)
+
+
+def create_app(settings: dict[str, Any], runtime: Any = None) -> FastAPI:
+    """The REST API over the ledger at ``settings["db"]``.
+
+    *runtime* is the gateway's live :class:`~datorus_core.runtime.Runtime` when the
+    gateway serves the API (``GET /usage`` then reports the live rate-limit state).
+    """
+    from . import routes_account, routes_auth, routes_payments
+
+    store = Store(settings["db"])
+    app = FastAPI(
+        title="Datorus API",
+        version=VERSION,
+        description="Accounts, API keys, proxy credentials, usage and Stripe top-ups.",
+        responses=ERROR_RESPONSES,
+    )
+    app.state.api = ApiState(store, settings, Payments(store, settings), runtime)
+    app.add_exception_handler(DatorusError, _datorus_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        request.state.request_id = new_request_id()
+        try:
+            response = await call_next(request)
+        except sqlite3.Error as e:
+            log.warning("datorus api: ledger error on %s: %s", request.url.path, e)
+            response = error_response(
+                request,
+                DatorusError(
+                    "SERVICE_UNAVAILABLE",
+                    message="The ledger is busy or unavailable; retry shortly.",
+                    headers={"Retry-After": "1"},
+                ),
+            )
+        except Exception:
+            log.exception("datorus api: unexpected error on %s", request.url.path)
+            response = error_response(
+                request, DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
+            )
+        response.headers["X-Datorus-Request-Id"] = request.state.request_id
+        return response
+
+    app.include_router(routes_auth.router)
+    app.include_router(routes_account.router)
+    app.include_router(routes_payments.router)
+    return app

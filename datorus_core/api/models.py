@@ -1,0 +1,89 @@
+"""Request bodies of the REST API (pydantic); they also document it in ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from ..ledger import EMAIL_RE
+
+MIN_TOPUP_CENTS = 50  # Stripe's smallest USD charge
+MAX_TOPUP_CENTS = 1_000_000
+
+
+class RegisterIn(BaseModel):
+    """``POST /auth/register``."""
+
+    email: str = Field(max_length=254, examples=["user@example.com"])
+    display_name: str | None = Field(default=None, max_length=100, examples=["Alice"])
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        v = v.strip()
+        if not EMAIL_RE.match(v):
+            raise ValueError("must be an email address")
+        return v
+
+
+class VerifyIn(BaseModel):
+    """``POST /auth/verify``: the token from the verification mail."""
+
+    token: str = Field(min_length=1, max_length=1000)
+
+
+class KeyIn(BaseModel):
+    """``POST /auth/keys``."""
+
+    label: str | None = Field(default=None, max_length=100)
+
+
+class CredentialIn(BaseModel):
+    """``POST /account/credentials``."""
+
+    label: str | None = Field(default=None, max_length=100)
+    max_bytes: int | None = Field(default=None, ge=1, le=2**62, description="Byte cap.")
+
+
+class CardIn(BaseModel):
+    """``POST /account/cards``: a PaymentMethod id made client-side with Stripe.js."""
+
+    payment_method: str = Field(pattern=r"^pm_[A-Za-z0-9_]{1,250}$", examples=["pm_card_visa"])
+
+
+class TopupIn(BaseModel):
+    """``POST /account/topups``: charge the saved card (or the given PaymentMethod)."""
+
+    amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)
+    payment_method: str | None = Field(default=None, pattern=r"^pm_[A-Za-z0-9_]{1,250}$")
+
+
+class CheckoutIn(BaseModel):
+    """``POST /account/topups/checkout``: a Stripe Checkout Session for this amount."""
+
+    amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)
+
+
+class ErrorBody(BaseModel):
+    """The inside of every error envelope."""
+
+    code: str = Field(examples=["VALIDATION_ERROR"], description="One of the 18 codes.")
+    message: str = Field(examples=["The submitted data is invalid."])
+    details: dict[str, Any] | None = Field(examples=[{"field": "email", "reason": "..."}])
+    requestId: str = Field(description="Equals the X-Datorus-Request-Id header.")  # noqa: N815
+    timestamp: str = Field(examples=["2026-05-19T14:32:18Z"])
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error the API answers: ``{"error": {...}}``."""
+
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorEnvelope, "description": "VALIDATION_ERROR or TOKEN_INVALID"},
+    401: {"model": ErrorEnvelope, "description": "INVALID_CREDENTIAL: missing or wrong API key"},
+    404: {"model": ErrorEnvelope, "description": "RESOURCE_NOT_FOUND"},
+    503: {"model": ErrorEnvelope, "description": "SERVICE_UNAVAILABLE"},
+}

@@ -1,0 +1,143 @@
+"""The account's views and proxy credentials: ``/account...`` and ``GET /usage``."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from .. import ledger
+from . import store
+from .deps import Account, ActiveAccount, State
+from .models import CredentialIn
+from .routes_auth import Cursor, Limit
+
+router = APIRouter()
+
+
+@router.get("/account", tags=["account"])
+def get_account(acc: Account, st: State) -> Any:
+    """Who you are, your status, trial, balance, price and limits."""
+    return store.account_view(st.store.db(), acc["id"], st.settings)
+
+
+@router.get("/account/credits", tags=["account"])
+def get_credits(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
+    """The balance in cents and the most recent transactions (seed 002's shape)."""
+    return store.credits(st.store.db(), acc["id"], limit)
+
+
+@router.get("/account/leases", tags=["account"])
+def get_leases(acc: Account, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    """Active proxy leases (none until the pool API hands them out)."""
+    store.decode_cursor(cursor)
+    return {"items": [], "next_cursor": None, "total_count": 0}
+
+
+@router.get("/account/credentials", tags=["credentials"])
+def list_credentials(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    """The account's proxy credentials (never their passwords)."""
+    rows, nxt, total = store.page(st.store.db(), store.CREDENTIALS_SQL, [acc["id"]], limit, cursor)
+    return {
+        "items": [store.credential_view(r) for r in rows],
+        "next_cursor": nxt,
+        "total_count": total,
+    }
+
+
+@router.post("/account/credentials", status_code=201, tags=["credentials"])
+def create_credential(acc: ActiveAccount, st: State, body: CredentialIn | None = None) -> Any:
+    """A new proxy credential; ``password`` is returned only in this response.
+
+    The gateway accepts it within 2 seconds.
+    """
+    body = body or CredentialIn()
+    c = ledger.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)
+    return {
+        "id": c["id"],
+        "username": c["username"],
+        "password": c["password"],
+        "label": body.label,
+        "max_bytes": c["maxBytes"],
+    }
+
+
+@router.delete("/account/credentials/{credential_id}", tags=["credentials"])
+def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
+    """Revoke a credential (by id or username); the gateway refuses it within 2 seconds."""
+    return store.revoke_credential(st.store.db(), acc["id"], credential_id)
+
+
+def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
+    db = st.store.db()
+    u = ledger.usage(db, account_id, by_day=True)
+    creds = [
+        store.credential_view(r)
+        for r in db.query(store.CREDENTIALS_SQL + " AND c.revoked_at IS NULL", [account_id])
+    ]
+    return u, creds, store.account_view(db, account_id, st.settings)
+
+
+@router.get("/usage", tags=["account"])
+async def get_usage(acc: Account, st: State) -> Any:
+    """Requests, bytes and charges (in total and per day) and the current rate-limit state.
+
+    Served by the gateway, ``rate_limit.credentials`` shows each credential's live
+    bucket; standalone (``datorus api``) it shows the full burst.
+    """
+    u, creds, view = await run_in_threadpool(_usage, st, acc["id"])
+    rps = view["rate_limit"]["requests_per_second"]
+    burst = view["rate_limit"]["burst"]
+    rt = st.runtime
+    live = rt is not None and getattr(rt, "loaded", False)
+    now_mono, now = time.monotonic(), time.time()
+    per_cred = []
+    for c in creds:
+        state = rt.by_username.get(c["username"]) if live else None
+        if state is not None and state.limiter is not None:
+            v = state.limiter.peek(now_mono)
+            remaining, reset = v.remaining, math.ceil(now + v.reset_after)
+        else:
+            remaining, reset = burst, math.ceil(now)
+        per_cred.append(
+            {
+                "username": c["username"],
+                "limit": rps,
+                "burst": burst,
+                "remaining": remaining,
+                "reset": reset,
+                "used_bytes": c["used_bytes"],
+                "max_bytes": c["max_bytes"],
+            }
+        )
+    return {
+        "account_id": acc["id"],
+        "requests": u["requests"],
+        "bytes": u["bytes"],
+        "charged_cents": u["chargedCents"],
+        "charged_nanocents": u["chargedNanocents"],
+        "trial_remaining_bytes": u["trialRemainingBytes"],
+        "balance_cents": u["balanceCents"],
+        "price_cents_per_gb": view["price_cents_per_gb"],
+        "days": [
+            {
+                "day": d["day"],
+                "requests": d["requests"],
+                "bytes_up": d["bytesUp"],
+                "bytes_down": d["bytesDown"],
+                "bytes": d["bytes"],
+                "trial_bytes": d["trialBytes"],
+                "charged_nanocents": d["chargedNanocents"],
+            }
+            for d in u["days"]
+        ],
+        "rate_limit": {
+            "requests_per_second": rps,
+            "burst": burst,
+            "live": live,
+            "credentials": per_cred,
+        },
+    }

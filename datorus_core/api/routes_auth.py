@@ -1,0 +1,98 @@
+"""Sign-up, email verification and API keys (``/auth/...``), and ``GET /health``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from ..envelope import DatorusError
+from . import store
+from .app import VERSION
+from .deps import Account, ActiveAccount, State
+from .models import KeyIn, RegisterIn, VerifyIn
+
+router = APIRouter()
+Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]
+
+
+@router.get("/health", tags=["system"])
+def health(st: State) -> Any:
+    """The ledger's state and the version; 503 when the ledger cannot be read."""
+    try:
+        db = st.store.db()
+        schema = db.conn.execute("PRAGMA user_version").fetchone()[0]
+        db.conn.execute("SELECT version FROM config_version").fetchone()
+    except Exception as e:
+        raise DatorusError(
+            "SERVICE_UNAVAILABLE",
+            details={"ledger": "unavailable", "reason": str(e)[:200]},
+            headers={"Retry-After": "1"},
+        ) from None
+    return {
+        "status": "healthy",
+        "ledger": "connected",
+        "schema_version": schema,
+        "version": VERSION,
+        "gateway": st.runtime is not None,
+    }
+
+
+@router.post("/auth/register", status_code=201, tags=["auth"])
+def register(body: RegisterIn, st: State) -> Any:
+    """Create an account and its first API key (shown this once); mail a verification token.
+
+    409 ``EMAIL_TAKEN`` if the email has an account; 409 ``EMAIL_PROVIDER_MISMATCH``
+    if it belongs to a social-login (google/github) account.
+    """
+    return store.register(st.store, st.settings, body.email, body.display_name)
+
+
+def _verify(st: State, token: str) -> Any:
+    return store.verify(st.store, st.settings, token)
+
+
+@router.post("/auth/verify", tags=["auth"])
+def verify(body: VerifyIn, st: State) -> Any:
+    """Consume a verification token and grant the free trial.
+
+    400 ``TOKEN_INVALID``, 410 ``TOKEN_EXPIRED``, 409 ``TOKEN_USED``.
+    """
+    return _verify(st, body.token)
+
+
+@router.get("/auth/verify", tags=["auth"])
+def verify_link(st: State, token: Annotated[str, Query(min_length=1, max_length=1000)]) -> Any:
+    """The link in the verification mail: same as ``POST /auth/verify``."""
+    return _verify(st, token)
+
+
+@router.post("/auth/verify/resend", status_code=202, tags=["auth"])
+def resend(acc: Account, st: State) -> Any:
+    """Mail a fresh verification token (earlier ones stay valid until they expire)."""
+    if acc["verified_at"] is not None:
+        return {"sent": False, "verified": True}
+    store.send_verification(st.store, st.settings, acc["id"], acc["email"])
+    return {"sent": True, "verified": False}
+
+
+@router.post("/auth/keys", status_code=201, tags=["auth"])
+def create_key(acc: ActiveAccount, st: State, body: KeyIn | None = None) -> Any:
+    """A new API key; ``key`` is returned only in this response."""
+    return store.create_key(st.store.db(), acc["id"], body.label if body else None)
+
+
+@router.get("/auth/keys", tags=["auth"])
+def list_keys(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    """The account's keys by prefix and metadata, never the keys themselves."""
+    rows, nxt, total = store.page(
+        st.store.db(), "SELECT * FROM api_keys WHERE account_id = ?", [acc["id"]], limit, cursor
+    )
+    return {"items": [store.key_view(r) for r in rows], "next_cursor": nxt, "total_count": total}
+
+
+@router.delete("/auth/keys/{key_id}", tags=["auth"])
+def revoke_key(key_id: str, acc: Account, st: State) -> Any:
+    """Revoke a key; requests with it get 401 from then on."""
+    return store.revoke_key(st.store.db(), acc["id"], key_id)

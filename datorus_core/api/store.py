@@ -1,0 +1,414 @@
+"""The API's side of the ledger: per-thread connections and the account operations.
+
+Every function here is synchronous (SQLite, SMTP) and runs in a worker thread of
+the API, never in the gateway's event loop. Changes reach a running gateway through
+the ledger's ``config_version`` triggers, which its ledger task polls.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import sqlite_utils
+
+from .. import ledger, pricing
+from ..envelope import DatorusError
+from ..schema import connect, migrate
+from . import keys, mail, tokens
+
+VERIFY = "verify"
+
+
+class ApiKeyError(DatorusError):
+    """A missing, malformed, unknown or revoked API key: 401 on the REST API.
+
+    The code is ``INVALID_CREDENTIAL`` (CONTRACT.md section 3); 407 belongs to the proxy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "INVALID_CREDENTIAL",
+            message="Missing or invalid API key.",
+            headers={"WWW-Authenticate": 'Bearer realm="Datorus"'},
+        )
+
+    @property
+    def status(self) -> int:
+        """401, not the proxy's 407."""
+        return 401
+
+
+def validation(field: str, reason: str) -> DatorusError:
+    """A ``VALIDATION_ERROR`` naming *field* and *reason*."""
+    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
+
+
+def not_found(kind: str, ident: Any) -> DatorusError:
+    """``RESOURCE_NOT_FOUND`` for an unknown id."""
+    return DatorusError("RESOURCE_NOT_FOUND", details={kind: ident})
+
+
+class Store:
+    """The ledger at *path*, one connection per worker thread, migrated once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        conn = connect(path)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+        db = self.db()
+        self.token_secret = self._secret(db, "token_signing").encode()
+        self.ledger_id = self._secret(db, "ledger_id")[:16]
+
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection to the ledger."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite_utils.Database(connect(self.path))
+            self._local.db = db
+        return db
+
+    @staticmethod
+    def _secret(db: sqlite_utils.Database, name: str) -> str:
+        db.conn.execute(
+            "INSERT INTO api_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, secrets.token_hex(32)),
+        )
+        return db.conn.execute("SELECT value FROM api_secrets WHERE name = ?", (name,)).fetchone()[
+            0
+        ]
+
+
+# -- accounts and sign-up -----------------------------------------------------------------
+
+
+def account_row(db: sqlite_utils.Database, account_id: int) -> dict[str, Any]:
+    """The ``accounts`` row, or RESOURCE_NOT_FOUND."""
+    rows = list(db.query("SELECT * FROM accounts WHERE id = ?", [account_id]))
+    if not rows:
+        raise not_found("account", account_id)
+    return rows[0]
+
+
+def register(
+    store: Store, settings: dict[str, Any], email: str, display_name: str | None
+) -> dict[str, Any]:
+    """Create an unverified account, its first API key, and mail a verification token.
+
+    The trial allocation is granted on verification, not here.
+    """
+    db = store.db()
+    try:
+        acc = ledger.create_account(db, email, trial_bytes=0)
+    except sqlite3.IntegrityError:  # a concurrent sign-up with the same email won
+        raise DatorusError("EMAIL_TAKEN", details={"email": email}) from None
+    account_id = acc["id"]
+    with ledger.transaction(db):
+        db.conn.execute(
+            "UPDATE accounts SET display_name = ? WHERE id = ?", (display_name, account_id)
+        )
+    key = create_key(db, account_id, "default")
+    send_verification(store, settings, account_id, acc["email"])
+    return {
+        "user": {
+            "id": account_id,
+            "email": acc["email"],
+            "display_name": display_name,
+            "verified": False,
+        },
+        "api_key": key,
+    }
+
+
+def send_verification(store: Store, settings: dict[str, Any], account_id: int, email: str) -> None:
+    """Issue a verification token for the account and mail it."""
+    db = store.db()
+    expires = int(time.time()) + int(settings.get("email_token_ttl", 86400))
+    with ledger.transaction(db):
+        cur = db.conn.execute(
+            "INSERT INTO email_tokens (account_id, purpose, expires_at) VALUES (?, ?, ?)",
+            (account_id, VERIFY, expires),
+        )
+        token = tokens.sign(store.token_secret, VERIFY, int(cur.lastrowid or 0), expires)
+    base = str(settings.get("public_url") or "").rstrip("/")
+    body = (
+        "Welcome to Datorus.\n\n"
+        "Verify your email address to receive your free trial:\n"
+        f"{base}/auth/verify?token={token}\n\n"
+        f'Or POST it to {base}/auth/verify as {{"token": "..."}}.\n\n'
+        f"Verification token: {token}\n\n"
+        "The token can be used once and expires in "
+        f"{int(settings.get('email_token_ttl', 86400)) // 3600} hours.\n"
+    )
+    mail.send(db, settings, email, "Verify your Datorus account", body)
+
+
+def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]:
+    """Consume a verification token and grant the trial (exactly once per account)."""
+    purpose, token_id, expires = tokens.parse(store.token_secret, token)
+    db = store.db()
+    row = db.conn.execute(
+        "SELECT account_id, purpose, expires_at, used_at FROM email_tokens WHERE id = ?",
+        (token_id,),
+    ).fetchone()
+    if row is None or row[1] != purpose or row[2] != expires:
+        raise DatorusError("TOKEN_INVALID")
+    account_id = row[0]
+    if row[3] is not None:
+        raise DatorusError("TOKEN_USED")
+    if time.time() >= expires:
+        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": _iso(expires)})
+    trial = int(settings.get("trial_bytes", 0))
+    with ledger.transaction(db):
+        cur = db.conn.execute(
+            "UPDATE email_tokens SET used_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
+            " WHERE id = ? AND used_at IS NULL",
+            (token_id,),
+        )
+        if cur.rowcount != 1:
+            raise DatorusError("TOKEN_USED")
+        db.conn.execute(
+            "UPDATE accounts SET verified_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
+            " WHERE id = ? AND verified_at IS NULL",
+            (account_id,),
+        )
+        if trial > 0:
+            db.conn.execute(
+                "INSERT INTO transactions (account_id, kind, trial_bytes, reason, external_id)"
+                " VALUES (?, 'trial_grant', ?, 'free trial (email verified)', ?)"
+                " ON CONFLICT (external_id) DO NOTHING",
+                (account_id, trial, f"trial:{account_id}"),
+            )
+    return {"verified": True, "account": account_view(db, account_id, settings)}
+
+
+def _iso(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def account_view(db: sqlite_utils.Database, account_id: int, settings: dict[str, Any]) -> dict:
+    """``GET /account``: who, status, trial, balance, price and limits."""
+    row = account_row(db, account_id)
+    acc = ledger.show_account(db, account_id)
+    return {
+        "id": account_id,
+        "email": row["email"],
+        "display_name": row["display_name"],
+        "status": row["status"],
+        "provider": row["provider"],
+        "verified": row["verified_at"] is not None,
+        "verified_at": row["verified_at"],
+        "created_at": row["created_at"],
+        "trial_remaining_bytes": acc["trialRemainingBytes"],
+        "balance_cents": acc["balanceCents"],
+        "balance_nanocents": acc["balanceNanocents"],
+        "topped_up": acc["toppedUp"],
+        "used_bytes": acc["usedBytes"],
+        "price_cents_per_gb": _or(row["price_cents_per_gb"], settings.get("price_cents_per_gb")),
+        "rate_limit": {
+            "requests_per_second": row["rps"] or settings.get("rps"),
+            "burst": row["burst"] or settings.get("burst"),
+        },
+        "max_tunnels": row["max_tunnels"] or settings.get("max_tunnels"),
+    }
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# -- API keys -----------------------------------------------------------------------------
+
+
+def create_key(db: sqlite_utils.Database, account_id: int, label: str | None) -> dict[str, Any]:
+    """A new key for the account; the only time the raw key is returned."""
+    key = keys.new_key()
+    with ledger.transaction(db):
+        cur = db.conn.execute(
+            "INSERT INTO api_keys (account_id, prefix, key_hash, label) VALUES (?, ?, ?, ?)",
+            (account_id, keys.key_prefix(key), keys.key_hash(key), label),
+        )
+    row = next(db.query("SELECT * FROM api_keys WHERE id = ?", [cur.lastrowid]))
+    return {**key_view(row), "key": key}
+
+
+def key_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A key as lists show it: never the key itself."""
+    return {
+        "id": row["id"],
+        "prefix": row["prefix"],
+        "label": row["label"],
+        "created_at": row["created_at"],
+        "last_used_at": row["last_used_at"],
+        "revoked": row["revoked_at"] is not None,
+    }
+
+
+def authenticate(db: sqlite_utils.Database, header: str | None) -> dict[str, Any]:
+    """The account row a ``Bearer`` key belongs to; ApiKeyError (401) otherwise."""
+    key = keys.parse_bearer(header)
+    if key is None:
+        raise ApiKeyError()
+    row = db.conn.execute(
+        "SELECT id, account_id, last_used_at FROM api_keys"
+        " WHERE key_hash = ? AND revoked_at IS NULL",
+        (keys.key_hash(key),),
+    ).fetchone()
+    if row is None:
+        raise ApiKeyError()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if row[2] != now:  # at most one write per key per second
+        db.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, row[0]))
+    acc = account_row(db, row[1])
+    acc["api_key_id"] = row[0]
+    return acc
+
+
+def revoke_key(db: sqlite_utils.Database, account_id: int, key_id: str) -> dict[str, Any]:
+    """Revoke one of the account's keys (idempotent); unknown ids are RESOURCE_NOT_FOUND."""
+    kid = parse_id(key_id, "key")
+    with ledger.transaction(db):
+        cur = db.conn.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at,"
+            " strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) WHERE id = ? AND account_id = ?",
+            (kid, account_id),
+        )
+    if cur.rowcount != 1:
+        raise not_found("key", key_id)
+    return {"id": kid, "revoked": True}
+
+
+def parse_id(value: str, kind: str) -> int:
+    """A path id as an integer; anything else names no resource."""
+    if not value.isdigit() or len(value) > 18:
+        raise not_found(kind, value)
+    return int(value)
+
+
+# -- pagination ---------------------------------------------------------------------------
+
+
+def encode_cursor(last_id: int) -> str:
+    """An opaque cursor that resumes after *last_id*."""
+    return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The id a cursor resumes after (0 for none); VALIDATION_ERROR when it is not ours."""
+    if not cursor:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        after = data["after"]
+        if not isinstance(after, int) or after < 0:
+            raise ValueError
+        return after
+    except (ValueError, TypeError, KeyError, UnicodeError):
+        raise validation("cursor", "not a cursor this API returned") from None
+
+
+def page(
+    db: sqlite_utils.Database,
+    table_sql: str,
+    args: list[Any],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[dict[str, Any]], str | None, int]:
+    """One page of ``SELECT * FROM (table_sql)`` by ascending id: rows, next cursor, total."""
+    after = decode_cursor(cursor)
+    total = db.conn.execute(f"SELECT COUNT(*) FROM ({table_sql})", args).fetchone()[0]
+    rows = list(
+        db.query(
+            f"SELECT * FROM ({table_sql}) WHERE id > ? ORDER BY id LIMIT ?",
+            [*args, after, limit + 1],
+        )
+    )
+    nxt = encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
+    return rows[:limit], nxt, total
+
+
+# -- credentials, credits, usage ----------------------------------------------------------
+
+
+def credential_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A proxy credential as the API lists it (never its password)."""
+    return {
+        "id": row["id"],
+        "username": row["username"],
+        "label": row["label"],
+        "max_bytes": row["max_bytes"],
+        "used_bytes": row["used"],
+        "created_at": row["created_at"],
+        "revoked": row["revoked_at"] is not None,
+        "revoked_at": row["revoked_at"],
+    }
+
+
+CREDENTIALS_SQL = (
+    "SELECT c.id, c.username, c.label, c.max_bytes, c.created_at, c.revoked_at,"
+    " COALESCE(u.bytes, 0) AS used FROM credentials c"
+    " LEFT JOIN credential_usage u ON u.credential_id = c.id WHERE c.account_id = ?"
+)
+
+
+def revoke_credential(db: sqlite_utils.Database, account_id: int, ident: str) -> dict[str, Any]:
+    """Revoke one of the account's proxy credentials, by id or username."""
+    row = db.conn.execute(
+        "SELECT username FROM credentials WHERE account_id = ? AND (username = ? OR"
+        " (CAST(id AS TEXT) = ?))",
+        (account_id, ident, ident),
+    ).fetchone()
+    if row is None:
+        raise not_found("credential", ident)
+    ledger.revoke_credential(db, row[0], account_id)
+    out = next(db.query(CREDENTIALS_SQL + " AND c.username = ?", [account_id, row[0]]))
+    return credential_view(out)
+
+
+TX_TYPES = {"trial_grant": "trial", "topup": "purchase", "usage": "usage"}
+
+
+def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str, Any]:
+    """Seed 002's ``GET /account/credits``: balance and recent transactions, in cents."""
+    acc = ledger.show_account(db, account_id)
+    items = []
+    for t in ledger.transactions(db, account_id, limit):
+        nc = t["nanocents"]
+        items.append(
+            {
+                "id": t["id"],
+                "amount": _cents_toward_zero(nc),
+                "amount_nanocents": nc,
+                "tx_type": TX_TYPES.get(t["kind"], t["kind"]),
+                "description": t["reason"] or _describe(t),
+                "trial_bytes": t["trial_bytes"],
+                "bytes": t["bytes"],
+                "created_at": t["created_at"],
+            }
+        )
+    return {
+        "balance": acc["balanceCents"],
+        "balance_nanocents": acc["balanceNanocents"],
+        "trial_remaining_bytes": acc["trialRemainingBytes"],
+        "recent_transactions": items,
+    }
+
+
+def _cents_toward_zero(nanocents: int) -> int:
+    q = abs(nanocents) // pricing.NANOCENTS_PER_CENT
+    return q if nanocents >= 0 else -q
+
+
+def _describe(t: dict[str, Any]) -> str:
+    if t["kind"] == "usage":
+        return f"Proxy usage: {t['requests']} requests, {t['bytes']} bytes"
+    return t["kind"]

@@ -1,0 +1,345 @@
+"""Stripe top-ups: Checkout Sessions, charges of a saved card, and the webhook.
+
+Money is credited exactly once per payment: the ledger transaction's ``external_id``
+is ``stripe:<payment intent id>``, whichever path (the synchronous charge, a
+``payment_intent.succeeded`` or a ``checkout.session.completed`` delivery, however
+often repeated) gets there first. Each webhook event id is also recorded in
+``stripe_events`` in the same transaction as the credit. Every outbound write
+carries an idempotency key. Blocking (HTTP to Stripe): call from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import sqlite_utils
+import stripe
+
+from .. import ledger, pricing
+from ..envelope import DatorusError
+from .store import Store, account_row, validation
+
+log = logging.getLogger("datorus.stripe")
+
+
+class Payments:
+    """The account's Stripe side, bound to one ledger and one Stripe key."""
+
+    def __init__(self, store: Store, settings: dict[str, Any]) -> None:
+        self.store = store
+        self.settings = settings
+        self._client: stripe.StripeClient | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def client(self) -> stripe.StripeClient:
+        """The Stripe client; SERVICE_UNAVAILABLE when no key is configured."""
+        if self._client is None:
+            key = self.settings.get("stripe_api_key") or ""
+            if not key:
+                raise DatorusError(
+                    "SERVICE_UNAVAILABLE",
+                    message="Card payments are not configured on this Datorus.",
+                    details={"reason": "stripe_api_key is not set"},
+                    headers={"Retry-After": "3600"},
+                )
+            base = self.settings.get("stripe_api_base") or ""
+            self._client = stripe.StripeClient(
+                key,
+                base_addresses={"api": base.rstrip("/")} if base else None,
+                max_network_retries=2,
+            )
+        return self._client
+
+    def _call(
+        self,
+        fn,
+        params: dict[str, Any],
+        idem: str | None = None,
+        missing_field: str | None = None,
+    ) -> Any:
+        """One Stripe call with errors turned into envelopes.
+
+        A 404 from Stripe means the client's *missing_field* names nothing (400), or,
+        when the call names no client-given object, that Stripe lacks the feature (502).
+        """
+        try:
+            options = {"idempotency_key": idem} if idem else None
+            return fn(params=params, options=options) if options else fn(params=params)
+        except stripe.CardError as e:
+            err = e.error
+            code = getattr(err, "code", None) or e.code
+            if code == "authentication_required":
+                pi = getattr(err, "payment_intent", None)
+                raise DatorusError(
+                    "STRIPE_3DS_REQUIRED",
+                    details={"paymentIntentId": getattr(pi, "id", None)} if pi else None,
+                ) from None
+            decline = getattr(err, "decline_code", None) or code or "card_declined"
+            raise DatorusError(
+                "STRIPE_DECLINED", message=e.user_message or None, details={"declineCode": decline}
+            ) from None
+        except stripe.InvalidRequestError as e:
+            if e.http_status == 404 and not missing_field:
+                log.warning("datorus: Stripe has no such endpoint or object: %s", e)
+                raise DatorusError(
+                    "UPSTREAM_FAILED",
+                    message="The payment provider does not support this request.",
+                    details={"reason": "stripe answered 404"},
+                ) from None
+            field = e.param or missing_field or "body"
+            raise validation(field, e.user_message or "refused by the payment provider") from None
+        except stripe.AuthenticationError:
+            raise DatorusError(
+                "SERVICE_UNAVAILABLE",
+                message="Card payments are misconfigured on this Datorus.",
+                details={"reason": "Stripe rejected the API key"},
+                headers={"Retry-After": "3600"},
+            ) from None
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as e:
+            log.warning("datorus: Stripe unavailable: %s", e)
+            raise DatorusError(
+                "UPSTREAM_FAILED", message="The payment provider is unavailable; retry shortly."
+            ) from None
+        except stripe.StripeError as e:
+            log.warning("datorus: Stripe error: %s", e)
+            raise DatorusError(
+                "UPSTREAM_FAILED", message="The payment provider refused the request."
+            ) from None
+
+    def _metadata(self, account_id: int) -> dict[str, str]:
+        return {"datorus_account": str(account_id), "datorus_ledger": self.store.ledger_id}
+
+    def _idem(self, account_id: int, client_key: str | None, what: str) -> str:
+        """Outbound idempotency key: the client's own (scoped to ledger and account) or fresh."""
+        scope = f"datorus-{self.store.ledger_id}-{account_id}-{what}"
+        return f"{scope}-{client_key}"[:255] if client_key else f"{scope}-{uuid.uuid4()}"
+
+    def _customer(self, db: sqlite_utils.Database, account: dict[str, Any]) -> str:
+        if account.get("stripe_customer_id"):
+            return account["stripe_customer_id"]
+        cus = self._call(
+            self.client.v1.customers.create,
+            {"email": account["email"], "metadata": self._metadata(account["id"])},
+            f"datorus-customer-{self.store.ledger_id}-{account['id']}",
+        )
+        with ledger.transaction(db):
+            db.conn.execute(
+                "UPDATE accounts SET stripe_customer_id = ? WHERE id = ?", (cus.id, account["id"])
+            )
+        account["stripe_customer_id"] = cus.id
+        return cus.id
+
+    # -- cards and charges ----------------------------------------------------------------
+
+    def save_card(self, account: dict[str, Any], payment_method: str) -> dict[str, Any]:
+        """Attach a payment method (made client-side by Stripe.js) as the account's card."""
+        db = self.store.db()
+        customer = self._customer(db, account)
+        pm = self._call(
+            lambda params, options=None: self.client.v1.payment_methods.attach(
+                payment_method, params=params, options=options
+            ),
+            {"customer": customer},
+            f"datorus-attach-{self.store.ledger_id}-{account['id']}-{payment_method}",
+            missing_field="payment_method",
+        )
+        with ledger.transaction(db):
+            db.conn.execute(
+                "UPDATE accounts SET stripe_payment_method = ? WHERE id = ?",
+                (pm.id, account["id"]),
+            )
+        card = getattr(pm, "card", None)
+        return {
+            "payment_method": pm.id,
+            "brand": getattr(card, "brand", None),
+            "last4": getattr(card, "last4", None),
+        }
+
+    def charge(
+        self,
+        account: dict[str, Any],
+        cents: int,
+        payment_method: str | None,
+        client_key: str | None,
+    ) -> dict[str, Any]:
+        """Charge the saved card (or *payment_method*) off-session and credit the balance.
+
+        A repeated *client_key* (the ``Idempotency-Key`` header) replays the first
+        successful answer without charging again; Stripe itself sees the same
+        outbound key, so even a retry racing the first request charges once.
+        """
+        client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
+        db = self.store.db()
+        if client_key:
+            row = db.conn.execute(
+                "SELECT response FROM idempotency WHERE account_id = ? AND key = ?",
+                (account["id"], client_key),
+            ).fetchone()
+            if row is not None:
+                return {**json.loads(row[0]), "replayed": True}
+        pm = payment_method or account.get("stripe_payment_method")
+        if not pm:
+            raise validation("payment_method", "no saved card: POST /account/cards first")
+        customer = self._customer(db, account)
+        currency = self.settings.get("stripe_currency") or "usd"
+        intent = self._call(
+            client.v1.payment_intents.create,
+            {
+                "amount": cents,
+                "currency": currency,
+                "customer": customer,
+                "payment_method": pm,
+                "confirm": True,
+                "off_session": True,
+                "metadata": self._metadata(account["id"]),
+            },
+            self._idem(account["id"], client_key, "charge"),
+            missing_field="payment_method",
+        )
+        if intent.status == "requires_action":
+            raise DatorusError("STRIPE_3DS_REQUIRED", details={"paymentIntentId": intent.id})
+        if intent.status != "succeeded":
+            err = getattr(intent, "last_payment_error", None)
+            code = getattr(err, "decline_code", None) or getattr(err, "code", None)
+            raise DatorusError("STRIPE_DECLINED", details={"declineCode": code or intent.status})
+        applied = credit(db, account["id"], int(intent.amount), intent.id, "card top-up")
+        acc = ledger.show_account(db, account["id"])
+        result = {
+            "payment_intent": intent.id,
+            "status": intent.status,
+            "amount_cents": int(intent.amount),
+            "credited": applied,
+            "balance_cents": acc["balanceCents"],
+        }
+        if client_key:
+            db.conn.execute(
+                "INSERT INTO idempotency (account_id, key, response) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (account["id"], client_key, json.dumps(result)),
+            )
+        return {**result, "replayed": False}
+
+    def checkout(self, account: dict[str, Any], cents: int, client_key: str | None) -> dict:
+        """A Checkout Session for *cents*; the webhook credits the balance when it is paid."""
+        db = self.store.db()
+        customer = self._customer(db, account)
+        base = str(self.settings.get("public_url") or "").rstrip("/")
+        meta = self._metadata(account["id"])
+        session = self._call(
+            self.client.v1.checkout.sessions.create,
+            {
+                "mode": "payment",
+                "customer": customer,
+                "client_reference_id": str(account["id"]),
+                "line_items": [
+                    {
+                        "quantity": 1,
+                        "price_data": {
+                            "currency": self.settings.get("stripe_currency") or "usd",
+                            "unit_amount": cents,
+                            "product_data": {"name": "Datorus balance top-up"},
+                        },
+                    }
+                ],
+                "metadata": meta,
+                "payment_intent_data": {"metadata": meta},
+                "success_url": f"{base}/account/credits?checkout=success",
+                "cancel_url": f"{base}/account/credits?checkout=cancel",
+            },
+            self._idem(account["id"], client_key, "checkout"),
+        )
+        return {"id": session.id, "url": session.url, "amount_cents": cents}
+
+    # -- the webhook ----------------------------------------------------------------------
+
+    def webhook(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        """Verify a delivery's ``Stripe-Signature`` and credit a succeeded payment once."""
+        secret = self.settings.get("stripe_webhook_secret") or ""
+        if not secret:
+            raise DatorusError(
+                "SERVICE_UNAVAILABLE",
+                message="Stripe webhooks are not configured on this Datorus.",
+                details={"reason": "stripe_webhook_secret is not set"},
+                headers={"Retry-After": "3600"},
+            )
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload.decode("utf-8"), signature or "", secret, tolerance=300
+            )
+            event = json.loads(payload)
+            event_id, etype, obj = event["id"], event["type"], event["data"]["object"]
+        except stripe.SignatureVerificationError:
+            raise validation("Stripe-Signature", "signature verification failed") from None
+        except (ValueError, KeyError, TypeError, UnicodeError):
+            raise validation("body", "not a Stripe event") from None
+        found = _payment_of(etype, obj)
+        if found is None:
+            return {"received": True, "credited": False, "reason": "ignored event type"}
+        meta, external, cents = found
+        if meta.get("datorus_ledger") != self.store.ledger_id:
+            return {"received": True, "credited": False, "reason": "not for this ledger"}
+        try:
+            account_id = int(meta.get("datorus_account", ""))
+        except ValueError:
+            return {"received": True, "credited": False, "reason": "no account"}
+        db = self.store.db()
+        account_row(db, account_id)
+        applied = credit(
+            db, account_id, cents, external, f"Stripe {etype}", event_id=event_id, event_type=etype
+        )
+        return {"received": True, "credited": applied, "duplicate": not applied}
+
+
+def _payment_of(etype: str, obj: dict[str, Any]) -> tuple[dict[str, Any], str, int] | None:
+    """(metadata, payment id, cents) of an event that means money arrived, else None."""
+    if etype == "payment_intent.succeeded":
+        return (
+            obj.get("metadata") or {},
+            obj["id"],
+            int(obj.get("amount_received") or obj["amount"]),
+        )
+    if etype in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        if obj.get("payment_status") != "paid":
+            return None
+        return (
+            obj.get("metadata") or {},
+            obj.get("payment_intent") or obj["id"],
+            int(obj["amount_total"]),
+        )
+    return None
+
+
+def credit(
+    db: sqlite_utils.Database,
+    account_id: int,
+    cents: int,
+    payment_id: str,
+    reason: str,
+    event_id: str | None = None,
+    event_type: str | None = None,
+) -> bool:
+    """Credit *cents* for Stripe payment *payment_id* at most once; True if this call did.
+
+    The event id (when given) is recorded in the same transaction as the credit.
+    """
+    if cents <= 0:
+        return False
+    external = f"stripe:{payment_id}"
+    with ledger.transaction(db):
+        if event_id is not None:
+            db.conn.execute(
+                "INSERT INTO stripe_events (id, type, account_id, external_id)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (event_id, event_type or "", account_id, external),
+            )
+        cur = db.conn.execute(
+            "INSERT INTO transactions (account_id, kind, nanocents, reason, external_id)"
+            " VALUES (?, 'topup', ?, ?, ?) ON CONFLICT (external_id) DO NOTHING",
+            (account_id, cents * pricing.NANOCENTS_PER_CENT, reason, external),
+        )
+    return cur.rowcount == 1

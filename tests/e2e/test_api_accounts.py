@@ -1,0 +1,402 @@
+"""The REST API's accounts part, against the gateway process that serves it.
+
+Sign-up, email verification tokens, API keys, proxy credentials, usage, and the
+error envelope on every failure; SMTP delivery against a real aiosmtpd server and
+token expiry against a standalone ``datorus api`` sharing the ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import requests
+from api_helpers import (
+    assert_api_error,
+    bearer,
+    register,
+    token_from_ledger,
+    token_from_outbox,
+)
+from support import ApiProcess, Gateway, free_port, prepare_ledger, wait_http, wait_until
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway serving its REST API on a free port (mail to the outbox)."""
+    db = tmp_path_factory.mktemp("api") / "ledger.db"
+    prepare_ledger(db)
+    g = Gateway(db, {"api_port": free_port(), "trial_bytes": 5_000_000}).start()
+    wait_http(g.api_url + "/health", proc=g.proc)
+    yield g
+    g.stop()
+
+
+def _email() -> str:
+    return f"u{time.monotonic_ns()}@example.com"
+
+
+def _verified(gw: Gateway) -> tuple[int, str, str]:
+    """A registered and verified account: (id, email, api key)."""
+    email = _email()
+    body = register(gw.api_url, email)
+    r = httpx.post(
+        f"{gw.api_url}/auth/verify", json={"token": token_from_ledger(gw.db, email)}, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    return body["user"]["id"], email, body["api_key"]["key"]
+
+
+# -- the whole path a new user takes ---------------------------------------------------------
+
+
+def test_signup_verify_key_credential_proxy_usage(gw: Gateway, origin) -> None:
+    email = _email()
+    body = register(gw.api_url, email, display_name="Alice")
+    user, key = body["user"], body["api_key"]
+    assert user["email"] == email and user["display_name"] == "Alice"
+    assert user["verified"] is False
+    assert key["key"].startswith("pp_") and len(key["key"]) == 51
+    assert key["prefix"] == key["key"][:8]
+    h = bearer(key["key"])
+
+    before = httpx.get(f"{gw.api_url}/account", headers=h, timeout=30).json()
+    assert before["verified"] is False and before["trial_remaining_bytes"] == 0
+
+    token = token_from_outbox(gw.db, email)
+    r = httpx.get(f"{gw.api_url}/auth/verify", params={"token": token}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["account"]["verified"] is True
+    assert r.json()["account"]["trial_remaining_bytes"] == 5_000_000
+
+    r = httpx.post(f"{gw.api_url}/account/credentials", json={"label": "scraper"}, headers=h)
+    assert r.status_code == 201, r.text
+    cred = r.json()
+    assert cred["label"] == "scraper" and cred["password"]
+    gw.wait_for_credential(cred["username"], cred["password"])
+
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+    resp = requests.get(origin.url("/bytes/1000"), proxies=proxies, timeout=30)
+    assert resp.status_code == 200 and len(resp.content) == 1000
+
+    def used() -> dict | None:
+        u = httpx.get(f"{gw.api_url}/usage", headers=h, timeout=30).json()
+        return u if u["requests"] == 1 else None
+
+    u = wait_until(used, 10, 0.1, "usage in GET /usage")
+    assert u["account_id"] == user["id"]
+    assert u["bytes"] > 1000
+    assert u["trial_remaining_bytes"] == 5_000_000 - u["bytes"]
+    assert u["days"][0]["requests"] == 1
+    rl = u["rate_limit"]
+    assert rl["live"] is True
+    (c,) = rl["credentials"]
+    assert c["username"] == cred["username"]
+    assert c["remaining"] == rl["burst"] - 1 or c["remaining"] == rl["burst"]
+    assert c["reset"] >= int(time.time()) - 1
+
+    credits = httpx.get(f"{gw.api_url}/account/credits", headers=h, timeout=30).json()
+    assert credits["balance"] == 0
+    assert credits["recent_transactions"][-1]["tx_type"] == "trial"
+
+
+def test_health_reports_ledger_and_version(gw: Gateway) -> None:
+    r = httpx.get(f"{gw.api_url}/health", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "healthy" and body["ledger"] == "connected"
+    assert body["version"] and body["gateway"] is True
+    assert r.headers["x-datorus-request-id"]
+
+
+def test_openapi_document_lists_the_endpoints(gw: Gateway) -> None:
+    paths = httpx.get(f"{gw.api_url}/openapi.json", timeout=30).json()["paths"]
+    for p in ("/auth/register", "/auth/keys", "/account", "/account/credits", "/usage"):
+        assert p in paths
+
+
+# -- sign-up conflicts ---------------------------------------------------------------------
+
+
+def test_register_existing_email_is_email_taken(gw: Gateway) -> None:
+    email = _email()
+    register(gw.api_url, email)
+    r = httpx.post(f"{gw.api_url}/auth/register", json={"email": email.upper()}, timeout=30)
+    assert_api_error(r, 409, "EMAIL_TAKEN")
+
+
+def test_register_social_login_email_is_provider_mismatch(gw: Gateway) -> None:
+    email = _email()
+    gw.cli("account", "create", email, "--provider", "github")
+    r = httpx.post(f"{gw.api_url}/auth/register", json={"email": email}, timeout=30)
+    err = assert_api_error(r, 409, "EMAIL_PROVIDER_MISMATCH")
+    assert err["details"] == {"provider": "github"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "not-an-email"}, "email"),
+        ({}, "email"),
+        ({"email": "a@example.com", "display_name": "x" * 101}, "display_name"),
+        ([1, 2], "body"),
+    ],
+)
+def test_register_invalid_body_is_validation_error(gw: Gateway, body, field: str) -> None:
+    r = httpx.post(f"{gw.api_url}/auth/register", json=body, timeout=30)
+    err = assert_api_error(r, 400, "VALIDATION_ERROR")
+    assert err["details"]["field"] == field
+    assert err["details"]["reason"]
+
+
+def test_register_malformed_json_is_validation_error(gw: Gateway) -> None:
+    r = httpx.post(
+        f"{gw.api_url}/auth/register",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    err = assert_api_error(r, 400, "VALIDATION_ERROR")
+    assert err["details"]["reason"] == "not valid JSON"
+
+
+# -- verification tokens -------------------------------------------------------------------
+
+
+def test_token_used_twice_is_token_used_and_trial_granted_once(gw: Gateway) -> None:
+    email = _email()
+    key = register(gw.api_url, email)["api_key"]["key"]
+    token = token_from_ledger(gw.db, email)
+    assert httpx.post(f"{gw.api_url}/auth/verify", json={"token": token}).status_code == 200
+    r = httpx.post(f"{gw.api_url}/auth/verify", json={"token": token}, timeout=30)
+    assert_api_error(r, 409, "TOKEN_USED")
+    acc = httpx.get(f"{gw.api_url}/account", headers=bearer(key), timeout=30).json()
+    assert acc["trial_remaining_bytes"] == 5_000_000
+
+
+@pytest.mark.parametrize("mangle", ["garbage", "tampered_signature", "tampered_payload", "empty"])
+def test_bad_token_is_token_invalid(gw: Gateway, mangle: str) -> None:
+    email = _email()
+    register(gw.api_url, email)
+    token = token_from_ledger(gw.db, email)
+    payload, sig = token.split(".")
+    bad = {
+        "garbage": "not-a-token",
+        "tampered_signature": f"{payload}.{sig[:-2]}AA",
+        "tampered_payload": f"{payload[:-2]}xy.{sig}",
+        "empty": ".",
+    }[mangle]
+    r = httpx.post(f"{gw.api_url}/auth/verify", json={"token": bad}, timeout=30)
+    assert_api_error(r, 400, "TOKEN_INVALID")
+    # the real token still works afterwards
+    assert httpx.post(f"{gw.api_url}/auth/verify", json={"token": token}).status_code == 200
+
+
+def test_expired_token_is_token_expired(gw: Gateway) -> None:
+    """A standalone ``datorus api`` on the same ledger issuing tokens that expire at once."""
+    api = ApiProcess(gw.db, {"email_token_ttl": 0}).start()
+    try:
+        email = _email()
+        register(api.url, email)
+        token = token_from_outbox(gw.db, email)
+        for url in (api.url, gw.api_url):  # both processes read the same ledger
+            r = httpx.post(f"{url}/auth/verify", json={"token": token}, timeout=30)
+            err = assert_api_error(r, 410, "TOKEN_EXPIRED")
+            assert err["details"]["expiredAt"]
+    finally:
+        api.stop()
+
+
+# -- API keys ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer pp_" + "a" * 48, "Bearer nope", "Basic dXNlcjpwYXNz", "pp_" + "a" * 48],
+)
+def test_missing_or_wrong_key_is_401_invalid_credential(gw: Gateway, header) -> None:
+    headers = {"Authorization": header} if header else {}
+    r = httpx.get(f"{gw.api_url}/account", headers=headers, timeout=30)
+    assert_api_error(r, 401, "INVALID_CREDENTIAL")
+    assert r.headers["www-authenticate"] == 'Bearer realm="Datorus"'
+
+
+def test_keys_are_listed_by_prefix_and_revocable(gw: Gateway) -> None:
+    _, _, key = _verified(gw)
+    h = bearer(key)
+    r = httpx.post(f"{gw.api_url}/auth/keys", json={"label": "ci"}, headers=h, timeout=30)
+    assert r.status_code == 201, r.text
+    second = r.json()
+    assert second["key"].startswith("pp_") and second["label"] == "ci"
+
+    listed = httpx.get(f"{gw.api_url}/auth/keys", headers=h, timeout=30).json()
+    assert listed["total_count"] == 2 and listed["next_cursor"] is None
+    assert [k["label"] for k in listed["items"]] == ["default", "ci"]
+    assert all("key" not in k for k in listed["items"])
+    assert listed["items"][1]["prefix"] == second["key"][:8]
+
+    page1 = httpx.get(f"{gw.api_url}/auth/keys", params={"limit": 1}, headers=h).json()
+    assert len(page1["items"]) == 1 and page1["next_cursor"]
+    page2 = httpx.get(
+        f"{gw.api_url}/auth/keys", params={"limit": 1, "cursor": page1["next_cursor"]}, headers=h
+    ).json()
+    assert page2["items"][0]["id"] == second["id"] and page2["next_cursor"] is None
+
+    r = httpx.delete(f"{gw.api_url}/auth/keys/{second['id']}", headers=h, timeout=30)
+    assert r.status_code == 200 and r.json() == {"id": second["id"], "revoked": True}
+    r = httpx.get(f"{gw.api_url}/account", headers=bearer(second["key"]), timeout=30)
+    assert_api_error(r, 401, "INVALID_CREDENTIAL")
+    assert httpx.get(f"{gw.api_url}/account", headers=h, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("key_id", ["999999", "abc", "-1"])
+def test_revoke_unknown_key_is_resource_not_found(gw: Gateway, key_id: str) -> None:
+    _, _, key = _verified(gw)
+    r = httpx.delete(f"{gw.api_url}/auth/keys/{key_id}", headers=bearer(key), timeout=30)
+    assert_api_error(r, 404, "RESOURCE_NOT_FOUND")
+
+
+def test_another_accounts_key_id_is_not_found(gw: Gateway) -> None:
+    _, _, key_a = _verified(gw)
+    _, _, key_b = _verified(gw)
+    a_keys = httpx.get(f"{gw.api_url}/auth/keys", headers=bearer(key_a)).json()["items"]
+    r = httpx.delete(f"{gw.api_url}/auth/keys/{a_keys[0]['id']}", headers=bearer(key_b))
+    assert_api_error(r, 404, "RESOURCE_NOT_FOUND")
+    assert httpx.get(f"{gw.api_url}/account", headers=bearer(key_a)).status_code == 200
+
+
+# -- credentials and views -----------------------------------------------------------------
+
+
+def test_credential_revoked_through_api_is_refused_by_gateway(gw: Gateway, origin) -> None:
+    _, _, key = _verified(gw)
+    h = bearer(key)
+    cred = httpx.post(f"{gw.api_url}/account/credentials", headers=h, timeout=30).json()
+    gw.wait_for_credential(cred["username"], cred["password"])
+    listed = httpx.get(f"{gw.api_url}/account/credentials", headers=h).json()
+    assert listed["total_count"] == 1 and listed["items"][0]["revoked"] is False
+    assert "password" not in listed["items"][0]
+
+    r = httpx.delete(f"{gw.api_url}/account/credentials/{cred['id']}", headers=h, timeout=30)
+    assert r.status_code == 200 and r.json()["revoked"] is True
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+
+    def refused() -> bool:
+        return requests.get(origin.url("/"), proxies=proxies, timeout=30).status_code == 407
+
+    wait_until(refused, 5, 0.1, "revoked credential refused")
+    r = httpx.delete(f"{gw.api_url}/account/credentials/nosuchuser", headers=h, timeout=30)
+    assert_api_error(r, 404, "RESOURCE_NOT_FOUND")
+
+
+def test_unverified_account_has_no_trial_at_the_gateway(gw: Gateway, origin) -> None:
+    body = register(gw.api_url, _email())
+    h = bearer(body["api_key"]["key"])
+    cred = httpx.post(f"{gw.api_url}/account/credentials", headers=h, timeout=30).json()
+    gw.wait_for_credential(cred["username"], cred["password"])
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+    r = requests.get(origin.url("/"), proxies=proxies, timeout=30)
+    assert r.status_code == 402
+    assert r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+
+
+def test_credential_of_suspended_account_is_refused(gw: Gateway) -> None:
+    account_id, _, key = _verified(gw)
+    gw.cli("account", "suspend", str(account_id))
+    r = httpx.post(f"{gw.api_url}/account/credentials", headers=bearer(key), timeout=30)
+    assert_api_error(r, 403, "ACCOUNT_SUSPENDED")
+    assert httpx.get(f"{gw.api_url}/account", headers=bearer(key)).json()["status"] == "suspended"
+
+
+def test_credits_show_operator_top_up_in_cents(gw: Gateway) -> None:
+    account_id, _, key = _verified(gw)
+    gw.cli("balance", "add", str(account_id), "250", "--reason", "welcome credit")
+    c = httpx.get(f"{gw.api_url}/account/credits", headers=bearer(key), timeout=30).json()
+    assert c["balance"] == 250
+    top = c["recent_transactions"][0]
+    assert top["amount"] == 250 and top["tx_type"] == "purchase"
+    assert top["description"] == "welcome credit"
+
+
+def test_leases_are_empty(gw: Gateway) -> None:
+    _, _, key = _verified(gw)
+    r = httpx.get(f"{gw.api_url}/account/leases", headers=bearer(key), timeout=30)
+    assert r.json() == {"items": [], "next_cursor": None, "total_count": 0}
+    r = httpx.get(f"{gw.api_url}/account/leases?cursor=%%%", headers=bearer(key), timeout=30)
+    assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == "cursor"
+
+
+def test_unknown_route_and_method_are_enveloped(gw: Gateway) -> None:
+    assert_api_error(httpx.get(f"{gw.api_url}/nope", timeout=30), 404, "RESOURCE_NOT_FOUND")
+    r = httpx.put(f"{gw.api_url}/health", timeout=30)
+    err = assert_api_error(r, 404, "RESOURCE_NOT_FOUND")
+    assert err["details"]["allowed"] == ["GET"]
+    assert r.headers["allow"] == "GET"
+
+
+def test_topup_without_stripe_configured_is_service_unavailable(gw: Gateway) -> None:
+    _, _, key = _verified(gw)
+    r = httpx.post(
+        f"{gw.api_url}/account/topups", json={"amount_cents": 500}, headers=bearer(key), timeout=30
+    )
+    assert_api_error(r, 503, "SERVICE_UNAVAILABLE")
+    assert r.headers["retry-after"]
+
+
+# -- mail over SMTP ------------------------------------------------------------------------
+
+
+def test_verification_mail_goes_over_smtp(gw: Gateway, smtp_server) -> None:
+    api = ApiProcess(
+        gw.db, {"smtp_host": "127.0.0.1", "smtp_port": smtp_server.port, "mail_from": "a@dt.test"}
+    ).start()
+    try:
+        email = _email()
+        register(api.url, email)
+        msg = wait_until(
+            lambda: next((m for m in smtp_server.messages if email in m["to"]), None),
+            10,
+            0.05,
+            "mail delivered",
+        )
+        assert msg["from"] == "a@dt.test"
+        assert "Subject: Verify your Datorus account" in msg["data"]
+        token = token_from_outbox(gw.db, email)
+        assert token in msg["data"].replace("=\r\n", "").replace("=\n", "")
+        sent = gw.cli("outbox", "--to", email)["items"][0]
+        assert sent["sentAt"] and sent["error"] is None
+        r = httpx.post(f"{api.url}/auth/verify", json={"token": token}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        api.stop()
+
+
+def test_operator_made_account_gets_a_key_from_the_cli(gw: Gateway) -> None:
+    acc = gw.cli("account", "create", _email(), "--trial-bytes", "777")
+    key = gw.cli("key", "create", str(acc["id"]), "--label", "ops")
+    assert key["key"].startswith("pp_") and key["label"] == "ops"
+    r = httpx.get(f"{gw.api_url}/account", headers=bearer(key["key"]), timeout=30)
+    assert r.status_code == 200 and r.json()["trial_remaining_bytes"] == 777
+    assert gw.cli("key", "list", str(acc["id"]))["items"][0]["prefix"] == key["prefix"]
+    assert gw.cli("key", "revoke", str(key["id"]))["revoked"] is True
+    r = httpx.get(f"{gw.api_url}/account", headers=bearer(key["key"]), timeout=30)
+    assert_api_error(r, 401, "INVALID_CREDENTIAL")
+
+
+def test_resend_mails_a_fresh_token(gw: Gateway) -> None:
+    email = _email()
+    h = bearer(register(gw.api_url, email)["api_key"]["key"])
+    first = token_from_ledger(gw.db, email)
+    r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
+    assert r.status_code == 202 and r.json() == {"sent": True, "verified": False}
+    second = token_from_ledger(gw.db, email)
+    assert second != first
+    assert httpx.post(f"{gw.api_url}/auth/verify", json={"token": second}).status_code == 200
+    r = httpx.post(f"{gw.api_url}/auth/verify", json={"token": first}, timeout=30)
+    assert r.status_code == 200  # the earlier token was still unused: idempotent grant
+    acc = httpx.get(f"{gw.api_url}/account", headers=h, timeout=30).json()
+    assert acc["trial_remaining_bytes"] == 5_000_000
+    r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
+    assert r.json() == {"sent": False, "verified": True}
