@@ -16,6 +16,7 @@ if _ROOT not in sys.path:
 
 from addons.auth import ProxyAuth  # noqa: E402
 from addons.context import Gateway  # noqa: E402
+from addons.egress import EgressRouter, RouteOptions  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
 from addons.limits import RateLimits  # noqa: E402
 from addons.metering import Metering  # noqa: E402
@@ -33,9 +34,15 @@ addons = [
     Options(gateway),
     _ledger,
     ErrorPages(gateway),
+    RouteOptions(),  # before auth: it reads options from the username (issue 5)
     ProxyAuth(gateway),
     RateLimits(gateway),
     _policy,
     _metering,
     Relay(gateway),
 ]
+
+# -- the egress pool (issue 5): last, once the account is known and the request vetted
+_egress = EgressRouter(gateway)
+_ledger.on_snapshot.append(_egress.on_snapshot)
+addons.append(_egress)

@@ -192,9 +192,8 @@ class Egress:
             self.passed += 1
             self.succeeded()
             if latency_ms is not None:
-                self.latency_ms = (
-                    latency_ms if self.latency_ms is None else 0.7 * self.latency_ms + 0.3 * latency_ms
-                )
+                prev = self.latency_ms
+                self.latency_ms = latency_ms if prev is None else 0.7 * prev + 0.3 * latency_ms
         else:
             self.failed(now)
         self.score = compute_score(self.uptime, self.latency_ms, ok)
@@ -211,7 +210,7 @@ class Egress:
         h = self.domains.get(domain)
         return OK if h is None else h.state(now)
 
-    def blocked(self, domain: str, now: float) -> str:
+    def blocked(self, domain: str, now: float, base: float = BLOCK_BASE_SECONDS) -> str:
         """A response from *domain* through this egress looked blocked; returns the new state."""
         h = self.domains.get(domain)
         if h is None:
@@ -219,7 +218,7 @@ class Egress:
                 self._prune(now)
             h = self.domains[domain] = DomainHealth()
         h.strikes += 1
-        delay = min(BLOCK_BASE_SECONDS * 2 ** (h.strikes - 1), BLOCK_MAX_SECONDS)
+        delay = min(base * 2 ** (h.strikes - 1), max(BLOCK_MAX_SECONDS, base))
         h.until = now + delay
         return h.state(now)
 

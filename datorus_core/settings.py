@@ -173,6 +173,37 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+# -- the egress pool (issue 5) -------------------------------------------------------------
+
+SETTINGS += (
+    Setting(
+        "egress_check_url",
+        str,
+        "",
+        "URL fetched through every egress by the health check; it should answer with the"
+        " caller's IP (empty: TCP checks only).",
+    ),
+    Setting(
+        "egress_check_seconds", int, 30, "Seconds between health checks of an egress.", _positive
+    ),
+    Setting(
+        "egress_check_timeout", int, 10, "Seconds a health check may take per stage.", _positive
+    ),
+    Setting(
+        "block_markers",
+        Sequence[str],
+        ["g-recaptcha", "h-captcha", "cf-chl-", "/cdn-cgi/challenge-platform", "px-captcha"],
+        "Text in a response body (first 64 KiB, any case) that marks a block page.",
+    ),
+    Setting(
+        "block_seconds",
+        int,
+        30,
+        "First back-off of a blocked (egress, domain); it doubles per further block.",
+        _positive,
+    ),
+)
+
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
 
