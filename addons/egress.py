@@ -325,7 +325,9 @@ class EgressRouter:
         choice, target = entry
         h = self.gw.handler(data.client.id)
         io = h.transports.get(data.server) if h is not None else None
-        data.server.address = target
+        # the connection is open: mitmproxy guards address changes, but its reuse check
+        # must see the target again (*internal*)
+        data.server.__dict__["address"] = target
         if io is None or io.reader is None:
             return
         reader = getattr(io.reader, "inner", io.reader)

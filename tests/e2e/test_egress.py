@@ -365,10 +365,10 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
 # -- upstream proxies ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def proxies_gw(tmp_path, peer_origin):
+@pytest.fixture(scope="module")
+def proxies_gw(tmp_path_factory, peer_origin):
     """A gateway whose pool is two authenticated upstream proxies (exits .6 and .7)."""
-    db = tmp_path / "ledger.db"
+    db = tmp_path_factory.mktemp("proxies") / "ledger.db"
     prepare_ledger(db)
     ups = [UpstreamProxy("127.0.0.6", "up1", "s3cret:1"), UpstreamProxy("127.0.0.7", "up2", "pw2")]
     gw = Gateway(
