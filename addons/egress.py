@@ -249,8 +249,10 @@ class EgressRouter:
                 ),
             )
             return
-        if not self.pool.by_id and not route.country:
-            self.current.pop(cid, None)  # no pool configured: the default route
+        if not self.pool.by_id:
+            # no pool configured: the box's default route for everything (targeting is
+            # not enforced: there is nothing to choose from)
+            self.current.pop(cid, None)
             if not tunnel:
                 self._close_stale(cid, None)
             return
