@@ -8,16 +8,19 @@ the origins echo the peer address they see, so each response names its way out.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 
 import pytest
 import requests
 from support import (
+    MITMDUMP,
     BlockingOrigin,
     Gateway,
     UpstreamProxy,
     basic,
+    free_port,
     prepare_ledger,
     raw_connection,
     read_response,
@@ -345,8 +348,10 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
         gw.cli("egress", "disable", str(i["id"]))
     try:
         wait_until(
-            lambda: {get(gw, gw.user, gw.pw, peer_origin.url("/peer")).text for _ in range(4)}
-            == {SOURCES[0]},
+            lambda: (
+                {get(gw, gw.user, gw.pw, peer_origin.url("/peer")).text for _ in range(4)}
+                == {SOURCES[0]}
+            ),
             5,
             0.05,
             "disabled egress out of use",
@@ -381,8 +386,10 @@ def proxies_gw(tmp_path_factory, peer_origin):
     gw.user, gw.pw = user, pw
     seen: set[str] = set()
     wait_until(
-        lambda: seen.add(get(gw, user, pw, peer_origin.url("/peer")).text)
-        or seen >= {"127.0.0.6", "127.0.0.7"},
+        lambda: (
+            seen.add(get(gw, user, pw, peer_origin.url("/peer")).text)
+            or seen >= {"127.0.0.6", "127.0.0.7"}
+        ),
         10,
         0.01,
         "both upstream proxies in use",
@@ -463,3 +470,69 @@ def test_no_healthy_egress_is_502_with_reason(proxies_gw, peer_origin):
     finally:
         for up in ups:
             up.start()
+
+
+# -- the other kinds: an address prefix and a SOCKS5 upstream -----------------------------
+
+
+def test_prefix_gives_each_session_its_own_address_and_socks5_upstream(
+    proxies_gw, peer_origin, tmp_path
+):
+    """``direct://PREFIX/LEN`` (loopback stands in for a routed IPv6 prefix) and a real
+    SOCKS5 upstream (a plain ``mitmdump --mode socks5``)."""
+    gw, _ = proxies_gw
+    port = free_port()
+    socks = subprocess.Popen(
+        [
+            MITMDUMP,
+            "-q",
+            "--mode",
+            "socks5",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--set",
+            f"confdir={tmp_path}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True,
+            20,
+            0.05,
+            "socks5 upstream listening",
+        )
+        gw.cli("egress", "add", "direct://127.0.1.0/24", "--country", "jp")
+        gw.cli("egress", "add", f"socks5://127.0.0.1:{port}", "--country", "se")
+
+        def peer(country: str, **hdr: str) -> str:
+            r = get(
+                gw,
+                gw.user,
+                gw.pw,
+                peer_origin.url("/peer"),
+                **{"X-Datorus-Country": country, **hdr},
+            )
+            assert r.status_code == 200, r.text
+            return r.text
+
+        wait_until(lambda: peer("jp").startswith("127.0.1."), 10, 0.05, "prefix egress live")
+        a = {peer("jp", **{"X-Datorus-Session-Id": "pa"}) for _ in range(3)}
+        b = {peer("jp", **{"X-Datorus-Session-Id": "pb"}) for _ in range(3)}
+        assert len(a) == 1 and len(b) == 1 and a != b  # one address per session
+        assert len({peer("jp") for _ in range(6)}) >= 2  # and fresh ones without
+        wait_until(lambda: peer("se") == "127.0.0.1", 10, 0.05, "socks5 egress live")
+        status, _, body = tunnel_get(
+            gw.port,
+            basic(gw.user, gw.pw),
+            ("127.0.0.1", peer_origin.port),
+            "/peer",
+            X_Datorus_Country="se",
+        )
+        assert status == 200 and body == b"127.0.0.1"
+    finally:
+        socks.terminate()
+        socks.wait(15)
