@@ -42,6 +42,14 @@ async def handshake(
     username/password when the URL has them. Raises HandshakeError.
     """
     if spec.kind in ("http", "https"):
+        if spec.kind == "https":
+            # TLS to the proxy itself, verified against the system's trust store
+            # (SSL_CERT_FILE / SSL_CERT_DIR as OpenSSL reads them)
+            ctx = ssl.create_default_context()
+            try:
+                await writer.start_tls(ctx, server_hostname=spec.host)
+            except (ssl.SSLError, OSError) as e:
+                raise HandshakeError(f"TLS to the upstream proxy failed: {e}") from e
         await _http_connect(spec, host, port, reader, writer)
     elif spec.kind == "socks5":
         await _socks5_connect(spec, host, port, reader, writer)

@@ -545,8 +545,15 @@ class UpstreamProxy:
     value it saw is kept in ``auth_seen`` (the customer's must never arrive here).
     """
 
-    def __init__(self, source: str, user: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        source: str,
+        user: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.source = source
+        self.tls = tls
         self.user, self.password = user, password
         self.port = free_port()
         self.auth_seen: list[str | None] = []
@@ -559,7 +566,7 @@ class UpstreamProxy:
     @property
     def url(self) -> str:
         auth = f"{self.user}:{self.password}@" if self.user is not None else ""
-        return f"http://{auth}127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{auth}127.0.0.1:{self.port}"
 
     def start(self) -> None:
         s = socket.socket()
@@ -596,6 +603,8 @@ class UpstreamProxy:
     def _serve(self, c: socket.socket) -> None:
         c.settimeout(30)
         try:
+            if self.tls is not None:
+                c = self.tls.wrap_socket(c, server_side=True)
             buf = b""
             while b"\r\n\r\n" not in buf:
                 data = c.recv(65536)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import time
 
@@ -371,7 +372,7 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
 
 
 @pytest.fixture(scope="module")
-def proxies_gw(tmp_path_factory, peer_origin):
+def proxies_gw(tmp_path_factory, peer_origin, ca_file):
     """A gateway whose pool is two authenticated upstream proxies (exits .6 and .7)."""
     db = tmp_path_factory.mktemp("proxies") / "ledger.db"
     prepare_ledger(db)
@@ -379,6 +380,7 @@ def proxies_gw(tmp_path_factory, peer_origin):
     gw = Gateway(
         db,
         {"egress_check_seconds": 1, "egress_check_url": peer_origin.url("/peer")},
+        env={"SSL_CERT_FILE": ca_file},  # trusts the test CA of the https:// upstream
     ).start()
     for up in ups:
         gw.cli("egress", "add", up.url, "--country", "de")
@@ -536,3 +538,43 @@ def test_prefix_gives_each_session_its_own_address_and_socks5_upstream(
     finally:
         socks.terminate()
         socks.wait(15)
+
+
+def test_https_upstream_and_a_refusing_upstream(proxies_gw, peer_origin, ca):
+    """TLS to an ``https://`` upstream proxy; an upstream that refuses our credentials
+    gives ``502 UPSTREAM_FAILED`` (forward and CONNECT), then is routed around."""
+    gw, ups = proxies_gw
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    secure = UpstreamProxy("127.0.0.8", "up3", "pw3", tls=ctx)
+    try:
+        gw.cli("egress", "add", secure.url, "--country", "gb")
+        gw.cli("egress", "add", ups[0].url.replace("s3cret:1", "wrong"), "--country", "nl")
+
+        def via(country: str, sid: str | None = None) -> requests.Response:
+            hdr = {"X-Datorus-Country": country}
+            if sid:
+                hdr["X-Datorus-Session-Id"] = sid
+            return get(gw, gw.user, gw.pw, peer_origin.url("/peer"), **hdr)
+
+        wait_until(lambda: via("gb").text == "127.0.0.8", 10, 0.05, "https upstream live")
+        status, _, body = tunnel_get(
+            gw.port,
+            basic(gw.user, gw.pw),
+            ("127.0.0.1", peer_origin.port),
+            "/peer",
+            X_Datorus_Country="gb",
+        )
+        assert status == 200 and body == b"127.0.0.8"
+        assert set(secure.auth_seen) == {basic("up3", "pw3")}
+        # the refusing one: the first request fails with the envelope, then none is left
+        r = via("nl")
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "UPSTREAM_FAILED"
+        assert r.headers["X-Datorus-Request-Id"] == r.json()["error"]["requestId"]
+        r = via("nl", sid="refused-1")
+        assert r.status_code == 502
+        assert r.json()["error"]["details"]["reason"] == "no_healthy_egress"
+        assert r.headers["X-Datorus-Session-Id"] == "refused-1"
+    finally:
+        secure.stop()
