@@ -339,8 +339,9 @@ class EgressRouter:
             await asyncio.wait_for(handshake(choice.egress.spec, *target, reader, writer), timeout)
         except (HandshakeError, OSError, TimeoutError) as e:
             why = str(e) or type(e).__name__
-            log.info("datorus: egress %s failed: %s", choice.egress.id, why)
-            choice.egress.failed(time.monotonic())
+            if not getattr(e, "target", False):
+                log.info("datorus: egress %s failed: %s", choice.egress.id, why)
+                choice.egress.failed(time.monotonic())
             self.failed[data.client.id] = why
             writer.close()
         else:
@@ -367,11 +368,7 @@ class EgressRouter:
         if why is None or fc is None:
             return
         flow.response = self.gw.error_response(
-            fc,
-            DatorusError(
-                "UPSTREAM_FAILED",
-                details={"reason": "egress_failed", "egress": fc.egress.id, "error": why},
-            ),
+            fc, DatorusError("UPSTREAM_FAILED", details={"reason": why, "egress": fc.egress.id})
         )
 
     def client_disconnected(self, client) -> None:

@@ -21,7 +21,16 @@ from .egress import EgressSpec, source_for
 
 
 class HandshakeError(Exception):
-    """The upstream proxy refused or broke the tunnel set-up."""
+    """The upstream proxy refused or broke the tunnel set-up.
+
+    ``target`` is True when the proxy itself works but could not reach the target
+    (an HTTP 5xx answer to CONNECT, a SOCKS5 unreachable/refused reply): that is no
+    reason to take the egress out of the pool.
+    """
+
+    def __init__(self, message: str, target: bool = False) -> None:
+        super().__init__(message)
+        self.target = target
 
 
 def _authority(host: str, port: int) -> str:
@@ -75,7 +84,7 @@ async def _http_connect(spec, host, port, reader, writer) -> None:
     except (IndexError, ValueError):
         raise HandshakeError("upstream proxy sent no HTTP status") from None
     if status != 200:
-        raise HandshakeError(f"upstream proxy answered CONNECT with {status}")
+        raise HandshakeError(f"upstream proxy answered CONNECT with {status}", status >= 500)
 
 
 async def _socks5_connect(spec, host, port, reader, writer) -> None:
@@ -104,7 +113,10 @@ async def _socks5_connect(spec, host, port, reader, writer) -> None:
         await writer.drain()
         _, rep, _, atyp = await reader.readexactly(4)
         if rep != 0:
-            raise HandshakeError(f"SOCKS5 proxy refused the connection (reply {rep})")
+            # 3, 4, 5, 6: network or host unreachable, refused, TTL: the target's fault
+            raise HandshakeError(
+                f"SOCKS5 proxy could not connect (reply {rep})", rep in (3, 4, 5, 6)
+            )
         n = {1: 4, 4: 16}.get(atyp)
         if n is None:
             n = (await reader.readexactly(1))[0]

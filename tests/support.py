@@ -629,7 +629,11 @@ class UpstreamProxy:
                 c.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                 return
             host, _, port = target.rpartition(":")
-            up = socket.create_connection((host.strip("[]"), int(port)), 10, (self.source, 0))
+            try:
+                up = socket.create_connection((host.strip("[]"), int(port)), 10, (self.source, 0))
+            except OSError:
+                c.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
             with self.lock:
                 self.connects += 1
                 self.live.add(up)

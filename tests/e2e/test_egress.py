@@ -53,6 +53,16 @@ def tunnel_get(port: int, auth: str, target: tuple[str, int], path: str, **heade
         return status, hdrs, inner
 
 
+def add_egress(db, items: list[tuple[str, str]]) -> None:
+    """Fill the pool before the gateway starts (the CLI test covers the live path)."""
+    from datorus_core import egress_ledger, ledger
+
+    conn = ledger.open_ledger(db)
+    for url, country in items:
+        egress_ledger.add_egress(conn, url, country)
+    conn.conn.close()
+
+
 @pytest.fixture(scope="module")
 def peer_origin():
     o = BlockingOrigin("127.0.0.1")
@@ -66,6 +76,7 @@ def pool_gw(tmp_path_factory, peer_origin):
     d = tmp_path_factory.mktemp("egress")
     db = d / "ledger.db"
     prepare_ledger(db)
+    add_egress(db, [(f"direct://{ip}", "us") for ip in SOURCES])
     gw = Gateway(
         db,
         {
@@ -75,11 +86,8 @@ def pool_gw(tmp_path_factory, peer_origin):
             "egress_check_url": peer_origin.url("/peer"),
         },
     ).start()
-    for ip in SOURCES:
-        gw.cli("egress", "add", f"direct://{ip}", "--country", "us")
     acc, user, pw = gw.customer(trial_bytes=10**12)
     gw.user, gw.pw, gw.acc = user, pw, acc
-    # live within 2 s: the exits seen widen to the pool
     seen: set[str] = set()
 
     def all_live() -> bool:
@@ -308,6 +316,32 @@ def test_blocked_egress_is_avoided_then_recovers(pool_gw, peer_origin):
     wait_until(victim_back, 20, 0.05, "blocked egress recovers")
 
 
+def test_pinned_session_moves_when_its_egress_turns_unavailable(pool_gw, peer_origin):
+    gw = pool_gw
+    victim = "127.0.0.5"
+    sid = next(
+        f"pin-{i}"
+        for i in range(200)
+        if get(
+            gw, gw.user, gw.pw, peer_origin.url("/peer"), **{"X-Datorus-Session-Id": f"pin-{i}"}
+        ).text
+        == victim
+    )
+    hdr = {"X-Datorus-Session-Id": sid}
+    peer_origin.blocked.add(victim)
+    try:
+        # limited twice: the session stays (the customer sees the blocks, flagged) ...
+        for _ in range(3):
+            r = get(gw, gw.user, gw.pw, peer_origin.url("/guarded"), **hdr)
+            assert r.status_code == 403 and r.headers["X-Datorus-Blocked"] == "1"
+            assert r.headers["X-Datorus-Session-Id"] == sid
+        # ... the third block made it unavailable: the session moves, and stays moved
+        moved = {get(gw, gw.user, gw.pw, peer_origin.url("/guarded"), **hdr).text for _ in range(5)}
+        assert len(moved) == 1 and victim not in moved
+    finally:
+        peer_origin.blocked.discard(victim)
+
+
 def test_block_page_marker_marks_blocked(pool_gw, peer_origin):
     gw = pool_gw
     victim = "127.0.0.4"
@@ -338,8 +372,8 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
     # checks ran against the judge and recorded the exit address
     wait_until(
         lambda: all(i["exitIp"] == i["url"][9:] for i in gw.cli("egress", "list")["items"]),
-        10,
-        0.2,
+        15,
+        0.5,
         "health checks recorded exit IPs",
     )
     show = gw.cli("egress", "show", str(items[0]["id"]))
@@ -377,13 +411,12 @@ def proxies_gw(tmp_path_factory, peer_origin, ca_file):
     db = tmp_path_factory.mktemp("proxies") / "ledger.db"
     prepare_ledger(db)
     ups = [UpstreamProxy("127.0.0.6", "up1", "s3cret:1"), UpstreamProxy("127.0.0.7", "up2", "pw2")]
+    add_egress(db, [(up.url, "de") for up in ups])
     gw = Gateway(
         db,
         {"egress_check_seconds": 1, "egress_check_url": peer_origin.url("/peer")},
         env={"SSL_CERT_FILE": ca_file},  # trusts the test CA of the https:// upstream
     ).start()
-    for up in ups:
-        gw.cli("egress", "add", up.url, "--country", "de")
     acc, user, pw = gw.customer(trial_bytes=10**12)
     gw.user, gw.pw = user, pw
     seen: set[str] = set()
@@ -567,8 +600,15 @@ def test_https_upstream_and_a_refusing_upstream(proxies_gw, peer_origin, ca):
         )
         assert status == 200 and body == b"127.0.0.8"
         assert set(secure.auth_seen) == {basic("up3", "pw3")}
-        # the refusing one: the first request fails with the envelope, then none is left
-        r = via("nl")
+
+        # the refusing one: the first request fails with the envelope (or the check found
+        # it first), then none is left
+        def refused() -> list[requests.Response]:  # a list: a 502 Response is falsy
+            r = via("nl")
+            reason = r.json()["error"]["details"]["reason"] if r.status_code == 502 else None
+            return [r] if reason and reason != "no_egress_for_country" else []
+
+        (r,) = wait_until(refused, 10, 0.05, "refusing upstream live")
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "UPSTREAM_FAILED"
         assert r.headers["X-Datorus-Request-Id"] == r.json()["error"]["requestId"]
