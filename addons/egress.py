@@ -215,6 +215,8 @@ class EgressRouter:
                 eg.Egress(eid, spec, country, int(weight), bool(enabled), float(score or 0.5))
             )
         self.pool.replace(items)
+        for eid in [k for k in self.next_check if k not in self.pool.by_id]:
+            del self.next_check[eid]
         log.info("datorus: egress pool: %d (%d enabled)", len(items), sum(e.enabled for e in items))
 
     # -- choosing ----------------------------------------------------------------------
@@ -385,6 +387,8 @@ class EgressRouter:
         e: eg.Egress = fc.egress
         resp = flow.response
         domain = fc.host.lower()
+        if resp.status_code < 200 or resp.status_code in (204, 304):
+            return  # upgrades (WebSocket) and bodiless answers: nothing to judge
         if resp.status_code in self.block_statuses:
             self._blocked(fc, resp, f"status {resp.status_code}")
             return
@@ -420,7 +424,7 @@ class EgressRouter:
             return
         self.sniff.pop(flow.client_conn.id, None)
         resp = flow.response
-        if resp.stream or resp.status_code in self.block_statuses:
+        if resp.stream or resp.status_code in self.block_statuses or resp.status_code < 200:
             return
         marker = eg.find_marker((resp.raw_content or b"")[:_SNIFF], self.markers)
         if marker:
