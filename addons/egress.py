@@ -25,6 +25,7 @@ by egress: before a request whose egress differs, the old ones are closed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -74,8 +75,6 @@ class Choice:
 
 
 def _basic(user: str, password: str) -> str:
-    import base64
-
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
@@ -133,7 +132,6 @@ class EgressRouter:
         self.conn_key: dict[str, tuple[int, str | None] | None] = {}  # server conn id -> key
         self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
         self.failed: dict[str, str] = {}  # client id -> why its tunnel set-up failed
-        self.sniff: dict[str, tuple[FlowCtx, bytearray]] = {}
         self.dirty = True
         self.task: asyncio.Task | None = None
         self.checking: set[int] = set()
@@ -355,8 +353,12 @@ class EgressRouter:
         if entry is not None:
             choice = entry[0]
             data.server.address = entry[1]
-        if choice is not None and (choice.egress.spec.is_proxy or choice.source):
-            why = data.server.error
+        if choice is None:
+            return
+        why = str(data.server.error or "")
+        # a proxy that cannot be reached is down; for a direct egress a refused or
+        # unreachable target is the target's fault, only a failed bind is the egress's
+        if entry is not None or (choice.source and "assign requested address" in why.lower()):
             log.info("datorus: egress %s could not connect: %s", choice.egress.id, why)
             choice.egress.failed(time.monotonic())
 
@@ -376,7 +378,6 @@ class EgressRouter:
     def client_disconnected(self, client) -> None:
         self.current.pop(client.id, None)
         self.failed.pop(client.id, None)
-        self.sniff.pop(client.id, None)
 
     # -- judging -----------------------------------------------------------------------
 
@@ -403,9 +404,7 @@ class EgressRouter:
         if length is not None and length.isdigit() and int(length) <= _BUFFER_MAX:
             resp.stream = False  # small: judge it whole, then the verdict can be a header
             return
-        cid = flow.client_conn.id
         seen = bytearray()
-        self.sniff[cid] = (fc, seen)
         markers = self.markers
 
         def sniff(chunk: bytes) -> bytes:
@@ -422,7 +421,6 @@ class EgressRouter:
         fc = flow_ctx(flow)
         if fc is None or fc.answered or fc.egress is None or fc.kind == TUNNEL:
             return
-        self.sniff.pop(flow.client_conn.id, None)
         resp = flow.response
         if resp.stream or resp.status_code in self.block_statuses or resp.status_code < 200:
             return
