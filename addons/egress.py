@@ -492,9 +492,9 @@ class EgressRouter:
             )
             self._sql(
                 "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
-                " exit_ip = COALESCE(?, exit_ip),"
+                " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
                 " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
-                (e.score, round(e.uptime * 100, 2), e.latency_ms, r.exit_ip, e.id),
+                (e.score, round(e.uptime * 100, 2), e.latency_ms, r.exit_ip, r.anonymity, e.id),
             )
             self._sql(
                 "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("

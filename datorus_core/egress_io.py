@@ -137,6 +137,47 @@ class CheckResult:
     latency_ms: float | None = None
     exit_ip: str | None = None
     detail: str = ""
+    anonymity: str | None = None  # transparent | anonymous | elite, when the judge tells
+
+
+_PROXY_HEADERS = (
+    "x-forwarded-for",
+    "x-real-ip",
+    "forwarded",
+    "via",
+    "client-ip",
+    "x-client-ip",
+    "x-proxy-id",
+    "proxy-connection",
+)
+
+
+def judge_anonymity(body: bytes, exit_ip: str | None) -> str | None:
+    """Anonymity from a judge that echoes JSON ``{"headers": {...}}`` (seed 002's levels).
+
+    ``transparent``: a proxy header names an address other than the exit (ours leaks);
+    ``anonymous``: proxy headers are present but name no other address; ``elite``: none.
+    None when the judge does not echo headers.
+    """
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    headers = data.get("headers") if isinstance(data, dict) else None
+    if not isinstance(headers, dict):
+        return None
+    found = {k.lower(): str(v) for k, v in headers.items() if k.lower() in _PROXY_HEADERS}
+    if not found:
+        return "elite"
+    for value in found.values():
+        for token in value.replace(",", " ").replace("=", " ").replace(";", " ").split():
+            try:
+                ip = str(ipaddress.ip_address(token.strip('"[]')))
+            except ValueError:
+                continue
+            if ip != exit_ip:
+                return "transparent"
+    return "anonymous"
 
 
 def _exit_ip(body: bytes) -> str | None:
@@ -221,7 +262,9 @@ async def check_egress(spec: EgressSpec, check_url: str, timeout: float) -> Chec
             return CheckResult(False, 2, latency, None, f"judge answered {status}")
         if b"chunked" in head.lower():
             body = _dechunk(body)
-        return CheckResult(True, 2, latency, _exit_ip(body), "http ok")
+        ip = _exit_ip(body)
+        anonymity = judge_anonymity(body, ip) if spec.is_proxy else None
+        return CheckResult(True, 2, latency, ip, "http ok", anonymity)
     finally:
         writer.close()
 

@@ -38,6 +38,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "uptimePct": r["uptime_pct"],
         "avgLatencyMs": r["avg_latency_ms"],
         "exitIp": r["exit_ip"],
+        "anonymity": r["anonymity"],
         "lastCheckedAt": r["last_checked_at"],
         "createdAt": r["created_at"],
     }

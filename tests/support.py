@@ -667,7 +667,8 @@ class UpstreamProxy:
 class BlockingHandler(OriginHandler):
     """An origin that echoes the peer address, and answers a block page to chosen peers.
 
-    ``/peer`` answers the peer address; ``/guarded`` answers 403 with a block page to
+    ``/peer`` answers the peer address, ``/judge`` it and the request headers as JSON;
+    ``/guarded`` answers 403 with a block page to
     a peer in ``server.blocked`` and the peer address to everyone else; ``/marked``
     answers 200 with a captcha page to a blocked peer.
     """
@@ -682,6 +683,9 @@ class BlockingHandler(OriginHandler):
             self._send(403, page, "text/html")
         elif path == "/marked" and blocked:
             self._send(200, page, "text/html")
+        elif path == "/judge":  # a proxy judge: the caller's address and the headers it sent
+            body = {"ip": peer, "headers": {k: v for k, v in self.headers.items()}}
+            self._send(200, json.dumps(body).encode(), "application/json")
         elif path in ("/guarded", "/marked", "/peer"):
             self._send(200, peer.encode(), "text/plain")
         else:

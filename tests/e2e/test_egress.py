@@ -424,7 +424,7 @@ def proxies_gw(tmp_path_factory, peer_origin, ca_file):
     add_egress(db, [(up.url, "de") for up in ups])
     gw = Gateway(
         db,
-        {"egress_check_seconds": 1, "egress_check_url": peer_origin.url("/peer")},
+        {"egress_check_seconds": 1, "egress_check_url": peer_origin.url("/judge")},
         env={"SSL_CERT_FILE": ca_file},  # trusts the test CA of the https:// upstream
     ).start()
     acc, user, pw = gw.customer(trial_bytes=10**12)
@@ -447,8 +447,18 @@ def proxies_gw(tmp_path_factory, peer_origin, ca_file):
 
 def test_upstream_proxies_carry_forward_and_connect(proxies_gw, peer_origin):
     gw, ups = proxies_gw
-    listed = gw.cli("egress", "list")["items"]
+
+    def judged() -> list:
+        items = gw.cli("egress", "list")["items"]
+        return items if all(i["anonymity"] for i in items) else []
+
+    listed = wait_until(judged, 15, 0.5, "checks judged the upstream proxies")
     assert all(":***@" in i["url"] for i in listed)  # passwords never listed
+    # the judge saw each proxy's own exit, and no header naming anyone else
+    assert {(i["exitIp"], i["anonymity"]) for i in listed} == {
+        ("127.0.0.6", "elite"),
+        ("127.0.0.7", "elite"),
+    }
     hdr = {"X-Datorus-Session-Id": "via-1"}
     exits = {get(gw, gw.user, gw.pw, peer_origin.url("/peer"), **hdr).text for _ in range(10)}
     assert len(exits) == 1 and exits <= {"127.0.0.6", "127.0.0.7"}

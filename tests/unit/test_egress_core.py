@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datorus_core import egress as eg
+from datorus_core.egress_io import judge_anonymity
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
 SESSION_IDS = st.from_regex(r"\A[A-Za-z0-9_-]{1,128}\Z")
@@ -162,3 +164,18 @@ def test_score_is_in_unit_interval():
 def test_block_markers_are_case_insensitive():
     assert eg.find_marker(b"<div class='G-RECAPTCHA'>", (b"g-recaptcha",)) == b"g-recaptcha"
     assert eg.find_marker(b"fine", (b"g-recaptcha",)) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "level"),
+    [
+        ({"Host": "j"}, "elite"),
+        ({"Via": "1.1 squid"}, "anonymous"),
+        ({"X-Forwarded-For": "198.51.100.9"}, "anonymous"),
+        ({"X-Forwarded-For": "203.0.113.5, 198.51.100.9"}, "transparent"),
+    ],
+)
+def test_judge_anonymity(headers, level):
+    body = json.dumps({"ip": "198.51.100.9", "headers": headers}).encode()
+    assert judge_anonymity(body, "198.51.100.9") == level
+    assert judge_anonymity(b"198.51.100.9", "198.51.100.9") is None
