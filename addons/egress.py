@@ -68,6 +68,7 @@ class Choice:
     egress: eg.Egress
     source: str | None
     fc: FlowCtx
+    failed: str | None = None  # why the tunnel through the upstream proxy was not set up
 
     @property
     def key(self) -> tuple[int, str | None]:
@@ -131,7 +132,6 @@ class EgressRouter:
         self.current: dict[str, Choice] = {}  # client id -> choice of its current request
         self.conn_key: dict[str, tuple[int, str | None] | None] = {}  # server conn id -> key
         self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
-        self.failed: dict[str, str] = {}  # client id -> why its tunnel set-up failed
         self.dirty = True
         self.task: asyncio.Task | None = None
         self.checking: set[int] = set()
@@ -342,7 +342,7 @@ class EgressRouter:
             if not getattr(e, "target", False):
                 log.info("datorus: egress %s failed: %s", choice.egress.id, why)
                 choice.egress.failed(time.monotonic())
-            self.failed[data.client.id] = why
+            choice.failed = why
             writer.close()
         else:
             choice.egress.succeeded()
@@ -367,17 +367,17 @@ class EgressRouter:
         self.via.pop(data.server.id, None)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
-        why = self.failed.pop(flow.client_conn.id, None)
+        choice = self.current.get(flow.client_conn.id)
         fc = flow_ctx(flow)
-        if why is None or fc is None:
+        if choice is None or choice.failed is None or fc is None or choice.fc is not fc:
             return
+        why = choice.failed
         flow.response = self.gw.error_response(
             fc, DatorusError("UPSTREAM_FAILED", details={"reason": why, "egress": fc.egress.id})
         )
 
     def client_disconnected(self, client) -> None:
         self.current.pop(client.id, None)
-        self.failed.pop(client.id, None)
 
     # -- judging -----------------------------------------------------------------------
 
@@ -434,9 +434,15 @@ class EgressRouter:
         fc = flow_ctx(flow)
         if fc is None or fc.egress is None or fc.answered:
             return
+        choice = self.current.get(flow.client_conn.id)
+        if choice is not None and choice.fc is fc and choice.failed is not None:
+            return  # the upstream proxy failed us, not the target: counted as a failure
         msg = (flow.error.msg if flow.error else "").lower()
-        if fc.timed_out or "reset" in msg:
-            self._blocked(fc, None, "timeout" if fc.timed_out else "reset")
+        if fc.timed_out:
+            self._blocked(fc, None, "timeout")
+        elif not fc.status and "client" not in msg and ("reset" in msg or "server" in msg):
+            # the target dropped the connection before any answer: a reset-style block
+            self._blocked(fc, None, msg[:60])
 
     def _blocked(self, fc: FlowCtx, resp: http.Response | None, why: str) -> None:
         e: eg.Egress = fc.egress

@@ -670,7 +670,8 @@ class BlockingHandler(OriginHandler):
     ``/peer`` answers the peer address, ``/judge`` it and the request headers as JSON;
     ``/guarded`` answers 403 with a block page to
     a peer in ``server.blocked`` and the peer address to everyone else; ``/marked``
-    answers 200 with a captcha page to a blocked peer.
+    answers 200 with a captcha page to a blocked peer; ``/reset`` resets a blocked peer's
+    connection before answering.
     """
 
     def do_GET(self) -> None:
@@ -683,10 +684,14 @@ class BlockingHandler(OriginHandler):
             self._send(403, page, "text/html")
         elif path == "/marked" and blocked:
             self._send(200, page, "text/html")
+        elif path == "/reset" and blocked:  # drop the connection with a TCP reset
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            self.connection.close()
+            self.close_connection = True
         elif path == "/judge":  # a proxy judge: the caller's address and the headers it sent
             body = {"ip": peer, "headers": {k: v for k, v in self.headers.items()}}
             self._send(200, json.dumps(body).encode(), "application/json")
-        elif path in ("/guarded", "/marked", "/peer"):
+        elif path in ("/guarded", "/marked", "/peer", "/reset"):
             self._send(200, peer.encode(), "text/plain")
         else:
             super().do_GET()

@@ -366,6 +366,24 @@ def test_block_page_marker_marks_blocked(pool_gw, peer_origin):
         peer_origin.blocked.discard(victim)
 
 
+def test_reset_by_the_target_counts_as_a_block(pool_gw, peer_origin):
+    gw = pool_gw
+    victim = "127.0.0.2"
+    peer_origin.blocked.add(victim)
+    try:
+        resets = 0
+        for _ in range(30):
+            r = get(gw, gw.user, gw.pw, peer_origin.url("/reset"))
+            if r.status_code == 502:
+                assert r.json()["error"]["code"] == "UPSTREAM_FAILED"
+                resets += 1
+            else:
+                assert r.status_code == 200 and r.text != victim
+        assert 1 <= resets <= 3  # after a reset the victim is avoided for that domain
+    finally:
+        peer_origin.blocked.discard(victim)
+
+
 # -- CLI ----------------------------------------------------------------------------------
 
 
