@@ -175,6 +175,14 @@ SETTINGS: tuple[Setting, ...] = (
 
 # -- the egress pool (issue 5) -------------------------------------------------------------
 
+
+def _check_url(v: str) -> None:
+    from urllib.parse import urlsplit
+
+    if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+        raise SettingsError("must be an http:// or https:// URL (or empty)")
+
+
 SETTINGS += (
     Setting(
         "egress_check_url",
@@ -182,6 +190,7 @@ SETTINGS += (
         "",
         "URL fetched through every egress by the health check; it should answer with the"
         " caller's IP (empty: TCP checks only).",
+        _check_url,
     ),
     Setting(
         "egress_check_seconds", int, 30, "Seconds between health checks of an egress.", _positive

@@ -488,6 +488,26 @@ def test_upstream_proxies_carry_forward_and_connect(proxies_gw, peer_origin):
         X_Datorus_Session_Id="via-1",
     )
     assert status == 200 and body.decode() in exits
+    # a kept-alive client connection alternating between sessions on the two proxies
+    pinned: dict[str, str] = {}
+    for i in range(40):
+        sid = f"ka-via-{i}"
+        ip = get(gw, gw.user, gw.pw, peer_origin.url("/peer"), **{"X-Datorus-Session-Id": sid}).text
+        if ip not in pinned.values():
+            pinned[sid] = ip
+        if len(pinned) == 2:
+            break
+    assert len(pinned) == 2
+    with raw_connection(gw.port) as s:
+        for _ in range(3):
+            for sid, ip in pinned.items():
+                s.sendall(
+                    f"GET {peer_origin.url('/peer')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Proxy-Authorization: {basic(gw.user, gw.pw)}\r\n"
+                    f"X-Datorus-Session-Id: {sid}\r\n\r\n".encode()
+                )
+                status, _, body = read_response(s)
+                assert status == 200 and body.decode() == ip
     # the customer's credential never reached an upstream proxy: only ours did
     ours = {basic("up1", "s3cret:1"), basic("up2", "pw2")}
     assert all(a in ours for up in ups for a in up.auth_seen)

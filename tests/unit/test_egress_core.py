@@ -179,3 +179,16 @@ def test_judge_anonymity(headers, level):
     body = json.dumps({"ip": "198.51.100.9", "headers": headers}).encode()
     assert judge_anonymity(body, "198.51.100.9") == level
     assert judge_anonymity(b"198.51.100.9", "198.51.100.9") is None
+
+
+def test_egress_settings_are_validated():
+    from datorus_core.settings import BY_NAME, SettingsError, coerce
+
+    assert (
+        coerce(BY_NAME["egress_check_url"], "http://judge.example/ip") == "http://judge.example/ip"
+    )
+    assert coerce(BY_NAME["egress_check_url"], "") == ""
+    with pytest.raises(SettingsError):
+        coerce(BY_NAME["egress_check_url"], "ftp://judge.example/")
+    with pytest.raises(SettingsError):
+        coerce(BY_NAME["block_seconds"], "0")
