@@ -212,10 +212,16 @@ class EgressRouter:
             items.append(
                 eg.Egress(eid, spec, country, int(weight), bool(enabled), float(score or 0.5))
             )
+        before = {
+            (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
+        }
         self.pool.replace(items)
         for eid in [k for k in self.next_check if k not in self.pool.by_id]:
             del self.next_check[eid]
-        log.info("datorus: egress pool: %d (%d enabled)", len(items), sum(e.enabled for e in items))
+        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
+        if after != before:
+            enabled = sum(e.enabled for e in items)
+            log.info("datorus: egress pool: %d (%d enabled)", len(items), enabled)
 
     # -- choosing ----------------------------------------------------------------------
 
