@@ -210,7 +210,9 @@ class EgressRouter:
                 log.warning("datorus: egress %s has a bad URL (%s): skipped", eid, e)
                 continue
             items.append(
-                eg.Egress(eid, spec, country, int(weight), bool(enabled), float(score or 0.5))
+                eg.Egress(
+                    eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score
+                )
             )
         before = {
             (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
@@ -264,6 +266,7 @@ class EgressRouter:
             return
         now = time.monotonic()
         domain = fc.host.lower()
+        family = 6 if ":" in flow.request.host else 4  # the address the AUP check pinned
         e = None
         sessions = self.sessions
         sid = route.session_id
@@ -272,13 +275,13 @@ class EgressRouter:
             if eid is not None:
                 e = self.pool.by_id.get(eid)
                 if e is not None and not (
-                    self.pool.usable(e, domain, now)
+                    self.pool.usable(e, domain, now, family)
                     and (route.country is None or e.country == route.country)
                 ):
                     e = None  # unhealthy or no longer matching: the session moves
         if e is None:
             try:
-                e = self.pool.pick(domain, route.country, now, self.rng)
+                e = self.pool.pick(domain, route.country, now, self.rng, family=family)
             except eg.NoEgress as x:
                 self.gw.reject(
                     flow,

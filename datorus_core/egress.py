@@ -168,6 +168,15 @@ class Egress:
     latency_ms: float | None = None
     exit_ip: str | None = None
 
+    @property
+    def family(self) -> int | None:
+        """4 or 6 for a source address or prefix (it can only reach that family), else None."""
+        if self.spec.source is not None:
+            return 6 if ":" in self.spec.source else 4
+        if self.spec.prefix is not None:
+            return self.spec.prefix.version
+        return None
+
     # -- whole-egress health -----------------------------------------------------------
 
     def up(self, now: float) -> bool:
@@ -317,9 +326,13 @@ class Pool:
         """The enabled egress that match *country* (all of them for None)."""
         return self._groups.get(country.lower() if country else None, ([], []))[0]
 
-    def usable(self, e: Egress, domain: str, now: float) -> bool:
+    def usable(self, e: Egress, domain: str, now: float, family: int | None = None) -> bool:
         """True when *e* may carry a request for *domain* now (limited counts as usable)."""
-        return e.up(now) and e.state_for(domain, now) != UNAVAILABLE
+        return (
+            e.up(now)
+            and e.state_for(domain, now) != UNAVAILABLE
+            and (family is None or e.family in (None, family))
+        )
 
     def pick(
         self,
@@ -328,8 +341,12 @@ class Pool:
         now: float,
         rng: random.Random | None = None,
         avoid: int | None = None,
+        family: int | None = None,
     ) -> Egress:
-        """A healthy egress for *domain* and *country*, weighted by score; raises NoEgress."""
+        """A healthy egress for *domain* and *country*, weighted by score; raises NoEgress.
+
+        *family* (4 or 6, the target address's) leaves out source addresses of the other.
+        """
         rng = rng or random
         items, cum = self._groups.get(country.lower() if country else None, ([], []))
         if not items:
@@ -337,17 +354,27 @@ class Pool:
                 raise NoEgress("no_egress_for_country", country=country.lower())
             raise NoEgress("no_egress_enabled")
         total = cum[-1]
+
+        def fine(e: Egress) -> bool:
+            return self.usable(e, domain, now, family) and e.state_for(domain, now) == OK
+
         for _ in range(8):
             e = items[min(bisect.bisect_right(cum, rng.random() * total), len(items) - 1)]
-            if e.id != avoid and e.up(now) and e.state_for(domain, now) == OK:
+            if e.id != avoid and fine(e):
                 return e
-        ok = [e for e in items if e.up(now) and e.state_for(domain, now) == OK and e.id != avoid]
+        ok = [e for e in items if fine(e) and e.id != avoid]
         if not ok:
-            ok = [e for e in items if self.usable(e, domain, now) and e.id != avoid]
+            ok = [e for e in items if self.usable(e, domain, now, family) and e.id != avoid]
         if not ok:
-            ok = [e for e in items if self.usable(e, domain, now)]
+            ok = [e for e in items if self.usable(e, domain, now, family)]
         if not ok:
-            raise NoEgress("no_healthy_egress", domain=domain, country=country, egress=len(items))
+            raise NoEgress(
+                "no_healthy_egress",
+                domain=domain,
+                country=country,
+                family=family,
+                egress=len(items),
+            )
         weights = [max(e.score, 0.02) * max(e.weight, 1) for e in ok]
         return rng.choices(ok, weights)[0]
 

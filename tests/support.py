@@ -697,17 +697,22 @@ class BlockingHandler(OriginHandler):
             super().do_GET()
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class BlockingOrigin(Origin):
-    """A :class:`BlockingHandler` origin on *host*."""
+    """A :class:`BlockingHandler` origin on *host* (IPv4 or IPv6)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.server = ThreadingHTTPServer((host, 0), BlockingHandler)
+        cls = _Server6 if ":" in host else ThreadingHTTPServer
+        self.server = cls((host, 0), BlockingHandler)
         self.server.daemon_threads = True
         self.server.seen = []  # type: ignore[attr-defined]
         self.server.blocked = set()  # type: ignore[attr-defined]
         self.server.peers = []  # type: ignore[attr-defined]
         self.port = self.server.server_address[1]
-        self.host = host
+        self.host = f"[{host}]" if ":" in host else host
         self.scheme = "http"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

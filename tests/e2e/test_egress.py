@@ -430,6 +430,27 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
     assert again["id"] == items[1]["id"] and again["created"] is False
 
 
+def test_ipv6_source_address_serves_ipv6_targets_only(pool_gw, peer_origin):
+    gw = pool_gw
+    origin6 = BlockingOrigin("::1")
+    try:
+        gw.cli("egress", "add", "direct://[::1]")
+
+        def via6() -> str:
+            r = get(gw, gw.user, gw.pw, origin6.url("/peer"))
+            assert r.status_code == 200, r.text
+            return r.text
+
+        # the only IPv6-capable egress carries every IPv6 request, and no IPv4 one
+        wait_until(lambda: via6() == "::1", 5, 0.05, "IPv6 egress live")
+        assert {via6() for _ in range(5)} == {"::1"}
+        assert {get(gw, gw.user, gw.pw, peer_origin.url("/peer")).text for _ in range(10)} <= set(
+            SOURCES
+        )
+    finally:
+        origin6.close()
+
+
 # -- upstream proxies ---------------------------------------------------------------------
 
 

@@ -192,3 +192,16 @@ def test_egress_settings_are_validated():
         coerce(BY_NAME["egress_check_url"], "ftp://judge.example/")
     with pytest.raises(SettingsError):
         coerce(BY_NAME["block_seconds"], "0")
+
+
+def test_source_addresses_only_reach_their_own_family():
+    pool = eg.Pool(
+        [
+            eg.Egress(1, eg.parse_egress_url("direct://127.0.0.2")),
+            eg.Egress(2, eg.parse_egress_url("direct://[::1]")),
+            eg.Egress(3, eg.parse_egress_url("http://proxy.example:3128")),
+        ]
+    )
+    rng = random.Random(2)
+    assert {pool.pick("x", None, 0, rng, family=6).id for _ in range(60)} == {2, 3}
+    assert {pool.pick("x", None, 0, rng, family=4).id for _ in range(60)} == {1, 3}
