@@ -361,7 +361,9 @@ def test_block_page_marker_marks_blocked(pool_gw, peer_origin):
                 hits += 1
             else:
                 assert "X-Datorus-Blocked" not in r.headers
-        assert 1 <= hits <= 3  # after a block the victim is avoided for that domain
+        # after a block the victim is avoided for that domain: far below its fair share
+        # (10 of 40); each lapsed back-off lets it be tried once more
+        assert 1 <= hits <= 5
     finally:
         peer_origin.blocked.discard(victim)
 
@@ -379,7 +381,7 @@ def test_reset_by_the_target_counts_as_a_block(pool_gw, peer_origin):
                 resets += 1
             else:
                 assert r.status_code == 200 and r.text != victim
-        assert 1 <= resets <= 3  # after a reset the victim is avoided for that domain
+        assert 1 <= resets <= 5  # avoided after a reset (fair share: 7 or 8 of 30)
     finally:
         peer_origin.blocked.discard(victim)
 
