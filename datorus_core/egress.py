@@ -379,6 +379,45 @@ class Pool:
         return rng.choices(ok, weights)[0]
 
 
+def domain_health(pool: Pool, domain: str, now: float) -> dict[str, Any]:
+    """Seed 001's network health of *domain*: each egress's state for it, and a summary.
+
+    The shape a ``GET /network/health/{domain}`` answer needs; ``retryAfterSeconds`` is
+    when the first excluded egress comes back (None when one is available now).
+    """
+    rows = []
+    for e in pool.by_id.values():
+        h = e.domains.get(domain)
+        state = OK if h is None else h.state(now)
+        if not e.up(now):
+            state = UNAVAILABLE
+        rows.append(
+            {
+                "id": e.id,
+                "url": e.spec.public_url(),
+                "country": e.country,
+                "enabled": e.enabled,
+                "state": state if e.enabled else "disabled",
+                "score": round(e.score, 3),
+                "recoversInSeconds": (
+                    round(max(h.until if h else 0.0, e.down_until) - now, 1)
+                    if state != OK
+                    else None
+                ),
+            }
+        )
+    available = [r for r in rows if r["state"] == OK]
+    waits = [r["recoversInSeconds"] for r in rows if r["recoversInSeconds"] is not None]
+    return {
+        "domain": domain,
+        "available": len(available),
+        "limited": sum(r["state"] == LIMITED for r in rows),
+        "unavailable": sum(r["state"] == UNAVAILABLE for r in rows),
+        "retryAfterSeconds": None if available or not waits else max(1, int(min(waits) + 0.999)),
+        "egress": rows,
+    }
+
+
 def is_block_status(status: int, statuses: frozenset[int]) -> bool:
     """True when *status* is one the operator counts as a block."""
     return status in statuses

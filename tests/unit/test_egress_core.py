@@ -205,3 +205,14 @@ def test_source_addresses_only_reach_their_own_family():
     rng = random.Random(2)
     assert {pool.pick("x", None, 0, rng, family=6).id for _ in range(60)} == {2, 3}
     assert {pool.pick("x", None, 0, rng, family=4).id for _ in range(60)} == {1, 3}
+
+
+def test_domain_health_summary():
+    pool = _pool(2)
+    pool.by_id[0].blocked("example.com", 0, base=10)
+    h = eg.domain_health(pool, "example.com", 1)
+    assert (h["available"], h["limited"], h["retryAfterSeconds"]) == (1, 1, None)
+    assert h["egress"][0]["state"] == "limited" and h["egress"][0]["recoversInSeconds"] == 9
+    pool.by_id[1].failed(1)
+    h = eg.domain_health(pool, "example.com", 2)
+    assert h["available"] == 0 and h["retryAfterSeconds"] == 4  # egress 1 is back at 6
