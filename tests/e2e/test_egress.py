@@ -245,14 +245,20 @@ def test_username_session_with_curl_over_connect(pool_gw, peer_origin):
     assert get(gw, gw.user, gw.pw, peer_origin.url("/peer"), **hdr).text in outs
 
 
-def test_username_session_with_a_url_only_client(pool_gw, peer_origin):
-    """A client that only knows http://user:pass@host:port (as browsers and scrapers do)."""
+def test_username_session_with_a_url_only_client(pool_gw, peer_origin, tls_origin, ca_file):
+    """A client that only knows http://user:pass@host:port (as browsers and scrapers do),
+    for plain HTTP and for HTTPS (a CONNECT tunnel it cannot add headers to)."""
     gw = pool_gw
     proxy = f"http://{gw.user}-session-browser-7:{gw.pw}@127.0.0.1:{gw.port}"
     s = requests.Session()
-    s.proxies = {"http": proxy}
+    s.proxies = {"http": proxy, "https": proxy}
     outs = {s.get(peer_origin.url("/peer"), timeout=20).text for _ in range(10)}
     assert len(outs) == 1
+    for _ in range(5):
+        fresh = requests.Session()  # a new tunnel each time
+        fresh.proxies = {"https": proxy}
+        r = fresh.get(tls_origin.url("/peer"), verify=ca_file, timeout=20)
+        assert r.status_code == 200 and r.text in outs
     r = s.get(peer_origin.url("/headers"), timeout=20)
     assert r.headers["X-Datorus-Session-Id"] == "browser-7"
     assert "proxy-authorization" not in r.json()
