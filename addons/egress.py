@@ -283,13 +283,18 @@ class EgressRouter:
             try:
                 e = self.pool.pick(domain, route.country, now, self.rng, family=family)
             except eg.NoEgress as x:
+                details = {"reason": x.reason, **x.details}
+                if x.reason == "no_healthy_egress":
+                    # seed 001's retry guidance: when the first excluded egress comes back
+                    health = eg.domain_health(self.pool, domain, now)
+                    details["retryAfterSeconds"] = health["retryAfterSeconds"]
                 self.gw.reject(
                     flow,
                     fc,
                     DatorusError(
                         "UPSTREAM_FAILED",
                         message="No healthy egress can reach this destination right now.",
-                        details={"reason": x.reason, **x.details},
+                        details=details,
                     ),
                 )
                 return

@@ -401,7 +401,7 @@ def domain_health(pool: Pool, domain: str, now: float) -> dict[str, Any]:
                 "score": round(e.score, 3),
                 "recoversInSeconds": (
                     round(max(h.until if h else 0.0, e.down_until) - now, 1)
-                    if state != OK
+                    if state != OK and e.enabled
                     else None
                 ),
             }

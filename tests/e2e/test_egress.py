@@ -584,6 +584,8 @@ def test_no_healthy_egress_is_502_with_reason(proxies_gw, peer_origin):
         err = r.json()["error"]
         assert err["code"] == "UPSTREAM_FAILED"
         assert err["details"]["reason"] == "no_healthy_egress"
+        assert err["details"]["retryAfterSeconds"] >= 1
+        assert r.headers["X-Datorus-Request-Id"] == err["requestId"]
         status, hdrs, body = tunnel_get(
             gw.port, basic(gw.user, gw.pw), ("127.0.0.1", peer_origin.port), "/peer"
         )
