@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
 from addons.api_server import ApiServer  # noqa: E402
 from addons.auth import ProxyAuth  # noqa: E402
 from addons.context import Gateway  # noqa: E402
+from addons.egress import EgressRouter, RouteOptions  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
 from addons.hardening import Hardening  # noqa: E402
 from addons.limits import RateLimits  # noqa: E402
@@ -36,6 +37,7 @@ addons = [
     _ledger,
     ErrorPages(gateway),
     Hardening(gateway),
+    RouteOptions(),  # before auth: it reads options from the username (issue 5)
     ProxyAuth(gateway),
     RateLimits(gateway),
     _policy,
@@ -43,3 +45,8 @@ addons = [
     Relay(gateway),
     ApiServer(gateway),
 ]
+
+# -- the egress pool (issue 5): last, once the account is known and the request vetted
+_egress = EgressRouter(gateway)
+_ledger.on_snapshot.append(_egress.on_snapshot)
+addons.append(_egress)

@@ -450,3 +450,76 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- the egress pool (issue 5) ------------------------------------------------------------
+
+egress_app = typer.Typer(no_args_is_help=True, help="The egress pool: the ways out.")
+app.add_typer(egress_app, name="egress")
+
+
+def _egress_db(create: bool = False):
+    return _db(create=create)
+
+
+@egress_app.command("add")
+def egress_add(
+    url: str,
+    country: Annotated[str | None, typer.Option(help="Two-letter country code.")] = None,
+    weight: Annotated[int, typer.Option(help="Relative share of traffic (>= 1).")] = 1,
+) -> None:
+    """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https:// or socks5://."""
+    from . import egress_ledger
+
+    emit(egress_ledger.add_egress(_egress_db(create=True), url, country, weight))
+
+
+@egress_app.command("list")
+def egress_list() -> None:
+    """Every egress with its health score (passwords hidden)."""
+    from . import egress_ledger
+
+    rows = egress_ledger.list_egress(_egress_db())
+    emit(
+        {"items": rows},
+        lambda r: _rows(
+            [
+                {k: x[k] for k in ("id", "url", "country", "weight", "enabled", "score", "exitIp")}
+                for x in r["items"]
+            ]
+        ),
+    )
+
+
+@egress_app.command("show")
+def egress_show(egress_id: str) -> None:
+    """One egress with its latest checks."""
+    from . import egress_ledger
+
+    db = _egress_db()
+    eid = _int("id", egress_id)
+    emit({**egress_ledger.get_egress(db, eid), "checks": egress_ledger.recent_checks(db, eid)})
+
+
+@egress_app.command("remove")
+def egress_remove(egress_id: str) -> None:
+    """Remove an egress (live within 2 s; its sessions move elsewhere)."""
+    from . import egress_ledger
+
+    emit(egress_ledger.remove_egress(_egress_db(), _int("id", egress_id)))
+
+
+@egress_app.command("disable")
+def egress_disable(egress_id: str) -> None:
+    """Stop sending new requests through an egress."""
+    from . import egress_ledger
+
+    emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), False))
+
+
+@egress_app.command("enable")
+def egress_enable(egress_id: str) -> None:
+    """Put a disabled egress back in the pool."""
+    from . import egress_ledger
+
+    emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), True))

@@ -211,6 +211,7 @@ MIGRATIONS: tuple[str, ...] = (
         url TEXT NOT NULL UNIQUE,
         kind TEXT NOT NULL,
         country TEXT,
+        weight INTEGER NOT NULL DEFAULT 1 CHECK (weight > 0),
         enabled INTEGER NOT NULL DEFAULT 1,
         score REAL NOT NULL DEFAULT 0.5,
         uptime_pct REAL,
@@ -222,17 +223,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE egress_checks (
         id INTEGER PRIMARY KEY,
-        egress_id INTEGER NOT NULL REFERENCES egress(id),
+        egress_id INTEGER NOT NULL REFERENCES egress(id) ON DELETE CASCADE,
         checker_name TEXT NOT NULL,
         stage INTEGER NOT NULL,
         passed INTEGER NOT NULL,
         latency_ms REAL,
+        exit_ip TEXT,
         detail TEXT,
         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
     );
     CREATE INDEX egress_checks_egress ON egress_checks(egress_id, id);
     CREATE TRIGGER egress_touch_i AFTER INSERT ON egress BEGIN {_TOUCH}; END;
-    CREATE TRIGGER egress_touch_u AFTER UPDATE OF url, kind, country, enabled ON egress
+    CREATE TRIGGER egress_touch_u AFTER UPDATE OF url, kind, country, weight, enabled ON egress
         BEGIN {_TOUCH}; END;
     CREATE TRIGGER egress_touch_d AFTER DELETE ON egress BEGIN {_TOUCH}; END;
     """,

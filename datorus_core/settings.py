@@ -195,6 +195,46 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stripe_currency", str, "usd", "Currency of Stripe top-ups (amounts are in cents)."),
 )
 
+# -- the egress pool (issue 5) -------------------------------------------------------------
+
+
+def _check_url(v: str) -> None:
+    from urllib.parse import urlsplit
+
+    if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+        raise SettingsError("must be an http:// or https:// URL (or empty)")
+
+
+SETTINGS += (
+    Setting(
+        "egress_check_url",
+        str,
+        "",
+        "URL fetched through every egress by the health check; it should answer with the"
+        " caller's IP (empty: TCP checks only).",
+        _check_url,
+    ),
+    Setting(
+        "egress_check_seconds", int, 30, "Seconds between health checks of an egress.", _positive
+    ),
+    Setting(
+        "egress_check_timeout", int, 10, "Seconds a health check may take per stage.", _positive
+    ),
+    Setting(
+        "block_markers",
+        Sequence[str],
+        ["g-recaptcha", "h-captcha", "cf-chl-", "/cdn-cgi/challenge-platform", "px-captcha"],
+        "Text in a response body (first 64 KiB, any case) that marks a block page.",
+    ),
+    Setting(
+        "block_seconds",
+        int,
+        30,
+        "First back-off of a blocked (egress, domain); it doubles per further block.",
+        _positive,
+    ),
+)
+
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
 

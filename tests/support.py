@@ -603,3 +603,192 @@ class ApiProcess:
                 self.proc.wait(5)
         if self.proc is not None:
             self.logf.close()
+
+
+# -- egress pool (issue 5): upstream proxies and a blocking origin --------------------------
+
+
+class UpstreamProxy:
+    """A real threaded HTTP CONNECT proxy on 127.0.0.1 that the test can stop and start.
+
+    Its outgoing connections leave from *source* (a loopback alias), so an origin that
+    echoes the peer address shows which proxy a request went through. With *user*
+    and *password* set it demands ``Proxy-Authorization`` (407 otherwise); every
+    value it saw is kept in ``auth_seen`` (the customer's must never arrive here).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        user: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
+        self.source = source
+        self.tls = tls
+        self.user, self.password = user, password
+        self.port = free_port()
+        self.auth_seen: list[str | None] = []
+        self.connects = 0
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.live: set[socket.socket] = set()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.user}:{self.password}@" if self.user is not None else ""
+        return f"{'https' if self.tls else 'http'}://{auth}127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listener and every open connection (as a crashed proxy would)."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            self.sock = None
+        with self.lock:
+            live, self.live = self.live, set()
+        for c in live:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.live.add(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        c.settimeout(30)
+        try:
+            if self.tls is not None:
+                c = self.tls.wrap_socket(c, server_side=True)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = c.recv(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            hdrs = {
+                k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+            }
+            auth = hdrs.get("proxy-authorization")
+            with self.lock:
+                self.auth_seen.append(auth)
+            if self.user is not None and auth != basic(self.user, self.password or ""):
+                c.sendall(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+                )
+                return
+            if method != "CONNECT":
+                c.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.rpartition(":")
+            try:
+                up = socket.create_connection((host.strip("[]"), int(port)), 10, (self.source, 0))
+            except OSError:
+                c.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
+            with self.lock:
+                self.connects += 1
+                self.live.add(up)
+            c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                up.sendall(rest)
+            t = threading.Thread(target=self._pump, args=(up, c), daemon=True)
+            t.start()
+            self._pump(c, up)
+            t.join(30)
+        except (OSError, ValueError):
+            return
+        finally:
+            c.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+class BlockingHandler(OriginHandler):
+    """An origin that echoes the peer address, and answers a block page to chosen peers.
+
+    ``/peer`` answers the peer address, ``/judge`` it and the request headers as JSON;
+    ``/guarded`` answers 403 with a block page to
+    a peer in ``server.blocked`` and the peer address to everyone else; ``/marked``
+    answers 200 with a captcha page to a blocked peer; ``/reset`` resets a blocked peer's
+    connection before answering.
+    """
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        peer = self.client_address[0]
+        blocked = peer in self.server.blocked  # type: ignore[attr-defined]
+        self.server.peers.append(peer)  # type: ignore[attr-defined]
+        page = b"<html><body>Are you a robot? <div class='g-recaptcha'></div></body></html>"
+        if path == "/guarded" and blocked:
+            self._send(403, page, "text/html")
+        elif path == "/marked" and blocked:
+            self._send(200, page, "text/html")
+        elif path == "/reset" and blocked:  # drop the connection with a TCP reset
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            self.connection.close()
+            self.close_connection = True
+        elif path == "/judge":  # a proxy judge: the caller's address and the headers it sent
+            body = {"ip": peer, "headers": {k: v for k, v in self.headers.items()}}
+            self._send(200, json.dumps(body).encode(), "application/json")
+        elif path in ("/guarded", "/marked", "/peer", "/reset"):
+            self._send(200, peer.encode(), "text/plain")
+        else:
+            super().do_GET()
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class BlockingOrigin(Origin):
+    """A :class:`BlockingHandler` origin on *host* (IPv4 or IPv6)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        cls = _Server6 if ":" in host else ThreadingHTTPServer
+        self.server = cls((host, 0), BlockingHandler)
+        self.server.daemon_threads = True
+        self.server.seen = []  # type: ignore[attr-defined]
+        self.server.blocked = set()  # type: ignore[attr-defined]
+        self.server.peers = []  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self.host = f"[{host}]" if ":" in host else host
+        self.scheme = "http"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def blocked(self) -> set[str]:
+        return self.server.blocked  # type: ignore[attr-defined]

@@ -1,0 +1,528 @@
+"""Egress: each request leaves by the right way out, and keeps leaving by it per session.
+
+Two addons:
+
+- :class:`RouteOptions` runs *before* auth. It reads the routing options a client
+  sent (``X-Datorus-Session-Id``, ``X-Datorus-Country``, seed 001's ``X-Geo``, and
+  the same in the proxy username, ``USER[-country-CC][-session-ID]``), rewrites
+  ``Proxy-Authorization`` to the bare credential for auth, and removes ``X-Geo``.
+- :class:`EgressRouter` runs last. Per forward request and CONNECT it picks the
+  egress (the session's, or a healthy one weighted by score), binds the source
+  address or opens the tunnel through the upstream proxy when mitmproxy opens the
+  server connection, judges responses for blocks, and checks every egress on a
+  schedule.
+
+Mechanism (*internal*, mitmproxy 12.2.3): ``server_connect`` gets no flow, so the
+choice is kept per client connection (one request at a time on HTTP/1). A source
+address is bound by setting ``server.sockname``. An upstream proxy is reached by
+pointing ``server.address`` at the proxy and running the CONNECT (or SOCKS5)
+handshake in ``server_connected``, before mitmproxy uses the connection, so tunnels
+and plain HTTP go the same way and the customer's ``Proxy-Authorization`` never
+leaves. mitmproxy reuses server connections per client connection by address, not
+by egress: before a request whose egress differs, the old ones are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import http
+
+from datorus_core import egress as eg
+from datorus_core.egress_io import HandshakeError, check_egress, handshake
+from datorus_core.envelope import DatorusError
+from datorus_core.schema import connect
+from datorus_core.sessions import SessionTable, parse_username, valid_session_id
+
+from .auth import parse_basic
+from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
+
+log = logging.getLogger("datorus")
+
+ROUTE = "datorus_route"
+_SNIFF = 65536  # bytes of a body searched for block-page markers
+_BUFFER_MAX = 262144  # small text bodies are held back so the verdict can be a header
+
+
+@dataclass(slots=True)
+class Route:
+    """What the client asked for: a session and a country."""
+
+    session_id: str | None = None
+    country: str | None = None
+    bad_country: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Choice:
+    """The egress of a client connection's current request."""
+
+    egress: eg.Egress
+    source: str | None
+    fc: FlowCtx
+    failed: str | None = None  # why the tunnel through the upstream proxy was not set up
+
+    @property
+    def key(self) -> tuple[int, str | None]:
+        return (self.egress.id, self.source)
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class RouteOptions:
+    """Read routing options from headers and username (before auth)."""
+
+    name = "datorus_route_options"
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._read(flow)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._read(flow)
+
+    @staticmethod
+    def _read(flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        headers = flow.request.headers
+        route = Route()
+        creds = parse_basic(headers.get("proxy-authorization"))
+        if creds is not None and "-" in creds[0]:
+            try:
+                opts = parse_username(creds[0])
+            except ValueError:
+                opts = None  # not a Datorus username: auth refuses it as it stands
+            if opts is not None:
+                headers["proxy-authorization"] = _basic(opts.username, creds[1])
+                route.session_id, route.country = opts.session_id, opts.country
+        sid = headers.get("x-datorus-session-id")
+        if sid is not None and valid_session_id(sid):
+            route.session_id = sid
+        for name in ("x-datorus-country", "x-geo"):
+            value = headers.get(name)
+            if value is not None:
+                if eg.valid_country(value.strip()):
+                    route.country = value.strip().lower()
+                else:
+                    route.bad_country = name
+        if "x-geo" in headers:
+            del headers["x-geo"]
+        flow.metadata[ROUTE] = route
+
+
+class EgressRouter:
+    """Choose, apply and judge the egress of every request and tunnel."""
+
+    name = "datorus_egress"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.pool = eg.Pool()
+        self.sessions: SessionTable | None = None
+        self.current: dict[str, Choice] = {}  # client id -> choice of its current request
+        self.conn_key: dict[str, tuple[int, str | None] | None] = {}  # server conn id -> key
+        self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
+        self.dirty = True
+        self.task: asyncio.Task | None = None
+        self.checking: set[int] = set()
+        self.next_check: dict[int, float] = {}
+        self.db = None
+        self.lock = threading.Lock()
+        self.rng = random.Random()
+        self.block_statuses: frozenset[int] = frozenset({403, 429})
+        self.markers: tuple[bytes, ...] = ()
+
+    # -- settings and the pool ---------------------------------------------------------
+
+    def configure(self, updated: set[str]) -> None:
+        s = self.gw.settings
+        if "session_ttl" in s and (
+            self.sessions is None
+            or self.sessions.ttl != s["session_ttl"]
+            or self.sessions.max_sessions != s["max_sessions"]
+        ):
+            old = self.sessions
+            self.sessions = SessionTable(s["session_ttl"], s["max_sessions"])
+            if old is not None:
+                self.sessions.table = old.table
+        if "block_statuses" in s:
+            self.block_statuses = frozenset(int(x) for x in s["block_statuses"])
+            self.markers = tuple(m.lower().encode() for m in s["block_markers"] if m)
+
+    def on_snapshot(self, rt: Any) -> None:
+        """The ledger changed: reload the pool at the next tick."""
+        self.dirty = True
+
+    def running(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus egress")
+
+    async def done(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                self.db.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                if self.dirty and self.gw.runtime.loaded:
+                    self.dirty = False
+                    await self._load()
+                self._schedule_checks()
+                if self.sessions is not None:
+                    self.sessions.sweep(time.monotonic())
+            except Exception as e:  # never let the loop die: routing depends on it
+                self.dirty = True
+                log.warning("datorus: egress refresh failed: %s", e)
+
+    def _sql(self, sql: str, args: tuple | list = ()) -> list:
+        if self.db is None:
+            self.db = connect(self.gw.settings["db"])
+        return self.db.execute(sql, args).fetchall()
+
+    def _query(self, sql: str) -> list:
+        with self.lock:
+            return self._sql(sql)
+
+    async def _load(self) -> None:
+        rows = await asyncio.to_thread(
+            self._query, "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
+        )
+        items = []
+        for eid, url, country, weight, enabled, score in rows:
+            try:
+                spec = eg.parse_egress_url(url)
+            except ValueError as e:
+                log.warning("datorus: egress %s has a bad URL (%s): skipped", eid, e)
+                continue
+            items.append(
+                eg.Egress(
+                    eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score
+                )
+            )
+        before = {
+            (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
+        }
+        self.pool.replace(items)
+        for eid in [k for k in self.next_check if k not in self.pool.by_id]:
+            del self.next_check[eid]
+        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
+        if after != before:
+            enabled = sum(e.enabled for e in items)
+            log.info("datorus: egress pool: %d (%d enabled)", len(items), enabled)
+
+    # -- choosing ----------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._route(flow, tunnel=False)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._route(flow, tunnel=True)
+
+    def _route(self, flow: http.HTTPFlow, tunnel: bool) -> None:
+        fc = flow_ctx(flow)
+        route: Route | None = flow.metadata.get(ROUTE)
+        if route is None:
+            return
+        if route.session_id:
+            if fc is not None:
+                fc.session_id = route.session_id
+            if flow.response is not None:
+                flow.response.headers["X-Datorus-Session-Id"] = route.session_id
+        cid = flow.client_conn.id
+        if flow.response is not None or fc is None or fc.cred is None:
+            return
+        if route.bad_country:
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "VALIDATION_ERROR",
+                    message="The country must be a two-letter code.",
+                    details={"field": route.bad_country, "reason": "must be two letters"},
+                ),
+            )
+            return
+        if not self.pool.by_id:
+            # no pool configured: the box's default route for everything (targeting is
+            # not enforced: there is nothing to choose from)
+            self.current.pop(cid, None)
+            if not tunnel:
+                self._close_stale(cid, None)
+            return
+        now = time.monotonic()
+        domain = fc.host.lower()
+        family = 6 if ":" in flow.request.host else 4  # the address the AUP check pinned
+        e = None
+        sessions = self.sessions
+        sid = route.session_id
+        if sid and sessions is not None:
+            eid = sessions.get(fc.account.id, sid, now)
+            if eid is not None:
+                e = self.pool.by_id.get(eid)
+                if e is not None and not (
+                    self.pool.usable(e, domain, now, family)
+                    and (route.country is None or e.country == route.country)
+                ):
+                    e = None  # unhealthy or no longer matching: the session moves
+        if e is None:
+            try:
+                e = self.pool.pick(domain, route.country, now, self.rng, family=family)
+            except eg.NoEgress as x:
+                details = {"reason": x.reason, **x.details}
+                if x.reason == "no_healthy_egress":
+                    # seed 001's retry guidance: when the first excluded egress comes back
+                    health = eg.domain_health(self.pool, domain, now)
+                    details["retryAfterSeconds"] = health["retryAfterSeconds"]
+                self.gw.reject(
+                    flow,
+                    fc,
+                    DatorusError(
+                        "UPSTREAM_FAILED",
+                        message="No healthy egress can reach this destination right now.",
+                        details=details,
+                    ),
+                )
+                return
+            if sid and sessions is not None:
+                sessions.put(fc.account.id, sid, e.id, now)
+        source = eg.source_for(e.spec, f"{fc.account.id}/{sid}" if sid else None, self.rng)
+        fc.egress = e
+        choice = Choice(e, source, fc)
+        self.current[cid] = choice
+        if not tunnel:
+            self._close_stale(cid, choice.key)
+
+    def _close_stale(self, client_id: str, key: tuple[int, str | None] | None) -> None:
+        """Close this client's server connections that belong to another egress (*internal*)."""
+        h = self.gw.handler(client_id)
+        if h is None:
+            return
+        for conn in list(h.transports):
+            if conn is h.client or not getattr(conn, "connected", False):
+                continue
+            if self.conn_key.get(conn.id) != key:
+                with contextlib.suppress(Exception):
+                    h.close_connection(conn)
+
+    # -- applying ----------------------------------------------------------------------
+
+    def server_connect(self, data) -> None:
+        choice = self.current.get(data.client.id)
+        server = data.server
+        self.conn_key[server.id] = choice.key if choice is not None else None
+        if choice is None:
+            return
+        spec = choice.egress.spec
+        if spec.is_proxy:
+            self.via[server.id] = (choice, server.address)
+            server.address = (spec.host, spec.port)
+        elif choice.source is not None:
+            server.sockname = (choice.source, 0)
+
+    async def server_connected(self, data) -> None:
+        entry = self.via.pop(data.server.id, None)
+        if entry is None:
+            return
+        choice, target = entry
+        h = self.gw.handler(data.client.id)
+        io = h.transports.get(data.server) if h is not None else None
+        # the connection is open: mitmproxy guards address changes, but its reuse check
+        # must see the target again (*internal*)
+        data.server.__dict__["address"] = target
+        if io is None or io.reader is None:
+            return
+        reader = getattr(io.reader, "inner", io.reader)
+        writer = getattr(io.writer, "inner", io.writer)
+        timeout = self.gw.settings.get("upstream_timeout", 30)
+        try:
+            await asyncio.wait_for(handshake(choice.egress.spec, *target, reader, writer), timeout)
+        except (HandshakeError, OSError, TimeoutError) as e:
+            why = str(e) or type(e).__name__
+            if not getattr(e, "target", False):
+                log.info("datorus: egress %s failed: %s", choice.egress.id, why)
+                choice.egress.failed(time.monotonic())
+            choice.failed = why
+            writer.close()
+        else:
+            choice.egress.succeeded()
+
+    def server_connect_error(self, data) -> None:
+        entry = self.via.pop(data.server.id, None)
+        choice = self.current.get(data.client.id)
+        if entry is not None:
+            choice = entry[0]
+            data.server.address = entry[1]
+        if choice is None:
+            return
+        why = str(data.server.error or "")
+        # a proxy that cannot be reached is down; for a direct egress a refused or
+        # unreachable target is the target's fault, only a failed bind is the egress's
+        if entry is not None or (choice.source and "assign requested address" in why.lower()):
+            log.info("datorus: egress %s could not connect: %s", choice.egress.id, why)
+            choice.egress.failed(time.monotonic())
+
+    def server_disconnected(self, data) -> None:
+        self.conn_key.pop(data.server.id, None)
+        self.via.pop(data.server.id, None)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        choice = self.current.get(flow.client_conn.id)
+        fc = flow_ctx(flow)
+        if choice is None or choice.failed is None or fc is None or choice.fc is not fc:
+            return
+        why = choice.failed
+        flow.response = self.gw.error_response(
+            fc, DatorusError("UPSTREAM_FAILED", details={"reason": why, "egress": fc.egress.id})
+        )
+
+    def client_disconnected(self, client) -> None:
+        self.current.pop(client.id, None)
+
+    # -- judging -----------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is None or fc.answered or fc.egress is None or fc.kind == TUNNEL:
+            return
+        e: eg.Egress = fc.egress
+        resp = flow.response
+        domain = fc.host.lower()
+        if resp.status_code < 200 or resp.status_code in (204, 304):
+            return  # upgrades (WebSocket) and bodiless answers: nothing to judge
+        if resp.status_code in self.block_statuses:
+            self._blocked(fc, resp, f"status {resp.status_code}")
+            return
+        if not self.markers:
+            e.unblocked(domain)
+            return
+        ctype = resp.headers.get("content-type", "").lower()
+        if ctype and "html" not in ctype and "text" not in ctype and "json" not in ctype:
+            e.unblocked(domain)
+            return
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= _BUFFER_MAX:
+            resp.stream = False  # small: judge it whole, then the verdict can be a header
+            return
+        seen = bytearray()
+        markers = self.markers
+
+        def sniff(chunk: bytes) -> bytes:
+            if len(seen) < _SNIFF and chunk:
+                seen.extend(chunk[: _SNIFF - len(seen)])
+                if eg.find_marker(bytes(seen), markers):
+                    self._blocked(fc, None, "block-page marker")
+                    seen.extend(b"\0" * _SNIFF)  # judged: stop looking
+            return chunk
+
+        resp.stream = sniff
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is None or fc.answered or fc.egress is None or fc.kind == TUNNEL:
+            return
+        resp = flow.response
+        if resp.stream or resp.status_code in self.block_statuses or resp.status_code < 200:
+            return
+        marker = eg.find_marker((resp.raw_content or b"")[:_SNIFF], self.markers)
+        if marker:
+            self._blocked(fc, resp, f"marker {marker.decode(errors='replace')}")
+        else:
+            fc.egress.unblocked(fc.host.lower())
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is None or fc.egress is None or fc.answered:
+            return
+        choice = self.current.get(flow.client_conn.id)
+        if choice is not None and choice.fc is fc and choice.failed is not None:
+            return  # the upstream proxy failed us, not the target: counted as a failure
+        msg = (flow.error.msg if flow.error else "").lower()
+        if fc.timed_out:
+            self._blocked(fc, None, "timeout")
+        elif not fc.status and "client" not in msg and ("reset" in msg or "server" in msg):
+            # the target dropped the connection before any answer: a reset-style block
+            self._blocked(fc, None, msg[:60])
+
+    def _blocked(self, fc: FlowCtx, resp: http.Response | None, why: str) -> None:
+        e: eg.Egress = fc.egress
+        state = e.blocked(fc.host.lower(), time.monotonic(), self.gw.settings["block_seconds"])
+        if resp is not None:
+            resp.headers["X-Datorus-Blocked"] = "1"
+        log.info("datorus: egress %s blocked by %s (%s): now %s", e.id, fc.host, why, state)
+
+    # -- health checks -----------------------------------------------------------------
+
+    def _schedule_checks(self) -> None:
+        now = time.monotonic()
+        period = self.gw.settings.get("egress_check_seconds", 30)
+        for e in self.pool.by_id.values():
+            if not e.enabled or e.id in self.checking:
+                continue
+            due = self.next_check.get(e.id)
+            if due is None:
+                # first check soon, spread over a second so a big pool does not burst
+                self.next_check[e.id] = now + self.rng.random()
+                continue
+            if due <= now and len(self.checking) < 20:
+                self.next_check[e.id] = now + period
+                self.checking.add(e.id)
+                asyncio.get_running_loop().create_task(self._check(e))
+
+    async def _check(self, e: eg.Egress) -> None:
+        s = self.gw.settings
+        try:
+            r = await check_egress(e.spec, s["egress_check_url"], s["egress_check_timeout"])
+            now = time.monotonic()
+            e.record_check(r.ok, r.latency_ms, now)
+            if r.exit_ip:
+                e.exit_ip = r.exit_ip
+            self.pool.reweigh()
+            await asyncio.to_thread(self._store_check, e, r)
+        except Exception as x:
+            log.warning("datorus: health check of egress %s failed to run: %s", e.id, x)
+        finally:
+            self.checking.discard(e.id)
+
+    def _store_check(self, e: eg.Egress, r) -> None:
+        with self.lock:
+            self._store_check_locked(e, r)
+
+    def _store_check_locked(self, e: eg.Egress, r) -> None:
+        self._sql("BEGIN IMMEDIATE")
+        try:
+            self._sql(
+                "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
+                " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?",
+                (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, e.id),
+            )
+            self._sql(
+                "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
+                " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
+                " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
+                (e.score, round(e.uptime * 100, 2), e.latency_ms, r.exit_ip, r.anonymity, e.id),
+            )
+            self._sql(
+                "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
+                " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
+                " LIMIT 1 OFFSET 500)",
+                (e.id, e.id),
+            )
+            self._sql("COMMIT")
+        except BaseException:
+            self._sql("ROLLBACK")
+            raise

@@ -1,0 +1,114 @@
+"""Operator operations on the egress pool in the ledger (synchronous, sqlite-utils).
+
+Every change bumps ``config_version`` (a trigger), so a running gateway picks it
+up within ``refresh_ms``. Check results are written by the gateway itself and do
+not bump the version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlite_utils
+
+from .egress import parse_egress_url, valid_country
+from .envelope import DatorusError
+from .ledger import transaction
+
+_COLUMNS = (
+    "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
+    " anonymity, last_checked_at, created_at"
+)
+
+
+def _validation(field: str, reason: str) -> DatorusError:
+    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    spec = parse_egress_url(r["url"])
+    return {
+        "id": r["id"],
+        "url": spec.public_url(),
+        "kind": r["kind"],
+        "country": r["country"],
+        "weight": r["weight"],
+        "enabled": bool(r["enabled"]),
+        "score": r["score"],
+        "uptimePct": r["uptime_pct"],
+        "avgLatencyMs": r["avg_latency_ms"],
+        "exitIp": r["exit_ip"],
+        "anonymity": r["anonymity"],
+        "lastCheckedAt": r["last_checked_at"],
+        "createdAt": r["created_at"],
+    }
+
+
+def add_egress(
+    db: sqlite_utils.Database, url: str, country: str | None = None, weight: int = 1
+) -> dict[str, Any]:
+    """Add an egress; idempotent (the same URL again returns it with ``created: false``)."""
+    try:
+        spec = parse_egress_url(url)
+    except ValueError as e:
+        raise _validation("url", str(e)) from None
+    if country is not None and not valid_country(country):
+        raise _validation("country", "must be a two-letter country code")
+    if weight < 1:
+        raise _validation("weight", "must be >= 1")
+    kind = "source" if spec.kind == "direct" and (spec.source or spec.prefix) else spec.kind
+    with transaction(db):
+        exists = db.conn.execute("SELECT id FROM egress WHERE url = ?", (spec.url,)).fetchone()
+        if exists:
+            return {**get_egress(db, int(exists[0])), "created": False}
+        cur = db.conn.execute(
+            "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?)",
+            (spec.url, kind, country.lower() if country else None, weight),
+        )
+    return {**get_egress(db, int(cur.lastrowid)), "created": True}
+
+
+def get_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+    """One egress; RESOURCE_NOT_FOUND if there is none."""
+    rows = list(db.query(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", [egress_id]))
+    if not rows:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
+    return _row(rows[0])
+
+
+def list_egress(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every egress, passwords hidden."""
+    return [_row(r) for r in db.query(f"SELECT {_COLUMNS} FROM egress ORDER BY id")]
+
+
+def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+    """Remove an egress and its check history."""
+    with transaction(db):
+        cur = db.conn.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
+    if cur.rowcount == 0:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
+    return {"id": egress_id, "removed": True}
+
+
+def set_enabled(db: sqlite_utils.Database, egress_id: int, enabled: bool) -> dict[str, Any]:
+    """Enable or disable an egress (a disabled one carries no new request)."""
+    with transaction(db):
+        cur = db.conn.execute(
+            "UPDATE egress SET enabled = ? WHERE id = ?", (1 if enabled else 0, egress_id)
+        )
+    if cur.rowcount == 0:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
+    return {"id": egress_id, "enabled": enabled}
+
+
+def recent_checks(
+    db: sqlite_utils.Database, egress_id: int, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The latest background checks of one egress, newest first."""
+    return list(
+        db.query(
+            "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
+            " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
+            [egress_id, limit],
+        )
+    )

@@ -1,0 +1,129 @@
+"""Sticky sessions: (account, session id) pinned to one egress while the session lives.
+
+Also the routing options a client can put in its proxy username, for clients that
+cannot add headers to CONNECT (browsers, most scraping tools)::
+
+    USERNAME[-country-CC][-session-SESSIONID]
+
+Datorus usernames are lowercase letters and digits, never ``-``, so the first ``-``
+ends the username. ``country-CC`` takes exactly two letters. ``session-`` must be
+the last option: everything after it is the session id, so every valid id
+(``[A-Za-z0-9_-]{1,128}``, dashes included) reads one way only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def valid_session_id(value: str | None) -> bool:
+    """True for a valid ``X-Datorus-Session-Id``."""
+    return value is not None and SESSION_ID_RE.match(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class UsernameOptions:
+    """A proxy username split into the credential and its routing options."""
+
+    username: str
+    session_id: str | None = None
+    country: str | None = None
+
+
+def parse_username(raw: str) -> UsernameOptions | None:
+    """Split ``USER[-country-CC][-session-ID]``; None when *raw* carries no options.
+
+    Raises ValueError when options are present but malformed (an unknown option, a
+    country that is not two letters, an invalid session id): such a username is not
+    a Datorus username and must not authenticate.
+    """
+    base, sep, rest = raw.partition("-")
+    if not sep:
+        return None
+    if not base:
+        raise ValueError("empty username")
+    country = None
+    session = None
+    while rest:
+        key, _, value = rest.partition("-")
+        if key == "session":
+            if not valid_session_id(value):
+                raise ValueError("invalid session id")
+            session = value
+            break
+        if key == "country" and country is None:
+            cc, dash, rest = value.partition("-")
+            if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
+                raise ValueError("country must be two letters")
+            country = cc.lower()
+            if dash and not rest:
+                raise ValueError("dangling '-'")
+            continue
+        raise ValueError(f"unknown username option {key!r}")
+    return UsernameOptions(base, session, country)
+
+
+class SessionTable:
+    """Live sticky sessions, least recently used first (an LRU over an OrderedDict).
+
+    Each entry is ``(account_id, session_id) -> (egress_id, last_used)``. A session
+    idle for ``ttl`` seconds is gone; past ``max_sessions`` the one idle longest is
+    evicted. Every operation is O(1) (expiry is amortised: each entry is dropped once).
+    """
+
+    __slots__ = ("evicted", "expired", "max_sessions", "table", "ttl")
+
+    def __init__(self, ttl: float, max_sessions: int) -> None:
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self.table: OrderedDict[tuple[int, str], tuple[int, float]] = OrderedDict()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, account_id: int, session_id: str, now: float) -> int | None:
+        """The egress pinned for the session, if it lives (touching it), else None."""
+        key = (account_id, session_id)
+        entry = self.table.get(key)
+        if entry is None:
+            return None
+        if now - entry[1] >= self.ttl:
+            del self.table[key]
+            self.expired += 1
+            return None
+        self.table[key] = (entry[0], now)
+        self.table.move_to_end(key)
+        return entry[0]
+
+    def put(self, account_id: int, session_id: str, egress_id: int, now: float) -> None:
+        """Pin (or re-pin) a session to *egress_id*."""
+        key = (account_id, session_id)
+        self.table[key] = (egress_id, now)
+        self.table.move_to_end(key)
+        self.sweep(now, budget=2)
+        while len(self.table) > self.max_sessions:
+            self.table.popitem(last=False)
+            self.evicted += 1
+
+    def drop(self, account_id: int, session_id: str) -> None:
+        """End a session."""
+        self.table.pop((account_id, session_id), None)
+
+    def sweep(self, now: float, budget: int = 1000) -> int:
+        """Drop up to *budget* idle sessions from the oldest end; returns how many went."""
+        n = 0
+        t = self.table
+        while t and n < budget:
+            key, (_, last) = next(iter(t.items()))
+            if now - last < self.ttl:
+                break
+            del t[key]
+            n += 1
+        self.expired += n
+        return n
