@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
 from addons.auth import ProxyAuth  # noqa: E402
 from addons.context import Gateway  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
+from addons.lean import Lean  # noqa: E402
 from addons.limits import RateLimits  # noqa: E402
 from addons.metering import Metering  # noqa: E402
 from addons.options import LedgerTask, Options  # noqa: E402
@@ -38,4 +39,5 @@ addons = [
     _policy,
     _metering,
     Relay(gateway),
+    Lean(gateway),  # last: it only acts once, when the gateway runs
 ]

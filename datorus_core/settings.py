@@ -171,6 +171,13 @@ SETTINGS: tuple[Setting, ...] = (
         "http://127.0.0.1:8002",
         "Base URL customers use for the API (links in mail).",
     ),
+    Setting(
+        "lean",
+        bool,
+        True,
+        "Leave idle mitmproxy addons out of the hook chain and cache hook look-ups "
+        "(see addons/lean.py); false restores mitmproxy's own dispatch.",
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
