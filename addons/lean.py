@@ -18,8 +18,8 @@ largest item in a profile of the gateway under load. Two things take it away:
    ``trigger_event`` and ``handle_lifecycle`` are replaced on the instance by versions
    that call a cached list of bound hooks, grouped per chain item, each group inside
    mitmproxy's own ``safecall`` (so an addon's exception is logged and the next item
-   still runs, and ``AddonHalt`` stops the event, exactly as before). ``register`` and
-   ``remove`` clear the cache.
+   still runs, and ``AddonHalt`` stops the event, exactly as before), with the hook's
+   arguments built once per event. ``register`` and ``remove`` clear the cache.
 
 Both lean on mitmproxy internals (*internal*: ``AddonManager.chain``, ``trigger_event``,
 ``handle_lifecycle``, ``safecall``, ``traverse``); mitmproxy is pinned and
@@ -29,6 +29,7 @@ turns all of this off.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
@@ -125,6 +126,7 @@ class LeanDispatch:
     def __init__(self, manager: AddonManager) -> None:
         self.m = manager
         self.cache: dict[str, list[Group]] = {}
+        self.fields: dict[type, tuple[str, ...]] = {}
         self._register, self._remove = manager.register, manager.remove
 
     def install(self) -> None:
@@ -162,11 +164,18 @@ class LeanDispatch:
             self.cache[name] = groups
         return groups
 
+    def args(self, event: hooks.Hook) -> list[Any]:
+        """``event.args()`` with the dataclass field names looked up once per hook type."""
+        names = self.fields.get(type(event))
+        if names is None:
+            names = self.fields[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+        return [getattr(event, n) for n in names]
+
     async def trigger_event(self, event: hooks.Hook) -> None:
         groups = self.groups(event.name)
         if not groups:
             return
-        args = event.args()
+        args = self.args(event)
         for funcs in groups:
             try:
                 with safecall():
@@ -180,7 +189,7 @@ class LeanDispatch:
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.groups("update"):
-            message = event.args()[0]
+            message = self.args(event)[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 
