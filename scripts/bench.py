@@ -306,36 +306,30 @@ class Proxy:
         return self.proc.pid
 
 
-def start_proxy(children: Children, tmp: Path, key: str, db: Path | None, creds: Any) -> Proxy:
-    """``mitmdump -q`` on a free port; with *db*, the Datorus gateway on that ledger."""
+GATEWAY_SETTINGS = {  # rate limits far above what the bench sends; the REST API off
+    "api_port": 0, "rps": 10_000_000, "burst": 10_000_000, "max_tunnels": 100_000,
+}  # fmt: skip
+
+
+def start_proxy(
+    children: Children, tmp: Path, key: str, script: str | None = None, db: Path | None = None,
+    creds: tuple[str, str] | None = None,
+) -> Proxy:  # fmt: skip
+    """``mitmdump -q`` on a free port; with *script*, the Datorus gateway on ledger *db*."""
     port = free_port()
-    cmd = [
-        tool("mitmdump") or "mitmdump",
-        "-q",
-        "--listen-host",
-        HOST,
-        "--listen-port",
-        str(port),
-        "--set",
-        f"confdir={tmp / ('mitm-' + key)}",
-    ]
-    if db is None:
+    cmd = [tool("mitmdump") or "mitmdump", "-q", "--listen-host", HOST, "--listen-port", str(port)]
+    cmd += ["--set", f"confdir={tmp / ('mitm-' + key)}"]
+    if script is None:
         cmd += ["--ignore-hosts", ".*"]  # TLS passes through, as Datorus passes it
     else:
         cmd += [
             "-s",
-            "addons/datorus.py",
+            script,
             "--set",
             f"datorus_db={db}",
-            "--set",
-            "datorus_api_port=0",
-            "--set",
-            "datorus_rps=10000000",
-            "--set",
-            "datorus_burst=10000000",
-            "--set",
-            "datorus_max_tunnels=100000",
         ]
+        for k, v in GATEWAY_SETTINGS.items():
+            cmd += ["--set", f"datorus_{k}={v}"]
     return Proxy(key, port, children.spawn(key, cmd), creds)
 
 
@@ -349,6 +343,15 @@ def prepare_ledger(db: Path) -> tuple[str, str]:
     ledger.add_policy_rule(d, "allow", "127.0.0.0/8")
     d.conn.close()
     return cred["username"], cred["password"]
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite ledger (the backup API)."""
+    with (
+        contextlib.closing(sqlite3.connect(src)) as a,
+        contextlib.closing(sqlite3.connect(dst)) as b,
+    ):
+        a.backup(b)
 
 
 def seed_accounts(db: Path, accounts: int) -> None:
@@ -545,16 +548,22 @@ class Bench:
         return {"mbps": float(speed) / 1e6, "cpu_s": cpu}
 
     def round(self) -> None:
-        """One round: each figure for bare and gateway back to back (order alternating)."""
+        """One round: each figure for every proxy back to back, the order reversed each round.
+
+        The gateway without metering and the 10,000-account gateway run at c50 only, next
+        to the gateway's own c50 run whichever way the round goes.
+        """
         self.rounds.append({})
         n = len(self.rounds)
-        pair = [self.proxies["bare"], self.proxies["datorus"]]
+        order = [
+            self.proxies[k] for k in ("bare", "datorus", "nometer", "scale") if k in self.proxies
+        ]
         if n % 2 == 0:
-            pair.reverse()
-        secs = self.args.seconds
+            order.reverse()
+        pair = [p for p in order if p.key in ("bare", "datorus")]
         for conc in (1, C50):
-            for p in pair:
-                r = self.forward(p, conc, secs)
+            for p in pair if conc == 1 else order:
+                r = self.forward(p, conc, self.args.seconds)
                 for k in ("rps", "p50", "p99", "cpu_ms"):
                     self.put(p.key, f"c{conc}_{k}", r.get(k))
                 log(
@@ -562,11 +571,6 @@ class Bench:
                     f"p50 {r.get('p50', 0):6.2f} ms  p99 {r.get('p99', 0):6.2f} ms  "
                     f"cpu {r.get('cpu_ms', 0):.3f} ms/req"
                 )
-        if "scale" in self.proxies:
-            r = self.forward(self.proxies["scale"], C50, secs)
-            self.put("scale", "c50_rps", r.get("rps"))
-            self.put("scale", "c50_cpu_ms", r.get("cpu_ms"))
-            self.put("scale", "c50_p99", r.get("p99"))
         for p in pair:
             t = self.tunnels(p, self.args.tunnels)
             self.put(p.key, "tunnels_s", t.get("rate"))
@@ -582,32 +586,26 @@ class Bench:
             log(f"round {n}: {p.key:<8} 100 MB  {d.get('mbps') or 0:8.0f} MB/s")
 
     def fill_rss(self, targets: tuple[int, int]) -> None:
-        """Forward requests until bare and gateway have served each target; read RSS there.
+        """Forward requests (c50) until each proxy has served a target; read its RSS there.
 
-        Both are filled at once (two ab processes) to keep the run short; RSS is not a
-        timing figure, so sharing the cores costs it nothing.
+        Bare mitmdump, the reference, goes to the first target only (its RSS is known to
+        stay flat, and it is the slower of the two): the gateway alone goes on to the
+        second. Up to the first target both are filled at once, by two ab processes.
         """
-        for target in targets:
-            procs = []
-            for p in (self.proxies["bare"], self.proxies["datorus"]):
+        lo, hi = targets
+        for target, proxies in ((lo, ("bare", "datorus")), (hi, ("datorus",))):
+            running = []
+            for p in (self.proxies[k] for k in proxies):
                 left = target - p.requests
                 if left > 0:
                     self._n += 1
-                    csv = self.tmp / f"ab{self._n}.csv"
-                    cmd = ab_cmd(p, self.origin, C50, 0, left, csv)
-                    procs.append(
-                        (
-                            p,
-                            left,
-                            subprocess.Popen(
-                                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                            ),
-                        )
-                    )
-            for p, left, proc in procs:
+                    cmd = ab_cmd(p, self.origin, C50, 0, left, self.tmp / f"ab{self._n}.csv")
+                    out = subprocess.DEVNULL
+                    running.append((p, left, subprocess.Popen(cmd, stdout=out, stderr=out)))
+            for p, left, proc in running:
                 proc.wait(900)
                 p.requests += left
-            for p in (self.proxies["bare"], self.proxies["datorus"]):
+            for p in (self.proxies[k] for k in proxies):
                 p.rss[target] = rss_mb(p.pid)
                 log(f"RSS {p.key:<8} {p.rss[target] or 0:6.1f} MiB after {p.requests:,} requests")
 
@@ -627,11 +625,7 @@ def ledger_write_rate(db: Path, seconds: float) -> dict[str, Any]:
     from datorus_core.settings import resolve_defaults
 
     copy = db.with_name("rate.db")
-    with (
-        contextlib.closing(sqlite3.connect(db)) as a,
-        contextlib.closing(sqlite3.connect(copy)) as b,
-    ):
-        a.backup(b)
+    copy_db(db, copy)
 
     async def go() -> dict[str, Any]:
         link = LedgerLink(str(copy))
@@ -794,25 +788,17 @@ def summarize(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
     b, g = bench.proxies["bare"], bench.proxies["datorus"]
     lo, hi = bench.args.rss_at
     for n in (lo, hi):
-        rows.append(
-            [
-                f"RSS MiB after {n:,} requests",
-                num(b.rss.get(n), 1),
-                num(g.rss.get(n), 1),
-                "",
-                "",
-                "",
-            ]
-        )
+        rows.append([f"RSS MiB after {n:,} requests", num(b.rss.get(n), 1), num(g.rss.get(n), 1)])
+        rows[-1] += ["", "", ""]
     if g.rss.get(lo) and g.rss.get(hi):
         growth = g.rss[hi] - g.rss[lo]
         rows.append(
             [
                 f"RSS growth {lo:,} -> {hi:,}",
-                num(b.rss[hi] - b.rss[lo], 1),
+                "-",
                 num(growth, 1),
                 "",
-                "flat",
+                "flat (< 5 MiB)",
                 "PASS" if growth < 5 else "MISS",
             ]
         )
@@ -864,6 +850,21 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             f" c50, {num(sc_cpu, 3)} CPU ms/req (1 account: {num(gw_rps, 0)} req/s, "
             f"{num(gw_cpu, 3)} ms/req)"
         )
+    if "nometer" in bench.proxies:
+        rel = [r["datorus"]["c50_rps"] / r["nometer"]["c50_rps"] for r in rounds
+               if r["datorus"].get("c50_rps") and r["nometer"].get("c50_rps")]  # fmt: skip
+        nm_rps = med([r["nometer"].get("c50_rps") for r in rounds])
+        nm_cpu = med([r["nometer"].get("c50_cpu_ms") for r in rounds])
+        gw_cpu = med([r["datorus"].get("c50_cpu_ms") for r in rounds])
+        ratio = med(rel)
+        x["metering"] = {"nometer_c50_rps": nm_rps, "nometer_c50_cpu_ms": nm_cpu,
+                         "ratio_on_to_off": ratio, "datorus_c50_cpu_ms": gw_cpu}  # fmt: skip
+        cost = "-" if ratio is None else f"{(1 - ratio) * 100:+.1f} %"
+        print(
+            f"metering: gateway without Metering {num(nm_rps, 0)} req/s c50, {num(nm_cpu, 3)} "
+            f"CPU ms/req; with it {num(gw_cpu, 3)} ms/req; throughput cost {cost} "
+            "(median of per-round ratios; target <= 5 %)"
+        )
     s = x.get("sticky_100k")
     print(
         "scale: 100,000 live sticky sessions: "
@@ -910,6 +911,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--accounts", type=int, help="accounts in the scale ledger (default 10000; 0 skips)"
     )
+    ap.add_argument(
+        "--no-metering-run", action="store_true", help="skip the gateway-without-metering runs"
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     ap.add_argument("--python-origin", action="store_true", help="use bench_origin.py, not nginx")
     ap.add_argument("--no-install", action="store_true", help="never run apt-get or pip")
@@ -933,18 +937,20 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
     log(f"origin: {origin.kind} on :{origin.http} (HTTP) and :{origin.https} (HTTPS)")
     db = tmp / "bench.db"
     creds = prepare_ledger(db)
-    bench.proxies["bare"] = start_proxy(children, tmp, "bare", None, None)
-    bench.proxies["datorus"] = start_proxy(children, tmp, "datorus", db, creds)
+    bench.proxies["bare"] = start_proxy(children, tmp, "bare")
+    bench.proxies["datorus"] = start_proxy(children, tmp, "datorus", "addons/datorus.py", db, creds)
+    if not args.no_metering_run:
+        nm_db = tmp / "nometer.db"
+        copy_db(db, nm_db)
+        nm_script = "scripts/bench_no_metering.py"
+        bench.proxies["nometer"] = start_proxy(children, tmp, "nometer", nm_script, nm_db, creds)
     if args.accounts:
         scale_db = tmp / "scale.db"
-        with (
-            contextlib.closing(sqlite3.connect(db)) as a,
-            contextlib.closing(sqlite3.connect(scale_db)) as b,
-        ):
-            a.backup(b)
+        copy_db(db, scale_db)
         log(f"seeding {args.accounts:,} accounts and credentials")
         seed_accounts(scale_db, args.accounts)
-        bench.proxies["scale"] = start_proxy(children, tmp, "scale", scale_db, creds)
+        scale = start_proxy(children, tmp, "scale", "addons/datorus.py", scale_db, creds)
+        bench.proxies["scale"] = scale
     for p in bench.proxies.values():
         children.wait_port(p.proc, p.key, p.port, 60)
         probe(p, origin)
