@@ -713,15 +713,7 @@ def profile(bench: Bench, seconds: float) -> dict[str, Any]:
             continue
         total += int(n)
         frames = stack.split(";")
-        addon = next(
-            (
-                re.search(r"addons/(\w+)\.py", f)
-                for f in reversed(frames)
-                if "addons/" in f and "mitmproxy" not in f
-            ),
-            None,
-        )
-        by_addon[addon.group(1) if addon else "(mitmproxy, asyncio, protocol)"] += int(n)
+        by_addon[attribute(frames)] += int(n)
         by_func[frames[-1]] += int(n)
     if not total:
         return {}
@@ -734,6 +726,24 @@ def profile(bench: Bench, seconds: float) -> dict[str, Any]:
         "ms_per_req": {k: round(v / 100 * cpu_ms, 4) for k, v in shares.items()},
         "top_self": [(f, round(n / total * 100, 1)) for f, n in by_func.most_common(15)],
     }
+
+
+def attribute(frames: list[str]) -> str:
+    """The Datorus addon file a sample belongs to: the innermost one on its stack.
+
+    ``lean`` calls every hook, mitmproxy's own included: a sample below it in a
+    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch.
+    """
+    rest = "(mitmproxy, asyncio, protocol)"
+    if any("aiosqlite/" in f for f in frames):
+        return "ledger I/O thread (aiosqlite)"
+    for i in range(len(frames) - 1, -1, -1):
+        m = re.search(r"[(/]addons/(\w+)\.py", frames[i])
+        if m and "mitmproxy/" not in frames[i]:
+            if m.group(1) == "lean":
+                return rest if any("mitmproxy/" in f for f in frames[i + 1 :]) else "lean dispatch"
+            return m.group(1)
+    return rest
 
 
 def sticky_sessions_figure(bench: Bench) -> dict[str, Any] | None:
