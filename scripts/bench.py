@@ -722,7 +722,9 @@ def attribute(frames: list[str]) -> str:
     """The Datorus addon file a sample belongs to: the innermost one on its stack.
 
     ``lean`` calls every hook, mitmproxy's own included: a sample below it in a
-    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch.
+    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch. Socket
+    I/O that merely passes through an addon (the metered stream wrappers) is not the
+    addon's either.
     """
     rest = "(mitmproxy, asyncio, protocol)"
     if any("aiosqlite/" in f for f in frames):
@@ -732,6 +734,8 @@ def attribute(frames: list[str]) -> str:
         if m and "mitmproxy/" not in frames[i]:
             if m.group(1) == "lean":
                 return rest if any("mitmproxy/" in f for f in frames[i + 1 :]) else "lean dispatch"
+            if i + 1 < len(frames) and "asyncio/" in frames[i + 1]:
+                return rest  # socket I/O passing through (the metered reader and writer)
             return m.group(1)
     return rest
 

@@ -46,6 +46,10 @@ def test_profile_samples_go_to_the_innermost_datorus_addon() -> None:
     assert bench.attribute([mitm, lean, "Proxyserver.x (mitmproxy/addons/proxyserver.py:1)"]) == (
         "(mitmproxy, asyncio, protocol)"
     )
+    write = "MeteredWriter.write (addons/metering.py:78)"
+    assert bench.attribute([mitm, write, "StreamWriter.write (asyncio/streams.py:343)"]) == (
+        "(mitmproxy, asyncio, protocol)"
+    )
     thread = "_connection_worker_thread (aiosqlite/core.py:63)"
     assert bench.attribute(["Thread.run (threading.py:1010)", thread]) == (
         "ledger I/O thread (aiosqlite)"
