@@ -235,5 +235,14 @@ class Lean:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if self.full is not None and updated & WATCHED:
-            self.trim()
+        if self.full is None or not updated & WATCHED:
+            return
+        m = ctx.master.addons
+        before = {id(a) for a in m.chain}
+        self.trim()
+        # an addon back in the chain missed this configure event (and any while it was
+        # out): give it every option, as at start-up
+        everything = set(ctx.options.keys())
+        for a in m.chain:
+            if id(a) not in before:
+                m.invoke_addon_sync(a, hooks.ConfigureHook(everything))

@@ -95,6 +95,17 @@ def test_an_addon_whose_option_is_set_stays_and_comes_back_when_set_later(master
     assert anticache.AntiCache not in chain_types(master)
 
 
+def test_an_addon_brought_back_at_run_time_is_configured(master) -> None:
+    lean = Lean(Gateway())
+    master.addons.add(lean)
+    lean.running()
+    mh = master.addons.get("modifyheaders")
+    assert type(mh) not in chain_types(master)
+    master.options.update(modify_headers=["/~q/X-Bench/1"])
+    assert mh in master.addons.chain
+    assert len(mh.replacements) == 1
+
+
 def test_lean_false_changes_nothing(master) -> None:
     gw = Gateway()
     gw.settings["lean"] = False
