@@ -256,31 +256,12 @@ def start_origin(children: Children, tmp: Path, force_python: bool) -> Origin:
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = NGINX_CONF.format(user=user, tmp=tmp, host=HOST, http=http, https=https, pem=pem)
         (tmp / "nginx.conf").write_text(conf)
-        cmd = [
-            "nginx",
-            "-p",
-            str(tmp),
-            "-c",
-            str(tmp / "nginx.conf"),
-            "-e",
-            str(tmp / "nginx-error.log"),
-            "-g",
-            "daemon off;",
-        ]
+        cmd = ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
+               "-e", str(tmp / "nginx-error.log"), "-g", "daemon off;"]  # fmt: skip
         kind = "nginx " + run(["nginx", "-v"], 10).stderr.strip().split("/")[-1]
     else:
-        cmd = [
-            sys.executable,
-            str(REPO / "scripts" / "bench_origin.py"),
-            "--http-port",
-            str(http),
-            "--https-port",
-            str(https),
-            "--cert",
-            str(pem),
-            "--key",
-            str(pem),
-        ]
+        cmd = [sys.executable, str(REPO / "scripts" / "bench_origin.py"), "--http-port", str(http),
+               "--https-port", str(https), "--cert", str(pem), "--key", str(pem)]  # fmt: skip
         kind = "scripts/bench_origin.py (asyncio)"
     proc = children.spawn("origin", cmd)
     children.wait_port(proc, "origin", http, 20)
@@ -420,23 +401,8 @@ def ab_cmd(
     ``-H 'Connection: keep-alive'``: mitmproxy compares the Connection token
     case-sensitively, and ab's own ``Keep-Alive`` alone makes it close every connection.
     """
-    cmd = [
-        "ab",
-        "-q",
-        "-k",
-        "-H",
-        "Connection: keep-alive",
-        "-c",
-        str(conc),
-        "-s",
-        "30",
-        "-n",
-        str(count),
-        "-e",
-        str(csv),
-        "-X",
-        f"{HOST}:{proxy.port}",
-    ]
+    cmd = ["ab", "-q", "-k", "-H", "Connection: keep-alive", "-c", str(conc), "-s", "30",
+           "-n", str(count), "-e", str(csv), "-X", f"{HOST}:{proxy.port}"]  # fmt: skip
     if seconds:
         cmd[1:1] = ["-t", str(max(1, round(seconds)))]
     if proxy.creds:
@@ -497,16 +463,8 @@ class Bench:
 
     def tunnels(self, p: Proxy, count: int) -> dict[str, Any]:
         """CONNECT+TLS+GET+close, *count* of them, 50 at once (the ``_tunnels`` client)."""
-        cmd = [
-            sys.executable,
-            __file__,
-            "_tunnels",
-            str(p.port),
-            str(self.origin.https),
-            str(self.origin.ca),
-            str(count),
-            b64(p.creds) if p.creds else "",
-        ]
+        cmd = [sys.executable, __file__, "_tunnels", str(p.port), str(self.origin.https),
+               str(self.origin.ca), str(count), b64(p.creds) if p.creds else ""]  # fmt: skip
         before = cpu_seconds(p.pid)
         done = run(cmd, timeout=300)
         try:
@@ -521,22 +479,9 @@ class Bench:
 
     def download(self, p: Proxy) -> dict[str, Any]:
         """The 100 MB file over HTTPS through one tunnel with curl: MB/s (10^6 B/s)."""
-        cmd = [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "120",
-            "--noproxy",
-            "",
-            "--cacert",
-            str(self.origin.ca),
-            "-x",
-            f"http://{HOST}:{p.port}",
-            "-w",
-            "%{http_code} %{speed_download} %{size_download}",
-        ]
+        cmd = ["curl", "-sS", "-o", "/dev/null", "--max-time", "120", "--noproxy", "",
+               "--cacert", str(self.origin.ca), "-x", f"http://{HOST}:{p.port}",
+               "-w", "%{http_code} %{speed_download} %{size_download}"]  # fmt: skip
         if p.creds:
             cmd += ["--proxy-user", f"{p.creds[0]}:{p.creds[1]}"]
         before = cpu_seconds(p.pid)
@@ -669,25 +614,9 @@ def profile(bench: Bench, seconds: float) -> dict[str, Any]:
         return {}
     p = bench.proxies["datorus"]
     out = bench.tmp / "profile.txt"
-    rec = subprocess.Popen(
-        [
-            spy,
-            "record",
-            "--format",
-            "raw",
-            "-r",
-            "250",
-            "-d",
-            str(int(seconds) + 1),
-            "--nonblocking",
-            "-o",
-            str(out),
-            "--pid",
-            str(p.pid),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    cmd = [spy, "record", "--format", "raw", "-r", "250", "-d", str(int(seconds) + 1),
+           "--nonblocking", "-o", str(out), "--pid", str(p.pid)]  # fmt: skip
+    rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # py-spy attaching; the load below runs past its end either way
     load = bench.forward(p, C50, seconds)
     rec.wait(60)
@@ -853,11 +782,8 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     """Print everything; return the JSON document."""
     rows, summary = summarize(bench)
     print()
-    print(
-        render(
-            rows, ["figure (median of rounds)", "bare mitmdump", "datorus", "ratio", "target", ""]
-        )
-    )
+    header = ["figure (median of rounds)", "bare mitmdump", "datorus", "ratio", "target", ""]
+    print(render(rows, header))
     print()
     rounds = bench.rounds
     x = bench.extra
@@ -873,10 +799,9 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             "ratio_to_1_account": sc_rps / gw_rps if sc_rps and gw_rps else None,
         }
         print(
-            f"scale: {bench.args.accounts:,} accounts+credentials in the ledger: "
-            f"{num(sc_rps, 0)} req/s"
-            f" c50, {num(sc_cpu, 3)} CPU ms/req (1 account: {num(gw_rps, 0)} req/s, "
-            f"{num(gw_cpu, 3)} ms/req)"
+            f"scale: {bench.args.accounts:,} accounts+credentials in the ledger: {num(sc_rps, 0)}"
+            f" req/s c50, {num(sc_cpu, 3)} CPU ms/req (1 account: {num(gw_rps, 0)} req/s,"
+            f" {num(gw_cpu, 3)} ms/req)"
         )
     if "nometer" in bench.proxies:
         x["metering"] = metering_cost(rounds)
@@ -886,16 +811,10 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             f" against the same gateway without Metering (c50, median of per-round ratios;"
             f" {num(m['off_cpu_ms'], 3)} -> {num(m['on_cpu_ms'], 3)} CPU ms/req)"
         )
-    s = x.get("sticky_100k")
-    print(
-        "scale: 100,000 live sticky sessions: "
-        + (
-            json.dumps(s)
-            if s
-            else "not measured yet "
-            "(sticky sessions come with the egress work; hook: sticky_sessions_figure)"
-        )
+    sticky = x.get("sticky_100k") or (
+        "not measured yet (sticky sessions come with the egress work; hook: sticky_sessions_figure)"
     )
+    print(f"scale: 100,000 live sticky sessions: {sticky}")
     if "ledger" in x:
         lr = x["ledger"]
         print(
