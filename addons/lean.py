@@ -16,10 +16,11 @@ largest item in a profile of the gateway under load. Two things take it away:
    ``disable_h2c``, and every addon this module does not know.
 2. **Hook functions are looked up once per event name**, not per event: the manager's
    ``trigger_event`` and ``handle_lifecycle`` are replaced on the instance by versions
-   that call a cached list of bound hooks, grouped per chain item, each group inside
-   mitmproxy's own ``safecall`` (so an addon's exception is logged and the next item
-   still runs, and ``AddonHalt`` stops the event, exactly as before), with the hook's
-   arguments built once per event. ``register`` and ``remove`` clear the cache.
+   that call a cached list of bound hooks, grouped per chain item, with the hook's
+   arguments built once per event. An exception in a group goes through mitmproxy's own
+   ``safecall`` (logged, and the next item still runs; ``AddonHalt`` stops the event),
+   exactly as before, without its context manager on every call. ``register`` and
+   ``remove`` clear the cache.
 
 Both lean on mitmproxy internals (*internal*: ``AddonManager.chain``, ``trigger_event``,
 ``handle_lifecycle``, ``safecall``, ``traverse``); mitmproxy is pinned and
@@ -178,13 +179,17 @@ class LeanDispatch:
         args = self.args(event)
         for funcs in groups:
             try:
-                with safecall():
-                    for func in funcs:
-                        res = func(*args)
-                        if res is not None and inspect.isawaitable(res):
-                            await res
+                for func in funcs:
+                    res = func(*args)
+                    if res is not None and inspect.isawaitable(res):
+                        await res
             except AddonHalt:
                 return
+            except Exception:
+                # the error path only: mitmproxy's safecall logs it (and re-raises
+                # OptionsError) exactly as its own dispatch would
+                with safecall():
+                    raise
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)

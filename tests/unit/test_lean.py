@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from mitmproxy import addonmanager, hooks, options
 from mitmproxy.addons import anticache, core, modifyheaders, next_layer, proxyserver, tlsconfig
-from mitmproxy.exceptions import AddonHalt
+from mitmproxy.exceptions import AddonHalt, OptionsError
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
@@ -145,6 +145,15 @@ def test_addon_halt_stops_the_event(master) -> None:
     master.addons.add(Recorder("a", calls, AddonHalt), Recorder("b", calls))
     LeanDispatch(master.addons).install()
     run(master, master.addons.trigger_event(HttpRequestHook(tflow.tflow())))
+    assert calls == ["a"]
+
+
+def test_an_options_error_propagates_as_in_mitmproxy(master) -> None:
+    calls: list[str] = []
+    master.addons.add(Recorder("a", calls, OptionsError), Recorder("b", calls))
+    LeanDispatch(master.addons).install()
+    with pytest.raises(OptionsError):
+        run(master, master.addons.trigger_event(HttpRequestHook(tflow.tflow())))
     assert calls == ["a"]
 
 
