@@ -559,21 +559,31 @@ class Bench:
 # -- scale, ledger rate, profile ---------------------------------------------------------
 
 
-def ledger_write_rate(db: Path, seconds: float) -> dict[str, Any]:
+def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, Any]:
     """Usage events/s the gateway's ledger writer sustains, on a copy of *db*.
 
     Events are built by ``Runtime.settle`` as the metering addon builds them (one
     settled forward request with its receipt and a random request id, spread over every
     account of the ledger) and written with ``LedgerLink.write`` in batches of
-    ``flush_events`` (2,000); the rate counts the time spent writing only.
+    ``flush_events`` (2,000); the rate counts the time spent writing only. With
+    *receipts*, the copy first gets that many old receipts (random ids, as the gateway's
+    are): a ledger that has been running for a while.
     """
 
     from datorus_core.ledger_sync import LedgerLink
     from datorus_core.runtime import Runtime
     from datorus_core.settings import resolve_defaults
 
-    copy = db.with_name("rate.db")
+    copy = db.with_name(f"rate{receipts}.db")
     copy_db(db, copy)
+    if receipts:
+        old = "2026-01-01T00:00:00Z"
+        with contextlib.closing(sqlite3.connect(copy)) as c, c:
+            c.executemany(
+                "INSERT INTO receipts VALUES (?, ?, ?, 'GET', 'example.com', 80, 200, 100, 1000,"
+                " 0, 0, ?, ?)",
+                ((str(uuid.uuid4()), 1, 1, old, old) for _ in range(receipts)),
+            )
 
     async def go() -> dict[str, Any]:
         link = LedgerLink(str(copy))
@@ -597,7 +607,12 @@ def ledger_write_rate(db: Path, seconds: float) -> dict[str, Any]:
             writing += time.perf_counter() - w0
             events += per
         await link.close()
-        return {"events_per_s": events / writing, "batch": per, "accounts": len(rt.accounts)}
+        return {
+            "events_per_s": events / writing,
+            "batch": per,
+            "accounts": len(rt.accounts),
+            "receipts_before": receipts,
+        }
 
     return asyncio.run(go())
 
@@ -816,10 +831,12 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     )
     print(f"scale: 100,000 live sticky sessions: {sticky}")
     if "ledger" in x:
-        lr = x["ledger"]
+        lr, aged = x["ledger"], x["ledger_aged"]
         print(
             f"ledger: the usage writer sustains {lr['events_per_s']:,.0f} events/s (batches of"
-            f" {lr['batch']:,} with a receipt each, over {lr['accounts']:,} accounts)"
+            f" {lr['batch']:,} with a receipt each, over {lr['accounts']:,} accounts);"
+            f" {aged['events_per_s']:,.0f} events/s with {aged['receipts_before']:,} receipts"
+            " already written"
         )
     if x.get("profile"):
         pr = x["profile"]
@@ -911,7 +928,9 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
     bench.fill_rss(args.rss_at)
     if args.accounts:
         log("ledger write rate")
-        bench.extra["ledger"] = ledger_write_rate(tmp / "scale.db", 2.0 if args.quick else 3.0)
+        secs, old = (2.0, 50_000) if args.quick else (3.0, 300_000)
+        bench.extra["ledger"] = ledger_write_rate(tmp / "scale.db", secs)
+        bench.extra["ledger_aged"] = ledger_write_rate(tmp / "scale.db", secs, receipts=old)
     bench.extra["sticky_100k"] = sticky_sessions_figure(bench)
     if not args.no_profile:
         log("profiling the gateway with py-spy")
