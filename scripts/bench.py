@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -563,13 +562,14 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
     """Usage events/s the gateway's ledger writer sustains, on a copy of *db*.
 
     Events are built by ``Runtime.settle`` as the metering addon builds them (one
-    settled forward request with its receipt and a random request id, spread over every
+    settled forward request with its receipt and the gateway's request id, spread over every
     account of the ledger) and written with ``LedgerLink.write`` in batches of
     ``flush_events`` (2,000); the rate counts the time spent writing only. With
-    *receipts*, the copy first gets that many old receipts (random ids, as the gateway's
-    are): a ledger that has been running for a while.
+    *receipts*, the copy first gets that many old receipts: a ledger that has been
+    running for a while.
     """
 
+    from datorus_core.envelope import new_request_id
     from datorus_core.ledger_sync import LedgerLink
     from datorus_core.runtime import Runtime
     from datorus_core.settings import resolve_defaults
@@ -582,7 +582,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
             c.executemany(
                 "INSERT INTO receipts VALUES (?, ?, ?, 'GET', 'example.com', 80, 200, 100, 1000,"
                 " 0, 0, ?, ?)",
-                ((str(uuid.uuid4()), 1, 1, old, old) for _ in range(receipts)),
+                ((new_request_id(), 1, 1, old, old) for _ in range(receipts)),
             )
 
     async def go() -> dict[str, Any]:
@@ -598,7 +598,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
         while time.perf_counter() - t0 < seconds:
             for _ in range(per):
                 cred = random.choice(creds)
-                receipt = (str(uuid.uuid4()), cred.account.id, cred.id, "GET", "127.0.0.1", 80,
+                receipt = (new_request_id(), cred.account.id, cred.id, "GET", "127.0.0.1", 80,
                            200, 120, 1200, 0, 0, stamp, stamp)  # fmt: skip
                 rt.settle(cred, 120, 1200, 0)
                 rt.settle(cred, 0, 0, 0, requests=1, receipt=receipt)
