@@ -21,7 +21,7 @@ import time
 
 from mitmproxy import http
 
-from datorus_core.envelope import DatorusError
+from datorus_core.envelope import DatorusError, new_request_id
 from datorus_core.hashing import cache_key, verify_secret
 from datorus_core.runtime import CredentialState
 
@@ -91,7 +91,7 @@ class ProxyAuth:
     def _check(self, flow: http.HTTPFlow):
         gw = self.gw
         req = flow.request
-        fc = FlowCtx(flow.id, flow.client_conn.id, req.method, req.host, req.port)
+        fc = FlowCtx(new_request_id(), flow.client_conn.id, req.method, req.host, req.port)
         flow.metadata["datorus"] = fc
         rt = gw.runtime
         bad = malformed(req)

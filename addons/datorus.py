@@ -20,6 +20,7 @@ from addons.context import Gateway  # noqa: E402
 from addons.egress import EgressRouter, RouteOptions  # noqa: E402
 from addons.errors import ErrorPages  # noqa: E402
 from addons.hardening import Hardening  # noqa: E402
+from addons.lean import Lean  # noqa: E402
 from addons.limits import RateLimits  # noqa: E402
 from addons.metering import Metering  # noqa: E402
 from addons.options import LedgerTask, Options  # noqa: E402
@@ -50,3 +51,6 @@ addons = [
 _egress = EgressRouter(gateway)
 _ledger.on_snapshot.append(_egress.on_snapshot)
 addons.append(_egress)
+
+# last: it only acts once, when the gateway runs, and must see every addon above
+addons.append(Lean(gateway))

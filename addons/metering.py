@@ -84,6 +84,23 @@ class MeteredWriter:
         return getattr(self.inner, name)
 
 
+SMALL_BODY = 64 * 1024
+
+
+def small_body_fits(response: http.Response, fc: FlowCtx) -> bool:
+    """Whether a response body may be relayed whole instead of streamed.
+
+    Streaming writes the head and each chunk separately: one more send per response.
+    A body of known length up to 64 KiB that the account's allowance already covers
+    is held and written with its head (counting is at the socket either way).
+    """
+    cl = response.headers.get("content-length", "")
+    if not cl.isdigit() or int(cl) > SMALL_BODY:
+        return False
+    acc = fc.account
+    return int(cl) + 8192 < acc.allowance - acc.inflight
+
+
 class Metering:
     """Admit, count, settle and cut."""
 
@@ -169,7 +186,8 @@ class Metering:
         if fc is None or fc.answered or fc.cred is None:
             return
         fc.status = flow.response.status_code
-        flow.response.stream = True
+        if not small_body_fits(flow.response, fc):
+            flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)

@@ -12,6 +12,7 @@ REST API and the CLI's ``--json`` mode all build their errors here::
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -76,8 +77,15 @@ def utc_timestamp(now: float | None = None) -> str:
 
 
 def new_request_id() -> str:
-    """A fresh request id (a UUID4 string)."""
-    return str(uuid.uuid4())
+    """A fresh request id: a UUIDv7 (RFC 9562), 48 bits of Unix milliseconds, 74 random.
+
+    Time-ordered ids keep the ledger's receipts primary-key index growing at its end:
+    with random (v4) ids its inserts scatter, and the usage writer slowed from about
+    19,000 to 10,000 events/s once 300,000 receipts were written (``scripts/bench``).
+    """
+    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80
+    value |= int.from_bytes(os.urandom(10), "big") & ~(0xF << 76 | 0x3 << 62)
+    return str(uuid.UUID(int=value | 0x7 << 76 | 0x2 << 62))
 
 
 class DatorusError(Exception):

@@ -73,6 +73,17 @@ class CredentialState:
         return max(0, self.max_bytes - self.used - self.inflight)
 
 
+_DAY: list[Any] = [None, ""]  # (days since the epoch, "YYYY-MM-DD") last formatted
+
+
+def utc_day(now: float | None = None) -> str:
+    """``YYYY-MM-DD`` (UTC) for *now*, formatted once per day: tunnels settle per chunk."""
+    n = int((time.time() if now is None else now) // 86400)
+    if n != _DAY[0]:
+        _DAY[0], _DAY[1] = n, time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
+    return _DAY[1]
+
+
 @dataclass(slots=True)
 class UsageBatch:
     """Usage waiting to be written in one ledger transaction."""
@@ -284,7 +295,7 @@ class Runtime:
         row[1] -= c.trial_bytes
         row[2] += nbytes
         row[3] += requests
-        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        day = utc_day(now)
         key = (acc.id, cred.id, day)
         d = b.daily.get(key)
         if d is None:

@@ -233,6 +233,13 @@ SETTINGS += (
         "First back-off of a blocked (egress, domain); it doubles per further block.",
         _positive,
     ),
+    Setting(
+        "lean",
+        bool,
+        True,
+        "Leave idle mitmproxy addons out of the hook chain and cache hook look-ups "
+        "(see addons/lean.py); false restores mitmproxy's own dispatch.",
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

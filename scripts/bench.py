@@ -1,0 +1,1041 @@
+"""Datorus benchmark: bare mitmdump against the Datorus gateway, interleaved, on loopback.
+
+``scripts/bench`` runs this file with the project's Python. One run:
+
+1. installs nginx and ApacheBench with apt-get when they are missing (and py-spy with
+   pip, for the profile); without nginx it serves from ``scripts/bench_origin.py``;
+2. starts an origin on 127.0.0.1 (HTTP and HTTPS, ``/1k`` and ``/100m``), a bare
+   ``mitmdump`` that passes TLS through (``--ignore-hosts '.*'``), the Datorus gateway on
+   a fresh ledger (auth, metering, rate limits set far above the load, policy on) and a
+   second gateway whose ledger holds 10,000 accounts and credentials;
+3. measures bare and gateway interleaved for several rounds and prints the medians and
+   the ratio to bare measured in the same round, then the RSS after 20,000 and 100,000
+   requests, the scale figures, the ledger's usage-event write rate and a py-spy
+   profile of the gateway that says what each Datorus addon costs.
+
+Everything it starts is stopped on exit, Ctrl-C included. ``_tunnels`` is an internal
+subcommand: the CONNECT+TLS+GET client, run as its own process so its CPU is not ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LARGE_BYTES = 100 * 1000 * 1000
+C50 = 50
+T0 = time.monotonic()
+
+
+# -- processes and /proc -----------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, stamped with the seconds since start."""
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def tool(name: str) -> str | None:
+    """``$REPO/.venv/bin/NAME`` when it exists, else NAME on PATH."""
+    venv = REPO / ".venv" / "bin" / name
+    return str(venv) if venv.exists() else shutil.which(name)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without proxy variables, so no client is sent anywhere else."""
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+
+def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a short command with a time limit, capturing its text output."""
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+
+
+def free_port() -> int:
+    """A currently free TCP port on the loopback address."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds the process has used (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float | None:
+    """The process's resident set size in MiB, or None when it is gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+class Children:
+    """Every long-running process this run started (each in its own process group)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        """Start *cmd* with its output in ``TMP/NAME.log``."""
+        with open(self.tmp / f"{name}.log", "wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=clean_env(),
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def wait_port(
+        self, proc: subprocess.Popen[bytes], name: str, port: int, timeout: float
+    ) -> None:
+        """Poll until *port* accepts connections; exit with the log tail if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
+                return
+            time.sleep(0.1)
+        text = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()[-8:]
+        raise SystemExit(f"bench: {name} did not listen on :{port}\n" + "\n".join(text))
+
+    def stop_all(self) -> None:
+        """SIGTERM every process group, then SIGKILL what lingers."""
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(8)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- set-up: packages, certificates, origin ----------------------------------------------
+
+
+def ensure_tools(install: bool) -> str:
+    """Install nginx and ab (apt-get) and py-spy (pip) when missing; what happened."""
+    notes = []
+    apt = [
+        p for p, exe in (("nginx-light", "nginx"), ("apache2-utils", "ab")) if not shutil.which(exe)
+    ]
+    if apt and install and shutil.which("apt-get") and os.geteuid() == 0:
+        log(f"installing {' '.join(apt)} with apt-get")
+        env = clean_env() | {"DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *apt]
+        for attempt in range(2):
+            if subprocess.run(cmd, capture_output=True, env=env, timeout=300).returncode == 0:
+                break
+            if attempt == 0:
+                subprocess.run(
+                    ["apt-get", "update", "-q"], capture_output=True, env=env, timeout=300
+                )
+        notes.append(f"apt-get installed {' '.join(apt)}")
+    if not tool("py-spy") and install:
+        log("installing py-spy with pip (for the profile)")
+        run([sys.executable, "-m", "pip", "install", "-q", "py-spy>=0.3,<0.5"], timeout=300)
+        notes.append("pip installed py-spy")
+    if not shutil.which("ab"):
+        raise SystemExit("bench: ApacheBench (ab) is required: apt-get install apache2-utils")
+    if not shutil.which("curl"):
+        raise SystemExit("bench: curl is required: apt-get install curl")
+    return "; ".join(notes) or "nothing installed"
+
+
+def make_certs(tmp: Path) -> tuple[Path, Path]:
+    """A throwaway CA and a 127.0.0.1 leaf (mitmproxy's own helpers): (ca.pem, leaf.pem)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from mitmproxy import certs
+
+    key, ca = certs.create_ca("datorus bench", "datorus bench CA", 2048)
+    leaf = certs.dummy_cert(key, ca, "127.0.0.1", [x509.IPAddress(ipaddress.ip_address(HOST))])
+    ca_pem, leaf_pem = tmp / "ca.pem", tmp / "leaf.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    leaf_pem.write_bytes(leaf.to_pem() + key_pem)  # nginx and Python both take cert+key
+    return ca_pem, leaf_pem
+
+
+NGINX_CONF = """\
+worker_processes 1;
+{user}pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/ngx; proxy_temp_path {tmp}/ngx; fastcgi_temp_path {tmp}/ngx;
+    uwsgi_temp_path {tmp}/ngx; scgi_temp_path {tmp}/ngx;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_requests 10000000;
+    server {{ listen {host}:{http}; root {tmp}/www; }}
+    server {{ listen {host}:{https} ssl; root {tmp}/www;
+             ssl_certificate {pem}; ssl_certificate_key {pem}; }}
+}}
+"""
+
+
+@dataclass
+class Origin:
+    """The HTTP/HTTPS origin every proxy forwards to."""
+
+    kind: str
+    http: int
+    https: int
+    ca: Path
+
+    @property
+    def small(self) -> str:
+        return f"http://{HOST}:{self.http}/1k"
+
+
+def start_origin(children: Children, tmp: Path, force_python: bool) -> Origin:
+    """nginx when installed, else ``scripts/bench_origin.py``."""
+    ca, pem = make_certs(tmp)
+    http, https = free_port(), free_port()
+    if shutil.which("nginx") and not force_python:
+        (tmp / "ngx").mkdir()
+        (tmp / "www").mkdir()
+        (tmp / "www" / "1k").write_bytes(bytes(range(256)) * 4)
+        with open(tmp / "www" / "100m", "wb") as f:
+            f.truncate(LARGE_BYTES)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf = NGINX_CONF.format(user=user, tmp=tmp, host=HOST, http=http, https=https, pem=pem)
+        (tmp / "nginx.conf").write_text(conf)
+        cmd = ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
+               "-e", str(tmp / "nginx-error.log"), "-g", "daemon off;"]  # fmt: skip
+        kind = "nginx " + run(["nginx", "-v"], 10).stderr.strip().split("/")[-1]
+    else:
+        cmd = [sys.executable, str(REPO / "scripts" / "bench_origin.py"), "--http-port", str(http),
+               "--https-port", str(https), "--cert", str(pem), "--key", str(pem)]  # fmt: skip
+        kind = "scripts/bench_origin.py (asyncio)"
+    proc = children.spawn("origin", cmd)
+    children.wait_port(proc, "origin", http, 20)
+    children.wait_port(proc, "origin", https, 20)
+    return Origin(kind, http, https, ca)
+
+
+# -- the proxies and their ledgers -------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    """One proxy under test."""
+
+    key: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    creds: tuple[str, str] | None = None
+    requests: int = 0  # forward requests it has served so far
+    rss: dict[int, float | None] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+GATEWAY_SETTINGS = {  # rate limits far above what the bench sends; the REST API off
+    "api_port": 0, "rps": 10_000_000, "burst": 10_000_000, "max_tunnels": 100_000,
+}  # fmt: skip
+
+
+def start_proxy(
+    children: Children, tmp: Path, key: str, script: str | None = None, db: Path | None = None,
+    creds: tuple[str, str] | None = None,
+) -> Proxy:  # fmt: skip
+    """``mitmdump -q`` on a free port; with *script*, the Datorus gateway on ledger *db*."""
+    port = free_port()
+    cmd = [tool("mitmdump") or "mitmdump", "-q", "--listen-host", HOST, "--listen-port", str(port)]
+    cmd += ["--set", f"confdir={tmp / ('mitm-' + key)}"]
+    if script is None:
+        cmd += ["--ignore-hosts", ".*"]  # TLS passes through, as Datorus passes it
+    else:
+        cmd += [
+            "-s",
+            script,
+            "--set",
+            f"datorus_db={db}",
+        ]
+        for k, v in GATEWAY_SETTINGS.items():
+            cmd += ["--set", f"datorus_{k}={v}"]
+    return Proxy(key, port, children.spawn(key, cmd), creds)
+
+
+def prepare_ledger(db: Path) -> tuple[str, str]:
+    """A ledger with one bench account (a huge trial), its credential, loopback allowed."""
+    from datorus_core import ledger
+
+    d = ledger.open_ledger(db)
+    account = ledger.create_account(d, "bench@example.com", trial_bytes=10**15)
+    cred = ledger.create_credential(d, account["id"])
+    ledger.add_policy_rule(d, "allow", "127.0.0.0/8")
+    d.conn.close()
+    return cred["username"], cred["password"]
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite ledger (the backup API)."""
+    with (
+        contextlib.closing(sqlite3.connect(src)) as a,
+        contextlib.closing(sqlite3.connect(dst)) as b,
+    ):
+        a.backup(b)
+
+
+def seed_accounts(db: Path, accounts: int) -> None:
+    """Add *accounts* accounts with a credential each, the way the CLI creates them.
+
+    Accounts go through ``ledger.create_account``; the credentials are inserted with one
+    shared real scrypt hash in one transaction (hashing 10,000 passwords would take
+    minutes, and those passwords are never used: rows and indexes are what count).
+    """
+    from datorus_core import ledger
+    from datorus_core.hashing import hash_secret, new_username
+
+    d = ledger.open_ledger(db)
+    shared = hash_secret("filler-password-never-used")
+    ids = [
+        ledger.create_account(d, f"scale{i}@bench.example", 10**9)["id"] for i in range(accounts)
+    ]
+    with d.conn:
+        d.conn.executemany(
+            "INSERT INTO credentials (account_id, username, password_hash) VALUES (?, ?, ?)",
+            [(i, new_username(), shared) for i in ids],
+        )
+    d.conn.close()
+
+
+def probe(proxy: Proxy, origin: Origin, timeout: float = 30) -> None:
+    """Wait until one forward request through *proxy* answers 200 (exit if it never does)."""
+    auth = ""
+    if proxy.creds:
+        auth = f"Proxy-Authorization: Basic {b64(proxy.creds)}\r\n"
+    host = f"Host: {HOST}:{origin.http}\r\n"
+    req = f"GET {origin.small} HTTP/1.1\r\n{host}{auth}Connection: close\r\n\r\n"
+    deadline, status = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline and proxy.proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, proxy.port), 5) as s:
+            s.sendall(req.encode())
+            status = s.makefile("rb").readline().decode(errors="replace").strip()
+            if status.split(" ")[1:2] == ["200"]:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"bench: {proxy.key} does not forward (last answer: {status}); see its log")
+
+
+def b64(creds: tuple[str, str]) -> str:
+    """``user:password`` in base64, for Proxy-Authorization."""
+    return base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+AB_RE = {
+    "requests": re.compile(r"^Complete requests:\s+(\d+)", re.M),
+    "failed": re.compile(r"^Failed requests:\s+(\d+)", re.M),
+    "non2xx": re.compile(r"^Non-2xx responses:\s+(\d+)", re.M),
+    "rps": re.compile(r"^Requests per second:\s+([\d.]+)", re.M),
+}
+
+
+def ab_cmd(
+    proxy: Proxy, origin: Origin, conc: int, seconds: float, count: int, csv: Path
+) -> list[str]:
+    """ApacheBench with keep-alive through the proxy (``-X``, ``-P``).
+
+    ``-H 'Connection: keep-alive'``: mitmproxy compares the Connection token
+    case-sensitively, and ab's own ``Keep-Alive`` alone makes it close every connection.
+    """
+    cmd = ["ab", "-q", "-k", "-H", "Connection: keep-alive", "-c", str(conc), "-s", "30",
+           "-n", str(count), "-e", str(csv), "-X", f"{HOST}:{proxy.port}"]  # fmt: skip
+    if seconds:
+        cmd[1:1] = ["-t", str(max(1, round(seconds)))]
+    if proxy.creds:
+        cmd += ["-P", f"{proxy.creds[0]}:{proxy.creds[1]}"]
+    return [*cmd, origin.small]
+
+
+def parse_ab(out: str, csv: Path) -> dict[str, Any]:
+    """Requests, failures, req/s and the p50/p99 (from ``-e``'s CSV, sub-ms resolution)."""
+    got = {k: rx.search(out) for k, rx in AB_RE.items()}
+    if got["requests"] is None or got["rps"] is None:
+        return {"requests": 0, "error": "ab: " + (out.strip().splitlines() or ["no output"])[-1]}
+    res: dict[str, Any] = {
+        "requests": int(got["requests"].group(1)),
+        "failed": sum(int(got[k].group(1)) for k in ("failed", "non2xx") if got[k]),
+        "rps": float(got["rps"].group(1)),
+    }
+    pct = dict(line.split(",") for line in csv.read_text().splitlines()[1:])
+    res["p50"], res["p99"] = float(pct["50"]), float(pct["99"])
+    return res
+
+
+class Bench:
+    """One run: the origin, the proxies and every raw figure, per round."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, children: Children) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.children = children
+        self.origin: Origin
+        self.proxies: dict[str, Proxy] = {}
+        self.rounds: list[dict[str, dict[str, Any]]] = []
+        self.extra: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self._n = 0
+
+    def put(self, key: str, name: str, value: Any) -> None:
+        """Store a figure of proxy *key* in the current round."""
+        self.rounds[-1].setdefault(key, {})[name] = value
+
+    def forward(
+        self, p: Proxy, conc: int, seconds: float = 0, count: int = 10_000_000
+    ) -> dict[str, Any]:
+        """One ab run; adds the proxy's CPU ms per request."""
+        self._n += 1
+        csv = self.tmp / f"ab{self._n}.csv"
+        before = cpu_seconds(p.pid)
+        done = run(ab_cmd(p, self.origin, conc, seconds, count, csv), timeout=seconds + 600)
+        res = parse_ab(done.stdout + done.stderr, csv)
+        p.requests += res["requests"]
+        if res["requests"]:
+            res["cpu_ms"] = (cpu_seconds(p.pid) - before) / res["requests"] * 1000
+        if res.get("failed") or res.get("error"):
+            self.notes.append(
+                f"{p.key} c{conc}: {res.get('error') or str(res['failed']) + ' failed'}"
+            )
+        return res
+
+    def tunnels(self, p: Proxy, count: int) -> dict[str, Any]:
+        """CONNECT+TLS+GET+close, *count* of them, 50 at once (the ``_tunnels`` client)."""
+        cmd = [sys.executable, __file__, "_tunnels", str(p.port), str(self.origin.https),
+               str(self.origin.ca), str(count), b64(p.creds) if p.creds else ""]  # fmt: skip
+        before = cpu_seconds(p.pid)
+        done = run(cmd, timeout=300)
+        try:
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            res = {"ok": 0, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        if res["ok"]:
+            res["cpu_ms"] = (cpu_seconds(p.pid) - before) / res["ok"] * 1000
+        if res.get("error"):
+            self.notes.append(f"{p.key} tunnels: {res['error']}")
+        return res
+
+    def download(self, p: Proxy) -> dict[str, Any]:
+        """The 100 MB file over HTTPS through one tunnel with curl: MB/s (10^6 B/s)."""
+        cmd = ["curl", "-sS", "-o", "/dev/null", "--max-time", "120", "--noproxy", "",
+               "--cacert", str(self.origin.ca), "-x", f"http://{HOST}:{p.port}",
+               "-w", "%{http_code} %{speed_download} %{size_download}"]  # fmt: skip
+        if p.creds:
+            cmd += ["--proxy-user", f"{p.creds[0]}:{p.creds[1]}"]
+        before = cpu_seconds(p.pid)
+        done = run([*cmd, f"https://{HOST}:{self.origin.https}/100m"], timeout=150)
+        cpu = cpu_seconds(p.pid) - before
+        code, speed, size = ([*done.stdout.split(), "", "", ""])[:3]
+        if code != "200" or size != str(LARGE_BYTES):
+            self.notes.append(f"{p.key} download: HTTP {code}, {size} bytes {done.stderr.strip()}")
+            return {}
+        return {"mbps": float(speed) / 1e6, "cpu_s": cpu}
+
+    def round(self) -> None:
+        """One round: each figure for every proxy back to back, the order reversed each round.
+
+        The gateway without metering and the 10,000-account gateway run at c50 only, next
+        to the gateway's own c50 run whichever way the round goes.
+        """
+        self.rounds.append({})
+        n = len(self.rounds)
+        order = [
+            self.proxies[k] for k in ("bare", "datorus", "nometer", "scale") if k in self.proxies
+        ]
+        if n % 2 == 0:
+            order.reverse()
+        pair = [p for p in order if p.key in ("bare", "datorus")]
+        for conc in (1, C50):
+            for p in pair if conc == 1 else order:
+                r = self.forward(p, conc, self.args.seconds)
+                for k in ("rps", "p50", "p99", "cpu_ms"):
+                    self.put(p.key, f"c{conc}_{k}", r.get(k))
+                log(
+                    f"round {n}: {p.key:<8} c{conc:<2} {r.get('rps', 0):8.0f} req/s  "
+                    f"p50 {r.get('p50', 0):6.2f} ms  p99 {r.get('p99', 0):6.2f} ms  "
+                    f"cpu {r.get('cpu_ms', 0):.3f} ms/req"
+                )
+        for p in pair:
+            t = self.tunnels(p, self.args.tunnels)
+            self.put(p.key, "tunnels_s", t.get("rate"))
+            self.put(p.key, "tunnel_cpu_ms", t.get("cpu_ms"))
+            log(
+                f"round {n}: {p.key:<8} tunnels {t.get('rate') or 0:8.0f} /s  "
+                f"cpu {t.get('cpu_ms') or 0:.2f} ms/tunnel"
+            )
+        for p in pair:
+            d = self.download(p)
+            self.put(p.key, "mbps", d.get("mbps"))
+            self.put(p.key, "download_cpu_s", d.get("cpu_s"))
+            log(f"round {n}: {p.key:<8} 100 MB  {d.get('mbps') or 0:8.0f} MB/s")
+
+    def fill_rss(self, targets: tuple[int, int]) -> None:
+        """Forward requests (c50) until each proxy has served a target; read its RSS there.
+
+        Bare mitmdump, the reference, goes to the first target only (its RSS is known to
+        stay flat, and it is the slower of the two): the gateway alone goes on to the
+        second. Up to the first target both are filled at once, by two ab processes.
+        """
+        lo, hi = targets
+        for target, proxies in ((lo, ("bare", "datorus")), (hi, ("datorus",))):
+            running = []
+            for p in (self.proxies[k] for k in proxies):
+                left = target - p.requests
+                if left > 0:
+                    self._n += 1
+                    cmd = ab_cmd(p, self.origin, C50, 0, left, self.tmp / f"ab{self._n}.csv")
+                    out = subprocess.DEVNULL
+                    running.append((p, left, subprocess.Popen(cmd, stdout=out, stderr=out)))
+            for p, left, proc in running:
+                proc.wait(900)
+                p.requests += left
+            for p in (self.proxies[k] for k in proxies):
+                p.rss[target] = rss_mb(p.pid)
+                log(f"RSS {p.key:<8} {p.rss[target] or 0:6.1f} MiB after {p.requests:,} requests")
+
+
+# -- scale, ledger rate, profile ---------------------------------------------------------
+
+
+def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, Any]:
+    """Usage events/s the gateway's ledger writer sustains, on a copy of *db*.
+
+    Events are built by ``Runtime.settle`` as the metering addon builds them (one
+    settled forward request with its receipt and the gateway's request id, spread over every
+    account of the ledger) and written with ``LedgerLink.write`` in batches of
+    ``flush_events`` (2,000); the rate counts the time spent writing only. With
+    *receipts*, the copy first gets that many old receipts: a ledger that has been
+    running for a while.
+    """
+
+    from datorus_core.envelope import new_request_id
+    from datorus_core.ledger_sync import LedgerLink
+    from datorus_core.runtime import Runtime
+    from datorus_core.settings import resolve_defaults
+
+    copy = db.with_name(f"rate{receipts}.db")
+    copy_db(db, copy)
+    if receipts:
+        old = "2026-01-01T00:00:00Z"
+        with contextlib.closing(sqlite3.connect(copy)) as c, c:
+            c.executemany(
+                "INSERT INTO receipts VALUES (?, ?, ?, 'GET', 'example.com', 80, 200, 100, 1000,"
+                " 0, 0, ?, ?)",
+                ((new_request_id(), 1, 1, old, old) for _ in range(receipts)),
+            )
+
+    async def go() -> dict[str, Any]:
+        link = LedgerLink(str(copy))
+        await link.open()
+        settings = resolve_defaults()
+        rt = Runtime(settings)
+        rt.apply_snapshot(*(await link.snapshot()))
+        creds = list(rt.by_username.values())
+        per = settings["flush_events"]
+        events, writing, t0 = 0, 0.0, time.perf_counter()
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(per):
+                cred = random.choice(creds)
+                receipt = (new_request_id(), cred.account.id, cred.id, "GET", "127.0.0.1", 80,
+                           200, 120, 1200, 0, 0, stamp, stamp)  # fmt: skip
+                rt.settle(cred, 120, 1200, 0)
+                rt.settle(cred, 0, 0, 0, requests=1, receipt=receipt)
+            w0 = time.perf_counter()
+            await link.write(rt.take_batch())
+            writing += time.perf_counter() - w0
+            events += per
+        await link.close()
+        return {
+            "events_per_s": events / writing,
+            "batch": per,
+            "accounts": len(rt.accounts),
+            "receipts_before": receipts,
+        }
+
+    return asyncio.run(go())
+
+
+def profile(bench: Bench, seconds: float) -> dict[str, Any]:
+    """py-spy samples of the gateway under a c50 forward load: the share of each addon.
+
+    A sample is charged to the innermost Datorus addon file on its stack
+    (``addons/metering.py`` etc.); the rest is mitmproxy, asyncio and the protocol.
+    """
+    spy = tool("py-spy")
+    if not spy:
+        bench.notes.append("profile skipped: py-spy is not installed (pip install py-spy)")
+        return {}
+    p = bench.proxies["datorus"]
+    out = bench.tmp / "profile.txt"
+    cmd = [spy, "record", "--format", "raw", "-r", "250", "-d", str(int(seconds) + 1),
+           "--nonblocking", "-o", str(out), "--pid", str(p.pid)]  # fmt: skip
+    rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # py-spy attaching; the load below runs past its end either way
+    load = bench.forward(p, C50, seconds)
+    rec.wait(60)
+    if not out.exists():
+        bench.notes.append("profile skipped: py-spy could not attach (ptrace not permitted?)")
+        return {}
+    by_addon: collections.Counter[str] = collections.Counter()
+    by_func: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit() or "<module>" in stack.split(";")[-1]:
+            continue
+        total += int(n)
+        frames = stack.split(";")
+        by_addon[attribute(frames)] += int(n)
+        by_func[frames[-1]] += int(n)
+    if not total:
+        return {}
+    cpu_ms = load.get("cpu_ms") or 0
+    shares = {k: round(v / total * 100, 1) for k, v in by_addon.most_common()}
+    return {
+        "samples": total,
+        "cpu_ms_per_req": cpu_ms,
+        "share_pct": shares,
+        "ms_per_req": {k: round(v / 100 * cpu_ms, 4) for k, v in shares.items()},
+        "top_self": [(f, round(n / total * 100, 1)) for f, n in by_func.most_common(15)],
+    }
+
+
+def attribute(frames: list[str]) -> str:
+    """The Datorus addon file a sample belongs to: the innermost one on its stack.
+
+    ``lean`` calls every hook, mitmproxy's own included: a sample below it in a
+    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch. Socket
+    I/O that merely passes through an addon (the metered stream wrappers) is not the
+    addon's either.
+    """
+    rest = "(mitmproxy, asyncio, protocol)"
+    if any("aiosqlite/" in f for f in frames):
+        return "ledger I/O thread (aiosqlite)"
+    for i in range(len(frames) - 1, -1, -1):
+        m = re.search(r"[(/]addons/(\w+)\.py", frames[i])
+        if m and "mitmproxy/" not in frames[i]:
+            if m.group(1) == "lean":
+                return rest if any("mitmproxy/" in f for f in frames[i + 1 :]) else "lean dispatch"
+            if i + 1 < len(frames) and "asyncio/" in frames[i + 1]:
+                return rest  # socket I/O passing through (the metered reader and writer)
+            return m.group(1)
+    return rest
+
+
+def sticky_sessions_figure(bench: Bench) -> dict[str, Any] | None:
+    """Hook: cost per request with 100,000 live sticky sessions.
+
+    The egress work (sticky sessions) lands separately; when it does, seed 100,000
+    sessions here and measure like the 10,000-account scale gateway. Until then: None.
+    """
+    return None
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+ROWS = [  # label, figure, digits, compare ("ratio" or "diff"), target text, pass test
+    ("forward req/s, c1", "c1_rps", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
+    ("forward req/s, c50", "c50_rps", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
+    ("forward p50 ms, c1", "c1_p50", 2, "diff", "", None),
+    ("forward p99 ms, c1", "c1_p99", 2, "diff", "<= +1 ms", lambda d: d <= 1.0),
+    ("forward p50 ms, c50", "c50_p50", 2, "diff", "", None),
+    ("forward p99 ms, c50", "c50_p99", 2, "diff", "", None),
+    ("CPU ms/request, c50", "c50_cpu_ms", 3, "ratio", "", None),
+    ("CONNECT+TLS+GET tunnels/s, c50", "tunnels_s", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
+    ("CPU ms/tunnel", "tunnel_cpu_ms", 2, "ratio", "", None),
+    ("MB/s, 100 MB through one tunnel", "mbps", 0, "ratio", ">= 0.95", lambda r: r >= 0.95),
+    ("CPU s per 100 MB tunnel", "download_cpu_s", 2, "ratio", "", None),
+]
+
+
+def med(values: list[Any]) -> float | None:
+    """The median of the values that are numbers."""
+    got = [v for v in values if isinstance(v, int | float)]
+    return statistics.median(got) if got else None
+
+
+def summarize(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
+    """Table rows and the summary for JSON: median over rounds, ratio within each round."""
+    rows, summary = [], {}
+    for label, key, digits, how, target, ok in ROWS:
+        bare = med([r["bare"].get(key) for r in bench.rounds])
+        gw = med([r["datorus"].get(key) for r in bench.rounds])
+        rel = []
+        for r in bench.rounds:
+            b, g = r["bare"].get(key), r["datorus"].get(key)
+            if b is not None and g is not None:
+                rel.append(g - b if how == "diff" else (g / b if b else None))
+        cmp_ = med(rel)
+        mark = "" if ok is None or cmp_ is None else ("PASS" if ok(cmp_) else "MISS")
+        shown = "-" if cmp_ is None else (f"{cmp_:+.2f} ms" if how == "diff" else f"{cmp_:.2f}x")
+        rows.append([label, num(bare, digits), num(gw, digits), shown, target, mark])
+        summary[key] = {"bare": bare, "datorus": gw, how: cmp_, "target": target, "mark": mark}
+    b, g = bench.proxies["bare"], bench.proxies["datorus"]
+    lo, hi = bench.args.rss_at
+    for n in (lo, hi):
+        rows.append([f"RSS MiB after {n:,} requests", num(b.rss.get(n), 1), num(g.rss.get(n), 1)])
+        rows[-1] += ["", "", ""]
+    if g.rss.get(lo) and g.rss.get(hi):
+        growth = g.rss[hi] - g.rss[lo]
+        rows.append(
+            [
+                f"RSS growth {lo:,} -> {hi:,}",
+                "-",
+                num(growth, 1),
+                "",
+                "flat (< 5 MiB)",
+                "PASS" if growth < 5 else "MISS",
+            ]
+        )
+    summary["rss_mib"] = {"bare": b.rss, "datorus": g.rss}
+    return rows, summary
+
+
+def metering_cost(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, float | None]:
+    """The gateway with Metering against the same gateway without it, round by round.
+
+    CPU per request is the steadier figure on a shared box: throughput also moves with
+    whatever else runs, CPU time per request much less.
+    """
+
+    def ratio(key: str) -> float | None:
+        pairs = [(r["datorus"].get(key), r["nometer"].get(key)) for r in rounds]
+        return med([on / off for on, off in pairs if on and off])
+
+    return {
+        "cpu_ratio": ratio("c50_cpu_ms"),
+        "rps_ratio": ratio("c50_rps"),
+        "on_cpu_ms": med([r["datorus"].get("c50_cpu_ms") for r in rounds]),
+        "off_cpu_ms": med([r["nometer"].get("c50_cpu_ms") for r in rounds]),
+    }
+
+
+def pct(ratio: float | None) -> str:
+    """A ratio as a signed percentage change ('-' when missing)."""
+    return "-" if ratio is None else f"{(ratio - 1) * 100:+.1f} %"
+
+
+def num(v: float | None, digits: int) -> str:
+    """A number for the table ('-' when missing)."""
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def render(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table (also valid Markdown)."""
+    cells = [header, *rows]
+    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(line, rows)]
+    )
+
+
+def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
+    """Print everything; return the JSON document."""
+    rows, summary = summarize(bench)
+    print()
+    header = ["figure (median of rounds)", "bare mitmdump", "datorus", "ratio", "target", ""]
+    print(render(rows, header))
+    print()
+    rounds = bench.rounds
+    x = bench.extra
+    if "scale" in bench.proxies:
+        gw_rps = med([r["datorus"].get("c50_rps") for r in rounds])
+        sc_rps = med([r["scale"].get("c50_rps") for r in rounds])
+        gw_cpu = med([r["datorus"].get("c50_cpu_ms") for r in rounds])
+        sc_cpu = med([r["scale"].get("c50_cpu_ms") for r in rounds])
+        x["scale_10k"] = {
+            "accounts": bench.args.accounts,
+            "c50_rps": sc_rps,
+            "c50_cpu_ms": sc_cpu,
+            "ratio_to_1_account": sc_rps / gw_rps if sc_rps and gw_rps else None,
+        }
+        print(
+            f"scale: {bench.args.accounts:,} accounts+credentials in the ledger: {num(sc_rps, 0)}"
+            f" req/s c50, {num(sc_cpu, 3)} CPU ms/req (1 account: {num(gw_rps, 0)} req/s,"
+            f" {num(gw_cpu, 3)} ms/req)"
+        )
+    if "nometer" in bench.proxies:
+        x["metering"] = metering_cost(rounds)
+        m = x["metering"]
+        print(
+            f"metering: CPU per request {pct(m['cpu_ratio'])} and throughput {pct(m['rps_ratio'])}"
+            f" against the same gateway without Metering (c50, median of per-round ratios;"
+            f" {num(m['off_cpu_ms'], 3)} -> {num(m['on_cpu_ms'], 3)} CPU ms/req)"
+        )
+    sticky = x.get("sticky_100k") or (
+        "not measured yet (sticky sessions come with the egress work; hook: sticky_sessions_figure)"
+    )
+    print(f"scale: 100,000 live sticky sessions: {sticky}")
+    if "ledger" in x:
+        lr, aged = x["ledger"], x["ledger_aged"]
+        print(
+            f"ledger: the usage writer sustains {lr['events_per_s']:,.0f} events/s (batches of"
+            f" {lr['batch']:,} with a receipt each, over {lr['accounts']:,} accounts);"
+            f" {aged['events_per_s']:,.0f} events/s with {aged['receipts_before']:,} receipts"
+            " already written"
+        )
+    if x.get("profile"):
+        pr = x["profile"]
+        print(
+            f"profile: gateway at c50, {pr['samples']:,} py-spy samples, "
+            f"{pr['cpu_ms_per_req']:.3f} CPU ms/req; share of CPU by addon file:"
+        )
+        for k, v in pr["share_pct"].items():
+            print(f"    {k:<32} {v:5.1f} %   ~{pr['ms_per_req'][k]:.4f} ms/req")
+    print()
+    for k, v in meta.items():
+        print(f"{k:>10}: {v}")
+    for n in dict.fromkeys(bench.notes):
+        print(f"      note: {n}")
+    return {"meta": meta, "summary": summary, "extra": x, "rounds": rounds, "notes": bench.notes}
+
+
+# -- orchestration -----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line."""
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (about a minute)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    ap.add_argument("--seconds", type=float, help="seconds per forward run (default 2; --quick 1)")
+    ap.add_argument("--tunnels", type=int, help="tunnels per run (default 200; --quick 60)")
+    ap.add_argument(
+        "--accounts", type=int, help="accounts in the scale ledger (default 10000; 0 skips)"
+    )
+    ap.add_argument(
+        "--no-metering-run", action="store_true", help="skip the gateway-without-metering runs"
+    )
+    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    ap.add_argument("--python-origin", action="store_true", help="use bench_origin.py, not nginx")
+    ap.add_argument("--no-install", action="store_true", help="never run apt-get or pip")
+    ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, profile)")
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.rounds = a.rounds or (1 if q else 3)
+    a.seconds = a.seconds or (1.0 if q else 2.0)
+    a.tunnels = a.tunnels or (60 if q else 200)
+    a.accounts = (2000 if q else 10_000) if a.accounts is None else a.accounts
+    a.rss_at = (2_000, 10_000) if q else (20_000, 100_000)
+    return a
+
+
+def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str, Any]:
+    """The whole run; returns the JSON document."""
+    installed = ensure_tools(not args.no_install)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"note: load average {load:.1f} before the run: other work shares the cores")
+        bench_note = f"load average {load:.1f} at the start: figures are noisy"
+    else:
+        bench_note = ""
+    bench = Bench(args, tmp, children)
+    bench.origin = origin = start_origin(children, tmp, args.python_origin)
+    if bench_note:
+        bench.notes.append(bench_note)
+    log(f"origin: {origin.kind} on :{origin.http} (HTTP) and :{origin.https} (HTTPS)")
+    db = tmp / "bench.db"
+    creds = prepare_ledger(db)
+    bench.proxies["bare"] = start_proxy(children, tmp, "bare")
+    bench.proxies["datorus"] = start_proxy(children, tmp, "datorus", "addons/datorus.py", db, creds)
+    if not args.no_metering_run:
+        nm_db = tmp / "nometer.db"
+        copy_db(db, nm_db)
+        nm_script = "scripts/bench_no_metering.py"
+        bench.proxies["nometer"] = start_proxy(children, tmp, "nometer", nm_script, nm_db, creds)
+    if args.accounts:  # seeded while the others start
+        scale_db = tmp / "scale.db"
+        copy_db(db, scale_db)
+        log(f"seeding {args.accounts:,} accounts and credentials")
+        seed_accounts(scale_db, args.accounts)
+        scale = start_proxy(children, tmp, "scale", "addons/datorus.py", scale_db, creds)
+        bench.proxies["scale"] = scale
+    for p in bench.proxies.values():
+        children.wait_port(p.proc, p.key, p.port, 60)
+        probe(p, origin)
+    for p in bench.proxies.values():  # warm-up: first-use costs stay out of round 1
+        bench.forward(p, 10, count=500)
+        if p.key != "scale":
+            bench.tunnels(p, 20)
+    log("proxies ready: " + ", ".join(f"{k} :{p.port}" for k, p in bench.proxies.items()))
+    for _ in range(args.rounds):
+        bench.round()
+    bench.fill_rss(args.rss_at)
+    if args.accounts:
+        log("ledger write rate")
+        secs, old = (2.0, 50_000) if args.quick else (3.0, 300_000)
+        bench.extra["ledger"] = ledger_write_rate(tmp / "scale.db", secs)
+        bench.extra["ledger_aged"] = ledger_write_rate(tmp / "scale.db", secs, receipts=old)
+    bench.extra["sticky_100k"] = sticky_sessions_figure(bench)
+    if not args.no_profile:
+        log("profiling the gateway with py-spy")
+        bench.extra["profile"] = profile(bench, 3.0 if args.quick else 4.0)
+    meta = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "load avg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "mitmproxy": run([tool("mitmdump") or "mitmdump", "--version"], 30).stdout.split("\n")[0],
+        "command": os.environ.get("DATORUS_BENCH_COMMAND")
+        or shlex.join(["scripts/bench", *sys.argv[1:]]),
+        "origin": origin.kind,
+        "clients": "ab -k (forward), Python asyncio (tunnels), curl (100 MB)",
+        "rounds": f"{args.rounds} x {args.seconds:g} s forward runs, {args.tunnels} tunnels/run",
+        "installed": installed,
+        "elapsed": f"{time.monotonic() - T0:.0f} s",
+    }
+    return report(bench, meta)
+
+
+def bench_main(argv: list[str]) -> int:
+    """``scripts/bench``: run the benchmark, print the report, optionally write JSON."""
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="datorus-bench-"))
+    children = Children(tmp)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        doc = execute(args, tmp, children)
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            print(f"      json: {args.json}")
+        return 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping what it started", file=sys.stderr)
+        return 130
+    finally:
+        children.stop_all()
+        if args.keep_tmp:
+            print(f"  temp dir: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the tunnel client (a separate process) ----------------------------------------------
+
+
+async def tunnel_client(
+    proxy_port: int, port: int, ca: str, count: int, auth: str
+) -> dict[str, Any]:
+    """COUNT x (CONNECT, TLS verified against the bench CA, GET /1k, close), 50 at once."""
+    ctx = ssl.create_default_context(cafile=ca)
+    target = f"{HOST}:{port}"
+    connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    connect += (f"Proxy-Authorization: Basic {auth}\r\n" if auth else "") + "\r\n"
+    get = f"GET /1k HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode()
+    state: dict[str, Any] = {"ok": 0, "failed": 0, "error": None}
+    sem = asyncio.Semaphore(C50)
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(HOST, proxy_port)
+        try:
+            writer.write(connect.encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split(b" ", 2)[1] != b"200":
+                raise ValueError(head.split(b"\r\n")[0].decode(errors="replace"))
+            await writer.start_tls(ctx, server_hostname=HOST)
+            writer.write(get)
+            body = (await reader.read()).partition(b"\r\n\r\n")[2]
+            if len(body) != 1024:
+                raise ValueError(f"{len(body)} body bytes")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 5)
+
+    async def guarded() -> None:
+        async with sem:
+            try:
+                await asyncio.wait_for(one(), 30)
+                state["ok"] += 1
+            except (
+                OSError,
+                ValueError,
+                IndexError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+            ) as e:
+                state["failed"] += 1
+                state["error"] = f"{state['failed']} failed, last: {type(e).__name__}: {e}"
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(guarded() for _ in range(count)))
+    state["rate"] = state["ok"] / (time.perf_counter() - t0)
+    return state
+
+
+def main() -> None:
+    """Dispatch: the ``_tunnels`` client, or the benchmark itself."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["_tunnels"]:
+        pp, port, ca, count, auth = argv[1:6]
+        print(json.dumps(asyncio.run(tunnel_client(int(pp), int(port), ca, int(count), auth))))
+        return
+    sys.exit(bench_main(argv))
+
+
+if __name__ == "__main__":
+    main()
