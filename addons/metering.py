@@ -91,14 +91,16 @@ def small_body_fits(response: http.Response, fc: FlowCtx) -> bool:
     """Whether a response body may be relayed whole instead of streamed.
 
     Streaming writes the head and each chunk separately: one more send per response.
-    A body of known length up to 64 KiB that the account's allowance already covers
-    is held and written with its head (counting is at the socket either way).
+    A body of known length up to 64 KiB that the account's allowance and the
+    credential's cap already cover is held and written with its head (counting is at
+    the socket either way).
     """
     cl = response.headers.get("content-length", "")
     if not cl.isdigit() or int(cl) > SMALL_BODY:
         return False
     acc = fc.account
-    return int(cl) + 8192 < acc.allowance - acc.inflight
+    need = int(cl) + 8192
+    return need < acc.allowance - acc.inflight and need < fc.cred.room()
 
 
 class Metering:

@@ -68,8 +68,11 @@ class Relay:
         self.gw = gw
 
     def running(self) -> None:
-        if ctx.options.websocket:
-            ctx.options.update(websocket=False)
+        # mitmproxy's block_global (default on) kills every client connection from a
+        # public address: right for an open proxy, wrong for a gateway whose customers
+        # connect from the internet and authenticate on every request
+        if ctx.options.websocket or ctx.options.block_global:
+            ctx.options.update(websocket=False, block_global=False)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
         """An upgraded connection's chunk: relayed as is, never kept."""
