@@ -71,25 +71,21 @@ def test_connect_counts_as_one_request_and_its_200_carries_the_headers(gateway, 
     assert "retry-after: 1" in heads[2]
 
 
-def test_limiter_holds_the_rate_at_200_rps(gateway, origin):
-    """Flooded by 3 pipelining connections for 2 s: burst + rate * t pass, within a request.
+def _flood(gateway, rate: int, burst: int, seconds: float = 2.0) -> tuple[int, int, float]:
+    """Flood one new credential from 3 pipelining connections: (passed, refused, elapsed).
 
     The flood asks for a denied destination: the limiter runs before acceptable use, so
-    a 403 means "passed the limiter" and no origin slows the client below the rate.
+    a 403 means "passed the limiter" and no origin slows the client down.
     """
-    rate, burst = 200, 20
     acc, user, pw = gateway.customer(trial_bytes=10**12, rps=rate, burst=burst)
     stop = threading.Event()
-    passed: list[float] = []
-    refused = [0]
+    counts = {403: 0, 429: 0}
+    other: list = []
     lock = threading.Lock()
-    auth = basic(user, pw)
     req = (
         "GET http://10.255.0.1/ HTTP/1.1\r\nHost: 10.255.0.1\r\n"
-        f"Proxy-Authorization: {auth}\r\n\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
     ).encode()
-
-    other: list = []
 
     def flood() -> None:
         try:
@@ -99,10 +95,8 @@ def test_limiter_holds_the_rate_at_200_rps(gateway, origin):
                     for _ in range(25):
                         status = read_pipelined(f)
                         with lock:
-                            if status == 403:
-                                passed.append(time.monotonic())
-                            elif status == 429:
-                                refused[0] += 1
+                            if status in counts:
+                                counts[status] += 1
                             else:
                                 other.append(status)
         except Exception as e:  # surfaced below: a thread's exception is otherwise lost
@@ -112,21 +106,32 @@ def test_limiter_holds_the_rate_at_200_rps(gateway, origin):
     t0 = time.monotonic()
     for t in threads:
         t.start()
-    time.sleep(2.0)
+    time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(10)
-    t1 = time.monotonic()
-    n = len(passed)
-    print(f"limiter: {n} passed, {refused[0]} refused in {t1 - t0:.2f} s")
+    elapsed = time.monotonic() - t0
     assert not other
-    assert refused[0] > 0, f"the client never outran the limit ({n} passed): proves nothing"
-    # never more than the bucket allows over the whole run
-    assert n <= burst + rate * (t1 - t0) + 1
-    # and at least the burst at once (the rate's lower bound is not asserted here: on a
-    # busy 2-core box the client threads pause now and then, and a pause longer than
-    # burst/rate forfeits tokens; tests/unit/test_ratelimit.py proves it on the limiter)
-    assert n >= burst
+    return counts[403], counts[429], elapsed
+
+
+def test_limiter_holds_the_rate_at_200_rps(gateway):
+    """Flooded for 2 s, what passes is never more than burst + rate * t (+1).
+
+    At 200 rps when this box can outrun that; a 2-core box busy with other tests
+    sometimes cannot (then nothing is refused and the run proves nothing), and the
+    same check runs at 50 rps instead.
+    """
+    for rate, burst in ((200, 20), (50, 10)):
+        n, refused, elapsed = _flood(gateway, rate, burst)
+        print(f"limiter at {rate} rps: {n} passed, {refused} refused in {elapsed:.2f} s")
+        if refused:
+            break
+    assert refused > 0, f"the client never outran {rate} rps ({n} passed): proves nothing"
+    assert burst <= n <= burst + rate * elapsed + 1
+    # the rate's exact lower bound is proved on the limiter itself
+    # (tests/unit/test_ratelimit.py): here client threads pause now and then on a busy
+    # box, and a pause longer than burst/rate forfeits tokens
 
 
 def test_open_tunnel_cap_is_429_with_which_limit(gateway, tls_origin):
