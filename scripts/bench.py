@@ -669,11 +669,17 @@ def profile(bench: Bench, seconds: float) -> dict[str, Any]:
     }
 
 
+# hardening.py and errors.py wrap mitmproxy's HTTP/1 head reader and sender: what runs
+# below those wrappers is mitmproxy's parsing, not the wrapper's check
+_WRAPPER = re.compile(r"(^|[.>])(read_headers|send|send_error) \(.*addons/(hardening|errors)\.py")
+
+
 def attribute(frames: list[str]) -> str:
     """The Datorus addon file a sample belongs to: the innermost one on its stack.
 
     ``lean`` calls every hook, mitmproxy's own included: a sample below it in a
-    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch. Socket
+    mitmproxy addon is mitmproxy's; only lean's own frames count as dispatch. The same
+    holds below the head reader/sender wrappers of ``hardening`` and ``errors``. Socket
     I/O that merely passes through an addon (the metered stream wrappers) is not the
     addon's either.
     """
@@ -685,6 +691,8 @@ def attribute(frames: list[str]) -> str:
         if m and "mitmproxy/" not in frames[i]:
             if m.group(1) == "lean":
                 return rest if any("mitmproxy/" in f for f in frames[i + 1 :]) else "lean dispatch"
+            if _WRAPPER.search(frames[i]) and any("mitmproxy/" in f for f in frames[i + 1 :]):
+                return rest  # mitmproxy's HTTP/1 parsing inside hardening's/errors' wrappers
             if i + 1 < len(frames) and "asyncio/" in frames[i + 1]:
                 return rest  # socket I/O passing through (the metered reader and writer)
             return m.group(1)
