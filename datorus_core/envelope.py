@@ -88,6 +88,17 @@ def new_request_id() -> str:
     return str(uuid.UUID(int=value | 0x7 << 76 | 0x2 << 62))
 
 
+def request_id_floor(unix_ms: int) -> str:
+    """The smallest request id (UUIDv7) of Unix millisecond *unix_ms* and later.
+
+    UUIDv7's text form sorts as its time: ``request_id < request_id_floor(t)`` holds
+    exactly for the ids made before *t*. The receipts table is clustered by request id,
+    so pruning by this bound needs no index of its own.
+    """
+    h = f"{unix_ms & 0xFFFF_FFFF_FFFF:012x}"
+    return f"{h[:8]}-{h[8:]}-"
+
+
 class DatorusError(Exception):
     """An error that leaves Datorus as the canonical envelope.
 

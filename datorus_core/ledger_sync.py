@@ -8,10 +8,12 @@ equal to the ledger plus the pending batch.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiosqlite
 
+from .envelope import request_id_floor
 from .runtime import UsageBatch
 from .schema import connect, migrate
 
@@ -128,10 +130,8 @@ class LedgerLink:
         )
 
     async def prune_receipts(self, days: int) -> int:
-        """Delete receipts older than *days*; returns how many went."""
+        """Delete receipts of requests older than *days*; returns how many went."""
         assert self.conn is not None
-        cur = await self.conn.execute(
-            "DELETE FROM receipts WHERE finished_at < strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?)",
-            (f"-{int(days)} days",),
-        )
+        cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
+        cur = await self.conn.execute("DELETE FROM receipts WHERE request_id < ?", (cutoff,))
         return cur.rowcount

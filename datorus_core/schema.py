@@ -109,9 +109,8 @@ MIGRATIONS: tuple[str, ...] = (
         nanocents INTEGER NOT NULL,
         started_at TEXT NOT NULL,
         finished_at TEXT NOT NULL
-    );
-    CREATE INDEX receipts_account ON receipts(account_id, finished_at);
-    CREATE INDEX receipts_finished ON receipts(finished_at);
+    ) WITHOUT ROWID;
+    CREATE INDEX receipts_account ON receipts(account_id, request_id);
     CREATE TABLE policy_rules (
         id INTEGER PRIMARY KEY,
         action TEXT NOT NULL CHECK (action IN ('allow', 'deny')),

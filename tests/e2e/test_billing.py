@@ -635,3 +635,31 @@ def test_trial_until_402_then_top_up_and_usage_matches_to_the_byte(gateway, raw_
     assert usage["days"][0]["bytes"] == usage["bytes"]
     hist = gateway.cli("balance", "history", str(acc))["items"]
     assert {h["kind"] for h in hist} >= {"trial_grant", "topup", "usage"}
+
+
+def test_old_receipts_are_pruned_in_the_background(make_gateway):
+    """Receipts older than receipt_days go (the gateway prunes when it starts, then hourly)."""
+    import uuid
+
+    from datorus_core.envelope import request_id_floor
+
+    gw = make_gateway(receipt_days=30)
+    gw.stop()
+    now_ms = int(time.time() * 1000)
+    old = str(uuid.UUID(request_id_floor(now_ms - 31 * 86400 * 1000) + "7000-8000-000000000001"))
+    new = str(uuid.UUID(request_id_floor(now_ms - 29 * 86400 * 1000) + "7000-8000-000000000001"))
+    with sqlite3.connect(gw.db) as c:
+        for rid in (old, new):
+            c.execute(
+                "INSERT INTO receipts VALUES (?, 1, 1, 'GET', 'h', 80, 200, 1, 1, 2, 0,"
+                " '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+                (rid,),
+            )
+    gw.start()
+
+    def ids():
+        with sqlite3.connect(gw.db) as c:
+            return {r[0] for r in c.execute("SELECT request_id FROM receipts")}
+
+    wait_until(lambda: old not in ids(), timeout=10, what="old receipt pruned")
+    assert new in ids()

@@ -28,3 +28,14 @@ def test_request_ids_carry_the_time_and_sort_by_it() -> None:
 def test_request_ids_are_unique() -> None:
     ids = {new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000
+
+
+def test_floor_splits_ids_exactly_at_a_millisecond() -> None:
+    """Receipts are pruned by ``request_id < request_id_floor(cutoff)``: exact to the ms."""
+    from datorus_core.envelope import request_id_floor
+
+    rid = new_request_id()
+    ms = uuid.UUID(rid).int >> 80
+    assert request_id_floor(ms) < rid < request_id_floor(ms + 1)
+    assert request_id_floor(ms - 1) < request_id_floor(ms)
+    assert not rid < request_id_floor(ms)  # made at ms: kept by a cutoff at ms
