@@ -39,8 +39,12 @@ class FlowCtx:
         "request_id",
         "reserved",
         "answered",
+        "block",
+        "pend_down",
+        "pend_up",
         "rl_headers",
         "session_id",
+        "settled_at",
         "started",
         "status",
         "timed_out",
@@ -62,6 +66,10 @@ class FlowCtx:
         self.up = 0
         self.down = 0
         self.reserved = 0
+        self.block = 0  # tunnels: bytes reserved ahead and not yet used
+        self.pend_up = 0  # tunnels: used bytes not yet settled
+        self.pend_down = 0
+        self.settled_at = 0.0
         self.trial_spent = 0
         self.nanocents = 0
         self.answered = False  # the gateway answered itself (an envelope): never billed

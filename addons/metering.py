@@ -85,6 +85,8 @@ class MeteredWriter:
 
 
 SMALL_BODY = 64 * 1024
+TUNNEL_BLOCK = 1 << 20  # bytes a tunnel reserves ahead
+TUNNEL_SETTLE_SECONDS = 0.5  # a long tunnel's usage reaches the batch at least this often
 
 
 def small_body_fits(response: http.Response, fc: FlowCtx) -> bool:
@@ -111,6 +113,28 @@ class Metering:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.current: dict[str, FlowCtx] = {}
+        self.settler: asyncio.Task | None = None
+
+    def running(self) -> None:
+        if self.settler is None:
+            self.settler = asyncio.get_running_loop().create_task(self._settle_idle_tunnels())
+
+    def settle_open_tunnels(self) -> None:
+        """Settle what every open tunnel has used (the ledger task calls this at stop)."""
+        if self.settler is not None:
+            self.settler.cancel()
+            self.settler = None
+        for fc in list(self.current.values()):
+            if fc.kind == TUNNEL and not fc.done:
+                self._settle_tunnel(fc, release=False)
+
+    async def _settle_idle_tunnels(self) -> None:
+        """Settle what open tunnels used, also those that went quiet since their last chunk."""
+        while True:
+            await asyncio.sleep(TUNNEL_SETTLE_SECONDS)
+            for fc in list(self.current.values()):
+                if fc.kind == TUNNEL and not fc.done and (fc.pend_up or fc.pend_down):
+                    self._settle_tunnel(fc, release=False)
 
     # -- admission ---------------------------------------------------------------------
 
@@ -156,15 +180,18 @@ class Metering:
         if fc.kind == FORWARD:
             fit = rt.reserve(fc.cred, n)
             fc.reserved += fit
+        elif fc.block >= n:
+            # a tunnel chunk within the block reserved ahead: counting is a subtraction
+            fc.block -= n
+            fit = n
+            if up:
+                fc.pend_up += n
+            else:
+                fc.pend_down += n
+            if time.monotonic() - fc.settled_at > TUNNEL_SETTLE_SECONDS:
+                self._settle_tunnel(fc, release=False)
         else:
-            cred = fc.cred
-            fit = min(n, max(0, acc.allowance - acc.inflight), cred.room())
-            if acc.status != "active":
-                fit = 0
-            if fit:
-                c = rt.settle(cred, fit if up else 0, fit if down else 0, 0, requests=0)
-                fc.trial_spent += c.trial_bytes
-                fc.nanocents += c.nanocents
+            fit = self._refill(fc, up, down)
         if up:
             fc.up += fit
         else:
@@ -180,6 +207,43 @@ class Metering:
                 "datorus: cut %s %s:%s, account %s ran dry", fc.method, fc.host, fc.port, acc.id
             )
         return fit
+
+    def _refill(self, fc: FlowCtx, up: int, down: int) -> int:
+        """Settle a tunnel's used bytes and reserve the next block; returns what fits now.
+
+        Tunnels reserve ``TUNNEL_BLOCK`` bytes ahead (or what the allowance and the
+        credential's cap still hold, if less), so a chunk usually costs a subtraction;
+        the block is settled when used up, every ``TUNNEL_SETTLE_SECONDS`` and at the
+        end, and what is left of it is released then. The bound is exact: a tunnel
+        that cannot reserve its whole chunk gets only what fits, and is cut.
+        """
+        rt = self.gw.runtime
+        n = up + down
+        self._settle_tunnel(fc, release=True)
+        got = rt.reserve(fc.cred, max(n, TUNNEL_BLOCK)) if fc.account.status == "active" else 0
+        fit = min(n, got)
+        fc.reserved = got
+        fc.block = got - fit
+        if up:
+            fc.pend_up += fit
+        else:
+            fc.pend_down += fit
+        return fit
+
+    def _settle_tunnel(self, fc: FlowCtx, release: bool) -> None:
+        """Charge a tunnel's used bytes; with *release*, give back the unused block too."""
+        used = fc.pend_up + fc.pend_down
+        fc.settled_at = time.monotonic()
+        if not used and not (release and fc.reserved):
+            return
+        reserved = fc.reserved if release else used
+        c = self.gw.runtime.settle(fc.cred, fc.pend_up, fc.pend_down, reserved, requests=0)
+        fc.trial_spent += c.trial_bytes
+        fc.nanocents += c.nanocents
+        fc.reserved -= reserved
+        if release:
+            fc.block = 0
+        fc.pend_up = fc.pend_down = 0
 
     # -- settling ----------------------------------------------------------------------
 
@@ -244,6 +308,10 @@ class Metering:
             del self.current[fc.client_id]
         if fc.account.tunnels.get(fc.client_id) is fc:
             del fc.account.tunnels[fc.client_id]
+        if fc.kind == TUNNEL:
+            # a tunnel's used bytes always reached the other side: settle them, and
+            # give back the rest of its block
+            self._settle_tunnel(fc, release=True)
         if not charge:
             rt.release(fc.cred, fc.reserved)
             fc.reserved = 0

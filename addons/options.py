@@ -88,6 +88,7 @@ class LedgerTask:
         self.failures = 0
         self.last_prune = 0.0
         self.on_snapshot: list = []  # callbacks(runtime) after each reload
+        self.on_stop: list = []  # callbacks() before the final flush at a clean stop
 
     def running(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus ledger")
@@ -97,6 +98,8 @@ class LedgerTask:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
+        for cb in self.on_stop:
+            cb()
         await self._flush(final=True)
         if self.gw.ledger is not None:
             await self.gw.ledger.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -663,3 +664,29 @@ def test_old_receipts_are_pruned_in_the_background(make_gateway):
 
     wait_until(lambda: old not in ids(), timeout=10, what="old receipt pruned")
     assert new in ids()
+
+
+def test_open_idle_tunnel_usage_reaches_the_ledger_while_it_stays_open(gateway, tls_origin, ca):
+    """Tunnels reserve ahead and settle in blocks: a quiet open tunnel is settled anyway."""
+    relay = CountingRelay(tls_origin.port)
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+    sock, _ = open_tunnel(gateway, user, pw, relay.port)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        tls.settimeout(30)
+        tls.sendall(b"GET /bytes/300000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += tls.recv(65536)
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += tls.recv(65536)
+        # the tunnel stays open and quiet: its usage must still reach the ledger
+        wait_until(
+            lambda: gateway.cli("usage", str(acc))["bytes"] == relay.up + relay.down > 300_000,
+            timeout=5,
+            what=f"usage of an open tunnel == relay {relay.up}+{relay.down}",
+        )
+    relay.close()
