@@ -8,6 +8,10 @@
   ``502 UPSTREAM_FAILED``. More than ``MAX_HEADERS`` request header fields, control
   characters in a value or an unknown HTTP version is a ``400`` too
   (:func:`malformed`, called by ``ProxyAuth``, the first hook to see a request).
+- **Bodies nobody wants.** When the gateway answers a request itself before its body
+  arrived (407, 402, 403, 429...), mitmproxy would still buffer the whole body before
+  answering: the body is dropped as it comes instead. A client that sends more than
+  ``MAX_PIPELINED_BYTES`` while its request is being answered is disconnected.
 - **Slow clients.** A client must finish its request head within ``header_timeout``
   seconds of connecting (slowloris), and an idle kept-alive connection is closed
   after ``keepalive_timeout`` seconds. mitmproxy is one event loop, so a slow client
@@ -24,15 +28,16 @@ from typing import Any
 
 from mitmproxy import http
 from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HttpStream, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestData, ResponseProtocolError
 
 from .context import FORWARD, Gateway, flow_ctx
 
 MAX_HEADERS = 100
 _SWEEP_SECONDS = 0.5
 MAX_HEAD_BYTES = 64 * 1024
+MAX_PIPELINED_BYTES = 1024 * 1024
 _VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1", "HTTP/2.0"})
 # RFC 9110 5.5: no control characters in a field value (HTAB is allowed). Values are
 # checked joined by LF (which no parsed value can hold), names joined by NUL: two regex
@@ -78,6 +83,29 @@ def _limited_server(orig: Any) -> Any:
     return read_headers
 
 
+def _limited_wait(orig: Any) -> Any:
+    def wait(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
+        yield from orig(self, event)
+        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_PIPELINED_BYTES:
+            # a client that keeps sending while its request is answered: it may pipeline
+            # a few requests, not park megabytes in the gateway
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+
+    return wait
+
+
+def _discarding_consume(orig: Any) -> Any:
+    def state_consume_request_body(
+        self: Any, event: events.Event
+    ) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, RequestData) and self.flow is not None and self.flow.response:
+            return  # answered already (407, 402, 403, 429...): the body is not kept
+        yield from orig(self, event)
+
+    return state_consume_request_body
+
+
 def _limited_client(orig: Any) -> Any:
     def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
         yield from orig(self, event)
@@ -110,12 +138,19 @@ class Hardening:
         # (cheaper per request than an asyncio timer armed and cancelled each time)
         self.deadlines: dict[str, float] = {}
         self.sweeper: asyncio.Task | None = None
-        self._orig: tuple[Any, Any] | None = None
+        self._orig: tuple[Any, ...] | None = None
 
     def load(self, loader) -> None:
-        self._orig = (_http1.Http1Server.read_headers, _http1.Http1Client.read_headers)
+        self._orig = (
+            _http1.Http1Server.read_headers,
+            _http1.Http1Client.read_headers,
+            _http1.Http1Server.wait,
+            HttpStream.state_consume_request_body,
+        )
         _http1.Http1Server.read_headers = _limited_server(self._orig[0])
         _http1.Http1Client.read_headers = _limited_client(self._orig[1])
+        _http1.Http1Server.wait = _limited_wait(self._orig[2])
+        HttpStream.state_consume_request_body = _discarding_consume(self._orig[3])
 
     def running(self) -> None:
         if self.sweeper is None:
@@ -126,7 +161,12 @@ class Hardening:
             self.sweeper.cancel()
             self.sweeper = None
         if self._orig is not None:
-            _http1.Http1Server.read_headers, _http1.Http1Client.read_headers = self._orig
+            (
+                _http1.Http1Server.read_headers,
+                _http1.Http1Client.read_headers,
+                _http1.Http1Server.wait,
+                HttpStream.state_consume_request_body,
+            ) = self._orig
             self._orig = None
 
     # -- timers ------------------------------------------------------------------------

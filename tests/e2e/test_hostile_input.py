@@ -203,3 +203,39 @@ def test_target_with_endless_response_head_is_502(gw, cust, bystander):
     finally:
         srv.close()
         t.join(5)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_body_of_a_refused_request_is_not_held_in_memory(gw, bystander):
+    """A 407 with a 60 MB body behind it: the gateway drops the body, it does not buffer it."""
+    size = 60 * 1024 * 1024
+    before = _rss_mib(gw.proc.pid)
+    with raw_connection(gw.port, timeout=30) as s:
+        s.sendall(
+            b"POST http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        chunk = b"u" * (1 << 20)
+        for _ in range(size // len(chunk)):
+            s.sendall(chunk)
+        status, headers, body = read_response(s, timeout=10)
+    assert_envelope(status, headers, body, "INVALID_CREDENTIAL", 407)
+    assert _rss_mib(gw.proc.pid) - before < 30  # buffered whole, it would be 60+ MiB
+
+
+def test_client_flooding_while_its_request_is_answered_is_disconnected(gw, cust, origin, bystander):
+    with raw_connection(gw.port, timeout=30) as s:
+        s.sendall(f"GET {origin.url('/slow?s=3')} HTTP/1.1\r\nHost: x\r\n{auth(cust)}\r\n".encode())
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 64 * 1024 * 1024:  # far more than any pipelining client sends
+                s.sendall(b"p" * 65536)
+                sent += 65536
+        assert sent < 64 * 1024 * 1024, "the gateway kept buffering a flood"
