@@ -52,6 +52,7 @@ class FlowCtx:
         "trial_spent",
         "nanocents",
         "up",
+        "upload_open",
     )
 
     def __init__(self, request_id: str, client_id: str, method: str, host: str, port: int) -> None:
@@ -82,6 +83,7 @@ class FlowCtx:
         self.egress: Any = None
         self.started = time.time()
         self.status = 0
+        self.upload_open = False  # answered while the upload goes on
 
 
 KEY = "datorus"

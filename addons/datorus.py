@@ -32,7 +32,7 @@ _ledger = LedgerTask(gateway)
 _policy = AcceptableUse(gateway)
 _metering = Metering(gateway)
 _ledger.on_snapshot += [_policy.rebuild, _metering.on_snapshot]
-_ledger.on_stop.append(_metering.settle_open_tunnels)
+_ledger.on_stop.append(_metering.settle_open_flows)
 
 addons = [
     Options(gateway),

@@ -201,8 +201,16 @@ class Hardening:
         self._disarm(flow.client_conn.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        # the connection may now sit idle until the client's next request;
-        # an upgraded one (101) and a tunnel are not idle HTTP connections
+        # the connection may now sit idle until the client's next request (unless its
+        # upload still goes on); an upgraded one (101) and a tunnel are not idle
+        if flow.request.timestamp_end is not None:
+            self._idle(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.timestamp_end is not None:
+            self._idle(flow)  # the upload ended after its response
+
+    def _idle(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and flow.response.status_code != 101:
             fc = flow_ctx(flow)
             if fc is None or fc.kind == FORWARD:

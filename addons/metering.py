@@ -119,14 +119,18 @@ class Metering:
         if self.settler is None:
             self.settler = asyncio.get_running_loop().create_task(self._settle_idle_tunnels())
 
-    def settle_open_tunnels(self) -> None:
-        """Settle what every open tunnel has used (the ledger task calls this at stop)."""
+    def settle_open_flows(self) -> None:
+        """Finish every flow still open at a clean stop, billing what it moved.
+
+        The ledger task calls this before its final flush: a download or tunnel cut by
+        the stop is billed for the bytes that crossed, with its receipt.
+        """
         if self.settler is not None:
             self.settler.cancel()
             self.settler = None
         for fc in list(self.current.values()):
-            if fc.kind == TUNNEL and not fc.done:
-                self._settle_tunnel(fc, release=False)
+            if not fc.done and not fc.answered:
+                self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.up or fc.down))
 
     async def _settle_idle_tunnels(self) -> None:
         """Settle what open tunnels used, also those that went quiet since their last chunk."""
@@ -268,7 +272,17 @@ class Metering:
             self._settle_forward(fc, final=False)
             fc.kind = TUNNEL
             return
+        if flow.request.timestamp_end is None:
+            # the target answered before the upload ended, and mitmproxy goes on relaying
+            # it: the flow is finished (and billed) when the request ends
+            fc.upload_open = True
+            return
         self._finish(fc, charge=True)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        fc = flow_ctx(flow)
+        if fc is not None and fc.upload_open and not fc.done:
+            self._finish(fc, charge=True)
 
     def error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
@@ -276,7 +290,21 @@ class Metering:
             return
         # bytes that reached the client are billed (a client that aborts a download
         # pays for what it got); a request the gateway answered with 502/504 is not
-        self._finish(fc, charge=fc.cut == "balance" or (bool(fc.status) and not fc.answered))
+        # the client that walks away pays for what it moved (an upload included); a
+        # request the gateway failed (502, 504) is not billed
+        msg = flow.error.msg if flow.error else ""
+        client_gone = (
+            flow.client_conn.timestamp_end is not None
+            or msg.startswith("Client disconnected")
+            # before any response head, an incomplete body can only be the request's
+            or (not fc.status and "without sending complete message body" in msg)
+        )
+        self._finish(
+            fc,
+            charge=fc.cut == "balance"
+            or (bool(fc.status) and not fc.answered)
+            or (client_gone and not fc.timed_out and bool(fc.up or fc.down)),
+        )
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)

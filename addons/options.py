@@ -89,15 +89,22 @@ class LedgerTask:
         self.last_prune = 0.0
         self.on_snapshot: list = []  # callbacks(runtime) after each reload
         self.on_stop: list = []  # callbacks() before the final flush at a clean stop
+        self.stopping = False
 
     def running(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus ledger")
 
     async def done(self) -> None:
+        # let the loop finish what it is doing (a write cancelled mid-transaction would
+        # lose its batch) and stop at its next tick; cancel only if it hangs
+        self.stopping = True
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), timeout=10)
+            except (TimeoutError, Exception):
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.task
         for cb in self.on_stop:
             cb()
         await self._flush(final=True)
@@ -151,13 +158,13 @@ class LedgerTask:
     async def _loop(self) -> None:
         s = self.gw.settings
         rt = self.gw.runtime
-        while self.gw.ledger is None:
+        while self.gw.ledger is None and not self.stopping:
             if await self._open():
                 break
             await asyncio.sleep(1.0)
         tick = min(s["flush_ms"], s["refresh_ms"], 100) / 1000
         next_refresh = 0.0
-        while True:
+        while not self.stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
             b = rt.batch

@@ -690,3 +690,83 @@ def test_open_idle_tunnel_usage_reaches_the_ledger_while_it_stays_open(gateway, 
             what=f"usage of an open tunnel == relay {relay.up}+{relay.down}",
         )
     relay.close()
+
+
+def test_clean_stop_bills_a_download_still_running(make_gateway, raw_origin):
+    """SIGTERM mid-download: the bytes that crossed are billed, with a receipt."""
+    gw = make_gateway()
+    acc, user, pw = gw.customer(trial_bytes=10**12)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    s.sendall(
+        f"GET {raw_origin.url('/bytes/200000000')} HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+    )
+    got = 0
+    while got < 5_000_000:
+        got += len(s.recv(1 << 16))
+    assert gw.stop(signal.SIGTERM) == 0
+    s.close()
+    usage = cli(gw.db, "usage", str(acc))
+    assert usage["bytes"] >= got and usage["requests"] == 1
+    with sqlite3.connect(gw.db) as c:
+        (n,) = c.execute("SELECT COUNT(*) FROM receipts WHERE account_id = ?", (acc,)).fetchone()
+    assert n == 1
+
+
+def _early_answer_server() -> tuple[socket.socket, dict]:
+    """A target that answers at once, then goes on reading (and counting) the upload."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen = {"in": 0, "done": threading.Event()}
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            n = len(buf)
+            while chunk := c.recv(1 << 16):
+                n += len(chunk)
+                seen["in"] = n
+        seen["done"].set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, seen
+
+
+def test_upload_that_goes_on_after_the_response_is_billed_in_full(gateway):
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+    srv, seen = _early_answer_server()
+    port = srv.getsockname()[1]
+    size = 5_000_000
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as s:
+        s.sendall(
+            f"POST http://127.0.0.1:{port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+        )
+        status, headers, _ = read_response(s)  # answered before the body went out
+        assert status == 200
+        for _ in range(size // 100_000):
+            s.sendall(b"b" * 100_000)
+        wait_until(lambda: seen["in"] > size, timeout=10, what="upload relayed")
+    rec = receipt(gateway, headers["x-datorus-request-id"])
+    assert rec["bytes_up"] == seen["in"] > size
+    srv.close()
+
+
+def test_client_that_aborts_its_upload_before_any_answer_pays_for_it(gateway, raw_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**12)
+    # the raw origin answers only once the whole body is in: this one never is
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as s:
+        s.sendall(
+            f"POST {raw_origin.url('/never-answers')} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: 10000000\r\nProxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+        )
+        for _ in range(30):
+            s.sendall(b"c" * 100_000)  # 3 MB of 10, then the client walks away
+    wait_until(
+        lambda: gateway.cli("usage", str(acc))["bytes"] >= 3_000_000,
+        timeout=10,
+        what="the aborted upload billed",
+    )
