@@ -1,6 +1,7 @@
 """Rate limits per credential (GCRA) and the cap on open tunnels per account.
 
-A CONNECT counts as one request. Every authenticated answer carries
+A CONNECT counts as one request. Open tunnels are CONNECT tunnels and upgraded
+(WebSocket) connections alike. Every authenticated answer carries
 ``X-Datorus-RateLimit-Limit`` (requests per second), ``-Remaining`` (requests left
 in the burst) and ``-Reset`` (Unix time when the burst is full again).
 """
@@ -26,7 +27,8 @@ class RateLimits:
         self.gw = gw
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._take(flow, tunnel=False)
+        # an upgrade (WebSocket) becomes a tunnel once answered: it counts against the cap
+        self._take(flow, tunnel="upgrade" in flow.request.headers)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._take(flow, tunnel=True)

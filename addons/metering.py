@@ -271,6 +271,8 @@ class Metering:
             # a WebSocket (or other upgrade): from here on it is metered like a tunnel
             self._settle_forward(fc, final=False)
             fc.kind = TUNNEL
+            # an open tunnel of its account: counted against max_tunnels, closed on suspension
+            fc.account.tunnels[fc.client_id] = fc
             return
         if flow.request.timestamp_end is None:
             # the target answered before the upload ended, and mitmproxy goes on relaying

@@ -376,7 +376,8 @@ class RawOrigin:
     """An HTTP/1.1 origin that counts every byte it reads and writes, per connection.
 
     Paths: ``/bytes/N`` (Content-Length body of N bytes), ``/chunked/N/K`` (N bytes in
-    K chunks), anything else a short body. Request bodies (Content-Length) are read.
+    K chunks), ``/upgrade`` a 101 answer and then an echo of raw bytes (a WebSocket
+    stand-in), anything else a short body. Request bodies (Content-Length) are read.
     ``conns`` holds ``{"in": n, "out": n, "requests": k}`` per accepted connection.
     """
 
@@ -441,6 +442,9 @@ class RawOrigin:
                     buf += data
                 buf = buf[need:]
                 rec["requests"] += 1
+                if path.startswith("/upgrade"):
+                    self._echo_upgraded(c, rec, buf)
+                    return
                 self._respond(c, rec, path)
         except OSError:
             return
@@ -450,6 +454,20 @@ class RawOrigin:
     def _send(self, c: socket.socket, rec: dict[str, int], data: bytes) -> None:
         c.sendall(data)
         rec["out"] += len(data)
+
+    def _echo_upgraded(self, c: socket.socket, rec: dict[str, int], buf: bytes) -> None:
+        """Switch protocols (a WebSocket handshake's answer), then echo raw bytes."""
+        self._send(
+            c,
+            rec,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+        )
+        if buf:
+            self._send(c, rec, buf)
+        while data := c.recv(65536):
+            rec["in"] += len(data)
+            self._send(c, rec, data)
 
     def _respond(self, c: socket.socket, rec: dict[str, int], path: str) -> None:
         parts = path.split("?")[0].split("/")

@@ -8,7 +8,7 @@ import time
 
 import requests
 from checks import assert_envelope
-from support import basic, raw_connection, read_response, wait_until
+from support import RawOrigin, basic, raw_connection, read_response, wait_until
 
 
 def get(gw, user, pw, url, session=None):
@@ -159,6 +159,97 @@ def test_open_tunnel_cap_is_429_with_which_limit(gateway, tls_origin):
     finally:
         for s in socks:
             s.close()
+
+
+def _upgrade(gw, port: int, user: str, pw: str) -> tuple[socket.socket, int, dict, bytes]:
+    """A WebSocket-style upgrade through the forward path; the socket stays open."""
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(
+        f"GET http://127.0.0.1:{port}/upgrade HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+    )
+    status, headers, body = read_response(s)
+    return s, status, headers, body
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes *s* within *seconds* (data before the close is drained)."""
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # reset: closed too
+    return True
+
+
+def test_websockets_count_as_tunnels_against_the_cap(gateway, tls_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9, max_tunnels=1)
+    origin = RawOrigin()
+    socks: list[socket.socket] = []
+    try:
+        ws, status, _, _ = _upgrade(gateway, origin.port, user, pw)
+        socks.append(ws)
+        assert status == 101
+        ws.sendall(b"ping")
+        assert ws.recv(4) == b"ping"
+        # the WebSocket holds the account's one tunnel: a CONNECT and a second upgrade wait
+        c = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        socks.append(c)
+        c.sendall(
+            f"CONNECT 127.0.0.1:{tls_origin.port} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+        )
+        status, headers, body = read_response(c)
+        err = assert_envelope(status, headers, body, "RATE_LIMITED", 429)
+        assert err["details"] == {"limit": "open_tunnels", "maxTunnels": 1, "openTunnels": 1}
+        ws2, status, headers, body = _upgrade(gateway, origin.port, user, pw)
+        socks.append(ws2)
+        err = assert_envelope(status, headers, body, "RATE_LIMITED", 429)
+        assert err["details"]["limit"] == "open_tunnels"
+        assert headers["retry-after"] == "1"
+        assert [c["requests"] for c in origin.conns] == [1]  # the refused one never left
+        ws.close()  # the WebSocket ends: its slot is free again
+
+        def upgraded() -> bool:
+            s, status, _, _ = _upgrade(gateway, origin.port, user, pw)
+            socks.append(s)
+            return status == 101
+
+        wait_until(upgraded, timeout=5, interval=0.1, what="tunnel slot freed")
+    finally:
+        for s in socks:
+            s.close()
+        origin.close()
+
+
+def test_suspension_closes_open_tunnels_and_websockets(gateway, tls_origin):
+    acc, user, pw = gateway.customer(trial_bytes=10**9)
+    origin = RawOrigin()
+    try:
+        ws, status, _, _ = _upgrade(gateway, origin.port, user, pw)
+        assert status == 101
+        tunnel = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        tunnel.sendall(
+            f"CONNECT 127.0.0.1:{tls_origin.port} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+        )
+        assert read_response(tunnel)[0] == 200
+        ws.sendall(b"ping")
+        assert ws.recv(4) == b"ping"
+        assert not _closed_within(tunnel, 0.2)  # open while the account is active
+        gateway.cli("account", "suspend", str(acc))
+        # within a few seconds (the contract): the gateway picks the change up within 2 s
+        assert _closed_within(ws, 4), "the WebSocket outlived its account's suspension"
+        assert _closed_within(tunnel, 4), "the tunnel outlived its account's suspension"
+        ws.close()
+        tunnel.close()
+    finally:
+        origin.close()
 
 
 def _from(source: str, port: int, user: str, pw: str, target: str) -> int:
