@@ -44,6 +44,7 @@ from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
 from .auth import parse_basic
 from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
+from .metering import allowance_covers
 
 log = logging.getLogger("datorus")
 
@@ -415,7 +416,12 @@ class EgressRouter:
             e.unblocked(domain)
             return
         length = resp.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) <= _BUFFER_MAX:
+        if (
+            length is not None
+            and length.isdigit()
+            and int(length) <= _BUFFER_MAX
+            and allowance_covers(fc, int(length))
+        ):
             resp.stream = False  # small: judge it whole, then the verdict can be a header
             return
         seen = bytearray()

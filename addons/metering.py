@@ -98,10 +98,17 @@ def small_body_fits(response: http.Response, fc: FlowCtx) -> bool:
     the socket either way).
     """
     cl = response.headers.get("content-length", "")
-    if not cl.isdigit() or int(cl) > SMALL_BODY:
-        return False
+    return cl.isdigit() and int(cl) <= SMALL_BODY and allowance_covers(fc, int(cl))
+
+
+def allowance_covers(fc: FlowCtx, body: int) -> bool:
+    """Whether the account's allowance and the credential's cap cover *body* bytes more.
+
+    A body held whole reaches the client only once it is complete: one that ran the
+    account dry on the way would be paid for and never seen. Hold only what is covered.
+    """
     acc = fc.account
-    need = int(cl) + 8192
+    need = body + 8192  # and the head
     return need < acc.allowance - acc.inflight and need < fc.cred.room()
 
 

@@ -375,7 +375,8 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict
 class RawOrigin:
     """An HTTP/1.1 origin that counts every byte it reads and writes, per connection.
 
-    Paths: ``/bytes/N`` (Content-Length body of N bytes), ``/chunked/N/K`` (N bytes in
+    Paths: ``/bytes/N`` (Content-Length body of N bytes; ``/html/N`` the same as HTML),
+    ``/chunked/N/K`` (N bytes in
     K chunks), ``/upgrade`` a 101 answer and then an echo of raw bytes (a WebSocket
     stand-in), anything else a short body. Request bodies (Content-Length) are read.
     ``conns`` holds ``{"in": n, "out": n, "requests": k}`` per accepted connection.
@@ -471,13 +472,13 @@ class RawOrigin:
 
     def _respond(self, c: socket.socket, rec: dict[str, int], path: str) -> None:
         parts = path.split("?")[0].split("/")
-        if len(parts) >= 3 and parts[1] == "bytes":
+        if len(parts) >= 3 and parts[1] in ("bytes", "html"):
             n = int(parts[2])
+            ctype = b"text/html" if parts[1] == "html" else b"application/octet-stream"
             self._send(
                 c,
                 rec,
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                b"Content-Length: %d\r\n\r\n" % n,
+                b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (ctype, n),
             )
             block = b"x" * 65536
             left = n

@@ -439,6 +439,35 @@ def test_streamed_download_is_cut_when_trial_runs_out(gateway, raw_origin):
     assert account(gateway, acc)["trialRemainingBytes"] == 0
 
 
+def test_page_judged_for_block_markers_is_streamed_when_the_allowance_is_short(
+    make_gateway, raw_origin
+):
+    """With an egress pool, small pages are held whole to be searched for block markers;
+    one the account cannot pay for in full is streamed instead: the client gets what it
+    paid for, not a reset after being charged for a page it never saw."""
+    gw = make_gateway()
+    gw.cli("egress", "add", "direct://")
+    wait_until(
+        lambda: "egress pool: 1 (1 enabled)" in gw.log.read_text(), timeout=5, what="pool live"
+    )
+    acc, user, pw = gw.customer(trial_bytes=100_000, price_cents_per_gb=BOUND_PRICE)
+    proxies = {"http": gw.proxy(user, pw)}
+    # a page the allowance covers is held and judged whole (a Content-Length answer)
+    r = requests.get(raw_origin.url("/html/20000"), proxies=proxies, timeout=10)
+    assert r.status_code == 200 and len(r.content) == 20000
+    got = 0
+    with (
+        pytest.raises(requests.exceptions.RequestException),
+        requests.get(raw_origin.url("/html/200000"), proxies=proxies, stream=True, timeout=10) as r,
+    ):
+        assert r.status_code == 200  # the head reached the client: the page was streamed
+        for chunk in r.iter_content(1 << 14):
+            got += len(chunk)
+    used = 100_000 + BOUND
+    assert 50_000 < got < used
+    wait_until(lambda: gw.cli("usage", str(acc))["bytes"] == used, timeout=5, what="usage flushed")
+
+
 def test_parallel_tunnels_of_one_account_cannot_overspend(gateway, tls_origin, ca):
     acc, user, pw = gateway.customer(trial_bytes=3_000_000, price_cents_per_gb=BOUND_PRICE)
     results: list[int] = []
