@@ -67,7 +67,7 @@ class ApiServer:
             fatal(f"REST API cannot listen on {s['api_host']}:{s['api_port']}: {e}")
             return
         try:
-            app = create_app(s, runtime=self.gw.runtime)
+            app = create_app(s, runtime=self.gw.runtime, router=self.gw.router)
         except Exception as e:
             sock.close()
             fatal(f"REST API cannot open the ledger {s['db']}: {e}")

@@ -103,6 +103,7 @@ class Gateway:
         self.ledger: Any = None  # LedgerLink once open
         self.error_stash: dict[str, FlowCtx] = {}
         self.tunnels: dict[str, FlowCtx] = {}
+        self.router: Any = None  # the EgressRouter (issue 5), when loaded
 
     # -- responses ---------------------------------------------------------------------
 

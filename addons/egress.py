@@ -128,6 +128,7 @@ class EgressRouter:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        gw.router = self  # the REST API's routing insight reads the live pool and sessions
         self.pool = eg.Pool()
         self.sessions: SessionTable | None = None
         self.current: dict[str, Choice] = {}  # client id -> choice of its current request
@@ -200,21 +201,13 @@ class EgressRouter:
             return self._sql(sql)
 
     async def _load(self) -> None:
-        rows = await asyncio.to_thread(
-            self._query, "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
-        )
+        rows = await asyncio.to_thread(self._query, eg.EGRESS_ROWS_SQL)
         items = []
-        for eid, url, country, weight, enabled, score in rows:
+        for row in rows:
             try:
-                spec = eg.parse_egress_url(url)
+                items.append(eg.egress_from_row(row))
             except ValueError as e:
-                log.warning("datorus: egress %s has a bad URL (%s): skipped", eid, e)
-                continue
-            items.append(
-                eg.Egress(
-                    eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score
-                )
-            )
+                log.warning("datorus: egress %s has a bad URL (%s): skipped", row[0], e)
         before = {
             (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
         }

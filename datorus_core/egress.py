@@ -254,6 +254,17 @@ class Egress:
         }
 
 
+def egress_from_row(row: tuple) -> Egress:
+    """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score)``;
+    raises ValueError for a bad URL."""
+    eid, url, country, weight, enabled, score = row
+    spec = parse_egress_url(url)
+    return Egress(eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score)
+
+
+EGRESS_ROWS_SQL = "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
+
+
 def compute_score(uptime: float, latency_ms: float | None, last_ok: bool) -> float:
     """A score in [0, 1]: uptime weighted by latency (1 s halves it), 0 while failing."""
     if not last_ok:

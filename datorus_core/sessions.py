@@ -101,6 +101,13 @@ class SessionTable:
         self.table.move_to_end(key)
         return entry[0]
 
+    def peek(self, account_id: int, session_id: str, now: float) -> int | None:
+        """Like :meth:`get`, without touching the session (a preview must not keep it alive)."""
+        entry = self.table.get((account_id, session_id))
+        if entry is None or now - entry[1] >= self.ttl:
+            return None
+        return entry[0]
+
     def put(self, account_id: int, session_id: str, egress_id: int, now: float) -> None:
         """Pin (or re-pin) a session to *egress_id*."""
         key = (account_id, session_id)

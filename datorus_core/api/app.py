@@ -41,6 +41,7 @@ class ApiState:
     settings: dict[str, Any]
     payments: Payments
     runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
+    router: Any = None  # the gateway's EgressRouter (live pool, blocks, sessions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,22 +97,25 @@ async def _datorus_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
-def create_app(settings: dict[str, Any], runtime: Any = None) -> FastAPI:
+def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None) -> FastAPI:
     """The REST API over the ledger at ``settings["db"]``.
 
-    *runtime* is the gateway's live :class:`~datorus_core.runtime.Runtime` when the
-    gateway serves the API (``GET /usage`` then reports the live rate-limit state).
+    *runtime* is the gateway's live :class:`~datorus_core.runtime.Runtime` and *router*
+    its egress router when the gateway serves the API (``GET /usage`` then reports the
+    live rate-limit state, ``/debug/pick`` and ``/network/health`` the live pool).
     """
-    from . import routes_account, routes_auth, routes_payments
+    from . import routes_account, routes_auth, routes_payments, routes_routing
 
     store = Store(settings["db"])
     app = FastAPI(
         title="Datorus API",
         version=VERSION,
-        description="Accounts, API keys, proxy credentials, usage and Stripe top-ups.",
+        description=(
+            "Accounts, API keys, proxy credentials, usage, Stripe top-ups and routing insight."
+        ),
         responses=ERROR_RESPONSES,
     )
-    app.state.api = ApiState(store, settings, Payments(store, settings), runtime)
+    app.state.api = ApiState(store, settings, Payments(store, settings), runtime, router)
     app.add_exception_handler(DatorusError, _datorus_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -142,4 +146,5 @@ def create_app(settings: dict[str, Any], runtime: Any = None) -> FastAPI:
     app.include_router(routes_auth.router)
     app.include_router(routes_account.router)
     app.include_router(routes_payments.router)
+    app.include_router(routes_routing.router)
     return app
