@@ -104,7 +104,7 @@ def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None
     its egress router when the gateway serves the API (``GET /usage`` then reports the
     live rate-limit state, ``/debug/pick`` and ``/network/health`` the live pool).
     """
-    from . import routes_account, routes_auth, routes_payments, routes_routing
+    from . import routes_account, routes_auth, routes_payments, routes_pool, routes_routing
 
     store = Store(settings["db"])
     app = FastAPI(
@@ -147,4 +147,5 @@ def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None
     app.include_router(routes_account.router)
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
+    app.include_router(routes_pool.router)
     return app

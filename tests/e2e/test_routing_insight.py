@@ -1,4 +1,5 @@
-"""Routing insight (seed 001) on the wire: ``GET /debug/pick`` and ``/network/health``.
+"""Routing insight (seed 001) and the pool API (seed 002) on the wire: ``GET /debug/pick``,
+``/network/health``, ``/proxies`` and ``/stats``.
 
 A gateway serving its API with a pool of two source addresses (127.0.0.2 "us",
 127.0.0.3 "de"), a real origin that blocks one of them, and real sessions: the
@@ -32,7 +33,15 @@ def gw(tmp_path_factory, peer):
     egress_ledger.add_egress(conn, f"direct://{US}", "us")
     egress_ledger.add_egress(conn, f"direct://{DE}", "de")
     conn.conn.close()
-    g = Gateway(db, {"api_port": free_port(), "block_seconds": 60}).start()
+    g = Gateway(
+        db,
+        {
+            "api_port": free_port(),
+            "block_seconds": 60,
+            "egress_check_seconds": 1,
+            "egress_check_url": peer.url("/judge"),
+        },
+    ).start()
     g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
     g.key = g.cli("key", "create", str(g.acc))["key"]
 
@@ -150,3 +159,69 @@ def test_standalone_api_reads_the_pool_from_the_ledger(gw, peer):
         assert b["egress"]["url"] in (f"direct://{US}", f"direct://{DE}")
     finally:
         api.stop()
+
+
+# -- the pool, seed 002's shape ------------------------------------------------------------
+
+
+def test_proxies_list_filters_sorts_and_pages(gw, peer):
+    def checked() -> list[dict]:
+        items = _api(gw, "/proxies", params={"status": "active"}).json()["items"]
+        return items if len(items) == 2 and all(p["exit_ip"] for p in items) else []
+
+    items = wait_until(checked, 15, 0.2, "both egress checked through the judge")
+    by_ip = {p["ip"]: p for p in items}
+    assert set(by_ip) == {US, DE}
+    us = by_ip[US]
+    assert (us["protocol"], us["port"], us["country"], us["exit_ip"]) == ("direct", None, "US", US)
+    # the box's own addresses are not graded for anonymity (upstream proxies are)
+    assert us["anonymity"] is None and 0 < us["score"] <= 1 and us["uptime_pct"] == 100.0
+    assert us["avg_latency_ms"] is not None and us["last_checked_at"] and us["first_seen_at"]
+    page = _api(gw, "/proxies", params={"country": "de"}).json()
+    assert [p["ip"] for p in page["items"]] == [DE] and page["total_count"] == 1
+    # sorted by score, best first by default; ascending on request
+    scores = [p["score"] for p in _api(gw, "/proxies").json()["items"]]
+    assert scores == sorted(scores, reverse=True)
+    asc = _api(gw, "/proxies", params={"sort": "latency", "order": "asc"}).json()["items"]
+    assert [p["avg_latency_ms"] for p in asc] == sorted(p["avg_latency_ms"] for p in asc)
+    # cursor pages: one per page, every proxy once
+    first = _api(gw, "/proxies", params={"limit": 1}).json()
+    assert first["total_count"] == 2 and first["next_cursor"]
+    second = _api(gw, "/proxies", params={"limit": 1, "cursor": first["next_cursor"]}).json()
+    assert second["next_cursor"] is None
+    assert {first["items"][0]["id"], second["items"][0]["id"]} == {us["id"], by_ip[DE]["id"]}
+    assert _api(gw, "/proxies", params={"min_score": 1.01}).status_code == 400
+    err = assert_api_error(_api(gw, "/proxies", params={"status": "gone"}), 400, "VALIDATION_ERROR")
+    assert err["details"]["field"] == "status"
+    assert _api(gw, "/proxies", params={"max_latency_ms": 0}).json()["items"] == []
+    assert _api(gw, "/proxies", params={"verified_within_minutes": 5}).json()["total_count"] == 2
+
+
+def test_proxy_detail_stats_and_a_disabled_egress(gw, peer):
+    pid = next(p["id"] for p in gw.cli("egress", "list")["items"] if p["url"] == f"direct://{DE}")
+    d = wait_until(
+        lambda: (b := _api(gw, f"/proxies/{pid}").json())["recent_checks"] and b, 15, 0.2, "checks"
+    )
+    assert d["proxy"]["id"] == pid and d["proxy"]["ip"] == DE
+    c = d["recent_checks"][0]
+    assert c["checker_name"] == "http_anonymity" and c["stage"] == 2 and c["passed"] is True
+    assert c["exit_ip"] == DE and c["created_at"]
+    err = assert_api_error(_api(gw, "/proxies/999999"), 404, "RESOURCE_NOT_FOUND")
+    assert err["details"] == {"egress": 999999}
+    stats = _api(gw, "/stats/pool").json()
+    assert stats["total_proxies"] == 2 and stats["by_protocol"] == {"direct": 2}
+    assert stats["sources_total"] == 0 and stats["last_validation_at"]
+    plugins = _api(gw, "/stats/plugins").json()
+    assert [(c["name"], c["stage"]) for c in plugins["checkers"]] == [
+        ("tcp_connect", 1),
+        ("http_anonymity", 2),
+    ]
+    gw.cli("egress", "disable", str(pid))
+    try:
+        assert _api(gw, f"/proxies/{pid}").json()["proxy"]["status"] == "disabled"
+        assert _api(gw, "/stats/pool").json()["by_status"]["disabled"] == 1
+        listed = _api(gw, "/proxies", params={"status": "disabled"}).json()["items"]
+        assert [p["id"] for p in listed] == [pid]
+    finally:
+        gw.cli("egress", "enable", str(pid))
+    assert _api(gw, "/proxies", key="").status_code == 401

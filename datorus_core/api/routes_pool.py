@@ -1,0 +1,208 @@
+"""The egress pool as seed 002's read-only pool API: ``/proxies``, ``/stats``.
+
+Every egress the operator added (``datorus egress add``) is a "proxy" here, in seed
+002's shape: upstream proxies with their host and port (never their credentials),
+source addresses with their address. ``status`` is ``unchecked`` before the first
+background check, ``active`` while checks pass, ``dead`` while they fail (its score is
+0 then) and ``disabled`` when the operator disabled it. Sources, leases and
+``POST /proxies/test`` are not built: the pool is the operator's, filled with the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from starlette.concurrency import run_in_threadpool
+
+from .. import egress_ledger as el
+from ..egress import parse_egress_url
+from .deps import Account, State
+from .store import decode_cursor, encode_cursor
+
+router = APIRouter(tags=["pool"])
+
+_STAGES = {1: "tcp_connect", 2: "http_anonymity"}
+_SORTS = {
+    "score": ("score", "desc"),
+    "latency": ("avg_latency_ms", "asc"),
+    "uptime": ("uptime_pct", "desc"),
+    "last_checked": ("last_checked_at", "desc"),
+}
+
+Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]
+
+
+def _status(r: dict[str, Any]) -> str:
+    if not r["enabled"]:
+        return "disabled"
+    if r["lastCheckedAt"] is None:
+        return "unchecked"
+    return "active" if r["score"] > 0 else "dead"
+
+
+def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
+    """One egress (an ``egress_ledger`` row view) in seed 002's proxy shape."""
+    spec = parse_egress_url(r["url"])
+    ip = (
+        spec.host if spec.is_proxy else (spec.source or (str(spec.prefix) if spec.prefix else None))
+    )
+    return {
+        "id": r["id"],
+        "ip": ip,
+        "port": spec.port if spec.is_proxy else None,
+        "protocol": spec.kind,
+        "url": r["url"],
+        "status": _status(r),
+        "anonymity": r["anonymity"],
+        "exit_ip": r["exitIp"],
+        "country": r["country"].upper() if r["country"] else None,
+        "score": round(r["score"], 3),
+        "avg_latency_ms": r["avgLatencyMs"],
+        "uptime_pct": r["uptimePct"],
+        "last_checked_at": r["lastCheckedAt"],
+        "first_seen_at": r["createdAt"],
+        "tags": {"kind": r["kind"], "weight": r["weight"]},
+    }
+
+
+def _checked_since(stamp: str | None, minutes: int, now: float) -> bool:
+    if stamp is None:
+        return False
+    at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    return now - at <= minutes * 60
+
+
+@router.get("/proxies")
+async def list_proxies(
+    acc: Account,
+    st: State,
+    status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
+    protocol: Literal["direct", "http", "https", "socks5"] | None = None,
+    anonymity: Literal["transparent", "anonymous", "elite"] | None = None,
+    country: Annotated[str | None, Query(pattern=r"^[A-Za-z]{2}$")] = None,
+    min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_latency_ms: Annotated[float | None, Query(ge=0)] = None,
+    min_uptime_pct: Annotated[float | None, Query(ge=0, le=100)] = None,
+    verified_within_minutes: Annotated[int | None, Query(ge=1)] = None,
+    sort: Literal["score", "latency", "uptime", "last_checked"] = "score",
+    order: Literal["asc", "desc"] | None = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Any:
+    """The pool, filtered and sorted as seed 002's ``GET /proxies`` (cursor pages).
+
+    Proxies without a value for the sort field (never checked) come last either way.
+    """
+    start = decode_cursor(cursor)
+    rows = await run_in_threadpool(lambda: el.list_egress(st.store.db()))
+    now = time.time()
+    items = [proxy_view(r) for r in rows]
+    keep = [
+        p
+        for p in items
+        if (status is None or p["status"] == status)
+        and (protocol is None or p["protocol"] == protocol)
+        and (anonymity is None or p["anonymity"] == anonymity)
+        and (country is None or p["country"] == country.upper())
+        and (min_score is None or p["score"] >= min_score)
+        and (max_latency_ms is None or (p["avg_latency_ms"] or 1e18) <= max_latency_ms)
+        and (min_uptime_pct is None or (p["uptime_pct"] or 0) >= min_uptime_pct)
+        and (
+            verified_within_minutes is None
+            or _checked_since(p["last_checked_at"], verified_within_minutes, now)
+        )
+    ]
+    field, default = _SORTS[sort]
+    desc = (order or default) == "desc"
+    present = [p for p in keep if p[field] is not None]
+    absent = [p for p in keep if p[field] is None]
+    present.sort(key=lambda p: p["id"])
+    present.sort(key=lambda p: p[field], reverse=desc)
+    ordered = present + absent
+    window = ordered[start : start + limit]
+    more = start + limit < len(ordered)
+    return {
+        "items": window,
+        "next_cursor": encode_cursor(start + limit) if more else None,
+        "total_count": len(ordered),
+    }
+
+
+@router.get("/proxies/{proxy_id}")
+async def get_proxy(acc: Account, st: State, proxy_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
+    """One proxy and its recent checks, newest first (404 ``RESOURCE_NOT_FOUND``)."""
+
+    def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        db = st.store.db()
+        return el.get_egress(db, proxy_id), el.recent_checks(db, proxy_id)
+
+    row, checks = await run_in_threadpool(read)
+    return {
+        "proxy": proxy_view(row),
+        "recent_checks": [
+            {
+                "checker_name": _STAGES.get(c["stage"], "check"),
+                "stage": c["stage"],
+                "passed": bool(c["passed"]),
+                "latency_ms": c["latency_ms"],
+                "exit_ip": c["exit_ip"],
+                "detail": c["detail"],
+                "created_at": c["created_at"],
+            }
+            for c in checks
+        ],
+    }
+
+
+@router.get("/stats/pool")
+async def pool_stats(acc: Account, st: State) -> Any:
+    """Pool health overview (seed 002): counts by status, protocol and anonymity."""
+    rows = await run_in_threadpool(lambda: el.list_egress(st.store.db()))
+    items = [proxy_view(r) for r in rows]
+
+    def count(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in items:
+            if p[key] is not None:
+                out[p[key]] = out.get(p[key], 0) + 1
+        return out
+
+    lat = [p["avg_latency_ms"] for p in items if p["avg_latency_ms"] is not None]
+    checked = [p["last_checked_at"] for p in items if p["last_checked_at"]]
+    return {
+        "total_proxies": len(items),
+        "by_status": count("status"),
+        "by_protocol": count("protocol"),
+        "by_anonymity": count("anonymity"),
+        "avg_score": round(sum(p["score"] for p in items) / len(items), 3) if items else None,
+        "avg_latency_ms": round(sum(lat) / len(lat), 1) if lat else None,
+        "sources_active": 0,
+        "sources_total": 0,
+        "last_scrape_at": None,
+        "last_validation_at": max(checked) if checked else None,
+    }
+
+
+@router.get("/stats/plugins")
+async def plugin_stats(acc: Account, st: State) -> Any:
+    """The checkers the gateway runs on every egress, in seed 002's registry shape."""
+    mail = bool(st.settings.get("smtp_host"))
+    return {
+        "parsers": [],
+        "checkers": [
+            {"name": "tcp_connect", "stage": 1, "priority": 0},
+            {
+                "name": "http_anonymity",
+                "stage": 2,
+                "priority": 0,
+                "enabled": bool(st.settings.get("egress_check_url")),
+            },
+        ],
+        "notifiers": [
+            {"name": "smtp" if mail else "outbox", "healthy": True, "subscribes_to": ["account.*"]}
+        ],
+    }
