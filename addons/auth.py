@@ -27,6 +27,7 @@ from datorus_core.runtime import CredentialState
 
 from .context import FlowCtx, Gateway
 from .hardening import malformed
+from .limits import rate_headers
 
 log = logging.getLogger("datorus")
 
@@ -151,6 +152,9 @@ class ProxyAuth:
         fc.cred = cred
         fc.account = cred.account
         if cred.account.status != "active":
+            # the credential is known: its rate-limit state goes on the answer (not spent)
+            if cred.limiter is not None:
+                fc.rl_headers = rate_headers(cred, cred.limiter.peek(time.monotonic()))
             self.gw.reject(flow, fc, DatorusError("ACCOUNT_SUSPENDED"))
 
     def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, username: str | None) -> None:

@@ -33,6 +33,7 @@ _policy = AcceptableUse(gateway)
 _metering = Metering(gateway)
 _ledger.on_snapshot += [_policy.rebuild, _metering.on_snapshot]
 _ledger.on_stop.append(_metering.settle_open_flows)
+_ledger.open_flows.append(_metering.open_count)
 
 addons = [
     Options(gateway),

@@ -44,7 +44,8 @@ def error_for(
 ) -> DatorusError:
     """Map a mitmproxy error (status, message, ErrorCode) to a Datorus error."""
     if fc is not None and fc.timed_out:
-        return DatorusError("GATEWAY_TIMEOUT", details={"timeoutSeconds": None})
+        timeout = runtime.settings.get("upstream_timeout") if runtime is not None else None
+        return DatorusError("GATEWAY_TIMEOUT", details={"timeoutSeconds": timeout})
     if fc is not None and fc.cut == "balance" and fc.cred is not None and runtime is not None:
         # a forward request that ran its account dry before its response started
         return runtime.dry_error(fc.cred, fc.up + fc.down)

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError
+from datorus_core.runtime import CredentialState
 
 from .context import Gateway, flow_ctx
+
+
+def rate_headers(cred: CredentialState, v: Any) -> tuple[tuple[str, str], ...]:
+    """The three rate-limit headers for *cred* after the limiter's verdict *v*."""
+    return (
+        ("X-Datorus-RateLimit-Limit", str(cred.account.rps)),
+        ("X-Datorus-RateLimit-Remaining", str(v.remaining)),
+        ("X-Datorus-RateLimit-Reset", str(math.ceil(time.time() + v.reset_after))),
+    )
 
 
 class RateLimits:
@@ -38,14 +49,8 @@ class RateLimits:
         if flow.response is not None or fc is None or fc.cred is None:
             return
         cred = fc.cred
-        lim = cred.limiter
-        v = lim.take(time.monotonic())
-        reset = math.ceil(time.time() + v.reset_after)
-        fc.rl_headers = (
-            ("X-Datorus-RateLimit-Limit", str(cred.account.rps)),
-            ("X-Datorus-RateLimit-Remaining", str(v.remaining)),
-            ("X-Datorus-RateLimit-Reset", str(reset)),
-        )
+        v = cred.limiter.take(time.monotonic())
+        fc.rl_headers = rate_headers(cred, v)
         if not v.allowed:
             retry = v.retry_after_seconds
             self.gw.reject(

@@ -126,11 +126,16 @@ class Metering:
         if self.settler is None:
             self.settler = asyncio.get_running_loop().create_task(self._settle_idle_tunnels())
 
-    def settle_open_flows(self) -> None:
-        """Finish every flow still open at a clean stop, billing what it moved.
+    def open_count(self) -> int:
+        """How many requests and tunnels are under way (a stopping gateway waits for them)."""
+        return sum(1 for fc in self.current.values() if not fc.done)
 
-        The ledger task calls this before its final flush: a download or tunnel cut by
-        the stop is billed for the bytes that crossed, with its receipt.
+    def settle_open_flows(self) -> None:
+        """Finish every flow still open at a clean stop, billing what it moved, and close it.
+
+        The ledger task calls this before its final flush, once the drain time is over:
+        a download or tunnel cut by the stop is billed for the bytes that crossed, with
+        its receipt, and closed so that nothing more crosses unbilled.
         """
         if self.settler is not None:
             self.settler.cancel()
@@ -138,6 +143,7 @@ class Metering:
         for fc in list(self.current.values()):
             if not fc.done and not fc.answered:
                 self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.up or fc.down))
+                self.gw.cut_client(fc.client_id)
 
     async def _settle_idle_tunnels(self) -> None:
         """Settle what open tunnels used, also those that went quiet since their last chunk."""

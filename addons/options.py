@@ -89,12 +89,20 @@ class LedgerTask:
         self.last_prune = 0.0
         self.on_snapshot: list = []  # callbacks(runtime) after each reload
         self.on_stop: list = []  # callbacks() before the final flush at a clean stop
+        self.open_flows: list = []  # callbacks() -> how many flows are still under way
         self.stopping = False
 
     def running(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus ledger")
 
     async def done(self) -> None:
+        # drain: mitmproxy keeps serving while its addons finish, so refuse new requests
+        # (503, Retry-After) and give those under way drain_seconds to end, while the
+        # loop goes on writing their usage
+        self.gw.runtime.draining = True
+        deadline = time.monotonic() + self.gw.settings.get("drain_seconds", 5)
+        while any(n() for n in self.open_flows) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         # let the loop finish what it is doing (a write cancelled mid-transaction would
         # lose its batch) and stop at its next tick; cancel only if it hangs
         self.stopping = True

@@ -75,8 +75,9 @@ class Relay:
             ctx.options.update(websocket=False, block_global=False)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """An upgraded connection's chunk: relayed as is, never kept."""
-        flow.messages.clear()
+        """An upgraded connection's chunk: relayed as is, only the last one kept (for
+        mitmproxy's own log line, which reads it)."""
+        del flow.messages[:-1]
 
     # -- requests ----------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class Runtime:
         self.batch = UsageBatch()
         self.loaded = False
         self.ledger_ok = False
+        self.draining = False  # a clean stop is under way: no new request starts
         self.version = -1
 
     # -- settings -----------------------------------------------------------------------
@@ -194,8 +195,16 @@ class Runtime:
     # -- admission ----------------------------------------------------------------------
 
     def admit(self, cred: CredentialState) -> None:
-        """Raise the 402/403 a request of *cred* gets before it starts, if any."""
+        """Raise the 402/403 (or the 503 of a stopping gateway) a request of *cred* gets
+        before it starts, if any."""
         acc = cred.account
+        if self.draining:
+            raise DatorusError(
+                "SERVICE_UNAVAILABLE",
+                message="The gateway is restarting; retry shortly.",
+                details={"reason": "draining"},
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         if acc.status != "active":
             raise DatorusError("ACCOUNT_SUSPENDED", details={"accountId": acc.id})
         if cred.max_bytes is not None and cred.room() <= 0:

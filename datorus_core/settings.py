@@ -108,6 +108,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds an idle kept-alive client connection stays open between requests.",
         _positive,
     ),
+    Setting(
+        "drain_seconds",
+        int,
+        5,
+        "Seconds a stopping gateway lets requests and tunnels under way finish (new ones: 503).",
+        _non_negative,
+    ),
     Setting("trial_bytes", int, 100_000_000, "Free trial bytes for a new account.", _non_negative),
     Setting(
         "price_cents_per_gb", int, 300, "Default price in cents per GB (10^9 bytes).", _non_negative

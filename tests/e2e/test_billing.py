@@ -18,6 +18,7 @@ import time
 
 import pytest
 import requests
+from checks import assert_envelope
 from support import CountingRelay, RawOrigin, basic, cli, raw_connection, read_response, wait_until
 
 NANO = 10**9
@@ -722,8 +723,9 @@ def test_open_idle_tunnel_usage_reaches_the_ledger_while_it_stays_open(gateway, 
 
 
 def test_clean_stop_bills_a_download_still_running(make_gateway, raw_origin):
-    """SIGTERM mid-download: the bytes that crossed are billed, with a receipt."""
-    gw = make_gateway()
+    """SIGTERM mid-download, past the drain time: the bytes that crossed are billed, with
+    a receipt, and the download is closed."""
+    gw = make_gateway(drain_seconds=1)
     acc, user, pw = gw.customer(trial_bytes=10**12)
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
     s.sendall(
@@ -799,3 +801,52 @@ def test_client_that_aborts_its_upload_before_any_answer_pays_for_it(gateway, ra
         timeout=10,
         what="the aborted upload billed",
     )
+
+
+def test_sigterm_drains_refuses_new_requests_and_bills_every_one_served(make_gateway, origin):
+    """A clean stop: requests under way finish and are billed; new ones, on new or
+    kept-alive connections, get 503 with Retry-After and are neither served nor billed."""
+    gw = make_gateway(drain_seconds=10)
+    acc, user, pw = gw.customer(trial_bytes=10**12)
+    auth = f"Proxy-Authorization: {basic(user, pw)}\r\n"
+    kept = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    kept.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+    assert read_response(kept)[0] == 200
+    slow = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    slow.sendall(f"GET {origin.url('/slow?s=2&drain=1')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+    wait_until(lambda: any("drain=1" in r["path"] for r in origin.seen), 5, 0.01, "under way")
+    gw.proc.send_signal(signal.SIGTERM)
+
+    served = 2  # the kept-alive connection's first request and the slow one
+
+    def refused():
+        nonlocal served
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+            answer = read_response(s)
+            served += answer[0] == 200  # before the stop began: served and billed
+            return [answer] if answer[0] == 503 else None
+
+    ((status, headers, body),) = wait_until(refused, 5, 0.02, "draining")
+    err = assert_envelope(status, headers, body, "SERVICE_UNAVAILABLE", 503)
+    assert err["details"] == {"reason": "draining"}
+    assert headers["retry-after"] == "1" and headers["connection"] == "close"
+    assert headers["x-datorus-ratelimit-limit"] == "50"
+    # a kept-alive connection is refused too (a request served now would go unbilled)
+    kept.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+    status, headers, body = read_response(kept)
+    assert_envelope(status, headers, body, "SERVICE_UNAVAILABLE", 503)
+    # the request under way finishes whole
+    status, _, body = read_response(slow)
+    assert (status, body) == (200, b"slow")
+    assert gw.proc.wait(15) == 0
+    kept.close()
+    slow.close()
+    with sqlite3.connect(gw.db) as c:
+        rows = c.execute(
+            "SELECT status, bytes_down FROM receipts WHERE account_id = ? ORDER BY request_id",
+            (acc,),
+        ).fetchall()
+    assert [r[0] for r in rows] == [200] * served  # every one served, nothing else
+    usage = cli(gw.db, "usage", str(acc))
+    assert usage["requests"] == served and usage["bytes"] > 0

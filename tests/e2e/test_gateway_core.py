@@ -356,6 +356,7 @@ def test_slow_upstream_is_504_gateway_timeout(make_gateway, origin, tls_origin):
     elapsed = time.monotonic() - t0
     err = assert_envelope(r.status_code, r.headers, r.content, "GATEWAY_TIMEOUT", 504)
     assert err["message"] == "The upstream destination timed out."
+    assert err["details"] == {"timeoutSeconds": 1}
     assert elapsed < 4
 
 
@@ -371,6 +372,10 @@ def test_suspension_and_revocation_take_effect_live(gateway, origin):
 
     (r,) = wait_until(suspended, timeout=2.5, interval=0.1, what="suspension live")
     assert_envelope(r.status_code, r.headers, r.content, "ACCOUNT_SUSPENDED", 403)
+    # the credential is known: the rate-limit headers are on the refusal too
+    assert r.headers["X-Datorus-RateLimit-Limit"] == "50"
+    assert int(r.headers["X-Datorus-RateLimit-Remaining"]) >= 0
+    assert int(r.headers["X-Datorus-RateLimit-Reset"]) >= int(time.time())
     gateway.cli("account", "unsuspend", str(acc))
     wait_until(
         lambda: requests.get(origin.url("/"), proxies=proxies, timeout=10).status_code == 200,
