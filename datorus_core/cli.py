@@ -444,7 +444,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(130) from None
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             msg = e.format_message()
-            fail(DatorusError("VALIDATION_ERROR", message=msg, details={"reason": msg}))
+            param = getattr(getattr(e, "param", None), "name", None)
+            field = param or getattr(e, "option_name", None)
+            if field is None:
+                field = "command" if "command" in msg.lower() else "arguments"
+            fail(
+                DatorusError(
+                    "VALIDATION_ERROR",
+                    message=msg,
+                    details={"field": str(field).lstrip("-"), "reason": msg},
+                )
+            )
         raise
 
 

@@ -189,8 +189,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "public_url",
         str,
-        "http://127.0.0.1:8002",
-        "Base URL customers use for the API (links in mail).",
+        "",
+        "Base URL customers use for the API (links in mail; empty: http://api_host:api_port).",
     ),
     Setting(
         "email_token_ttl",
@@ -342,3 +342,15 @@ def default_db_path() -> str:
         return read_conf().get("db", BY_NAME["db"].default)
     except SettingsError:
         return BY_NAME["db"].default
+
+
+def public_base(settings: dict[str, Any]) -> str:
+    """The API's base URL for links: ``public_url``, else where the API listens."""
+    url = str(settings.get("public_url") or "").rstrip("/")
+    if url:
+        return url
+    host = str(settings.get("api_host") or "127.0.0.1")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.get('api_port') or 8002}"

@@ -67,7 +67,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         reason = "not valid JSON"
-    details = {"field": _field(first.get("loc", ("body",))), "reason": reason}
+    field = "body" if first.get("type") == "json_invalid" else _field(first.get("loc", ("body",)))
+    details = {"field": field, "reason": reason}
     return error_response(request, DatorusError("VALIDATION_ERROR", details=details))
 
 

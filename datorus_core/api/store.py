@@ -20,6 +20,7 @@ import sqlite_utils
 from .. import ledger, pricing
 from ..envelope import DatorusError
 from ..schema import connect, migrate
+from ..settings import public_base
 from . import keys, mail, tokens
 
 VERIFY = "verify"
@@ -139,7 +140,7 @@ def send_verification(store: Store, settings: dict[str, Any], account_id: int, e
             (account_id, VERIFY, expires),
         )
         token = tokens.sign(store.token_secret, VERIFY, int(cur.lastrowid or 0), expires)
-    base = str(settings.get("public_url") or "").rstrip("/")
+    base = public_base(settings)
     body = (
         "Welcome to Datorus.\n\n"
         "Verify your email address to receive your free trial:\n"

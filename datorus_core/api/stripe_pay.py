@@ -20,6 +20,7 @@ import stripe
 
 from .. import ledger, pricing
 from ..envelope import DatorusError
+from ..settings import public_base
 from .store import Store, account_row, validation
 
 log = logging.getLogger("datorus.stripe")
@@ -228,7 +229,7 @@ class Payments:
         """A Checkout Session for *cents*; the webhook credits the balance when it is paid."""
         db = self.store.db()
         customer = self._customer(db, account)
-        base = str(self.settings.get("public_url") or "").rstrip("/")
+        base = public_base(self.settings)
         meta = self._metadata(account["id"])
         session = self._call(
             self.client.v1.checkout.sessions.create,

@@ -813,7 +813,9 @@ def test_sigterm_drains_refuses_new_requests_and_bills_every_one_served(make_gat
     kept.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
     assert read_response(kept)[0] == 200
     slow = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    slow.sendall(f"GET {origin.url('/slow?s=2&drain=1')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+    slow.sendall(
+        f"GET {origin.url('/slow?s=2&drain=1')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
+    )
     wait_until(lambda: any("drain=1" in r["path"] for r in origin.seen), 5, 0.01, "under way")
     gw.proc.send_signal(signal.SIGTERM)
 
