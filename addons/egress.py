@@ -37,6 +37,7 @@ from typing import Any
 from mitmproxy import http
 
 from datorus_core import egress as eg
+from datorus_core import leases
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
 from datorus_core.schema import connect
@@ -60,6 +61,7 @@ class Route:
     session_id: str | None = None
     country: str | None = None
     bad_country: str | None = None
+    lease_id: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +108,7 @@ class RouteOptions:
             if opts is not None:
                 headers["proxy-authorization"] = _basic(opts.username, creds[1])
                 route.session_id, route.country = opts.session_id, opts.country
+                route.lease_id = opts.lease_id
         sid = headers.get("x-datorus-session-id")
         if sid is not None and valid_session_id(sid):
             route.session_id = sid
@@ -116,6 +119,9 @@ class RouteOptions:
                     route.country = value.strip().lower()
                 else:
                     route.bad_country = name
+        lease = headers.get("x-datorus-lease-id")
+        if lease is not None:
+            route.lease_id = lease.strip()
         if "x-geo" in headers:
             del headers["x-geo"]
         flow.metadata[ROUTE] = route
@@ -141,6 +147,8 @@ class EgressRouter:
         self.db = None
         self.lock = threading.Lock()
         self.rng = random.Random()
+        self.leased: dict[int, tuple[str, int, int]] = {}  # egress -> (lease, account, until)
+        self.leases: dict[str, tuple[int, int, int]] = {}  # lease -> (account, egress, until)
         self.block_statuses: frozenset[int] = frozenset({403, 429})
         self.markers: tuple[bytes, ...] = ()
 
@@ -196,12 +204,15 @@ class EgressRouter:
             self.db = connect(self.gw.settings["db"])
         return self.db.execute(sql, args).fetchall()
 
-    def _query(self, sql: str) -> list:
+    def _query(self, sql: str, args: tuple = ()) -> list:
         with self.lock:
-            return self._sql(sql)
+            return self._sql(sql, args)
 
     async def _load(self) -> None:
         rows = await asyncio.to_thread(self._query, eg.EGRESS_ROWS_SQL)
+        live = await asyncio.to_thread(self._query, leases.ACTIVE_SQL, (int(time.time()),))
+        self.leases = {lid: (aid, eid, until) for lid, aid, eid, until in live}
+        self.leased = {eid: (lid, aid, until) for lid, aid, eid, until in live}
         items = []
         for row in rows:
             try:
@@ -251,6 +262,9 @@ class EgressRouter:
                 ),
             )
             return
+        if route.lease_id is not None:
+            self._route_lease(flow, fc, route.lease_id, tunnel)
+            return
         if not self.pool.by_id:
             # no pool configured: the box's default route for everything (targeting is
             # not enforced: there is nothing to choose from)
@@ -261,6 +275,8 @@ class EgressRouter:
         now = time.monotonic()
         domain = fc.host.lower()
         family = 6 if ":" in flow.request.host else 4  # the address the AUP check pinned
+        # egress leased to someone carry only requests that name their lease
+        exclude = self.leased_now() if self.leased else ()
         e = None
         sessions = self.sessions
         sid = route.session_id
@@ -268,14 +284,17 @@ class EgressRouter:
             eid = sessions.get(fc.account.id, sid, now)
             if eid is not None:
                 e = self.pool.by_id.get(eid)
-                if e is not None and not (
-                    self.pool.usable(e, domain, now, family)
-                    and (route.country is None or e.country == route.country)
+                if e is not None and (
+                    not self.pool.usable(e, domain, now, family)
+                    or (route.country is not None and e.country != route.country)
+                    or e.id in exclude
                 ):
-                    e = None  # unhealthy or no longer matching: the session moves
+                    e = None  # unhealthy, leased or no longer matching: the session moves
         if e is None:
             try:
-                e = self.pool.pick(domain, route.country, now, self.rng, family=family)
+                e = self.pool.pick(
+                    domain, route.country, now, self.rng, family=family, exclude=exclude
+                )
             except eg.NoEgress as x:
                 details = {"reason": x.reason, **x.details}
                 if x.reason == "no_healthy_egress":
@@ -300,6 +319,44 @@ class EgressRouter:
         self.current[cid] = choice
         if not tunnel:
             self._close_stale(cid, choice.key)
+
+    def leased_now(self) -> set[int]:
+        """Egress ids under a live lease (a lapsed one frees its egress by itself)."""
+        now = time.time()
+        return {eid for eid, (_, _, until) in self.leased.items() if until > now}
+
+    def _route_lease(self, flow: http.HTTPFlow, fc: FlowCtx, lease_id: str, tunnel: bool) -> None:
+        """A request naming a lease leaves by the leased egress, or is refused."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease[0] != fc.account.id or lease[2] <= time.time():
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "RESOURCE_NOT_FOUND",
+                    message="This account holds no live lease with this id.",
+                    details={"lease": lease_id[:64]},
+                ),
+            )
+            return
+        e = self.pool.by_id.get(lease[1])
+        family = 6 if ":" in flow.request.host else 4
+        if e is None or not e.up(time.monotonic()) or e.family not in (None, family):
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "UPSTREAM_FAILED",
+                    message="The leased egress cannot carry this request right now.",
+                    details={"reason": "leased_egress_unavailable", "lease": lease_id},
+                ),
+            )
+            return
+        fc.egress = e
+        choice = Choice(e, eg.source_for(e.spec, f"lease/{lease_id}", self.rng), fc)
+        self.current[flow.client_conn.id] = choice
+        if not tunnel:
+            self._close_stale(flow.client_conn.id, choice.key)
 
     def _close_stale(self, client_id: str, key: tuple[int, str | None] | None) -> None:
         """Close this client's server connections that belong to another egress (*internal*)."""

@@ -28,6 +28,7 @@ import hashlib
 import ipaddress
 import random
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -353,10 +354,12 @@ class Pool:
         rng: random.Random | None = None,
         avoid: int | None = None,
         family: int | None = None,
+        exclude: Container[int] = (),
     ) -> Egress:
         """A healthy egress for *domain* and *country*, weighted by score; raises NoEgress.
 
-        *family* (4 or 6, the target address's) leaves out source addresses of the other.
+        *family* (4 or 6, the target address's) leaves out source addresses of the other;
+        *exclude* leaves out egress ids (those leased to someone).
         """
         rng = rng or random
         items, cum = self._groups.get(country.lower() if country else None, ([], []))
@@ -371,8 +374,9 @@ class Pool:
 
         for _ in range(8):
             e = items[min(bisect.bisect_right(cum, rng.random() * total), len(items) - 1)]
-            if e.id != avoid and fine(e):
+            if e.id != avoid and fine(e) and e.id not in exclude:
                 return e
+        items = [e for e in items if e.id not in exclude] if exclude else items
         ok = [e for e in items if fine(e) and e.id != avoid]
         if not ok:
             ok = [e for e in items if self.usable(e, domain, now, family) and e.id != avoid]

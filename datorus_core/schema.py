@@ -237,6 +237,22 @@ MIGRATIONS: tuple[str, ...] = (
         BEGIN {_TOUCH}; END;
     CREATE TRIGGER egress_touch_d AFTER DELETE ON egress BEGIN {_TOUCH}; END;
     """,
+    # 4: exclusive egress leases (seed 002's acquire/release); expires_at in Unix seconds
+    f"""
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        egress_id INTEGER NOT NULL REFERENCES egress(id) ON DELETE CASCADE,
+        cents INTEGER NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        expires_at INTEGER NOT NULL,
+        released_at TEXT
+    );
+    CREATE INDEX leases_live ON leases(expires_at) WHERE released_at IS NULL;
+    CREATE INDEX leases_account ON leases(account_id, expires_at);
+    CREATE TRIGGER leases_touch_i AFTER INSERT ON leases BEGIN {_TOUCH}; END;
+    CREATE TRIGGER leases_touch_u AFTER UPDATE ON leases BEGIN {_TOUCH}; END;
+    """,
 )
 
 

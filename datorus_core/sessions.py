@@ -3,10 +3,11 @@
 Also the routing options a client can put in its proxy username, for clients that
 cannot add headers to CONNECT (browsers, most scraping tools)::
 
-    USERNAME[-country-CC][-session-SESSIONID]
+    USERNAME[-country-CC][-lease-LEASEID][-session-SESSIONID]
 
 Datorus usernames are lowercase letters and digits, never ``-``, so the first ``-``
-ends the username. ``country-CC`` takes exactly two letters. ``session-`` must be
+ends the username. ``country-CC`` takes exactly two letters, ``lease-`` a lease id
+(``ls`` + 24 hex digits, from ``POST /proxies/acquire``). ``session-`` must be
 the last option: everything after it is the session id, so every valid id
 (``[A-Za-z0-9_-]{1,128}``, dashes included) reads one way only.
 """
@@ -18,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+LEASE_ID_RE = re.compile(r"^ls[0-9a-f]{24}$")
 
 
 def valid_session_id(value: str | None) -> bool:
@@ -32,10 +34,11 @@ class UsernameOptions:
     username: str
     session_id: str | None = None
     country: str | None = None
+    lease_id: str | None = None
 
 
 def parse_username(raw: str) -> UsernameOptions | None:
-    """Split ``USER[-country-CC][-session-ID]``; None when *raw* carries no options.
+    """Split ``USER[-country-CC][-lease-ID][-session-ID]``; None when *raw* has no options.
 
     Raises ValueError when options are present but malformed (an unknown option, a
     country that is not two letters, an invalid session id): such a username is not
@@ -48,6 +51,7 @@ def parse_username(raw: str) -> UsernameOptions | None:
         raise ValueError("empty username")
     country = None
     session = None
+    lease = None
     while rest:
         key, _, value = rest.partition("-")
         if key == "session":
@@ -63,8 +67,16 @@ def parse_username(raw: str) -> UsernameOptions | None:
             if dash and not rest:
                 raise ValueError("dangling '-'")
             continue
+        if key == "lease" and lease is None:
+            lid, dash, rest = value.partition("-")
+            if not LEASE_ID_RE.match(lid):
+                raise ValueError("invalid lease id")
+            lease = lid
+            if dash and not rest:
+                raise ValueError("dangling '-'")
+            continue
         raise ValueError(f"unknown username option {key!r}")
-    return UsernameOptions(base, session, country)
+    return UsernameOptions(base, session, country, lease)
 
 
 class SessionTable:

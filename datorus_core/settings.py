@@ -147,6 +147,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("receipt_days", int, 30, "Days receipts are kept.", _positive),
     Setting(
+        "lease_price_cents",
+        int,
+        1,
+        "What an exclusive egress lease (POST /proxies/acquire) costs from the balance.",
+        _non_negative,
+    ),
+    Setting(
         "auth_fail_limit",
         int,
         20,

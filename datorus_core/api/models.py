@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -37,6 +37,16 @@ class KeyIn(BaseModel):
     """``POST /auth/keys``."""
 
     label: str | None = Field(default=None, max_length=100)
+
+
+class AcquireIn(BaseModel):
+    """``POST /proxies/acquire``: which egress to lease, and for how long (seed 002)."""
+
+    protocol: Literal["direct", "http", "https", "socks5"] | None = None
+    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    anonymity: Literal["transparent", "anonymous", "elite"] | None = None
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    lease_duration_seconds: int = Field(default=300, ge=1, le=3600)
 
 
 class CredentialIn(BaseModel):

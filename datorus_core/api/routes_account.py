@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import ledger
+from .. import leases, ledger
 from . import store
 from .deps import Account, ActiveAccount, State
 from .models import CredentialIn
@@ -31,10 +31,16 @@ def get_credits(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=20
 
 
 @router.get("/account/leases", tags=["account"])
-def get_leases(acc: Account, limit: Limit = 50, cursor: Cursor = None) -> Any:
-    """Active proxy leases (none until the pool API hands them out)."""
-    store.decode_cursor(cursor)
-    return {"items": [], "next_cursor": None, "total_count": 0}
+def get_leases(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    """The account's live egress leases (``POST /proxies/acquire``), oldest first."""
+    start = store.decode_cursor(cursor)
+    items = leases.for_account(st.store.db(), acc["id"], int(time.time()))
+    more = start + limit < len(items)
+    return {
+        "items": items[start : start + limit],
+        "next_cursor": store.encode_cursor(start + limit) if more else None,
+        "total_count": len(items),
+    }
 
 
 @router.get("/account/credentials", tags=["credentials"])

@@ -4,7 +4,8 @@ Every egress the operator added (``datorus egress add``) is a "proxy" here, in s
 002's shape: upstream proxies with their host and port (never their credentials),
 source addresses with their address. ``status`` is ``unchecked`` before the first
 background check, ``active`` while checks pass, ``dead`` while they fail (its score is
-0 then) and ``disabled`` when the operator disabled it. Sources, leases and
+0 then) and ``disabled`` when the operator disabled it. ``POST /proxies/acquire``
+leases one to the caller alone (``datorus_core.leases``). Sources and
 ``POST /proxies/test`` are not built: the pool is the operator's, filled with the CLI.
 """
 
@@ -18,8 +19,10 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from .. import egress_ledger as el
+from .. import leases
 from ..egress import parse_egress_url
-from .deps import Account, State
+from .deps import Account, ActiveAccount, State
+from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
 
 router = APIRouter(tags=["pool"])
@@ -206,3 +209,37 @@ async def plugin_stats(acc: Account, st: State) -> Any:
             {"name": "smtp" if mail else "outbox", "healthy": True, "subscribes_to": ["account.*"]}
         ],
     }
+
+
+# -- leases -------------------------------------------------------------------------------
+
+
+@router.post("/proxies/acquire")
+async def acquire(acc: ActiveAccount, st: State, body: AcquireIn) -> Any:
+    """Lease the best-scored free egress matching the filters, for the caller alone.
+
+    Costs ``lease_price_cents`` (default 1) from the balance when taken, not refunded
+    on release. Send requests through it with ``X-Datorus-Lease-Id: LEASE_ID`` or the
+    username option ``-lease-LEASE_ID``; no other request leaves by it meanwhile.
+    402 ``INSUFFICIENT_BALANCE``; 404 ``RESOURCE_NOT_FOUND`` when nothing matches;
+    429 ``RATE_LIMITED`` with ``Retry-After`` when every match is leased.
+    """
+    filters = body.model_dump(exclude={"lease_duration_seconds"})
+    price = int(st.settings.get("lease_price_cents", 1))
+    return await run_in_threadpool(
+        leases.acquire,
+        st.store.db(),
+        acc["id"],
+        filters,
+        body.lease_duration_seconds,
+        price,
+        int(time.time()),
+    )
+
+
+@router.post("/proxies/acquire/{lease_id}/release")
+async def release(acc: Account, st: State, lease_id: Annotated[str, Path(max_length=64)]) -> Any:
+    """End a lease early: the egress is free at once (the charge is not refunded)."""
+    return await run_in_threadpool(
+        leases.release, st.store.db(), acc["id"], lease_id, int(time.time())
+    )

@@ -136,8 +136,11 @@ async def debug_pick(
         e = pool.by_id.get(eid) if eid is not None else None
         if e is not None and pool.usable(e, domain, now, family) and cc in (None, e.country):
             pinned = e
+    exclude = st.router.leased_now() if live and st.router.leased else set()
+    if pinned is not None and pinned.id in exclude:
+        pinned = None  # leased to someone since: the session would move
     try:
-        chosen = pinned or pool.pick(domain, cc, now, _rng, family=family)
+        chosen = pinned or pool.pick(domain, cc, now, _rng, family=family, exclude=exclude)
     except eg.NoEgress as x:
         details: dict[str, Any] = {"reason": x.reason, **x.details}
         if x.reason == "no_healthy_egress":
@@ -148,7 +151,7 @@ async def debug_pick(
             details=details,
         ) from None
     candidates = pool.candidates(cc)
-    ok = [e for e in candidates if pool.usable(e, domain, now, family)]
+    ok = [e for e in candidates if pool.usable(e, domain, now, family) and e.id not in exclude]
     fine = [e for e in ok if e.state_for(domain, now) == eg.OK] or ok
     weights = {e.id: max(e.score, 0.02) * max(e.weight, 1) for e in fine}
     total = sum(weights.values()) or 1.0

@@ -389,7 +389,9 @@ def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str,
                 "id": t["id"],
                 "amount": _cents_toward_zero(nc),
                 "amount_nanocents": nc,
-                "tx_type": TX_TYPES.get(t["kind"], t["kind"]),
+                "tx_type": "acquire"
+                if (t.get("external_id") or "").startswith("lease:")
+                else TX_TYPES.get(t["kind"], t["kind"]),
                 "description": t["reason"] or _describe(t),
                 "trial_bytes": t["trial_bytes"],
                 "bytes": t["bytes"],

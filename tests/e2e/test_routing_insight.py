@@ -8,9 +8,12 @@ preview must name the egress the proxy then really uses.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import requests
 from api_helpers import assert_api_error
+from checks import assert_envelope
 from support import ApiProcess, BlockingOrigin, Gateway, free_port, prepare_ledger, wait_until
 
 US, DE = "127.0.0.2", "127.0.0.3"
@@ -225,3 +228,77 @@ def test_proxy_detail_stats_and_a_disabled_egress(gw, peer):
     finally:
         gw.cli("egress", "enable", str(pid))
     assert _api(gw, "/proxies", key="").status_code == 401
+
+
+# -- exclusive leases ----------------------------------------------------------------------
+
+
+def _post(g: Gateway, path: str, body: dict | None = None) -> requests.Response:
+    h = {"Authorization": f"Bearer {g.key}"}
+    return requests.post(g.api_url + path, json=body or {}, headers=h, timeout=10)
+
+
+def test_lease_is_exclusive_paid_once_and_released(gw, peer):
+    other_acc, other_user, other_pw = gw.customer(trial_bytes=10**12)
+    # a lease costs a cent of balance: trial bytes do not pay for it
+    r = _post(gw, "/proxies/acquire", {"country": "US"})
+    err = assert_api_error(r, 402, "INSUFFICIENT_BALANCE")
+    assert err["details"]["requiredCents"] == 1
+    gw.cli("balance", "add", str(gw.acc), "3")
+    r = _post(gw, "/proxies/acquire", {"country": "US", "lease_duration_seconds": 120})
+    assert r.status_code == 200, r.text
+    lease = r.json()
+    lid = lease["lease_id"]
+    assert re.fullmatch(r"ls[0-9a-f]{24}", lid)
+    assert lease["proxy"]["ip"] == US and lease["proxy"]["country"] == "US"
+    assert lease["credits_remaining"] == 2
+    # the one US egress is taken: another lease waits, an impossible one is not found
+    r = _post(gw, "/proxies/acquire", {"country": "US"})
+    err = assert_api_error(r, 429, "RATE_LIMITED")
+    assert err["details"]["limit"] == "leases"
+    assert 100 <= int(r.headers["Retry-After"]) <= 120
+    assert_api_error(_post(gw, "/proxies/acquire", {"country": "FR"}), 404, "RESOURCE_NOT_FOUND")
+    assert [x["lease_id"] for x in _api(gw, "/account/leases").json()["items"]] == [lid]
+    tx = _api(gw, "/account/credits").json()["recent_transactions"][0]
+    assert (tx["tx_type"], tx["amount"]) == ("acquire", -1)
+    assert _api(gw, "/account").json()["balance_cents"] == 2
+
+    # the gateway picks the lease up: requests naming it leave by it (header or username)
+    wait_until(
+        lambda: _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid}).text == US,
+        5,
+        0.05,
+        "lease live at the gateway",
+    )
+    proxies = {"http": f"http://{gw.user}-lease-{lid}:{gw.pw}@127.0.0.1:{gw.port}"}
+    assert requests.get(peer.url("/peer"), proxies=proxies, timeout=10).text == US
+    # nobody else leaves by it, the lease holder's other requests neither
+    other = {"http": gw.proxy(other_user, other_pw)}
+    for _ in range(10):
+        assert requests.get(peer.url("/peer"), proxies=other, timeout=10).text == DE
+        assert _via(gw, peer, "/peer").text == DE
+    r = _via(gw, peer, "/peer", **{"X-Datorus-Country": "us"})
+    err = assert_envelope(r.status_code, r.headers, r.content, "UPSTREAM_FAILED", 502)
+    assert err["details"]["reason"] == "no_healthy_egress"
+    # someone else's lease id is not theirs
+    r = requests.get(
+        peer.url("/peer"), proxies=other, headers={"X-Datorus-Lease-Id": lid}, timeout=10
+    )
+    err = assert_envelope(r.status_code, r.headers, r.content, "RESOURCE_NOT_FOUND", 404)
+    assert err["details"] == {"lease": lid}
+    assert not [s for s in peer.seen if s["headers"].get("x-datorus-lease-id")]
+
+    # released early: free for everyone again, not refunded, not releasable twice
+    r = _post(gw, f"/proxies/acquire/{lid}/release")
+    assert r.status_code == 200 and r.json()["released"] is True
+    assert_api_error(_post(gw, f"/proxies/acquire/{lid}/release"), 404, "RESOURCE_NOT_FOUND")
+    assert _api(gw, "/account/leases").json()["total_count"] == 0
+    assert _api(gw, "/account").json()["balance_cents"] == 2
+    wait_until(
+        lambda: _via(gw, peer, "/peer", **{"X-Datorus-Country": "us"}).text == US,
+        5,
+        0.05,
+        "released egress back in the pool",
+    )
+    r = _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid})
+    assert_envelope(r.status_code, r.headers, r.content, "RESOURCE_NOT_FOUND", 404)

@@ -75,6 +75,30 @@ def test_malformed_username_options(raw):
         parse_username(raw)
 
 
+LEASE = "ls" + "0123456789abcdef01234567"
+
+
+@given(SESSION_IDS)
+def test_lease_rides_in_the_username_beside_country_and_session(sid):
+    opts = parse_username(f"dtabc123-country-de-lease-{LEASE}-session-{sid}")
+    assert (opts.username, opts.country, opts.lease_id, opts.session_id) == (
+        "dtabc123",
+        "de",
+        LEASE,
+        sid,
+    )
+    assert parse_username(f"dtabc123-lease-{LEASE}").lease_id == LEASE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["dt1-lease-", "dt1-lease-LS0123", f"dt1-lease-{LEASE}x", f"dt1-lease-{LEASE}-", "dt1-lease-x"],
+)
+def test_malformed_lease_options(raw):
+    with pytest.raises(ValueError):
+        parse_username(raw)
+
+
 def test_plain_username_has_no_options():
     assert parse_username("dtabc123") is None
 
@@ -117,6 +141,16 @@ def test_pick_spreads_and_respects_country():
     with pytest.raises(eg.NoEgress) as e:
         pool.pick("example.com", "fr", 0, rng)
     assert e.value.reason == "no_egress_for_country"
+
+
+def test_pick_never_takes_an_excluded_egress():
+    pool = _pool()
+    rng = random.Random(5)
+    picks = {pool.pick("example.com", None, 0, rng, exclude={0, 2}).id for _ in range(300)}
+    assert picks == {1, 3}
+    with pytest.raises(eg.NoEgress) as e:
+        pool.pick("example.com", None, 0, rng, exclude={0, 1, 2, 3})
+    assert e.value.reason == "no_healthy_egress"
 
 
 def test_blocks_limit_then_exclude_then_recover():
