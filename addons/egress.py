@@ -149,6 +149,8 @@ class EgressRouter:
         self.rng = random.Random()
         self.leased: dict[int, tuple[str, int, int]] = {}  # egress -> (lease, account, until)
         self.leases: dict[str, tuple[int, int, int]] = {}  # lease -> (account, egress, until)
+        self._excl: frozenset[int] = frozenset()  # leased egress ids, valid until _excl_until
+        self._excl_until = 0.0
         self.block_statuses: frozenset[int] = frozenset({403, 429})
         self.markers: tuple[bytes, ...] = ()
 
@@ -213,6 +215,7 @@ class EgressRouter:
         live = await asyncio.to_thread(self._query, leases.ACTIVE_SQL, (int(time.time()),))
         self.leases = {lid: (aid, eid, until) for lid, aid, eid, until in live}
         self.leased = {eid: (lid, aid, until) for lid, aid, eid, until in live}
+        self._excl_until = 0.0
         items = []
         for row in rows:
             try:
@@ -299,7 +302,7 @@ class EgressRouter:
                 details = {"reason": x.reason, **x.details}
                 if x.reason == "no_healthy_egress":
                     # seed 001's retry guidance: when the first excluded egress comes back
-                    health = eg.domain_health(self.pool, domain, now)
+                    health = eg.domain_health(self.pool, domain, now, exclude)
                     details["retryAfterSeconds"] = health["retryAfterSeconds"]
                 self.gw.reject(
                     flow,
@@ -320,10 +323,30 @@ class EgressRouter:
         if not tunnel:
             self._close_stale(cid, choice.key)
 
-    def leased_now(self) -> set[int]:
-        """Egress ids under a live lease (a lapsed one frees its egress by itself)."""
+    def leased_now(self) -> frozenset[int]:
+        """Egress ids under a live lease (a lapsed one frees its egress by itself).
+
+        Rebuilt only when the leases change or the first of them lapses, not per request.
+        """
         now = time.time()
-        return {eid for eid, (_, _, until) in self.leased.items() if until > now}
+        if now >= self._excl_until:
+            live = {eid: until for eid, (_, _, until) in self.leased.items() if until > now}
+            self._excl = frozenset(live)
+            self._excl_until = min(live.values(), default=float("inf"))
+        return self._excl
+
+    def add_lease(self, lease_id: str, account_id: int, egress_id: int, until: int) -> None:
+        """A lease taken through the API this gateway serves: in force at once."""
+        self.leases[lease_id] = (account_id, egress_id, until)
+        self.leased[egress_id] = (lease_id, account_id, until)
+        self._excl_until = 0.0
+
+    def end_lease(self, lease_id: str) -> None:
+        """A lease released through the API this gateway serves: over at once."""
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None and self.leased.get(lease[1], ("",))[0] == lease_id:
+            del self.leased[lease[1]]
+        self._excl_until = 0.0
 
     def _route_lease(self, flow: http.HTTPFlow, fc: FlowCtx, lease_id: str, tunnel: bool) -> None:
         """A request naming a lease leaves by the leased egress, or is refused."""

@@ -127,7 +127,7 @@ class ErrorPages:
             return
         msg = flow.response.get_text(strict=False) or ""
         status = flow.response.status_code
-        err = error_for(status, msg, fc, None)
+        err = error_for(status, msg, fc, None, self.gw.runtime)
         flow.response = self.gw.error_response(fc, err)
 
     def client_disconnected(self, client) -> None:

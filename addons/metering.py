@@ -156,7 +156,11 @@ class Metering:
     # -- admission ---------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._admit(flow)
+        fc = self._admit(flow)
+        if fc is not None and "upgrade" in flow.request.headers:
+            # a WebSocket holds a tunnel slot from the moment it is admitted (parallel
+            # upgrades cannot pass the cap together); _finish frees it if no 101 comes
+            fc.account.tunnels[fc.client_id] = fc
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         fc = self._admit(flow)
@@ -286,6 +290,9 @@ class Metering:
             fc.kind = TUNNEL
             # an open tunnel of its account: counted against max_tunnels, closed on suspension
             fc.account.tunnels[fc.client_id] = fc
+            if fc.account.status != "active":  # suspended while the upgrade was under way
+                fc.cut = "suspended"
+                asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
             return
         if flow.request.timestamp_end is None:
             # the target answered before the upload ended, and mitmproxy goes on relaying

@@ -72,6 +72,13 @@ class EgressSpec:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{self.kind}://{self.username}:***@{host}:{self.port}"
 
+    def customer_url(self) -> str:
+        """The URL without any credentials (for what customers see)."""
+        if not self.is_proxy:
+            return self.url
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{self.kind}://{host}:{self.port}"
+
 
 def parse_egress_url(url: str) -> EgressSpec:
     """Parse and validate an egress URL; raises ValueError saying what is wrong."""
@@ -394,7 +401,9 @@ class Pool:
         return rng.choices(ok, weights)[0]
 
 
-def domain_health(pool: Pool, domain: str, now: float) -> dict[str, Any]:
+def domain_health(
+    pool: Pool, domain: str, now: float, leased: Container[int] = ()
+) -> dict[str, Any]:
     """Seed 001's network health of *domain*: each egress's state for it, and a summary.
 
     The shape a ``GET /network/health/{domain}`` answer needs; ``retryAfterSeconds`` is
@@ -406,17 +415,19 @@ def domain_health(pool: Pool, domain: str, now: float) -> dict[str, Any]:
         state = OK if h is None else h.state(now)
         if not e.up(now):
             state = UNAVAILABLE
+        elif e.id in leased:
+            state = "leased"  # exclusive to one account for now
         rows.append(
             {
                 "id": e.id,
-                "url": e.spec.public_url(),
+                "url": e.spec.customer_url(),
                 "country": e.country,
                 "enabled": e.enabled,
                 "state": state if e.enabled else "disabled",
                 "score": round(e.score, 3),
                 "recoversInSeconds": (
                     round(max(h.until if h else 0.0, e.down_until) - now, 1)
-                    if state != OK and e.enabled
+                    if state not in (OK, "leased") and e.enabled
                     else None
                 ),
             }
@@ -428,6 +439,7 @@ def domain_health(pool: Pool, domain: str, now: float) -> dict[str, Any]:
         "available": len(available),
         "limited": sum(r["state"] == LIMITED for r in rows),
         "unavailable": sum(r["state"] == UNAVAILABLE for r in rows),
+        "leased": sum(r["state"] == "leased" for r in rows),
         "retryAfterSeconds": None if available or not waits else max(1, int(min(waits) + 0.999)),
         "egress": rows,
     }

@@ -7,6 +7,8 @@ not bump the version.
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlite_utils
@@ -82,8 +84,16 @@ def list_egress(db: sqlite_utils.Database) -> list[dict[str, Any]]:
 
 
 def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
-    """Remove an egress and its check history."""
+    """Remove an egress and its check history; refused while a customer holds a paid lease
+    on it (disable it instead: the holder then gets 502 until the lease ends)."""
     with transaction(db):
+        (until,) = db.conn.execute(
+            "SELECT MAX(expires_at) FROM leases"
+            " WHERE egress_id = ? AND released_at IS NULL AND expires_at > ?",
+            (egress_id, int(time.time())),
+        ).fetchone()
+        if until is not None:
+            raise _validation("egress", f"leased until {iso_utc(until)}: disable it instead")
         cur = db.conn.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
     if cur.rowcount == 0:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
@@ -112,3 +122,8 @@ def recent_checks(
             [egress_id, limit],
         )
     )
+
+
+def iso_utc(ts: int) -> str:
+    """Unix seconds as ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -44,6 +44,12 @@ def iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _leasable(row: dict[str, Any]) -> bool:
+    """Only a distinct way out can be leased: not the box's shared default route, and
+    not one failing its checks (score 0)."""
+    return row["url"] != "direct://" and row["score"] > 0
+
+
 def _matches(row: dict[str, Any], f: dict[str, Any]) -> bool:
     kind = parse_egress_url(row["url"]).kind
     return (
@@ -61,7 +67,7 @@ def view(lease: dict[str, Any], egress: dict[str, Any]) -> dict[str, Any]:
         "lease_id": lease["id"],
         "proxy": {
             "id": egress["id"],
-            "ip": spec.host if spec.is_proxy else spec.source,
+            "ip": spec.host if spec.is_proxy else (spec.source or str(spec.prefix)),
             "port": spec.port if spec.is_proxy else None,
             "protocol": spec.kind,
             "country": egress["country"].upper() if egress["country"] else None,
@@ -81,22 +87,24 @@ def acquire(
     seconds: int,
     cents: int,
     now: int,
+    max_per_account: int = 5,
 ) -> dict[str, Any]:
     """Lease the best-scored free egress that matches *filters* for *seconds*.
 
-    404 ``RESOURCE_NOT_FOUND`` when no enabled egress matches, 429 ``RATE_LIMITED``
-    (``details.limit = "leases"``, ``Retry-After``) when every match is leased,
-    402 ``INSUFFICIENT_BALANCE`` when the balance cannot pay *cents*.
+    404 ``RESOURCE_NOT_FOUND`` when no leasable egress matches, 429 ``RATE_LIMITED``
+    (``details.limit = "leases"``, ``Retry-After``) when every match is leased, when
+    the account holds *max_per_account* leases already, or when the lease would take
+    the last egress everyone else can use; 402 ``INSUFFICIENT_BALANCE`` when the
+    balance cannot pay *cents*.
     """
     with transaction(db):
-        rows = [
-            r
-            for r in db.query(
+        enabled = list(
+            db.query(
                 "SELECT id, url, country, anonymity, score, exit_ip FROM egress"
                 " WHERE enabled = 1 ORDER BY score DESC, id"
             )
-            if _matches(r, filters)
-        ]
+        )
+        rows = [r for r in enabled if _leasable(r) and _matches(r, filters)]
         if not rows:
             raise DatorusError(
                 "RESOURCE_NOT_FOUND",
@@ -104,8 +112,23 @@ def acquire(
                 details={"filters": {k: v for k, v in filters.items() if v is not None}},
             )
         leased: dict[int, int] = {}
-        for _, _, eid, until in db.conn.execute(ACTIVE_SQL, (now,)).fetchall():
+        mine: list[int] = []
+        for _, aid, eid, until in db.conn.execute(ACTIVE_SQL, (now,)).fetchall():
             leased[eid] = min(until, leased.get(eid, until))
+            if aid == account_id:
+                mine.append(until)
+        if len(mine) >= max_per_account:
+            retry = max(1, min(mine) - now)
+            raise DatorusError(
+                "RATE_LIMITED",
+                message="This account holds as many leases as it may; release one first.",
+                details={
+                    "limit": "leases_per_account",
+                    "maxLeases": max_per_account,
+                    "retryAfterSeconds": retry,
+                },
+                headers={"Retry-After": str(retry)},
+            )
         free = [r for r in rows if r["id"] not in leased]
         if not free:
             retry = max(1, min(leased[r["id"]] for r in rows) - now)
@@ -113,6 +136,15 @@ def acquire(
                 "RATE_LIMITED",
                 message="Every matching proxy is leased; retry when one is released.",
                 details={"limit": "leases", "retryAfterSeconds": retry},
+                headers={"Retry-After": str(retry)},
+            )
+        if sum(1 for r in enabled if r["id"] not in leased) <= 1:
+            # the last way out everyone else can use is never leased
+            retry = max(1, min(leased.values(), default=now + seconds) - now)
+            raise DatorusError(
+                "RATE_LIMITED",
+                message="The last unleased egress stays shared; retry when a lease ends.",
+                details={"limit": "leases", "reason": "pool_reserve", "retryAfterSeconds": retry},
                 headers={"Retry-After": str(retry)},
             )
         (balance,) = db.conn.execute(
@@ -142,7 +174,7 @@ def acquire(
             (
                 account_id,
                 -need,
-                f"Proxy acquired: {spec.public_url()} for {seconds} s",
+                f"Proxy acquired: {spec.customer_url()} for {seconds} s",
                 f"lease:{lease_id}",
             ),
         )
@@ -150,7 +182,11 @@ def acquire(
         (left,) = db.conn.execute(
             "SELECT nanocents FROM balances WHERE account_id = ?", (account_id,)
         ).fetchone()
-    return {**view(lease, egress), "credits_remaining": pricing.whole_cents(left)}
+    return {
+        **view(lease, egress),
+        "credits_remaining": pricing.whole_cents(left),
+        "expires_ts": lease["expires_at"],
+    }
 
 
 def release(db: sqlite_utils.Database, account_id: int, lease_id: str, now: int) -> dict:

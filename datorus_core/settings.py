@@ -154,6 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative,
     ),
     Setting(
+        "max_leases_per_account", int, 5, "Live egress leases one account may hold.", _positive
+    ),
+    Setting(
         "auth_fail_limit",
         int,
         20,

@@ -58,7 +58,7 @@ def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
         "ip": ip,
         "port": spec.port if spec.is_proxy else None,
         "protocol": spec.kind,
-        "url": r["url"],
+        "url": spec.customer_url(),
         "status": _status(r),
         "anonymity": r["anonymity"],
         "exit_ip": r["exitIp"],
@@ -226,20 +226,28 @@ async def acquire(acc: ActiveAccount, st: State, body: AcquireIn) -> Any:
     """
     filters = body.model_dump(exclude={"lease_duration_seconds"})
     price = int(st.settings.get("lease_price_cents", 1))
-    return await run_in_threadpool(
-        leases.acquire,
-        st.store.db(),
-        acc["id"],
-        filters,
-        body.lease_duration_seconds,
-        price,
-        int(time.time()),
+    out = await run_in_threadpool(
+        lambda: leases.acquire(
+            st.store.db(),
+            acc["id"],
+            filters,
+            body.lease_duration_seconds,
+            price,
+            int(time.time()),
+            int(st.settings.get("max_leases_per_account", 5)),
+        )
     )
+    if st.router is not None:  # the gateway serving us: the lease holds from now on
+        st.router.add_lease(out["lease_id"], acc["id"], out["proxy"]["id"], out["expires_ts"])
+    return out
 
 
 @router.post("/proxies/acquire/{lease_id}/release")
 async def release(acc: Account, st: State, lease_id: Annotated[str, Path(max_length=64)]) -> Any:
     """End a lease early: the egress is free at once (the charge is not refunded)."""
-    return await run_in_threadpool(
-        leases.release, st.store.db(), acc["id"], lease_id, int(time.time())
+    out = await run_in_threadpool(
+        lambda: leases.release(st.store.db(), acc["id"], lease_id, int(time.time()))
     )
+    if st.router is not None:
+        st.router.end_lease(lease_id)
+    return out

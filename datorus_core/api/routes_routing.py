@@ -25,6 +25,7 @@ from fastapi import APIRouter, Header, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from .. import egress as eg
+from .. import leases
 from ..envelope import DatorusError
 from ..sessions import valid_session_id
 from .deps import Account, State
@@ -53,28 +54,35 @@ def _family(domain: str) -> int | None:
         return None
 
 
-def _ledger_pool(st: Any) -> eg.Pool:
-    """The pool as the ledger holds it (standalone API: no live block state)."""
+def _ledger_pool(st: Any) -> tuple[eg.Pool, frozenset[int]]:
+    """The pool and the leased egress as the ledger holds them (standalone API: no live
+    block state)."""
+    db = st.store.db()
     items = []
-    for row in st.store.db().execute(eg.EGRESS_ROWS_SQL).fetchall():
+    for row in db.execute(eg.EGRESS_ROWS_SQL).fetchall():
         try:
             items.append(eg.egress_from_row(tuple(row)))
         except ValueError:
             continue
-    return eg.Pool(items)
+    live = db.execute(leases.ACTIVE_SQL, [int(time.time())]).fetchall()
+    return eg.Pool(items), frozenset(row[2] for row in live)
 
 
-async def _pool(st: Any) -> tuple[eg.Pool, bool]:
+async def _pool(st: Any) -> tuple[eg.Pool, frozenset[int], bool]:
+    """The pool, the egress ids under a live lease, and whether this is the live view."""
     if st.router is not None:
-        return st.router.pool, True
-    return await run_in_threadpool(_ledger_pool, st), False
+        return st.router.pool, st.router.leased_now(), True
+    pool, leased = await run_in_threadpool(_ledger_pool, st)
+    return pool, leased, False
 
 
-def _view(e: eg.Egress, domain: str, now: float) -> dict[str, Any]:
+def _view(e: eg.Egress, domain: str, now: float, leased: frozenset[int]) -> dict[str, Any]:
     state = e.state_for(domain, now) if e.up(now) else eg.UNAVAILABLE
+    if e.id in leased and state == eg.OK:
+        state = "leased"
     return {
         "id": e.id,
-        "url": e.spec.public_url(),
+        "url": e.spec.customer_url(),
         "country": e.country,
         "state": state,
         "score": round(e.score, 3),
@@ -117,7 +125,7 @@ async def debug_pick(
     sid = session_id if session_id is not None else x_datorus_session_id
     sid = sid if valid_session_id(sid) else None  # invalid ids are ignored, as by the proxy
     domain = _domain(host)
-    pool, live = await _pool(st)
+    pool, exclude, live = await _pool(st)
     now = time.monotonic()
     answer: dict[str, Any] = {
         "url": url,
@@ -136,7 +144,6 @@ async def debug_pick(
         e = pool.by_id.get(eid) if eid is not None else None
         if e is not None and pool.usable(e, domain, now, family) and cc in (None, e.country):
             pinned = e
-    exclude = st.router.leased_now() if live and st.router.leased else set()
     if pinned is not None and pinned.id in exclude:
         pinned = None  # leased to someone since: the session would move
     try:
@@ -159,9 +166,9 @@ async def debug_pick(
         **answer,
         "route": "pool",
         "pinned": pinned is not None,
-        "egress": _view(chosen, domain, now),
+        "egress": _view(chosen, domain, now, frozenset()),
         "candidates": [
-            {**_view(e, domain, now), "chance": round(weights.get(e.id, 0.0) / total, 4)}
+            {**_view(e, domain, now, exclude), "chance": round(weights.get(e.id, 0.0) / total, 4)}
             for e in candidates
         ],
     }
@@ -173,11 +180,11 @@ async def network_health(
     st: State,
     domain: Annotated[str, Path(description="A destination host name or IP address.")],
 ) -> Any:
-    """Each egress's state for *domain* (seed 001): ``ok``, ``limited``, ``unavailable``
-    or ``disabled``, when an excluded one recovers, and ``retryAfterSeconds`` when none
-    is available now."""
+    """Each egress's state for *domain* (seed 001): ``ok``, ``limited``, ``unavailable``,
+    ``disabled`` or ``leased`` (exclusive to one account), when an excluded one
+    recovers, and ``retryAfterSeconds`` when none is available now."""
     if not _DOMAIN_RE.match(domain) or not _domain(domain):
         raise _bad("domain", "must be a host name or an IP address")
-    pool, live = await _pool(st)
-    health = eg.domain_health(pool, _domain(domain), time.monotonic())
+    pool, leased, live = await _pool(st)
+    health = eg.domain_health(pool, _domain(domain), time.monotonic(), leased)
     return {**health, "live": live}

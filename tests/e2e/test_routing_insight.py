@@ -258,18 +258,19 @@ def test_lease_is_exclusive_paid_once_and_released(gw, peer):
     assert err["details"]["limit"] == "leases"
     assert 100 <= int(r.headers["Retry-After"]) <= 120
     assert_api_error(_post(gw, "/proxies/acquire", {"country": "FR"}), 404, "RESOURCE_NOT_FOUND")
+    # the last unleased egress stays shared: nobody can lease the whole pool
+    r = _post(gw, "/proxies/acquire", {})
+    err = assert_api_error(r, 429, "RATE_LIMITED")
+    assert err["details"]["reason"] == "pool_reserve" and int(r.headers["Retry-After"]) >= 1
     assert [x["lease_id"] for x in _api(gw, "/account/leases").json()["items"]] == [lid]
     tx = _api(gw, "/account/credits").json()["recent_transactions"][0]
     assert (tx["tx_type"], tx["amount"]) == ("acquire", -1)
     assert _api(gw, "/account").json()["balance_cents"] == 2
 
-    # the gateway picks the lease up: requests naming it leave by it (header or username)
-    wait_until(
-        lambda: _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid}).text == US,
-        5,
-        0.05,
-        "lease live at the gateway",
-    )
+    # in force at once: requests naming it leave by it (header or username)
+    assert _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid}).text == US
+    health = {e["url"]: e["state"] for e in _api(gw, "/network/health/x.example").json()["egress"]}
+    assert health == {f"direct://{US}": "leased", f"direct://{DE}": "ok"}
     proxies = {"http": f"http://{gw.user}-lease-{lid}:{gw.pw}@127.0.0.1:{gw.port}"}
     assert requests.get(peer.url("/peer"), proxies=proxies, timeout=10).text == US
     # nobody else leaves by it, the lease holder's other requests neither
@@ -294,11 +295,6 @@ def test_lease_is_exclusive_paid_once_and_released(gw, peer):
     assert_api_error(_post(gw, f"/proxies/acquire/{lid}/release"), 404, "RESOURCE_NOT_FOUND")
     assert _api(gw, "/account/leases").json()["total_count"] == 0
     assert _api(gw, "/account").json()["balance_cents"] == 2
-    wait_until(
-        lambda: _via(gw, peer, "/peer", **{"X-Datorus-Country": "us"}).text == US,
-        5,
-        0.05,
-        "released egress back in the pool",
-    )
+    assert _via(gw, peer, "/peer", **{"X-Datorus-Country": "us"}).text == US  # at once
     r = _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid})
     assert_envelope(r.status_code, r.headers, r.content, "RESOURCE_NOT_FOUND", 404)
