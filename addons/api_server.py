@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
+from mitmproxy import ctx
 
 from datorus_core.api import create_app
 
@@ -47,6 +48,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def own_proxy_url() -> str:
+    """The gateway's own proxy port as a URL this process can reach (for POST /fetch)."""
+    host = ctx.options.listen_host or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{ctx.options.listen_port or 8080}/"
+
+
 class ApiServer:
     """Start the REST API when the gateway runs; stop it when the gateway stops."""
 
@@ -67,7 +77,9 @@ class ApiServer:
             fatal(f"REST API cannot listen on {s['api_host']}:{s['api_port']}: {e}")
             return
         try:
-            app = create_app(s, runtime=self.gw.runtime, router=self.gw.router)
+            app = create_app(
+                s, runtime=self.gw.runtime, router=self.gw.router, proxy_url=own_proxy_url()
+            )
         except Exception as e:
             sock.close()
             fatal(f"REST API cannot open the ledger {s['db']}: {e}")

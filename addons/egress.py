@@ -62,6 +62,7 @@ class Route:
     country: str | None = None
     bad_country: str | None = None
     lease_id: str | None = None
+    report: bool = False  # X-Datorus-Egress-Report: name the egress on the response
 
 
 @dataclass(slots=True, eq=False)
@@ -119,6 +120,8 @@ class RouteOptions:
                     route.country = value.strip().lower()
                 else:
                     route.bad_country = name
+        if "x-datorus-egress-report" in headers:
+            route.report = True
         lease = headers.get("x-datorus-lease-id")
         if lease is not None:
             route.lease_id = lease.strip()
@@ -474,6 +477,9 @@ class EgressRouter:
         if fc is None or fc.answered or fc.egress is None or fc.kind == TUNNEL:
             return
         e: eg.Egress = fc.egress
+        route = flow.metadata.get(ROUTE)
+        if route is not None and route.report:
+            flow.response.headers["X-Datorus-Egress-Id"] = str(e.id)
         resp = flow.response
         domain = fc.host.lower()
         if resp.status_code < 200 or resp.status_code in (204, 304):

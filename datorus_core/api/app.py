@@ -98,14 +98,27 @@ async def _datorus_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
-def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None) -> FastAPI:
+def create_app(
+    settings: dict[str, Any],
+    runtime: Any = None,
+    router: Any = None,
+    proxy_url: str | None = None,
+) -> FastAPI:
     """The REST API over the ledger at ``settings["db"]``.
 
     *runtime* is the gateway's live :class:`~datorus_core.runtime.Runtime` and *router*
     its egress router when the gateway serves the API (``GET /usage`` then reports the
-    live rate-limit state, ``/debug/pick`` and ``/network/health`` the live pool).
+    live rate-limit state, ``/debug/pick`` and ``/network/health`` the live pool), and
+    *proxy_url* its own proxy port (``POST /fetch`` goes through it).
     """
-    from . import routes_account, routes_auth, routes_payments, routes_pool, routes_routing
+    from . import (
+        routes_account,
+        routes_auth,
+        routes_fetch,
+        routes_payments,
+        routes_pool,
+        routes_routing,
+    )
 
     store = Store(settings["db"])
     app = FastAPI(
@@ -117,6 +130,8 @@ def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None
         responses=ERROR_RESPONSES,
     )
     app.state.api = ApiState(store, settings, Payments(store, settings), runtime, router)
+    if proxy_url is not None:
+        app.state.api.extra["proxy_url"] = proxy_url
     app.add_exception_handler(DatorusError, _datorus_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -149,4 +164,5 @@ def create_app(settings: dict[str, Any], runtime: Any = None, router: Any = None
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
+    app.include_router(routes_fetch.router)
     return app

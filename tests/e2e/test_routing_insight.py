@@ -298,3 +298,67 @@ def test_lease_is_exclusive_paid_once_and_released(gw, peer):
     assert _via(gw, peer, "/peer", **{"X-Datorus-Country": "us"}).text == US  # at once
     r = _via(gw, peer, "/peer", **{"X-Datorus-Lease-Id": lid})
     assert_envelope(r.status_code, r.headers, r.content, "RESOURCE_NOT_FOUND", 404)
+
+
+# -- POST /fetch ---------------------------------------------------------------------------
+
+
+def test_fetch_goes_through_the_gateway_billed_routed_and_judged(gw, peer):
+    before = _api(gw, "/usage").json()["requests"]
+    r = _post(gw, "/fetch", {"url": peer.url("/peer"), "session_id": "fetch-1"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["status"] == 200 and out["body"] in (US, DE) and out["body_encoding"] == "text"
+    meta = out["meta"]
+    assert meta["blocked"] is False and meta["session_id"] == "fetch-1"
+    assert meta["egress"]["url"] == f"direct://{out['body']}"
+    assert not [k for k in out["headers"] if k.lower().startswith("x-datorus-")]
+    # billed like any request, with a receipt under the returned id
+    rec = gw.cli("receipt", meta["request_id"])
+    assert rec["status"] == 200 and rec["bytes_down"] > 0
+    wait_until(lambda: _api(gw, "/usage").json()["requests"] > before, 5, 0.05, "usage")
+    # the session sticks across fetches
+    for _ in range(3):
+        again = _post(gw, "/fetch", {"url": peer.url("/peer"), "session_id": "fetch-1"})
+        assert again.json()["body"] == out["body"]
+    # a block page: the target's answer with meta.blocked, and the egress avoided next
+    peer.blocked.add(DE)
+    try:
+        r = _post(gw, "/fetch", {"url": peer.url("/guarded"), "country": "de"})
+        out = r.json()
+        assert out["status"] == 403 and "g-recaptcha" in out["body"]
+        assert out["meta"]["blocked"] is True and out["meta"]["egress"]["url"] == f"direct://{DE}"
+    finally:
+        peer.blocked.discard(DE)
+    state = {e["url"]: e["state"] for e in _api(gw, "/network/health/127.0.0.1").json()["egress"]}
+    assert state[f"direct://{DE}"] == "limited"
+    # the fetch credential is the account's own, listed with the others
+    labels = [c["label"] for c in _api(gw, "/account/credentials").json()["items"]]
+    assert labels.count("api fetch") == 1
+
+
+def test_fetch_errors(gw, peer):
+    # the gateway's own refusal comes back as its envelope, ids agreeing
+    r = _post(gw, "/fetch", {"url": "http://169.254.169.254/latest/meta-data/"})
+    err = assert_api_error(r, 403, "AUP_VIOLATION")
+    assert err["details"]["rule"] == "link_local"
+    assert not [s for s in peer.seen if "meta-data" in s["path"]]
+    err = assert_api_error(_post(gw, "/fetch", {"url": "ftp://x/"}), 400, "VALIDATION_ERROR")
+    assert err["details"]["field"] == "url"
+    r = _post(gw, "/fetch", {"url": peer.url("/peer"), "headers": {"X": "a\r\nb"}})
+    assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == "headers"
+    r = _post(gw, "/fetch", {"url": peer.url("/peer"), "country": "fr"})
+    err = assert_api_error(r, 502, "UPSTREAM_FAILED")
+    assert err["details"]["reason"] == "no_egress_for_country"
+    api = ApiProcess(gw.db).start()
+    try:
+        r = requests.post(
+            f"{api.url}/fetch",
+            json={"url": peer.url("/peer")},
+            headers={"Authorization": f"Bearer {gw.key}"},
+            timeout=10,
+        )
+        err = assert_api_error(r, 503, "SERVICE_UNAVAILABLE")
+        assert err["details"] == {"reason": "gateway_only"}
+    finally:
+        api.stop()
