@@ -314,7 +314,15 @@ def test_fetch_goes_through_the_gateway_billed_routed_and_judged(gw, peer):
     assert meta["egress"]["url"] == f"direct://{out['body']}"
     assert not [k for k in out["headers"] if k.lower().startswith("x-datorus-")]
     # billed like any request, with a receipt under the returned id
-    rec = gw.cli("receipt", meta["request_id"])
+    rec = wait_until(
+        lambda: (
+            gw.cli("receipt", meta["request_id"], check=False).get("status")
+            and (gw.cli("receipt", meta["request_id"]))
+        ),
+        5,
+        0.1,
+        "receipt flushed",
+    )
     assert rec["status"] == 200 and rec["bytes_down"] > 0
     wait_until(lambda: _api(gw, "/usage").json()["requests"] > before, 5, 0.05, "usage")
     # the session sticks across fetches
