@@ -154,6 +154,13 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative,
     ),
     Setting(
+        "ws_connect_timeout",
+        int,
+        10,
+        "Seconds the WebSocket relay (/ws) waits for its connect message (seed 001: 10).",
+        _positive,
+    ),
+    Setting(
         "max_leases_per_account", int, 5, "Live egress leases one account may hold.", _positive
     ),
     Setting(

@@ -118,6 +118,7 @@ def create_app(
         routes_payments,
         routes_pool,
         routes_routing,
+        routes_ws,
     )
 
     store = Store(settings["db"])
@@ -165,4 +166,5 @@ def create_app(
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
     app.include_router(routes_fetch.router)
+    app.include_router(routes_ws.router)
     return app

@@ -8,7 +8,10 @@ preview must name the egress the proxy then really uses.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import threading
 
 import pytest
 import requests
@@ -43,6 +46,7 @@ def gw(tmp_path_factory, peer):
             "block_seconds": 60,
             "egress_check_seconds": 1,
             "egress_check_url": peer.url("/judge"),
+            "ws_connect_timeout": 1,
         },
     ).start()
     g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
@@ -370,3 +374,99 @@ def test_fetch_errors(gw, peer):
         assert err["details"] == {"reason": "gateway_only"}
     finally:
         api.stop()
+
+
+# -- the WebSocket relay -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ws_target():
+    """A WebSocket echo server on loopback; ``whoami`` answers the peer address."""
+    import websockets
+
+    async def echo(conn):
+        async for m in conn:
+            await conn.send(conn.remote_address[0] if m == "whoami" else m)
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict = {}
+
+    async def main():
+        async with websockets.serve(echo, "127.0.0.1", 0, compression=None) as server:
+            box["port"] = server.sockets[0].getsockname()[1]
+            box["stop"] = asyncio.Event()
+            ready.set()
+            await box["stop"].wait()
+
+    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    yield f"ws://127.0.0.1:{box['port']}/echo"
+    loop.call_soon_threadsafe(box["stop"].set)
+    t.join(10)
+
+
+def _relay(g: Gateway, message: dict | None):
+    """Open the relay and send *message* (None: send nothing)."""
+    from websockets.sync.client import connect
+
+    ws = connect(f"ws://127.0.0.1:{g.settings['api_port']}/ws", open_timeout=10)
+    if message is not None:
+        ws.send(json.dumps(message))
+    return ws
+
+
+def _closed_with(ws) -> tuple[int, str]:
+    from websockets.exceptions import ConnectionClosed
+
+    with pytest.raises(ConnectionClosed) as e:
+        ws.recv(timeout=15)
+    return e.value.rcvd.code, e.value.rcvd.reason
+
+
+def test_ws_relay_carries_messages_through_the_gateway(gw, ws_target):
+    used = gw.cli("usage", str(gw.acc))["bytes"]
+    ws = _relay(gw, {"apiKey": gw.key, "url": ws_target, "country": "de"})
+    try:
+        assert json.loads(ws.recv(timeout=10)) == {
+            "type": "connected",
+            "url": ws_target,
+        }
+        ws.send("whoami")
+        assert ws.recv(timeout=10) == DE  # it left by the targeted egress
+        ws.send(b"\x00" * 100_000)
+        assert ws.recv(timeout=10) == b"\x00" * 100_000
+    finally:
+        ws.close()
+    wait_until(lambda: gw.cli("usage", str(gw.acc))["bytes"] >= used + 200_000, 5, 0.1, "billed")
+
+
+def test_ws_relay_close_codes(gw, ws_target):
+    assert _closed_with(_relay(gw, {"apiKey": "pp_" + "x" * 48, "url": ws_target})) == (
+        1008,
+        "invalid API key",
+    )
+    assert _closed_with(_relay(gw, {"apiKey": gw.key})) == (1008, "missing target URL")
+    assert _closed_with(_relay(gw, None)) == (1008, "connect timeout")  # ws_connect_timeout 1
+    assert _closed_with(_relay(gw, {"apiKey": gw.key, "url": ws_target, "country": "fr"})) == (
+        1011,
+        "agent unavailable",
+    )
+    dead = f"ws://127.0.0.1:{free_port()}/"
+    assert _closed_with(_relay(gw, {"apiKey": gw.key, "url": dead})) == (
+        1011,
+        "target connection failed",
+    )
+    # the account's open-tunnel cap: the second relay is over it
+    acc, _, _ = gw.customer(trial_bytes=10**9, max_tunnels=1)
+    key = gw.cli("key", "create", str(acc))["key"]
+    first = _relay(gw, {"apiKey": key, "url": ws_target})
+    try:
+        assert "connected" in first.recv(timeout=10)
+        assert _closed_with(_relay(gw, {"apiKey": key, "url": ws_target})) == (
+            1008,
+            "rate limit exceeded",
+        )
+    finally:
+        first.close()
