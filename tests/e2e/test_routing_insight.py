@@ -9,6 +9,7 @@ preview must name the egress the proxy then really uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -407,14 +408,21 @@ def ws_target():
     t.join(10)
 
 
+@contextlib.contextmanager
 def _relay(g: Gateway, message: dict | None):
     """Open the relay and send *message* (None: send nothing)."""
     from websockets.sync.client import connect
 
-    ws = connect(f"ws://127.0.0.1:{g.settings['api_port']}/ws", open_timeout=10)
-    if message is not None:
-        ws.send(json.dumps(message))
-    return ws
+    with connect(f"ws://127.0.0.1:{g.settings['api_port']}/ws", open_timeout=10) as ws:
+        if message is not None:
+            ws.send(json.dumps(message))
+        yield ws
+
+
+def _close_of(g: Gateway, message: dict | None) -> tuple[int, str]:
+    """How the relay closes after *message*."""
+    with _relay(g, message) as ws:
+        return _closed_with(ws)
 
 
 def _closed_with(ws) -> tuple[int, str]:
@@ -427,46 +435,27 @@ def _closed_with(ws) -> tuple[int, str]:
 
 def test_ws_relay_carries_messages_through_the_gateway(gw, ws_target):
     used = gw.cli("usage", str(gw.acc))["bytes"]
-    ws = _relay(gw, {"apiKey": gw.key, "url": ws_target, "country": "de"})
-    try:
-        assert json.loads(ws.recv(timeout=10)) == {
-            "type": "connected",
-            "url": ws_target,
-        }
+    with _relay(gw, {"apiKey": gw.key, "url": ws_target, "country": "de"}) as ws:
+        assert json.loads(ws.recv(timeout=10)) == {"type": "connected", "url": ws_target}
         ws.send("whoami")
         assert ws.recv(timeout=10) == DE  # it left by the targeted egress
         ws.send(b"\x00" * 100_000)
         assert ws.recv(timeout=10) == b"\x00" * 100_000
-    finally:
-        ws.close()
     wait_until(lambda: gw.cli("usage", str(gw.acc))["bytes"] >= used + 200_000, 5, 0.1, "billed")
 
 
 def test_ws_relay_close_codes(gw, ws_target):
-    assert _closed_with(_relay(gw, {"apiKey": "pp_" + "x" * 48, "url": ws_target})) == (
-        1008,
-        "invalid API key",
-    )
-    assert _closed_with(_relay(gw, {"apiKey": gw.key})) == (1008, "missing target URL")
-    assert _closed_with(_relay(gw, None)) == (1008, "connect timeout")  # ws_connect_timeout 1
-    assert _closed_with(_relay(gw, {"apiKey": gw.key, "url": ws_target, "country": "fr"})) == (
-        1011,
-        "agent unavailable",
-    )
-    dead = f"ws://127.0.0.1:{free_port()}/"
-    assert _closed_with(_relay(gw, {"apiKey": gw.key, "url": dead})) == (
-        1011,
-        "target connection failed",
-    )
+    bad_key = {"apiKey": "pp_" + "x" * 48, "url": ws_target}
+    assert _close_of(gw, bad_key) == (1008, "invalid API key")
+    assert _close_of(gw, {"apiKey": gw.key}) == (1008, "missing target URL")
+    assert _close_of(gw, None) == (1008, "connect timeout")  # ws_connect_timeout 1
+    no_egress = {"apiKey": gw.key, "url": ws_target, "country": "fr"}
+    assert _close_of(gw, no_egress) == (1011, "agent unavailable")
+    dead = {"apiKey": gw.key, "url": f"ws://127.0.0.1:{free_port()}/"}
+    assert _close_of(gw, dead) == (1011, "target connection failed")
     # the account's open-tunnel cap: the second relay is over it
     acc, _, _ = gw.customer(trial_bytes=10**9, max_tunnels=1)
     key = gw.cli("key", "create", str(acc))["key"]
-    first = _relay(gw, {"apiKey": key, "url": ws_target})
-    try:
+    with _relay(gw, {"apiKey": key, "url": ws_target}) as first:
         assert "connected" in first.recv(timeout=10)
-        assert _closed_with(_relay(gw, {"apiKey": key, "url": ws_target})) == (
-            1008,
-            "rate limit exceeded",
-        )
-    finally:
-        first.close()
+        assert _close_of(gw, {"apiKey": key, "url": ws_target}) == (1008, "rate limit exceeded")
