@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import logging
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ class Route:
     bad_country: str | None = None
     lease_id: str | None = None
     report: bool = False  # X-Datorus-Egress-Report: name the egress on the response
+    pin: str | None = None  # X-Datorus-Egress-Pin: SECRET:ID, from the in-process API only
 
 
 @dataclass(slots=True, eq=False)
@@ -122,6 +125,7 @@ class RouteOptions:
                     route.bad_country = name
         if "x-datorus-egress-report" in headers:
             route.report = True
+            route.pin = headers.get("x-datorus-egress-pin")
         lease = headers.get("x-datorus-lease-id")
         if lease is not None:
             route.lease_id = lease.strip()
@@ -138,6 +142,9 @@ class EgressRouter:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         gw.router = self  # the REST API's routing insight reads the live pool and sessions
+        # POST /proxies/test pins a request to one egress with this secret; it never
+        # leaves the process, so a customer cannot choose someone else's egress
+        self.pin_secret = secrets.token_hex(16)
         self.pool = eg.Pool()
         self.sessions: SessionTable | None = None
         self.current: dict[str, Choice] = {}  # client id -> choice of its current request
@@ -271,6 +278,8 @@ class EgressRouter:
         if route.lease_id is not None:
             self._route_lease(flow, fc, route.lease_id, tunnel)
             return
+        if route.pin is not None and self._route_pin(flow, fc, route.pin):
+            return
         if not self.pool.by_id:
             # no pool configured: the box's default route for everything (targeting is
             # not enforced: there is nothing to choose from)
@@ -383,6 +392,36 @@ class EgressRouter:
         self.current[flow.client_conn.id] = choice
         if not tunnel:
             self._close_stale(flow.client_conn.id, choice.key)
+
+    def _route_pin(self, flow: http.HTTPFlow, fc: FlowCtx, pin: str) -> bool:
+        """A request the in-process API pinned to one egress (POST /proxies/test)."""
+        secret, _, eid = pin.partition(":")
+        if not hmac.compare_digest(secret.encode(), self.pin_secret.encode()) or not eid.isdigit():
+            return False  # not ours: routed as if the header were absent
+        e = self.pool.by_id.get(int(eid))
+        lease = self.leased.get(int(eid))
+        family = 6 if ":" in flow.request.host else 4
+        if (
+            e is None
+            or not e.up(time.monotonic())
+            or e.family not in (None, family)
+            or (lease is not None and lease[2] > time.time() and lease[1] != fc.account.id)
+        ):
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "UPSTREAM_FAILED",
+                    message="This egress cannot carry the request right now.",
+                    details={"reason": "egress_unavailable", "egress": int(eid)},
+                ),
+            )
+            return True
+        fc.egress = e
+        choice = Choice(e, eg.source_for(e.spec, None, self.rng), fc)
+        self.current[flow.client_conn.id] = choice
+        self._close_stale(flow.client_conn.id, choice.key)
+        return True
 
     def _close_stale(self, client_id: str, key: tuple[int, str | None] | None) -> None:
         """Close this client's server connections that belong to another egress (*internal*)."""

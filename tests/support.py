@@ -770,6 +770,8 @@ class BlockingHandler(OriginHandler):
         peer = self.client_address[0]
         blocked = peer in self.server.blocked  # type: ignore[attr-defined]
         self.server.peers.append(peer)  # type: ignore[attr-defined]
+        if path in ("/guarded", "/marked", "/peer", "/reset", "/judge"):
+            self._record(b"")  # what the origin saw (the base class records its own paths)
         page = b"<html><body>Are you a robot? <div class='g-recaptcha'></div></body></html>"
         if path == "/guarded" and blocked:
             self._send(403, page, "text/html")

