@@ -55,11 +55,14 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path, localstripe: str) ->
                 "20",
                 "-H",
                 f"Authorization: Bearer {body['api_key']['key']}",
-                # POST /fetch relays the gateway's verdict on the destination (502, 504)
-                # and is served by the gateway only (503 here): its 5xx are answers,
-                # not faults; tests/e2e/test_routing_insight.py drives it
+                # POST /fetch and /proxies/test relay the gateway's verdict on a
+                # destination (502, 504) and are served by the gateway only (503 here):
+                # their 5xx are answers, not faults; tests/e2e/test_routing_insight.py
+                # drives them
                 "--exclude-path",
                 "/fetch",
+                "--exclude-path",
+                "/proxies/test",
             ],
             capture_output=True,
             text=True,
