@@ -86,6 +86,11 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def _family(flow: http.HTTPFlow) -> int:
+    """4 or 6: the family of the target address the acceptable-use check pinned."""
+    return 6 if ":" in flow.request.host else 4
+
+
 class RouteOptions:
     """Read routing options from headers and username (before auth)."""
 
@@ -278,7 +283,7 @@ class EgressRouter:
         if route.lease_id is not None:
             self._route_lease(flow, fc, route.lease_id, tunnel)
             return
-        if route.pin is not None and self._route_pin(flow, fc, route.pin):
+        if route.pin is not None and self._route_pin(flow, fc, route.pin, tunnel):
             return
         if not self.pool.by_id:
             # no pool configured: the box's default route for everything (targeting is
@@ -289,7 +294,7 @@ class EgressRouter:
             return
         now = time.monotonic()
         domain = fc.host.lower()
-        family = 6 if ":" in flow.request.host else 4  # the address the AUP check pinned
+        family = _family(flow)
         # egress leased to someone carry only requests that name their lease
         exclude = self.leased_now() if self.leased else ()
         e = None
@@ -329,11 +334,7 @@ class EgressRouter:
             if sid and sessions is not None:
                 sessions.put(fc.account.id, sid, e.id, now)
         source = eg.source_for(e.spec, f"{fc.account.id}/{sid}" if sid else None, self.rng)
-        fc.egress = e
-        choice = Choice(e, source, fc)
-        self.current[cid] = choice
-        if not tunnel:
-            self._close_stale(cid, choice.key)
+        self._use(flow, fc, e, source, tunnel)
 
     def leased_now(self) -> frozenset[int]:
         """Egress ids under a live lease (a lapsed one frees its egress by itself).
@@ -375,7 +376,7 @@ class EgressRouter:
             )
             return
         e = self.pool.by_id.get(lease[1])
-        family = 6 if ":" in flow.request.host else 4
+        family = _family(flow)
         if e is None or not e.up(time.monotonic()) or e.family not in (None, family):
             self.gw.reject(
                 flow,
@@ -387,20 +388,16 @@ class EgressRouter:
                 ),
             )
             return
-        fc.egress = e
-        choice = Choice(e, eg.source_for(e.spec, f"lease/{lease_id}", self.rng), fc)
-        self.current[flow.client_conn.id] = choice
-        if not tunnel:
-            self._close_stale(flow.client_conn.id, choice.key)
+        self._use(flow, fc, e, eg.source_for(e.spec, f"lease/{lease_id}", self.rng), tunnel)
 
-    def _route_pin(self, flow: http.HTTPFlow, fc: FlowCtx, pin: str) -> bool:
+    def _route_pin(self, flow: http.HTTPFlow, fc: FlowCtx, pin: str, tunnel: bool) -> bool:
         """A request the in-process API pinned to one egress (POST /proxies/test)."""
         secret, _, eid = pin.partition(":")
         if not hmac.compare_digest(secret.encode(), self.pin_secret.encode()) or not eid.isdigit():
             return False  # not ours: routed as if the header were absent
         e = self.pool.by_id.get(int(eid))
         lease = self.leased.get(int(eid))
-        family = 6 if ":" in flow.request.host else 4
+        family = _family(flow)
         if (
             e is None
             or not e.up(time.monotonic())
@@ -417,11 +414,18 @@ class EgressRouter:
                 ),
             )
             return True
-        fc.egress = e
-        choice = Choice(e, eg.source_for(e.spec, None, self.rng), fc)
-        self.current[flow.client_conn.id] = choice
-        self._close_stale(flow.client_conn.id, choice.key)
+        self._use(flow, fc, e, eg.source_for(e.spec, None, self.rng), tunnel)
         return True
+
+    def _use(
+        self, flow: http.HTTPFlow, fc: FlowCtx, e: eg.Egress, source: str | None, tunnel: bool
+    ) -> None:
+        """Send this request (or tunnel) out by *e*, from *source* when it binds one."""
+        fc.egress = e
+        choice = Choice(e, source, fc)
+        self.current[flow.client_conn.id] = choice
+        if not tunnel:
+            self._close_stale(flow.client_conn.id, choice.key)
 
     def _close_stale(self, client_id: str, key: tuple[int, str | None] | None) -> None:
         """Close this client's server connections that belong to another egress (*internal*)."""

@@ -72,6 +72,13 @@ class EgressSpec:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{self.kind}://{self.username}:***@{host}:{self.port}"
 
+    @property
+    def address(self) -> str | None:
+        """The proxy's host, the source address or prefix; None for the default route."""
+        if self.is_proxy:
+            return self.host
+        return self.source or (str(self.prefix) if self.prefix else None)
+
     def customer_url(self) -> str:
         """The URL without any credentials (for what customers see)."""
         if not self.is_proxy:

@@ -67,7 +67,7 @@ def view(lease: dict[str, Any], egress: dict[str, Any]) -> dict[str, Any]:
         "lease_id": lease["id"],
         "proxy": {
             "id": egress["id"],
-            "ip": spec.host if spec.is_proxy else (spec.source or str(spec.prefix)),
+            "ip": spec.address,
             "port": spec.port if spec.is_proxy else None,
             "protocol": spec.kind,
             "country": egress["country"].upper() if egress["country"] else None,

@@ -56,12 +56,9 @@ def _status(r: dict[str, Any]) -> str:
 def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
     """One egress (an ``egress_ledger`` row view) in seed 002's proxy shape."""
     spec = parse_egress_url(r["url"])
-    ip = (
-        spec.host if spec.is_proxy else (spec.source or (str(spec.prefix) if spec.prefix else None))
-    )
     return {
         "id": r["id"],
-        "ip": ip,
+        "ip": spec.address,
         "port": spec.port if spec.is_proxy else None,
         "protocol": spec.kind,
         "url": spec.customer_url(),
@@ -309,7 +306,7 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
         started = time.monotonic()
         out: dict[str, Any] = {
             "proxy_id": e.id,
-            "ip": e.spec.host if e.spec.is_proxy else (e.spec.source or e.exit_ip),
+            "ip": e.spec.address or e.exit_ip,
             "port": e.spec.port,
             "reachable": False,
             "status_code": None,
