@@ -20,7 +20,7 @@ from mitmproxy import ctx
 from datorus_core.api import create_app
 
 from .context import Gateway
-from .options import fatal
+from .failclosed import fatal
 
 log = logging.getLogger("datorus")
 

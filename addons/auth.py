@@ -107,14 +107,48 @@ class ProxyAuth:
                 ),
             )
             return None
-        if not (rt.loaded and rt.ledger_ok):
-            gw.reject(flow, fc, DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"}))
+        if not rt.loaded:
+            return self._wait_for_ledger(flow, fc)
+        err = rt.ledger_error(time.monotonic())
+        if err is not None:
+            gw.reject(flow, fc, err)
             return None
+        return self._authenticate(flow, fc)
+
+    async def _wait_for_ledger(self, flow: http.HTTPFlow, fc: FlowCtx) -> None:
+        """A request that came while the ledger loads waits for it (``startup_wait``)."""
+        gw = self.gw
+        try:
+            await asyncio.wait_for(gw.ready.wait(), gw.settings["startup_wait"])
+        except TimeoutError:
+            gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "SERVICE_UNAVAILABLE",
+                    message="The gateway is still starting; retry shortly.",
+                    details={"reason": "starting"},
+                    headers={"Retry-After": "1"},
+                ),
+            )
+            return
+        err = gw.runtime.ledger_error(time.monotonic())
+        if err is not None:
+            gw.reject(flow, fc, err)
+            return
+        pending = self._authenticate(flow, fc)
+        if pending is not None:
+            await pending
+
+    def _authenticate(self, flow: http.HTTPFlow, fc: FlowCtx):
+        """Check the credential: None when decided now, else a coroutine (a slow hash)."""
+        rt = self.gw.runtime
+        req = flow.request
         creds = parse_basic(req.headers.get("proxy-authorization"))
         if creds is None:
             if "proxy-authorization" in req.headers:
                 return self._fail(flow, fc, None)
-            gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))
+            self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))
             return None
         key = cache_key(*creds)
         cred = rt.verified.get(key)

@@ -6,6 +6,7 @@ calls on this object and on ``datorus_core``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -104,6 +105,7 @@ class Gateway:
         self.error_stash: dict[str, FlowCtx] = {}
         self.tunnels: dict[str, FlowCtx] = {}
         self.router: Any = None  # the EgressRouter (issue 5), when loaded
+        self.ready = asyncio.Event()  # set once the ledger's first snapshot is in
 
     # -- responses ---------------------------------------------------------------------
 

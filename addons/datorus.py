@@ -3,6 +3,10 @@
 Order matters: for each hook mitmproxy calls these in list order, and each one
 skips a flow another has already answered. Auth first, then limits, acceptable
 use, metering (admission and counting), then relaying.
+
+Nothing here may fail quietly: mitmproxy goes on relaying without a script that
+raised while loading, so an import error or a failing ``load``/``configure``/
+``running`` stops the process instead (``addons/failclosed.py``).
 """
 
 from __future__ import annotations
@@ -14,45 +18,54 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from addons.api_server import ApiServer  # noqa: E402
-from addons.auth import ProxyAuth  # noqa: E402
-from addons.context import Gateway  # noqa: E402
-from addons.egress import EgressRouter, RouteOptions  # noqa: E402
-from addons.errors import ErrorPages  # noqa: E402
-from addons.hardening import Hardening  # noqa: E402
-from addons.lean import Lean  # noqa: E402
-from addons.limits import RateLimits  # noqa: E402
-from addons.metering import Metering  # noqa: E402
-from addons.options import LedgerTask, Options  # noqa: E402
-from addons.policy import AcceptableUse  # noqa: E402
-from addons.relay import Relay  # noqa: E402
 
-gateway = Gateway()
-_ledger = LedgerTask(gateway)
-_policy = AcceptableUse(gateway)
-_metering = Metering(gateway)
-_ledger.on_snapshot += [_policy.rebuild, _metering.on_snapshot]
-_ledger.on_stop.append(_metering.settle_open_flows)
-_ledger.open_flows.append(_metering.open_count)
+def _assemble() -> list:
+    from addons.api_server import ApiServer
+    from addons.auth import ProxyAuth
+    from addons.context import Gateway
+    from addons.egress import EgressRouter, RouteOptions
+    from addons.errors import ErrorPages
+    from addons.failclosed import StartCheck, guard
+    from addons.hardening import Hardening
+    from addons.lean import Lean
+    from addons.limits import RateLimits
+    from addons.metering import Metering
+    from addons.options import LedgerTask, Options
+    from addons.policy import AcceptableUse
+    from addons.relay import Relay
 
-addons = [
-    Options(gateway),
-    _ledger,
-    ErrorPages(gateway),
-    Hardening(gateway),
-    RouteOptions(),  # before auth: it reads options from the username (issue 5)
-    ProxyAuth(gateway),
-    RateLimits(gateway),
-    _policy,
-    _metering,
-    Relay(gateway),
-    ApiServer(gateway),
-]
+    gateway = Gateway()
+    ledger = LedgerTask(gateway)
+    policy = AcceptableUse(gateway)
+    metering = Metering(gateway)
+    egress = EgressRouter(gateway)  # the egress pool (issue 5)
+    ledger.on_snapshot += [policy.rebuild, metering.on_snapshot, egress.on_snapshot]
+    ledger.on_stop.append(metering.settle_open_flows)
+    ledger.open_flows.append(metering.open_count)
+    check = StartCheck()
+    suite = [
+        Options(gateway),
+        ledger,
+        ErrorPages(gateway),
+        Hardening(gateway),
+        RouteOptions(),  # before auth: it reads options from the username (issue 5)
+        ProxyAuth(gateway),
+        RateLimits(gateway),
+        policy,
+        metering,
+        Relay(gateway),
+        ApiServer(gateway),
+        egress,  # last of the traffic addons: the account is known and the request vetted
+        Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
+        check,  # last: it sees load and configure only if every addon above got through
+    ]
+    check.expect_start()
+    return guard(suite)
 
-# -- the egress pool (issue 5): last, once the account is known and the request vetted
-_egress = EgressRouter(gateway)
-_ledger.on_snapshot.append(_egress.on_snapshot)
-addons.append(_egress)
 
-# last: it only acts once, when the gateway runs, and must see every addon above
-addons.append(Lean(gateway))
+try:
+    addons = _assemble()
+except Exception as _e:  # an open proxy is worse than no proxy
+    from addons.failclosed import fatal
+
+    fatal(f"the Datorus addons could not be loaded: {type(_e).__name__}: {_e}")

@@ -15,26 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
 
 from mitmproxy import ctx
 
 from datorus_core.ledger_sync import LedgerLink
-from datorus_core.settings import BY_OPTION, SETTINGS, SettingsError, resolve_defaults, validate
+from datorus_core.settings import (
+    BY_OPTION,
+    SETTINGS,
+    SettingsError,
+    coerce,
+    resolve_defaults,
+    validate,
+)
 
 from .context import Gateway
+from .failclosed import fatal
 
 log = logging.getLogger("datorus")
-
-
-def fatal(message: str) -> None:
-    """Stop start-up: say why on stderr and in the log, then exit non-zero."""
-    log.error("datorus: %s", message)
-    print(f"datorus: fatal: {message}", file=sys.stderr, flush=True)
-    os._exit(2)
 
 
 class Options:
@@ -48,6 +47,7 @@ class Options:
     def load(self, loader) -> None:
         try:
             defaults = resolve_defaults()
+            check_command_line(getattr(ctx.options, "deferred", None))
         except SettingsError as e:
             fatal(str(e))
             return
@@ -72,9 +72,47 @@ class Options:
             self.gw.settings[s.name] = list(value) if isinstance(value, list | tuple) else value
 
     def running(self) -> None:
-        unknown = [k for k in getattr(ctx.options, "_deferred", {}) if k.startswith("datorus_")]
+        # a --set datorus_* that no option took (mitmproxy would ignore it silently)
+        unknown = [k for k in getattr(ctx.options, "deferred", {}) if k.startswith("datorus_")]
         if unknown:
             fatal(f"unknown setting(s): {', '.join(sorted(unknown))}")
+
+
+def check_command_line(deferred: dict | None) -> None:
+    """Vet the ``--set datorus_*`` values mitmproxy holds until our options exist.
+
+    mitmproxy parses them only after ``load`` registered the options, and a value it
+    cannot parse (``datorus_rps=abc``) or one given twice then raises inside its
+    script loader, which logs it and goes on without the addon: an open proxy. So
+    each one is parsed here first, with a message naming the setting, and replaced by
+    its typed value. Raises SettingsError.
+    """
+    if deferred is None:
+        raise SettingsError("cannot read the --set values (mitmproxy internals changed)")
+    for name in [k for k in deferred if k.startswith("datorus_")]:
+        s = BY_OPTION.get(name)
+        if s is None:
+            raise SettingsError(
+                f"unknown setting {name} (list them with 'datorus settings' or the README)"
+            )
+        raw = deferred[name]
+        values = getattr(raw, "val", raw)
+        if not isinstance(values, list):
+            continue  # already a typed value
+        if s.type in (str, int, bool):
+            if len(values) > 1:
+                raise SettingsError(
+                    f"{name}: given {len(values)} times ({', '.join(map(repr, values))});"
+                    " give it once"
+                )
+            if not values:
+                if s.type is not bool:
+                    raise SettingsError(f"{name}: needs a value ({name}=VALUE)")
+                deferred[name] = True
+                continue
+            deferred[name] = coerce(s, values[0])
+        else:
+            deferred[name] = coerce(s, list(values))
 
 
 class LedgerTask:
@@ -85,12 +123,12 @@ class LedgerTask:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.task: asyncio.Task | None = None
-        self.failures = 0
-        self.last_prune = 0.0
         self.on_snapshot: list = []  # callbacks(runtime) after each reload
         self.on_stop: list = []  # callbacks() before the final flush at a clean stop
         self.open_flows: list = []  # callbacks() -> how many flows are still under way
         self.stopping = False
+        self.read_trouble = Trouble("ledger refresh")
+        self.write_trouble = Trouble("usage write")
 
     def running(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus ledger")
@@ -119,31 +157,39 @@ class LedgerTask:
         if self.gw.ledger is not None:
             await self.gw.ledger.close()
 
-    async def _open(self) -> bool:
+    async def _open(self) -> None:
+        """Open the ledger and load the first snapshot, retrying a busy ledger for
+        ``startup_wait`` seconds; a ledger that cannot be opened stops the gateway
+        (requests wait for it meanwhile: see ``ProxyAuth``)."""
         path = self.gw.settings["db"]
-        link = LedgerLink(path)
-        try:
-            await link.open()
-            await self._reload(link, force=True)
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                await link.close()
-            self.gw.runtime.ledger_ok = False
-            log.warning("datorus: ledger %s unavailable: %s", path, e)
-            return False
-        self.gw.ledger = link
-        self.gw.runtime.ledger_ok = True
-        log.info("datorus: ledger %s open (%d accounts)", path, len(self.gw.runtime.accounts))
-        return True
+        deadline = time.monotonic() + self.gw.settings["startup_wait"]
+        while not self.stopping:
+            link = LedgerLink(path)
+            try:
+                await link.open()
+                await self._reload(link, force=True)
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    await link.close()
+                if not transient(e) or time.monotonic() >= deadline:
+                    fatal(f"datorus_db: cannot open the ledger {path}: {e}")
+                    return
+                log.warning("datorus: ledger %s busy at start (%s); retrying", path, e)
+                await asyncio.sleep(0.2)
+                continue
+            self.gw.ledger = link
+            self.gw.ready.set()
+            log.info("datorus: ledger %s open (%d accounts)", path, len(self.gw.runtime.accounts))
+            return
 
     async def _reload(self, link: LedgerLink, force: bool = False) -> None:
         rt = self.gw.runtime
-        if not force and await link.version() == rt.version:
-            return
-        accounts, creds, rules, version = await link.snapshot()
-        rt.apply_snapshot(accounts, creds, rules, version)
-        for cb in self.on_snapshot:
-            cb(rt)
+        if force or await link.version() != rt.version:
+            accounts, creds, rules, version = await link.snapshot()
+            rt.apply_snapshot(accounts, creds, rules, version)
+            for cb in self.on_snapshot:
+                cb(rt)
+        rt.fresh_at = time.monotonic()
 
     async def _flush(self, final: bool = False) -> None:
         link, rt = self.gw.ledger, self.gw.runtime
@@ -154,24 +200,19 @@ class LedgerTask:
             await link.write(batch)
         except Exception as e:
             rt.restore_batch(batch)
-            self.failures += 1
-            rt.ledger_ok = rt.batch.events < 50 * self.gw.settings["flush_events"]
-            log.warning("datorus: usage write failed (%s); %d events kept", e, rt.batch.events)
+            self.write_trouble.failed(f"{e}; {rt.batch.events} usage events kept in memory")
             if final:
                 log.error("datorus: %d usage events could not be written at stop", rt.batch.events)
         else:
-            self.failures = 0
-            rt.ledger_ok = True
+            self.write_trouble.ok()
 
     async def _loop(self) -> None:
         s = self.gw.settings
         rt = self.gw.runtime
-        while self.gw.ledger is None and not self.stopping:
-            if await self._open():
-                break
-            await asyncio.sleep(1.0)
+        await self._open()
         tick = min(s["flush_ms"], s["refresh_ms"], 100) / 1000
         next_refresh = 0.0
+        next_prune = 0.0  # housekeeping runs at start, then hourly
         while not self.stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -184,12 +225,46 @@ class LedgerTask:
                 next_refresh = now + s["refresh_ms"] / 1000
                 try:
                     await self._reload(self.gw.ledger)
-                    if self.failures == 0:
-                        rt.ledger_ok = True
                 except Exception as e:
-                    rt.ledger_ok = False
-                    log.warning("datorus: ledger refresh failed: %s", e)
-            if now - self.last_prune > 3600:
-                self.last_prune = now
+                    self.read_trouble.failed(
+                        f"{e}; serving from memory for up to {s['ledger_grace']} s"
+                    )
+                else:
+                    self.read_trouble.ok()
+            if now >= next_prune:
+                next_prune = now + 3600
                 with contextlib.suppress(Exception):
                     await self.gw.ledger.prune_receipts(s["receipt_days"])
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a ledger error may pass by itself (locked, busy) rather than stay."""
+    text = str(e).lower()
+    return any(w in text for w in ("locked", "busy", "locking protocol"))
+
+
+class Trouble:
+    """One kind of ledger failure, logged once when it starts and once when it ends."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.since = 0.0
+
+    def failed(self, detail: str) -> None:
+        """Count a failure; log only the first of an episode."""
+        if self.count == 0:
+            self.since = time.monotonic()
+            log.warning("datorus: %s failed: %s", self.what, detail)
+        self.count += 1
+
+    def ok(self) -> None:
+        """A success: log the end of an episode, if one was going on."""
+        if self.count:
+            log.warning(
+                "datorus: %s recovered after %d failures in %.1f s",
+                self.what,
+                self.count,
+                time.monotonic() - self.since,
+            )
+            self.count = 0

@@ -123,7 +123,7 @@ class Runtime:
         self.policy_rules: list[tuple[str, str, int | None]] = []
         self.batch = UsageBatch()
         self.loaded = False
-        self.ledger_ok = False
+        self.fresh_at = 0.0  # monotonic time of the last good read of the ledger
         self.draining = False  # a clean stop is under way: no new request starts
         self.version = -1
 
@@ -193,6 +193,27 @@ class Runtime:
         self.loaded = True
 
     # -- admission ----------------------------------------------------------------------
+
+    def ledger_error(self, now: float) -> DatorusError | None:
+        """The 503 new requests get while the ledger is out of reach for too long, or None.
+
+        A transient ledger error (locked, busy) does not refuse traffic: the state in
+        memory stays valid while it is younger than ``ledger_grace`` seconds and the
+        usage not yet written stays within its bound (50 x ``flush_events``).
+        """
+        s = self.settings
+        if now - self.fresh_at > s["ledger_grace"]:
+            reason = "ledger_stale"
+        elif self.batch.events >= 50 * s["flush_events"]:
+            reason = "ledger_backlog"
+        else:
+            return None
+        return DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message="The gateway cannot reach its ledger; retry shortly.",
+            details={"reason": reason},
+            headers={"Retry-After": "1"},
+        )
 
     def admit(self, cred: CredentialState) -> None:
         """Raise the 402/403 (or the 503 of a stopping gateway) a request of *cred* gets

@@ -109,6 +109,22 @@ SETTINGS: tuple[Setting, ...] = (
         _positive,
     ),
     Setting(
+        "startup_wait",
+        int,
+        10,
+        "Seconds a request that arrives while the gateway is still loading its ledger waits"
+        " for it (then 503); a ledger that cannot be opened in that time stops the gateway.",
+        _positive,
+    ),
+    Setting(
+        "ledger_grace",
+        int,
+        30,
+        "Seconds the gateway keeps serving from memory while the ledger cannot be read"
+        " (locked, busy); past that, 503 until it can.",
+        _positive,
+    ),
+    Setting(
         "drain_seconds",
         int,
         5,
@@ -300,7 +316,8 @@ def coerce(setting: Setting, raw: Any) -> Any:
     except ValueError as e:
         if isinstance(e, SettingsError):
             raise SettingsError(f"{setting.option}: {e}") from None
-        raise SettingsError(f"{setting.option}: {raw!r} is not a valid {setting.type}") from None
+        kind = {int: "a whole number", str: "text"}.get(setting.type, "a list")
+        raise SettingsError(f"{setting.option}: {raw!r} is not {kind}") from None
     validate(setting, value)
     return value
 

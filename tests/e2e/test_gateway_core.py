@@ -405,25 +405,6 @@ def test_new_credential_works_without_restart(gateway, origin):
     assert r.text == "hello from origin"
 
 
-def test_ledger_unreachable_is_503_with_retry_after(tmp_path):
-    from support import Gateway
-
-    gw = Gateway(tmp_path / "missing-dir" / "ledger.db").start(wait=False)
-    try:
-
-        def answered():
-            try:
-                return raw_request(gw.port, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            except OSError:
-                return None
-
-        status, headers, body = wait_until(answered, timeout=20, interval=0.1, what="gateway up")
-        assert_envelope(status, headers, body, "SERVICE_UNAVAILABLE", 503)
-        assert headers["retry-after"] == "1"
-    finally:
-        gw.stop()
-
-
 def test_request_id_is_unique_per_request(gateway, customer, origin):
     _, user, pw = customer
     ids = {
