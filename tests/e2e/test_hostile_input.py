@@ -274,11 +274,11 @@ def reached(sink: socket.socket) -> bool:
 
 
 def make_head(
-    method: str, shape: str, size: int, target: str, auth_line: str, version: str
+    method: str, shape: str, size: int, target: str, auth_line: str, version: str, extra: str = ""
 ) -> bytes:
     """A request head of exactly *size* bytes (blank line included), grown by *shape*."""
     line = f"{method} {target} {version}\r\n"
-    fixed = f"Host: x\r\n{auth_line}"
+    fixed = f"Host: x\r\n{auth_line}{extra}"
 
     def fill(n: int) -> str:  # header lines of exactly n bytes (n >= 16)
         if shape == "long_line":
@@ -353,20 +353,23 @@ def test_request_head_over_64_kib_is_400_envelope_and_never_forwarded(gw, cust, 
     assert not reached(sink)
 
 
-UNDERSIZED = {  # (method, shape, size)
-    "one_long_line_60kib": ("GET", "long_line", 60 * 1024),
-    "many_lines_at_the_limit": ("GET", "many_lines", HEAD_LIMIT),
-    "connect_60kib": ("CONNECT", "long_line", 60 * 1024),
+UNDERSIZED = {  # (method, shape, head size, body size)
+    "one_long_line_60kib": ("GET", "long_line", 60 * 1024, 0),
+    "many_lines_at_the_limit": ("GET", "many_lines", HEAD_LIMIT, 0),
+    "head_at_the_limit_and_1mb_body_in_one_write": ("POST", "many_lines", HEAD_LIMIT, 1000 * KB),
+    "connect_60kib": ("CONNECT", "long_line", 60 * 1024, 0),
 }
 
 
 @pytest.mark.parametrize("case", list(UNDERSIZED))
 def test_request_head_up_to_64_kib_is_served(gw, cust, origin, case):
-    method, shape, size = UNDERSIZED[case]
-    target = origin.url("/") if method == "GET" else f"127.0.0.1:{origin.port}"
-    raw = make_head(method, shape, size, target, auth(cust), "HTTP/1.1")
+    method, shape, size, body_len = UNDERSIZED[case]
+    target = f"127.0.0.1:{origin.port}" if method == "CONNECT" else origin.url("/")
+    extra = f"Content-Length: {body_len}\r\n" if body_len else ""
+    raw = make_head(method, shape, size, target, auth(cust), "HTTP/1.1", extra)
     seen = len(origin.seen)
-    status, _, body = send_head(gw, raw)
+    status, _, body = send_head(gw, raw + b"u" * body_len)
     assert status == 200, body
-    if method == "GET":
+    if method != "CONNECT":
         assert len(origin.seen) == seen + 1
+        assert origin.seen[-1]["body_len"] == body_len
