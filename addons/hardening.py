@@ -4,8 +4,11 @@
   blank line with no bound at all (``_http1`` says ``FIXME: protect against header
   size DoS``). This addon wraps ``Http1Server.read_headers`` and
   ``Http1Client.read_headers`` (*internal*): a client head over ``MAX_HEAD_BYTES``
-  gets ``400 VALIDATION_ERROR`` and the connection is closed; a target's gets
-  ``502 UPSTREAM_FAILED``. More than ``MAX_HEADERS`` request header fields, control
+  (start line, fields and the blank line, however they are split and however slowly
+  they come) gets ``400 VALIDATION_ERROR`` and the connection is closed; a target's
+  gets ``502 UPSTREAM_FAILED``. The size is checked before mitmproxy parses a head,
+  not after: a head that ends in the read which takes it past the limit is refused
+  too, never forwarded. More than ``MAX_HEADERS`` request header fields, control
   characters in a value or an unknown HTTP version is a ``400`` too
   (:func:`malformed`, called by ``ProxyAuth``, the first hook to see a request).
 - **Bodies nobody wants.** When the gateway answers a request itself before its body
@@ -26,6 +29,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
+from h11._receivebuffer import ReceiveBuffer, blank_line_regex
 from mitmproxy import http
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import HttpStream, _http1
@@ -71,14 +75,31 @@ def malformed(req: http.Request) -> tuple[str, str] | None:
     return None
 
 
+def head_too_large(buf: ReceiveBuffer) -> bool:
+    """Whether the head at the start of *buf* is (or will be) over ``MAX_HEAD_BYTES``.
+
+    True when more than ``MAX_HEAD_BYTES`` are buffered and no blank line ends a head
+    within them (*internal*: h11's buffer and its own head-end pattern). Checked before
+    mitmproxy parses: a head that arrives whole in the read that completes it would be
+    parsed (and forwarded) before a check on what is left in the buffer could see it.
+    """
+    if len(buf) <= MAX_HEAD_BYTES:
+        return False
+    return blank_line_regex.search(buf._data, 0, MAX_HEAD_BYTES) is None
+
+
 def _limited_server(orig: Any) -> Any:
     def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        yield from orig(self, event)
-        if self.state == self.read_headers and len(self.buf) > MAX_HEAD_BYTES:
-            msg = f"request head larger than {MAX_HEAD_BYTES} bytes"
-            yield commands.SendData(self.conn, _http1.make_error_response(400, msg))
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
+        if not (isinstance(event, events.DataReceived) and head_too_large(self.buf)):
+            yield from orig(self, event)
+            # what is left after mitmproxy took a head (or skipped a blank line) is the
+            # start of the next one
+            if not (self.state == self.read_headers and len(self.buf) > MAX_HEAD_BYTES):
+                return
+        msg = f"request head larger than {MAX_HEAD_BYTES} bytes"
+        yield commands.SendData(self.conn, _http1.make_error_response(400, msg))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
 
     return read_headers
 
@@ -108,21 +129,27 @@ def _discarding_consume(orig: Any) -> Any:
 
 def _limited_client(orig: Any) -> Any:
     def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        yield from orig(self, event)
-        if (
-            self.state == self.read_headers
+        if not (
+            isinstance(event, events.DataReceived)
             and self.stream_id is not None
-            and len(self.buf) > MAX_HEAD_BYTES
+            and head_too_large(self.buf)
         ):
-            yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(
-                ResponseProtocolError(
-                    self.stream_id,
-                    f"response head larger than {MAX_HEAD_BYTES} bytes",
-                    ErrorCode.GENERIC_SERVER_ERROR,
-                )
+            yield from orig(self, event)
+            if not (
+                self.state == self.read_headers
+                and self.stream_id is not None
+                and len(self.buf) > MAX_HEAD_BYTES
+            ):
+                return
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(
+            ResponseProtocolError(
+                self.stream_id,
+                f"response head larger than {MAX_HEAD_BYTES} bytes",
+                ErrorCode.GENERIC_SERVER_ERROR,
             )
-            self.state = self.done
+        )
+        self.state = self.done
 
     return read_headers
 

@@ -179,8 +179,9 @@ def test_keepalive_connection_survives_between_quick_requests(gw, cust, origin):
             time.sleep(HEADER_TIMEOUT * 0.75)
 
 
-def test_target_with_endless_response_head_is_502(gw, cust, bystander):
-    """A hostile target cannot make the gateway buffer an endless response head either."""
+@pytest.mark.parametrize("complete", [False, True], ids=["endless", "complete_100kb"])
+def test_target_with_oversized_response_head_is_502(gw, cust, bystander, complete):
+    """A hostile target cannot make the gateway buffer (or relay) a huge response head."""
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
 
@@ -188,9 +189,12 @@ def test_target_with_endless_response_head_is_502(gw, cust, bystander):
         c, _ = srv.accept()
         with contextlib.suppress(OSError):
             c.recv(65536)
-            c.sendall(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(100):
-                c.sendall(b"X-Pad: " + b"b" * 8000 + b"\r\n")
+            if complete:  # one write: the head ends in the read that passes 64 KiB
+                c.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"b" * 100_000 + b"\r\n\r\n")
+            else:
+                c.sendall(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(100):
+                    c.sendall(b"X-Pad: " + b"b" * 8000 + b"\r\n")
         c.close()
 
     t = threading.Thread(target=serve, daemon=True)
@@ -239,3 +243,133 @@ def test_client_flooding_while_its_request_is_answered_is_disconnected(gw, cust,
                 s.sendall(b"p" * 65536)
                 sent += 65536
         assert sent < 64 * 1024 * 1024, "the gateway kept buffering a flood"
+
+
+# -- request head size: every way a head can grow ------------------------------------------
+
+HEAD_LIMIT = 64 * 1024
+KB = 1000
+
+
+@pytest.fixture
+def sink() -> Iterator[socket.socket]:
+    """A target that never accepts: a connection waiting in its backlog is a leaked head.
+
+    (The test origin cannot tell: its http.server answers a line over 64 KiB with its
+    own 431 before it records anything.)
+    """
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.setblocking(False)
+    yield srv
+    srv.close()
+
+
+def reached(sink: socket.socket) -> bool:
+    """Whether the gateway opened a connection to *sink*."""
+    try:
+        sink.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+def make_head(
+    method: str, shape: str, size: int, target: str, auth_line: str, version: str, extra: str = ""
+) -> bytes:
+    """A request head of exactly *size* bytes (blank line included), grown by *shape*."""
+    line = f"{method} {target} {version}\r\n"
+    fixed = f"Host: x\r\n{auth_line}{extra}"
+
+    def fill(n: int) -> str:  # header lines of exactly n bytes (n >= 16)
+        if shape == "long_line":
+            return f"X-Pad: {'a' * (n - 9)}\r\n"
+        if shape == "long_name":
+            return f"X-{'n' * (n - 7)}: 1\r\n"
+        each = {"many_lines": 2000, "many_small": 10}[shape]  # 2 KB lines or 10-byte ones
+        count = (n - 8) // each
+        lines = [f"X{i:04}: {'v' * (each - 9)}\r\n" for i in range(count)]
+        return "".join(lines) + f"X-Z: {'z' * (n - 7 - count * each)}\r\n"
+
+    if shape == "request_line":  # pad the target: a query, or for CONNECT the host name
+        pad = size - len(line) - len(fixed) - 2
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            labels = "a." * (pad // 2) + "a" * (pad % 2)
+            line = f"{method} {labels}{host}:{port} {version}\r\n"
+        else:
+            line = f"{method} {target}?{'q' * (pad - 1)} {version}\r\n"
+        raw = line + fixed + "\r\n"
+    else:
+        raw = line + fixed + fill(size - len(line) - len(fixed) - 2) + "\r\n"
+    out = raw.encode()
+    assert len(out) == size
+    return out
+
+
+def send_head(gw: Gateway, raw: bytes, chunk: int = 0) -> tuple[int, dict, bytes]:
+    """Send *raw* (all at once, or *chunk* bytes at a time); the gateway's answer."""
+    with raw_connection(gw.port, timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):  # the gateway may refuse before the end
+            if chunk:
+                for i in range(0, len(raw), chunk):
+                    s.sendall(raw[i : i + chunk])
+                    time.sleep(0.005)  # a client that trickles its head
+            else:
+                s.sendall(raw)
+        return read_response(s, timeout=10)
+
+
+OVERSIZED = {  # (method, shape, size, version, chunk)
+    "one_long_line": ("GET", "long_line", 100 * KB, "HTTP/1.1", 0),
+    "many_lines": ("GET", "many_lines", 100 * KB, "HTTP/1.1", 0),
+    "long_request_line": ("GET", "request_line", 100 * KB, "HTTP/1.1", 0),
+    "long_header_name": ("GET", "long_name", 100 * KB, "HTTP/1.1", 0),
+    "many_small_headers": ("GET", "many_small", 100 * KB, "HTTP/1.1", 0),
+    "one_byte_over": ("GET", "many_lines", HEAD_LIMIT + 1, "HTTP/1.1", 0),
+    "one_long_line_1mb": ("GET", "long_line", 1000 * KB, "HTTP/1.1", 0),
+    "one_long_line_10mb": ("GET", "long_line", 10000 * KB, "HTTP/1.1", 0),
+    "http_1_0": ("GET", "long_line", 100 * KB, "HTTP/1.0", 0),
+    "slow_small_chunks": ("GET", "long_line", 100 * KB, "HTTP/1.1", 1000),
+    "connect_long_value": ("CONNECT", "long_line", 100 * KB, "HTTP/1.1", 0),
+    "connect_many_small_headers": ("CONNECT", "many_small", 100 * KB, "HTTP/1.1", 0),
+    "connect_long_authority": ("CONNECT", "request_line", 100 * KB, "HTTP/1.1", 0),
+    "connect_10mb": ("CONNECT", "long_line", 10000 * KB, "HTTP/1.1", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERSIZED))
+def test_request_head_over_64_kib_is_400_envelope_and_never_forwarded(gw, cust, sink, case):
+    method, shape, size, version, chunk = OVERSIZED[case]
+    port = sink.getsockname()[1]
+    target = f"127.0.0.1:{port}" if method == "CONNECT" else f"http://127.0.0.1:{port}/never"
+    raw = make_head(method, shape, size, target, auth(cust), version)
+    status, headers, body = send_head(gw, raw, chunk)
+    err = assert_envelope(status, headers, body, "VALIDATION_ERROR", 400)
+    assert err["details"] == {
+        "field": "request",
+        "reason": f"request head larger than {HEAD_LIMIT} bytes",
+    }
+    assert not reached(sink)
+
+
+UNDERSIZED = {  # (method, shape, head size, body size)
+    "one_long_line_60kib": ("GET", "long_line", 60 * 1024, 0),
+    "many_lines_at_the_limit": ("GET", "many_lines", HEAD_LIMIT, 0),
+    "head_at_the_limit_and_1mb_body_in_one_write": ("POST", "many_lines", HEAD_LIMIT, 1000 * KB),
+    "connect_60kib": ("CONNECT", "long_line", 60 * 1024, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(UNDERSIZED))
+def test_request_head_up_to_64_kib_is_served(gw, cust, origin, case):
+    method, shape, size, body_len = UNDERSIZED[case]
+    target = f"127.0.0.1:{origin.port}" if method == "CONNECT" else origin.url("/")
+    extra = f"Content-Length: {body_len}\r\n" if body_len else ""
+    raw = make_head(method, shape, size, target, auth(cust), "HTTP/1.1", extra)
+    seen = len(origin.seen)
+    status, _, body = send_head(gw, raw + b"u" * body_len)
+    assert status == 200, body
+    if method != "CONNECT":
+        assert len(origin.seen) == seen + 1
+        assert origin.seen[-1]["body_len"] == body_len
