@@ -49,6 +49,7 @@ class FlowCtx:
         "started",
         "status",
         "timed_out",
+        "timeout",
         "timer",
         "trial_spent",
         "nanocents",
@@ -78,6 +79,7 @@ class FlowCtx:
         self.done = False
         self.cut = ""
         self.timed_out = False
+        self.timeout: int | None = None  # seconds the upstream timer ran (504's timeoutSeconds)
         self.timer: Any = None
         self.rl_headers: tuple[tuple[str, str], ...] = ()
         self.session_id: str | None = None

@@ -66,6 +66,7 @@ class Route:
     lease_id: str | None = None
     report: bool = False  # X-Datorus-Egress-Report: name the egress on the response
     pin: str | None = None  # X-Datorus-Egress-Pin: SECRET:ID, from the in-process API only
+    timeout: str | None = None  # X-Datorus-Timeout: SECRET:SECONDS, idem (POST /fetch)
 
 
 @dataclass(slots=True, eq=False)
@@ -80,6 +81,18 @@ class Choice:
     @property
     def key(self) -> tuple[int, str | None]:
         return (self.egress.id, self.source)
+
+
+def vouched(value: str | None, secret: str) -> str | None:
+    """The VALUE of a ``SECRET:VALUE`` header the in-process API set, else None.
+
+    Only the REST API served by this process knows *secret* (the router's
+    ``pin_secret``), so a proxy customer cannot pin an egress or stretch a timeout.
+    """
+    if not value:
+        return None
+    given, _, rest = value.partition(":")
+    return rest if hmac.compare_digest(given.encode(), secret.encode()) else None
 
 
 def _basic(user: str, password: str) -> str:
@@ -131,6 +144,7 @@ class RouteOptions:
         if "x-datorus-egress-report" in headers:
             route.report = True
             route.pin = headers.get("x-datorus-egress-pin")
+            route.timeout = headers.get("x-datorus-timeout")
         lease = headers.get("x-datorus-lease-id")
         if lease is not None:
             route.lease_id = lease.strip()
@@ -392,8 +406,8 @@ class EgressRouter:
 
     def _route_pin(self, flow: http.HTTPFlow, fc: FlowCtx, pin: str, tunnel: bool) -> bool:
         """A request the in-process API pinned to one egress (POST /proxies/test)."""
-        secret, _, eid = pin.partition(":")
-        if not hmac.compare_digest(secret.encode(), self.pin_secret.encode()) or not eid.isdigit():
+        eid = vouched(pin, self.pin_secret)
+        if eid is None or not eid.isdigit():
             return False  # not ours: routed as if the header were absent
         e = self.pool.by_id.get(int(eid))
         lease = self.leased.get(int(eid))

@@ -44,7 +44,9 @@ def error_for(
 ) -> DatorusError:
     """Map a mitmproxy error (status, message, ErrorCode) to a Datorus error."""
     if fc is not None and fc.timed_out:
-        timeout = runtime.settings.get("upstream_timeout") if runtime is not None else None
+        timeout = fc.timeout
+        if timeout is None and runtime is not None:
+            timeout = runtime.settings.get("upstream_timeout")
         return DatorusError("GATEWAY_TIMEOUT", details={"timeoutSeconds": timeout})
     if fc is not None and fc.cut == "balance" and fc.cred is not None and runtime is not None:
         # a forward request that ran its account dry before its response started

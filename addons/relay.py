@@ -11,7 +11,9 @@
   ``websocket`` option off): frames pass unchanged and no message is buffered whole.
 - mitmproxy has no upstream timeout: a timer per flow aborts the upstream
   connection after ``upstream_timeout`` seconds without response headers, and the
-  error page then says ``504 GATEWAY_TIMEOUT``.
+  error page then says ``504 GATEWAY_TIMEOUT``. A ``POST /fetch`` of the in-process
+  API sets its own (``X-Datorus-Timeout``, vouched for by the process's secret, at
+  most ``max_fetch_timeout``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mitmproxy import ctx, http, tcp
 from mitmproxy.proxy import layers
 
 from .context import FlowCtx, Gateway, flow_ctx
+from .egress import ROUTE, vouched
 
 _HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "keep-alive", "proxy-authenticate")
 _KEEP_IN_CONNECTION = {"close", "keep-alive", "upgrade"}
@@ -88,12 +91,12 @@ class Relay:
     def request(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is not None and flow.response is None and not fc.answered:
-            self._start_timer(fc)
+            self._start_timer(fc, flow)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is not None and flow.response is None:
-            self._start_timer(fc)
+            self._start_timer(fc, flow)
 
     # -- responses ---------------------------------------------------------------------
 
@@ -129,9 +132,21 @@ class Relay:
 
     # -- the timer ---------------------------------------------------------------------
 
-    def _start_timer(self, fc: FlowCtx) -> None:
+    def _timeout(self, flow: http.HTTPFlow) -> int:
+        """``upstream_timeout``, or the in-process API's own for this request (POST /fetch)."""
+        s = self.gw.settings
+        route = flow.metadata.get(ROUTE)
+        router = self.gw.router
+        if route is not None and route.timeout and router is not None:
+            value = vouched(route.timeout, router.pin_secret)
+            if value is not None and value.isdigit() and int(value) > 0:
+                return min(int(value), s.get("max_fetch_timeout", 120))
+        return s["upstream_timeout"]
+
+    def _start_timer(self, fc: FlowCtx, flow: http.HTTPFlow) -> None:
         loop = asyncio.get_running_loop()
-        fc.timer = loop.call_later(self.gw.settings["upstream_timeout"], self._expire, fc)
+        fc.timeout = self._timeout(flow)
+        fc.timer = loop.call_later(fc.timeout, self._expire, fc)
 
     @staticmethod
     def _stop_timer(fc: FlowCtx) -> None:

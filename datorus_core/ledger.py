@@ -338,6 +338,66 @@ def transactions(
     )
 
 
+_MONEY_SQL = (
+    "SELECT id, id AS first_id, kind, nanocents, trial_bytes, bytes, requests, reason,"
+    " external_id, created_at, created_at AS first_created_at, 1 AS transactions"
+    " FROM transactions WHERE account_id = ? AND kind != 'usage' ORDER BY id DESC LIMIT ?"
+)
+_LAST_USAGE_SQL = (
+    "SELECT id, created_at FROM transactions WHERE account_id = ? AND kind = 'usage'"
+    " AND created_at < ? ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+_USAGE_DAYS_SQL = (
+    "SELECT substr(created_at, 1, 10) AS day, MAX(id) AS id, MIN(id) AS first_id,"
+    " 'usage' AS kind, SUM(nanocents) AS nanocents, SUM(trial_bytes) AS trial_bytes,"
+    " SUM(bytes) AS bytes, SUM(requests) AS requests, NULL AS reason, NULL AS external_id,"
+    " MAX(created_at) AS created_at, MIN(created_at) AS first_created_at,"
+    " COUNT(*) AS transactions"
+    " FROM transactions WHERE account_id = ? AND kind = 'usage' AND created_at >= ?"
+    " GROUP BY day"
+)
+
+
+def credit_history(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str, Any]:
+    """The account's balance and its newest *limit* money rows, with usage rolled up per day.
+
+    Every transaction that is not usage (top-ups, trial grants, lease charges,
+    adjustments) is a row of its own; the usage the gateway flushes (a transaction per
+    account every ``flush_ms``) is one row per UTC day, placed at that day's newest
+    usage. ``transactions`` stays the untouched truth: this only reads it, in one
+    snapshot with the balance, so the rows of a whole history add up to the balance.
+    Newest first; each row has ``first_id``/``id``, ``first_created_at``/``created_at``
+    and ``transactions`` (how many it rolls up).
+    """
+    _account_row(db, account_id)
+    conn = db.conn
+    conn.execute("BEGIN")  # one read snapshot: the balance and the rows agree
+    try:
+        bal = conn.execute(
+            "SELECT nanocents, trial_bytes FROM balances WHERE account_id = ?", (account_id,)
+        ).fetchone() or (0, 0)
+        money = list(db.query(_MONEY_SQL, [account_id, limit]))
+        # (newest id, usage day or "", row): money rows, then one entry per usage day
+        rows: list[tuple[int, str, dict[str, Any]]] = [(r["id"], "", r) for r in money]
+        before, days = "9999", 0
+        while days < limit:  # one index probe per day with usage, newest day first
+            row = conn.execute(_LAST_USAGE_SQL, (account_id, before)).fetchone()
+            if row is None:
+                break
+            before = row[1][:10]  # 'YYYY-MM-DD' sorts before that day's timestamps
+            rows.append((row[0], before, {}))
+            days += 1
+        rows = sorted(rows, key=lambda x: -x[0])[:limit]
+        shown = [day for _, day, _ in rows if day]
+        if shown:
+            usage = {r.pop("day"): r for r in db.query(_USAGE_DAYS_SQL, [account_id, min(shown)])}
+            rows = [(i, day, usage[day] if day else r) for i, day, r in rows]
+        items = [r for _, _, r in rows]
+    finally:
+        conn.execute("COMMIT")
+    return {"balance_nanocents": bal[0], "trial_bytes": bal[1], "items": items}
+
+
 def receipt(db: sqlite_utils.Database, request_id: str) -> dict[str, Any]:
     """The receipt of one finished request."""
     rows = list(db.query("SELECT * FROM receipts WHERE request_id = ?", [request_id]))

@@ -253,6 +253,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER leases_touch_i AFTER INSERT ON leases BEGIN {_TOUCH}; END;
     CREATE TRIGGER leases_touch_u AFTER UPDATE ON leases BEGIN {_TOUCH}; END;
     """,
+    # 5: /account/credits rolls usage up per day: find money rows and usage days by index
+    """
+    CREATE INDEX transactions_money ON transactions(account_id, id) WHERE kind != 'usage';
+    CREATE INDEX transactions_usage_time ON transactions(account_id, created_at)
+        WHERE kind = 'usage';
+    """,
 )
 
 

@@ -235,6 +235,49 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stripe_currency", str, "usd", "Currency of Stripe top-ups (amounts are in cents)."),
 )
 
+# -- REST API throttling and POST /fetch (issues 12 and 13) --------------------------------
+
+SETTINGS += (
+    Setting(
+        "api_key_rps",
+        int,
+        50,
+        "REST API requests per second per API key (POST /fetch: the proxy's own limit).",
+        _positive,
+    ),
+    Setting("api_key_burst", int, 100, "REST API burst per API key.", _positive),
+    Setting(
+        "api_signups_per_hour",
+        int,
+        60,
+        "Sign-ups (POST /auth/register) per client address per hour.",
+        _positive,
+    ),
+    Setting(
+        "api_resends_per_hour",
+        int,
+        10,
+        "Verification mails (POST /auth/verify/resend) per client address and per account"
+        " per hour.",
+        _positive,
+    ),
+    Setting(
+        "api_key_fail_limit",
+        int,
+        20,
+        "Failed API-key checks per client address per minute before its failures get 429.",
+        _positive,
+    ),
+    Setting(
+        "max_fetch_timeout",
+        int,
+        120,
+        "Largest 'timeout' (seconds) a POST /fetch may ask for; it overrides upstream_timeout"
+        " for that request.",
+        _positive,
+    ),
+)
+
 # -- the egress pool (issue 5) -------------------------------------------------------------
 
 

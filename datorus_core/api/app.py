@@ -24,6 +24,7 @@ from ..envelope import DatorusError, envelope, new_request_id
 from .models import ERROR_RESPONSES
 from .store import Store
 from .stripe_pay import Payments
+from .throttle import ApiThrottle, rules_from
 
 log = logging.getLogger("datorus.api")
 
@@ -43,6 +44,7 @@ class ApiState:
     runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
     router: Any = None  # the gateway's EgressRouter (live pool, blocks, sessions)
     extra: dict[str, Any] = field(default_factory=dict)
+    throttle: ApiThrottle = field(default_factory=lambda: ApiThrottle(rules_from({})))
 
 
 def error_response(request: Request, err: DatorusError) -> JSONResponse:
@@ -131,6 +133,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.api = ApiState(store, settings, Payments(store, settings), runtime, router)
+    app.state.api.throttle = ApiThrottle(rules_from(settings))
     if proxy_url is not None:
         app.state.api.extra["proxy_url"] = proxy_url
     app.add_exception_handler(DatorusError, _datorus_error)
@@ -158,6 +161,9 @@ def create_app(
                 request, DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
             )
         response.headers["X-Datorus-Request-Id"] = request.state.request_id
+        # the limit that applied to this request (routes and dependencies note it)
+        for name, value in getattr(request.state, "rate_headers", {}).items():
+            response.headers[name] = value
         return response
 
     app.include_router(routes_auth.router)

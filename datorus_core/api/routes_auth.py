@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from ..envelope import DatorusError
 from . import store
 from .app import VERSION
-from .deps import Account, ActiveAccount, State
+from .deps import Account, ActiveAccount, ResendThrottle, SignupThrottle, State
 from .models import KeyIn, RegisterIn, VerifyIn
 
 router = APIRouter()
@@ -40,11 +40,12 @@ def health(st: State) -> Any:
 
 
 @router.post("/auth/register", status_code=201, tags=["auth"])
-def register(body: RegisterIn, st: State) -> Any:
+def register(_: SignupThrottle, body: RegisterIn, st: State) -> Any:
     """Create an account and its first API key (shown this once); mail a verification token.
 
     409 ``EMAIL_TAKEN`` if the email has an account; 409 ``EMAIL_PROVIDER_MISMATCH``
-    if it belongs to a social-login (google/github) account.
+    if it belongs to a social-login (google/github) account. Every attempt counts
+    against the client address: past ``api_signups_per_hour``, 429 ``RATE_LIMITED``.
     """
     return store.register(st.store, st.settings, body.email, body.display_name)
 
@@ -69,8 +70,11 @@ def verify_link(st: State, token: Annotated[str, Query(min_length=1, max_length=
 
 
 @router.post("/auth/verify/resend", status_code=202, tags=["auth"])
-def resend(acc: Account, st: State) -> Any:
-    """Mail a fresh verification token (earlier ones stay valid until they expire)."""
+def resend(acc: Account, _: ResendThrottle, st: State) -> Any:
+    """Mail a fresh verification token (earlier ones stay valid until they expire).
+
+    At most ``api_resends_per_hour`` per client address and per account (429 past it).
+    """
     if acc["verified_at"] is not None:
         return {"sent": False, "verified": True}
     store.send_verification(st.store, st.settings, acc["id"], acc["email"])

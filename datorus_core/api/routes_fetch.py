@@ -9,6 +9,15 @@ process, the previous ones revoked). The answer is the target's response as JSON
 ``meta.blocked`` and the egress used. An error the gateway produced itself (402, 403,
 429, 502, 504...) comes back as that envelope, with its status and headers.
 
+``timeout`` (default 30 s, at most ``max_fetch_timeout``) is this request's upstream
+timeout at the gateway, in place of ``upstream_timeout``: the API tells the gateway in
+``X-Datorus-Timeout``, vouched for by the per-process secret that only the in-process
+API knows (the one ``X-Datorus-Egress-Pin`` carries), so no proxy customer can set it.
+Every answer carries the fetch credential's rate-limit state, under Datorus's names
+(``X-Datorus-RateLimit-Limit``, ``-Remaining``, ``-Reset``) and seed 001's
+(``X-RateLimit-Limit``, ``X-RateLimit-Remaining``): that limit is the binding one for
+a fetch, so the per-key API throttle does not count fetches.
+
 Served only by the gateway process (standalone ``datorus api`` has no proxy to use).
 """
 
@@ -17,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -30,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import ledger
 from ..envelope import DatorusError
 from ..sessions import valid_session_id
-from .deps import ActiveAccount, State
+from .deps import KeyAccount, State, require_active
 
 router = APIRouter(tags=["routing"])
 
@@ -38,6 +48,7 @@ FETCH_LABEL = "api fetch"
 MAX_BODY = 10 * 1024 * 1024  # bytes of the target's body returned (the rest: truncated)
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _TEXT = ("text/", "json", "xml", "javascript", "html")
+_MARGIN = 5  # seconds the API waits beyond the gateway's timer, so the gateway's 504 wins
 _lock = asyncio.Lock()
 
 
@@ -50,7 +61,11 @@ class FetchIn(BaseModel):
         default_factory=dict, max_length=100
     )
     body: str | None = Field(default=None, max_length=1_048_576)
-    timeout: int = Field(default=30, ge=1, le=120, description="Seconds to wait for the answer.")
+    timeout: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds to wait for the target's answer (at most max_fetch_timeout, 120).",
+    )
     country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
     session_id: str | None = Field(default=None, max_length=128)
 
@@ -138,8 +153,10 @@ async def through_gateway(
         "Host": u.netloc.rpartition("@")[2],
         "Proxy-Authorization": f"Basic {auth}",
         "X-Datorus-Egress-Report": "1",
+        # this request's upstream timeout, vouched for by the in-process secret
+        "X-Datorus-Timeout": f"{st.router.pin_secret}:{math.ceil(timeout)}",
     }
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=timeout + _MARGIN, trust_env=False) as client:
         req = client.build_request(
             method,
             st.extra["proxy_url"],
@@ -166,8 +183,56 @@ def gateway_error(resp: httpx.Response) -> bool:
     return resp.headers.get("proxy-status", "").startswith("datorus")
 
 
+def rate_headers(limit: Any, remaining: Any, reset: Any) -> dict[str, str]:
+    """The fetch credential's rate-limit state under Datorus's and seed 001's names."""
+    return {
+        "X-Datorus-RateLimit-Limit": str(limit),
+        "X-Datorus-RateLimit-Remaining": str(remaining),
+        "X-Datorus-RateLimit-Reset": str(reset),
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+    }
+
+
+def live_rate_headers(st: Any, acc: dict[str, Any]) -> dict[str, str]:
+    """The rate-limit state of the account's fetch credential in the gateway right now.
+
+    For answers the gateway did not give (a refusal here, our own timeout): the live
+    bucket when the credential is known, else the account's full burst.
+    """
+    user = st.extra.get("fetch_creds", {}).get(acc["id"])
+    rt = st.runtime
+    cred = rt.by_username.get(user[0]) if user is not None and rt is not None else None
+    if cred is not None and cred.limiter is not None:
+        v = cred.limiter.peek(time.monotonic())
+        return rate_headers(cred.account.rps, v.remaining, math.ceil(time.time() + v.reset_after))
+    rps = acc.get("rps") or st.settings.get("rps")
+    burst = acc.get("burst") or st.settings.get("burst")
+    return rate_headers(rps, burst, math.ceil(time.time()))
+
+
+def gateway_rate_headers(resp: httpx.Response) -> dict[str, str] | None:
+    """The rate-limit headers the gateway put on its answer (None when it put none)."""
+    h = resp.headers
+    limit, remaining = h.get("x-datorus-ratelimit-limit"), h.get("x-datorus-ratelimit-remaining")
+    if limit is None or remaining is None:
+        return None
+    return rate_headers(limit, remaining, h.get("x-datorus-ratelimit-reset", ""))
+
+
+async def fetch_account(request: Request, acc: KeyAccount, st: State) -> dict[str, Any]:
+    """The fetching account (active); its answer carries the fetch credential's limit."""
+    request.state.rate_headers = live_rate_headers(st, acc)
+    return require_active(acc)
+
+
 @router.post("/fetch")
-async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) -> Any:
+async def fetch(
+    acc: Annotated[dict[str, Any], Depends(fetch_account)],
+    st: State,
+    body: FetchIn,
+    request: Request,
+) -> Any:
     """Fetch ``url`` through the gateway (seed 001): the target's answer with ``meta``.
 
     ``meta.blocked`` is the gateway's block verdict (the egress is then avoided for
@@ -176,6 +241,9 @@ async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) 
     come back as its envelope; no answer within ``timeout``: 504 ``GATEWAY_TIMEOUT``.
     """
     require_gateway(st, "POST /fetch")
+    most = int(st.settings.get("max_fetch_timeout") or 120)
+    if body.timeout > most:
+        raise _bad("timeout", f"must be at most {most} seconds (max_fetch_timeout)")
     u = check_url(body.url)
     if body.session_id is not None and not valid_session_id(body.session_id):
         raise _bad("session_id", "must match [A-Za-z0-9_-]{1,128}")
@@ -201,6 +269,7 @@ async def fetch(acc: ActiveAccount, st: State, body: FetchIn, request: Request) 
     except httpx.HTTPError as e:
         raise DatorusError("UPSTREAM_FAILED", details={"reason": str(e)[:200]}) from None
     rid = resp.headers.get("x-datorus-request-id")
+    request.state.rate_headers = gateway_rate_headers(resp) or live_rate_headers(st, acc)
     if gateway_error(resp):
         # the gateway's own answer (402, 403, 429, 502, 504...): its envelope as it is
         if rid:

@@ -347,6 +347,8 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
                 )
             reason = (err.get("details") or {}).get("reason")
             out["error"] = f"{err['code']}: {reason}" if reason else err["code"]
+            if err["code"] == "GATEWAY_TIMEOUT":  # the gateway's timer ran timeout_seconds
+                out["error"] = f"no answer within {body.timeout_seconds} s"
             return out
         out.update(
             reachable=True,

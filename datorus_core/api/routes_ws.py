@@ -109,7 +109,11 @@ async def relay(ws: WebSocket) -> None:
             lambda: authenticate(st.store.db(), f"Bearer {key}" if isinstance(key, str) else None)
         )
     except DatorusError:
-        await _close(ws, POLICY, "invalid API key")
+        # a wrong key counts like every failed key check of the API (api_key_fail_limit)
+        allowed = not isinstance(key, str) or (
+            st.throttle.take("key_fail", ws.client.host if ws.client else "?").allowed
+        )
+        await _close(ws, POLICY, "invalid API key" if allowed else "rate limit exceeded")
         return
     if acc["status"] != "active":
         await _close(ws, POLICY, "account suspended")

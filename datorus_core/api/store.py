@@ -379,39 +379,58 @@ TX_TYPES = {"trial_grant": "trial", "topup": "purchase", "usage": "usage"}
 
 
 def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str, Any]:
-    """Seed 002's ``GET /account/credits``: balance and recent transactions, in cents."""
-    acc = ledger.show_account(db, account_id)
-    items = []
-    for t in ledger.transactions(db, account_id, limit):
-        nc = t["nanocents"]
-        items.append(
-            {
-                "id": t["id"],
-                "amount": _cents_toward_zero(nc),
-                "amount_nanocents": nc,
-                "tx_type": "acquire"
-                if (t.get("external_id") or "").startswith("lease:")
-                else TX_TYPES.get(t["kind"], t["kind"]),
-                "description": t["reason"] or _describe(t),
-                "trial_bytes": t["trial_bytes"],
-                "bytes": t["bytes"],
-                "created_at": t["created_at"],
-            }
-        )
+    """Seed 002's ``GET /account/credits``: balance and recent transactions, in cents.
+
+    Usage is rolled up per UTC day (``ledger.credit_history``), so top-ups, lease
+    charges and adjustments stay in view however often usage is flushed. Each row's
+    ``amount`` is what it moved the balance in whole cents (the balance shows whole
+    cents rounded down, and so do the running totals behind the rows), so the amounts
+    of rows reaching back to the account's start add up to ``balance`` exactly;
+    ``amount_nanocents`` is the exact amount.
+    """
+    h = ledger.credit_history(db, account_id, limit)
+    balance = h["balance_nanocents"]
+    running = balance - sum(t["nanocents"] for t in h["items"])  # before the oldest row
+    cents: list[int] = []
+    for t in reversed(h["items"]):
+        before, running = running, running + t["nanocents"]
+        cents.append(pricing.whole_cents(running) - pricing.whole_cents(before))
+    cents.reverse()
+    items = [
+        {
+            "id": t["id"],
+            "amount": amount,
+            "amount_nanocents": t["nanocents"],
+            "tx_type": _tx_type(t),
+            "description": t["reason"] or _describe(t),
+            "trial_bytes": t["trial_bytes"],
+            "bytes": t["bytes"],
+            "requests": t["requests"],
+            "transactions": t["transactions"],
+            "first_created_at": t["first_created_at"],
+            "created_at": t["created_at"],
+        }
+        for t, amount in zip(h["items"], cents, strict=True)
+    ]
     return {
-        "balance": acc["balanceCents"],
-        "balance_nanocents": acc["balanceNanocents"],
-        "trial_remaining_bytes": acc["trialRemainingBytes"],
+        "balance": pricing.whole_cents(balance),
+        "balance_nanocents": balance,
+        "trial_remaining_bytes": max(0, h["trial_bytes"]),
         "recent_transactions": items,
     }
 
 
-def _cents_toward_zero(nanocents: int) -> int:
-    q = abs(nanocents) // pricing.NANOCENTS_PER_CENT
-    return q if nanocents >= 0 else -q
+def _tx_type(t: dict[str, Any]) -> str:
+    if (t.get("external_id") or "").startswith("lease:"):
+        return "acquire"
+    return TX_TYPES.get(t["kind"], t["kind"])
 
 
 def _describe(t: dict[str, Any]) -> str:
     if t["kind"] == "usage":
-        return f"Proxy usage: {t['requests']} requests, {t['bytes']} bytes"
+        from_trial = -t["trial_bytes"]  # usage spends trial bytes: negative in the ledger
+        return (
+            f"Proxy usage on {t['created_at'][:10]}: {t['requests']} requests,"
+            f" {t['bytes']} bytes ({from_trial} from the trial)"
+        )
     return t["kind"]

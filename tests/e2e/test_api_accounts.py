@@ -7,6 +7,7 @@ token expiry against a standalone ``datorus api`` sharing the ledger.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -321,6 +322,52 @@ def test_credits_show_operator_top_up_in_cents(gw: Gateway) -> None:
     top = c["recent_transactions"][0]
     assert top["amount"] == 250 and top["tx_type"] == "purchase"
     assert top["description"] == "welcome credit"
+
+
+def test_credits_keep_top_ups_and_lease_charges_in_view_of_many_usage_flushes(
+    make_gateway, origin
+) -> None:
+    """Usage flushed in many small rows is rolled up per day: the money stays on page one."""
+    g = make_gateway(api_port=free_port(), flush_ms=20)
+    wait_http(g.api_url + "/health", proc=g.proc)
+    for source in ("127.0.0.2", "127.0.0.3"):  # two ways out, so one can be leased
+        g.cli("egress", "add", f"direct://{source}")
+    account_id, user, password = g.customer(trial_bytes=0)
+    key = g.cli("key", "create", str(account_id))["key"]
+    g.cli("balance", "add", str(account_id), "500", "--reason", "first top-up")
+    r = httpx.post(f"{g.api_url}/proxies/acquire", json={}, headers=bearer(key), timeout=30)
+    assert r.status_code == 200, r.text
+
+    def usage_rows() -> int:
+        with sqlite3.connect(g.db) as c:
+            return c.execute(
+                "SELECT COUNT(*) FROM transactions WHERE account_id = ? AND kind = 'usage'",
+                (account_id,),
+            ).fetchone()[0]
+
+    proxies = {"http": g.proxy(user, password)}
+    for n in range(1, 31):  # 30 requests, each flushed on its own: 30 usage rows
+        assert requests.get(origin.url("/"), proxies=proxies, timeout=30).status_code == 200
+        wait_until(lambda n=n: usage_rows() == n, 5, 0.01, "the usage flush")
+    c = httpx.get(f"{g.api_url}/account/credits", headers=bearer(key), timeout=30).json()
+    rows = c["recent_transactions"]
+    assert [t["tx_type"] for t in rows] == ["usage", "acquire", "purchase"] or [
+        t["tx_type"] for t in rows
+    ] == ["usage", "usage", "acquire", "purchase"]  # a run across midnight: two days
+    usage = [t for t in rows if t["tx_type"] == "usage"]
+    assert sum(t["requests"] for t in usage) == sum(t["transactions"] for t in usage) == 30
+    assert usage[0]["amount_nanocents"] < 0 and usage[0]["description"].startswith("Proxy usage")
+    assert (rows[-2]["amount"], rows[-1]["amount"]) == (-1, 500)
+    # the rows add up to the balance, in cents and exactly
+    assert sum(t["amount"] for t in rows) == c["balance"] == 499 + sum(t["amount"] for t in usage)
+    assert sum(t["amount_nanocents"] for t in rows) == c["balance_nanocents"]
+    acc = httpx.get(f"{g.api_url}/account", headers=bearer(key), timeout=30).json()
+    assert (acc["balance_cents"], acc["balance_nanocents"]) == (
+        c["balance"],
+        c["balance_nanocents"],
+    )
+    # the ledger keeps every flush as it was written
+    assert usage_rows() == 30
 
 
 def test_leases_are_empty(gw: Gateway) -> None:
