@@ -476,6 +476,12 @@ def balance_add(
     db = _db()
     aid, amount = _int("account_id", account_id), _int("cents", cents)
     if amount < 0:
+        if not (reason or "").strip():
+            raise DatorusError(
+                "VALIDATION_ERROR",
+                message="A negative CENTS is a correction and needs a reason: add --reason TEXT.",
+                details={"field": "reason", "reason": "is required for a correction"},
+            )
         result = ledger.correct_balance(db, aid, amount, reason or "")
     else:
         result = ledger.add_balance(db, aid, amount, reason or "operator top-up")
@@ -567,6 +573,14 @@ def outbox(
     )
 
 
+SETTINGS_COLUMNS = ("name", "value", "source")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = cell(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 @app.command("settings")
 def settings_show() -> None:
     """Every gateway setting, its value and where the value comes from.
@@ -598,7 +612,7 @@ def settings_show() -> None:
         {"file": str(path), "fileExists": path.exists(), "items": items},
         lambda r: (
             f"Settings file: {r['file']}{'' if r['fileExists'] else ' (none)'}\n\n"
-            + _rows(r["items"], ("name", "value", "source"))
+            + _rows([{**i, "value": _short(i["value"])} for i in r["items"]], SETTINGS_COLUMNS)
         ),
     )
 

@@ -166,7 +166,7 @@ def test_tunnel_50mb_tls_download_is_metered_exactly(gateway, tls_origin, ca):
     wait_until(
         lambda: relay.up == rec["bytesUp"] and relay.down == rec["bytesDown"],
         timeout=5,
-        what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+        what=f"relay {relay.up}/{relay.down} == receipt {rec['bytesUp']}/{rec['bytesDown']}",
     )
     assert rec["method"] == "CONNECT" and rec["status"] == 200
     relay.close()
@@ -250,7 +250,7 @@ def test_forward_websocket_upgrade_is_metered_exactly(gateway):
         wait_until(
             lambda: relay.up == rec["bytesUp"] and relay.down == rec["bytesDown"],
             timeout=5,
-            what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+            what=f"relay {relay.up}/{relay.down} == receipt {rec['bytesUp']}/{rec['bytesDown']}",
         )
         assert rec["status"] == 101 and relay.up > 101_010 and relay.down > 101_010
     finally:
