@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -679,16 +680,27 @@ def quickstart(
         raise DatorusError(
             "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
         )
+    from urllib.parse import urlsplit
+
+    if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
+        raise DatorusError(
+            "VALIDATION_ERROR", details={"field": "target", "reason": "must be an http(s) URL"}
+        )
     db = _db()
     from .api.store import create_key
 
-    trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
+    settings = _defaults()
+    trial = settings["trial_bytes"] if trial_bytes is None else trial_bytes
     acc = ledger.create_account(db, email, trial)
     cred = ledger.create_credential(db, acc["id"], label="quickstart")
     key = create_key(db, acc["id"], "quickstart")
     proxy = f"http://{cred['username']}:{cred['password']}@{_hostport(host, port)}"
-    base = (api_url or public_base(_defaults())).rstrip("/")
-    note = _policy_note(db, target, host, port)
+    base = (api_url or public_base(settings)).rstrip("/")
+    notes = [n for n in (_policy_note(db, target, host, port),) if n]
+    if api_url is None and not settings["api_port"] and not settings["public_url"]:
+        notes.append(
+            "The gateway serves no REST API (api_port is 0): set api_port, or run 'datorus api'."
+        )
     emit(
         {
             "accountId": acc["id"],
@@ -697,11 +709,11 @@ def quickstart(
             "username": cred["username"],
             "password": cred["password"],
             "proxyUrl": proxy,
-            "curl": f"curl -x {proxy} {target}",
+            "curl": f"curl -x {proxy} {shlex.quote(target)}",
             "apiKey": key["key"],
             "apiUrl": base,
             "apiCurl": f"curl -H 'Authorization: Bearer {key['key']}' {base}/account",
-            "notes": [note] if note else [],
+            "notes": notes,
         },
         lambda r: "\n".join(
             [
@@ -948,7 +960,7 @@ def _command_of(args: list[str]) -> str:
         if a.startswith("-"):
             continue
         words.append(a)
-        if len(words) == 3 or a in ("init", "usage", "receipt", "outbox", "settings", "api"):
+        if len(words) == 3 or a not in {g.name for g in app.registered_groups}:
             break
     return " ".join(words)
 

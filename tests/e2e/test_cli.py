@@ -285,6 +285,10 @@ def test_failures_are_the_envelope_on_stderr(db: Path, args, code, field) -> Non
             "Missing argument 'ACCOUNT_ID'. See 'datorus account show --help'.",
         ),
         (("no-such-command",), "No such command 'no-such-command'. See 'datorus --help'."),
+        (
+            ("quickstart", "cli-qs0@example.com", "--target", "ftp://x"),
+            "Invalid --target: must be an http(s) URL. See 'datorus quickstart --help'.",
+        ),
     ],
 )
 def test_errors_without_json_are_sentences_with_the_next_step(db: Path, args, expected) -> None:
