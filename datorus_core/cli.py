@@ -1,32 +1,91 @@
 """``datorus``: the operator CLI (Typer over sqlite-utils).
 
-Every command takes ``--db PATH`` (else ``DATORUS_DB``, else ``./datorus.db``) and
-``--json``, anywhere on the command line. With ``--json`` a command prints exactly
-one JSON object on stdout, and on failure the error envelope on stderr with a
-non-zero exit. Without it, it prints a readable table.
+Every command takes ``--db PATH`` (else ``DATORUS_DB``, else ``db`` in the settings
+file, else ``./datorus.db``) and ``--json``, anywhere on the command line. With
+``--json`` a command prints exactly one JSON object on stdout (camelCase keys), and on
+failure the error envelope on stderr with a non-zero exit. Without it, it prints a
+readable table, and on failure a sentence that says what to do next.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from . import ledger
+from . import ledger, pricing
 from .envelope import DatorusError, envelope
-from .settings import SettingsError, default_db_path, resolve_defaults
-
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+from .settings import (
+    SETTINGS,
+    SettingsError,
+    conf_path,
+    ledger_location,
+    public_base,
+    resolve_defaults,
+    resolve_sources,
+    shown_value,
 )
-account_app = typer.Typer(no_args_is_help=True, help="Customer accounts.")
-credential_app = typer.Typer(no_args_is_help=True, help="Proxy credentials.")
-balance_app = typer.Typer(no_args_is_help=True, help="Prepaid balances.")
-policy_app = typer.Typer(no_args_is_help=True, help="Acceptable-use policy rules.")
+
+APP_HELP = """The Datorus operator CLI: accounts, credentials, balances, policy and the egress pool.
+
+Every command takes --db PATH (else the DATORUS_DB environment variable, else db in
+mitm.conf, else ./datorus.db) and --json, anywhere on the line. With --json it prints
+one JSON object; on failure, the error envelope on stderr and exit status 1.
+"""
+
+
+def _tidy_params(params: list) -> list:
+    """Help that reads like the README: ACCOUNT_ID for arguments, no value after a flag."""
+    for p in params:
+        if p.metavar is not None:
+            continue
+        if isinstance(p, TyperArgument):
+            p.metavar = p.name.upper()
+        elif getattr(p, "is_flag", False):
+            p.metavar = ""  # Typer would print <bool>, as if the flag took a value
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose help lists flags without a value placeholder."""
+
+    def get_params(self, ctx):  # noqa: D102
+        return _tidy_params(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """A command group whose help lists flags without a value placeholder."""
+
+    def get_params(self, ctx):  # noqa: D102
+        return _tidy_params(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """Typer with Datorus's help style: rich markup, plain docstrings, flags as flags."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("no_args_is_help", True)
+        kwargs.setdefault("rich_markup_mode", "markdown")
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any):  # noqa: D102
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(add_completion=False, help=APP_HELP, pretty_exceptions_enable=False)
+account_app = _Typer(help="Customer accounts.")
+credential_app = _Typer(help="Proxy credentials.")
+balance_app = _Typer(help="Prepaid balances.")
+policy_app = _Typer(help="Acceptable-use policy rules.")
 app.add_typer(account_app, name="account")
 app.add_typer(credential_app, name="credential")
 app.add_typer(balance_app, name="balance")
@@ -45,39 +104,85 @@ RUN = _Run()
 
 @app.callback()
 def _root(
-    db: Annotated[str | None, typer.Option("--db", help="Ledger path.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            metavar="PATH",
+            help="The ledger (else DATORUS_DB, else db in mitm.conf, else ./datorus.db).",
+        ),
+    ] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
 ) -> None:
     RUN.db = db
     RUN.json = json_
 
 
-def db_path() -> str:
-    """The ledger path this invocation uses."""
-    return RUN.db or default_db_path()
+# -- output -------------------------------------------------------------------------------
+
+_CAMEL = re.compile(r"_([a-z0-9])")
+
+
+def camel(value: Any) -> Any:
+    """*value* with every dict key, at any depth, in camelCase (``topped_up`` -> ``toppedUp``)."""
+    if isinstance(value, dict):
+        return {
+            _CAMEL.sub(lambda m: m.group(1).upper(), str(k)): camel(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [camel(v) for v in value]
+    return value
 
 
 def emit(result: dict[str, Any], table: Callable[[dict[str, Any]], str] | None = None) -> None:
-    """Print *result* as JSON (``--json``) or as readable text."""
+    """Print *result* as one camelCase JSON object (``--json``) or as readable text."""
+    result = camel(result)
     if RUN.json:
         print(json.dumps(result, separators=(",", ":"), default=str))
     else:
         print(table(result) if table else _kv(result))
 
 
-def _kv(result: dict[str, Any]) -> str:
-    width = max((len(k) for k in result), default=0)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in result.items())
+def cell(value: Any) -> str:
+    """A value as a table shows it: ``-`` for nothing, yes/no for booleans."""
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
 
 
-def _rows(rows: list[dict[str, Any]]) -> str:
+def _kv(result: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+    notes = notes or {}
+    shown = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    width = max((len(k) for k in shown), default=0)
+    return "\n".join(
+        f"{k:<{width}}  {cell(v)}{notes.get(k, '')}".rstrip() for k, v in shown.items()
+    )
+
+
+def _rows(rows: list[dict[str, Any]], cols: tuple[str, ...] | None = None) -> str:
     if not rows:
         return "(none)"
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(f"{c:<{widths[c]}}" for c in cols)]
-    lines += ["  ".join(f"{r.get(c, '')!s:<{widths[c]}}" for c in cols) for r in rows]
+    cols = cols or tuple(rows[0])
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(cols, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
+
+
+def _items(cols: tuple[str, ...] | None = None) -> Callable[[dict[str, Any]], str]:
+    return lambda r: _rows(r["items"], cols)
+
+
+# -- inputs and the ledger ----------------------------------------------------------------
 
 
 def _int(field: str, value: str) -> int:
@@ -89,17 +194,95 @@ def _int(field: str, value: str) -> int:
         ) from None
 
 
+def _settings_error(e: SettingsError) -> DatorusError:
+    return DatorusError(
+        "VALIDATION_ERROR",
+        message=f"The settings are invalid: {e}. Fix the file or the DATORUS_* variable.",
+        details={"field": "settings", "reason": str(e)},
+    )
+
+
+def ledger_path() -> tuple[str, str]:
+    """The ledger this invocation uses (absolute, or a URL) and where that came from."""
+    try:
+        return ledger_location(RUN.db)
+    except SettingsError as e:
+        raise _settings_error(e) from None
+
+
+def db_path() -> str:
+    """The ledger path this invocation uses."""
+    return ledger_path()[0]
+
+
+def _is_file(path: str) -> bool:
+    return path != ":memory:" and "://" not in path
+
+
+def _where(source: str) -> str:
+    if source == "--db":
+        return "given with --db"
+    if source == "DATORUS_DB":
+        return "from DATORUS_DB"
+    if source == "default":
+        return "the default ./datorus.db, in the current folder"
+    return f"from db in {source}"
+
+
+def _no_ledger(path: str, source: str) -> DatorusError:
+    return DatorusError(
+        "SERVICE_UNAVAILABLE",
+        message=(
+            f"No ledger at {path} ({_where(source)}). If the gateway keeps its ledger"
+            " elsewhere, name it with --db PATH or DATORUS_DB=PATH (or db in"
+            f" {conf_path()}); run 'datorus init' only to create a new, empty ledger there."
+        ),
+        details={"db": path},
+    )
+
+
+def _cannot_create(path: str) -> DatorusError | None:
+    """Why no ledger can be created at *path*, or None."""
+    folder = os.path.dirname(path)
+    reason = None
+    if not os.path.isdir(folder):
+        reason = f"the folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        reason = f"the folder {folder} is not writable"
+    if reason is None:
+        return None
+    return DatorusError(
+        "VALIDATION_ERROR",
+        message=f"Cannot create the ledger at {path}: {reason}. Create it, or name another"
+        " path with --db PATH.",
+        details={"field": "db", "reason": reason},
+    )
+
+
 def _db(create: bool = False):
-    return ledger.open_ledger(db_path(), create=create)
+    """The open ledger; only ``create`` (``datorus init``) may make a new one."""
+    path, source = ledger_path()
+    if _is_file(path) and not os.path.exists(path):
+        if not create:
+            raise _no_ledger(path, source)
+        err = _cannot_create(path)
+        if err is not None:
+            raise err
+    try:
+        return ledger.open_ledger(path, create=True)
+    except sqlite3.Error as e:
+        raise DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message=f"Cannot open the ledger at {path}: {e}.",
+            details={"db": path, "reason": str(e)},
+        ) from None
 
 
 def _defaults() -> dict[str, Any]:
     try:
         return resolve_defaults()
     except SettingsError as e:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "mitm.conf", "reason": str(e)}
-        ) from None
+        raise _settings_error(e) from None
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -107,10 +290,48 @@ def _defaults() -> dict[str, Any]:
 
 @app.command()
 def init() -> None:
-    """Create or migrate the ledger (idempotent)."""
+    """Create the ledger, or bring an existing one up to date (safe to repeat).
+
+    It prints the ledger's absolute path: the gateway must use the same one.
+    """
+    path, _ = ledger_path()
+    created = _is_file(path) and not os.path.exists(path)
     db = _db(create=True)
     version = db.conn.execute("PRAGMA user_version").fetchone()[0]
-    emit({"db": db_path(), "schemaVersion": version})
+    emit(
+        {"db": path, "schemaVersion": version, "created": created},
+        lambda r: (
+            f"{'Created a new, empty' if r['created'] else 'The'} ledger at {r['db']}"
+            f"{'' if r['created'] else ' is ready'} (schema {r['schemaVersion']})."
+        ),
+    )
+
+
+_LIMITS = (
+    ("priceCentsPerGb", "price_cents_per_gb"),
+    ("rps", "rps"),
+    ("burst", "burst"),
+    ("maxTunnels", "max_tunnels"),
+)
+
+
+def _effective(acc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The account with the values in effect: its own, else the gateway's defaults.
+
+    Also returns a note for each value that is a default, for the table.
+    """
+    defaults = _defaults()
+    notes = {}
+    for key, setting in _LIMITS:
+        if acc[key] is None:
+            acc[key] = defaults[setting]
+            notes[key] = "  (default)"
+    return acc, notes
+
+
+def _show_effective(acc: dict[str, Any]) -> None:
+    acc, notes = _effective(acc)
+    emit(acc, lambda r: _kv(r, notes))
 
 
 @account_app.command("create")
@@ -123,41 +344,62 @@ def account_create(
     max_tunnels: Annotated[int | None, typer.Option(help="Open tunnels at once.")] = None,
     provider: Annotated[str | None, typer.Option(help="Social login: google or github.")] = None,
 ) -> None:
-    """Create a customer account with its trial allocation."""
+    """Create a customer account with its free trial.
+
+    Without a price or limit of its own, an account uses the gateway's defaults.
+    """
     if provider is not None and provider not in ("google", "github"):
         raise DatorusError(
             "VALIDATION_ERROR", details={"field": "provider", "reason": "must be google or github"}
         )
+    db = _db()
     trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
     emit(
         ledger.create_account(
-            _db(create=True), email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider
+            db, email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider
         )
     )
 
 
 @account_app.command("show")
 def account_show(account_id: str) -> None:
-    """An account with trial remaining, balance and used bytes."""
-    acc = ledger.show_account(_db(), _int("id", account_id))
-    # the effective values: an account without its own uses the gateway's defaults
-    defaults = _defaults()
-    for key, setting in (
-        ("priceCentsPerGb", "price_cents_per_gb"),
-        ("rps", "rps"),
-        ("burst", "burst"),
-        ("maxTunnels", "max_tunnels"),
-    ):
-        if acc[key] is None:
-            acc[key] = defaults[setting]
-    emit(acc)
+    """One account: trial bytes left, balance, usage, and its price and limits in effect."""
+    _show_effective(ledger.show_account(_db(), _int("id", account_id)))
 
 
 @account_app.command("list")
 def account_list() -> None:
     """Every account with its balance and usage."""
-    rows = ledger.list_accounts(_db())
-    emit({"items": rows}, lambda r: _rows(r["items"]))
+    rows = [
+        {
+            "id": r["id"],
+            "email": r["email"],
+            "status": r["status"],
+            "trialRemainingBytes": max(0, r["trial_remaining_bytes"]),
+            "balanceCents": pricing.whole_cents(r["balance_nanocents"]),
+            "balanceNanocents": r["balance_nanocents"],
+            "usedBytes": r["used_bytes"],
+            "requests": r["requests"],
+            "chargedNanocents": r["charged_nanocents"],
+            "toppedUp": bool(r["topped_up"]),
+        }
+        for r in ledger.list_accounts(_db())
+    ]
+    emit(
+        {"items": rows},
+        _items(
+            (
+                "id",
+                "email",
+                "status",
+                "trialRemainingBytes",
+                "balanceCents",
+                "usedBytes",
+                "requests",
+                "toppedUp",
+            )
+        ),
+    )
 
 
 def _set_status(account_id: str, status: str) -> None:
@@ -184,8 +426,11 @@ def account_set(
     burst: Annotated[int | None, typer.Option(help="Burst per credential.")] = None,
     max_tunnels: Annotated[int | None, typer.Option(help="Open tunnels at once.")] = None,
 ) -> None:
-    """Change an account's price or limits (live within 2 s)."""
-    emit(
+    """Change an account's price or limits (a running gateway applies it within 2 s).
+
+    Values not given stay as they are. It prints the account with the values in effect.
+    """
+    _show_effective(
         ledger.set_limits(
             _db(), _int("id", account_id), price_cents_per_gb, rps, burst, max_tunnels
         )
@@ -206,26 +451,42 @@ def credential_create(
 def credential_list(account_id: str) -> None:
     """An account's credentials (never their passwords)."""
     rows = ledger.list_credentials(_db(), _int("account_id", account_id))
-    emit({"items": rows}, lambda r: _rows(r["items"]))
+    emit({"items": rows}, _items())
 
 
 @credential_app.command("revoke")
 def credential_revoke(username: str) -> None:
-    """Revoke a credential (refused by a running gateway within 2 s)."""
+    """Revoke a credential (a running gateway refuses it within 2 s)."""
     emit(ledger.revoke_credential(_db(), username))
 
 
-@balance_app.command("add")
+@balance_app.command("add", context_settings={"ignore_unknown_options": True})
 def balance_add(
     account_id: str,
     cents: str,
-    reason: Annotated[str | None, typer.Option(help="Why (kept in the ledger).")] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (kept in the ledger); required for a correction.")
+    ] = None,
 ) -> None:
-    """Top up an account's prepaid balance by CENTS."""
-    result = ledger.add_balance(
-        _db(), _int("account_id", account_id), _int("cents", cents), reason or "operator top-up"
-    )
-    emit({k: result[k] for k in ("id", "balanceCents", "balanceNanocents")})
+    """Top up an account's prepaid balance by CENTS.
+
+    A negative CENTS corrects a mistake (a top-up entered twice, say): it needs --reason,
+    is kept as an adjustment that does not count as a top-up, and cannot take the
+    balance below zero.
+    """
+    db = _db()
+    aid, amount = _int("account_id", account_id), _int("cents", cents)
+    if amount < 0:
+        if not (reason or "").strip():
+            raise DatorusError(
+                "VALIDATION_ERROR",
+                message="A negative CENTS is a correction and needs a reason: add --reason TEXT.",
+                details={"field": "reason", "reason": "is required for a correction"},
+            )
+        result = ledger.correct_balance(db, aid, amount, reason or "")
+    else:
+        result = ledger.add_balance(db, aid, amount, reason or "operator top-up")
+    emit({k: result[k] for k in ("id", "balanceCents", "balanceNanocents", "kind")})
 
 
 @balance_app.command("history")
@@ -234,24 +495,24 @@ def balance_history(
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
 ) -> None:
     """An account's transactions, newest first."""
-    rows = ledger.transactions(_db(), _int("account_id", account_id), limit)
-    emit({"id": int(account_id), "items": rows}, lambda r: _rows(r["items"]))
+    aid = _int("account_id", account_id)
+    rows = ledger.transactions(_db(), aid, limit)
+    emit({"id": aid, "items": rows}, _items())
 
 
 @app.command()
 def usage(
     account_id: str,
-    by: Annotated[str | None, typer.Option("--by", help="'day' for a daily breakdown.")] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", metavar="day", help="'day' for a daily breakdown.")
+    ] = None,
 ) -> None:
     """Requests, bytes and charges of an account."""
     if by not in (None, "day"):
         raise DatorusError("VALIDATION_ERROR", details={"field": "by", "reason": "must be day"})
     result = ledger.usage(_db(), _int("account_id", account_id), by_day=by == "day")
     if by == "day":
-        emit(
-            result,
-            lambda r: _kv({k: v for k, v in r.items() if k != "days"}) + "\n\n" + _rows(r["days"]),
-        )
+        emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
     else:
         emit(result)
 
@@ -265,21 +526,21 @@ def receipt(request_id: str) -> None:
 @policy_app.command("allow")
 def policy_allow(rule: str) -> None:
     """Allow a destination CIDR[:PORT] despite the built-in denials."""
-    emit(ledger.add_policy_rule(_db(create=True), "allow", rule))
+    emit(ledger.add_policy_rule(_db(), "allow", rule))
 
 
 @policy_app.command("deny")
 def policy_deny(rule: str) -> None:
     """Deny a destination DOMAIN_OR_CIDR[:PORT]."""
-    emit(ledger.add_policy_rule(_db(create=True), "deny", rule))
+    emit(ledger.add_policy_rule(_db(), "deny", rule))
 
 
 @policy_app.command("remove")
 def policy_remove(action: str, rule: str) -> None:
-    """Remove an 'allow' or 'deny' rule."""
+    """Remove an allow or deny rule: 'policy remove allow 10.0.0.0/8'."""
     if action not in ("allow", "deny"):
         raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "action", "reason": "allow or deny"}
+            "VALIDATION_ERROR", details={"field": "action", "reason": "must be allow or deny"}
         )
     emit(ledger.remove_policy_rule(_db(), action, rule))
 
@@ -287,7 +548,7 @@ def policy_remove(action: str, rule: str) -> None:
 @policy_app.command("list")
 def policy_list() -> None:
     """Every operator policy rule."""
-    emit({"items": ledger.list_policy_rules(_db())}, lambda r: _rows(r["items"]))
+    emit({"items": ledger.list_policy_rules(_db())}, _items())
 
 
 @app.command()
@@ -298,7 +559,7 @@ def outbox(
     """Mail Datorus sent or queued (the outbox), newest first, with bodies."""
     from .api.mail import list_outbox
 
-    rows = list_outbox(_db(create=True), to, limit)
+    rows = list_outbox(_db(), to, limit)
     emit(
         {"items": rows},
         lambda r: (
@@ -309,6 +570,162 @@ def outbox(
                 for m in r["items"]
             )
             or "(none)"
+        ),
+    )
+
+
+SETTINGS_COLUMNS = ("name", "value", "source")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = cell(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@app.command("settings")
+def settings_show() -> None:
+    """Every gateway setting, its value and where the value comes from.
+
+    Sources: default, mitm.conf (or the file DATORUS_CONF names) and environment
+    (DATORUS_NAME). A gateway started with --set datorus_name=VALUE uses that value
+    instead: the CLI cannot see it. Secrets are hidden.
+    """
+    try:
+        resolved = resolve_sources()
+    except SettingsError as e:
+        raise _settings_error(e) from None
+    items = []
+    for s in SETTINGS:
+        value, source = resolved[s.name]
+        items.append(
+            {
+                "name": s.name,
+                "value": shown_value(s, value),
+                "source": source,
+                "default": shown_value(s, s.default),
+                "env": s.env,
+                "option": s.option,
+                "help": s.help,
+            }
+        )
+    path = conf_path()
+    emit(
+        {"file": str(path), "fileExists": path.exists(), "items": items},
+        lambda r: (
+            f"Settings file: {r['file']}{'' if r['fileExists'] else ' (none)'}\n\n"
+            + _rows([{**i, "value": _short(i["value"])} for i in r["items"]], SETTINGS_COLUMNS)
+        ),
+    )
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _policy_note(db, target: str, host: str, port: int) -> str | None:
+    """A reminder when *target* is an address the gateway refuses by policy, else None."""
+    from urllib.parse import urlsplit
+
+    from .policy import Policy, classify_host, parse_rule
+
+    try:
+        parts = urlsplit(target)
+        name = parts.hostname or ""
+        tport = parts.port or (443 if parts.scheme == "https" else 80)
+        ip = classify_host(name)
+        if isinstance(ip, str):
+            if ip != "localhost" and not ip.endswith(".localhost"):
+                return None
+            ip = classify_host("127.0.0.1")
+        s = _defaults()
+        allow = [parse_rule(x, allow_domains=False) for x in s["allow"]]
+        deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
+        for r in ledger.list_policy_rules(db):
+            (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
+        policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], [(host, port)])
+        denial = policy.check_address(ip, tport)
+    except ValueError:
+        return None
+    if denial is None:
+        return None
+    net = f"{ip}/{32 if ip.version == 4 else 128}"
+    return (
+        f"The gateway refuses {name} ({denial.rule}) with 403 AUP_VIOLATION:"
+        f" allow it first with 'datorus policy allow {net}'."
+    )
+
+
+@app.command()
+def quickstart(
+    email: str,
+    trial_bytes: Annotated[int | None, typer.Option(help="Free trial bytes.")] = None,
+    host: Annotated[str, typer.Option(help="The gateway's address, as customers reach it.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="The gateway's proxy port.")] = 8001,
+    target: Annotated[str, typer.Option(help="The URL the sample curl line fetches.")] = (
+        "http://example.com/"
+    ),
+    api_url: Annotated[
+        str | None,
+        typer.Option(help="The REST API's base URL (default: public_url, else api_host:api_port)."),
+    ] = None,
+) -> None:
+    """Give a new customer access in one step: an account, a proxy credential and an API key.
+
+    It prints a ready curl line through the gateway and one for the REST API. The
+    password and the key are shown this once.
+    """
+    if not 0 < port < 65536:
+        raise DatorusError(
+            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
+        )
+    from urllib.parse import urlsplit
+
+    if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
+        raise DatorusError(
+            "VALIDATION_ERROR", details={"field": "target", "reason": "must be an http(s) URL"}
+        )
+    db = _db()
+    from .api.store import create_key
+
+    settings = _defaults()
+    trial = settings["trial_bytes"] if trial_bytes is None else trial_bytes
+    acc = ledger.create_account(db, email, trial)
+    cred = ledger.create_credential(db, acc["id"], label="quickstart")
+    key = create_key(db, acc["id"], "quickstart")
+    proxy = f"http://{cred['username']}:{cred['password']}@{_hostport(host, port)}"
+    base = (api_url or public_base(settings)).rstrip("/")
+    notes = [n for n in (_policy_note(db, target, host, port),) if n]
+    if api_url is None and not settings["api_port"] and not settings["public_url"]:
+        notes.append(
+            "The gateway serves no REST API (api_port is 0): set api_port, or run 'datorus api'."
+        )
+    emit(
+        {
+            "accountId": acc["id"],
+            "email": acc["email"],
+            "trialBytes": trial,
+            "username": cred["username"],
+            "password": cred["password"],
+            "proxyUrl": proxy,
+            "curl": f"curl -x {proxy} {shlex.quote(target)}",
+            "apiKey": key["key"],
+            "apiUrl": base,
+            "apiCurl": f"curl -H 'Authorization: Bearer {key['key']}' {base}/account",
+            "notes": notes,
+        },
+        lambda r: "\n".join(
+            [
+                f"Account {r['accountId']} ({r['email']}) is ready with {r['trialBytes']}"
+                " free trial bytes. The password and the API key are shown this once.",
+                "",
+                "Through the proxy:",
+                f"  {r['curl']}",
+                "The REST API:",
+                f"  {r['apiCurl']}",
+                *(["", *r["notes"]] if r["notes"] else []),
+            ]
         ),
     )
 
@@ -347,7 +764,7 @@ def api_serve(
     )
 
 
-key_app = typer.Typer(no_args_is_help=True, help="REST API keys (pp_...).")
+key_app = _Typer(help="REST API keys (pp_...).")
 app.add_typer(key_app, name="key")
 
 
@@ -419,14 +836,84 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
-def fail(err: DatorusError) -> None:
+_ARGUMENTS = {
+    "id": "ID",
+    "account_id": "ACCOUNT_ID",
+    "cents": "CENTS",
+    "email": "EMAIL",
+    "url": "URL",
+    "rule": "RULE",
+    "action": "ACTION",
+    "key_id": "KEY_ID",
+    "egress_id": "EGRESS_ID",
+    "username": "USERNAME",
+    "request_id": "REQUEST_ID",
+}
+
+_NOT_FOUND = {
+    "account": "No account {}. List accounts with 'datorus account list'.",
+    "username": "No credential {}. List an account's credentials with"
+    " 'datorus credential list ACCOUNT_ID'.",
+    "requestId": "No receipt for request {}. Receipts are written within a second of the"
+    " request's end and kept receipt_days days.",
+    "rule": "No policy rule '{}'. List the rules with 'datorus policy list'.",
+    "key": "No API key {}. List an account's keys with 'datorus key list ACCOUNT_ID'.",
+    "egress": "No egress {}. List the pool with 'datorus egress list'.",
+}
+
+
+def _field_label(field: str) -> str:
+    if field in _ARGUMENTS:
+        return _ARGUMENTS[field]
+    return "--" + field.replace("_", "-")
+
+
+def sentence(err: DatorusError, command: str = "datorus") -> str:
+    """*err* as a sentence for a person, with the next step where there is one."""
+    details = err.details or {}
+    if err.message != err.entry.message:  # raised with a message written for this case
+        return err.message
+    if err.code == "RESOURCE_NOT_FOUND":
+        for key, text in _NOT_FOUND.items():
+            if key in details:
+                return text.format(details[key])
+    if err.code == "VALIDATION_ERROR" and "field" in details:
+        reason = str(details.get("reason") or "is invalid").rstrip(".")
+        return f"Invalid {_field_label(str(details['field']))}: {reason}. See '{command} --help'."
+    if err.code == "EMAIL_TAKEN":
+        return (
+            f"An account with the email {details.get('email')} already exists."
+            " Find it with 'datorus account list'."
+        )
+    if err.code == "EMAIL_PROVIDER_MISMATCH":
+        return f"That email belongs to an account that signs in with {details.get('provider')}."
+    extra = ", ".join(f"{k} {v}" for k, v in details.items())
+    return err.message.rstrip(".") + (f" ({extra})." if extra else ".")
+
+
+def fail(err: DatorusError, command: str = "datorus") -> None:
     """Report *err*: the envelope on stderr with ``--json``, a sentence without; exit 1."""
     if RUN.json:
         print(json.dumps(envelope(err.code, None, err.details, err.message)), file=sys.stderr)
     else:
-        detail = f" ({err.details})" if err.details else ""
-        print(f"error: {err.code}: {err.message}{detail}", file=sys.stderr)
+        print(sentence(err, command), file=sys.stderr)
     raise SystemExit(1)
+
+
+def _usage_error(e: Exception) -> tuple[DatorusError, str]:
+    """A click usage error as VALIDATION_ERROR, and the command it was about."""
+    msg = e.format_message().strip() or "Missing command."  # no arguments: help shown
+    param = getattr(getattr(e, "param", None), "name", None)
+    field = param or getattr(e, "option_name", None)
+    if field is None:
+        field = "command" if "command" in msg.lower() else "arguments"
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "datorus"
+    human = f"{msg.rstrip('.')}. See '{command} --help'."
+    err = DatorusError(
+        "VALIDATION_ERROR", message=msg, details={"field": str(field).lstrip("-"), "reason": msg}
+    )
+    return err, human
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,28 +921,48 @@ def main(argv: list[str] | None = None) -> None:
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     RUN.json = "--json" in args[: args.index("--") if "--" in args else len(args)]
     try:
-        app(args, standalone_mode=False)
+        app(args, prog_name="datorus", standalone_mode=False)
     except DatorusError as e:
-        fail(e)
+        fail(e, _command_of(args))
     except sqlite3.Error as e:
-        fail(DatorusError("SERVICE_UNAVAILABLE", message=f"The ledger is unavailable: {e}"))
+        path = RUN.db or "the ledger"
+        fail(
+            DatorusError(
+                "SERVICE_UNAVAILABLE",
+                message=f"The ledger {path} is unavailable: {e}. Try again; if it persists,"
+                " check the file and its folder.",
+            )
+        )
     except Exception as e:  # Typer's vendored click: usage errors and Ctrl-C
         if type(e).__name__ == "Abort":
             raise SystemExit(130) from None
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
-            msg = e.format_message()
-            param = getattr(getattr(e, "param", None), "name", None)
-            field = param or getattr(e, "option_name", None)
-            if field is None:
-                field = "command" if "command" in msg.lower() else "arguments"
-            fail(
-                DatorusError(
-                    "VALIDATION_ERROR",
-                    message=msg,
-                    details={"field": str(field).lstrip("-"), "reason": msg},
-                )
-            )
+            err, human = _usage_error(e)
+            if RUN.json:
+                fail(err)
+            if type(e).__name__ != "NoArgsIsHelpError":  # else the help is already shown
+                print(human, file=sys.stderr)
+            raise SystemExit(1) from None
         raise
+
+
+def _command_of(args: list[str]) -> str:
+    """``datorus GROUP COMMAND`` as typed, for 'See ... --help'."""
+    words = ["datorus"]
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in _GLOBAL_OPTS:
+            skip = True
+            continue
+        if a.startswith("-"):
+            continue
+        words.append(a)
+        if len(words) == 3 or a not in {g.name for g in app.registered_groups}:
+            break
+    return " ".join(words)
 
 
 if __name__ == "__main__":
@@ -464,12 +971,12 @@ if __name__ == "__main__":
 
 # -- the egress pool (issue 5) ------------------------------------------------------------
 
-egress_app = typer.Typer(no_args_is_help=True, help="The egress pool: the ways out.")
+egress_app = _Typer(help="The egress pool: the ways out.")
 app.add_typer(egress_app, name="egress")
 
 
-def _egress_db(create: bool = False):
-    return _db(create=create)
+def _egress_db():
+    return _db()
 
 
 @egress_app.command("add")
@@ -481,7 +988,7 @@ def egress_add(
     """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https:// or socks5://."""
     from . import egress_ledger
 
-    emit(egress_ledger.add_egress(_egress_db(create=True), url, country, weight))
+    emit(egress_ledger.add_egress(_egress_db(), url, country, weight))
 
 
 @egress_app.command("list")
@@ -508,7 +1015,11 @@ def egress_show(egress_id: str) -> None:
 
     db = _egress_db()
     eid = _int("id", egress_id)
-    emit({**egress_ledger.get_egress(db, eid), "checks": egress_ledger.recent_checks(db, eid)})
+    checks = [{**c, "passed": bool(c["passed"])} for c in egress_ledger.recent_checks(db, eid)]
+    emit(
+        {**egress_ledger.get_egress(db, eid), "checks": checks},
+        lambda r: _kv(r) + "\n\n" + _rows(r["checks"]),
+    )
 
 
 @egress_app.command("remove")

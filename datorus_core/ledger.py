@@ -287,6 +287,56 @@ def add_balance(
         "balanceCents": acc["balanceCents"],
         "balanceNanocents": acc["balanceNanocents"],
         "applied": applied,
+        "kind": kind,
+    }
+
+
+def correct_balance(
+    db: sqlite_utils.Database, account_id: int, cents: int, reason: str
+) -> dict[str, Any]:
+    """Take *cents* (negative) off the balance as an ``adjustment``, e.g. a mistaken top-up.
+
+    A correction needs a reason, is not a top-up (it never lifts the trial gate), and
+    cannot take the balance below zero: the check and the insert are one transaction,
+    so concurrent usage cannot slip in between. Like every money change it is a row of
+    ``transactions``, which the ``balances`` cache follows by trigger.
+    """
+    _account_row(db, account_id)
+    if cents >= 0:
+        raise _validation("cents", "a correction must be < 0 cents")
+    if not reason.strip():
+        raise _validation("reason", "is required for a correction (a negative amount)")
+    delta = cents * pricing.NANOCENTS_PER_CENT
+    with transaction(db):
+        row = db.conn.execute(
+            "SELECT nanocents FROM balances WHERE account_id = ?", (account_id,)
+        ).fetchone()
+        current = row[0] if row else 0
+        if current + delta < 0:
+            raise DatorusError(
+                "VALIDATION_ERROR",
+                message=(
+                    f"A correction of {cents} cents would take the balance of account"
+                    f" {account_id} below zero: it is {pricing.whole_cents(current)} cents."
+                ),
+                details={
+                    "field": "cents",
+                    "reason": "would take the balance below zero",
+                    "balanceCents": pricing.whole_cents(current),
+                },
+            )
+        db.conn.execute(
+            "INSERT INTO transactions (account_id, kind, nanocents, reason)"
+            " VALUES (?, 'adjustment', ?, ?)",
+            (account_id, delta, reason.strip()),
+        )
+    acc = show_account(db, account_id)
+    return {
+        "id": account_id,
+        "balanceCents": acc["balanceCents"],
+        "balanceNanocents": acc["balanceNanocents"],
+        "applied": True,
+        "kind": "adjustment",
     }
 
 

@@ -1,8 +1,10 @@
 """Datorus settings: one table of names, types, defaults and help texts.
 
 Each setting comes, lowest precedence first, from its built-in default, from
-``mitm.conf`` at the repository root (YAML ``name: value`` lines), from the
-environment variable ``DATORUS_<NAME>`` and from ``--set datorus_<name>=...``.
+``mitm.conf`` at the repository root (YAML ``name: value`` lines; ``DATORUS_CONF``
+names another file), from the environment variable ``DATORUS_<NAME>`` and from
+``--set datorus_<name>=...``. The CLI reads the same file and environment
+(``datorus settings``), so one ``db`` serves the gateway and the CLI.
 The gateway passes the file and environment values to mitmproxy as the option
 defaults, so a ``--set`` naturally wins over both.
 """
@@ -374,10 +376,26 @@ def validate(setting: Setting, value: Any) -> None:
             raise SettingsError(f"{setting.option}: {e}") from None
 
 
+def conf_path() -> Path:
+    """The settings file: ``DATORUS_CONF`` if set, else ``mitm.conf`` at the repository root."""
+    return Path(os.environ.get("DATORUS_CONF") or DEFAULT_CONF).expanduser().absolute()
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
 def read_conf(path: Path | str | None = None) -> dict[str, Any]:
-    """Read ``mitm.conf`` (YAML mapping); missing file means no values."""
-    path = Path(path) if path else Path(os.environ.get("DATORUS_CONF", DEFAULT_CONF))
+    """Read the settings file (YAML mapping); a missing ``mitm.conf`` means no values.
+
+    A relative ``db`` in the file is relative to the file's own folder, so the gateway
+    and the CLI find the same ledger from any working directory.
+    """
+    explicit = path is not None or bool(os.environ.get("DATORUS_CONF"))
+    path = Path(path).absolute() if path else conf_path()
     if not path.exists():
+        if explicit:
+            raise SettingsError(f"{path}: no such settings file (DATORUS_CONF)")
         return {}
     from ruamel.yaml import YAML
 
@@ -392,33 +410,86 @@ def read_conf(path: Path | str | None = None) -> dict[str, Any]:
         name = str(key).removeprefix("datorus_")
         if name not in BY_NAME:
             raise SettingsError(f"{path}: unknown setting {key!r}")
-        values[name] = coerce(BY_NAME[name], raw)
+        try:
+            values[name] = coerce(BY_NAME[name], raw)
+        except SettingsError as e:
+            raise SettingsError(f"{path}: {e}") from None
+    db = values.get("db")
+    if db and db != ":memory:" and not _is_url(db) and not Path(db).expanduser().is_absolute():
+        values["db"] = os.path.normpath(path.parent / db)
     return values
+
+
+#: Where a setting's value came from, as ``datorus settings`` names it.
+SOURCE_DEFAULT, SOURCE_CONF, SOURCE_ENV = "default", "mitm.conf", "environment"
+
+
+def resolve_sources(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, tuple[Any, str]]:
+    """Each setting's ``(value, source)``: built-in default < mitm.conf < environment."""
+    conf = read_conf() if conf is None else conf
+    environ = os.environ if environ is None else environ
+    out: dict[str, tuple[Any, str]] = {}
+    for s in SETTINGS:
+        value, source = s.default, SOURCE_DEFAULT
+        if s.name in conf:
+            value, source = conf[s.name], SOURCE_CONF
+        if s.env in environ:
+            value, source = coerce(s, environ[s.env]), SOURCE_ENV
+        out[s.name] = (list(value) if isinstance(value, list | tuple) else value, source)
+    return out
 
 
 def resolve_defaults(
     conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """Each setting's value from built-in default < mitm.conf < environment."""
-    conf = read_conf() if conf is None else conf
-    environ = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
-    for s in SETTINGS:
-        value = conf.get(s.name, s.default)
-        if s.env in environ:
-            value = coerce(s, environ[s.env])
-        out[s.name] = list(value) if isinstance(value, list | tuple) else value
-    return out
+    return {name: value for name, (value, _) in resolve_sources(conf, environ).items()}
+
+
+def ledger_location(cli_db: str | None = None) -> tuple[str, str]:
+    """The ledger a CLI command uses and where that came from.
+
+    ``--db`` (*cli_db*) > ``DATORUS_DB`` > ``db`` in the settings file > ``./datorus.db``.
+    A file path comes back absolute (a relative ``--db``, ``DATORUS_DB`` or default is
+    relative to the current folder); a URL comes back unchanged. The source is
+    ``--db``, ``DATORUS_DB``, the settings file's path, or ``default``.
+    """
+    if cli_db:
+        path, source = cli_db, "--db"
+    elif os.environ.get("DATORUS_DB"):
+        path, source = os.environ["DATORUS_DB"], "DATORUS_DB"
+    else:
+        conf = read_conf()
+        if "db" in conf:
+            path, source = conf["db"], str(conf_path())
+        else:
+            path, source = BY_NAME["db"].default, SOURCE_DEFAULT
+    if path != ":memory:" and not _is_url(path):
+        path = os.path.abspath(os.path.expanduser(path))
+    return path, source
 
 
 def default_db_path() -> str:
     """The ledger path a CLI command uses without ``--db``: env, then mitm.conf, then default."""
-    if "DATORUS_DB" in os.environ:
-        return os.environ["DATORUS_DB"]
-    try:
-        return read_conf().get("db", BY_NAME["db"].default)
-    except SettingsError:
-        return BY_NAME["db"].default
+    return ledger_location()[0]
+
+
+_SECRET_ENDINGS = ("_key", "_secret", "_password", "_token")
+
+
+def shown_value(setting: Setting, value: Any) -> Any:
+    """*value* as it may be printed: secrets hidden, passwords in URLs masked."""
+    if isinstance(value, str) and value:
+        if setting.name.endswith(_SECRET_ENDINGS):
+            return "********"
+        if _is_url(value) and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            scheme, rest = value.split("://", 1)
+            userinfo, host = rest.split("@", 1)
+            user = userinfo.split(":", 1)[0]
+            return f"{scheme}://{user}:********@{host}" if ":" in userinfo else value
+    return value
 
 
 def public_base(settings: dict[str, Any]) -> str:

@@ -80,8 +80,16 @@ def cli(db: str | Path, *args: str, check: bool = True) -> dict[str, Any]:
 class Gateway:
     """A running ``mitmdump -s addons/datorus.py`` on a free loopback port."""
 
-    def __init__(self, db: Path, settings: dict[str, Any] | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        db: Path,
+        settings: dict[str, Any] | None = None,
+        env: dict | None = None,
+        set_db: bool = True,
+    ):
+        """*set_db* False leaves ``datorus_db`` to the settings file and environment."""
         self.db = db
+        self.set_db = set_db
         self.port = free_port()
         self.settings = {
             "api_port": 0,
@@ -103,9 +111,9 @@ class Gateway:
             "127.0.0.1",
             "--listen-port",
             str(self.port),
-            "--set",
-            f"datorus_db={self.db}",
         ]
+        if self.set_db:
+            cmd += ["--set", f"datorus_db={self.db}"]
         for k, v in self.settings.items():
             if isinstance(v, list | tuple):
                 for item in v:

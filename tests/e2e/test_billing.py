@@ -36,7 +36,7 @@ def receipt(gw, request_id: str) -> dict:
 
     def get():
         r = cli(gw.db, "receipt", request_id, check=False)
-        return r if "request_id" in r else None
+        return r if "requestId" in r else None
 
     return wait_until(get, timeout=5, interval=0.05, what=f"receipt {request_id}")
 
@@ -95,10 +95,10 @@ def test_forward_get_is_metered_exactly_as_the_origin_saw_it(gateway, raw_origin
     assert r.status_code == 200 and len(r.content) == 12345
     rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
     conn = raw_origin.conns[before]
-    assert rec["bytes_up"] == conn["in"]
-    assert rec["bytes_down"] == conn["out"]
+    assert rec["bytesUp"] == conn["in"]
+    assert rec["bytesDown"] == conn["out"]
     assert rec["status"] == 200 and rec["method"] == "GET"
-    assert rec["trial_bytes"] == conn["in"] + conn["out"] and rec["nanocents"] == 0
+    assert rec["trialBytes"] == conn["in"] + conn["out"] and rec["nanocents"] == 0
 
 
 def test_forward_post_is_metered_exactly(gateway, raw_origin):
@@ -115,8 +115,8 @@ def test_forward_post_is_metered_exactly(gateway, raw_origin):
     assert r.status_code == 200
     rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
     conn = raw_origin.conns[before]
-    assert rec["bytes_up"] == conn["in"] > len(body)
-    assert rec["bytes_down"] == conn["out"]
+    assert rec["bytesUp"] == conn["in"] > len(body)
+    assert rec["bytesDown"] == conn["out"]
 
 
 def test_chunked_response_framing_is_metered(gateway, raw_origin):
@@ -126,8 +126,8 @@ def test_chunked_response_framing_is_metered(gateway, raw_origin):
     assert len(r.content) == 100000
     rec = receipt(gateway, r.headers["X-Datorus-Request-Id"])
     conn = raw_origin.conns[before]
-    assert rec["bytes_down"] == conn["out"] > 100000  # framing included
-    assert rec["bytes_up"] == conn["in"]
+    assert rec["bytesDown"] == conn["out"] > 100000  # framing included
+    assert rec["bytesUp"] == conn["in"]
 
 
 def test_streamed_100mb_download_is_metered_exactly(gateway, raw_origin):
@@ -150,8 +150,8 @@ def test_streamed_100mb_download_is_metered_exactly(gateway, raw_origin):
     assert got == n
     rec = receipt(gateway, rid)
     conn = raw_origin.conns[before]
-    assert rec["bytes_down"] == conn["out"]
-    assert rec["bytes_up"] == conn["in"]
+    assert rec["bytesDown"] == conn["out"]
+    assert rec["bytesUp"] == conn["in"]
     usage = gateway.cli("usage", str(acc))
     assert usage["bytes"] == conn["in"] + conn["out"] and usage["requests"] == 1
 
@@ -164,9 +164,9 @@ def test_tunnel_50mb_tls_download_is_metered_exactly(gateway, tls_origin, ca):
     assert got > 50_000_000
     rec = receipt(gateway, headers["x-datorus-request-id"])
     wait_until(
-        lambda: relay.up == rec["bytes_up"] and relay.down == rec["bytes_down"],
+        lambda: relay.up == rec["bytesUp"] and relay.down == rec["bytesDown"],
         timeout=5,
-        what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+        what=f"relay {relay.up}/{relay.down} == receipt {rec['bytesUp']}/{rec['bytesDown']}",
     )
     assert rec["method"] == "CONNECT" and rec["status"] == 200
     relay.close()
@@ -248,9 +248,9 @@ def test_forward_websocket_upgrade_is_metered_exactly(gateway):
             assert _ws_frame_read(s) == b"\x03\xe8"  # the origin's own close, relayed as is
         rec = receipt(gateway, rid)
         wait_until(
-            lambda: relay.up == rec["bytes_up"] and relay.down == rec["bytes_down"],
+            lambda: relay.up == rec["bytesUp"] and relay.down == rec["bytesDown"],
             timeout=5,
-            what=f"relay {relay.up}/{relay.down} == receipt {rec['bytes_up']}/{rec['bytes_down']}",
+            what=f"relay {relay.up}/{relay.down} == receipt {rec['bytesUp']}/{rec['bytesDown']}",
         )
         assert rec["status"] == 101 and relay.up > 101_010 and relay.down > 101_010
     finally:
@@ -358,7 +358,7 @@ def test_topped_up_account_below_minimum_is_402_insufficient_balance(gateway, ra
     assert r.headers["X-Datorus-Used-Bytes"] == "6"
     assert r.headers["X-Datorus-Request-Id"] == err["requestId"]
     rec = receipt(gateway, err["requestId"])
-    assert (rec["bytes_up"], rec["bytes_down"], rec["status"]) == (6, 0, 402)
+    assert (rec["bytesUp"], rec["bytesDown"], rec["status"]) == (6, 0, 402)
     assert rec["nanocents"] == 6 * NANO
     # the next one is refused before it starts
     r = fresh_get(gateway, user, pw, raw_origin.url("/"))
@@ -408,8 +408,8 @@ def test_tunnel_is_cut_exactly_at_trial_plus_overdraft_bound(gateway, tls_origin
     got = tls_download(sock, ca, "/bytes/20000000")
     assert got < 1_000_000 + BOUND
     rec = receipt(gateway, headers["x-datorus-request-id"])
-    assert rec["bytes_up"] + rec["bytes_down"] == 1_000_000 + BOUND
-    assert rec["trial_bytes"] == 1_000_000 and rec["nanocents"] == BOUND * BOUND_PRICE
+    assert rec["bytesUp"] + rec["bytesDown"] == 1_000_000 + BOUND
+    assert rec["trialBytes"] == 1_000_000 and rec["nanocents"] == BOUND * BOUND_PRICE
     shown = account(gateway, acc)
     assert shown["trialRemainingBytes"] == 0 and shown["balanceCents"] == -5
     r = fresh_get(gateway, user, pw, "http://127.0.0.1:9/")
@@ -502,7 +502,7 @@ def test_paid_account_overdraft_is_bounded_exactly(make_gateway, tls_origin, ca)
     sock, headers = open_tunnel(gw, user, pw, tls_origin.port)
     tls_download(sock, ca, "/bytes/20000000")
     rec = receipt(gw, headers["x-datorus-request-id"])
-    assert rec["bytes_up"] + rec["bytes_down"] == 2_000_000
+    assert rec["bytesUp"] + rec["bytesDown"] == 2_000_000
     acc_now = account(gw, acc)
     assert acc_now["balanceNanocents"] == -1 * NANO and acc_now["balanceCents"] == -1
 
@@ -633,9 +633,9 @@ def test_trial_until_402_then_top_up_and_usage_matches_to_the_byte(gateway, raw_
         ids.append(r.headers["X-Datorus-Request-Id"])
     assert r.status_code == 402 and r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
     recs = [receipt(gateway, i) for i in ids]
-    assert sum(r["trial_bytes"] for r in recs) == 5000
+    assert sum(r["trialBytes"] for r in recs) == 5000
     # the request under way when the trial ran out finished; its excess is owed
-    moved = sum(r["bytes_up"] + r["bytes_down"] for r in recs)
+    moved = sum(r["bytesUp"] + r["bytesDown"] for r in recs)
     assert 5000 < moved < 5000 + 2000 and recs[-1]["nanocents"] == (moved - 5000) * 300
     gateway.cli("balance", "add", str(acc), "100", "--reason", "test top-up")
     wait_until(
@@ -782,7 +782,7 @@ def test_upload_that_goes_on_after_the_response_is_billed_in_full(gateway):
             s.sendall(b"b" * 100_000)
         wait_until(lambda: seen["in"] > size, timeout=10, what="upload relayed")
     rec = receipt(gateway, headers["x-datorus-request-id"])
-    assert rec["bytes_up"] == seen["in"] > size
+    assert rec["bytesUp"] == seen["in"] > size
     srv.close()
 
 

@@ -328,7 +328,7 @@ def test_fetch_goes_through_the_gateway_billed_routed_and_judged(gw, peer):
         0.1,
         "receipt flushed",
     )
-    assert rec["status"] == 200 and rec["bytes_down"] > 0
+    assert rec["status"] == 200 and rec["bytesDown"] > 0
     wait_until(lambda: _api(gw, "/usage").json()["requests"] > before, 5, 0.05, "usage")
     # the session sticks across fetches
     for _ in range(3):
