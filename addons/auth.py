@@ -9,6 +9,12 @@ Wrong credentials from one client address are counted; past
 ``auth_fail_limit`` a minute the address is throttled: its wrong attempts get
 ``429`` instead of ``407``. A correct credential is still accepted from it, and a
 request without credentials (browsers always try that first) is not a failure.
+
+A ``407`` says why in ``details.reason``: ``missing`` (no ``Proxy-Authorization``),
+``malformed`` (not Basic, not base64 or UTF-8, no ``:``, or a username with control
+characters or whitespace), ``bad_option`` (username options that do not parse, with
+``details.option``) or ``invalid`` (an unknown username and a wrong password alike, so
+the answer never tells which usernames exist). The password is never repeated.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from mitmproxy import http
 from datorus_core.envelope import DatorusError, new_request_id
 from datorus_core.hashing import cache_key, verify_secret
 from datorus_core.runtime import CredentialState
+from datorus_core.sessions import username_problem
 
 from .context import FlowCtx, Gateway
 from .hardening import malformed
@@ -33,6 +40,12 @@ log = logging.getLogger("datorus")
 
 _MAX_TRACKED = 100_000
 _NEGATIVE_TTL = 5.0
+
+# details.reason of a 407: why the credentials were refused, never which part was wrong
+# (an unknown username and a wrong password are both "invalid")
+MISSING = {"reason": "missing"}
+MALFORMED = {"reason": "malformed"}
+INVALID = {"reason": "invalid"}
 
 
 def parse_basic(value: str | None) -> tuple[str, str] | None:
@@ -147,8 +160,8 @@ class ProxyAuth:
         creds = parse_basic(req.headers.get("proxy-authorization"))
         if creds is None:
             if "proxy-authorization" in req.headers:
-                return self._fail(flow, fc, None)
-            self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))
+                return self._fail(flow, fc, MALFORMED)
+            self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL", details=MISSING))
             return None
         key = cache_key(*creds)
         cred = rt.verified.get(key)
@@ -162,7 +175,7 @@ class ProxyAuth:
         cred = rt.by_username.get(username)
         now = time.monotonic()
         if cred is None or self.negative.get(key, 0.0) > now:
-            self._fail(flow, fc, username)
+            self._fail(flow, fc, username_problem(username) or INVALID)
             return
         if self.sem is None:
             self.sem = asyncio.Semaphore(2)
@@ -172,12 +185,12 @@ class ProxyAuth:
             if len(self.negative) > _MAX_TRACKED:
                 self.negative.clear()
             self.negative[key] = time.monotonic() + _NEGATIVE_TTL
-            self._fail(flow, fc, username)
+            self._fail(flow, fc, INVALID)
             return
         # the snapshot may have changed while we hashed: only a live credential counts
         live = rt.by_username.get(username)
         if live is None or live.password_hash != cred.password_hash:
-            self._fail(flow, fc, username)
+            self._fail(flow, fc, INVALID)
             return
         rt.verified[key] = live
         self._accept(flow, fc, live)
@@ -191,7 +204,8 @@ class ProxyAuth:
                 fc.rl_headers = rate_headers(cred, cred.limiter.peek(time.monotonic()))
             self.gw.reject(flow, fc, DatorusError("ACCOUNT_SUSPENDED"))
 
-    def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, username: str | None) -> None:
+    def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, why: dict[str, str]) -> None:
+        """A failed login: ``407`` saying *why* (``details``), or ``429`` once throttled."""
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
         now = time.monotonic()
         f = self.failures.get(peer)
@@ -221,4 +235,4 @@ class ProxyAuth:
                 ),
             )
             return
-        self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL"))
+        self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL", details=dict(why)))

@@ -112,26 +112,33 @@ class Gateway:
     # -- responses ---------------------------------------------------------------------
 
     def error_response(self, fc: FlowCtx | None, err: DatorusError) -> http.Response:
-        """The envelope response for *err*, with every reserved header it needs."""
+        """The envelope response for *err*, with every reserved header it needs.
+
+        Header names are written in one style on every path (``X-Datorus-Request-Id``,
+        ``X-Datorus-RateLimit-Limit``, ``Content-Type``...), as on relayed answers and
+        the CONNECT 200; *err*'s own headers are written as their names are spelled.
+        """
         request_id = fc.request_id if fc else None
         body = envelope_json(err.code, request_id, err.details, err.message)
         headers = [
-            (b"content-type", b"application/json"),
-            (b"x-datorus-request-id", (request_id or "").encode()),
-            (b"proxy-status", proxy_status(err.code).encode()),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"0"),  # set to the body's length by Response.make
+            (b"X-Datorus-Request-Id", (request_id or "").encode()),
+            (b"Proxy-Status", proxy_status(err.code).encode()),
         ]
         if err.code == "INVALID_CREDENTIAL":
-            headers.append((b"proxy-authenticate", b'Basic realm="Datorus"'))
+            headers.append((b"Proxy-Authenticate", b'Basic realm="Datorus"'))
         if err.status == 503 and "Retry-After" not in err.headers:
-            headers.append((b"retry-after", b"1"))
+            headers.append((b"Retry-After", b"1"))
         for k, v in err.headers.items():
-            headers.append((k.lower().encode(), str(v).encode()))
+            headers.append((k.encode(), str(v).encode()))
         if fc is not None:
+            own = {k.lower() for k in err.headers}
             for k, v in fc.rl_headers:
-                if not (err.code == "RATE_LIMITED" and k.lower() in err.headers):
+                if not (err.code == "RATE_LIMITED" and k.lower() in own):
                     headers.append((k.encode(), v.encode()))
             if fc.session_id:
-                headers.append((b"x-datorus-session-id", fc.session_id.encode()))
+                headers.append((b"X-Datorus-Session-Id", fc.session_id.encode()))
             fc.answered = True
             fc.status = err.status
         resp = http.Response.make(err.status, body, headers)
@@ -140,7 +147,7 @@ class Gateway:
             import json
 
             rid = json.loads(body)["error"]["requestId"]
-            resp.headers["x-datorus-request-id"] = rid
+            resp.headers["X-Datorus-Request-Id"] = rid
         return resp
 
     def reject(self, flow: http.HTTPFlow, fc: FlowCtx | None, err: DatorusError) -> None:

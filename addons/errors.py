@@ -82,7 +82,7 @@ class ErrorPages:
         def make_error_response(status_code: int, message: str = "") -> bytes:
             err = error_for(status_code, message, None, None)
             resp = gw.error_response(None, err)
-            resp.headers["connection"] = "close"
+            resp.headers["Connection"] = "close"
             from mitmproxy.net.http import http1
 
             return http1.assemble_response(resp)
@@ -95,7 +95,7 @@ class ErrorPages:
             if not self.response and status is not None:
                 err = error_for(status, event.message, fc, event.code, gw.runtime)
                 resp = gw.error_response(fc, err)
-                resp.headers["connection"] = "close"
+                resp.headers["Connection"] = "close"
                 from mitmproxy.net.http import http1
 
                 yield commands.SendData(self.conn, http1.assemble_response(resp))

@@ -19,7 +19,14 @@ import time
 from mitmproxy import ctx, http
 
 from datorus_core.envelope import DatorusError
-from datorus_core.policy import Policy, normalize_hostname, parse_ip_literal, parse_rule
+from datorus_core.policy import (
+    Denial,
+    Policy,
+    denial_hint,
+    normalize_hostname,
+    parse_ip_literal,
+    parse_rule,
+)
 
 from .context import FlowCtx, Gateway, flow_ctx
 
@@ -124,7 +131,7 @@ class AcceptableUse:
             return None
         denial = self.policy.check_name(name, port)
         if denial is not None:
-            self._deny(flow, fc, denial.rule, host, port)
+            self._deny(flow, fc, denial, host, port)
             return None
         cached = self.dns.get((name, port))
         if cached is not None and cached[0] > time.monotonic():
@@ -157,20 +164,20 @@ class AcceptableUse:
         sockname = flow.client_conn.sockname
         for a in addrs:
             if sockname and a == sockname[0] and port == sockname[1]:
-                self._deny(flow, fc, "gateway_self", host, port)
+                self._deny(flow, fc, Denial("gateway_self", a), host, port)
                 return
         denial = self.policy.check_addresses(addrs, port)
         if denial is not None:
-            self._deny(flow, fc, denial.rule, host, port)
+            self._deny(flow, fc, denial, host, port)
             return
         flow.request.data.host = addrs[0]
 
-    def _deny(self, flow, fc: FlowCtx, rule: str, host: str, port: int) -> None:
-        self.gw.reject(
-            flow,
-            fc,
-            DatorusError("AUP_VIOLATION", details={"rule": rule, "host": host, "port": port}),
-        )
-        self.denials.append((fc.account.id if fc.account else None, host, port, rule))
+    def _deny(self, flow, fc: FlowCtx, denial: Denial, host: str, port: int) -> None:
+        details = {"rule": denial.rule, "host": host, "port": port}
+        hint = denial_hint(denial, port)
+        if hint is not None:
+            details["hint"] = hint  # the operator command that would let it through
+        self.gw.reject(flow, fc, DatorusError("AUP_VIOLATION", details=details))
+        self.denials.append((fc.account.id if fc.account else None, host, port, denial.rule))
         if len(self.denials) > 10_000:
             del self.denials[:5_000]

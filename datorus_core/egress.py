@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 OK, LIMITED, UNAVAILABLE = "ok", "limited", "unavailable"
 KINDS = ("direct", "http", "https", "socks5")
-COUNTRY_RE = re.compile(r"^[A-Za-z]{2}$")
+COUNTRY_RE = re.compile(r"[A-Za-z]{2}")  # fullmatch only: "$" passes "us\n"
 
 # back-off of a blocked (egress, domain): limited for BASE, 2*BASE, then unavailable
 # for 4*BASE, 8*BASE ... capped at MAX
@@ -469,5 +469,5 @@ def find_marker(body: bytes, markers: tuple[bytes, ...]) -> bytes | None:
 
 
 def valid_country(value: str | None) -> bool:
-    """A two-letter country code."""
-    return bool(value) and COUNTRY_RE.match(value) is not None
+    """A two-letter country code (the whole value: no trailing newline)."""
+    return bool(value) and COUNTRY_RE.fullmatch(value) is not None

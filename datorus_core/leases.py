@@ -157,6 +157,7 @@ def acquire(
                 "INSUFFICIENT_BALANCE",
                 details={
                     "currentBalanceCents": pricing.whole_cents(balance),
+                    "currentBalanceNanocents": balance,
                     "requiredCents": cents,
                 },
             )

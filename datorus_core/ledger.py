@@ -20,7 +20,7 @@ from .envelope import DatorusError
 from .hashing import hash_secret, new_password, new_username
 from .schema import connect, migrate
 
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}")  # fullmatch only
 
 
 @contextmanager
@@ -75,7 +75,7 @@ def create_account(
 ) -> dict[str, Any]:
     """Create an account with its trial grant; ``EMAIL_TAKEN`` if the email exists."""
     email = email.strip()
-    if not EMAIL_RE.match(email):
+    if not EMAIL_RE.fullmatch(email):
         raise _validation("email", "must be an email address")
     _non_negative("trial_bytes", trial_bytes)
     _non_negative("price_cents_per_gb", price_cents_per_gb)
@@ -352,6 +352,7 @@ def usage(db: sqlite_utils.Database, account_id: int, by_day: bool = False) -> d
         "chargedNanocents": ov["charged_nanocents"],
         "trialRemainingBytes": max(0, ov["trial_remaining_bytes"]),
         "balanceCents": pricing.whole_cents(ov["balance_nanocents"]),
+        "balanceNanocents": ov["balance_nanocents"],
     }
     if by_day:
         out["days"] = [

@@ -288,6 +288,47 @@ class Denial:
     address: str | None = None
 
 
+# built-in ranges an operator may open with an allow rule (multicast, unspecified and
+# reserved addresses cannot be connected to anyway; gateway_self is never allowed)
+_ALLOWABLE = frozenset({"loopback", "private", "link_local", "cgnat", "unique_local"})
+
+
+def _single_network(address: str | None) -> tuple[str, int]:
+    """``(CIDR of that one address as an allow rule reads it, IP version)``."""
+    if address is None:  # "localhost" is judged as 127.0.0.1
+        return "127.0.0.1/32", 4
+    version, value, _ = _effective(_coerce_address(address))
+    if version == 4:
+        return f"{ipaddress.IPv4Address(value)}/32", 4
+    return f"{ipaddress.IPv6Address(value)}/128", 6
+
+
+def denial_hint(denial: Denial, port: int) -> str | None:
+    """The operator command that lets this destination through, or None if none does.
+
+    A built-in range: ``datorus policy allow 127.0.0.1/32`` (that one address, every
+    port); a denied port: the allow rule naming the address and port; an operator deny
+    rule: ``datorus policy remove deny TARGET`` (a rule from the ``deny`` setting is
+    removed there instead).
+    """
+    rule = denial.rule
+    if rule in _ALLOWABLE:
+        return f"datorus policy allow {_single_network(denial.address)[0]}"
+    if rule.startswith("denied_port:"):
+        if denial.address is None:
+            return f"datorus policy allow CIDR:{port}"
+        net, version = _single_network(denial.address)
+        return (
+            f"datorus policy allow {net}:{port}"
+            if version == 4
+            else (f"datorus policy allow [{net}]:{port}")
+        )
+    for prefix in ("denied_domain:", "denied_cidr:"):
+        if rule.startswith(prefix):
+            return f"datorus policy remove deny {rule[len(prefix) :]}"
+    return None
+
+
 class _RuleTable:
     """CIDR rules of one IP version, grouped by prefix length (most specific first)."""
 

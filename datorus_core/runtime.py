@@ -252,6 +252,7 @@ class Runtime:
         headers = {"X-Datorus-Used-Bytes": str(used_bytes)}
         balance = {
             "currentBalanceCents": pricing.whole_cents(acc.nanocents),
+            "currentBalanceNanocents": acc.nanocents,
             "requiredCents": self.settings["min_balance_cents"],
         }
         if cred.max_bytes is not None and cred.room() <= 0:

@@ -18,13 +18,33 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-LEASE_ID_RE = re.compile(r"^ls[0-9a-f]{24}$")
+# used with fullmatch only: ``$`` would also match before a final newline, and an id
+# ending in "\n" would reach a response head (issue 12)
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+LEASE_ID_RE = re.compile(r"ls[0-9a-f]{24}")
 
 
 def valid_session_id(value: str | None) -> bool:
-    """True for a valid ``X-Datorus-Session-Id``."""
-    return value is not None and SESSION_ID_RE.match(value) is not None
+    """True for a valid ``X-Datorus-Session-Id`` (the whole value, nothing after it)."""
+    return value is not None and SESSION_ID_RE.fullmatch(value) is not None
+
+
+def valid_lease_id(value: str | None) -> bool:
+    """True for a well-formed lease id (``ls`` + 24 hex digits, nothing after it)."""
+    return value is not None and LEASE_ID_RE.fullmatch(value) is not None
+
+
+class UsernameOptionError(ValueError):
+    """A proxy username whose options do not parse; ``option`` is the part at fault.
+
+    ``option`` is that option as the username spelled it (``-country-usa``,
+    ``-bogus``, ``-`` for a dangling dash), so an answer can name it; it is part of the
+    username, never of the password.
+    """
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +60,18 @@ class UsernameOptions:
 def parse_username(raw: str) -> UsernameOptions | None:
     """Split ``USER[-country-CC][-lease-ID][-session-ID]``; None when *raw* has no options.
 
-    Raises ValueError when options are present but malformed (an unknown option, a
-    country that is not two letters, an invalid session id): such a username is not
-    a Datorus username and must not authenticate.
+    Raises :class:`UsernameOptionError` (a ValueError) naming the option at fault when
+    options are present but malformed (an unknown option, a country that is not two
+    letters, an invalid session or lease id): such a username is not a Datorus
+    username and must not authenticate.
     """
     base, sep, rest = raw.partition("-")
     if not sep:
         return None
     if not base:
-        raise ValueError("empty username")
+        raise UsernameOptionError("empty username", raw)
+    if not rest:
+        raise UsernameOptionError("dangling '-'", "-")
     country = None
     session = None
     lease = None
@@ -56,27 +79,49 @@ def parse_username(raw: str) -> UsernameOptions | None:
         key, _, value = rest.partition("-")
         if key == "session":
             if not valid_session_id(value):
-                raise ValueError("invalid session id")
+                raise UsernameOptionError("invalid session id", f"-session-{value}")
             session = value
             break
         if key == "country" and country is None:
             cc, dash, rest = value.partition("-")
             if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
-                raise ValueError("country must be two letters")
+                raise UsernameOptionError("country must be two letters", f"-country-{cc}")
             country = cc.lower()
             if dash and not rest:
-                raise ValueError("dangling '-'")
+                raise UsernameOptionError("dangling '-'", "-")
             continue
         if key == "lease" and lease is None:
             lid, dash, rest = value.partition("-")
-            if not LEASE_ID_RE.match(lid):
-                raise ValueError("invalid lease id")
+            if not valid_lease_id(lid):
+                raise UsernameOptionError("invalid lease id", f"-lease-{lid}")
             lease = lid
             if dash and not rest:
-                raise ValueError("dangling '-'")
+                raise UsernameOptionError("dangling '-'", "-")
             continue
-        raise ValueError(f"unknown username option {key!r}")
+        raise UsernameOptionError(f"unknown username option {key!r}", f"-{key}")
     return UsernameOptions(base, session, country, lease)
+
+
+_OPTION_SHOWN = 200  # characters of a bad option an answer repeats
+
+
+def username_problem(username: str) -> dict[str, str] | None:
+    """Why *username* cannot be a Datorus username as written (407 details), or None.
+
+    Decided by its spelling alone, so the answer says nothing about which usernames
+    exist: ``{"reason": "malformed"}`` for control characters or whitespace (a
+    trailing newline included), ``{"reason": "bad_option", "option": "-country-usa"}``
+    for username options that do not parse. None: it may be a username (whether it
+    is one, and whether the password fits, is for the ledger to say).
+    """
+    if not username.isprintable() or any(c.isspace() for c in username):
+        return {"reason": "malformed"}
+    if "-" in username:
+        try:
+            parse_username(username)
+        except UsernameOptionError as e:
+            return {"reason": "bad_option", "option": e.option[:_OPTION_SHOWN]}
+    return None
 
 
 class SessionTable:

@@ -7,8 +7,8 @@ import re
 
 from support import raw_connection, read_response
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
 def assert_envelope(status: int, headers, body: bytes, code: str, expect_status: int) -> dict:
@@ -20,8 +20,8 @@ def assert_envelope(status: int, headers, body: bytes, code: str, expect_status:
     err = env["error"]
     assert set(err) == {"code", "message", "details", "requestId", "timestamp"}
     assert err["code"] == code
-    assert UUID_RE.match(err["requestId"])
-    assert TS_RE.match(err["timestamp"])
+    assert UUID_RE.fullmatch(err["requestId"])
+    assert TS_RE.fullmatch(err["timestamp"])
     assert h["x-datorus-request-id"] == err["requestId"]
     assert f'details="{code}"' in h["proxy-status"]
     return err

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..envelope import DatorusError, envelope, new_request_id
@@ -100,6 +101,9 @@ async def _datorus_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
 def create_app(
     settings: dict[str, Any],
     runtime: Any = None,
@@ -124,7 +128,11 @@ def create_app(
     )
 
     store = Store(settings["db"])
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts and styles from this server
+    # (fastapi-offline's installed copies under DOCS_ASSETS), never from a CDN: they work
+    # on a box without internet
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Datorus API",
         version=VERSION,
         description=(

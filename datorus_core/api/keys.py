@@ -16,7 +16,7 @@ import re
 
 from ..hashing import random_token
 
-KEY_RE = re.compile(r"^pp_[A-Za-z0-9]{48}$")
+KEY_RE = re.compile(r"pp_[A-Za-z0-9]{48}")  # fullmatch only
 PREFIX_LEN = 8  # "pp_" and five characters, as seed 002 shows
 
 
@@ -41,6 +41,6 @@ def parse_bearer(header: str | None) -> str | None:
         return None
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
-    if scheme.lower() != "bearer" or not KEY_RE.match(value):
+    if scheme.lower() != "bearer" or not KEY_RE.fullmatch(value):
         return None
     return value

@@ -22,7 +22,7 @@ class RegisterIn(BaseModel):
     @classmethod
     def _email(cls, v: str) -> str:
         v = v.strip()
-        if not EMAIL_RE.match(v):
+        if not EMAIL_RE.fullmatch(v):
             raise ValueError("must be an email address")
         return v
 

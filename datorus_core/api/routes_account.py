@@ -127,6 +127,7 @@ async def get_usage(acc: Account, st: State) -> Any:
         "charged_nanocents": u["chargedNanocents"],
         "trial_remaining_bytes": u["trialRemainingBytes"],
         "balance_cents": u["balanceCents"],
+        "balance_nanocents": u["balanceNanocents"],
         "price_cents_per_gb": view["price_cents_per_gb"],
         "days": [
             {

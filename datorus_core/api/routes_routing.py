@@ -32,8 +32,7 @@ from .deps import Account, State
 
 router = APIRouter(tags=["routing"])
 
-_DOMAIN_RE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")
-_COUNTRY_RE = re.compile(r"^[A-Za-z]{2}$")
+_DOMAIN_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")  # fullmatch only
 _rng = random.Random()
 
 
@@ -119,7 +118,7 @@ async def debug_pick(
     if parts.scheme.lower() not in ("http", "https", "ws", "wss") or not host:
         raise _bad("url", "must be an absolute http(s) or ws(s) URL with a host")
     cc = country or x_datorus_country or x_geo
-    if cc is not None and not _COUNTRY_RE.match(cc):
+    if cc is not None and not eg.valid_country(cc):
         raise _bad("country", "must be two letters")
     cc = cc.lower() if cc else None
     sid = session_id if session_id is not None else x_datorus_session_id
@@ -183,7 +182,7 @@ async def network_health(
     """Each egress's state for *domain* (seed 001): ``ok``, ``limited``, ``unavailable``,
     ``disabled`` or ``leased`` (exclusive to one account), when an excluded one
     recovers, and ``retryAfterSeconds`` when none is available now."""
-    if not _DOMAIN_RE.match(domain) or not _domain(domain):
+    if not _DOMAIN_RE.fullmatch(domain) or not _domain(domain):
         raise _bad("domain", "must be a host name or an IP address")
     pool, leased, live = await _pool(st)
     health = eg.domain_health(pool, _domain(domain), time.monotonic(), leased)

@@ -96,9 +96,7 @@ async def relay(ws: WebSocket) -> None:
     if not isinstance(url, str) or urlsplit(url).scheme not in ("ws", "wss"):
         await _close(ws, POLICY, "missing target URL")
         return
-    if country is not None and not (
-        isinstance(country, str) and len(country) == 2 and country.isascii() and country.isalpha()
-    ):
+    if country is not None and not (isinstance(country, str) and eg.valid_country(country)):
         await _close(ws, POLICY, "invalid geo code")
         return
     if sid is not None and not valid_session_id(sid):

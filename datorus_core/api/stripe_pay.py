@@ -216,6 +216,7 @@ class Payments:
             "amount_cents": int(intent.amount),
             "credited": applied,
             "balance_cents": acc["balanceCents"],
+            "balance_nanocents": acc["balanceNanocents"],
         }
         if client_key:
             db.conn.execute(

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 from support import cli
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 TOKEN_RE = re.compile(r"Verification token: (\S+)")
 
 
@@ -20,8 +20,8 @@ def assert_api_error(r: httpx.Response, status: int, code: str) -> dict[str, Any
     err = r.json()["error"]
     assert set(err) == {"code", "message", "details", "requestId", "timestamp"}
     assert err["code"] == code, err
-    assert UUID_RE.match(err["requestId"])
-    assert TS_RE.match(err["timestamp"])
+    assert UUID_RE.fullmatch(err["requestId"])
+    assert TS_RE.fullmatch(err["timestamp"])
     assert r.headers["x-datorus-request-id"] == err["requestId"]
     return err
 

@@ -31,3 +31,32 @@ def test_gateway_stops_cleanly_with_its_api(tmp_path) -> None:
     assert g.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(g.api_url + "/health", timeout=5)
+
+
+def test_api_docs_load_only_same_origin_assets(tmp_path) -> None:
+    """/docs and /redoc work offline: every script, style and icon they reference (and the
+    OpenAPI document) is served by the API itself, with the right type."""
+    import re
+
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    g = Gateway(db, {"api_port": free_port()}).start()
+    try:
+        wait_http(g.api_url + "/health", proc=g.proc)
+        kinds = {".js": "javascript", ".css": "text/css", ".png": "image/png"}
+        for page in ("/docs", "/redoc"):
+            r = httpx.get(g.api_url + page, timeout=10)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+            urls += re.findall(r"""(?:url|spec-url)\s*[:=]\s*['"]([^'"]+)['"]""", r.text)
+            assert len(urls) >= 3, r.text
+            for url in urls:
+                assert url.startswith("/") and not url.startswith("//"), (page, url)
+                asset = httpx.get(g.api_url + url, timeout=10)
+                assert asset.status_code == 200, (page, url)
+                kind = next((v for k, v in kinds.items() if url.endswith(k)), "application/json")
+                assert kind in asset.headers["content-type"], (url, asset.headers)
+                assert len(asset.content) > 100, url
+            assert "http://" not in r.text and "https://" not in r.text, r.text
+    finally:
+        g.stop()

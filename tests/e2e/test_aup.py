@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 from checks import assert_envelope
-from support import Gateway, Origin, basic, cli, raw_connection, read_response
+from support import Gateway, Origin, basic, cli, raw_connection, read_response, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,64 @@ def test_operator_policy_change_is_live(gw, cust, allowed):
         assert r.status_code == 403 and r.json()["error"]["code"] == "AUP_VIOLATION"
     finally:
         cli(gw.db, "policy", "remove", "deny", "127.0.0.2/32")
+
+
+def test_rules_come_with_the_command_that_changes_them(gw, cust, victim):
+    """details keep rule/host/port and add ``hint``: the operator's way to let it through."""
+    expect = {
+        f"127.0.0.1:{victim.port}": ("loopback", "datorus policy allow 127.0.0.1/32"),
+        f"localhost:{victim.port}": ("loopback", "datorus policy allow 127.0.0.1/32"),
+        f"[::1]:{victim.port}": ("loopback", "datorus policy allow ::1/128"),
+        "10.0.0.1:80": ("private", "datorus policy allow 10.0.0.1/32"),
+        "127.0.0.2:25": ("denied_port:25", "datorus policy allow 127.0.0.2/32:25"),
+        "www.blocked.example:80": (
+            "denied_domain:blocked.example",
+            "datorus policy remove deny blocked.example",
+        ),
+        "[ff02::1]:80": ("multicast", None),
+    }
+    for authority, (rule, hint) in expect.items():
+        for method in ("GET", "CONNECT"):
+            target = f"http://{authority}/" if method == "GET" else authority
+            with raw_connection(gw.port) as s:
+                s.sendall(
+                    f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"
+                    f"Proxy-Authorization: {basic(cust[1], cust[2])}\r\n\r\n".encode()
+                )
+                status, headers, body = read_response(s)
+            err = assert_envelope(status, headers, body, "AUP_VIOLATION", 403)
+            host, _, port = authority.rpartition(":")
+            want = {"rule": rule, "host": host.strip("[]"), "port": int(port)}
+            if hint is not None:
+                want["hint"] = hint
+            assert err["details"] == want, (authority, method)
+
+
+def test_following_the_loopback_hint_lets_a_local_origin_through(gw, cust):
+    """The README's local case: an origin on 127.0.0.3 is refused, the hint's command is
+    run as written, and the same request then reaches it."""
+    local = Origin(host="127.0.0.3")
+    proxies = {"http": gw.proxy(cust[1], cust[2])}
+    try:
+        r = requests.get(local.url("/hello"), proxies=proxies, timeout=10)
+        assert r.status_code == 403
+        hint = r.json()["error"]["details"]["hint"]
+        assert hint == "datorus policy allow 127.0.0.3/32"
+        cmd = hint.split()
+        assert cmd[0] == "datorus"
+        cli(gw.db, *cmd[1:])
+        r = wait_until(
+            lambda: (
+                (x := requests.get(local.url("/hello"), proxies=proxies, timeout=10)).status_code
+                == 200
+                and x
+            ),
+            5,
+            0.1,
+            "the allow rule live",
+        )
+        assert r.text == "hello from origin"
+        assert local.seen[-1]["path"] == "/hello"
+    finally:
+        cli(gw.db, "policy", "remove", "allow", "127.0.0.3/32", check=False)
+        local.close()

@@ -104,7 +104,7 @@ def test_forward_get_relays_origin_response_with_reserved_headers(gateway, custo
     r = requests.get(origin.url("/hello"), proxies={"http": gateway.proxy(user, pw)}, timeout=10)
     assert r.status_code == 200
     assert r.text == "hello from origin"
-    assert UUID_RE.match(r.headers["X-Datorus-Request-Id"])
+    assert UUID_RE.fullmatch(r.headers["X-Datorus-Request-Id"])
     assert r.headers["X-Datorus-RateLimit-Limit"] == "50"
     assert int(r.headers["X-Datorus-RateLimit-Remaining"]) >= 0
     assert int(r.headers["X-Datorus-RateLimit-Reset"]) >= int(time.time())

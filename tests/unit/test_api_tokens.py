@@ -55,7 +55,7 @@ def test_api_keys_have_the_seed_format() -> None:
     made = {keys.new_key() for _ in range(100)}
     assert len(made) == 100
     for k in made:
-        assert keys.KEY_RE.match(k) and keys.key_prefix(k) == k[:8]
+        assert keys.KEY_RE.fullmatch(k) and keys.key_prefix(k) == k[:8]
         assert keys.parse_bearer(f"Bearer {k}") == k
         assert keys.parse_bearer(f"bearer  {k} ") == k
     assert keys.key_hash("pp_x") != keys.key_hash("pp_y")

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from datorus_core import egress as eg
 from datorus_core.egress_io import judge_anonymity
-from datorus_core.sessions import SessionTable, parse_username, valid_session_id
+from datorus_core.sessions import (
+    SessionTable,
+    UsernameOptionError,
+    parse_username,
+    username_problem,
+    valid_lease_id,
+    valid_session_id,
+)
 
 SESSION_IDS = st.from_regex(r"\A[A-Za-z0-9_-]{1,128}\Z")
 
@@ -107,6 +114,49 @@ def test_session_id_syntax():
     assert valid_session_id("a") and valid_session_id("A-z_9" * 25)
     assert not valid_session_id("") and not valid_session_id("x" * 129)
     assert not valid_session_id("a b") and not valid_session_id("é")
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r\n", "\r", " ", "\t", "\x00", "\x0b"])
+def test_ids_and_countries_are_matched_whole(tail):
+    """``$`` matches before a final newline: every check must take the whole value."""
+    assert not valid_session_id("abc" + tail)
+    assert not valid_lease_id(LEASE + tail)
+    assert not eg.valid_country("us" + tail)
+    for raw in (f"dt1-session-abc{tail}", f"dt1-country-us{tail}", f"dt1-lease-{LEASE}{tail}"):
+        with pytest.raises(UsernameOptionError):
+            parse_username(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "option"),
+    [
+        ("dt1-country-usa", "-country-usa"),
+        ("dt1-country-usa-session-x", "-country-usa"),
+        ("dt1-foo-bar", "-foo"),
+        ("dt1-session-", "-session-"),
+        ("dt1-session-a.b", "-session-a.b"),
+        ("dt1-lease-ls12-session-x", "-lease-ls12"),
+        ("dt1-", "-"),
+        ("dt1-country-us-", "-"),
+        ("dt1-country-us-country-de", "-country"),
+    ],
+)
+def test_a_bad_option_is_named(raw, option):
+    with pytest.raises(UsernameOptionError) as e:
+        parse_username(raw)
+    assert e.value.option == option
+    assert username_problem(raw) == {"reason": "bad_option", "option": option}
+
+
+@pytest.mark.parametrize("raw", ["dt1\n", "dt1-session-abc\n", "dt 1", "dt1\x00", "\u2028dt1"])
+def test_control_characters_and_spaces_make_a_username_malformed(raw):
+    assert username_problem(raw) == {"reason": "malformed"}
+
+
+@given(SESSION_IDS, st.sampled_from(["", "-country-us", f"-lease-{LEASE}"]))
+def test_a_well_formed_username_has_no_problem(sid, opts):
+    assert username_problem("dtabc123") is None
+    assert username_problem(f"dtabc123{opts}-session-{sid}") is None
 
 
 def test_session_table_ttl_and_lru_eviction():

@@ -12,6 +12,7 @@ from datorus_core.policy import (
     Denial,
     Policy,
     classify_host,
+    denial_hint,
     normalize_hostname,
     parse_ip_literal,
     parse_rule,
@@ -606,3 +607,52 @@ def test_dotted_and_mapped_forms_get_the_same_verdict(
     dotted_verdict = _PROPERTY_POLICY.check_address(addr, port)
     mapped_verdict = _PROPERTY_POLICY.check_address(mapped, port)
     assert rule_of(dotted_verdict) == rule_of(mapped_verdict)
+
+
+# ----------------------------------------------------------------------- denial hints
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "hint"),
+    [
+        ("127.0.0.1", 8080, "datorus policy allow 127.0.0.1/32"),
+        ("localhost", 8080, "datorus policy allow 127.0.0.1/32"),
+        ("::1", 80, "datorus policy allow ::1/128"),
+        ("::ffff:127.0.0.2", 80, "datorus policy allow 127.0.0.2/32"),
+        ("10.1.2.3", 80, "datorus policy allow 10.1.2.3/32"),
+        ("169.254.169.254", 80, "datorus policy allow 169.254.169.254/32"),
+        ("100.64.0.1", 80, "datorus policy allow 100.64.0.1/32"),
+        ("fd00::1", 80, "datorus policy allow fd00::1/128"),
+        ("8.8.8.8", 25, "datorus policy allow 8.8.8.8/32:25"),
+        ("2001:db8::1", 25, "datorus policy allow [2001:db8::1/128]:25"),
+        ("blocked.example", 80, "datorus policy remove deny blocked.example"),
+        ("9.9.9.9", 53, "datorus policy remove deny 9.9.9.0/24:53"),
+    ],
+)
+def test_a_denial_names_the_command_that_lets_it_through(host: str, port: int, hint: str) -> None:
+    deny = [parse_rule("blocked.example", True), parse_rule("9.9.9.0/24:53", True)]
+    policy = Policy(deny=deny, deny_ports=[25])
+    denial = (
+        policy.check_name(host, port)
+        if parse_ip_literal(host) is None
+        else policy.check_address(host, port)
+    )
+    assert denial is not None
+    assert denial_hint(denial, port) == hint
+    verb, _, arg = hint.removeprefix("datorus policy ").partition(" ")
+    if verb == "allow":  # following the hint lets exactly that destination through
+        opened = Policy(deny=deny, deny_ports=[25], allow=[parse_rule(arg, False)])
+        assert opened.check_address(denial.address or "127.0.0.1", port) is None
+        if parse_ip_literal(host) is None:
+            assert opened.check_name(host, port) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "rule"),
+    [("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"), ("::", "unspecified")],
+)
+def test_no_hint_where_no_rule_helps(host: str, rule: str) -> None:
+    denial = Policy().check_address(host, 80)
+    assert denial is not None and denial.rule == rule
+    assert denial_hint(denial, 80) is None
+    assert denial_hint(Denial("gateway_self", "127.0.0.1"), 8001) is None

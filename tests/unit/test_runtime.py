@@ -142,7 +142,11 @@ def test_admission_codes():
         raise AssertionError("admitted")
     except DatorusError as e:
         assert e.code == "INSUFFICIENT_BALANCE"
-        assert e.details == {"currentBalanceCents": 0, "requiredCents": 1}
+        assert e.details == {
+            "currentBalanceCents": 0,
+            "currentBalanceNanocents": 0,
+            "requiredCents": 1,
+        }
     rt = runtime(10**6, 0, 300, False, max_bytes=100)
     cred = rt.by_username["dtuser"]
     rt.admit(cred)
