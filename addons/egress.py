@@ -175,7 +175,8 @@ class EgressRouter:
         self.next_check: dict[int, float] = {}
         self.db = None
         self.lock = threading.Lock()
-        self.rng = random.Random()
+        self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
+        self.check_rng = random.Random()  # health-check spreading, apart from the picks
         self.leased: dict[int, tuple[str, int, int]] = {}  # egress -> (lease, account, until)
         self.leases: dict[str, tuple[int, int, int]] = {}  # lease -> (account, egress, until)
         self._excl: frozenset[int] = frozenset()  # leased egress ids, valid until _excl_until
@@ -187,6 +188,8 @@ class EgressRouter:
 
     def configure(self, updated: set[str]) -> None:
         s = self.gw.settings
+        if "datorus_router_seed" in updated:
+            self.reseed(s["router_seed"])
         if "session_ttl" in s and (
             self.sessions is None
             or self.sessions.ttl != s["session_ttl"]
@@ -199,6 +202,15 @@ class EgressRouter:
         if "block_statuses" in s:
             self.block_statuses = frozenset(int(x) for x in s["block_statuses"])
             self.markers = tuple(m.lower().encode() for m in s["block_markers"] if m)
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random choices: 0 draws from the system, any other value repeats a run.
+
+        Health checks draw from their own generator, so when they happen (which depends
+        on the clock) does not shift the sequence the requests' picks draw from.
+        """
+        self.rng = random.Random(seed) if seed else random.Random()
+        self.check_rng = random.Random(f"checks/{seed}") if seed else random.Random()
 
     def on_snapshot(self, rt: Any) -> None:
         """The ledger changed: reload the pool at the next tick."""
@@ -618,7 +630,7 @@ class EgressRouter:
             due = self.next_check.get(e.id)
             if due is None:
                 # first check soon, spread over a second so a big pool does not burst
-                self.next_check[e.id] = now + self.rng.random()
+                self.next_check[e.id] = now + self.check_rng.random()
                 continue
             if due <= now and len(self.checking) < 20:
                 self.next_check[e.id] = now + period

@@ -319,6 +319,14 @@ SETTINGS += (
         _positive,
     ),
     Setting(
+        "router_seed",
+        int,
+        0,
+        "Seed of the egress router's random choices, for reproducible tests"
+        " (0: the system's randomness).",
+        _non_negative,
+    ),
+    Setting(
         "lean",
         bool,
         True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
 from collections.abc import Iterator
@@ -9,10 +10,18 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import Gateway, Origin, prepare_ledger  # noqa: E402
+
+# Property tests draw the same examples on every run (a run's result does not depend on
+# the draw) and have no per-example deadline (a busy shared box is not a failure).
+# HYPOTHESIS_PROFILE=explore draws fresh, and more, examples to hunt for new failures.
+hypothesis_settings.register_profile("datorus", deadline=None, derandomize=True)
+hypothesis_settings.register_profile("explore", deadline=None, max_examples=2000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "datorus"))
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,7 @@ class Gateway:
             "api_port": 0,
             "refresh_ms": 200,
             "auth_fail_limit": 100_000,
+            "router_seed": 1,  # a failing run's egress picks repeat when it is run again
             **(settings or {}),
         }
         self.env = env

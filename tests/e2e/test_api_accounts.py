@@ -7,6 +7,7 @@ token expiry against a standalone ``datorus api`` sharing the ledger.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -85,13 +86,14 @@ def test_signup_verify_key_credential_proxy_usage(gw: Gateway, origin) -> None:
     resp = requests.get(origin.url("/bytes/1000"), proxies=proxies, timeout=30)
     assert resp.status_code == 200 and len(resp.content) == 1000
 
-    def used() -> dict | None:
+    def used() -> tuple | None:
+        sent = time.time()
         u = httpx.get(f"{gw.api_url}/usage", headers=h, timeout=30).json()
-        return u if u["requests"] == 1 else None
+        return (u, sent, time.time()) if u["requests"] == 1 else None
 
-    u = wait_until(used, 10, 0.1, "usage in GET /usage")
+    u, sent, received = wait_until(used, 10, 0.1, "usage in GET /usage")
     assert u["account_id"] == user["id"]
-    assert u["bytes"] > 1000
+    assert 1000 < u["bytes"] < 1000 + 1024  # the body, a request head and a response head
     assert u["trial_remaining_bytes"] == 5_000_000 - u["bytes"]
     assert u["days"][0]["requests"] == 1
     rl = u["rate_limit"]
@@ -99,7 +101,10 @@ def test_signup_verify_key_credential_proxy_usage(gw: Gateway, origin) -> None:
     (c,) = rl["credentials"]
     assert c["username"] == cred["username"]
     assert c["remaining"] == rl["burst"] - 1 or c["remaining"] == rl["burst"]
-    assert c["reset"] >= int(time.time()) - 1
+    # when the bucket is full again: what is missing from it, at the limiter's rate
+    missing, rate = rl["burst"] - c["remaining"], rl["requests_per_second"]
+    lo, hi = math.floor(sent + (missing - 1) / rate), math.ceil(received + missing / rate)
+    assert lo <= c["reset"] <= hi
 
     credits = httpx.get(f"{gw.api_url}/account/credits", headers=h, timeout=30).json()
     assert credits["balance"] == 0
