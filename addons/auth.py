@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
+import secrets
 import time
 
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError, new_request_id
-from datorus_core.hashing import cache_key, verify_secret
+from datorus_core.hashing import cache_key, hash_secret, verify_secret
 from datorus_core.runtime import CredentialState
 from datorus_core.sessions import username_problem
 
@@ -70,6 +72,17 @@ def parse_basic(value: str | None) -> tuple[str, str] | None:
     return username, password
 
 
+@functools.cache
+def _decoy_hash() -> str:
+    """A stored-hash look-alike no password matches (made once, on first use)."""
+    return hash_secret(secrets.token_urlsafe(24))
+
+
+def _verify(password: str, cred: CredentialState | None) -> bool:
+    """The slow check (in a worker thread); against the decoy for an unknown username."""
+    return verify_secret(password, cred.password_hash if cred is not None else _decoy_hash())
+
+
 class _Failures:
     """Failed attempts per client address, in one-minute windows."""
 
@@ -89,7 +102,9 @@ class ProxyAuth:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.failures: dict[str, _Failures] = {}
-        self.negative: dict[bytes, float] = {}
+        # credentials that just failed the slow check: (until, ledger version); any
+        # operator change (a new credential) makes them count for nothing
+        self.negative: dict[bytes, tuple[float, int]] = {}
         self.sem: asyncio.Semaphore | None = None
 
     # -- hooks -------------------------------------------------------------------------
@@ -173,18 +188,24 @@ class ProxyAuth:
         rt = self.gw.runtime
         username, password = creds
         cred = rt.by_username.get(username)
-        now = time.monotonic()
-        if cred is None or self.negative.get(key, 0.0) > now:
+        now, seen = time.monotonic(), rt.version
+        until, version = self.negative.get(key, (0.0, -1))
+        if until > now and version == seen:
             self._fail(flow, fc, username_problem(username) or INVALID)
+            return
+        if cred is None and (problem := username_problem(username)) is not None:
+            self._fail(flow, fc, problem)  # decided by the spelling alone
             return
         if self.sem is None:
             self.sem = asyncio.Semaphore(2)
         async with self.sem:
-            ok = await asyncio.to_thread(verify_secret, password, cred.password_hash)
-        if not ok:
+            # an unknown username costs the same slow hash as a wrong password, so the
+            # answer's timing does not tell which usernames exist
+            ok = await asyncio.to_thread(_verify, password, cred)
+        if not ok or cred is None:
             if len(self.negative) > _MAX_TRACKED:
                 self.negative.clear()
-            self.negative[key] = time.monotonic() + _NEGATIVE_TTL
+            self.negative[key] = (time.monotonic() + _NEGATIVE_TTL, seen)
             self._fail(flow, fc, INVALID)
             return
         # the snapshot may have changed while we hashed: only a live credential counts

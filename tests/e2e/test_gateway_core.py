@@ -412,3 +412,22 @@ def test_request_id_is_unique_per_request(gateway, customer, origin):
         for _ in range(5)
     }
     assert len(ids) == 5 and all(uuid.UUID(i) for i in ids)
+
+
+def test_a_credential_tried_before_the_gateway_knows_it_works_once_it_does(gateway, origin):
+    """A failed try (unknown username, same slow hash as a wrong password) is remembered
+    only until the next operator change: a brand-new credential is never kept out for
+    the failure cache's 5 s."""
+    acc = gateway.cli("account", "create", f"early{time.monotonic_ns()}@example.com")
+    cred = gateway.cli("credential", "create", str(acc["id"]))
+    proxies = {"http": gateway.proxy(cred["username"], cred["password"])}
+    started = time.monotonic()
+    first = requests.get(origin.url("/"), proxies=proxies, timeout=10).status_code
+    assert first in (200, 407)  # 407 while the gateway has not read the new credential
+    wait_until(
+        lambda: requests.get(origin.url("/"), proxies=proxies, timeout=10).status_code == 200,
+        4,
+        0.05,
+        "the new credential accepted",
+    )
+    assert time.monotonic() - started < 4.5  # within a refresh, not the 5 s failure cache
