@@ -35,7 +35,12 @@ from urllib.parse import unquote, urlsplit
 
 OK, LIMITED, UNAVAILABLE = "ok", "limited", "unavailable"
 KINDS = ("direct", "http", "https", "socks5")
-COUNTRY_RE = re.compile(r"[A-Za-z]{2}")  # fullmatch only: "$" passes "us\n"
+# a country code: two ASCII letters. The one spelling of the rule: COUNTRY_RE for
+# Python (fullmatch only: "$" passes "us\n"), COUNTRY_PATTERN for pydantic fields
+# (whose regex engine anchors "$" at the very end)
+_COUNTRY = "[A-Za-z]{2}"
+COUNTRY_RE = re.compile(_COUNTRY)
+COUNTRY_PATTERN = f"^{_COUNTRY}$"
 
 # back-off of a blocked (egress, domain): limited for BASE, 2*BASE, then unavailable
 # for 4*BASE, 8*BASE ... capped at MAX

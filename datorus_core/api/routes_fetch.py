@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import ledger
+from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError
 from ..sessions import valid_session_id
 from .deps import KeyAccount, State, require_active
@@ -66,7 +67,7 @@ class FetchIn(BaseModel):
         ge=1,
         description="Seconds to wait for the target's answer (at most max_fetch_timeout, 120).",
     )
-    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
     session_id: str | None = Field(default=None, max_length=128)
 
 

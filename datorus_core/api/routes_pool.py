@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import egress_ledger as el
 from .. import leases
-from ..egress import parse_egress_url
+from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
@@ -89,7 +89,7 @@ async def list_proxies(
     status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
     protocol: Literal["direct", "http", "https", "socks5"] | None = None,
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None,
-    country: Annotated[str | None, Query(pattern=r"^[A-Za-z]{2}$")] = None,
+    country: Annotated[str | None, Query(pattern=COUNTRY_PATTERN)] = None,
     min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_latency_ms: Annotated[float | None, Query(ge=0)] = None,
     min_uptime_pct: Annotated[float | None, Query(ge=0, le=100)] = None,
@@ -266,7 +266,7 @@ class ProxyTestIn(BaseModel):
     count: int = Field(default=5, ge=1, le=20)
     timeout_seconds: int = Field(default=10, ge=1, le=60)
     protocol: Literal["direct", "http", "https", "socks5"] | None = None
-    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
 
 
 @router.post("/proxies/test")
