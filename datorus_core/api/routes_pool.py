@@ -26,6 +26,7 @@ from .. import egress_ledger as el
 from .. import leases
 from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
+from ..live import Lease
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
 from .routes_fetch import check_url, gateway_error, require_gateway, through_gateway
@@ -241,7 +242,9 @@ async def acquire(acc: ActiveAccount, st: State, body: AcquireIn) -> Any:
         )
     )
     if st.router is not None:  # the gateway serving us: the lease holds from now on
-        st.router.add_lease(out["lease_id"], acc["id"], out["proxy"]["id"], out["expires_ts"])
+        st.router.add_lease(
+            Lease(out["lease_id"], acc["id"], out["proxy"]["id"], out["expires_ts"])
+        )
     return out
 
 
@@ -282,9 +285,10 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
     require_gateway(st, "POST /proxies/test")
     u = check_url(body.url)
     router_ = st.router
+    assert router_ is not None  # require_gateway
     now = time.monotonic()
-    leased = router_.leased_now()
-    mine = {eid for lid, (aid, eid, _) in router_.leases.items() if aid == acc["id"]}
+    leased = router_.leases.leased_now(time.time())
+    mine = {lease.egress_id for lease in router_.leases.of_account(acc["id"])}
     pool = [
         e
         for e in router_.pool.candidates(body.country)
@@ -300,7 +304,6 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
             message="No healthy proxy in the pool matches these filters.",
             details={"protocol": body.protocol, "country": body.country},
         )
-    secret = router_.pin_secret
 
     async def one(e: Any) -> dict[str, Any]:
         started = time.monotonic()
@@ -319,7 +322,7 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
                 acc["id"],
                 "GET",
                 u,
-                {"X-Datorus-Egress-Pin": f"{secret}:{e.id}"},
+                {"X-Datorus-Egress-Pin": router_.vouch(str(e.id))},
                 None,
                 body.timeout_seconds,
                 max_body=65536,
