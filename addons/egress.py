@@ -7,7 +7,8 @@ Two addons:
   the same in the proxy username, ``USER[-country-CC][-session-ID]``), rewrites
   ``Proxy-Authorization`` to the bare credential for auth, and removes ``X-Geo``.
 - :class:`EgressRouter` runs last. Per forward request and CONNECT it picks the
-  egress (the session's, or a healthy one weighted by score), binds the source
+  egress (the session's, or a healthy one weighted by score: the decision is
+  ``datorus_core.routing.choose``, the same the API's preview makes), binds the source
   address or opens the tunnel through the upstream proxy when mitmproxy opens the
   server connection, judges responses for blocks, and checks every egress on a
   schedule.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import logging
 import random
 import secrets
@@ -42,6 +42,8 @@ from datorus_core import egress as eg
 from datorus_core import leases
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
+from datorus_core.live import Lease, LeaseBook
+from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.schema import connect
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
@@ -81,18 +83,6 @@ class Choice:
     @property
     def key(self) -> tuple[int, str | None]:
         return (self.egress.id, self.source)
-
-
-def vouched(value: str | None, secret: str) -> str | None:
-    """The VALUE of a ``SECRET:VALUE`` header the in-process API set, else None.
-
-    Only the REST API served by this process knows *secret* (the router's
-    ``pin_secret``), so a proxy customer cannot pin an egress or stretch a timeout.
-    """
-    if not value:
-        return None
-    given, _, rest = value.partition(":")
-    return rest if hmac.compare_digest(given.encode(), secret.encode()) else None
 
 
 def _basic(user: str, password: str) -> str:
@@ -154,7 +144,12 @@ class RouteOptions:
 
 
 class EgressRouter:
-    """Choose, apply and judge the egress of every request and tunnel."""
+    """Choose (``datorus_core.routing.choose``), apply and judge the egress of every
+    request and tunnel.
+
+    It keeps the live routing state (pool, leases, sessions) and implements
+    ``datorus_core.live.LiveRouting``, all the REST API served by this process reads.
+    """
 
     name = "datorus_egress"
 
@@ -177,10 +172,7 @@ class EgressRouter:
         self.lock = threading.Lock()
         self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
         self.check_rng = random.Random()  # health-check spreading, apart from the picks
-        self.leased: dict[int, tuple[str, int, int]] = {}  # egress -> (lease, account, until)
-        self.leases: dict[str, tuple[int, int, int]] = {}  # lease -> (account, egress, until)
-        self._excl: frozenset[int] = frozenset()  # leased egress ids, valid until _excl_until
-        self._excl_until = 0.0
+        self.leases = LeaseBook()
         self.block_statuses: frozenset[int] = frozenset({403, 429})
         self.markers: tuple[bytes, ...] = ()
 
@@ -254,9 +246,7 @@ class EgressRouter:
     async def _load(self) -> None:
         rows = await asyncio.to_thread(self._query, eg.EGRESS_ROWS_SQL)
         live = await asyncio.to_thread(self._query, leases.ACTIVE_SQL, (int(time.time()),))
-        self.leases = {lid: (aid, eid, until) for lid, aid, eid, until in live}
-        self.leased = {eid: (lid, aid, until) for lid, aid, eid, until in live}
-        self._excl_until = 0.0
+        self.leases.replace(Lease.from_row(row) for row in live)
         items = []
         for row in rows:
             try:
@@ -306,142 +296,64 @@ class EgressRouter:
                 ),
             )
             return
-        if route.lease_id is not None:
-            self._route_lease(flow, fc, route.lease_id, tunnel)
+        pin = vouched(route.pin, self.pin_secret)
+        ask = Ask(
+            fc.account.id,
+            fc.host.lower(),
+            _family(flow),
+            route.session_id,
+            route.country,
+            route.lease_id,
+            int(pin) if pin is not None and pin.isdigit() else None,  # not ours: no pin
+        )
+        now = time.monotonic()
+        sessions = self.sessions
+        try:
+            go = choose(
+                ask,
+                self.pool,
+                self.leases,
+                now,
+                time.time(),
+                self.rng,
+                sessions.get if sessions is not None else None,
+            )
+        except DatorusError as err:
+            self.gw.reject(flow, fc, err)
             return
-        if route.pin is not None and self._route_pin(flow, fc, route.pin, tunnel):
-            return
-        if not self.pool.by_id:
-            # no pool configured: the box's default route for everything (targeting is
-            # not enforced: there is nothing to choose from)
+        if go is None:  # no pool: the box's default route
             self.current.pop(cid, None)
             if not tunnel:
                 self._close_stale(cid, None)
             return
-        now = time.monotonic()
-        domain = fc.host.lower()
-        family = _family(flow)
-        # egress leased to someone carry only requests that name their lease
-        exclude = self.leased_now() if self.leased else ()
-        e = None
+        if go.pin_session and sessions is not None and ask.session_id:
+            sessions.put(ask.account_id, ask.session_id, go.egress.id, now)
+        self._use(flow, fc, go.egress, go.source, tunnel)
+
+    # -- what the REST API served by this process reads (datorus_core.live.LiveRouting) --
+
+    def peek_session(self, account_id: int, session_id: str, now: float) -> int | None:
+        """The egress a live session is pinned to, without keeping the session alive."""
         sessions = self.sessions
-        sid = route.session_id
-        if sid and sessions is not None:
-            eid = sessions.get(fc.account.id, sid, now)
-            if eid is not None:
-                e = self.pool.by_id.get(eid)
-                if e is not None and (
-                    not self.pool.usable(e, domain, now, family)
-                    or (route.country is not None and e.country != route.country)
-                    or e.id in exclude
-                ):
-                    e = None  # unhealthy, leased or no longer matching: the session moves
-        if e is None:
-            try:
-                e = self.pool.pick(
-                    domain, route.country, now, self.rng, family=family, exclude=exclude
-                )
-            except eg.NoEgress as x:
-                details = {"reason": x.reason, **x.details}
-                if x.reason == "no_healthy_egress":
-                    # seed 001's retry guidance: when the first excluded egress comes back
-                    health = eg.domain_health(self.pool, domain, now, exclude)
-                    details["retryAfterSeconds"] = health["retryAfterSeconds"]
-                self.gw.reject(
-                    flow,
-                    fc,
-                    DatorusError(
-                        "UPSTREAM_FAILED",
-                        message="No healthy egress can reach this destination right now.",
-                        details=details,
-                    ),
-                )
-                return
-            if sid and sessions is not None:
-                sessions.put(fc.account.id, sid, e.id, now)
-        source = eg.source_for(e.spec, f"{fc.account.id}/{sid}" if sid else None, self.rng)
-        self._use(flow, fc, e, source, tunnel)
+        return sessions.peek(account_id, session_id, now) if sessions is not None else None
 
-    def leased_now(self) -> frozenset[int]:
-        """Egress ids under a live lease (a lapsed one frees its egress by itself).
+    def preview_rng(self) -> random.Random:
+        """A copy of the generator the next request's choice draws from."""
+        rng = random.Random()
+        rng.setstate(self.rng.getstate())
+        return rng
 
-        Rebuilt only when the leases change or the first of them lapses, not per request.
-        """
-        now = time.time()
-        if now >= self._excl_until:
-            live = {eid: until for eid, (_, _, until) in self.leased.items() if until > now}
-            self._excl = frozenset(live)
-            self._excl_until = min(live.values(), default=float("inf"))
-        return self._excl
+    def vouch(self, value: str) -> str:
+        """*value* as a header only this process can make (see ``routing.vouched``)."""
+        return vouch(value, self.pin_secret)
 
-    def add_lease(self, lease_id: str, account_id: int, egress_id: int, until: int) -> None:
+    def add_lease(self, lease: Lease) -> None:
         """A lease taken through the API this gateway serves: in force at once."""
-        self.leases[lease_id] = (account_id, egress_id, until)
-        self.leased[egress_id] = (lease_id, account_id, until)
-        self._excl_until = 0.0
+        self.leases.add(lease)
 
     def end_lease(self, lease_id: str) -> None:
         """A lease released through the API this gateway serves: over at once."""
-        lease = self.leases.pop(lease_id, None)
-        if lease is not None and self.leased.get(lease[1], ("",))[0] == lease_id:
-            del self.leased[lease[1]]
-        self._excl_until = 0.0
-
-    def _route_lease(self, flow: http.HTTPFlow, fc: FlowCtx, lease_id: str, tunnel: bool) -> None:
-        """A request naming a lease leaves by the leased egress, or is refused."""
-        lease = self.leases.get(lease_id)
-        if lease is None or lease[0] != fc.account.id or lease[2] <= time.time():
-            self.gw.reject(
-                flow,
-                fc,
-                DatorusError(
-                    "RESOURCE_NOT_FOUND",
-                    message="This account holds no live lease with this id.",
-                    details={"lease": lease_id[:64]},
-                ),
-            )
-            return
-        e = self.pool.by_id.get(lease[1])
-        family = _family(flow)
-        if e is None or not e.up(time.monotonic()) or e.family not in (None, family):
-            self.gw.reject(
-                flow,
-                fc,
-                DatorusError(
-                    "UPSTREAM_FAILED",
-                    message="The leased egress cannot carry this request right now.",
-                    details={"reason": "leased_egress_unavailable", "lease": lease_id},
-                ),
-            )
-            return
-        self._use(flow, fc, e, eg.source_for(e.spec, f"lease/{lease_id}", self.rng), tunnel)
-
-    def _route_pin(self, flow: http.HTTPFlow, fc: FlowCtx, pin: str, tunnel: bool) -> bool:
-        """A request the in-process API pinned to one egress (POST /proxies/test)."""
-        eid = vouched(pin, self.pin_secret)
-        if eid is None or not eid.isdigit():
-            return False  # not ours: routed as if the header were absent
-        e = self.pool.by_id.get(int(eid))
-        lease = self.leased.get(int(eid))
-        family = _family(flow)
-        if (
-            e is None
-            or not e.up(time.monotonic())
-            or e.family not in (None, family)
-            or (lease is not None and lease[2] > time.time() and lease[1] != fc.account.id)
-        ):
-            self.gw.reject(
-                flow,
-                fc,
-                DatorusError(
-                    "UPSTREAM_FAILED",
-                    message="This egress cannot carry the request right now.",
-                    details={"reason": "egress_unavailable", "egress": int(eid)},
-                ),
-            )
-            return True
-        self._use(flow, fc, e, eg.source_for(e.spec, None, self.rng), tunnel)
-        return True
+        self.leases.end(lease_id)
 
     def _use(
         self, flow: http.HTTPFlow, fc: FlowCtx, e: eg.Egress, source: str | None, tunnel: bool

@@ -23,8 +23,10 @@ import asyncio
 from mitmproxy import ctx, http, tcp
 from mitmproxy.proxy import layers
 
+from datorus_core.routing import vouched
+
 from .context import FlowCtx, Gateway, flow_ctx
-from .egress import ROUTE, vouched
+from .egress import ROUTE
 
 _HOP_BY_HOP = ("proxy-authorization", "proxy-connection", "keep-alive", "proxy-authenticate")
 _KEEP_IN_CONNECTION = {"close", "keep-alive", "upgrade"}

@@ -35,7 +35,12 @@ from urllib.parse import unquote, urlsplit
 
 OK, LIMITED, UNAVAILABLE = "ok", "limited", "unavailable"
 KINDS = ("direct", "http", "https", "socks5")
-COUNTRY_RE = re.compile(r"[A-Za-z]{2}")  # fullmatch only: "$" passes "us\n"
+# a country code: two ASCII letters. The one spelling of the rule: COUNTRY_RE for
+# Python (fullmatch only: "$" passes "us\n"), COUNTRY_PATTERN for pydantic fields
+# (whose regex engine anchors "$" at the very end)
+_COUNTRY = "[A-Za-z]{2}"
+COUNTRY_RE = re.compile(_COUNTRY)
+COUNTRY_PATTERN = f"^{_COUNTRY}$"
 
 # back-off of a blocked (egress, domain): limited for BASE, 2*BASE, then unavailable
 # for 4*BASE, 8*BASE ... capped at MAX
@@ -288,6 +293,17 @@ def compute_score(uptime: float, latency_ms: float | None, last_ok: bool) -> flo
     return max(0.0, min(1.0, uptime * (0.5 + 0.5 * speed)))
 
 
+def weight(e: Egress) -> float:
+    """An egress's share of the choice: its score (at least 0.02) times its weight.
+
+    The one formula: the pool's sampling and the odds ``GET /debug/pick`` shows use it.
+
+    >>> weight(Egress(1, parse_egress_url("direct://"), weight=3, score=0.5))
+    1.5
+    """
+    return max(e.score, 0.02) * max(e.weight, 1)
+
+
 class NoEgress(Exception):
     """No egress can carry the request; ``reason`` is a stable machine word."""
 
@@ -344,7 +360,7 @@ class Pool:
             cum: list[float] = []
             total = 0.0
             for e in items:
-                total += max(e.score, 0.02) * max(e.weight, 1)
+                total += weight(e)
                 cum.append(total)
             self._groups[key] = (items, cum)
 
@@ -404,8 +420,7 @@ class Pool:
                 family=family,
                 egress=len(items),
             )
-        weights = [max(e.score, 0.02) * max(e.weight, 1) for e in ok]
-        return rng.choices(ok, weights)[0]
+        return rng.choices(ok, [weight(e) for e in ok])[0]
 
 
 def domain_health(

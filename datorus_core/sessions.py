@@ -18,6 +18,8 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .egress import valid_country
+
 # used with fullmatch only: ``$`` would also match before a final newline, and an id
 # ending in "\n" would reach a response head (issue 12)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -84,7 +86,7 @@ def parse_username(raw: str) -> UsernameOptions | None:
             break
         if key == "country" and country is None:
             cc, dash, rest = value.partition("-")
-            if len(cc) != 2 or not cc.isascii() or not cc.isalpha():
+            if not valid_country(cc):
                 raise UsernameOptionError("country must be two letters", f"-country-{cc}")
             country = cc.lower()
             if dash and not rest:

@@ -22,6 +22,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..envelope import DatorusError, envelope, new_request_id
+from ..live import LiveRouting
 from .models import ERROR_RESPONSES
 from .store import Store
 from .stripe_pay import Payments
@@ -43,7 +44,8 @@ class ApiState:
     settings: dict[str, Any]
     payments: Payments
     runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
-    router: Any = None  # the gateway's EgressRouter (live pool, blocks, sessions)
+    # the gateway's live routing state (pool, blocks, leases, sessions), when it serves us
+    router: LiveRouting | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     throttle: ApiThrottle = field(default_factory=lambda: ApiThrottle(rules_from({})))
 
@@ -107,14 +109,15 @@ DOCS_ASSETS = "/docs/assets"
 def create_app(
     settings: dict[str, Any],
     runtime: Any = None,
-    router: Any = None,
+    router: LiveRouting | None = None,
     proxy_url: str | None = None,
 ) -> FastAPI:
     """The REST API over the ledger at ``settings["db"]``.
 
     *runtime* is the gateway's live :class:`~datorus_core.runtime.Runtime` and *router*
-    its egress router when the gateway serves the API (``GET /usage`` then reports the
-    live rate-limit state, ``/debug/pick`` and ``/network/health`` the live pool), and
+    its routing state (:class:`~datorus_core.live.LiveRouting`, the egress router) when
+    the gateway serves the API (``GET /usage`` then reports the live rate-limit state,
+    ``/debug/pick`` and ``/network/health`` the live pool), and
     *proxy_url* its own proxy port (``POST /fetch`` goes through it).
     """
     from . import (

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from ..egress import COUNTRY_PATTERN
 from ..ledger import EMAIL_RE
 
 MIN_TOPUP_CENTS = 50  # Stripe's smallest USD charge
@@ -43,7 +44,7 @@ class AcquireIn(BaseModel):
     """``POST /proxies/acquire``: which egress to lease, and for how long (seed 002)."""
 
     protocol: Literal["direct", "http", "https", "socks5"] | None = None
-    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None
     min_score: float | None = Field(default=None, ge=0, le=1)
     lease_duration_seconds: int = Field(default=300, ge=1, le=3600)

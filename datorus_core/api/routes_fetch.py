@@ -38,8 +38,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import ledger
+from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError
 from ..sessions import valid_session_id
+from .app import ApiState
 from .deps import KeyAccount, State, require_active
 
 router = APIRouter(tags=["routing"])
@@ -66,7 +68,7 @@ class FetchIn(BaseModel):
         ge=1,
         description="Seconds to wait for the target's answer (at most max_fetch_timeout, 120).",
     )
-    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
     session_id: str | None = Field(default=None, max_length=128)
 
 
@@ -101,8 +103,10 @@ async def _credential(st: Any, account_id: int) -> tuple[str, str]:
     return cred
 
 
-def _egress_view(st: Any, header: str | None) -> dict[str, Any] | None:
-    e = st.router.pool.by_id.get(int(header)) if header and header.isdigit() else None
+def _egress_view(st: ApiState, header: str | None) -> dict[str, Any] | None:
+    if st.router is None or not header or not header.isdigit():
+        return None
+    e = st.router.pool.by_id.get(int(header))
     if e is None:
         return None
     return {"id": e.id, "url": e.spec.customer_url(), "country": e.country, "exit_ip": e.exit_ip}
@@ -154,7 +158,7 @@ async def through_gateway(
         "Proxy-Authorization": f"Basic {auth}",
         "X-Datorus-Egress-Report": "1",
         # this request's upstream timeout, vouched for by the in-process secret
-        "X-Datorus-Timeout": f"{st.router.pin_secret}:{math.ceil(timeout)}",
+        "X-Datorus-Timeout": st.router.vouch(str(math.ceil(timeout))),
     }
     async with httpx.AsyncClient(timeout=timeout + _MARGIN, trust_env=False) as client:
         req = client.build_request(

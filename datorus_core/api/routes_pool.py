@@ -24,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import egress_ledger as el
 from .. import leases
-from ..egress import parse_egress_url
+from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
+from ..live import Lease
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
 from .routes_fetch import check_url, gateway_error, require_gateway, through_gateway
@@ -89,7 +90,7 @@ async def list_proxies(
     status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
     protocol: Literal["direct", "http", "https", "socks5"] | None = None,
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None,
-    country: Annotated[str | None, Query(pattern=r"^[A-Za-z]{2}$")] = None,
+    country: Annotated[str | None, Query(pattern=COUNTRY_PATTERN)] = None,
     min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_latency_ms: Annotated[float | None, Query(ge=0)] = None,
     min_uptime_pct: Annotated[float | None, Query(ge=0, le=100)] = None,
@@ -241,7 +242,9 @@ async def acquire(acc: ActiveAccount, st: State, body: AcquireIn) -> Any:
         )
     )
     if st.router is not None:  # the gateway serving us: the lease holds from now on
-        st.router.add_lease(out["lease_id"], acc["id"], out["proxy"]["id"], out["expires_ts"])
+        st.router.add_lease(
+            Lease(out["lease_id"], acc["id"], out["proxy"]["id"], out["expires_ts"])
+        )
     return out
 
 
@@ -266,7 +269,7 @@ class ProxyTestIn(BaseModel):
     count: int = Field(default=5, ge=1, le=20)
     timeout_seconds: int = Field(default=10, ge=1, le=60)
     protocol: Literal["direct", "http", "https", "socks5"] | None = None
-    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
+    country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
 
 
 @router.post("/proxies/test")
@@ -282,9 +285,10 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
     require_gateway(st, "POST /proxies/test")
     u = check_url(body.url)
     router_ = st.router
+    assert router_ is not None  # require_gateway
     now = time.monotonic()
-    leased = router_.leased_now()
-    mine = {eid for lid, (aid, eid, _) in router_.leases.items() if aid == acc["id"]}
+    leased = router_.leases.leased_now(time.time())
+    mine = {lease.egress_id for lease in router_.leases.of_account(acc["id"])}
     pool = [
         e
         for e in router_.pool.candidates(body.country)
@@ -300,7 +304,6 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
             message="No healthy proxy in the pool matches these filters.",
             details={"protocol": body.protocol, "country": body.country},
         )
-    secret = router_.pin_secret
 
     async def one(e: Any) -> dict[str, Any]:
         started = time.monotonic()
@@ -319,7 +322,7 @@ async def try_proxies(acc: ActiveAccount, st: State, body: ProxyTestIn) -> Any:
                 acc["id"],
                 "GET",
                 u,
-                {"X-Datorus-Egress-Pin": f"{secret}:{e.id}"},
+                {"X-Datorus-Egress-Pin": router_.vouch(str(e.id))},
                 None,
                 body.timeout_seconds,
                 max_body=65536,

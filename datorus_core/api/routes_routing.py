@@ -2,12 +2,15 @@
 
 ``GET /debug/pick?url=`` previews the choice the gateway would make for the caller's
 next request to *url* (with the same targeting and session headers the proxy reads)
-without making it: no session is pinned or kept alive. ``GET /network/health/{domain}``
-shows each egress's state for a domain (ok, limited, unavailable, disabled) and when
-the first excluded one comes back.
+without making it: the same ``datorus_core.routing.choose`` the proxy calls, with a
+session lookup that keeps nothing alive and a copy of the gateway's generator, so no
+session is pinned or kept alive and the gateway's own draws are untouched.
+``GET /network/health/{domain}`` shows each egress's state for a domain (ok, limited,
+unavailable, disabled) and when the first excluded one comes back.
 
-Served by the gateway both read its live pool, block states and sessions (in the
-event loop, where the gateway changes them); standalone (``datorus api``) they read
+Served by the gateway both read its live pool, block states, leases and sessions
+(``datorus_core.live.LiveRouting``, in the event loop, where the gateway changes
+them); standalone (``datorus api``) they read
 the pool from the ledger and say ``"live": false``: blocks and sessions live only in
 the gateway.
 """
@@ -18,7 +21,7 @@ import ipaddress
 import random
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Path, Query
@@ -27,13 +30,15 @@ from starlette.concurrency import run_in_threadpool
 from .. import egress as eg
 from .. import leases
 from ..envelope import DatorusError
+from ..live import Lease, LeaseBook, LeaseView, SessionLookup
+from ..routing import Ask, chances, choose
 from ..sessions import valid_session_id
+from .app import ApiState
 from .deps import Account, State
 
 router = APIRouter(tags=["routing"])
 
 _DOMAIN_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")  # fullmatch only
-_rng = random.Random()
 
 
 def _bad(field: str, reason: str) -> DatorusError:
@@ -53,8 +58,18 @@ def _family(domain: str) -> int | None:
         return None
 
 
-def _ledger_pool(st: Any) -> tuple[eg.Pool, frozenset[int]]:
-    """The pool and the leased egress as the ledger holds them (standalone API: no live
+class _Routing(NamedTuple):
+    """The routing state a preview reads, and whether it is the gateway's live one."""
+
+    pool: eg.Pool
+    leases: LeaseView
+    session: SessionLookup | None  # reads a session without keeping it alive
+    rng: random.Random  # a generator the preview may draw from
+    live: bool
+
+
+def _ledger_pool(st: ApiState) -> tuple[eg.Pool, LeaseBook]:
+    """The pool and the leases as the ledger holds them (standalone API: no live
     block state)."""
     db = st.store.db()
     items = []
@@ -64,15 +79,17 @@ def _ledger_pool(st: Any) -> tuple[eg.Pool, frozenset[int]]:
         except ValueError:
             continue
     live = db.execute(leases.ACTIVE_SQL, [int(time.time())]).fetchall()
-    return eg.Pool(items), frozenset(row[2] for row in live)
+    return eg.Pool(items), LeaseBook(Lease.from_row(tuple(row)) for row in live)
 
 
-async def _pool(st: Any) -> tuple[eg.Pool, frozenset[int], bool]:
-    """The pool, the egress ids under a live lease, and whether this is the live view."""
-    if st.router is not None:
-        return st.router.pool, st.router.leased_now(), True
-    pool, leased = await run_in_threadpool(_ledger_pool, st)
-    return pool, leased, False
+async def _routing(st: ApiState) -> _Routing:
+    """The gateway's live routing state, or (standalone) the ledger's pool and leases."""
+    r = st.router
+    if r is not None:
+        return _Routing(r.pool, r.leases, r.peek_session, r.preview_rng(), True)
+    pool, book = await run_in_threadpool(_ledger_pool, st)
+    # standalone there is no gateway generator to copy: a throwaway one
+    return _Routing(pool, book, None, random.Random(), False)
 
 
 def _view(e: eg.Egress, domain: str, now: float, leased: frozenset[int]) -> dict[str, Any]:
@@ -105,9 +122,10 @@ async def debug_pick(
     Targeting and session come from the query or the proxy's headers
     (``X-Datorus-Country`` / ``X-Geo``, ``X-Datorus-Session-Id``). A live session shows
     its pinned egress (``pinned``: true) while that egress stays usable; otherwise
-    ``egress`` is one weighted draw, and ``candidates`` gives every egress's chance.
-    Nothing is pinned and no session is kept alive. No egress left: 502
-    ``UPSTREAM_FAILED`` with the ``details.reason`` the proxy would answer.
+    ``egress`` is the weighted draw the gateway's next request would make (from a copy
+    of its generator), and ``candidates`` gives every egress's chance. Nothing is
+    pinned, no session is kept alive and the gateway draws nothing. No egress left: 502
+    ``UPSTREAM_FAILED`` with the ``details`` the proxy would answer.
     """
     try:
         parts = urlsplit(url)
@@ -124,51 +142,32 @@ async def debug_pick(
     sid = session_id if session_id is not None else x_datorus_session_id
     sid = sid if valid_session_id(sid) else None  # invalid ids are ignored, as by the proxy
     domain = _domain(host)
-    pool, exclude, live = await _pool(st)
-    now = time.monotonic()
+    view = await _routing(st)
+    pool = view.pool
+    now, wall = time.monotonic(), time.time()
     answer: dict[str, Any] = {
         "url": url,
         "domain": domain,
         "port": port or (443 if parts.scheme.lower() in ("https", "wss") else 80),
         "country": cc,
         "session_id": sid,
-        "live": live,
+        "live": view.live,
     }
-    if not pool.by_id:
-        return {**answer, "route": "default", "pinned": False, "egress": None, "candidates": []}
     family = _family(domain)
-    pinned = None
-    if sid and live and st.router.sessions is not None:
-        eid = st.router.sessions.peek(acc["id"], sid, now)
-        e = pool.by_id.get(eid) if eid is not None else None
-        if e is not None and pool.usable(e, domain, now, family) and cc in (None, e.country):
-            pinned = e
-    if pinned is not None and pinned.id in exclude:
-        pinned = None  # leased to someone since: the session would move
-    try:
-        chosen = pinned or pool.pick(domain, cc, now, _rng, family=family, exclude=exclude)
-    except eg.NoEgress as x:
-        details: dict[str, Any] = {"reason": x.reason, **x.details}
-        if x.reason == "no_healthy_egress":
-            details["retryAfterSeconds"] = eg.domain_health(pool, domain, now)["retryAfterSeconds"]
-        raise DatorusError(
-            "UPSTREAM_FAILED",
-            message="No healthy egress can reach this destination right now.",
-            details=details,
-        ) from None
-    candidates = pool.candidates(cc)
-    ok = [e for e in candidates if pool.usable(e, domain, now, family) and e.id not in exclude]
-    fine = [e for e in ok if e.state_for(domain, now) == eg.OK] or ok
-    weights = {e.id: max(e.score, 0.02) * max(e.weight, 1) for e in fine}
-    total = sum(weights.values()) or 1.0
+    ask = Ask(acc["id"], domain, family, sid, cc)
+    go = choose(ask, pool, view.leases, now, wall, view.rng, view.session)
+    if go is None:
+        return {**answer, "route": "default", "pinned": False, "egress": None, "candidates": []}
+    exclude = view.leases.leased_now(wall)
+    odds = chances(pool, domain, cc, now, family, exclude)
     return {
         **answer,
         "route": "pool",
-        "pinned": pinned is not None,
-        "egress": _view(chosen, domain, now, frozenset()),
+        "pinned": go.pinned,
+        "egress": _view(go.egress, domain, now, frozenset()),
         "candidates": [
-            {**_view(e, domain, now, exclude), "chance": round(weights.get(e.id, 0.0) / total, 4)}
-            for e in candidates
+            {**_view(e, domain, now, exclude), "chance": round(odds[e.id], 4)}
+            for e in pool.candidates(cc)
         ],
     }
 
@@ -184,6 +183,7 @@ async def network_health(
     recovers, and ``retryAfterSeconds`` when none is available now."""
     if not _DOMAIN_RE.fullmatch(domain) or not _domain(domain):
         raise _bad("domain", "must be a host name or an IP address")
-    pool, leased, live = await _pool(st)
-    health = eg.domain_health(pool, _domain(domain), time.monotonic(), leased)
-    return {**health, "live": live}
+    view = await _routing(st)
+    leased = view.leases.leased_now(time.time())
+    health = eg.domain_health(view.pool, _domain(domain), time.monotonic(), leased)
+    return {**health, "live": view.live}

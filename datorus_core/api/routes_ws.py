@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidProxyStatus, InvalidS
 
 from .. import egress as eg
 from ..envelope import DatorusError
+from ..live import LiveRouting
 from ..sessions import valid_session_id
 from .routes_fetch import _credential
 from .store import authenticate
@@ -49,13 +50,17 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 def _no_egress(st: Any, url: str, country: str | None) -> bool:
     """Whether the gateway has no egress for this target now (its 502 said why, but a
     proxy answer's body does not reach us through the WebSocket client)."""
-    router = st.router
+    router: LiveRouting | None = st.router
     if router is None or not router.pool.by_id:
         return False
     host = (urlsplit(url).hostname or "").lower()
     try:
         router.pool.pick(
-            host, country, time.monotonic(), exclude=router.leased_now() if router.leased else ()
+            host,
+            country,
+            time.monotonic(),
+            router.preview_rng(),
+            exclude=router.leases.leased_now(time.time()),
         )
     except eg.NoEgress:
         return True
