@@ -569,7 +569,9 @@ def test_operator_top_ups_during_traffic_are_neither_lost_nor_doubled(make_gatew
     """The gateway's in-memory balance and the CLI's writes meet in the ledger exactly."""
     gw = make_gateway()
     acc, user, pw = gw.customer(trial_bytes=0, price_cents_per_gb=10**6)  # 0.001 cent a byte
-    gw.cli("balance", "add", str(acc), "1000")
+    # enough that the traffic never runs dry however slow the CLI is (each 3 KB request
+    # costs 3 cents): every top-up below must meet traffic still flowing
+    gw.cli("balance", "add", str(acc), "100000")
     wait_until(
         lambda: fresh_get(gw, user, pw, raw_origin.url("/")).status_code == 200,
         timeout=5,
@@ -611,7 +613,7 @@ def test_operator_top_ups_during_traffic_are_neither_lost_nor_doubled(make_gatew
     # the first probe: +1), at most one per thread was cut mid-body when the money ran out
     assert charged == moved * 10**6
     assert len(done) + 1 <= served <= len(done) + 1 + len(threads) and len(done) >= 15
-    assert cached == summed == (1000 + 5 * 7) * NANO - charged
+    assert cached == summed == (100000 + 5 * 7) * NANO - charged
 
 
 def test_clean_stop_flushes_every_request(make_gateway, raw_origin):
