@@ -170,6 +170,19 @@ class Gateway:
         ps = mitm_ctx.master.addons.get("proxyserver")
         return ps.connections.get(client_id) if ps else None
 
+    async def stop_listening(self) -> None:
+        """Close the proxy's listening sockets; connections already open go on (*internal*).
+
+        At the end of a clean stop's drain: a client that reconnects then is refused at
+        once and retries, instead of being accepted by a process about to exit and reset.
+        """
+        ps = mitm_ctx.master.addons.get("proxyserver")
+        if ps is not None:
+            try:
+                await ps.servers.update([])
+            except Exception as e:  # the stop goes on whatever mitmproxy thinks of it
+                log.warning("datorus: could not close the listening sockets: %s", e)
+
     def cut_client(self, client_id: str) -> bool:
         """Close a client connection and everything it opened (*internal*)."""
         h = self.handler(client_id)

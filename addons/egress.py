@@ -512,8 +512,8 @@ class EgressRouter:
 
     def error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
-        if fc is None or fc.egress is None or fc.answered:
-            return
+        if fc is None or fc.egress is None or fc.answered or fc.cut:
+            return  # the gateway's own cut (money, suspension) says nothing of the target
         choice = self.current.get(flow.client_conn.id)
         if choice is not None and choice.fc is fc and choice.failed is not None:
             return  # the upstream proxy failed us, not the target: counted as a failure

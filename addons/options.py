@@ -141,6 +141,7 @@ class LedgerTask:
         deadline = time.monotonic() + self.gw.settings.get("drain_seconds", 5)
         while any(n() for n in self.open_flows) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await self.gw.stop_listening()
         # let the loop finish what it is doing (a write cancelled mid-transaction would
         # lose its batch) and stop at its next tick; cancel only if it hangs
         self.stopping = True

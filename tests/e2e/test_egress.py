@@ -7,6 +7,7 @@ the origins echo the peer address they see, so each response names its way out.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -763,3 +764,48 @@ def test_https_upstream_and_a_refusing_upstream(proxies_gw, peer_origin, ca):
         assert r.headers["X-Datorus-Session-Id"] == "refused-1"
     finally:
         secure.stop()
+
+
+def test_a_request_the_gateway_cuts_for_money_marks_no_block(make_gateway, origin):
+    """Running an account dry cuts its upload; that is the gateway's doing, not the
+    target's, so the egress stays unblocked for every other customer."""
+    gw = make_gateway()
+    gw.cli("egress", "add", "direct://")
+    _, user, pw = gw.customer()
+    proxies = {"http": gw.proxy(user, pw)}
+    report = {"X-Datorus-Egress-Report": "1"}
+    wait_until(
+        lambda: (
+            "X-Datorus-Egress-Id"
+            in requests.get(origin.url("/"), proxies=proxies, headers=report, timeout=10).headers
+        ),
+        10,
+        0.1,
+        "the egress live",
+    )
+    acc, poor, poor_pw = gw.customer(trial_bytes=0, price_cents_per_gb=10**6)  # 0.001 c/byte
+    gw.cli("balance", "add", str(acc), "5")  # 5000 bytes' worth
+    wait_until(
+        lambda: (
+            requests.get(
+                origin.url("/"), proxies={"http": gw.proxy(poor, poor_pw)}, timeout=10
+            ).status_code
+            == 200
+        ),
+        10,
+        0.1,
+        "the top-up live",
+    )
+    with contextlib.suppress(requests.RequestException):
+        # an upload cut before any answer: the target never got to say anything
+        requests.post(
+            origin.url("/upload"),
+            data=b"x" * 5_000_000,
+            proxies={"http": gw.proxy(poor, poor_pw)},
+            timeout=30,
+        )
+    wait_until(lambda: "ran dry" in gw.log.read_text(), 10, 0.05, "the cut")
+    # a real block afterwards, as the marker that the cut's own hooks have all run
+    assert requests.get(origin.url("/status/429"), proxies=proxies, timeout=10).status_code == 429
+    wait_until(lambda: "(status 429)" in gw.log.read_text(), 10, 0.05, "the real block")
+    assert gw.log.read_text().count("blocked by") == 1

@@ -4,6 +4,7 @@ while the gateway loads, and a briefly unreachable ledger does not refuse traffi
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -291,3 +292,34 @@ def test_past_ledger_grace_new_requests_get_503(tmp_path, origin):
         wait_until(lambda: raw_request(gw.port, req)[0] == 200, 30, 0.1, "served again")
     finally:
         gw.stop()
+
+
+def test_a_stopping_gateway_answers_or_refuses_never_accepts_and_resets(tmp_path, origin):
+    """From SIGTERM to exit every new connection gets the 503 draining envelope or is
+    refused at once (the listening socket closes when the drain ends), so a client that
+    honours Retry-After and retries connection errors never loses a request."""
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    gw = Gateway(db).start()
+    user, pw = _customer(db)
+    gw.wait_for_credential(user, pw)
+    req = (
+        f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+    ).encode()
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGTERM)
+    outcomes: list[str] = []
+    deadline = time.monotonic() + 30
+    while gw.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            status, _, _ = raw_request(gw.port, req)
+            outcomes.append(str(status))
+        except ConnectionRefusedError:
+            outcomes.append("refused")
+        except OSError as e:  # reset, or closed without an answer
+            outcomes.append(f"lost: {e!r}")
+    assert gw.proc.wait(30) == 0
+    assert outcomes and not [o for o in outcomes if o.startswith("lost")], outcomes[-5:]
+    assert set(outcomes) <= {"503", "200", "refused"}
+    gw.stop()
