@@ -15,7 +15,7 @@ from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError, envelope_json, proxy_status
-from datorus_core.runtime import CredentialState, Runtime
+from datorus_core.runtime import AccountState, CredentialState, Runtime
 
 log = logging.getLogger("datorus")
 
@@ -64,7 +64,7 @@ class FlowCtx:
         self.host = host
         self.port = port
         self.cred: CredentialState | None = None
-        self.account = None
+        self.account: AccountState | None = None
         self.kind = FORWARD
         self.up = 0
         self.down = 0

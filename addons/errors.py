@@ -12,6 +12,8 @@ our timer fired, 502 otherwise). tests/e2e/test_errors.py guards these internals
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -71,8 +73,8 @@ class ErrorPages:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._orig_send = None
-        self._orig_make = None
+        self._orig_send: Callable[..., Any] | None = None
+        self._orig_make: Callable[..., bytes] | None = None
 
     def load(self, loader) -> None:
         gw = self.gw
@@ -106,12 +108,12 @@ class ErrorPages:
                 return send_error(self, event)
             return orig_send(self, event)
 
-        _http1.Http1Server.send = send
+        _http1.Http1Server.send = send  # type: ignore[method-assign]  # deliberate patch
         _http1.make_error_response = make_error_response
 
     def done(self) -> None:
-        if self._orig_send is not None:
-            _http1.Http1Server.send = self._orig_send
+        if self._orig_send is not None and self._orig_make is not None:  # set together
+            _http1.Http1Server.send = self._orig_send  # type: ignore[method-assign]
             _http1.make_error_response = self._orig_make
 
     # -- hooks -------------------------------------------------------------------------

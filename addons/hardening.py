@@ -174,10 +174,11 @@ class Hardening:
             _http1.Http1Server.wait,
             HttpStream.state_consume_request_body,
         )
-        _http1.Http1Server.read_headers = _limited_server(self._orig[0])
-        _http1.Http1Client.read_headers = _limited_client(self._orig[1])
-        _http1.Http1Server.wait = _limited_wait(self._orig[2])
-        HttpStream.state_consume_request_body = _discarding_consume(self._orig[3])
+        # deliberate patches of mitmproxy's methods (see the module docstring)
+        _http1.Http1Server.read_headers = _limited_server(self._orig[0])  # type: ignore[method-assign]
+        _http1.Http1Client.read_headers = _limited_client(self._orig[1])  # type: ignore[method-assign]
+        _http1.Http1Server.wait = _limited_wait(self._orig[2])  # type: ignore[method-assign]
+        HttpStream.state_consume_request_body = _discarding_consume(self._orig[3])  # type: ignore[method-assign]
 
     def running(self) -> None:
         if self.sweeper is None:
@@ -189,10 +190,10 @@ class Hardening:
             self.sweeper = None
         if self._orig is not None:
             (
-                _http1.Http1Server.read_headers,
-                _http1.Http1Client.read_headers,
-                _http1.Http1Server.wait,
-                HttpStream.state_consume_request_body,
+                _http1.Http1Server.read_headers,  # type: ignore[method-assign]
+                _http1.Http1Client.read_headers,  # type: ignore[method-assign]
+                _http1.Http1Server.wait,  # type: ignore[method-assign]
+                HttpStream.state_consume_request_body,  # type: ignore[method-assign]
             ) = self._orig
             self._orig = None
 

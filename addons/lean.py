@@ -34,7 +34,7 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from mitmproxy import ctx, flow, hooks
 from mitmproxy.addonmanager import AddonManager, safecall, traverse
@@ -169,7 +169,9 @@ class LeanDispatch:
         """``event.args()`` with the dataclass field names looked up once per hook type."""
         names = self.fields.get(type(event))
         if names is None:
-            names = self.fields[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+            # every mitmproxy hook event is a dataclass (the Hook base class is not one itself)
+            fields = dataclasses.fields(cast(Any, event))
+            names = self.fields[type(event)] = tuple(f.name for f in fields)
         return [getattr(event, n) for n in names]
 
     async def trigger_event(self, event: hooks.Hook) -> None:
@@ -226,7 +228,8 @@ class Lean:
         if self.full is not None:  # start again from everything that was there
             m.chain = self.full + [a for a in m.chain if a not in self.full]
         self.full = list(m.chain)
-        keep, self.dropped = [], []
+        keep: list[Any] = []
+        self.dropped = []
         for a in m.chain:
             idle = IDLE.get(type(a))
             (self.dropped if idle is not None and idle(o) else keep).append(a)

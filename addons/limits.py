@@ -49,6 +49,8 @@ class RateLimits:
         if flow.response is not None or fc is None or fc.cred is None:
             return
         cred = fc.cred
+        # every credential in the runtime view gets its limiter when the snapshot loads it
+        assert cred.limiter is not None
         v = cred.limiter.take(time.monotonic())
         fc.rl_headers = rate_headers(cred, v)
         if not v.allowed:

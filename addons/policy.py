@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import time
+from typing import cast
 
 from mitmproxy import ctx, http
 
@@ -79,9 +80,10 @@ class AcceptableUse:
             own.append((ctx.options.listen_host or "", ctx.options.listen_port or 8080))
         if s.get("api_port"):
             own.append((s.get("api_host", ""), s["api_port"]))
-        local = []
+        local: list[str] = []
         with contextlib.suppress(OSError):
-            local = [ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None)]
+            # an IPv4/IPv6 sockaddr's first item is the address string
+            local = [cast(str, ai[4][0]) for ai in socket.getaddrinfo(socket.gethostname(), None)]
         self.policy = Policy(
             allow=allow,
             deny=deny,
@@ -154,7 +156,7 @@ class AcceptableUse:
                 ),
             )
             return
-        addrs = list(dict.fromkeys(ai[4][0] for ai in infos))
+        addrs = list(dict.fromkeys(cast(str, ai[4][0]) for ai in infos))
         if len(self.dns) > _DNS_MAX:
             self.dns.clear()
         self.dns[(name, port)] = (time.monotonic() + _DNS_TTL, addrs)

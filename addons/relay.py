@@ -107,6 +107,7 @@ class Relay:
         if fc is None:
             return
         self._stop_timer(fc)
+        assert flow.response is not None  # responseheaders: the response has arrived
         if not fc.answered:
             stamp(flow.response.headers, fc)
 
@@ -115,6 +116,7 @@ class Relay:
         if fc is None:
             return
         self._stop_timer(fc)
+        assert flow.response is not None  # http_connected: the 200 answer is set
         stamp(flow.response.headers, fc)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:

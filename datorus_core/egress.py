@@ -262,17 +262,6 @@ class Egress:
         if len(self.domains) >= _MAX_DOMAINS_PER_EGRESS:
             self.domains.clear()
 
-    def describe(self, now: float) -> dict[str, Any]:
-        """A JSON-ready view for logs and the CLI."""
-        return {
-            "id": self.id,
-            "url": self.spec.public_url(),
-            "country": self.country,
-            "up": self.up(now),
-            "score": round(self.score, 3),
-            "domains": {d: h.state(now) for d, h in self.domains.items() if h.state(now) != OK},
-        }
-
 
 def egress_from_row(row: tuple) -> Egress:
     """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score)``;
@@ -465,11 +454,6 @@ def domain_health(
         "retryAfterSeconds": None if available or not waits else max(1, int(min(waits) + 0.999)),
         "egress": rows,
     }
-
-
-def is_block_status(status: int, statuses: frozenset[int]) -> bool:
-    """True when *status* is one the operator counts as a block."""
-    return status in statuses
 
 
 def find_marker(body: bytes, markers: tuple[bytes, ...]) -> bytes | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlite_utils
 
@@ -67,7 +67,7 @@ def add_egress(
             "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?)",
             (spec.url, kind, country.lower() if country else None, weight),
         )
-    return {**get_egress(db, int(cur.lastrowid)), "created": True}
+    return {**get_egress(db, int(cast(int, cur.lastrowid))), "created": True}
 
 
 def get_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from .sessions import LEASE_ID_RE
 
 __all__ = ["LEASE_ID_RE", "acquire", "for_account", "new_lease_id", "release"]
 
-MAX_SECONDS = 3600
-DEFAULT_SECONDS = 300
+MAX_SECONDS = 3600  # the longest lease POST /proxies/acquire grants
+DEFAULT_SECONDS = 300  # its lease_duration_seconds when the body names none
 
 ACTIVE_SQL = (
     "SELECT id, account_id, egress_id, expires_at FROM leases"

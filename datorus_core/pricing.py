@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 NANOCENTS_PER_CENT = 10**9
-BYTES_PER_GB = 10**9
 
 
 class Charge(NamedTuple):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import pricing
 from .envelope import DatorusError
@@ -37,7 +37,7 @@ class AccountState:
     topped_up: bool = False
     inflight: int = 0
     allowance: int = 0
-    tunnels: dict[int, Any] = field(default_factory=dict)
+    tunnels: dict[str, Any] = field(default_factory=dict)  # client id -> its open tunnel
 
     def recompute(self, floor_nanocents: int) -> None:
         """Recompute the byte allowance after a balance or price change.
@@ -81,7 +81,7 @@ def utc_day(now: float | None = None) -> str:
     n = int((time.time() if now is None else now) // 86400)
     if n != _DAY[0]:
         _DAY[0], _DAY[1] = n, time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
-    return _DAY[1]
+    return cast(str, _DAY[1])
 
 
 @dataclass(slots=True)
@@ -101,10 +101,10 @@ class UsageBatch:
             cur = self.accounts.setdefault(k, [0, 0, 0, 0])
             for i in range(4):
                 cur[i] += v[i]
-        for k, v in other.daily.items():
-            cur = self.daily.setdefault(k, [0, 0, 0, 0, 0])
+        for dk, dv in other.daily.items():
+            day = self.daily.setdefault(dk, [0, 0, 0, 0, 0])
             for i in range(5):
-                cur[i] += v[i]
+                day[i] += dv[i]
         for k, n in other.credentials.items():
             self.credentials[k] = self.credentials.get(k, 0) + n
         self.receipts[:0] = other.receipts
@@ -168,21 +168,24 @@ class Runtime:
         creds: dict[str, CredentialState] = {}
         pending_cred = self.batch.credentials
         for cid, aid, username, pw_hash, max_bytes, used in credentials:
-            acc = fresh.get(aid)
-            if acc is None:
+            owner = fresh.get(aid)
+            if owner is None:
                 continue
             old = self.by_username.get(username)
             if old is not None and old.id == cid and old.password_hash == pw_hash:
                 cred = old
-                cred.account = acc
+                cred.account = owner
             else:
-                cred = CredentialState(cid, acc, username, pw_hash)
+                cred = CredentialState(cid, owner, username, pw_hash)
             cred.max_bytes = max_bytes
             cred.used = used + pending_cred.get(cid, 0)
             if cred.limiter is None:
-                cred.limiter = Gcra(acc.rps, acc.burst)
-            elif cred.limiter.burst != acc.burst or abs(cred.limiter.interval * acc.rps - 1) > 1e-9:
-                cred.limiter.reconfigure(acc.rps, acc.burst)
+                cred.limiter = Gcra(owner.rps, owner.burst)
+            elif (
+                cred.limiter.burst != owner.burst
+                or abs(cred.limiter.interval * owner.rps - 1) > 1e-9
+            ):
+                cred.limiter.reconfigure(owner.rps, owner.burst)
             creds[username] = cred
         live_ids = {id(c) for c in creds.values()}
         self.verified = {k: c for k, c in self.verified.items() if id(c) in live_ids}

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from .. import leases
 from ..egress import COUNTRY_PATTERN
 from ..ledger import EMAIL_RE
 
@@ -47,7 +48,7 @@ class AcquireIn(BaseModel):
     country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None
     min_score: float | None = Field(default=None, ge=0, le=1)
-    lease_duration_seconds: int = Field(default=300, ge=1, le=3600)
+    lease_duration_seconds: int = Field(default=leases.DEFAULT_SECONDS, ge=1, le=leases.MAX_SECONDS)
 
 
 class CredentialIn(BaseModel):

@@ -1,12 +1,14 @@
-"""The egress pool as seed 002's read-only pool API: ``/proxies``, ``/stats``.
+"""The egress pool as seed 002's pool API: ``/proxies``, ``/stats``, leases and tests.
 
 Every egress the operator added (``datorus egress add``) is a "proxy" here, in seed
 002's shape: upstream proxies with their host and port (never their credentials),
 source addresses with their address. ``status`` is ``unchecked`` before the first
 background check, ``active`` while checks pass, ``dead`` while they fail (its score is
 0 then) and ``disabled`` when the operator disabled it. ``POST /proxies/acquire``
-leases one to the caller alone (``datorus_core.leases``). Sources and
-``POST /proxies/test`` are not built: the pool is the operator's, filled with the CLI.
+leases one to the caller alone (``datorus_core.leases``); ``POST /proxies/test`` sends
+one GET through each of the best matching egress, through the gateway and billed to the
+caller. Proxy-list sources (``/sources``) are not built: the pool is the operator's,
+filled with the CLI.
 """
 
 from __future__ import annotations
