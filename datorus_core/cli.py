@@ -356,7 +356,7 @@ def account_create(
     trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
     emit(
         ledger.create_account(
-            db, email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider
+            db, email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider, verified=True
         )
     )
 
@@ -691,7 +691,7 @@ def quickstart(
 
     settings = _defaults()
     trial = settings["trial_bytes"] if trial_bytes is None else trial_bytes
-    acc = ledger.create_account(db, email, trial)
+    acc = ledger.create_account(db, email, trial, verified=True)
     cred = ledger.create_credential(db, acc["id"], label="quickstart")
     key = create_key(db, acc["id"], "quickstart")
     proxy = f"http://{cred['username']}:{cred['password']}@{_hostport(host, port)}"

@@ -72,8 +72,13 @@ def create_account(
     burst: int | None = None,
     max_tunnels: int | None = None,
     provider: str | None = None,
+    verified: bool = False,
 ) -> dict[str, Any]:
-    """Create an account with its trial grant; ``EMAIL_TAKEN`` if the email exists."""
+    """Create an account with its trial grant; ``EMAIL_TAKEN`` if the email exists.
+
+    *verified*: the operator vouches for the email (the CLI), so no verification mail
+    can grant a second trial; accounts signed up through the API verify to get theirs.
+    """
     email = email.strip()
     if not EMAIL_RE.fullmatch(email):
         raise _validation("email", "must be an email address")
@@ -91,9 +96,10 @@ def create_account(
         raise DatorusError("EMAIL_TAKEN", details={"email": email})
     with transaction(db):
         cur = db.conn.execute(
-            "INSERT INTO accounts (email, provider, price_cents_per_gb, rps, burst, max_tunnels)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (email, provider, price_cents_per_gb, rps, burst, max_tunnels),
+            "INSERT INTO accounts (email, provider, price_cents_per_gb, rps, burst, max_tunnels,"
+            " verified_at) VALUES (?, ?, ?, ?, ?, ?,"
+            " CASE WHEN ? THEN strftime('%Y-%m-%dT%H:%M:%SZ', 'now') END)",
+            (email, provider, price_cents_per_gb, rps, burst, max_tunnels, verified),
         )
         account_id = cur.lastrowid
         db.conn.execute("INSERT INTO balances (account_id) VALUES (?)", (account_id,))

@@ -177,17 +177,21 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
         )
         if cur.rowcount != 1:
             raise DatorusError("TOKEN_USED")
-        db.conn.execute(
+        cur = db.conn.execute(
             "UPDATE accounts SET verified_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
             " WHERE id = ? AND verified_at IS NULL",
             (account_id,),
         )
-        if trial > 0:
+        # the trial comes with the verification that verified the account, never with a
+        # later one, nor for an account the operator made (created verified)
+        if trial > 0 and cur.rowcount == 1:
             db.conn.execute(
                 "INSERT INTO transactions (account_id, kind, trial_bytes, reason, external_id)"
-                " VALUES (?, 'trial_grant', ?, 'free trial (email verified)', ?)"
+                " SELECT ?, 'trial_grant', ?, 'free trial (email verified)', ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM transactions"
+                "                   WHERE account_id = ? AND kind = 'trial_grant')"
                 " ON CONFLICT (external_id) DO NOTHING",
-                (account_id, trial, f"trial:{account_id}"),
+                (account_id, trial, f"trial:{account_id}", account_id),
             )
     return {"verified": True, "account": account_view(db, account_id, settings)}
 

@@ -462,3 +462,20 @@ def test_resend_mails_a_fresh_token(gw: Gateway) -> None:
     assert acc["trial_remaining_bytes"] == 5_000_000
     r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
     assert r.json() == {"sent": False, "verified": True}
+
+
+def test_an_operator_made_account_cannot_mint_a_trial_through_verification(gw: Gateway) -> None:
+    """The operator vouches for the accounts it makes: they are created verified, so a
+    customer's resend sends nothing and no verification can add trial bytes, whether the
+    operator gave a trial or none."""
+    for trial in ("0", "1000"):
+        email = _email()
+        acc = gw.cli("account", "create", email, "--trial-bytes", trial)
+        h = bearer(gw.cli("key", "create", str(acc["id"]))["key"])
+        r = httpx.post(f"{gw.api_url}/auth/verify/resend", headers=h, timeout=30)
+        assert r.status_code == 202 and r.json() == {"sent": False, "verified": True}
+        assert gw.cli("outbox", "--to", email)["items"] == []
+        me = httpx.get(f"{gw.api_url}/account", headers=h, timeout=30).json()
+        assert me["trial_remaining_bytes"] == int(trial)
+        kinds = [t["kind"] for t in gw.cli("balance", "history", str(acc["id"]))["items"]]
+        assert kinds.count("trial_grant") == (1 if trial != "0" else 0)
