@@ -492,7 +492,9 @@ def balance_add(
 @balance_app.command("history")
 def balance_history(
     account_id: str,
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(help="How many, newest first (1-10000).", min=1, max=10_000)
+    ] = 50,
 ) -> None:
     """An account's transactions, newest first."""
     aid = _int("account_id", account_id)
@@ -554,7 +556,9 @@ def policy_list() -> None:
 @app.command()
 def outbox(
     to: Annotated[str | None, typer.Option("--to", help="Only mail to this address.")] = None,
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    limit: Annotated[
+        int, typer.Option(help="How many, newest first (1-10000).", min=1, max=10_000)
+    ] = 20,
 ) -> None:
     """Mail Datorus sent or queued (the outbox), newest first, with bodies."""
     from .api.mail import list_outbox

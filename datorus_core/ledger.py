@@ -53,14 +53,38 @@ def _validation(field: str, reason: str) -> DatorusError:
     return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
 
 
+# Upper bounds that keep every amount an exact 64-bit integer in the ledger (SQLite
+# INTEGER; nanocents = cents x 10^9) with room to spare, and say so instead of overflowing.
+LIMITS = {
+    "trial_bytes": 10**15,  # 1 PB
+    "price_cents_per_gb": 10**6,  # $10,000 a GB
+    "rps": 10**6,
+    "burst": 10**6,
+    "max_tunnels": 10**6,
+    "max_bytes": 10**18,
+    "cents": 10**9,  # $10 million in one top-up or correction
+}
+MAX_BALANCE_CENTS = 10**9  # $10 million: 10^18 nanocents, well inside 2^63
+
+
+def _bounded(field: str, value: int) -> None:
+    top = LIMITS.get(field)
+    if top is not None and abs(value) > top:
+        raise _validation(field, f"must be at most {top:,}".replace(",", "_"))
+
+
 def _non_negative(field: str, value: int | None) -> None:
     if value is not None and value < 0:
         raise _validation(field, "must be >= 0")
+    if value is not None:
+        _bounded(field, value)
 
 
 def _positive(field: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise _validation(field, "must be > 0")
+    if value is not None:
+        _bounded(field, value)
 
 
 def create_account(
@@ -202,8 +226,8 @@ def create_credential(
     label: str | None = None,
 ) -> dict[str, Any]:
     """A new proxy credential; the password is returned this once and stored hashed."""
+    _positive("max_bytes", max_bytes)  # the input first, then whether the account exists
     _account_row(db, account_id)
-    _positive("max_bytes", max_bytes)
     username, password = new_username(), new_password()
     with transaction(db):
         cur = db.conn.execute(
@@ -276,11 +300,21 @@ def add_balance(
     Returns the new balance and whether this call applied it (False when the
     external id had already been credited).
     """
-    _account_row(db, account_id)
     if kind == "topup" and cents <= 0:
         raise _validation("cents", "a top-up must be > 0 cents")
+    _bounded("cents", cents)  # the input first, then whether the account exists
+    _account_row(db, account_id)
     applied = True
     with transaction(db):
+        (held,) = db.conn.execute(
+            "SELECT COALESCE((SELECT nanocents FROM balances WHERE account_id = ?), 0)",
+            (account_id,),
+        ).fetchone()
+        if (
+            held + cents * pricing.NANOCENTS_PER_CENT
+            > MAX_BALANCE_CENTS * pricing.NANOCENTS_PER_CENT
+        ):
+            raise _validation("cents", f"the balance may hold at most {MAX_BALANCE_CENTS} cents")
         cur = db.conn.execute(
             "INSERT INTO transactions (account_id, kind, nanocents, reason, external_id)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (external_id) DO NOTHING",
@@ -310,6 +344,7 @@ def correct_balance(
     _account_row(db, account_id)
     if cents >= 0:
         raise _validation("cents", "a correction must be < 0 cents")
+    _bounded("cents", cents)
     if not reason.strip():
         raise _validation("reason", "is required for a correction (a negative amount)")
     delta = cents * pricing.NANOCENTS_PER_CENT

@@ -244,6 +244,23 @@ def test_help_is_plain_text_and_flags_take_no_value(db: Path) -> None:
         (("policy", "allow", "10.0.0.0/99"), "VALIDATION_ERROR", None),
         (("egress", "add", "ftp://proxy.example:21"), "VALIDATION_ERROR", "url"),
         (("no-such-command",), "VALIDATION_ERROR", "command"),
+        # amounts that would not fit the ledger's exact 64-bit integers: refused, not crashed
+        (("balance", "add", "1", "10000000000"), "VALIDATION_ERROR", "cents"),
+        (("balance", "add", "1", "99999999999999999999999"), "VALIDATION_ERROR", "cents"),
+        (
+            ("account", "create", "big@example.com", "--trial-bytes", "9" * 23),
+            "VALIDATION_ERROR",
+            "trial_bytes",
+        ),
+        (
+            ("account", "create", "big@example.com", "--price-cents-per-gb", str(2**63 - 1)),
+            "VALIDATION_ERROR",
+            "price_cents_per_gb",
+        ),
+        (("account", "create", "big@example.com", "--rps", "9" * 23), "VALIDATION_ERROR", "rps"),
+        (("credential", "create", "1", "--max-bytes", "9" * 23), "VALIDATION_ERROR", "max_bytes"),
+        (("balance", "history", "1", "--limit", "9" * 23), "VALIDATION_ERROR", None),
+        (("balance", "history", "1", "--limit", "-1"), "VALIDATION_ERROR", None),
     ],
 )
 def test_failures_are_the_envelope_on_stderr(db: Path, args, code, field) -> None:
@@ -495,3 +512,17 @@ def test_settings_name_each_value_and_where_it_came_from(db: Path) -> None:
     # a bad value stops it with a message naming the setting
     message = error(db, "settings", env={**env, "DATORUS_RPS": "fast"})
     assert "datorus_rps" in message
+
+
+def test_a_balance_stays_an_exact_integer_at_its_cap(tmp_path: Path) -> None:
+    """Top-ups past the cap are refused: the balance never leaves exact integers."""
+    db = tmp_path / "cap.db"
+    (tmp_path / "mitm.conf").write_text(CONF)
+    ok(db, "init")
+    acc = ok(db, "account", "create", "cap@example.com")
+    ok(db, "balance", "add", str(acc["id"]), "999999999")
+    ok(db, "balance", "add", str(acc["id"]), "1")
+    err = json.loads(run(db, "balance", "add", str(acc["id"]), "1", "--json").stderr)["error"]
+    assert err["code"] == "VALIDATION_ERROR" and err["details"]["field"] == "cents"
+    shown = ok(db, "account", "show", str(acc["id"]))
+    assert shown["balanceCents"] == 10**9 and shown["balanceNanocents"] == 10**18
