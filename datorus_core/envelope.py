@@ -165,3 +165,29 @@ def proxy_status(code: str) -> str:
     """The RFC 9209 ``Proxy-Status`` value that names *code* for clients that drop bodies."""
     kind = CODES[code].proxy_status or "proxy_internal_error"
     return f'datorus; error={kind}; details="{code}"'
+
+
+def has_control(text: str) -> bool:
+    """Whether *text* holds a C0 or C1 control character (CR, LF, ESC, NUL, DEL...)."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+def control_free(field: str, value: str | None) -> str | None:
+    r"""*value* unchanged when it holds no control character (CR, LF, ESC, NUL...), else a
+    ``VALIDATION_ERROR`` naming *field*: free text a customer or operator types (labels,
+    reasons, names) is shown in tables, terminals and mail, never as raw control bytes.
+
+    >>> control_free("label", "office laptop")
+    'office laptop'
+    >>> try:
+    ...     control_free("label", "x\r\nInjected")
+    ... except DatorusError as e:
+    ...     print(e.code, e.details)
+    VALIDATION_ERROR {'field': 'label', 'reason': 'must not contain control characters'}
+    """
+    if value is not None and has_control(value):
+        raise DatorusError(
+            "VALIDATION_ERROR",
+            details={"field": field, "reason": "must not contain control characters"},
+        )
+    return value

@@ -16,7 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from . import pricing
-from .envelope import DatorusError
+from .envelope import DatorusError, control_free
 from .hashing import hash_secret, new_password, new_username
 from .schema import connect, migrate
 
@@ -227,6 +227,7 @@ def create_credential(
 ) -> dict[str, Any]:
     """A new proxy credential; the password is returned this once and stored hashed."""
     _positive("max_bytes", max_bytes)  # the input first, then whether the account exists
+    control_free("label", label)
     _account_row(db, account_id)
     username, password = new_username(), new_password()
     with transaction(db):
@@ -303,6 +304,7 @@ def add_balance(
     if kind == "topup" and cents <= 0:
         raise _validation("cents", "a top-up must be > 0 cents")
     _bounded("cents", cents)  # the input first, then whether the account exists
+    control_free("reason", reason)
     _account_row(db, account_id)
     applied = True
     with transaction(db):
@@ -345,6 +347,7 @@ def correct_balance(
     if cents >= 0:
         raise _validation("cents", "a correction must be < 0 cents")
     _bounded("cents", cents)
+    control_free("reason", reason)
     if not reason.strip():
         raise _validation("reason", "is required for a correction (a negative amount)")
     delta = cents * pricing.NANOCENTS_PER_CENT

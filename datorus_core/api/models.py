@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from .. import leases
 from ..egress import COUNTRY_PATTERN
+from ..envelope import has_control
 from ..ledger import EMAIL_RE
+
+
+def _control_free(v: str | None) -> str | None:
+    if v is not None and has_control(v):
+        raise ValueError("must not contain control characters")
+    return v
+
+
+# free text a customer types: shown in the operator's tables and terminals, and in mail
+Label = Annotated[str | None, Field(default=None, max_length=100), AfterValidator(_control_free)]
 
 MIN_TOPUP_CENTS = 50  # Stripe's smallest USD charge
 MAX_TOPUP_CENTS = 1_000_000
@@ -18,7 +29,7 @@ class RegisterIn(BaseModel):
     """``POST /auth/register``."""
 
     email: str = Field(max_length=254, examples=["user@example.com"])
-    display_name: str | None = Field(default=None, max_length=100, examples=["Alice"])
+    display_name: Label = Field(default=None, examples=["Alice"])
 
     @field_validator("email")
     @classmethod
@@ -38,7 +49,7 @@ class VerifyIn(BaseModel):
 class KeyIn(BaseModel):
     """``POST /auth/keys``."""
 
-    label: str | None = Field(default=None, max_length=100)
+    label: Label = None
 
 
 class AcquireIn(BaseModel):
@@ -54,7 +65,7 @@ class AcquireIn(BaseModel):
 class CredentialIn(BaseModel):
     """``POST /account/credentials``."""
 
-    label: str | None = Field(default=None, max_length=100)
+    label: Label = None
     max_bytes: int | None = Field(default=None, ge=1, le=2**62, description="Byte cap.")
 
 

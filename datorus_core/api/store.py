@@ -18,7 +18,7 @@ from typing import Any
 import sqlite_utils
 
 from .. import ledger, pricing
-from ..envelope import DatorusError
+from ..envelope import DatorusError, control_free
 from ..schema import connect, migrate
 from ..settings import public_base
 from . import keys, mail, tokens
@@ -236,6 +236,7 @@ def _or(value: Any, default: Any) -> Any:
 
 def create_key(db: sqlite_utils.Database, account_id: int, label: str | None) -> dict[str, Any]:
     """A new key for the account; the only time the raw key is returned."""
+    control_free("label", label)
     key = keys.new_key()
     with ledger.transaction(db):
         cur = db.conn.execute(

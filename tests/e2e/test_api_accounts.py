@@ -479,3 +479,37 @@ def test_an_operator_made_account_cannot_mint_a_trial_through_verification(gw: G
         assert me["trial_remaining_bytes"] == int(trial)
         kinds = [t["kind"] for t in gw.cli("balance", "history", str(acc["id"]))["items"]]
         assert kinds.count("trial_grant") == (1 if trial != "0" else 0)
+
+
+@pytest.mark.parametrize("text", ["a\r\nInjected: 1", "x\x1b[2J", "nul\x00", "tab\tbed", "c1\x9b"])
+def test_free_text_with_control_characters_is_refused_everywhere(gw: Gateway, text: str) -> None:
+    """Labels and names a customer types end up in the operator's tables and terminal:
+    any control character is a 400 naming the field, and nothing is stored."""
+    account_id, _, key = _verified(gw)
+    h = bearer(key)
+    before = len(gw.cli("credential", "list", str(account_id))["items"])
+    for path, body, field in (
+        ("/account/credentials", {"label": text}, "label"),
+        ("/auth/keys", {"label": text}, "label"),
+    ):
+        r = httpx.post(f"{gw.api_url}{path}", json=body, headers=h, timeout=30)
+        err = assert_api_error(r, 400, "VALIDATION_ERROR")
+        assert err["details"]["field"] == field, err
+    r = httpx.post(
+        f"{gw.api_url}/auth/register", json={"email": _email(), "display_name": text}, timeout=30
+    )
+    assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == "display_name"
+    assert len(gw.cli("credential", "list", str(account_id))["items"]) == before
+    cli_args = (
+        ()
+        if "\x00" in text
+        else (  # no NUL can reach a command line
+            ("credential", "create", str(account_id), "--label", text),
+            ("key", "create", str(account_id), "--label", text),
+            ("balance", "add", str(account_id), "5", "--reason", text),
+        )
+    )
+    for args in cli_args:
+        err = gw.cli(*args, check=False)["error"]
+        assert err["code"] == "VALIDATION_ERROR" and err["details"]["field"] in ("label", "reason")
+    assert len(gw.cli("credential", "list", str(account_id))["items"]) == before
