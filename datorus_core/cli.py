@@ -22,7 +22,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import ledger, pricing
-from .envelope import DatorusError, envelope
+from .envelope import DatorusError, envelope, validation_error
 from .settings import (
     SETTINGS,
     SettingsError,
@@ -189,16 +189,14 @@ def _int(field: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": field, "reason": "must be a whole number"}
-        ) from None
+        raise validation_error(field, "must be a whole number") from None
 
 
 def _settings_error(e: SettingsError) -> DatorusError:
-    return DatorusError(
-        "VALIDATION_ERROR",
-        message=f"The settings are invalid: {e}. Fix the file or the DATORUS_* variable.",
-        details={"field": "settings", "reason": str(e)},
+    return validation_error(
+        "settings",
+        str(e),
+        f"The settings are invalid: {e}. Fix the file or the DATORUS_* variable.",
     )
 
 
@@ -251,11 +249,11 @@ def _cannot_create(path: str) -> DatorusError | None:
         reason = f"the folder {folder} is not writable"
     if reason is None:
         return None
-    return DatorusError(
-        "VALIDATION_ERROR",
-        message=f"Cannot create the ledger at {path}: {reason}. Create it, or name another"
+    return validation_error(
+        "db",
+        reason,
+        f"Cannot create the ledger at {path}: {reason}. Create it, or name another"
         " path with --db PATH.",
-        details={"field": "db", "reason": reason},
     )
 
 
@@ -349,9 +347,7 @@ def account_create(
     Without a price or limit of its own, an account uses the gateway's defaults.
     """
     if provider is not None and provider not in ("google", "github"):
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "provider", "reason": "must be google or github"}
-        )
+        raise validation_error("provider", "must be google or github")
     db = _db()
     trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
     emit(
@@ -478,10 +474,10 @@ def balance_add(
     aid, amount = _int("account_id", account_id), _int("cents", cents)
     if amount < 0:
         if not (reason or "").strip():
-            raise DatorusError(
-                "VALIDATION_ERROR",
-                message="A negative CENTS is a correction and needs a reason: add --reason TEXT.",
-                details={"field": "reason", "reason": "is required for a correction"},
+            raise validation_error(
+                "reason",
+                "is required for a correction",
+                "A negative CENTS is a correction and needs a reason: add --reason TEXT.",
             )
         result = ledger.correct_balance(db, aid, amount, reason or "")
     else:
@@ -509,7 +505,7 @@ def usage(
 ) -> None:
     """Requests, bytes and charges of an account."""
     if by not in (None, "day"):
-        raise DatorusError("VALIDATION_ERROR", details={"field": "by", "reason": "must be day"})
+        raise validation_error("by", "must be day")
     result = ledger.usage(_db(), _int("account_id", account_id), by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
@@ -539,9 +535,7 @@ def policy_deny(rule: str) -> None:
 def policy_remove(action: str, rule: str) -> None:
     """Remove an allow or deny rule: 'policy remove allow 10.0.0.0/8'."""
     if action not in ("allow", "deny"):
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "action", "reason": "must be allow or deny"}
-        )
+        raise validation_error("action", "must be allow or deny")
     emit(ledger.remove_policy_rule(_db(), action, rule))
 
 
@@ -677,15 +671,11 @@ def quickstart(
     password and the key are shown this once.
     """
     if not 0 < port < 65536:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
-        )
+        raise validation_error("port", "must be 1-65535")
     from urllib.parse import urlsplit
 
     if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "target", "reason": "must be an http(s) URL"}
-        )
+        raise validation_error("target", "must be an http(s) URL")
     db = _db()
     from .api.store import create_key
 
@@ -745,9 +735,7 @@ def api_serve(
     settings["api_host"] = host or settings["api_host"]
     settings["api_port"] = settings["api_port"] if port is None else port
     if not 0 < settings["api_port"] < 65536:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
-        )
+        raise validation_error("port", "must be 1-65535")
     app_ = create_app(settings)
     print(
         f"datorus: REST API on http://{settings['api_host']}:{settings['api_port']}",
@@ -910,9 +898,7 @@ def _usage_error(e: Exception) -> tuple[DatorusError, str]:
     ctx = getattr(e, "ctx", None)
     command = ctx.command_path if ctx is not None else "datorus"
     human = f"{msg.rstrip('.')}. See '{command} --help'."
-    err = DatorusError(
-        "VALIDATION_ERROR", message=msg, details={"field": str(field).lstrip("-"), "reason": msg}
-    )
+    err = validation_error(str(field).lstrip("-"), msg, msg)
     return err, human
 
 

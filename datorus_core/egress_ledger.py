@@ -8,23 +8,19 @@ not bump the version.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlite_utils
 
+from .clock import iso_utc
 from .egress import parse_egress_url, valid_country
-from .envelope import DatorusError
+from .envelope import DatorusError, validation_error
 from .ledger import transaction
 
 _COLUMNS = (
     "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
     " anonymity, last_checked_at, created_at"
 )
-
-
-def _validation(field: str, reason: str) -> DatorusError:
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
@@ -53,11 +49,11 @@ def add_egress(
     try:
         spec = parse_egress_url(url)
     except ValueError as e:
-        raise _validation("url", str(e)) from None
+        raise validation_error("url", str(e)) from None
     if country is not None and not valid_country(country):
-        raise _validation("country", "must be a two-letter country code")
+        raise validation_error("country", "must be a two-letter country code")
     if weight < 1:
-        raise _validation("weight", "must be >= 1")
+        raise validation_error("weight", "must be >= 1")
     kind = "source" if spec.kind == "direct" and (spec.source or spec.prefix) else spec.kind
     with transaction(db):
         exists = db.conn.execute("SELECT id FROM egress WHERE url = ?", (spec.url,)).fetchone()
@@ -93,7 +89,7 @@ def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
             (egress_id, int(time.time())),
         ).fetchone()
         if until is not None:
-            raise _validation("egress", f"leased until {iso_utc(until)}: disable it instead")
+            raise validation_error("egress", f"leased until {iso_utc(until)}: disable it instead")
         cur = db.conn.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
     if cur.rowcount == 0:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
@@ -122,8 +118,3 @@ def recent_checks(
             [egress_id, limit],
         )
     )
-
-
-def iso_utc(ts: int) -> str:
-    """Unix seconds as ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -12,12 +12,12 @@ lease is charged exactly once.
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlite_utils
 
 from . import pricing
+from .clock import iso_utc
 from .egress import parse_egress_url
 from .envelope import DatorusError
 from .ledger import transaction
@@ -37,11 +37,6 @@ ACTIVE_SQL = (
 def new_lease_id() -> str:
     """A lease id: ``ls`` + 24 hex digits (no ``-``, so it can ride in a username)."""
     return "ls" + secrets.token_hex(12)
-
-
-def iso(ts: int) -> str:
-    """Unix seconds as the API's ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _leasable(row: dict[str, Any]) -> bool:
@@ -75,7 +70,7 @@ def view(lease: dict[str, Any], egress: dict[str, Any]) -> dict[str, Any]:
             "exit_ip": egress["exit_ip"],
         },
         "created_at": lease["created_at"],
-        "expires_at": iso(lease["expires_at"]),
+        "expires_at": iso_utc(lease["expires_at"]),
         "use": {"header": "X-Datorus-Lease-Id", "username_option": f"-lease-{lease['id']}"},
     }
 

@@ -16,7 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from . import pricing
-from .envelope import DatorusError
+from .envelope import DatorusError, validation_error
 from .hashing import hash_secret, new_password, new_username
 from .schema import connect, migrate
 
@@ -49,18 +49,14 @@ def open_ledger(path: str | Path, create: bool = True) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
-def _validation(field: str, reason: str) -> DatorusError:
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
-
-
 def _non_negative(field: str, value: int | None) -> None:
     if value is not None and value < 0:
-        raise _validation(field, "must be >= 0")
+        raise validation_error(field, "must be >= 0")
 
 
 def _positive(field: str, value: int | None) -> None:
     if value is not None and value <= 0:
-        raise _validation(field, "must be > 0")
+        raise validation_error(field, "must be > 0")
 
 
 def create_account(
@@ -76,7 +72,7 @@ def create_account(
     """Create an account with its trial grant; ``EMAIL_TAKEN`` if the email exists."""
     email = email.strip()
     if not EMAIL_RE.fullmatch(email):
-        raise _validation("email", "must be an email address")
+        raise validation_error("email", "must be an email address")
     _non_negative("trial_bytes", trial_bytes)
     _non_negative("price_cents_per_gb", price_cents_per_gb)
     _positive("rps", rps)
@@ -272,7 +268,7 @@ def add_balance(
     """
     _account_row(db, account_id)
     if kind == "topup" and cents <= 0:
-        raise _validation("cents", "a top-up must be > 0 cents")
+        raise validation_error("cents", "a top-up must be > 0 cents")
     applied = True
     with transaction(db):
         cur = db.conn.execute(
@@ -303,9 +299,9 @@ def correct_balance(
     """
     _account_row(db, account_id)
     if cents >= 0:
-        raise _validation("cents", "a correction must be < 0 cents")
+        raise validation_error("cents", "a correction must be < 0 cents")
     if not reason.strip():
-        raise _validation("reason", "is required for a correction (a negative amount)")
+        raise validation_error("reason", "is required for a correction (a negative amount)")
     delta = cents * pricing.NANOCENTS_PER_CENT
     with transaction(db):
         row = db.conn.execute(
@@ -464,7 +460,7 @@ def parse_rule_target(spec: str, action: str) -> tuple[str, int | None]:
     try:
         return parse_rule(spec, allow_domains=(action == "deny"))
     except ValueError as e:
-        raise _validation("rule", str(e)) from None
+        raise validation_error("rule", str(e)) from None
 
 
 def add_policy_rule(db: sqlite_utils.Database, action: str, spec: str) -> dict[str, Any]:

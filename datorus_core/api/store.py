@@ -18,7 +18,8 @@ from typing import Any
 import sqlite_utils
 
 from .. import ledger, pricing
-from ..envelope import DatorusError
+from ..clock import iso_utc
+from ..envelope import DatorusError, validation_error
 from ..schema import connect, migrate
 from ..settings import public_base
 from . import keys, mail, tokens
@@ -43,11 +44,6 @@ class ApiKeyError(DatorusError):
     def status(self) -> int:
         """401, not the proxy's 407."""
         return 401
-
-
-def validation(field: str, reason: str) -> DatorusError:
-    """A ``VALIDATION_ERROR`` naming *field* and *reason*."""
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
 
 
 def not_found(kind: str, ident: Any) -> DatorusError:
@@ -167,7 +163,7 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
     if row[3] is not None:
         raise DatorusError("TOKEN_USED")
     if time.time() >= expires:
-        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": _iso(expires)})
+        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": iso_utc(expires)})
     trial = int(settings.get("trial_bytes", 0))
     with ledger.transaction(db):
         cur = db.conn.execute(
@@ -190,10 +186,6 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
                 (account_id, trial, f"trial:{account_id}"),
             )
     return {"verified": True, "account": account_view(db, account_id, settings)}
-
-
-def _iso(ts: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def account_view(db: sqlite_utils.Database, account_id: int, settings: dict[str, Any]) -> dict:
@@ -266,7 +258,7 @@ def authenticate(db: sqlite_utils.Database, header: str | None) -> dict[str, Any
     ).fetchone()
     if row is None:
         raise ApiKeyError()
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = iso_utc()
     if row[2] != now:  # at most one write per key per second
         db.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, row[0]))
     acc = account_row(db, row[1])
@@ -314,7 +306,7 @@ def decode_cursor(cursor: str | None) -> int:
             raise ValueError
         return after
     except (ValueError, TypeError, KeyError, UnicodeError):
-        raise validation("cursor", "not a cursor this API returned") from None
+        raise validation_error("cursor", "not a cursor this API returned") from None
 
 
 def page(

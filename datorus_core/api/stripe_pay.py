@@ -19,9 +19,9 @@ import sqlite_utils
 import stripe
 
 from .. import ledger, pricing
-from ..envelope import DatorusError
+from ..envelope import DatorusError, validation_error
 from ..settings import public_base
-from .store import Store, account_row, validation
+from .store import Store, account_row
 
 log = logging.getLogger("datorus.stripe")
 
@@ -93,7 +93,9 @@ class Payments:
                     details={"reason": "stripe answered 404"},
                 ) from None
             field = e.param or missing_field or "body"
-            raise validation(field, e.user_message or "refused by the payment provider") from None
+            raise validation_error(
+                field, e.user_message or "refused by the payment provider"
+            ) from None
         except stripe.AuthenticationError:
             raise DatorusError(
                 "SERVICE_UNAVAILABLE",
@@ -185,7 +187,7 @@ class Payments:
                 return {**json.loads(row[0]), "replayed": True}
         pm = payment_method or account.get("stripe_payment_method")
         if not pm:
-            raise validation("payment_method", "no saved card: POST /account/cards first")
+            raise validation_error("payment_method", "no saved card: POST /account/cards first")
         customer = self._customer(db, account)
         currency = self.settings.get("stripe_currency") or "usd"
         intent = self._call(
@@ -276,9 +278,9 @@ class Payments:
             event = json.loads(payload)
             event_id, etype, obj = event["id"], event["type"], event["data"]["object"]
         except stripe.SignatureVerificationError:
-            raise validation("Stripe-Signature", "signature verification failed") from None
+            raise validation_error("Stripe-Signature", "signature verification failed") from None
         except (ValueError, KeyError, TypeError, UnicodeError):
-            raise validation("body", "not a Stripe event") from None
+            raise validation_error("body", "not a Stripe event") from None
         found = _payment_of(etype, obj)
         if found is None:
             return {"received": True, "credited": False, "reason": "ignored event type"}
