@@ -1,4 +1,4 @@
-"""``datorus``: the operator CLI (Typer over sqlite-utils).
+"""``datorus``: the operator CLI (Typer over the ledger package).
 
 Every command takes ``--db PATH`` (else ``DATORUS_DB``, else ``db`` in the settings
 file, else ``./datorus.db``) and ``--json``, anywhere on the command line. With
@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -21,8 +20,10 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from . import ledger, pricing
+from . import pricing
 from .envelope import DatorusError, envelope, validation_error
+from .ledger import DatabaseError, accounts, money, open_ledger, policy_rules
+from .ledger import usage as ledger_usage
 from .settings import (
     SETTINGS,
     SettingsError,
@@ -267,8 +268,8 @@ def _db(create: bool = False):
         if err is not None:
             raise err
     try:
-        return ledger.open_ledger(path, create=True)
-    except sqlite3.Error as e:
+        return open_ledger(path, create=True)
+    except DatabaseError as e:
         raise DatorusError(
             "SERVICE_UNAVAILABLE",
             message=f"Cannot open the ledger at {path}: {e}.",
@@ -295,7 +296,7 @@ def init() -> None:
     path, _ = ledger_path()
     created = _is_file(path) and not os.path.exists(path)
     db = _db(create=True)
-    version = db.conn.execute("PRAGMA user_version").fetchone()[0]
+    version = db.schema_version()
     emit(
         {"db": path, "schemaVersion": version, "created": created},
         lambda r: (
@@ -351,7 +352,7 @@ def account_create(
     db = _db()
     trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
     emit(
-        ledger.create_account(
+        accounts.create_account(
             db, email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider
         )
     )
@@ -360,7 +361,7 @@ def account_create(
 @account_app.command("show")
 def account_show(account_id: str) -> None:
     """One account: trial bytes left, balance, usage, and its price and limits in effect."""
-    _show_effective(ledger.show_account(_db(), _int("id", account_id)))
+    _show_effective(accounts.show_account(_db(), _int("id", account_id)))
 
 
 @account_app.command("list")
@@ -379,7 +380,7 @@ def account_list() -> None:
             "chargedNanocents": r["charged_nanocents"],
             "toppedUp": bool(r["topped_up"]),
         }
-        for r in ledger.list_accounts(_db())
+        for r in accounts.list_accounts(_db())
     ]
     emit(
         {"items": rows},
@@ -399,7 +400,7 @@ def account_list() -> None:
 
 
 def _set_status(account_id: str, status: str) -> None:
-    emit(ledger.set_status(_db(), _int("id", account_id), status))
+    emit(accounts.set_status(_db(), _int("id", account_id), status))
 
 
 @account_app.command("suspend")
@@ -427,7 +428,7 @@ def account_set(
     Values not given stay as they are. It prints the account with the values in effect.
     """
     _show_effective(
-        ledger.set_limits(
+        accounts.set_limits(
             _db(), _int("id", account_id), price_cents_per_gb, rps, burst, max_tunnels
         )
     )
@@ -440,20 +441,20 @@ def credential_create(
     label: Annotated[str | None, typer.Option(help="A name for the credential.")] = None,
 ) -> None:
     """Create a proxy credential; the password is shown this once."""
-    emit(ledger.create_credential(_db(), _int("account_id", account_id), max_bytes, label))
+    emit(accounts.create_credential(_db(), _int("account_id", account_id), max_bytes, label))
 
 
 @credential_app.command("list")
 def credential_list(account_id: str) -> None:
     """An account's credentials (never their passwords)."""
-    rows = ledger.list_credentials(_db(), _int("account_id", account_id))
+    rows = accounts.list_credentials(_db(), _int("account_id", account_id))
     emit({"items": rows}, _items())
 
 
 @credential_app.command("revoke")
 def credential_revoke(username: str) -> None:
     """Revoke a credential (a running gateway refuses it within 2 s)."""
-    emit(ledger.revoke_credential(_db(), username))
+    emit(accounts.revoke_credential(_db(), username))
 
 
 @balance_app.command("add", context_settings={"ignore_unknown_options": True})
@@ -479,9 +480,9 @@ def balance_add(
                 "is required for a correction",
                 "A negative CENTS is a correction and needs a reason: add --reason TEXT.",
             )
-        result = ledger.correct_balance(db, aid, amount, reason or "")
+        result = money.correct_balance(db, aid, amount, reason or "")
     else:
-        result = ledger.add_balance(db, aid, amount, reason or "operator top-up")
+        result = money.add_balance(db, aid, amount, reason or "operator top-up")
     emit({k: result[k] for k in ("id", "balanceCents", "balanceNanocents", "kind")})
 
 
@@ -492,7 +493,7 @@ def balance_history(
 ) -> None:
     """An account's transactions, newest first."""
     aid = _int("account_id", account_id)
-    rows = ledger.transactions(_db(), aid, limit)
+    rows = money.transactions(_db(), aid, limit)
     emit({"id": aid, "items": rows}, _items())
 
 
@@ -506,7 +507,7 @@ def usage(
     """Requests, bytes and charges of an account."""
     if by not in (None, "day"):
         raise validation_error("by", "must be day")
-    result = ledger.usage(_db(), _int("account_id", account_id), by_day=by == "day")
+    result = ledger_usage.usage(_db(), _int("account_id", account_id), by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
     else:
@@ -516,19 +517,19 @@ def usage(
 @app.command()
 def receipt(request_id: str) -> None:
     """The receipt of one request, by its X-Datorus-Request-Id."""
-    emit(ledger.receipt(_db(), request_id))
+    emit(ledger_usage.receipt(_db(), request_id))
 
 
 @policy_app.command("allow")
 def policy_allow(rule: str) -> None:
     """Allow a destination CIDR[:PORT] despite the built-in denials."""
-    emit(ledger.add_policy_rule(_db(), "allow", rule))
+    emit(policy_rules.add_policy_rule(_db(), "allow", rule))
 
 
 @policy_app.command("deny")
 def policy_deny(rule: str) -> None:
     """Deny a destination DOMAIN_OR_CIDR[:PORT]."""
-    emit(ledger.add_policy_rule(_db(), "deny", rule))
+    emit(policy_rules.add_policy_rule(_db(), "deny", rule))
 
 
 @policy_app.command("remove")
@@ -536,13 +537,13 @@ def policy_remove(action: str, rule: str) -> None:
     """Remove an allow or deny rule: 'policy remove allow 10.0.0.0/8'."""
     if action not in ("allow", "deny"):
         raise validation_error("action", "must be allow or deny")
-    emit(ledger.remove_policy_rule(_db(), action, rule))
+    emit(policy_rules.remove_policy_rule(_db(), action, rule))
 
 
 @policy_app.command("list")
 def policy_list() -> None:
     """Every operator policy rule."""
-    emit({"items": ledger.list_policy_rules(_db())}, _items())
+    emit({"items": policy_rules.list_policy_rules(_db())}, _items())
 
 
 @app.command()
@@ -634,7 +635,7 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
         s = _defaults()
         allow = [parse_rule(x, allow_domains=False) for x in s["allow"]]
         deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
-        for r in ledger.list_policy_rules(db):
+        for r in policy_rules.list_policy_rules(db):
             (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
         policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], [(host, port)])
         denial = policy.check_address(ip, tport)
@@ -681,8 +682,8 @@ def quickstart(
 
     settings = _defaults()
     trial = settings["trial_bytes"] if trial_bytes is None else trial_bytes
-    acc = ledger.create_account(db, email, trial)
-    cred = ledger.create_credential(db, acc["id"], label="quickstart")
+    acc = accounts.create_account(db, email, trial)
+    cred = accounts.create_credential(db, acc["id"], label="quickstart")
     key = create_key(db, acc["id"], "quickstart")
     proxy = f"http://{cred['username']}:{cred['password']}@{_hostport(host, port)}"
     base = (api_url or public_base(settings)).rstrip("/")
@@ -910,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args, prog_name="datorus", standalone_mode=False)
     except DatorusError as e:
         fail(e, _command_of(args))
-    except sqlite3.Error as e:
+    except DatabaseError as e:
         path = RUN.db or "the ledger"
         fail(
             DatorusError(

@@ -10,12 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import sqlite_utils
-
 from .clock import iso_utc
 from .egress import parse_egress_url, valid_country
 from .envelope import DatorusError, validation_error
-from .ledger import transaction
+from .ledger import Ledger
 
 _COLUMNS = (
     "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
@@ -42,9 +40,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def add_egress(
-    db: sqlite_utils.Database, url: str, country: str | None = None, weight: int = 1
-) -> dict[str, Any]:
+def add_egress(db: Ledger, url: str, country: str | None = None, weight: int = 1) -> dict[str, Any]:
     """Add an egress; idempotent (the same URL again returns it with ``created: false``)."""
     try:
         spec = parse_egress_url(url)
@@ -55,7 +51,7 @@ def add_egress(
     if weight < 1:
         raise validation_error("weight", "must be >= 1")
     kind = "source" if spec.kind == "direct" and (spec.source or spec.prefix) else spec.kind
-    with transaction(db):
+    with db.transaction():
         exists = db.conn.execute("SELECT id FROM egress WHERE url = ?", (spec.url,)).fetchone()
         if exists:
             return {**get_egress(db, int(exists[0])), "created": False}
@@ -66,7 +62,7 @@ def add_egress(
     return {**get_egress(db, int(cur.lastrowid)), "created": True}
 
 
-def get_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+def get_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """One egress; RESOURCE_NOT_FOUND if there is none."""
     rows = list(db.query(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", [egress_id]))
     if not rows:
@@ -74,15 +70,15 @@ def get_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
     return _row(rows[0])
 
 
-def list_egress(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+def list_egress(db: Ledger) -> list[dict[str, Any]]:
     """Every egress, passwords hidden."""
     return [_row(r) for r in db.query(f"SELECT {_COLUMNS} FROM egress ORDER BY id")]
 
 
-def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+def remove_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """Remove an egress and its check history; refused while a customer holds a paid lease
     on it (disable it instead: the holder then gets 502 until the lease ends)."""
-    with transaction(db):
+    with db.transaction():
         (until,) = db.conn.execute(
             "SELECT MAX(expires_at) FROM leases"
             " WHERE egress_id = ? AND released_at IS NULL AND expires_at > ?",
@@ -96,9 +92,9 @@ def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
     return {"id": egress_id, "removed": True}
 
 
-def set_enabled(db: sqlite_utils.Database, egress_id: int, enabled: bool) -> dict[str, Any]:
+def set_enabled(db: Ledger, egress_id: int, enabled: bool) -> dict[str, Any]:
     """Enable or disable an egress (a disabled one carries no new request)."""
-    with transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "UPDATE egress SET enabled = ? WHERE id = ?", (1 if enabled else 0, egress_id)
         )
@@ -107,9 +103,7 @@ def set_enabled(db: sqlite_utils.Database, egress_id: int, enabled: bool) -> dic
     return {"id": egress_id, "enabled": enabled}
 
 
-def recent_checks(
-    db: sqlite_utils.Database, egress_id: int, limit: int = 20
-) -> list[dict[str, Any]]:
+def recent_checks(db: Ledger, egress_id: int, limit: int = 20) -> list[dict[str, Any]]:
     """The latest background checks of one egress, newest first."""
     return list(
         db.query(

@@ -14,13 +14,11 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import sqlite_utils
-
 from . import pricing
 from .clock import iso_utc
 from .egress import parse_egress_url
 from .envelope import DatorusError
-from .ledger import transaction
+from .ledger import Ledger
 from .sessions import LEASE_ID_RE
 
 __all__ = ["LEASE_ID_RE", "acquire", "for_account", "new_lease_id", "release"]
@@ -76,7 +74,7 @@ def view(lease: dict[str, Any], egress: dict[str, Any]) -> dict[str, Any]:
 
 
 def acquire(
-    db: sqlite_utils.Database,
+    db: Ledger,
     account_id: int,
     filters: dict[str, Any],
     seconds: int,
@@ -92,7 +90,7 @@ def acquire(
     the last egress everyone else can use; 402 ``INSUFFICIENT_BALANCE`` when the
     balance cannot pay *cents*.
     """
-    with transaction(db):
+    with db.transaction():
         enabled = list(
             db.query(
                 "SELECT id, url, country, anonymity, score, exit_ip FROM egress"
@@ -174,7 +172,7 @@ def acquire(
                 f"lease:{lease_id}",
             ),
         )
-        lease = next(db.query("SELECT * FROM leases WHERE id = ?", [lease_id]))
+        lease = db.one("SELECT * FROM leases WHERE id = ?", [lease_id])
         (left,) = db.conn.execute(
             "SELECT nanocents FROM balances WHERE account_id = ?", (account_id,)
         ).fetchone()
@@ -185,9 +183,9 @@ def acquire(
     }
 
 
-def release(db: sqlite_utils.Database, account_id: int, lease_id: str, now: int) -> dict:
+def release(db: Ledger, account_id: int, lease_id: str, now: int) -> dict:
     """End one of the account's live leases now (not refunded); 404 otherwise."""
-    with transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "UPDATE leases SET released_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
             " WHERE id = ? AND account_id = ? AND released_at IS NULL AND expires_at > ?",
@@ -198,7 +196,7 @@ def release(db: sqlite_utils.Database, account_id: int, lease_id: str, now: int)
     return {"lease_id": lease_id, "released": True, "refunded_cents": 0}
 
 
-def for_account(db: sqlite_utils.Database, account_id: int, now: int) -> list[dict[str, Any]]:
+def for_account(db: Ledger, account_id: int, now: int) -> list[dict[str, Any]]:
     """The account's live leases, oldest first."""
     out = []
     for lease in db.query(
@@ -206,12 +204,9 @@ def for_account(db: sqlite_utils.Database, account_id: int, now: int) -> list[di
         " ORDER BY created_at, id",
         [account_id, now],
     ):
-        egress = next(
-            db.query(
-                "SELECT id, url, country, anonymity, score, exit_ip FROM egress WHERE id = ?",
-                [lease["egress_id"]],
-            ),
-            None,
+        egress = db.one(
+            "SELECT id, url, country, anonymity, score, exit_ip FROM egress WHERE id = ?",
+            [lease["egress_id"]],
         )
         if egress is not None:
             out.append(view(lease, egress))

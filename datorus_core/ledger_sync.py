@@ -14,8 +14,8 @@ from typing import Any
 import aiosqlite
 
 from .envelope import request_id_floor
+from .ledger.db import migrate_file
 from .runtime import UsageBatch
-from .schema import connect, migrate
 
 _ACCOUNTS = """
     SELECT a.id, a.status, a.price_cents_per_gb, a.rps, a.burst, a.max_tunnels,
@@ -38,17 +38,10 @@ class LedgerLink:
 
     async def open(self) -> None:
         """Create or migrate the ledger, then open the gateway's connection."""
-        await asyncio.to_thread(self._migrate)
+        await asyncio.to_thread(migrate_file, self.path)
         self.conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
             await self.conn.execute(f"PRAGMA {pragma}")
-
-    def _migrate(self) -> None:
-        conn = connect(self.path)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
 
     async def close(self) -> None:
         """Close the connection (pending batches must be written first)."""

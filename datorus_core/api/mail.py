@@ -11,14 +11,12 @@ import smtplib
 from email.message import EmailMessage
 from typing import Any
 
-import sqlite_utils
+from ..ledger import Ledger
 
 log = logging.getLogger("datorus.mail")
 
 
-def send(
-    db: sqlite_utils.Database, settings: dict[str, Any], to: str, subject: str, body: str
-) -> int:
+def send(db: Ledger, settings: dict[str, Any], to: str, subject: str, body: str) -> int:
     """Record and (if configured) deliver one message; returns its outbox id.
 
     Blocking (SMTP): call it from a worker thread, never from the event loop.
@@ -49,9 +47,7 @@ def send(
     return outbox_id
 
 
-def list_outbox(
-    db: sqlite_utils.Database, to: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+def list_outbox(db: Ledger, to: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """The newest messages first (optionally only those to *to*)."""
     sql = "SELECT id, recipient, subject, body, created_at, sent_at, error FROM outbox"
     args: list[Any] = []

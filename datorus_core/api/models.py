@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from ..ledger import EMAIL_RE
+from ..ledger.accounts import EMAIL_RE
 
 MIN_TOPUP_CENTS = 50  # Stripe's smallest USD charge
 MAX_TOPUP_CENTS = 1_000_000

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import leases, ledger
+from .. import leases
+from ..ledger import accounts
+from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, State
 from .models import CredentialIn
@@ -61,7 +63,7 @@ def create_credential(acc: ActiveAccount, st: State, body: CredentialIn | None =
     The gateway accepts it within 2 seconds.
     """
     body = body or CredentialIn()
-    c = ledger.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)
+    c = accounts.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)
     return {
         "id": c["id"],
         "username": c["username"],
@@ -79,7 +81,7 @@ def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
 
 def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
     db = st.store.db()
-    u = ledger.usage(db, account_id, by_day=True)
+    u = ledger_usage.usage(db, account_id, by_day=True)
     creds = [
         store.credential_view(r)
         for r in db.query(store.CREDENTIALS_SQL + " AND c.revoked_at IS NULL", [account_id])

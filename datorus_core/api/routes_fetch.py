@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .. import ledger
 from ..envelope import DatorusError, validation_error
+from ..ledger import accounts
 from ..sessions import valid_session_id
 from .deps import KeyAccount, State, require_active
 
@@ -84,8 +84,8 @@ async def _credential(st: Any, account_id: int) -> tuple[str, str]:
                     " WHERE account_id = ? AND label = ? AND revoked_at IS NULL",
                     [account_id, FETCH_LABEL],
                 ):
-                    ledger.revoke_credential(db, row["username"], account_id)
-                out = ledger.create_credential(db, account_id, label=FETCH_LABEL)
+                    accounts.revoke_credential(db, row["username"], account_id)
+                out = accounts.create_credential(db, account_id, label=FETCH_LABEL)
                 return out["username"], out["password"]
 
             cred = creds[account_id] = await run_in_threadpool(make)

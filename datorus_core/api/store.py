@@ -10,17 +10,15 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from typing import Any
 
-import sqlite_utils
-
-from .. import ledger, pricing
+from .. import pricing
 from ..clock import iso_utc
 from ..envelope import DatorusError, validation_error
-from ..schema import connect, migrate
+from ..ledger import IntegrityError, Ledger, accounts, money
+from ..ledger.db import connect, migrate_file
 from ..settings import public_base
 from . import keys, mail, tokens
 
@@ -57,25 +55,21 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        conn = connect(path)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        migrate_file(path)
         db = self.db()
         self.token_secret = self._secret(db, "token_signing").encode()
         self.ledger_id = self._secret(db, "ledger_id")[:16]
 
-    def db(self) -> sqlite_utils.Database:
+    def db(self) -> Ledger:
         """This thread's connection to the ledger."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite_utils.Database(connect(self.path))
+            db = Ledger(connect(self.path))
             self._local.db = db
         return db
 
     @staticmethod
-    def _secret(db: sqlite_utils.Database, name: str) -> str:
+    def _secret(db: Ledger, name: str) -> str:
         db.conn.execute(
             "INSERT INTO api_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             (name, secrets.token_hex(32)),
@@ -88,7 +82,7 @@ class Store:
 # -- accounts and sign-up -----------------------------------------------------------------
 
 
-def account_row(db: sqlite_utils.Database, account_id: int) -> dict[str, Any]:
+def account_row(db: Ledger, account_id: int) -> dict[str, Any]:
     """The ``accounts`` row, or RESOURCE_NOT_FOUND."""
     rows = list(db.query("SELECT * FROM accounts WHERE id = ?", [account_id]))
     if not rows:
@@ -105,11 +99,11 @@ def register(
     """
     db = store.db()
     try:
-        acc = ledger.create_account(db, email, trial_bytes=0)
-    except sqlite3.IntegrityError:  # a concurrent sign-up with the same email won
+        acc = accounts.create_account(db, email, trial_bytes=0)
+    except IntegrityError:  # a concurrent sign-up with the same email won
         raise DatorusError("EMAIL_TAKEN", details={"email": email}) from None
     account_id = acc["id"]
-    with ledger.transaction(db):
+    with db.transaction():
         db.conn.execute(
             "UPDATE accounts SET display_name = ? WHERE id = ?", (display_name, account_id)
         )
@@ -130,7 +124,7 @@ def send_verification(store: Store, settings: dict[str, Any], account_id: int, e
     """Issue a verification token for the account and mail it."""
     db = store.db()
     expires = int(time.time()) + int(settings.get("email_token_ttl", 86400))
-    with ledger.transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "INSERT INTO email_tokens (account_id, purpose, expires_at) VALUES (?, ?, ?)",
             (account_id, VERIFY, expires),
@@ -165,7 +159,7 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
     if time.time() >= expires:
         raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": iso_utc(expires)})
     trial = int(settings.get("trial_bytes", 0))
-    with ledger.transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "UPDATE email_tokens SET used_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
             " WHERE id = ? AND used_at IS NULL",
@@ -188,10 +182,10 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
     return {"verified": True, "account": account_view(db, account_id, settings)}
 
 
-def account_view(db: sqlite_utils.Database, account_id: int, settings: dict[str, Any]) -> dict:
+def account_view(db: Ledger, account_id: int, settings: dict[str, Any]) -> dict:
     """``GET /account``: who, status, trial, balance, price and limits."""
     row = account_row(db, account_id)
-    acc = ledger.show_account(db, account_id)
+    acc = accounts.show_account(db, account_id)
     return {
         "id": account_id,
         "email": row["email"],
@@ -222,15 +216,15 @@ def _or(value: Any, default: Any) -> Any:
 # -- API keys -----------------------------------------------------------------------------
 
 
-def create_key(db: sqlite_utils.Database, account_id: int, label: str | None) -> dict[str, Any]:
+def create_key(db: Ledger, account_id: int, label: str | None) -> dict[str, Any]:
     """A new key for the account; the only time the raw key is returned."""
     key = keys.new_key()
-    with ledger.transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "INSERT INTO api_keys (account_id, prefix, key_hash, label) VALUES (?, ?, ?, ?)",
             (account_id, keys.key_prefix(key), keys.key_hash(key), label),
         )
-    row = next(db.query("SELECT * FROM api_keys WHERE id = ?", [cur.lastrowid]))
+    row = db.one("SELECT * FROM api_keys WHERE id = ?", [cur.lastrowid])
     return {**key_view(row), "key": key}
 
 
@@ -246,7 +240,7 @@ def key_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def authenticate(db: sqlite_utils.Database, header: str | None) -> dict[str, Any]:
+def authenticate(db: Ledger, header: str | None) -> dict[str, Any]:
     """The account row a ``Bearer`` key belongs to; ApiKeyError (401) otherwise."""
     key = keys.parse_bearer(header)
     if key is None:
@@ -266,10 +260,10 @@ def authenticate(db: sqlite_utils.Database, header: str | None) -> dict[str, Any
     return acc
 
 
-def revoke_key(db: sqlite_utils.Database, account_id: int, key_id: str) -> dict[str, Any]:
+def revoke_key(db: Ledger, account_id: int, key_id: str) -> dict[str, Any]:
     """Revoke one of the account's keys (idempotent); unknown ids are RESOURCE_NOT_FOUND."""
     kid = parse_id(key_id, "key")
-    with ledger.transaction(db):
+    with db.transaction():
         cur = db.conn.execute(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at,"
             " strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) WHERE id = ? AND account_id = ?",
@@ -310,7 +304,7 @@ def decode_cursor(cursor: str | None) -> int:
 
 
 def page(
-    db: sqlite_utils.Database,
+    db: Ledger,
     table_sql: str,
     args: list[Any],
     limit: int,
@@ -353,7 +347,7 @@ CREDENTIALS_SQL = (
 )
 
 
-def revoke_credential(db: sqlite_utils.Database, account_id: int, ident: str) -> dict[str, Any]:
+def revoke_credential(db: Ledger, account_id: int, ident: str) -> dict[str, Any]:
     """Revoke one of the account's proxy credentials, by id or username."""
     row = db.conn.execute(
         "SELECT username FROM credentials WHERE account_id = ? AND (username = ? OR"
@@ -362,15 +356,15 @@ def revoke_credential(db: sqlite_utils.Database, account_id: int, ident: str) ->
     ).fetchone()
     if row is None:
         raise not_found("credential", ident)
-    ledger.revoke_credential(db, row[0], account_id)
-    out = next(db.query(CREDENTIALS_SQL + " AND c.username = ?", [account_id, row[0]]))
+    accounts.revoke_credential(db, row[0], account_id)
+    out = db.one(CREDENTIALS_SQL + " AND c.username = ?", [account_id, row[0]])
     return credential_view(out)
 
 
 TX_TYPES = {"trial_grant": "trial", "topup": "purchase", "usage": "usage"}
 
 
-def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str, Any]:
+def credits(db: Ledger, account_id: int, limit: int) -> dict[str, Any]:
     """Seed 002's ``GET /account/credits``: balance and recent transactions, in cents.
 
     Usage is rolled up per UTC day (``ledger.credit_history``), so top-ups, lease
@@ -380,7 +374,7 @@ def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str,
     of rows reaching back to the account's start add up to ``balance`` exactly;
     ``amount_nanocents`` is the exact amount.
     """
-    h = ledger.credit_history(db, account_id, limit)
+    h = money.credit_history(db, account_id, limit)
     balance = h["balance_nanocents"]
     running = balance - sum(t["nanocents"] for t in h["items"])  # before the oldest row
     cents: list[int] = []

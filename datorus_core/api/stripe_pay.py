@@ -15,11 +15,11 @@ import logging
 import uuid
 from typing import Any
 
-import sqlite_utils
 import stripe
 
-from .. import ledger, pricing
+from .. import pricing
 from ..envelope import DatorusError, validation_error
+from ..ledger import Ledger, accounts
 from ..settings import public_base
 from .store import Store, account_row
 
@@ -122,7 +122,7 @@ class Payments:
         scope = f"datorus-{self.store.ledger_id}-{account_id}-{what}"
         return f"{scope}-{client_key}"[:255] if client_key else f"{scope}-{uuid.uuid4()}"
 
-    def _customer(self, db: sqlite_utils.Database, account: dict[str, Any]) -> str:
+    def _customer(self, db: Ledger, account: dict[str, Any]) -> str:
         if account.get("stripe_customer_id"):
             return account["stripe_customer_id"]
         cus = self._call(
@@ -130,7 +130,7 @@ class Payments:
             {"email": account["email"], "metadata": self._metadata(account["id"])},
             f"datorus-customer-{self.store.ledger_id}-{account['id']}",
         )
-        with ledger.transaction(db):
+        with db.transaction():
             db.conn.execute(
                 "UPDATE accounts SET stripe_customer_id = ? WHERE id = ?", (cus.id, account["id"])
             )
@@ -151,7 +151,7 @@ class Payments:
             f"datorus-attach-{self.store.ledger_id}-{account['id']}-{payment_method}",
             missing_field="payment_method",
         )
-        with ledger.transaction(db):
+        with db.transaction():
             db.conn.execute(
                 "UPDATE accounts SET stripe_payment_method = ? WHERE id = ?",
                 (pm.id, account["id"]),
@@ -211,7 +211,7 @@ class Payments:
             code = getattr(err, "decline_code", None) or getattr(err, "code", None)
             raise DatorusError("STRIPE_DECLINED", details={"declineCode": code or intent.status})
         applied = credit(db, account["id"], int(intent.amount), intent.id, "card top-up")
-        acc = ledger.show_account(db, account["id"])
+        acc = accounts.show_account(db, account["id"])
         result = {
             "payment_intent": intent.id,
             "status": intent.status,
@@ -319,7 +319,7 @@ def _payment_of(etype: str, obj: dict[str, Any]) -> tuple[dict[str, Any], str, i
 
 
 def credit(
-    db: sqlite_utils.Database,
+    db: Ledger,
     account_id: int,
     cents: int,
     payment_id: str,
@@ -334,7 +334,7 @@ def credit(
     if cents <= 0:
         return False
     external = f"stripe:{payment_id}"
-    with ledger.transaction(db):
+    with db.transaction():
         if event_id is not None:
             db.conn.execute(
                 "INSERT INTO stripe_events (id, type, account_id, external_id)"
