@@ -973,7 +973,7 @@ def egress_add(
     weight: Annotated[int, typer.Option(help="Relative share of traffic (>= 1).")] = 1,
 ) -> None:
     """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https:// or socks5://."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.add_egress(_egress_db(), url, country, weight))
 
@@ -981,7 +981,7 @@ def egress_add(
 @egress_app.command("list")
 def egress_list() -> None:
     """Every egress with its health score (passwords hidden)."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     rows = egress_ledger.list_egress(_egress_db())
     emit(
@@ -998,7 +998,7 @@ def egress_list() -> None:
 @egress_app.command("show")
 def egress_show(egress_id: str) -> None:
     """One egress with its latest checks."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     db = _egress_db()
     eid = _int("id", egress_id)
@@ -1012,7 +1012,7 @@ def egress_show(egress_id: str) -> None:
 @egress_app.command("remove")
 def egress_remove(egress_id: str) -> None:
     """Remove an egress (live within 2 s; its sessions move elsewhere)."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.remove_egress(_egress_db(), _int("id", egress_id)))
 
@@ -1020,7 +1020,7 @@ def egress_remove(egress_id: str) -> None:
 @egress_app.command("disable")
 def egress_disable(egress_id: str) -> None:
     """Stop sending new requests through an egress."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), False))
 
@@ -1028,6 +1028,6 @@ def egress_disable(egress_id: str) -> None:
 @egress_app.command("enable")
 def egress_enable(egress_id: str) -> None:
     """Put a disabled egress back in the pool."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), True))

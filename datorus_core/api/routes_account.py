@@ -9,8 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import leases
-from ..ledger import accounts
+from ..ledger import accounts, leases
 from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, State

@@ -22,10 +22,10 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .. import egress_ledger as el
-from .. import leases
 from ..egress import parse_egress_url
 from ..envelope import DatorusError
+from ..ledger import egress as el
+from ..ledger import leases
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
 from .routes_fetch import check_url, gateway_error, require_gateway, through_gateway
@@ -54,7 +54,7 @@ def _status(r: dict[str, Any]) -> str:
 
 
 def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
-    """One egress (an ``egress_ledger`` row view) in seed 002's proxy shape."""
+    """One egress (a ``ledger.egress`` row view) in seed 002's proxy shape."""
     spec = parse_egress_url(r["url"])
     return {
         "id": r["id"],

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from datorus_core import egress_ledger, leases, ledger
+from datorus_core import ledger
 from datorus_core.egress import parse_egress_url
 from datorus_core.envelope import DatorusError
-from datorus_core.ledger import accounts, money
+from datorus_core.ledger import accounts, leases, money
+from datorus_core.ledger import egress as egress_ledger
 
 NOW = 1_800_000_000
 

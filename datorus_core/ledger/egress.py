@@ -1,4 +1,4 @@
-"""Operator operations on the egress pool in the ledger (synchronous, sqlite-utils).
+"""The egress pool in the ledger: the operator's add, list, remove, enable (synchronous).
 
 Every change bumps ``config_version`` (a trigger), so a running gateway picks it
 up within ``refresh_ms``. Check results are written by the gateway itself and do
@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .clock import iso_utc
-from .egress import parse_egress_url, valid_country
-from .envelope import DatorusError, validation_error
-from .ledger import Ledger
+from ..clock import iso_utc
+from ..egress import parse_egress_url, valid_country
+from ..envelope import DatorusError, validation_error
+from .db import Ledger
 
 _COLUMNS = (
     "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
@@ -52,22 +52,22 @@ def add_egress(db: Ledger, url: str, country: str | None = None, weight: int = 1
         raise validation_error("weight", "must be >= 1")
     kind = "source" if spec.kind == "direct" and (spec.source or spec.prefix) else spec.kind
     with db.transaction():
-        exists = db.conn.execute("SELECT id FROM egress WHERE url = ?", (spec.url,)).fetchone()
-        if exists:
-            return {**get_egress(db, int(exists[0])), "created": False}
-        cur = db.conn.execute(
-            "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?)",
+        exists = db.value("SELECT id FROM egress WHERE url = ?", (spec.url,))
+        if exists is not None:
+            return {**get_egress(db, int(exists)), "created": False}
+        egress_id = db.insert(
+            "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?) RETURNING id",
             (spec.url, kind, country.lower() if country else None, weight),
         )
-    return {**get_egress(db, int(cur.lastrowid)), "created": True}
+    return {**get_egress(db, egress_id), "created": True}
 
 
 def get_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """One egress; RESOURCE_NOT_FOUND if there is none."""
-    rows = list(db.query(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", [egress_id]))
-    if not rows:
+    row = db.one(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", (egress_id,))
+    if row is None:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
-    return _row(rows[0])
+    return _row(row)
 
 
 def list_egress(db: Ledger) -> list[dict[str, Any]]:
@@ -79,14 +79,14 @@ def remove_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """Remove an egress and its check history; refused while a customer holds a paid lease
     on it (disable it instead: the holder then gets 502 until the lease ends)."""
     with db.transaction():
-        (until,) = db.conn.execute(
+        until = db.value(
             "SELECT MAX(expires_at) FROM leases"
             " WHERE egress_id = ? AND released_at IS NULL AND expires_at > ?",
             (egress_id, int(time.time())),
-        ).fetchone()
+        )
         if until is not None:
             raise validation_error("egress", f"leased until {iso_utc(until)}: disable it instead")
-        cur = db.conn.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
+        cur = db.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
     if cur.rowcount == 0:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
     return {"id": egress_id, "removed": True}
@@ -95,7 +95,7 @@ def remove_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
 def set_enabled(db: Ledger, egress_id: int, enabled: bool) -> dict[str, Any]:
     """Enable or disable an egress (a disabled one carries no new request)."""
     with db.transaction():
-        cur = db.conn.execute(
+        cur = db.execute(
             "UPDATE egress SET enabled = ? WHERE id = ?", (1 if enabled else 0, egress_id)
         )
     if cur.rowcount == 0:
@@ -105,10 +105,8 @@ def set_enabled(db: Ledger, egress_id: int, enabled: bool) -> dict[str, Any]:
 
 def recent_checks(db: Ledger, egress_id: int, limit: int = 20) -> list[dict[str, Any]]:
     """The latest background checks of one egress, newest first."""
-    return list(
-        db.query(
-            "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
-            " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
-            [egress_id, limit],
-        )
+    return db.query(
+        "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
+        " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
+        (egress_id, limit),
     )
