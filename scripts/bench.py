@@ -580,7 +580,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
     """
 
     from datorus_core.envelope import new_request_id
-    from datorus_core.ledger_sync import LedgerLink
+    from datorus_core.ledger.gateway import LedgerLink
     from datorus_core.runtime import Runtime
     from datorus_core.settings import resolve_defaults
 

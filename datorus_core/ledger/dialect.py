@@ -10,7 +10,12 @@ The few things that differ are named by a token that :meth:`Dialect.sql` fills i
 ``{now}``
     the current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` text (the schema's time format);
 ``{is}``
-    null-safe equality (``port {is} ?`` matches NULL to NULL).
+    null-safe equality (``port {is} ?`` matches NULL to NULL);
+``{or_ignore}`` ... ``{on_conflict_ignore}``
+    an insert that skips a row it cannot take (``INSERT {or_ignore} INTO t ...
+    {on_conflict_ignore}``): SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
+    or CHECK, where ``ON CONFLICT DO NOTHING`` only skips duplicates; the gateway's
+    receipts rely on the former (a bad receipt must not lose its batch's usage).
 
 Transactions open with :attr:`Dialect.begin_write` (SQLite takes the write lock at
 once, so a read-then-write cannot deadlock) or :attr:`Dialect.begin_read` (one
@@ -21,6 +26,10 @@ connection function, not a second copy of the queries::
     "UPDATE t SET at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE port IS ?"
     >>> POSTGRES.sql("SELECT 1 FROM t WHERE a = ? AND s LIKE '10%'")
     "SELECT 1 FROM t WHERE a = %s AND s LIKE '10%%'"
+    >>> POSTGRES.sql("INSERT {or_ignore} INTO t (a) VALUES (?) {on_conflict_ignore}")
+    'INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING'
+    >>> SQLITE.sql("INSERT {or_ignore} INTO t (a) VALUES (?) {on_conflict_ignore}")
+    'INSERT OR IGNORE INTO t (a) VALUES (?)'
 
 Statements never carry ``?`` inside a string literal (it would be taken for a
 placeholder); values always travel as parameters.
@@ -41,6 +50,8 @@ class Dialect:
     paramstyle: str  # DB-API paramstyle: "qmark" (?) or "format" (%s)
     now: str
     null_safe_eq: str
+    or_ignore: str
+    on_conflict_ignore: str
     begin_write: str
     begin_read: str
     _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -52,7 +63,15 @@ class Dialect:
             out = template
             if self.paramstyle == "format":
                 out = out.replace("%", "%%").replace("?", "%s")
-            out = out.replace("{now}", self.now).replace("{is}", self.null_safe_eq)
+            out = (
+                out.replace("{now}", self.now)
+                .replace("{is}", self.null_safe_eq)
+                .replace(" {or_ignore}", f" {self.or_ignore}" if self.or_ignore else "")
+                .replace(
+                    " {on_conflict_ignore}",
+                    f" {self.on_conflict_ignore}" if self.on_conflict_ignore else "",
+                )
+            )
             self._cache[template] = out
         return out
 
@@ -62,6 +81,8 @@ SQLITE = Dialect(
     paramstyle="qmark",
     now="strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
     null_safe_eq="IS",
+    or_ignore="OR IGNORE",
+    on_conflict_ignore="",
     begin_write="BEGIN IMMEDIATE",
     begin_read="BEGIN",
 )
@@ -73,6 +94,8 @@ POSTGRES = Dialect(
     paramstyle="format",
     now="to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
     null_safe_eq="IS NOT DISTINCT FROM",
+    or_ignore="",
+    on_conflict_ignore="ON CONFLICT DO NOTHING",
     begin_write="BEGIN",
     begin_read="BEGIN ISOLATION LEVEL REPEATABLE READ",
 )
