@@ -763,23 +763,24 @@ def key_create(
     label: Annotated[str | None, typer.Option(help="A name for the key.")] = None,
 ) -> None:
     """Create an API key for an account; the key is shown this once."""
-    from .api.store import account_row, create_key
+    from .api.store import create_key
 
     db = _db()
     aid = _int("account_id", account_id)
-    account_row(db, aid)
+    accounts.account_row(db, aid)
     emit(create_key(db, aid, label))
 
 
 @key_app.command("list")
 def key_list(account_id: str) -> None:
     """An account's API keys by prefix (never the keys)."""
-    from .api.store import account_row, key_view
+    from .api.store import key_view
+    from .ledger import api as ledger_api
 
     db = _db()
     aid = _int("account_id", account_id)
-    account_row(db, aid)
-    rows = [key_view(r) for r in db.query("SELECT * FROM api_keys WHERE account_id = ?", [aid])]
+    accounts.account_row(db, aid)
+    rows = [key_view(r) for r in ledger_api.api_keys(db, aid)]
     emit({"items": rows}, lambda r: _rows(r["items"]))
 
 
@@ -788,12 +789,13 @@ def key_revoke(key_id: str) -> None:
     """Revoke an API key by id."""
     db = _db()
     kid = _int("key_id", key_id)
-    row = db.conn.execute("SELECT account_id FROM api_keys WHERE id = ?", (kid,)).fetchone()
-    if row is None:
-        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
     from .api.store import revoke_key
+    from .ledger import api as ledger_api
 
-    emit(revoke_key(db, row[0], str(kid)))
+    owner = ledger_api.api_key_owner(db, kid)
+    if owner is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
+    emit(revoke_key(db, owner, str(kid)))
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -47,7 +47,9 @@ def get_leases(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None
 @router.get("/account/credentials", tags=["credentials"])
 def list_credentials(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
     """The account's proxy credentials (never their passwords)."""
-    rows, nxt, total = store.page(st.store.db(), store.CREDENTIALS_SQL, [acc["id"]], limit, cursor)
+    rows, nxt, total = store.page(
+        st.store.db(), accounts.CREDENTIALS_SQL, [acc["id"]], limit, cursor
+    )
     return {
         "items": [store.credential_view(r) for r in rows],
         "next_cursor": nxt,
@@ -81,10 +83,7 @@ def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
 def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
     db = st.store.db()
     u = ledger_usage.usage(db, account_id, by_day=True)
-    creds = [
-        store.credential_view(r)
-        for r in db.query(store.CREDENTIALS_SQL + " AND c.revoked_at IS NULL", [account_id])
-    ]
+    creds = [store.credential_view(r) for r in accounts.credential_rows(db, account_id, live=True)]
     return u, creds, store.account_view(db, account_id, st.settings)
 
 

@@ -79,12 +79,8 @@ async def _credential(st: Any, account_id: int) -> tuple[str, str]:
 
             def make() -> tuple[str, str]:
                 db = st.store.db()
-                for row in db.query(
-                    "SELECT username FROM credentials"
-                    " WHERE account_id = ? AND label = ? AND revoked_at IS NULL",
-                    [account_id, FETCH_LABEL],
-                ):
-                    accounts.revoke_credential(db, row["username"], account_id)
+                for username in accounts.live_usernames(db, account_id, FETCH_LABEL):
+                    accounts.revoke_credential(db, username, account_id)
                 out = accounts.create_credential(db, account_id, label=FETCH_LABEL)
                 return out["username"], out["password"]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import stripe
 
-from .. import pricing
 from ..envelope import DatorusError, validation_error
-from ..ledger import Ledger, accounts
+from ..ledger import Ledger, accounts, money
+from ..ledger import api as ledger_api
 from ..settings import public_base
-from .store import Store, account_row
+from .store import Store
 
 log = logging.getLogger("datorus.stripe")
 
@@ -130,10 +130,7 @@ class Payments:
             {"email": account["email"], "metadata": self._metadata(account["id"])},
             f"datorus-customer-{self.store.ledger_id}-{account['id']}",
         )
-        with db.transaction():
-            db.conn.execute(
-                "UPDATE accounts SET stripe_customer_id = ? WHERE id = ?", (cus.id, account["id"])
-            )
+        accounts.set_stripe_customer(db, account["id"], cus.id)
         account["stripe_customer_id"] = cus.id
         return cus.id
 
@@ -151,11 +148,7 @@ class Payments:
             f"datorus-attach-{self.store.ledger_id}-{account['id']}-{payment_method}",
             missing_field="payment_method",
         )
-        with db.transaction():
-            db.conn.execute(
-                "UPDATE accounts SET stripe_payment_method = ? WHERE id = ?",
-                (pm.id, account["id"]),
-            )
+        accounts.set_payment_method(db, account["id"], pm.id)
         card = getattr(pm, "card", None)
         return {
             "payment_method": pm.id,
@@ -179,12 +172,9 @@ class Payments:
         client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
         db = self.store.db()
         if client_key:
-            row = db.conn.execute(
-                "SELECT response FROM idempotency WHERE account_id = ? AND key = ?",
-                (account["id"], client_key),
-            ).fetchone()
-            if row is not None:
-                return {**json.loads(row[0]), "replayed": True}
+            stored = ledger_api.stored_response(db, account["id"], client_key)
+            if stored is not None:
+                return {**json.loads(stored), "replayed": True}
         pm = payment_method or account.get("stripe_payment_method")
         if not pm:
             raise validation_error("payment_method", "no saved card: POST /account/cards first")
@@ -221,11 +211,7 @@ class Payments:
             "balance_nanocents": acc["balanceNanocents"],
         }
         if client_key:
-            db.conn.execute(
-                "INSERT INTO idempotency (account_id, key, response) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (account["id"], client_key, json.dumps(result)),
-            )
+            ledger_api.store_response(db, account["id"], client_key, json.dumps(result))
         return {**result, "replayed": False}
 
     def checkout(self, account: dict[str, Any], cents: int, client_key: str | None) -> dict:
@@ -292,7 +278,7 @@ class Payments:
         except ValueError:
             return {"received": True, "credited": False, "reason": "no account"}
         db = self.store.db()
-        account_row(db, account_id)
+        accounts.account_row(db, account_id)
         applied = credit(
             db, account_id, cents, external, f"Stripe {etype}", event_id=event_id, event_type=etype
         )
@@ -333,17 +319,4 @@ def credit(
     """
     if cents <= 0:
         return False
-    external = f"stripe:{payment_id}"
-    with db.transaction():
-        if event_id is not None:
-            db.conn.execute(
-                "INSERT INTO stripe_events (id, type, account_id, external_id)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (event_id, event_type or "", account_id, external),
-            )
-        cur = db.conn.execute(
-            "INSERT INTO transactions (account_id, kind, nanocents, reason, external_id)"
-            " VALUES (?, 'topup', ?, ?, ?) ON CONFLICT (external_id) DO NOTHING",
-            (account_id, cents * pricing.NANOCENTS_PER_CENT, reason, external),
-        )
-    return cur.rowcount == 1
+    return money.credit_payment(db, account_id, cents, payment_id, reason, event_id, event_type)

@@ -99,6 +99,10 @@ class Ledger:
         """The number of the newest migration applied."""
         return schema_version(self.conn)
 
+    def config_version(self) -> int:
+        """The configuration version (every operator change bumps it, by trigger)."""
+        return int(self.value("SELECT version FROM config_version WHERE id = 1") or 0)
+
     def close(self) -> None:
         """Close the connection."""
         self.conn.close()
