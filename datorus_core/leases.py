@@ -40,7 +40,7 @@ def new_lease_id() -> str:
 def leasable(row: dict[str, Any]) -> bool:
     """Only a distinct way out can be leased: not the box's shared default route, and
     not one failing its checks (score 0)."""
-    return row["url"] != "direct://" and row["score"] > 0
+    return bool(row["url"] != "direct://" and row["score"] > 0)
 
 
 def matches(row: dict[str, Any], f: dict[str, Any]) -> bool:

@@ -238,7 +238,7 @@ def credential_rows(
     db: Ledger, account_id: int, username: str | None = None, live: bool = False
 ) -> list[dict[str, Any]]:
     """Rows of :data:`CREDENTIALS_SQL`: one *username*'s, or only unrevoked ones."""
-    sql, args = CREDENTIALS_SQL, [account_id]
+    sql, args = CREDENTIALS_SQL, list[Any]([account_id])
     if username is not None:
         sql += " AND c.username = ?"
         args.append(username)
@@ -249,11 +249,12 @@ def credential_rows(
 
 def find_credential(db: Ledger, account_id: int, ident: str) -> str | None:
     """The username of the account's credential with id or username *ident*, or None."""
-    return db.value(
+    username = db.value(
         "SELECT username FROM credentials WHERE account_id = ? AND (username = ? OR"
         " (CAST(id AS TEXT) = ?))",
         (account_id, ident, ident),
     )
+    return None if username is None else str(username)
 
 
 def live_usernames(db: Ledger, account_id: int, label: str) -> list[str]:

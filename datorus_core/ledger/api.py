@@ -116,7 +116,8 @@ def revoke_api_key(db: Ledger, account_id: int, key_id: int) -> bool:
 
 def api_key_owner(db: Ledger, key_id: int) -> int | None:
     """The account a key belongs to, or None."""
-    return db.value("SELECT account_id FROM api_keys WHERE id = ?", (key_id,))
+    owner = db.value("SELECT account_id FROM api_keys WHERE id = ?", (key_id,))
+    return None if owner is None else int(owner)
 
 
 def api_keys(db: Ledger, account_id: int) -> list[dict[str, Any]]:
@@ -146,9 +147,10 @@ def page(
 
 def stored_response(db: Ledger, account_id: int, key: str) -> str | None:
     """The answer (JSON text) first given to the account's ``Idempotency-Key`` *key*."""
-    return db.value(
+    response = db.value(
         "SELECT response FROM idempotency WHERE account_id = ? AND key = ?", (account_id, key)
     )
+    return None if response is None else str(response)
 
 
 def store_response(db: Ledger, account_id: int, key: str, response: str) -> None:

@@ -113,7 +113,8 @@ def acquire(
                 f"lease:{lease_id}",
             ),
         )
-        lease = db.one("SELECT * FROM leases WHERE id = ?", [lease_id])
+        lease = db.one("SELECT * FROM leases WHERE id = ?", (lease_id,))
+        assert lease is not None
         left = balance_nanocents(db, account_id)
     return {
         **view(lease, egress),
@@ -122,7 +123,7 @@ def acquire(
     }
 
 
-def release(db: Ledger, account_id: int, lease_id: str, now: int) -> dict:
+def release(db: Ledger, account_id: int, lease_id: str, now: int) -> dict[str, Any]:
     """End one of the account's live leases now (not refunded); 404 otherwise."""
     with db.transaction():
         cur = db.execute(
