@@ -42,9 +42,9 @@ from datorus_core import egress as eg
 from datorus_core import leases
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
+from datorus_core.ledger import connect
 from datorus_core.live import Lease, LeaseBook
 from datorus_core.routing import Ask, choose, vouch, vouched
-from datorus_core.schema import connect
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
 from .auth import parse_basic

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from mitmproxy import ctx
 
-from datorus_core.ledger_sync import LedgerLink
+from datorus_core.ledger.gateway import LedgerLink
 from datorus_core.settings import (
     BY_OPTION,
     SETTINGS,

@@ -1,4 +1,4 @@
-"""``datorus``: the operator CLI (Typer over sqlite-utils).
+"""``datorus``: the operator CLI (Typer over the ledger package).
 
 Every command takes ``--db PATH`` (else ``DATORUS_DB``, else ``db`` in the settings
 file, else ``./datorus.db``) and ``--json``, anywhere on the command line. With
@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -21,8 +20,10 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from . import ledger, pricing
-from .envelope import DatorusError, envelope
+from . import pricing
+from .envelope import DatorusError, envelope, validation_error
+from .ledger import DatabaseError, accounts, money, open_ledger, policy_rules
+from .ledger import usage as ledger_usage
 from .settings import (
     SETTINGS,
     SettingsError,
@@ -189,16 +190,14 @@ def _int(field: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": field, "reason": "must be a whole number"}
-        ) from None
+        raise validation_error(field, "must be a whole number") from None
 
 
 def _settings_error(e: SettingsError) -> DatorusError:
-    return DatorusError(
-        "VALIDATION_ERROR",
-        message=f"The settings are invalid: {e}. Fix the file or the DATORUS_* variable.",
-        details={"field": "settings", "reason": str(e)},
+    return validation_error(
+        "settings",
+        str(e),
+        f"The settings are invalid: {e}. Fix the file or the DATORUS_* variable.",
     )
 
 
@@ -251,11 +250,11 @@ def _cannot_create(path: str) -> DatorusError | None:
         reason = f"the folder {folder} is not writable"
     if reason is None:
         return None
-    return DatorusError(
-        "VALIDATION_ERROR",
-        message=f"Cannot create the ledger at {path}: {reason}. Create it, or name another"
+    return validation_error(
+        "db",
+        reason,
+        f"Cannot create the ledger at {path}: {reason}. Create it, or name another"
         " path with --db PATH.",
-        details={"field": "db", "reason": reason},
     )
 
 
@@ -269,8 +268,8 @@ def _db(create: bool = False):
         if err is not None:
             raise err
     try:
-        return ledger.open_ledger(path, create=True)
-    except sqlite3.Error as e:
+        return open_ledger(path, create=True)
+    except DatabaseError as e:
         raise DatorusError(
             "SERVICE_UNAVAILABLE",
             message=f"Cannot open the ledger at {path}: {e}.",
@@ -297,7 +296,7 @@ def init() -> None:
     path, _ = ledger_path()
     created = _is_file(path) and not os.path.exists(path)
     db = _db(create=True)
-    version = db.conn.execute("PRAGMA user_version").fetchone()[0]
+    version = db.schema_version()
     emit(
         {"db": path, "schemaVersion": version, "created": created},
         lambda r: (
@@ -349,13 +348,11 @@ def account_create(
     Without a price or limit of its own, an account uses the gateway's defaults.
     """
     if provider is not None and provider not in ("google", "github"):
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "provider", "reason": "must be google or github"}
-        )
+        raise validation_error("provider", "must be google or github")
     db = _db()
     trial = _defaults()["trial_bytes"] if trial_bytes is None else trial_bytes
     emit(
-        ledger.create_account(
+        accounts.create_account(
             db, email, trial, price_cents_per_gb, rps, burst, max_tunnels, provider, verified=True
         )
     )
@@ -364,7 +361,7 @@ def account_create(
 @account_app.command("show")
 def account_show(account_id: str) -> None:
     """One account: trial bytes left, balance, usage, and its price and limits in effect."""
-    _show_effective(ledger.show_account(_db(), _int("id", account_id)))
+    _show_effective(accounts.show_account(_db(), _int("id", account_id)))
 
 
 @account_app.command("list")
@@ -383,7 +380,7 @@ def account_list() -> None:
             "chargedNanocents": r["charged_nanocents"],
             "toppedUp": bool(r["topped_up"]),
         }
-        for r in ledger.list_accounts(_db())
+        for r in accounts.list_accounts(_db())
     ]
     emit(
         {"items": rows},
@@ -403,7 +400,7 @@ def account_list() -> None:
 
 
 def _set_status(account_id: str, status: str) -> None:
-    emit(ledger.set_status(_db(), _int("id", account_id), status))
+    emit(accounts.set_status(_db(), _int("id", account_id), status))
 
 
 @account_app.command("suspend")
@@ -431,7 +428,7 @@ def account_set(
     Values not given stay as they are. It prints the account with the values in effect.
     """
     _show_effective(
-        ledger.set_limits(
+        accounts.set_limits(
             _db(), _int("id", account_id), price_cents_per_gb, rps, burst, max_tunnels
         )
     )
@@ -444,20 +441,20 @@ def credential_create(
     label: Annotated[str | None, typer.Option(help="A name for the credential.")] = None,
 ) -> None:
     """Create a proxy credential; the password is shown this once."""
-    emit(ledger.create_credential(_db(), _int("account_id", account_id), max_bytes, label))
+    emit(accounts.create_credential(_db(), _int("account_id", account_id), max_bytes, label))
 
 
 @credential_app.command("list")
 def credential_list(account_id: str) -> None:
     """An account's credentials (never their passwords)."""
-    rows = ledger.list_credentials(_db(), _int("account_id", account_id))
+    rows = accounts.list_credentials(_db(), _int("account_id", account_id))
     emit({"items": rows}, _items())
 
 
 @credential_app.command("revoke")
 def credential_revoke(username: str) -> None:
     """Revoke a credential (a running gateway refuses it within 2 s)."""
-    emit(ledger.revoke_credential(_db(), username))
+    emit(accounts.revoke_credential(_db(), username))
 
 
 @balance_app.command("add", context_settings={"ignore_unknown_options": True})
@@ -478,14 +475,14 @@ def balance_add(
     aid, amount = _int("account_id", account_id), _int("cents", cents)
     if amount < 0:
         if not (reason or "").strip():
-            raise DatorusError(
-                "VALIDATION_ERROR",
-                message="A negative CENTS is a correction and needs a reason: add --reason TEXT.",
-                details={"field": "reason", "reason": "is required for a correction"},
+            raise validation_error(
+                "reason",
+                "is required for a correction",
+                "A negative CENTS is a correction and needs a reason: add --reason TEXT.",
             )
-        result = ledger.correct_balance(db, aid, amount, reason or "")
+        result = money.correct_balance(db, aid, amount, reason or "")
     else:
-        result = ledger.add_balance(db, aid, amount, reason or "operator top-up")
+        result = money.add_balance(db, aid, amount, reason or "operator top-up")
     emit({k: result[k] for k in ("id", "balanceCents", "balanceNanocents", "kind")})
 
 
@@ -498,7 +495,7 @@ def balance_history(
 ) -> None:
     """An account's transactions, newest first."""
     aid = _int("account_id", account_id)
-    rows = ledger.transactions(_db(), aid, limit)
+    rows = money.transactions(_db(), aid, limit)
     emit({"id": aid, "items": rows}, _items())
 
 
@@ -511,8 +508,8 @@ def usage(
 ) -> None:
     """Requests, bytes and charges of an account."""
     if by not in (None, "day"):
-        raise DatorusError("VALIDATION_ERROR", details={"field": "by", "reason": "must be day"})
-    result = ledger.usage(_db(), _int("account_id", account_id), by_day=by == "day")
+        raise validation_error("by", "must be day")
+    result = ledger_usage.usage(_db(), _int("account_id", account_id), by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
     else:
@@ -522,35 +519,33 @@ def usage(
 @app.command()
 def receipt(request_id: str) -> None:
     """The receipt of one request, by its X-Datorus-Request-Id."""
-    emit(ledger.receipt(_db(), request_id))
+    emit(ledger_usage.receipt(_db(), request_id))
 
 
 @policy_app.command("allow")
 def policy_allow(rule: str) -> None:
     """Allow a destination CIDR[:PORT] despite the built-in denials."""
-    emit(ledger.add_policy_rule(_db(), "allow", rule))
+    emit(policy_rules.add_policy_rule(_db(), "allow", rule))
 
 
 @policy_app.command("deny")
 def policy_deny(rule: str) -> None:
     """Deny a destination DOMAIN_OR_CIDR[:PORT]."""
-    emit(ledger.add_policy_rule(_db(), "deny", rule))
+    emit(policy_rules.add_policy_rule(_db(), "deny", rule))
 
 
 @policy_app.command("remove")
 def policy_remove(action: str, rule: str) -> None:
     """Remove an allow or deny rule: 'policy remove allow 10.0.0.0/8'."""
     if action not in ("allow", "deny"):
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "action", "reason": "must be allow or deny"}
-        )
-    emit(ledger.remove_policy_rule(_db(), action, rule))
+        raise validation_error("action", "must be allow or deny")
+    emit(policy_rules.remove_policy_rule(_db(), action, rule))
 
 
 @policy_app.command("list")
 def policy_list() -> None:
     """Every operator policy rule."""
-    emit({"items": ledger.list_policy_rules(_db())}, _items())
+    emit({"items": policy_rules.list_policy_rules(_db())}, _items())
 
 
 @app.command()
@@ -644,7 +639,7 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
         s = _defaults()
         allow = [parse_rule(x, allow_domains=False) for x in s["allow"]]
         deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
-        for r in ledger.list_policy_rules(db):
+        for r in policy_rules.list_policy_rules(db):
             (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
         policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], [(host, port)])
         denial = policy.check_address(ip, tport)
@@ -681,22 +676,18 @@ def quickstart(
     password and the key are shown this once.
     """
     if not 0 < port < 65536:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
-        )
+        raise validation_error("port", "must be 1-65535")
     from urllib.parse import urlsplit
 
     if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "target", "reason": "must be an http(s) URL"}
-        )
+        raise validation_error("target", "must be an http(s) URL")
     db = _db()
     from .api.store import create_key
 
     settings = _defaults()
     trial = settings["trial_bytes"] if trial_bytes is None else trial_bytes
-    acc = ledger.create_account(db, email, trial, verified=True)
-    cred = ledger.create_credential(db, acc["id"], label="quickstart")
+    acc = accounts.create_account(db, email, trial, verified=True)
+    cred = accounts.create_credential(db, acc["id"], label="quickstart")
     key = create_key(db, acc["id"], "quickstart")
     proxy = f"http://{cred['username']}:{cred['password']}@{_hostport(host, port)}"
     base = (api_url or public_base(settings)).rstrip("/")
@@ -749,9 +740,7 @@ def api_serve(
     settings["api_host"] = host or settings["api_host"]
     settings["api_port"] = settings["api_port"] if port is None else port
     if not 0 < settings["api_port"] < 65536:
-        raise DatorusError(
-            "VALIDATION_ERROR", details={"field": "port", "reason": "must be 1-65535"}
-        )
+        raise validation_error("port", "must be 1-65535")
     app_ = create_app(settings)
     print(
         f"datorus: REST API on http://{settings['api_host']}:{settings['api_port']}",
@@ -778,23 +767,24 @@ def key_create(
     label: Annotated[str | None, typer.Option(help="A name for the key.")] = None,
 ) -> None:
     """Create an API key for an account; the key is shown this once."""
-    from .api.store import account_row, create_key
+    from .api.store import create_key
 
     db = _db()
     aid = _int("account_id", account_id)
-    account_row(db, aid)
+    accounts.account_row(db, aid)
     emit(create_key(db, aid, label))
 
 
 @key_app.command("list")
 def key_list(account_id: str) -> None:
     """An account's API keys by prefix (never the keys)."""
-    from .api.store import account_row, key_view
+    from .api.store import key_view
+    from .ledger import api as ledger_api
 
     db = _db()
     aid = _int("account_id", account_id)
-    account_row(db, aid)
-    rows = [key_view(r) for r in db.query("SELECT * FROM api_keys WHERE account_id = ?", [aid])]
+    accounts.account_row(db, aid)
+    rows = [key_view(r) for r in ledger_api.api_keys(db, aid)]
     emit({"items": rows}, lambda r: _rows(r["items"]))
 
 
@@ -803,12 +793,13 @@ def key_revoke(key_id: str) -> None:
     """Revoke an API key by id."""
     db = _db()
     kid = _int("key_id", key_id)
-    row = db.conn.execute("SELECT account_id FROM api_keys WHERE id = ?", (kid,)).fetchone()
-    if row is None:
-        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
     from .api.store import revoke_key
+    from .ledger import api as ledger_api
 
-    emit(revoke_key(db, row[0], str(kid)))
+    owner = ledger_api.api_key_owner(db, kid)
+    if owner is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
+    emit(revoke_key(db, owner, str(kid)))
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -914,9 +905,7 @@ def _usage_error(e: Exception) -> tuple[DatorusError, str]:
     ctx = getattr(e, "ctx", None)
     command = ctx.command_path if ctx is not None else "datorus"
     human = f"{msg.rstrip('.')}. See '{command} --help'."
-    err = DatorusError(
-        "VALIDATION_ERROR", message=msg, details={"field": str(field).lstrip("-"), "reason": msg}
-    )
+    err = validation_error(str(field).lstrip("-"), msg, msg)
     return err, human
 
 
@@ -928,7 +917,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args, prog_name="datorus", standalone_mode=False)
     except DatorusError as e:
         fail(e, _command_of(args))
-    except sqlite3.Error as e:
+    except DatabaseError as e:
         path = RUN.db or "the ledger"
         fail(
             DatorusError(
@@ -990,7 +979,7 @@ def egress_add(
     weight: Annotated[int, typer.Option(help="Relative share of traffic (>= 1).")] = 1,
 ) -> None:
     """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https:// or socks5://."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.add_egress(_egress_db(), url, country, weight))
 
@@ -998,7 +987,7 @@ def egress_add(
 @egress_app.command("list")
 def egress_list() -> None:
     """Every egress with its health score (passwords hidden)."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     rows = egress_ledger.list_egress(_egress_db())
     emit(
@@ -1015,7 +1004,7 @@ def egress_list() -> None:
 @egress_app.command("show")
 def egress_show(egress_id: str) -> None:
     """One egress with its latest checks."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     db = _egress_db()
     eid = _int("id", egress_id)
@@ -1029,7 +1018,7 @@ def egress_show(egress_id: str) -> None:
 @egress_app.command("remove")
 def egress_remove(egress_id: str) -> None:
     """Remove an egress (live within 2 s; its sessions move elsewhere)."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.remove_egress(_egress_db(), _int("id", egress_id)))
 
@@ -1037,7 +1026,7 @@ def egress_remove(egress_id: str) -> None:
 @egress_app.command("disable")
 def egress_disable(egress_id: str) -> None:
     """Stop sending new requests through an egress."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), False))
 
@@ -1045,6 +1034,6 @@ def egress_disable(egress_id: str) -> None:
 @egress_app.command("enable")
 def egress_enable(egress_id: str) -> None:
     """Put a disabled egress back in the pool."""
-    from . import egress_ledger
+    from .ledger import egress as egress_ledger
 
     emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), True))

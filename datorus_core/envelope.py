@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .clock import iso_utc
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorCode:
@@ -71,9 +73,8 @@ CODES: dict[str, ErrorCode] = {e.code: e for e in _REGISTRY}
 assert len(CODES) == 18
 
 
-def utc_timestamp(now: float | None = None) -> str:
-    """``YYYY-MM-DDTHH:MM:SSZ`` for *now* (default: the current time)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+# the project's one time formatter (kept under this name for the gateway's receipts)
+utc_timestamp = iso_utc
 
 
 def new_request_id() -> str:
@@ -130,6 +131,18 @@ class DatorusError(Exception):
     def envelope(self, request_id: str | None = None) -> dict[str, Any]:
         """The envelope as a JSON-ready dict."""
         return envelope(self.code, request_id, self.details, self.message)
+
+
+def validation_error(field: str, reason: str, message: str | None = None) -> DatorusError:
+    """``VALIDATION_ERROR`` naming the bad *field* and why (the CLI, the API and the
+    ledger all report bad input this way)::
+
+        >>> validation_error("cents", "must be > 0").details
+        {'field': 'cents', 'reason': 'must be > 0'}
+    """
+    return DatorusError(
+        "VALIDATION_ERROR", message=message, details={"field": field, "reason": reason}
+    )
 
 
 def envelope(

@@ -1,4 +1,4 @@
-"""Exclusive egress leases (seed 002's ``POST /proxies/acquire``), in the ledger.
+"""Exclusive egress leases (seed 002's ``POST /proxies/acquire``): ids, filters, views.
 
 A lease gives one account one egress to itself for a while: the gateway sends that
 account's requests that name the lease (``X-Datorus-Lease-Id`` or ``-lease-ID`` in the
@@ -6,28 +6,26 @@ proxy username) through it, and no other request leaves by it until the lease en
 A lease costs ``lease_price_cents`` from the balance when it is taken (seed 002: one
 credit, a cent here), not refunded on an early release. The charge and the lease are
 written in one transaction, and the charge carries ``external_id = "lease:ID"``, so a
-lease is charged exactly once.
+lease is charged exactly once (:mod:`datorus_core.ledger.leases` writes them).
 """
 
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
-import sqlite_utils
-
-from . import pricing
+from .clock import iso_utc
 from .egress import parse_egress_url
-from .envelope import DatorusError
-from .ledger import transaction
 from .sessions import LEASE_ID_RE
 
-__all__ = ["LEASE_ID_RE", "acquire", "for_account", "new_lease_id", "release"]
+__all__ = ["ACTIVE_SQL", "LEASE_ID_RE", "leasable", "matches", "new_lease_id", "view"]
 
 MAX_SECONDS = 3600  # the longest lease POST /proxies/acquire grants
 DEFAULT_SECONDS = 300  # its lease_duration_seconds when the body names none
 
+# The live leases (id, account_id, egress_id, expires_at) as of a Unix time. Read by the
+# routing path (addons/egress.py, api/routes_routing.py), which is being reworked: it
+# moves into datorus_core/ledger/ with it.
 ACTIVE_SQL = (
     "SELECT id, account_id, egress_id, expires_at FROM leases"
     " WHERE released_at IS NULL AND expires_at > ?"
@@ -39,18 +37,13 @@ def new_lease_id() -> str:
     return "ls" + secrets.token_hex(12)
 
 
-def iso(ts: int) -> str:
-    """Unix seconds as the API's ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _leasable(row: dict[str, Any]) -> bool:
+def leasable(row: dict[str, Any]) -> bool:
     """Only a distinct way out can be leased: not the box's shared default route, and
     not one failing its checks (score 0)."""
-    return row["url"] != "direct://" and row["score"] > 0
+    return bool(row["url"] != "direct://" and row["score"] > 0)
 
 
-def _matches(row: dict[str, Any], f: dict[str, Any]) -> bool:
+def matches(row: dict[str, Any], f: dict[str, Any]) -> bool:
     kind = parse_egress_url(row["url"]).kind
     return (
         (f.get("protocol") is None or kind == f["protocol"])
@@ -75,149 +68,6 @@ def view(lease: dict[str, Any], egress: dict[str, Any]) -> dict[str, Any]:
             "exit_ip": egress["exit_ip"],
         },
         "created_at": lease["created_at"],
-        "expires_at": iso(lease["expires_at"]),
+        "expires_at": iso_utc(lease["expires_at"]),
         "use": {"header": "X-Datorus-Lease-Id", "username_option": f"-lease-{lease['id']}"},
     }
-
-
-def acquire(
-    db: sqlite_utils.Database,
-    account_id: int,
-    filters: dict[str, Any],
-    seconds: int,
-    cents: int,
-    now: int,
-    max_per_account: int = 5,
-) -> dict[str, Any]:
-    """Lease the best-scored free egress that matches *filters* for *seconds*.
-
-    404 ``RESOURCE_NOT_FOUND`` when no leasable egress matches, 429 ``RATE_LIMITED``
-    (``details.limit = "leases"``, ``Retry-After``) when every match is leased, when
-    the account holds *max_per_account* leases already, or when the lease would take
-    the last egress everyone else can use; 402 ``INSUFFICIENT_BALANCE`` when the
-    balance cannot pay *cents*.
-    """
-    with transaction(db):
-        enabled = list(
-            db.query(
-                "SELECT id, url, country, anonymity, score, exit_ip FROM egress"
-                " WHERE enabled = 1 ORDER BY score DESC, id"
-            )
-        )
-        rows = [r for r in enabled if _leasable(r) and _matches(r, filters)]
-        if not rows:
-            raise DatorusError(
-                "RESOURCE_NOT_FOUND",
-                message="No proxy in the pool matches these filters.",
-                details={"filters": {k: v for k, v in filters.items() if v is not None}},
-            )
-        leased: dict[int, int] = {}
-        mine: list[int] = []
-        for _, aid, eid, until in db.conn.execute(ACTIVE_SQL, (now,)).fetchall():
-            leased[eid] = min(until, leased.get(eid, until))
-            if aid == account_id:
-                mine.append(until)
-        if len(mine) >= max_per_account:
-            retry = max(1, min(mine) - now)
-            raise DatorusError(
-                "RATE_LIMITED",
-                message="This account holds as many leases as it may; release one first.",
-                details={
-                    "limit": "leases_per_account",
-                    "maxLeases": max_per_account,
-                    "retryAfterSeconds": retry,
-                },
-                headers={"Retry-After": str(retry)},
-            )
-        free = [r for r in rows if r["id"] not in leased]
-        if not free:
-            retry = max(1, min(leased[r["id"]] for r in rows) - now)
-            raise DatorusError(
-                "RATE_LIMITED",
-                message="Every matching proxy is leased; retry when one is released.",
-                details={"limit": "leases", "retryAfterSeconds": retry},
-                headers={"Retry-After": str(retry)},
-            )
-        if sum(1 for r in enabled if r["id"] not in leased) <= 1:
-            # the last way out everyone else can use is never leased
-            retry = max(1, min(leased.values(), default=now + seconds) - now)
-            raise DatorusError(
-                "RATE_LIMITED",
-                message="The last unleased egress stays shared; retry when a lease ends.",
-                details={"limit": "leases", "reason": "pool_reserve", "retryAfterSeconds": retry},
-                headers={"Retry-After": str(retry)},
-            )
-        (balance,) = db.conn.execute(
-            "SELECT COALESCE((SELECT nanocents FROM balances WHERE account_id = ?), 0)",
-            (account_id,),
-        ).fetchone()
-        need = pricing.cents_to_nanocents(cents)
-        if balance < need:
-            raise DatorusError(
-                "INSUFFICIENT_BALANCE",
-                details={
-                    "currentBalanceCents": pricing.whole_cents(balance),
-                    "currentBalanceNanocents": balance,
-                    "requiredCents": cents,
-                },
-            )
-        egress = free[0]
-        lease_id = new_lease_id()
-        db.conn.execute(
-            "INSERT INTO leases (id, account_id, egress_id, cents, expires_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (lease_id, account_id, egress["id"], cents, now + seconds),
-        )
-        spec = parse_egress_url(egress["url"])
-        db.conn.execute(
-            "INSERT INTO transactions (account_id, kind, nanocents, reason, external_id)"
-            " VALUES (?, 'adjustment', ?, ?, ?)",
-            (
-                account_id,
-                -need,
-                f"Proxy acquired: {spec.customer_url()} for {seconds} s",
-                f"lease:{lease_id}",
-            ),
-        )
-        lease = next(db.query("SELECT * FROM leases WHERE id = ?", [lease_id]))
-        (left,) = db.conn.execute(
-            "SELECT nanocents FROM balances WHERE account_id = ?", (account_id,)
-        ).fetchone()
-    return {
-        **view(lease, egress),
-        "credits_remaining": pricing.whole_cents(left),
-        "expires_ts": lease["expires_at"],
-    }
-
-
-def release(db: sqlite_utils.Database, account_id: int, lease_id: str, now: int) -> dict:
-    """End one of the account's live leases now (not refunded); 404 otherwise."""
-    with transaction(db):
-        cur = db.conn.execute(
-            "UPDATE leases SET released_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
-            " WHERE id = ? AND account_id = ? AND released_at IS NULL AND expires_at > ?",
-            (lease_id, account_id, now),
-        )
-    if cur.rowcount != 1:
-        raise DatorusError("RESOURCE_NOT_FOUND", details={"lease": lease_id})
-    return {"lease_id": lease_id, "released": True, "refunded_cents": 0}
-
-
-def for_account(db: sqlite_utils.Database, account_id: int, now: int) -> list[dict[str, Any]]:
-    """The account's live leases, oldest first."""
-    out = []
-    for lease in db.query(
-        "SELECT * FROM leases WHERE account_id = ? AND released_at IS NULL AND expires_at > ?"
-        " ORDER BY created_at, id",
-        [account_id, now],
-    ):
-        egress = next(
-            db.query(
-                "SELECT id, url, country, anonymity, score, exit_ip FROM egress WHERE id = ?",
-                [lease["egress_id"]],
-            ),
-            None,
-        )
-        if egress is not None:
-            out.append(view(lease, egress))
-    return out

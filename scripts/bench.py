@@ -320,12 +320,13 @@ def prepare_ledger(db: Path) -> tuple[str, str]:
     The pool is the box's default route twice (two egress to choose between), so the
     gateway's egress router picks per request and keeps the bench's sticky session.
     """
-    from datorus_core import egress_ledger, ledger
+    from datorus_core.ledger import accounts, open_ledger, policy_rules
+    from datorus_core.ledger import egress as egress_ledger
 
-    d = ledger.open_ledger(db)
-    account = ledger.create_account(d, "bench@example.com", trial_bytes=10**15)
-    cred = ledger.create_credential(d, account["id"])
-    ledger.add_policy_rule(d, "allow", "127.0.0.0/8")
+    d = open_ledger(db)
+    account = accounts.create_account(d, "bench@example.com", trial_bytes=10**15)
+    cred = accounts.create_credential(d, account["id"])
+    policy_rules.add_policy_rule(d, "allow", "127.0.0.0/8")
     egress_ledger.add_egress(d, "direct://")
     egress_ledger.add_egress(d, "direct://127.0.0.1")
     d.conn.close()
@@ -344,17 +345,19 @@ def copy_db(src: Path, dst: Path) -> None:
 def seed_accounts(db: Path, accounts: int) -> None:
     """Add *accounts* accounts with a credential each, the way the CLI creates them.
 
-    Accounts go through ``ledger.create_account``; the credentials are inserted with one
+    Accounts go through ``ledger.accounts.create_account``; the credentials are inserted with one
     shared real scrypt hash in one transaction (hashing 10,000 passwords would take
     minutes, and those passwords are never used: rows and indexes are what count).
     """
-    from datorus_core import ledger
     from datorus_core.hashing import hash_secret, new_username
+    from datorus_core.ledger import accounts as ledger_accounts
+    from datorus_core.ledger import open_ledger
 
-    d = ledger.open_ledger(db)
+    d = open_ledger(db)
     shared = hash_secret("filler-password-never-used")
     ids = [
-        ledger.create_account(d, f"scale{i}@bench.example", 10**9)["id"] for i in range(accounts)
+        ledger_accounts.create_account(d, f"scale{i}@bench.example", 10**9)["id"]
+        for i in range(accounts)
     ]
     with d.conn:
         d.conn.executemany(
@@ -577,7 +580,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
     """
 
     from datorus_core.envelope import new_request_id
-    from datorus_core.ledger_sync import LedgerLink
+    from datorus_core.ledger.gateway import LedgerLink
     from datorus_core.runtime import Runtime
     from datorus_core.settings import resolve_defaults
 

@@ -10,7 +10,6 @@ anything unexpected (503 ``SERVICE_UNAVAILABLE``).
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,6 +22,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..envelope import DatorusError, envelope, new_request_id
+from ..ledger import DatabaseError
 from ..live import LiveRouting
 from .models import ERROR_RESPONSES
 from .store import Store
@@ -157,7 +157,7 @@ def create_app(
         request.state.request_id = new_request_id()
         try:
             response = await call_next(request)
-        except sqlite3.Error as e:
+        except DatabaseError as e:
             log.warning("datorus api: ledger error on %s: %s", request.url.path, e)
             response = error_response(
                 request,

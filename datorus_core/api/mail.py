@@ -11,22 +11,18 @@ import smtplib
 from email.message import EmailMessage
 from typing import Any
 
-import sqlite_utils
+from ..ledger import Ledger
+from ..ledger import api as ledger_api
 
 log = logging.getLogger("datorus.mail")
 
 
-def send(
-    db: sqlite_utils.Database, settings: dict[str, Any], to: str, subject: str, body: str
-) -> int:
+def send(db: Ledger, settings: dict[str, Any], to: str, subject: str, body: str) -> int:
     """Record and (if configured) deliver one message; returns its outbox id.
 
     Blocking (SMTP): call it from a worker thread, never from the event loop.
     """
-    cur = db.conn.execute(
-        "INSERT INTO outbox (recipient, subject, body) VALUES (?, ?, ?)", (to, subject, body)
-    )
-    outbox_id = int(cur.lastrowid or 0)
+    outbox_id = ledger_api.add_outbox(db, to, subject, body)
     host = settings.get("smtp_host") or ""
     if not host:
         return outbox_id
@@ -40,26 +36,14 @@ def send(
             smtp.send_message(msg)
     except (OSError, smtplib.SMTPException) as e:
         log.warning("datorus: mail to %s not delivered: %s", to, e)
-        db.conn.execute("UPDATE outbox SET error = ? WHERE id = ?", (str(e)[:500], outbox_id))
+        ledger_api.outbox_failed(db, outbox_id, str(e)[:500])
     else:
-        db.conn.execute(
-            "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
-            (outbox_id,),
-        )
+        ledger_api.outbox_sent(db, outbox_id)
     return outbox_id
 
 
-def list_outbox(
-    db: sqlite_utils.Database, to: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+def list_outbox(db: Ledger, to: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """The newest messages first (optionally only those to *to*)."""
-    sql = "SELECT id, recipient, subject, body, created_at, sent_at, error FROM outbox"
-    args: list[Any] = []
-    if to:
-        sql += " WHERE recipient = ? COLLATE NOCASE"
-        args.append(to)
-    sql += " ORDER BY id DESC LIMIT ?"
-    args.append(limit)
     return [
         {
             "id": r["id"],
@@ -70,5 +54,5 @@ def list_outbox(
             "sentAt": r["sent_at"],
             "error": r["error"],
         }
-        for r in db.query(sql, args)
+        for r in ledger_api.outbox(db, to, limit)
     ]

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from .. import leases
 from ..egress import COUNTRY_PATTERN
 from ..envelope import has_control
-from ..ledger import EMAIL_RE
+from ..ledger.accounts import EMAIL_RE
 
 
 def _control_free(v: str | None) -> str | None:

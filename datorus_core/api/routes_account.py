@@ -9,7 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import leases, ledger
+from ..ledger import accounts, leases
+from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, State
 from .models import CredentialIn
@@ -46,7 +47,9 @@ def get_leases(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None
 @router.get("/account/credentials", tags=["credentials"])
 def list_credentials(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
     """The account's proxy credentials (never their passwords)."""
-    rows, nxt, total = store.page(st.store.db(), store.CREDENTIALS_SQL, [acc["id"]], limit, cursor)
+    rows, nxt, total = store.page(
+        st.store.db(), accounts.CREDENTIALS_SQL, [acc["id"]], limit, cursor
+    )
     return {
         "items": [store.credential_view(r) for r in rows],
         "next_cursor": nxt,
@@ -61,7 +64,7 @@ def create_credential(acc: ActiveAccount, st: State, body: CredentialIn | None =
     The gateway accepts it within 2 seconds.
     """
     body = body or CredentialIn()
-    c = ledger.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)
+    c = accounts.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)
     return {
         "id": c["id"],
         "username": c["username"],
@@ -79,11 +82,8 @@ def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
 
 def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
     db = st.store.db()
-    u = ledger.usage(db, account_id, by_day=True)
-    creds = [
-        store.credential_view(r)
-        for r in db.query(store.CREDENTIALS_SQL + " AND c.revoked_at IS NULL", [account_id])
-    ]
+    u = ledger_usage.usage(db, account_id, by_day=True)
+    creds = [store.credential_view(r) for r in accounts.credential_rows(db, account_id, live=True)]
     return u, creds, store.account_view(db, account_id, st.settings)
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from ..envelope import DatorusError
+from ..ledger import api as ledger_api
 from . import store
 from .app import VERSION
 from .deps import Account, ActiveAccount, ResendThrottle, SignupThrottle, State
@@ -22,8 +23,8 @@ def health(st: State) -> Any:
     """The ledger's state and the version; 503 when the ledger cannot be read."""
     try:
         db = st.store.db()
-        schema = db.conn.execute("PRAGMA user_version").fetchone()[0]
-        db.conn.execute("SELECT version FROM config_version").fetchone()
+        schema = db.schema_version()
+        db.config_version()
     except Exception as e:
         raise DatorusError(
             "SERVICE_UNAVAILABLE",
@@ -90,9 +91,7 @@ def create_key(acc: ActiveAccount, st: State, body: KeyIn | None = None) -> Any:
 @router.get("/auth/keys", tags=["auth"])
 def list_keys(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
     """The account's keys by prefix and metadata, never the keys themselves."""
-    rows, nxt, total = store.page(
-        st.store.db(), "SELECT * FROM api_keys WHERE account_id = ?", [acc["id"]], limit, cursor
-    )
+    rows, nxt, total = store.page(st.store.db(), ledger_api.KEYS_SQL, [acc["id"]], limit, cursor)
     return {"items": [store.key_view(r) for r in rows], "next_cursor": nxt, "total_count": total}
 
 

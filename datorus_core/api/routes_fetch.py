@@ -37,9 +37,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .. import ledger
 from ..egress import COUNTRY_PATTERN
-from ..envelope import DatorusError
+from ..envelope import DatorusError, validation_error
+from ..ledger import accounts
 from ..sessions import valid_session_id
 from .app import ApiState
 from .deps import KeyAccount, State, require_active
@@ -72,10 +72,6 @@ class FetchIn(BaseModel):
     session_id: str | None = Field(default=None, max_length=128)
 
 
-def _bad(field: str, reason: str) -> DatorusError:
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
-
-
 async def _credential(st: Any, account_id: int) -> tuple[str, str]:
     """This process's fetch credential for the account, live at the gateway."""
     creds: dict[int, tuple[str, str]] = st.extra.setdefault("fetch_creds", {})
@@ -85,13 +81,9 @@ async def _credential(st: Any, account_id: int) -> tuple[str, str]:
 
             def make() -> tuple[str, str]:
                 db = st.store.db()
-                for row in db.query(
-                    "SELECT username FROM credentials"
-                    " WHERE account_id = ? AND label = ? AND revoked_at IS NULL",
-                    [account_id, FETCH_LABEL],
-                ):
-                    ledger.revoke_credential(db, row["username"], account_id)
-                out = ledger.create_credential(db, account_id, label=FETCH_LABEL)
+                for username in accounts.live_usernames(db, account_id, FETCH_LABEL):
+                    accounts.revoke_credential(db, username, account_id)
+                out = accounts.create_credential(db, account_id, label=FETCH_LABEL)
                 return out["username"], out["password"]
 
             cred = creds[account_id] = await run_in_threadpool(make)
@@ -129,9 +121,9 @@ def check_url(url: str) -> SplitResult:
         u = urlsplit(url)
         host, _ = u.hostname, u.port
     except ValueError as e:
-        raise _bad("url", str(e)) from None
+        raise validation_error("url", str(e)) from None
     if u.scheme.lower() not in ("http", "https") or not host:
-        raise _bad("url", "must be an absolute http(s) URL with a host")
+        raise validation_error("url", "must be an absolute http(s) URL with a host")
     return u
 
 
@@ -247,13 +239,13 @@ async def fetch(
     require_gateway(st, "POST /fetch")
     most = int(st.settings.get("max_fetch_timeout") or 120)
     if body.timeout > most:
-        raise _bad("timeout", f"must be at most {most} seconds (max_fetch_timeout)")
+        raise validation_error("timeout", f"must be at most {most} seconds (max_fetch_timeout)")
     u = check_url(body.url)
     if body.session_id is not None and not valid_session_id(body.session_id):
-        raise _bad("session_id", "must match [A-Za-z0-9_-]{1,128}")
+        raise validation_error("session_id", "must match [A-Za-z0-9_-]{1,128}")
     for name, value in body.headers.items():
         if not name or any(c in name for c in " :\r\n\t") or any(c in value for c in "\r\n"):
-            raise _bad("headers", f"invalid header {name[:50]!r}")
+            raise validation_error("headers", f"invalid header {name[:50]!r}")
     headers = {
         k: v
         for k, v in body.headers.items()

@@ -24,10 +24,10 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .. import egress_ledger as el
-from .. import leases
 from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
+from ..ledger import egress as el
+from ..ledger import leases
 from ..live import Lease
 from .deps import Account, ActiveAccount, State
 from .models import AcquireIn
@@ -57,7 +57,7 @@ def _status(r: dict[str, Any]) -> str:
 
 
 def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
-    """One egress (an ``egress_ledger`` row view) in seed 002's proxy shape."""
+    """One egress (a ``ledger.egress`` row view) in seed 002's proxy shape."""
     spec = parse_egress_url(r["url"])
     return {
         "id": r["id"],

@@ -1,25 +1,26 @@
-"""The API's side of the ledger: per-thread connections and the account operations.
+"""The API's account operations, and its per-thread connections to the ledger.
 
-Every function here is synchronous (SQLite, SMTP) and runs in a worker thread of
-the API, never in the gateway's event loop. Changes reach a running gateway through
-the ledger's ``config_version`` triggers, which its ledger task polls.
+Every function here is synchronous (the ledger, SMTP) and runs in a worker thread of
+the API, never in the gateway's event loop. The SQL it needs is in
+:mod:`datorus_core.ledger` (:mod:`~datorus_core.ledger.api` for the API's own rows).
+Changes reach a running gateway through the ledger's ``config_version`` triggers,
+which its ledger task polls.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import secrets
-import sqlite3
 import threading
 import time
 from typing import Any
 
-import sqlite_utils
-
-from .. import ledger, pricing
-from ..envelope import DatorusError, control_free
-from ..schema import connect, migrate
+from .. import pricing
+from ..clock import iso_utc
+from ..envelope import DatorusError, control_free, validation_error
+from ..ledger import IntegrityError, Ledger, accounts, money
+from ..ledger import api as ledger_api
+from ..ledger.db import connect, migrate_file
 from ..settings import public_base
 from . import keys, mail, tokens
 
@@ -45,11 +46,6 @@ class ApiKeyError(DatorusError):
         return 401
 
 
-def validation(field: str, reason: str) -> DatorusError:
-    """A ``VALIDATION_ERROR`` naming *field* and *reason*."""
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
-
-
 def not_found(kind: str, ident: Any) -> DatorusError:
     """``RESOURCE_NOT_FOUND`` for an unknown id."""
     return DatorusError("RESOURCE_NOT_FOUND", details={kind: ident})
@@ -61,43 +57,21 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        conn = connect(path)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        migrate_file(path)
         db = self.db()
-        self.token_secret = self._secret(db, "token_signing").encode()
-        self.ledger_id = self._secret(db, "ledger_id")[:16]
+        self.token_secret = ledger_api.secret(db, "token_signing").encode()
+        self.ledger_id = ledger_api.secret(db, "ledger_id")[:16]
 
-    def db(self) -> sqlite_utils.Database:
+    def db(self) -> Ledger:
         """This thread's connection to the ledger."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite_utils.Database(connect(self.path))
+            db = Ledger(connect(self.path))
             self._local.db = db
         return db
 
-    @staticmethod
-    def _secret(db: sqlite_utils.Database, name: str) -> str:
-        db.conn.execute(
-            "INSERT INTO api_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-            (name, secrets.token_hex(32)),
-        )
-        return db.conn.execute("SELECT value FROM api_secrets WHERE name = ?", (name,)).fetchone()[
-            0
-        ]
-
 
 # -- accounts and sign-up -----------------------------------------------------------------
-
-
-def account_row(db: sqlite_utils.Database, account_id: int) -> dict[str, Any]:
-    """The ``accounts`` row, or RESOURCE_NOT_FOUND."""
-    rows = list(db.query("SELECT * FROM accounts WHERE id = ?", [account_id]))
-    if not rows:
-        raise not_found("account", account_id)
-    return rows[0]
 
 
 def register(
@@ -109,14 +83,11 @@ def register(
     """
     db = store.db()
     try:
-        acc = ledger.create_account(db, email, trial_bytes=0)
-    except sqlite3.IntegrityError:  # a concurrent sign-up with the same email won
+        acc = accounts.create_account(db, email, trial_bytes=0)
+    except IntegrityError:  # a concurrent sign-up with the same email won
         raise DatorusError("EMAIL_TAKEN", details={"email": email}) from None
     account_id = acc["id"]
-    with ledger.transaction(db):
-        db.conn.execute(
-            "UPDATE accounts SET display_name = ? WHERE id = ?", (display_name, account_id)
-        )
+    accounts.set_display_name(db, account_id, display_name)
     key = create_key(db, account_id, "default")
     send_verification(store, settings, account_id, acc["email"])
     return {
@@ -134,12 +105,8 @@ def send_verification(store: Store, settings: dict[str, Any], account_id: int, e
     """Issue a verification token for the account and mail it."""
     db = store.db()
     expires = int(time.time()) + int(settings.get("email_token_ttl", 86400))
-    with ledger.transaction(db):
-        cur = db.conn.execute(
-            "INSERT INTO email_tokens (account_id, purpose, expires_at) VALUES (?, ?, ?)",
-            (account_id, VERIFY, expires),
-        )
-        token = tokens.sign(store.token_secret, VERIFY, int(cur.lastrowid or 0), expires)
+    token_id = ledger_api.add_email_token(db, account_id, VERIFY, expires)
+    token = tokens.sign(store.token_secret, VERIFY, token_id, expires)
     base = public_base(settings)
     body = (
         "Welcome to Datorus.\n\n"
@@ -157,53 +124,24 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
     """Consume a verification token and grant the trial (exactly once per account)."""
     purpose, token_id, expires = tokens.parse(store.token_secret, token)
     db = store.db()
-    row = db.conn.execute(
-        "SELECT account_id, purpose, expires_at, used_at FROM email_tokens WHERE id = ?",
-        (token_id,),
-    ).fetchone()
-    if row is None or row[1] != purpose or row[2] != expires:
+    row = ledger_api.email_token(db, token_id)
+    if row is None or row["purpose"] != purpose or row["expires_at"] != expires:
         raise DatorusError("TOKEN_INVALID")
-    account_id = row[0]
-    if row[3] is not None:
+    account_id = row["account_id"]
+    if row["used_at"] is not None:
         raise DatorusError("TOKEN_USED")
     if time.time() >= expires:
-        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": _iso(expires)})
+        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": iso_utc(expires)})
     trial = int(settings.get("trial_bytes", 0))
-    with ledger.transaction(db):
-        cur = db.conn.execute(
-            "UPDATE email_tokens SET used_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
-            " WHERE id = ? AND used_at IS NULL",
-            (token_id,),
-        )
-        if cur.rowcount != 1:
-            raise DatorusError("TOKEN_USED")
-        cur = db.conn.execute(
-            "UPDATE accounts SET verified_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
-            " WHERE id = ? AND verified_at IS NULL",
-            (account_id,),
-        )
-        # the trial comes with the verification that verified the account, never with a
-        # later one, nor for an account the operator made (created verified)
-        if trial > 0 and cur.rowcount == 1:
-            db.conn.execute(
-                "INSERT INTO transactions (account_id, kind, trial_bytes, reason, external_id)"
-                " SELECT ?, 'trial_grant', ?, 'free trial (email verified)', ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM transactions"
-                "                   WHERE account_id = ? AND kind = 'trial_grant')"
-                " ON CONFLICT (external_id) DO NOTHING",
-                (account_id, trial, f"trial:{account_id}", account_id),
-            )
+    if not ledger_api.consume_verification(db, token_id, account_id, trial):
+        raise DatorusError("TOKEN_USED")
     return {"verified": True, "account": account_view(db, account_id, settings)}
 
 
-def _iso(ts: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def account_view(db: sqlite_utils.Database, account_id: int, settings: dict[str, Any]) -> dict:
+def account_view(db: Ledger, account_id: int, settings: dict[str, Any]) -> dict:
     """``GET /account``: who, status, trial, balance, price and limits."""
-    row = account_row(db, account_id)
-    acc = ledger.show_account(db, account_id)
+    row = accounts.account_row(db, account_id)
+    acc = accounts.show_account(db, account_id)
     return {
         "id": account_id,
         "email": row["email"],
@@ -234,16 +172,11 @@ def _or(value: Any, default: Any) -> Any:
 # -- API keys -----------------------------------------------------------------------------
 
 
-def create_key(db: sqlite_utils.Database, account_id: int, label: str | None) -> dict[str, Any]:
+def create_key(db: Ledger, account_id: int, label: str | None) -> dict[str, Any]:
     """A new key for the account; the only time the raw key is returned."""
     control_free("label", label)
     key = keys.new_key()
-    with ledger.transaction(db):
-        cur = db.conn.execute(
-            "INSERT INTO api_keys (account_id, prefix, key_hash, label) VALUES (?, ?, ?, ?)",
-            (account_id, keys.key_prefix(key), keys.key_hash(key), label),
-        )
-    row = next(db.query("SELECT * FROM api_keys WHERE id = ?", [cur.lastrowid]))
+    row = ledger_api.add_api_key(db, account_id, keys.key_prefix(key), keys.key_hash(key), label)
     return {**key_view(row), "key": key}
 
 
@@ -259,36 +192,26 @@ def key_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def authenticate(db: sqlite_utils.Database, header: str | None) -> dict[str, Any]:
+def authenticate(db: Ledger, header: str | None) -> dict[str, Any]:
     """The account row a ``Bearer`` key belongs to; ApiKeyError (401) otherwise."""
     key = keys.parse_bearer(header)
     if key is None:
         raise ApiKeyError()
-    row = db.conn.execute(
-        "SELECT id, account_id, last_used_at FROM api_keys"
-        " WHERE key_hash = ? AND revoked_at IS NULL",
-        (keys.key_hash(key),),
-    ).fetchone()
+    row = ledger_api.live_api_key(db, keys.key_hash(key))
     if row is None:
         raise ApiKeyError()
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if row[2] != now:  # at most one write per key per second
-        db.conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, row[0]))
-    acc = account_row(db, row[1])
-    acc["api_key_id"] = row[0]
+    now = iso_utc()
+    if row["last_used_at"] != now:  # at most one write per key per second
+        ledger_api.touch_api_key(db, row["id"], now)
+    acc = accounts.account_row(db, row["account_id"])
+    acc["api_key_id"] = row["id"]
     return acc
 
 
-def revoke_key(db: sqlite_utils.Database, account_id: int, key_id: str) -> dict[str, Any]:
+def revoke_key(db: Ledger, account_id: int, key_id: str) -> dict[str, Any]:
     """Revoke one of the account's keys (idempotent); unknown ids are RESOURCE_NOT_FOUND."""
     kid = parse_id(key_id, "key")
-    with ledger.transaction(db):
-        cur = db.conn.execute(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at,"
-            " strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) WHERE id = ? AND account_id = ?",
-            (kid, account_id),
-        )
-    if cur.rowcount != 1:
+    if not ledger_api.revoke_api_key(db, account_id, kid):
         raise not_found("key", key_id)
     return {"id": kid, "revoked": True}
 
@@ -319,25 +242,19 @@ def decode_cursor(cursor: str | None) -> int:
             raise ValueError
         return after
     except (ValueError, TypeError, KeyError, UnicodeError):
-        raise validation("cursor", "not a cursor this API returned") from None
+        raise validation_error("cursor", "not a cursor this API returned") from None
 
 
 def page(
-    db: sqlite_utils.Database,
-    table_sql: str,
+    db: Ledger,
+    source_sql: str,
     args: list[Any],
     limit: int,
     cursor: str | None,
 ) -> tuple[list[dict[str, Any]], str | None, int]:
-    """One page of ``SELECT * FROM (table_sql)`` by ascending id: rows, next cursor, total."""
-    after = decode_cursor(cursor)
-    total = db.conn.execute(f"SELECT COUNT(*) FROM ({table_sql})", args).fetchone()[0]
-    rows = list(
-        db.query(
-            f"SELECT * FROM ({table_sql}) WHERE id > ? ORDER BY id LIMIT ?",
-            [*args, after, limit + 1],
-        )
-    )
+    """One page of a ledger listing (``ledger.api.KEYS_SQL``, ``ledger.accounts.
+    CREDENTIALS_SQL``) by ascending id: rows, next cursor, total."""
+    rows, total = ledger_api.page(db, source_sql, args, decode_cursor(cursor), limit)
     nxt = encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
     return rows[:limit], nxt, total
 
@@ -359,41 +276,30 @@ def credential_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-CREDENTIALS_SQL = (
-    "SELECT c.id, c.username, c.label, c.max_bytes, c.created_at, c.revoked_at,"
-    " COALESCE(u.bytes, 0) AS used FROM credentials c"
-    " LEFT JOIN credential_usage u ON u.credential_id = c.id WHERE c.account_id = ?"
-)
-
-
-def revoke_credential(db: sqlite_utils.Database, account_id: int, ident: str) -> dict[str, Any]:
+def revoke_credential(db: Ledger, account_id: int, ident: str) -> dict[str, Any]:
     """Revoke one of the account's proxy credentials, by id or username."""
-    row = db.conn.execute(
-        "SELECT username FROM credentials WHERE account_id = ? AND (username = ? OR"
-        " (CAST(id AS TEXT) = ?))",
-        (account_id, ident, ident),
-    ).fetchone()
-    if row is None:
+    username = accounts.find_credential(db, account_id, ident)
+    if username is None:
         raise not_found("credential", ident)
-    ledger.revoke_credential(db, row[0], account_id)
-    out = next(db.query(CREDENTIALS_SQL + " AND c.username = ?", [account_id, row[0]]))
+    accounts.revoke_credential(db, username, account_id)
+    (out,) = accounts.credential_rows(db, account_id, username=username)
     return credential_view(out)
 
 
 TX_TYPES = {"trial_grant": "trial", "topup": "purchase", "usage": "usage"}
 
 
-def credits(db: sqlite_utils.Database, account_id: int, limit: int) -> dict[str, Any]:
+def credits(db: Ledger, account_id: int, limit: int) -> dict[str, Any]:
     """Seed 002's ``GET /account/credits``: balance and recent transactions, in cents.
 
-    Usage is rolled up per UTC day (``ledger.credit_history``), so top-ups, lease
+    Usage is rolled up per UTC day (``ledger.money.credit_history``), so top-ups, lease
     charges and adjustments stay in view however often usage is flushed. Each row's
     ``amount`` is what it moved the balance in whole cents (the balance shows whole
     cents rounded down, and so do the running totals behind the rows), so the amounts
     of rows reaching back to the account's start add up to ``balance`` exactly;
     ``amount_nanocents`` is the exact amount.
     """
-    h = ledger.credit_history(db, account_id, limit)
+    h = money.credit_history(db, account_id, limit)
     balance = h["balance_nanocents"]
     running = balance - sum(t["nanocents"] for t in h["items"])  # before the oldest row
     cents: list[int] = []

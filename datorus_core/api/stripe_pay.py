@@ -15,13 +15,13 @@ import logging
 import uuid
 from typing import Any
 
-import sqlite_utils
 import stripe
 
-from .. import ledger, pricing
-from ..envelope import DatorusError
+from ..envelope import DatorusError, validation_error
+from ..ledger import Ledger, accounts, money
+from ..ledger import api as ledger_api
 from ..settings import public_base
-from .store import Store, account_row, validation
+from .store import Store
 
 log = logging.getLogger("datorus.stripe")
 
@@ -93,7 +93,9 @@ class Payments:
                     details={"reason": "stripe answered 404"},
                 ) from None
             field = e.param or missing_field or "body"
-            raise validation(field, e.user_message or "refused by the payment provider") from None
+            raise validation_error(
+                field, e.user_message or "refused by the payment provider"
+            ) from None
         except stripe.AuthenticationError:
             raise DatorusError(
                 "SERVICE_UNAVAILABLE",
@@ -120,7 +122,7 @@ class Payments:
         scope = f"datorus-{self.store.ledger_id}-{account_id}-{what}"
         return f"{scope}-{client_key}"[:255] if client_key else f"{scope}-{uuid.uuid4()}"
 
-    def _customer(self, db: sqlite_utils.Database, account: dict[str, Any]) -> str:
+    def _customer(self, db: Ledger, account: dict[str, Any]) -> str:
         if account.get("stripe_customer_id"):
             return account["stripe_customer_id"]
         cus = self._call(
@@ -128,10 +130,7 @@ class Payments:
             {"email": account["email"], "metadata": self._metadata(account["id"])},
             f"datorus-customer-{self.store.ledger_id}-{account['id']}",
         )
-        with ledger.transaction(db):
-            db.conn.execute(
-                "UPDATE accounts SET stripe_customer_id = ? WHERE id = ?", (cus.id, account["id"])
-            )
+        accounts.set_stripe_customer(db, account["id"], cus.id)
         account["stripe_customer_id"] = cus.id
         return cus.id
 
@@ -149,11 +148,7 @@ class Payments:
             f"datorus-attach-{self.store.ledger_id}-{account['id']}-{payment_method}",
             missing_field="payment_method",
         )
-        with ledger.transaction(db):
-            db.conn.execute(
-                "UPDATE accounts SET stripe_payment_method = ? WHERE id = ?",
-                (pm.id, account["id"]),
-            )
+        accounts.set_payment_method(db, account["id"], pm.id)
         card = getattr(pm, "card", None)
         return {
             "payment_method": pm.id,
@@ -177,15 +172,12 @@ class Payments:
         client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
         db = self.store.db()
         if client_key:
-            row = db.conn.execute(
-                "SELECT response FROM idempotency WHERE account_id = ? AND key = ?",
-                (account["id"], client_key),
-            ).fetchone()
-            if row is not None:
-                return {**json.loads(row[0]), "replayed": True}
+            stored = ledger_api.stored_response(db, account["id"], client_key)
+            if stored is not None:
+                return {**json.loads(stored), "replayed": True}
         pm = payment_method or account.get("stripe_payment_method")
         if not pm:
-            raise validation("payment_method", "no saved card: POST /account/cards first")
+            raise validation_error("payment_method", "no saved card: POST /account/cards first")
         customer = self._customer(db, account)
         currency = self.settings.get("stripe_currency") or "usd"
         intent = self._call(
@@ -209,7 +201,7 @@ class Payments:
             code = getattr(err, "decline_code", None) or getattr(err, "code", None)
             raise DatorusError("STRIPE_DECLINED", details={"declineCode": code or intent.status})
         applied = credit(db, account["id"], int(intent.amount), intent.id, "card top-up")
-        acc = ledger.show_account(db, account["id"])
+        acc = accounts.show_account(db, account["id"])
         result = {
             "payment_intent": intent.id,
             "status": intent.status,
@@ -219,11 +211,7 @@ class Payments:
             "balance_nanocents": acc["balanceNanocents"],
         }
         if client_key:
-            db.conn.execute(
-                "INSERT INTO idempotency (account_id, key, response) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (account["id"], client_key, json.dumps(result)),
-            )
+            ledger_api.store_response(db, account["id"], client_key, json.dumps(result))
         return {**result, "replayed": False}
 
     def checkout(self, account: dict[str, Any], cents: int, client_key: str | None) -> dict:
@@ -276,9 +264,9 @@ class Payments:
             event = json.loads(payload)
             event_id, etype, obj = event["id"], event["type"], event["data"]["object"]
         except stripe.SignatureVerificationError:
-            raise validation("Stripe-Signature", "signature verification failed") from None
+            raise validation_error("Stripe-Signature", "signature verification failed") from None
         except (ValueError, KeyError, TypeError, UnicodeError):
-            raise validation("body", "not a Stripe event") from None
+            raise validation_error("body", "not a Stripe event") from None
         found = _payment_of(etype, obj)
         if found is None:
             return {"received": True, "credited": False, "reason": "ignored event type"}
@@ -290,7 +278,7 @@ class Payments:
         except ValueError:
             return {"received": True, "credited": False, "reason": "no account"}
         db = self.store.db()
-        account_row(db, account_id)
+        accounts.account_row(db, account_id)
         applied = credit(
             db, account_id, cents, external, f"Stripe {etype}", event_id=event_id, event_type=etype
         )
@@ -317,7 +305,7 @@ def _payment_of(etype: str, obj: dict[str, Any]) -> tuple[dict[str, Any], str, i
 
 
 def credit(
-    db: sqlite_utils.Database,
+    db: Ledger,
     account_id: int,
     cents: int,
     payment_id: str,
@@ -331,17 +319,4 @@ def credit(
     """
     if cents <= 0:
         return False
-    external = f"stripe:{payment_id}"
-    with ledger.transaction(db):
-        if event_id is not None:
-            db.conn.execute(
-                "INSERT INTO stripe_events (id, type, account_id, external_id)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (event_id, event_type or "", account_id, external),
-            )
-        cur = db.conn.execute(
-            "INSERT INTO transactions (account_id, kind, nanocents, reason, external_id)"
-            " VALUES (?, 'topup', ?, ?, ?) ON CONFLICT (external_id) DO NOTHING",
-            (account_id, cents * pricing.NANOCENTS_PER_CENT, reason, external),
-        )
-    return cur.rowcount == 1
+    return money.credit_payment(db, account_id, cents, payment_id, reason, event_id, event_type)

@@ -58,7 +58,8 @@ def tunnel_get(port: int, auth: str, target: tuple[str, int], path: str, **heade
 
 def add_egress(db, items: list[tuple[str, str]]) -> None:
     """Fill the pool before the gateway starts (the CLI test covers the live path)."""
-    from datorus_core import egress_ledger, ledger
+    from datorus_core import ledger
+    from datorus_core.ledger import egress as egress_ledger
 
     conn = ledger.open_ledger(db)
     for url, country in items:

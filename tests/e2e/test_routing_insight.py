@@ -33,7 +33,8 @@ def peer():
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, peer):
-    from datorus_core import egress_ledger, ledger
+    from datorus_core import ledger
+    from datorus_core.ledger import egress as egress_ledger
 
     db = tmp_path_factory.mktemp("insight") / "ledger.db"
     prepare_ledger(db)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from datorus_core import ledger
 from datorus_core.api import store
+from datorus_core.ledger import accounts
 
 NC = 10**9  # nanocents per cent
 
@@ -46,7 +47,7 @@ def _usage(db, aid: int, nanocents: int, at: str) -> None:
 
 
 def test_usage_is_one_row_per_day_and_money_rows_stay(db) -> None:
-    aid = ledger.create_account(db, "a@example.com", 0)["id"]
+    aid = accounts.create_account(db, "a@example.com", 0)["id"]
     _tx(db, aid, "topup", 500 * NC, "2025-01-01T09:00:00Z", reason="top-up")
     for i in range(40):  # 40 flushes a day, most of them worth less than a cent
         _usage(db, aid, 30_000_000, f"2025-01-01T10:{i:02d}:00Z")
@@ -78,8 +79,8 @@ def test_usage_is_one_row_per_day_and_money_rows_stay(db) -> None:
 
 
 def test_another_accounts_rows_stay_out(db) -> None:
-    a = ledger.create_account(db, "a@example.com", 0)["id"]
-    b = ledger.create_account(db, "b@example.com", 0)["id"]
+    a = accounts.create_account(db, "a@example.com", 0)["id"]
+    b = accounts.create_account(db, "b@example.com", 0)["id"]
     _tx(db, b, "topup", 7 * NC, "2025-01-01T09:00:00Z")
     _usage(db, b, NC, "2025-01-01T10:00:00Z")
     assert store.credits(db, a, 20)["recent_transactions"] == []
@@ -100,7 +101,7 @@ def test_another_accounts_rows_stay_out(db) -> None:
 )
 def test_rows_of_a_whole_history_add_up_to_the_balance(tmp_path_factory, history, limit) -> None:
     db = ledger.open_ledger(tmp_path_factory.mktemp("h") / "l.db")
-    aid = ledger.create_account(db, "h@example.com", 0)["id"]
+    aid = accounts.create_account(db, "h@example.com", 0)["id"]
     history = sorted(history, key=lambda h: h[2])  # time goes forward
     for n, (kind, amount, day) in enumerate(history):
         at = f"2025-01-0{day + 1}T10:{n:02d}:00Z"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from datorus_core import egress_ledger, leases, ledger
+from datorus_core import ledger
 from datorus_core.egress import parse_egress_url
 from datorus_core.envelope import DatorusError
+from datorus_core.ledger import accounts, leases, money
+from datorus_core.ledger import egress as egress_ledger
 
 NOW = 1_800_000_000
 
@@ -22,9 +24,9 @@ def db(tmp_path):
 
 
 def _account(db, email: str, cents: int) -> int:
-    aid = ledger.create_account(db, email, 0, None, None, None, None, None)["id"]
+    aid = accounts.create_account(db, email, 0, None, None, None, None, None)["id"]
     if cents:
-        ledger.add_balance(db, aid, cents)
+        money.add_balance(db, aid, cents)
     return aid
 
 
@@ -45,7 +47,7 @@ def test_charged_once_in_the_same_transaction_and_released(db):
     assert leases.for_account(db, aid, NOW + 300) == []  # lapsed by itself
     assert leases.release(db, aid, lease["lease_id"], NOW)["released"] is True
     assert _code(leases.release, db, aid, lease["lease_id"], NOW)[0] == "RESOURCE_NOT_FOUND"
-    assert ledger.show_account(db, aid)["balanceCents"] == 9  # not refunded
+    assert accounts.show_account(db, aid)["balanceCents"] == 9  # not refunded
 
 
 def test_what_cannot_be_leased(db):
@@ -75,7 +77,7 @@ def test_per_account_cap_and_the_shared_reserve(db):
     leases.acquire(db, b, {}, 60, 1, NOW)  # three of four leased: direct:// stays shared
     code, details = _code(leases.acquire, db, a, {}, 300, 1, NOW)
     assert (code, details["limit"]) == ("RATE_LIMITED", "leases")
-    assert ledger.show_account(db, a)["balanceCents"] == 9  # refusals cost nothing
+    assert accounts.show_account(db, a)["balanceCents"] == 9  # refusals cost nothing
 
 
 def test_the_reserve_keeps_one_proxy_unleased(tmp_path):

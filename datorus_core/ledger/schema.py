@@ -8,6 +8,10 @@ same transaction as every insert, so the two can never disagree.
 Money is stored in *nanocents* (10^9 nanocents = 1 cent). A price of P cents per
 GB (10^9 bytes) is exactly P nanocents per byte, so every charge is an integer
 and a million 1-byte charges cost what one million-byte charge costs.
+
+The migrations are SQLite's own DDL (triggers, partial indexes, ``WITHOUT ROWID``): a
+second backend brings its own list with the same numbers, while the queries in the
+other modules of this package stay shared (see :mod:`.dialect`).
 """
 
 from __future__ import annotations
@@ -262,16 +266,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def connect(path: str, timeout: float = 5.0) -> sqlite3.Connection:
-    """Open the ledger with the pragmas every Datorus connection uses."""
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-    return conn
-
-
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every migration not yet applied; return the schema version. Idempotent."""
     conn.execute("BEGIN IMMEDIATE")
@@ -288,6 +282,11 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.execute("ROLLBACK")
         raise
     return len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The number of the newest migration applied to the open ledger *conn*."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _split(script: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Operator operations on the egress pool in the ledger (synchronous, sqlite-utils).
+"""The egress pool in the ledger: the operator's add, list, remove, enable (synchronous).
 
 Every change bumps ``config_version`` (a trigger), so a running gateway picks it
 up within ``refresh_ms``. Check results are written by the gateway itself and do
@@ -8,23 +8,17 @@ not bump the version.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-import sqlite_utils
-
-from .egress import parse_egress_url, valid_country
-from .envelope import DatorusError
-from .ledger import transaction
+from ..clock import iso_utc
+from ..egress import parse_egress_url, valid_country
+from ..envelope import DatorusError, validation_error
+from .db import Ledger
 
 _COLUMNS = (
     "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
     " anonymity, last_checked_at, created_at"
 )
-
-
-def _validation(field: str, reason: str) -> DatorusError:
-    return DatorusError("VALIDATION_ERROR", details={"field": field, "reason": reason})
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
@@ -46,64 +40,62 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def add_egress(
-    db: sqlite_utils.Database, url: str, country: str | None = None, weight: int = 1
-) -> dict[str, Any]:
+def add_egress(db: Ledger, url: str, country: str | None = None, weight: int = 1) -> dict[str, Any]:
     """Add an egress; idempotent (the same URL again returns it with ``created: false``)."""
     try:
         spec = parse_egress_url(url)
     except ValueError as e:
-        raise _validation("url", str(e)) from None
+        raise validation_error("url", str(e)) from None
     if country is not None and not valid_country(country):
-        raise _validation("country", "must be a two-letter country code")
+        raise validation_error("country", "must be a two-letter country code")
     if weight < 1:
-        raise _validation("weight", "must be >= 1")
+        raise validation_error("weight", "must be >= 1")
     kind = "source" if spec.kind == "direct" and (spec.source or spec.prefix) else spec.kind
-    with transaction(db):
-        exists = db.conn.execute("SELECT id FROM egress WHERE url = ?", (spec.url,)).fetchone()
-        if exists:
-            return {**get_egress(db, int(exists[0])), "created": False}
-        cur = db.conn.execute(
-            "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?)",
+    with db.transaction():
+        exists = db.value("SELECT id FROM egress WHERE url = ?", (spec.url,))
+        if exists is not None:
+            return {**get_egress(db, int(exists)), "created": False}
+        egress_id = db.insert(
+            "INSERT INTO egress (url, kind, country, weight) VALUES (?, ?, ?, ?) RETURNING id",
             (spec.url, kind, country.lower() if country else None, weight),
         )
-    return {**get_egress(db, int(cast(int, cur.lastrowid))), "created": True}
+    return {**get_egress(db, egress_id), "created": True}
 
 
-def get_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+def get_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """One egress; RESOURCE_NOT_FOUND if there is none."""
-    rows = list(db.query(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", [egress_id]))
-    if not rows:
+    row = db.one(f"SELECT {_COLUMNS} FROM egress WHERE id = ?", (egress_id,))
+    if row is None:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
-    return _row(rows[0])
+    return _row(row)
 
 
-def list_egress(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+def list_egress(db: Ledger) -> list[dict[str, Any]]:
     """Every egress, passwords hidden."""
     return [_row(r) for r in db.query(f"SELECT {_COLUMNS} FROM egress ORDER BY id")]
 
 
-def remove_egress(db: sqlite_utils.Database, egress_id: int) -> dict[str, Any]:
+def remove_egress(db: Ledger, egress_id: int) -> dict[str, Any]:
     """Remove an egress and its check history; refused while a customer holds a paid lease
     on it (disable it instead: the holder then gets 502 until the lease ends)."""
-    with transaction(db):
-        (until,) = db.conn.execute(
+    with db.transaction():
+        until = db.value(
             "SELECT MAX(expires_at) FROM leases"
             " WHERE egress_id = ? AND released_at IS NULL AND expires_at > ?",
             (egress_id, int(time.time())),
-        ).fetchone()
+        )
         if until is not None:
-            raise _validation("egress", f"leased until {iso_utc(until)}: disable it instead")
-        cur = db.conn.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
+            raise validation_error("egress", f"leased until {iso_utc(until)}: disable it instead")
+        cur = db.execute("DELETE FROM egress WHERE id = ?", (egress_id,))
     if cur.rowcount == 0:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"egress": egress_id})
     return {"id": egress_id, "removed": True}
 
 
-def set_enabled(db: sqlite_utils.Database, egress_id: int, enabled: bool) -> dict[str, Any]:
+def set_enabled(db: Ledger, egress_id: int, enabled: bool) -> dict[str, Any]:
     """Enable or disable an egress (a disabled one carries no new request)."""
-    with transaction(db):
-        cur = db.conn.execute(
+    with db.transaction():
+        cur = db.execute(
             "UPDATE egress SET enabled = ? WHERE id = ?", (1 if enabled else 0, egress_id)
         )
     if cur.rowcount == 0:
@@ -111,19 +103,10 @@ def set_enabled(db: sqlite_utils.Database, egress_id: int, enabled: bool) -> dic
     return {"id": egress_id, "enabled": enabled}
 
 
-def recent_checks(
-    db: sqlite_utils.Database, egress_id: int, limit: int = 20
-) -> list[dict[str, Any]]:
+def recent_checks(db: Ledger, egress_id: int, limit: int = 20) -> list[dict[str, Any]]:
     """The latest background checks of one egress, newest first."""
-    return list(
-        db.query(
-            "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
-            " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
-            [egress_id, limit],
-        )
+    return db.query(
+        "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
+        " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
+        (egress_id, limit),
     )
-
-
-def iso_utc(ts: int) -> str:
-    """Unix seconds as ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,34 @@
+"""The ledger: every SQL statement Datorus runs, and nothing else.
+
+One SQLite file (a public interface: open it with ``sqlite3``, ``sqlite-utils`` or
+``datasette``) read and written only through this package:
+
+``schema``
+    the numbered, idempotent migrations (the tables, triggers and views);
+``dialect``
+    the seam between the portable SQL written here and the database running it;
+``db``
+    opening the ledger, and :class:`Ledger`, the synchronous handle (one DB-API
+    connection) that the CLI, the REST API and tools use;
+``accounts``
+    accounts and their proxy credentials;
+``money``
+    top-ups, corrections, trial grants, card payments and the transaction history;
+``usage``
+    usage totals and receipts;
+``policy_rules``
+    the operator's allow and deny rules;
+``gateway``
+    :class:`~.gateway.LedgerLink`, the gateway's asynchronous connection (aiosqlite):
+    snapshots in, usage batches out.
+
+One connection discipline per process: the gateway's event loop reaches the ledger
+only through ``LedgerLink``; the CLI, the API's worker threads and the scripts use a
+:class:`Ledger`.
+"""
+
+from __future__ import annotations
+
+from .db import DatabaseError, IntegrityError, Ledger, connect, open_ledger
+
+__all__ = ["DatabaseError", "IntegrityError", "Ledger", "connect", "open_ledger"]

@@ -1,0 +1,135 @@
+"""The gateway's connection to the ledger: snapshots in, usage batches out (aiosqlite).
+
+One aiosqlite connection (one worker thread) serves both directions, so a snapshot
+and a batch write never interleave: that is what keeps the in-memory balances
+equal to the ledger plus the pending batch. This is the only way the gateway's event
+loop reaches the ledger; its statements are rendered by the same
+:class:`~.dialect.Dialect` as the synchronous handle's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiosqlite
+
+from ..envelope import request_id_floor
+from ..runtime import UsageBatch
+from .db import migrate_file
+from .dialect import SQLITE, Dialect
+
+_ACCOUNTS = """
+    SELECT a.id, a.status, a.price_cents_per_gb, a.rps, a.burst, a.max_tunnels,
+           COALESCE(b.trial_bytes, 0), COALESCE(b.nanocents, 0), COALESCE(b.topped_up, 0)
+    FROM accounts a LEFT JOIN balances b ON b.account_id = a.id
+"""
+_CREDENTIALS = """
+    SELECT c.id, c.account_id, c.username, c.password_hash, c.max_bytes, COALESCE(u.bytes, 0)
+    FROM credentials c LEFT JOIN credential_usage u ON u.credential_id = c.id
+    WHERE c.revoked_at IS NULL
+"""
+_RULES = "SELECT action, target, port FROM policy_rules ORDER BY id"
+_VERSION = "SELECT version FROM config_version WHERE id = 1"
+_USAGE = (
+    "INSERT INTO transactions (account_id, kind, nanocents, trial_bytes, bytes, requests)"
+    " VALUES (?, 'usage', ?, ?, ?, ?)"
+)
+_DAILY = (
+    "INSERT INTO usage_daily (account_id, credential_id, day, requests, bytes_up,"
+    " bytes_down, trial_bytes, nanocents) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (account_id, credential_id, day) DO UPDATE SET"
+    " requests = usage_daily.requests + excluded.requests,"
+    " bytes_up = usage_daily.bytes_up + excluded.bytes_up,"
+    " bytes_down = usage_daily.bytes_down + excluded.bytes_down,"
+    " trial_bytes = usage_daily.trial_bytes + excluded.trial_bytes,"
+    " nanocents = usage_daily.nanocents + excluded.nanocents"
+)
+_CREDENTIAL_BYTES = (
+    "INSERT INTO credential_usage (credential_id, bytes) VALUES (?, ?)"
+    " ON CONFLICT (credential_id) DO UPDATE SET bytes = credential_usage.bytes + excluded.bytes"
+)
+_RECEIPTS = (
+    "INSERT {or_ignore} INTO receipts (request_id, account_id, credential_id, method, host,"
+    " port, status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {on_conflict_ignore}"
+)
+_DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
+_PRUNE = "DELETE FROM receipts WHERE request_id < ?"
+# the gateway's connection leaves foreign_keys off, as it always has
+_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
+
+
+class LedgerLink:
+    """An open, migrated ledger as the gateway uses it."""
+
+    def __init__(self, path: str, dialect: Dialect = SQLITE) -> None:
+        self.path = path
+        self.dialect = dialect
+        self.conn: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        """Create or migrate the ledger, then open the gateway's connection."""
+        await asyncio.to_thread(migrate_file, self.path)
+        self.conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
+        for pragma in _PRAGMAS:
+            await self.conn.execute(f"PRAGMA {pragma}")
+
+    async def close(self) -> None:
+        """Close the connection (pending batches must be written first)."""
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+    async def version(self) -> int:
+        """The ledger's configuration version (bumped by every operator change)."""
+        assert self.conn is not None
+        async with self.conn.execute(self.dialect.sql(_VERSION)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def snapshot(self) -> tuple[list[Any], list[Any], list[Any], int]:
+        """Accounts, live credentials, policy rules and the version they belong to."""
+        assert self.conn is not None
+        sql = self.dialect.sql
+        await self.conn.execute(self.dialect.begin_read)
+        try:
+            version = await self.version()
+            accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
+            creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
+            rules = list(await self.conn.execute_fetchall(sql(_RULES)))
+        finally:
+            await self.conn.execute("COMMIT")
+        return accounts, creds, rules, version
+
+    async def write(self, batch: UsageBatch) -> None:
+        """Write one batch of usage in a single transaction (all of it or none)."""
+        assert self.conn is not None
+        c, sql = self.conn, self.dialect.sql
+        await c.execute(self.dialect.begin_write)
+        try:
+            if batch.accounts:
+                await c.executemany(sql(_USAGE), [(aid, *v) for aid, v in batch.accounts.items()])
+            if batch.daily:
+                await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
+            if batch.credentials:
+                await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
+            if batch.receipts:
+                await c.executemany(sql(_RECEIPTS), batch.receipts)
+            await c.execute("COMMIT")
+        except BaseException:
+            await c.execute("ROLLBACK")
+            raise
+
+    async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
+        """Append acceptable-use denials for the operator."""
+        assert self.conn is not None
+        await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+
+    async def prune_receipts(self, days: int) -> int:
+        """Delete receipts of requests older than *days*; returns how many went."""
+        assert self.conn is not None
+        cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
+        cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
+        return cur.rowcount

@@ -1,0 +1,57 @@
+"""What the proxy carried, as the ledger keeps it: usage totals, per-day rows, receipts.
+
+The gateway writes these (:mod:`.gateway`); the functions here read them for the CLI
+and the API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import pricing
+from ..envelope import DatorusError
+from .accounts import account_row, overview
+from .db import Ledger
+
+
+def usage(db: Ledger, account_id: int, by_day: bool = False) -> dict[str, Any]:
+    """Totals of requests, bytes and charges for the account (and per day with *by_day*)."""
+    account_row(db, account_id)
+    ov = overview(db, account_id)
+    out: dict[str, Any] = {
+        "id": account_id,
+        "requests": ov["requests"],
+        "bytes": ov["used_bytes"],
+        "chargedCents": pricing.whole_cents(ov["charged_nanocents"]),
+        "chargedNanocents": ov["charged_nanocents"],
+        "trialRemainingBytes": max(0, ov["trial_remaining_bytes"]),
+        "balanceCents": pricing.whole_cents(ov["balance_nanocents"]),
+        "balanceNanocents": ov["balance_nanocents"],
+    }
+    if by_day:
+        out["days"] = [
+            {
+                "day": r["day"],
+                "requests": r["requests"],
+                "bytesUp": r["up"],
+                "bytesDown": r["down"],
+                "bytes": r["up"] + r["down"],
+                "trialBytes": r["trial"],
+                "chargedNanocents": r["nc"],
+            }
+            for r in db.query(
+                "SELECT day, SUM(requests) AS requests, SUM(bytes_up) AS up,"
+                " SUM(bytes_down) AS down, SUM(trial_bytes) AS trial, SUM(nanocents) AS nc"
+                " FROM usage_daily WHERE account_id = ? GROUP BY day ORDER BY day",
+                (account_id,),
+            )
+        ]
+    return out
+
+
+def receipt(db: Ledger, request_id: str) -> dict[str, Any]:
+    """The receipt of one finished request."""
+    row = db.one("SELECT * FROM receipts WHERE request_id = ?", (request_id,))
+    if row is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"requestId": request_id})
+    return row
