@@ -57,7 +57,7 @@ def _validation(field: str, reason: str) -> DatorusError:
 # INTEGER; nanocents = cents x 10^9) with room to spare, and say so instead of overflowing.
 LIMITS = {
     "trial_bytes": 10**15,  # 1 PB
-    "price_cents_per_gb": 10**6,  # $10,000 a GB
+    "price_cents_per_gb": 10**9,  # one cent a byte
     "rps": 10**6,
     "burst": 10**6,
     "max_tunnels": 10**6,
