@@ -40,6 +40,7 @@ from mitmproxy import http
 
 from datorus_core import egress as eg
 from datorus_core import leases
+from datorus_core.billing import allowance_covers
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
 from datorus_core.ledger import connect
@@ -49,7 +50,6 @@ from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
 from .auth import parse_basic
 from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
-from .metering import allowance_covers
 
 log = logging.getLogger("datorus")
 

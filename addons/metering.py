@@ -5,7 +5,9 @@ directions, counted raw at the server connection's socket: for a forward request
 the request as the target received it and the response as the target sent it
 (start line, headers, body, chunked framing); for a CONNECT tunnel or a WebSocket
 the payload both ways. The gateway's own answers (its envelopes) are never billed,
-nor a request that failed before the target answered (502/504).
+nor a request that failed before the target answered (502/504). Whether a flow that
+ends is billed is decided in ``datorus_core/billing.py``; ``flow_outcome`` below is
+the one place that turns mitmproxy's view of its end into billing's record.
 
 Counting wraps the server connection's reader and writer when it opens
 (``server_connected``, *internal*: ``ConnectionHandler.transports``). A client
@@ -29,6 +31,16 @@ from typing import Any
 
 from mitmproxy import http
 
+from datorus_core.billing import (
+    Bill,
+    Cut,
+    Ending,
+    ErrorKind,
+    FlowOutcome,
+    allowance_covers,
+    answers_cut_with_402,
+    bill,
+)
 from datorus_core.envelope import DatorusError, utc_timestamp
 
 from .context import FORWARD, TUNNEL, FlowCtx, Gateway, flow_ctx
@@ -101,15 +113,33 @@ def small_body_fits(response: http.Response, fc: FlowCtx) -> bool:
     return cl.isdigit() and int(cl) <= SMALL_BODY and allowance_covers(fc, int(cl))
 
 
-def allowance_covers(fc: FlowCtx, body: int) -> bool:
-    """Whether the account's allowance and the credential's cap cover *body* bytes more.
+def flow_outcome(fc: FlowCtx, ending: Ending, flow: http.HTTPFlow | None = None) -> FlowOutcome:
+    """The plain record of how *fc* ended, for ``billing.bill`` to decide on.
 
-    A body held whole reaches the client only once it is complete: one that ran the
-    account dry on the way would be paid for and never seen. Hold only what is covered.
+    The one place mitmproxy's view of a flow's end becomes billing's: *ending* is the
+    hook that finished it, and from *flow* (in the ``error`` hook) come whether the
+    client connection had closed and what mitmproxy's error message says.
     """
-    acc = fc.account
-    need = body + 8192  # and the head
-    return need < acc.allowance - acc.inflight and need < fc.cred.room()
+    msg = flow.error.msg if flow is not None and flow.error else ""
+    if msg.startswith("Client disconnected"):
+        error = ErrorKind.CLIENT_DISCONNECTED
+    elif "without sending complete message body" in msg:
+        error = ErrorKind.INCOMPLETE_BODY
+    else:
+        error = ErrorKind.OTHER if msg else ErrorKind.NONE
+    return FlowOutcome(
+        ending=ending,
+        tunnel=fc.kind == TUNNEL,
+        status=fc.status,
+        up=fc.up,
+        down=fc.down,
+        answered=fc.answered,
+        cut=Cut(fc.cut),
+        client_closed=ending is Ending.DISCONNECTED
+        or (flow is not None and flow.client_conn.timestamp_end is not None),
+        timed_out=fc.timed_out,
+        error=error,
+    )
 
 
 class Metering:
@@ -142,7 +172,7 @@ class Metering:
             self.settler = None
         for fc in list(self.current.values()):
             if not fc.done and not fc.answered:
-                self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.up or fc.down))
+                self._finish(fc, Ending.STOPPED)
                 self.gw.cut_client(fc.client_id)
 
     async def _settle_idle_tunnels(self) -> None:
@@ -218,8 +248,8 @@ class Metering:
         else:
             fc.down += fit
         if fit < n and not fc.cut:
-            fc.cut = "balance"
-            if fc.kind == FORWARD and not fc.status:
+            fc.cut = Cut.BALANCE
+            if answers_cut_with_402(fc.kind == TUNNEL, fc.status):
                 # nothing of the response reached the client yet: answer with the 402
                 asyncio.get_running_loop().call_soon(self.gw.abort_upstream, fc.client_id)
             else:
@@ -281,17 +311,17 @@ class Metering:
         if fc is None or fc.cred is None or fc.done:
             return
         if fc.answered:
-            self._finish(fc, charge=False)
+            self._finish(fc, Ending.COMPLETED)
             return
         fc.status = flow.response.status_code
         if flow.response.status_code == 101:
             # a WebSocket (or other upgrade): from here on it is metered like a tunnel
-            self._settle_forward(fc, final=False)
+            self._settle_forward(fc, fc.up, fc.down)
             fc.kind = TUNNEL
             # an open tunnel of its account: counted against max_tunnels, closed on suspension
             fc.account.tunnels[fc.client_id] = fc
             if fc.account.status != "active":  # suspended while the upgrade was under way
-                fc.cut = "suspended"
+                fc.cut = Cut.SUSPENDED
                 asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
             return
         if flow.request.timestamp_end is None:
@@ -299,39 +329,23 @@ class Metering:
             # it: the flow is finished (and billed) when the request ends
             fc.upload_open = True
             return
-        self._finish(fc, charge=True)
+        self._finish(fc, Ending.COMPLETED)
 
     def request(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is not None and fc.upload_open and not fc.done:
-            self._finish(fc, charge=True)
+            self._finish(fc, Ending.COMPLETED)
 
     def error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is None or fc.cred is None or fc.done:
             return
-        # bytes that reached the client are billed (a client that aborts a download
-        # pays for what it got); a request the gateway answered with 502/504 is not
-        # the client that walks away pays for what it moved (an upload included); a
-        # request the gateway failed (502, 504) is not billed
-        msg = flow.error.msg if flow.error else ""
-        client_gone = (
-            flow.client_conn.timestamp_end is not None
-            or msg.startswith("Client disconnected")
-            # before any response head, an incomplete body can only be the request's
-            or (not fc.status and "without sending complete message body" in msg)
-        )
-        self._finish(
-            fc,
-            charge=fc.cut == "balance"
-            or (bool(fc.status) and not fc.answered)
-            or (client_gone and not fc.timed_out and bool(fc.up or fc.down)),
-        )
+        self._finish(fc, Ending.FAILED, flow)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is not None and fc.cred is not None and not fc.done:
-            self._finish(fc, charge=False)
+            self._finish(fc, Ending.CONNECT_FAILED)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
@@ -341,17 +355,19 @@ class Metering:
     def client_disconnected(self, client) -> None:
         fc = self.current.get(client.id)
         if fc is not None and not fc.done:
-            self._finish(fc, charge=fc.kind == TUNNEL or bool(fc.status) or fc.cut == "balance")
+            self._finish(fc, Ending.DISCONNECTED)
         self.current.pop(client.id, None)
 
-    def _settle_forward(self, fc: FlowCtx, final: bool) -> None:
+    def _settle_forward(self, fc: FlowCtx, up: int, down: int) -> None:
         rt = self.gw.runtime
-        c = rt.settle(fc.cred, fc.up, fc.down, fc.reserved, requests=0)
+        c = rt.settle(fc.cred, up, down, fc.reserved, requests=0)
         fc.reserved = 0
         fc.trial_spent += c.trial_bytes
         fc.nanocents += c.nanocents
 
-    def _finish(self, fc: FlowCtx, charge: bool) -> None:
+    def _finish(self, fc: FlowCtx, ending: Ending, flow: http.HTTPFlow | None = None) -> None:
+        """End *fc*: settle or release its bytes as ``billing.bill`` decides, with its receipt."""
+        b: Bill = bill(flow_outcome(fc, ending, flow))
         fc.done = True
         rt = self.gw.runtime
         if self.current.get(fc.client_id) is fc:
@@ -362,12 +378,12 @@ class Metering:
             # a tunnel's used bytes always reached the other side: settle them, and
             # give back the rest of its block
             self._settle_tunnel(fc, release=True)
-        if not charge:
+        if not b.charged:
             rt.release(fc.cred, fc.reserved)
             fc.reserved = 0
             return
         if fc.kind == FORWARD:
-            self._settle_forward(fc, final=True)
+            self._settle_forward(fc, b.up, b.down)
         receipt = (
             fc.request_id,
             fc.account.id,
@@ -375,9 +391,9 @@ class Metering:
             fc.method,
             fc.host,
             fc.port,
-            fc.status or (402 if fc.cut == "balance" else 0),
-            fc.up,
-            fc.down,
+            b.status,
+            b.up,
+            b.down,
             fc.trial_spent,
             fc.nanocents,
             utc_timestamp(fc.started),
@@ -393,5 +409,5 @@ class Metering:
             if acc.status != "active" and acc.tunnels:
                 for cid in list(acc.tunnels):
                     fc = acc.tunnels[cid]
-                    fc.cut = "suspended"
+                    fc.cut = Cut.SUSPENDED
                     self.gw.cut_client(cid)

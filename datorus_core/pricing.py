@@ -12,6 +12,7 @@ multiplication and fractions of a cent carry over with no rounding at all::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 NANOCENTS_PER_CENT = 10**9
@@ -37,6 +38,25 @@ def charge(nbytes: int, trial_remaining: int, price_cents_per_gb: int) -> Charge
 def whole_cents(nanocents: int) -> int:
     """The whole cents in *nanocents*, rounded toward minus infinity (what can be spent)."""
     return nanocents // NANOCENTS_PER_CENT
+
+
+def whole_cent_steps(balance_nanocents: int, amounts_nanocents: Sequence[int]) -> list[int]:
+    """What each of the latest *amounts* (newest first) moved the whole-cent balance.
+
+    The balance shows whole cents rounded down (:func:`whole_cents`), and so do the
+    running totals behind the amounts: each one takes what it moved that figure, so
+    amounts reaching back to the account's start add up to the balance shown::
+
+        >>> whole_cent_steps(1_500_000_000, [-500_000_000, 2_000_000_000])
+        [-1, 2]
+    """
+    running = balance_nanocents - sum(amounts_nanocents)  # before the oldest amount
+    steps: list[int] = []
+    for amount in reversed(amounts_nanocents):
+        before, running = running, running + amount
+        steps.append(whole_cents(running) - whole_cents(before))
+    steps.reverse()
+    return steps
 
 
 def cents_to_nanocents(cents: int) -> int:

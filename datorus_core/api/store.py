@@ -301,12 +301,7 @@ def credits(db: Ledger, account_id: int, limit: int) -> dict[str, Any]:
     """
     h = money.credit_history(db, account_id, limit)
     balance = h["balance_nanocents"]
-    running = balance - sum(t["nanocents"] for t in h["items"])  # before the oldest row
-    cents: list[int] = []
-    for t in reversed(h["items"]):
-        before, running = running, running + t["nanocents"]
-        cents.append(pricing.whole_cents(running) - pricing.whole_cents(before))
-    cents.reverse()
+    cents = pricing.whole_cent_steps(balance, [t["nanocents"] for t in h["items"]])
     items = [
         {
             "id": t["id"],

@@ -352,6 +352,41 @@ def test_gateway_errors_are_not_billed(gateway, raw_origin):
     )
 
 
+def test_gateways_502_on_a_tunnel_through_a_refusing_upstream_is_not_billed(make_gateway):
+    """The egress is an upstream proxy that refuses the gateway's credentials: a CONNECT
+    gets the gateway's own ``502 UPSTREAM_FAILED`` naming the egress, and it is not billed
+    (no receipt, no request in the usage), however the client then goes away."""
+    from support import UpstreamProxy
+
+    gw = make_gateway()
+    acc, user, pw = gw.customer(trial_bytes=10**9)
+    ups = UpstreamProxy("127.0.0.6", "up1", "right")
+
+    def refused() -> list | None:  # a list: None until the egress itself failed us
+        # port 1: a tunnel that went direct (before the pool holds the egress) is refused
+        # at once, and not billed either
+        with raw_connection(gw.port) as s:
+            s.sendall(
+                b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nX-Datorus-Country: nl\r\n"
+                + f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+            )
+            status, headers, body = read_response(s)
+        assert status == 502, body
+        return [headers, body] if "egress" in json.loads(body)["error"]["details"] else None
+
+    try:
+        gw.cli("egress", "add", ups.url.replace(":right@", ":wrong@"), "--country", "nl")
+        headers, body = wait_until(refused, 10, 0.05, "the refusing upstream in use")
+    finally:
+        ups.stop()
+    assert_envelope(502, headers, body, "UPSTREAM_FAILED", 502)
+    gw.stop()  # a clean stop flushes every request
+    rid = headers["x-datorus-request-id"]
+    found = cli(gw.db, "receipt", rid, check=False)
+    assert found.get("error", {}).get("code") == "RESOURCE_NOT_FOUND", found
+    assert cli(gw.db, "usage", str(acc))["requests"] == 0
+
+
 # -- 402s ---------------------------------------------------------------------------------
 
 
