@@ -4,6 +4,7 @@ while the gateway loads, and a briefly unreachable ledger does not refuse traffi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import signal
 import socket
 import sqlite3
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,20 @@ def _customer(db: Path) -> tuple[str, str]:
     return cred["username"], cred["password"]
 
 
+@contextlib.contextmanager
+def _serving(tmp_path: Path, **settings: object) -> Iterator[tuple[Gateway, Path, str, str]]:
+    """A running gateway with one customer it already knows: (gateway, db, user, password)."""
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    gw = Gateway(db, settings).start()
+    try:
+        user, pw = _customer(db)
+        gw.wait_for_credential(user, pw)
+        yield gw, db, user, pw
+    finally:
+        gw.stop()
+
+
 def _hold_shm_lock(db: Path) -> subprocess.Popen:
     """Another process holds every WAL read-mark lock: reads of the ledger fail
     ("locking protocol") until it lets go, as with a stuck backup or checker."""
@@ -212,12 +228,7 @@ def _usage_requests(db: Path, account_user: str) -> int:
 
 
 def test_traffic_flows_on_while_an_operator_holds_the_ledger_exclusively(tmp_path, origin):
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    gw = Gateway(db).start()
-    try:
-        user, pw = _customer(db)
-        gw.wait_for_credential(user, pw)
+    with _serving(tmp_path) as (gw, db, user, pw):
         proxies = {"http": gw.proxy(user, pw)}
         lock = sqlite3.connect(db, isolation_level=None, timeout=10)
         lock.execute("BEGIN EXCLUSIVE")  # as `sqlite3 datorus.db 'BEGIN EXCLUSIVE; ...'`
@@ -233,17 +244,10 @@ def test_traffic_flows_on_while_an_operator_holds_the_ledger_exclusively(tmp_pat
             lock.close()
         assert [r.status_code for r in statuses] == [200] * len(statuses)
         wait_until(lambda: _usage_requests(db, user) == len(statuses), 15, 0.1, "usage written")
-    finally:
-        gw.stop()
 
 
 def test_a_ledger_that_cannot_be_read_does_not_refuse_traffic(tmp_path, origin):
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    gw = Gateway(db).start()
-    try:
-        user, pw = _customer(db)
-        gw.wait_for_credential(user, pw)
+    with _serving(tmp_path) as (gw, db, user, pw):
         proxies = {"http": gw.proxy(user, pw)}
         lock = _hold_shm_lock(db)
         try:
@@ -261,17 +265,10 @@ def test_a_ledger_that_cannot_be_read_does_not_refuse_traffic(tmp_path, origin):
         # one warning for the episode, one when it ended
         wait_until(lambda: "ledger refresh recovered" in gw.log.read_text(), 30, 0.1, "recovery")
         assert gw.log.read_text().count("ledger refresh failed") == 1
-    finally:
-        gw.stop()
 
 
 def test_past_ledger_grace_new_requests_get_503(tmp_path, origin):
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    gw = Gateway(db, {"ledger_grace": 1}).start()
-    try:
-        user, pw = _customer(db)
-        gw.wait_for_credential(user, pw)
+    with _serving(tmp_path, ledger_grace=1) as (gw, db, user, pw):
         req = (
             f"GET {origin.url('/z')} HTTP/1.1\r\nHost: x\r\n"
             f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
@@ -290,36 +287,29 @@ def test_past_ledger_grace_new_requests_get_503(tmp_path, origin):
         assert err["details"] == {"reason": "ledger_stale"}
         assert headers["retry-after"] == "1"
         wait_until(lambda: raw_request(gw.port, req)[0] == 200, 30, 0.1, "served again")
-    finally:
-        gw.stop()
 
 
 def test_a_stopping_gateway_answers_or_refuses_never_accepts_and_resets(tmp_path, origin):
     """From SIGTERM to exit every new connection gets the 503 draining envelope or is
     refused at once (the listening socket closes when the drain ends), so a client that
     honours Retry-After and retries connection errors never loses a request."""
-    db = tmp_path / "ledger.db"
-    prepare_ledger(db)
-    gw = Gateway(db).start()
-    user, pw = _customer(db)
-    gw.wait_for_credential(user, pw)
-    req = (
-        f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
-        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
-    ).encode()
-    assert gw.proc is not None
-    gw.proc.send_signal(signal.SIGTERM)
-    outcomes: list[str] = []
-    deadline = time.monotonic() + 30
-    while gw.proc.poll() is None and time.monotonic() < deadline:
-        try:
-            status, _, _ = raw_request(gw.port, req)
-            outcomes.append(str(status))
-        except ConnectionRefusedError:
-            outcomes.append("refused")
-        except OSError as e:  # reset, or closed without an answer
-            outcomes.append(f"lost: {e!r}")
-    assert gw.proc.wait(30) == 0
-    assert outcomes and not [o for o in outcomes if o.startswith("lost")], outcomes[-5:]
-    assert set(outcomes) <= {"503", "200", "refused"}
-    gw.stop()
+    with _serving(tmp_path) as (gw, _, user, pw):
+        req = (
+            f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+        ).encode()
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGTERM)
+        outcomes: list[str] = []
+        deadline = time.monotonic() + 30
+        while gw.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status, _, _ = raw_request(gw.port, req)
+                outcomes.append(str(status))
+            except ConnectionRefusedError:
+                outcomes.append("refused")
+            except OSError as e:  # reset, or closed without an answer
+                outcomes.append(f"lost: {e!r}")
+        assert gw.proc.wait(30) == 0
+        assert outcomes and not [o for o in outcomes if o.startswith("lost")], outcomes[-5:]
+        assert set(outcomes) <= {"503", "200", "refused"}
