@@ -48,14 +48,7 @@ def add_balance(
             (account_id, kind, cents * pricing.NANOCENTS_PER_CENT, reason, external_id),
         )
         applied = cur.rowcount == 1
-    acc = show_account(db, account_id)
-    return {
-        "id": account_id,
-        "balanceCents": acc["balanceCents"],
-        "balanceNanocents": acc["balanceNanocents"],
-        "applied": applied,
-        "kind": kind,
-    }
+    return _balance_answer(db, account_id, applied, kind)
 
 
 def balance_nanocents(db: Ledger, account_id: int) -> int:
@@ -100,14 +93,7 @@ def correct_balance(db: Ledger, account_id: int, cents: int, reason: str) -> dic
             " VALUES (?, 'adjustment', ?, ?)",
             (account_id, delta, reason.strip()),
         )
-    acc = show_account(db, account_id)
-    return {
-        "id": account_id,
-        "balanceCents": acc["balanceCents"],
-        "balanceNanocents": acc["balanceNanocents"],
-        "applied": True,
-        "kind": "adjustment",
-    }
+    return _balance_answer(db, account_id, True, "adjustment")
 
 
 def insert_trial_grant(db: Ledger, account_id: int, trial_bytes: int, reason: str) -> None:
@@ -216,3 +202,15 @@ def credit_history(db: Ledger, account_id: int, limit: int) -> dict[str, Any]:
             rows = [(i, day, usage[day] if day else r) for i, day, r in rows]
         items = [r for _, _, r in rows]
     return {"balance_nanocents": bal[0], "trial_bytes": bal[1], "items": items}
+
+
+def _balance_answer(db: Ledger, account_id: int, applied: bool, kind: str) -> dict[str, Any]:
+    """What a top-up or correction answers: the balance after it, and what it was."""
+    acc = show_account(db, account_id)
+    return {
+        "id": account_id,
+        "balanceCents": acc["balanceCents"],
+        "balanceNanocents": acc["balanceNanocents"],
+        "applied": applied,
+        "kind": kind,
+    }
