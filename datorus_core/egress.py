@@ -251,6 +251,20 @@ class Egress:
         h.until = now + delay
         return h.state(now)
 
+    def adopt(self, domain: str, strikes: int, seconds: float, now: float) -> None:
+        """Take another process's judgement of *domain*: blocked *strikes* times, for
+        *seconds* from *now*; no strikes means unblocked."""
+        if strikes <= 0:
+            self.unblocked(domain)
+            return
+        h = self.domains.get(domain)
+        if h is None:
+            if len(self.domains) >= _MAX_DOMAINS_PER_EGRESS:
+                self._prune(now)
+            h = self.domains[domain] = DomainHealth()
+        h.strikes = strikes
+        h.until = now + seconds
+
     def unblocked(self, domain: str) -> None:
         """A normal response from *domain*: forget earlier blocks."""
         if domain in self.domains:
