@@ -31,7 +31,6 @@ import contextlib
 import logging
 import random
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +38,11 @@ from typing import Any
 from mitmproxy import http
 
 from datorus_core import egress as eg
-from datorus_core import leases
 from datorus_core.billing import allowance_covers
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.base import BlockNews, LeaseNews
 from datorus_core.hotstate.local import LocalHotState
-from datorus_core.ledger import connect
 from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
@@ -173,8 +170,6 @@ class EgressRouter:
         self.task: asyncio.Task | None = None
         self.checking: set[int] = set()
         self.next_check: dict[int, float] = {}
-        self.db = None
-        self.lock = threading.Lock()
         self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
         self.check_rng = random.Random()  # health-check spreading, apart from the picks
         self.leases = LeaseBook()
@@ -216,9 +211,6 @@ class EgressRouter:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
-        if self.db is not None:
-            with contextlib.suppress(Exception):
-                self.db.close()
 
     async def _loop(self) -> None:
         while True:
@@ -234,18 +226,12 @@ class EgressRouter:
                 self.dirty = True
                 log.warning("datorus: egress refresh failed: %s", e)
 
-    def _sql(self, sql: str, args: tuple | list = ()) -> list:
-        if self.db is None:
-            self.db = connect(self.gw.settings["db"])
-        return self.db.execute(sql, args).fetchall()
-
-    def _query(self, sql: str, args: tuple = ()) -> list:
-        with self.lock:
-            return self._sql(sql, args)
-
     async def _load(self) -> None:
-        rows = await asyncio.to_thread(self._query, eg.EGRESS_ROWS_SQL)
-        live = await asyncio.to_thread(self._query, leases.ACTIVE_SQL, (int(time.time()),))
+        link = self.gw.ledger
+        if link is None:
+            self.dirty = True
+            return
+        rows, live = await link.pool(int(time.time()))
         self.leases.replace(Lease.from_row(row) for row in live)
         items = []
         for row in rows:
@@ -612,37 +598,10 @@ class EgressRouter:
             if r.exit_ip:
                 e.exit_ip = r.exit_ip
             self.pool.reweigh()
-            await asyncio.to_thread(self._store_check, e, r)
+            link = self.gw.ledger
+            if link is not None:
+                await link.store_check(e.id, r, e.score, round(e.uptime * 100, 2), e.latency_ms)
         except Exception as x:
             log.warning("datorus: health check of egress %s failed to run: %s", e.id, x)
         finally:
             self.checking.discard(e.id)
-
-    def _store_check(self, e: eg.Egress, r) -> None:
-        with self.lock:
-            self._store_check_locked(e, r)
-
-    def _store_check_locked(self, e: eg.Egress, r) -> None:
-        self._sql("BEGIN IMMEDIATE")
-        try:
-            self._sql(
-                "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
-                " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?",
-                (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, e.id),
-            )
-            self._sql(
-                "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
-                " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
-                " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
-                (e.score, round(e.uptime * 100, 2), e.latency_ms, r.exit_ip, r.anonymity, e.id),
-            )
-            self._sql(
-                "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
-                " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
-                " LIMIT 1 OFFSET 500)",
-                (e.id, e.id),
-            )
-            self._sql("COMMIT")
-        except BaseException:
-            self._sql("ROLLBACK")
-            raise

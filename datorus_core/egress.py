@@ -285,9 +285,6 @@ def egress_from_row(row: tuple) -> Egress:
     return Egress(eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score)
 
 
-EGRESS_ROWS_SQL = "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
-
-
 def compute_score(uptime: float, latency_ms: float | None, last_ok: bool) -> float:
     """A score in [0, 1]: uptime weighted by latency (1 s halves it), 0 while failing."""
     if not last_ok:
