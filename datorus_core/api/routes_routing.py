@@ -33,8 +33,8 @@ from ..envelope import DatorusError
 from ..live import Lease, LeaseBook, LeaseView, SessionLookup
 from ..routing import Ask, chances, choose
 from ..sessions import valid_session_id
-from .app import ApiState
 from .deps import Account, State
+from .state import ApiState
 
 router = APIRouter(tags=["routing"])
 
