@@ -34,8 +34,8 @@ from ..ledger import leases as ledger_leases
 from ..live import Lease, LeaseBook, LeaseView, SessionLookup
 from ..routing import Ask, chances, choose
 from ..sessions import valid_session_id
-from .app import ApiState
 from .deps import Account, State
+from .state import ApiState
 
 router = APIRouter(tags=["routing"])
 
