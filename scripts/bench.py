@@ -345,9 +345,10 @@ def copy_db(src: Path, dst: Path) -> None:
 def seed_accounts(db: Path, accounts: int) -> None:
     """Add *accounts* accounts with a credential each, the way the CLI creates them.
 
-    Accounts go through ``ledger.accounts.create_account``; the credentials are inserted with one
-    shared real scrypt hash in one transaction (hashing 10,000 passwords would take
-    minutes, and those passwords are never used: rows and indexes are what count).
+    Accounts go through ``ledger.accounts.create_account``; the credentials share one
+    real scrypt hash and go in with ``ledger.accounts.add_credentials_bulk`` in one
+    transaction (hashing 10,000 passwords would take minutes, and those passwords are
+    never used: rows and indexes are what count).
     """
     from datorus_core.hashing import hash_secret, new_username
     from datorus_core.ledger import accounts as ledger_accounts
@@ -359,12 +360,8 @@ def seed_accounts(db: Path, accounts: int) -> None:
         ledger_accounts.create_account(d, f"scale{i}@bench.example", 10**9)["id"]
         for i in range(accounts)
     ]
-    with d.conn:
-        d.conn.executemany(
-            "INSERT INTO credentials (account_id, username, password_hash) VALUES (?, ?, ?)",
-            [(i, new_username(), shared) for i in ids],
-        )
-    d.conn.close()
+    ledger_accounts.add_credentials_bulk(d, [(i, new_username(), shared) for i in ids])
+    d.close()
 
 
 def probe(proxy: Proxy, origin: Origin, timeout: float = 30) -> None:
@@ -580,6 +577,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
     """
 
     from datorus_core.envelope import new_request_id
+    from datorus_core.ledger import open_ledger, usage
     from datorus_core.ledger.gateway import LedgerLink
     from datorus_core.runtime import Runtime
     from datorus_core.settings import resolve_defaults
@@ -588,12 +586,15 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
     copy_db(db, copy)
     if receipts:
         old = "2026-01-01T00:00:00Z"
-        with contextlib.closing(sqlite3.connect(copy)) as c, c:
-            c.executemany(
-                "INSERT INTO receipts VALUES (?, ?, ?, 'GET', 'example.com', 80, 200, 100, 1000,"
-                " 0, 0, ?, ?)",
-                ((new_request_id(), 1, 1, old, old) for _ in range(receipts)),
-            )
+        d = open_ledger(copy)
+        usage.insert_receipts(
+            d,
+            (
+                (new_request_id(), 1, 1, "GET", "example.com", 80, 200, 100, 1000, 0, 0, old, old)
+                for _ in range(receipts)
+            ),
+        )
+        d.close()
 
     async def go() -> dict[str, Any]:
         link = LedgerLink(str(copy))

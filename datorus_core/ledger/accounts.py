@@ -9,6 +9,7 @@ the CLI and the REST API report failures the same way. Every change here bumps
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from .. import pricing
@@ -245,6 +246,21 @@ def create_credential(
         "password": password,
         "maxBytes": max_bytes,
     }
+
+
+def add_credentials_bulk(db: Ledger, rows: Iterable[tuple[int, str, str]]) -> int:
+    """Insert many credentials ``(account_id, username, password_hash)`` in one transaction.
+
+    Used by the benchmark (``scripts/bench``) to seed a ledger with thousands of
+    credentials that share one real hash (hashing each password would take minutes):
+    no validation and no per-credential answer, unlike :func:`create_credential`, which
+    operators and the API use. Returns how many rows went in.
+    """
+    with db.transaction():
+        return db.execute_many(
+            "INSERT INTO credentials (account_id, username, password_hash) VALUES (?, ?, ?)",
+            rows,
+        )
 
 
 # an account's credentials with the bytes each has used (id, username, label, max_bytes,

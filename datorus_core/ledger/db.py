@@ -10,7 +10,7 @@ talks to the ledger through :class:`~.gateway.LedgerLink` (aiosqlite).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,12 @@ class Ledger:
         """The first column of the first row, or None when there is no row."""
         row = self.execute(sql, args).fetchone()
         return None if row is None else row[0]
+
+    def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run one portable statement once per row of *rows*; how many rows it changed."""
+        cur = self.conn.cursor()
+        cur.executemany(self.dialect.sql(sql), (tuple(r) for r in rows))
+        return cur.rowcount
 
     def insert(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run an ``INSERT ... RETURNING id`` and return the new row's id."""

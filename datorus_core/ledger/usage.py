@@ -1,11 +1,12 @@
 """What the proxy carried, as the ledger keeps it: usage totals, per-day rows, receipts.
 
 The gateway writes these (:mod:`.gateway`); the functions here read them for the CLI
-and the API.
+and the API (and :func:`insert_receipts` fills a ledger for the benchmark).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .. import pricing
@@ -55,3 +56,25 @@ def receipt(db: Ledger, request_id: str) -> dict[str, Any]:
     if row is None:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"requestId": request_id})
     return row
+
+
+RECEIPT_COLUMNS = (
+    "request_id", "account_id", "credential_id", "method", "host", "port", "status",
+    "bytes_up", "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at",
+)  # fmt: skip
+_RECEIPT_INSERT = (
+    f"INSERT INTO receipts ({', '.join(RECEIPT_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(RECEIPT_COLUMNS))})"
+)
+
+
+def insert_receipts(db: Ledger, rows: Iterable[Sequence[Any]]) -> int:
+    """Insert receipts (values in :data:`RECEIPT_COLUMNS` order) in one transaction.
+
+    Used by the benchmark (``scripts/bench``) to age a ledger with hundreds of thousands
+    of old receipts before it measures the gateway's usage writer; the gateway itself
+    writes receipts with its usage batches (:mod:`.gateway`). A duplicate request id is
+    an error. Returns how many rows went in.
+    """
+    with db.transaction():
+        return db.execute_many(_RECEIPT_INSERT, rows)

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
 assert _spec and _spec.loader
@@ -61,3 +63,26 @@ def test_table_renders_as_markdown() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("| figure") and lines[1].startswith("|---")
     assert lines[2].split("|")[3].strip() == "900"
+
+
+def test_bench_seeding_goes_through_the_ledger_package(tmp_path: Path) -> None:
+    from datorus_core.envelope import DatorusError
+    from datorus_core.ledger import IntegrityError, accounts, open_ledger, usage
+
+    d = open_ledger(tmp_path / "seed.db")
+    ids = [accounts.create_account(d, f"s{i}@bench.example", 10**9)["id"] for i in range(3)]
+    assert accounts.add_credentials_bulk(d, [(i, f"user{i}", "hash") for i in ids]) == 3
+    assert [c["username"] for c in accounts.list_credentials(d, ids[1])] == [f"user{ids[1]}"]
+    old = "2026-01-01T00:00:00Z"
+    rows = [(f"req-{n}", ids[0], 1, "GET", "example.com", 80, 200, 100, 1000, 0, 0, old, old)
+            for n in range(5)]  # fmt: skip
+    assert usage.insert_receipts(d, rows) == 5
+    got = usage.receipt(d, "req-3")
+    assert (got["account_id"], got["host"], got["bytes_down"], got["finished_at"]) == (
+        ids[0], "example.com", 1000, old,
+    )  # fmt: skip
+    with pytest.raises(IntegrityError):  # one transaction: the new row goes with the duplicate
+        usage.insert_receipts(d, [("req-new", *rows[0][1:]), rows[0]])
+    with pytest.raises(DatorusError):
+        usage.receipt(d, "req-new")
+    d.close()
