@@ -13,8 +13,25 @@
    requests, the scale figures, the ledger's usage-event write rate and a py-spy
    profile of the gateway that says what each Datorus addon costs.
 
+Two comparisons join the same interleaved rounds when asked for:
+
+``--baseline REF``
+    another commit's gateway (issue 14: "no loss against main"): a throwaway
+    ``git worktree add --detach`` of REF in the temp dir, removed on exit, whose ledger
+    is made by that tree's own ledger code and whose ``addons/datorus.py`` runs under
+    the same ``.venv`` with ``PYTHONPATH`` on that tree; the report gives
+    current/baseline ratios, round by round.
+``--workers-compare``
+    ``datorus serve --workers 2`` with its hot state in Redis (a ``redis-server`` the
+    bench starts on a free port, no persistence), bare mitmdump and proxy.py 2.4 with its
+    default workers (installed with pip into a throwaway venv in the temp dir, never into
+    the project), against the one-worker gateway (issue 15). CPU counts every process of
+    a proxy (its whole session: launcher and workers), and Redis's for the workers. Skipped,
+    saying why, on a tree without ``datorus serve``.
+
 Everything it starts is stopped on exit, Ctrl-C included. ``_tunnels`` is an internal
-subcommand: the CONNECT+TLS+GET client, run as its own process so its CPU is not ours.
+subcommand: the CONNECT+TLS+GET client, run as its own process so its CPU is not ours;
+``_ledger TREE DB`` prepares the bench ledger with TREE's ledger code (the baseline's).
 """
 
 from __future__ import annotations
@@ -92,11 +109,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stat_fields(text: str) -> tuple[int, float]:
+    """``(session id, user+system CPU seconds)`` from the text of ``/proc/PID/stat``.
+
+    >>> line = "7 (a) b) S 1 7 7 0 -1 0 0 0 0 0 250 50 0 0 20 0 3 0 1 2 3"
+    >>> stat_fields(line) == (7, 300 / CLK_TCK)
+    True
+    """
+    fields = text.rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
+    return int(fields[3]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds the process has used (``/proc/PID/stat``)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return stat_fields(f.read())[1]
+
+
+def session_cpu_seconds(sessions: set[int]) -> float:
+    """CPU seconds of every live process in *sessions* (a proxy and the workers it forks).
+
+    Each process the bench starts leads its own session, so this counts a launcher, its
+    workers and their threads. A child that exited in between is not counted.
+    """
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    sid, cpu = stat_fields(f.read())
+                if sid in sessions:
+                    total += cpu
+    return total
 
 
 def rss_mb(pid: int) -> float | None:
@@ -115,16 +159,18 @@ class Children:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        """Start *cmd* with its output in ``TMP/NAME.log``."""
+    def spawn(
+        self, name: str, cmd: list[str], cwd: Path = REPO, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start *cmd* in *cwd* with its output in ``TMP/NAME.log`` (*env* added to ours)."""
         with open(self.tmp / f"{name}.log", "wb") as out:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=clean_env(),
+                cwd=cwd,
+                env=clean_env() | (env or {}),
                 start_new_session=True,
             )
         self.procs.append(proc)
@@ -159,12 +205,12 @@ class Children:
 # -- set-up: packages, certificates, origin ----------------------------------------------
 
 
-def ensure_tools(install: bool) -> str:
-    """Install nginx and ab (apt-get) and py-spy (pip) when missing; what happened."""
+def ensure_tools(install: bool, redis: bool = False) -> str:
+    """Install nginx and ab (and redis-server) with apt-get, py-spy with pip, when missing."""
     notes = []
-    apt = [
-        p for p, exe in (("nginx-light", "nginx"), ("apache2-utils", "ab")) if not shutil.which(exe)
-    ]
+    wanted = [("nginx-light", "nginx"), ("apache2-utils", "ab")]
+    wanted += [("redis-server", "redis-server")] if redis else []
+    apt = [p for p, exe in wanted if not shutil.which(exe)]
     if apt and install and shutil.which("apt-get") and os.geteuid() == 0:
         log(f"installing {' '.join(apt)} with apt-get")
         env = clean_env() | {"DEBIAN_FRONTEND": "noninteractive"}
@@ -281,37 +327,53 @@ class Proxy:
     creds: tuple[str, str] | None = None
     requests: int = 0  # forward requests it has served so far
     rss: dict[int, float | None] = field(default_factory=dict)
+    also: list[int] = field(default_factory=list)  # pids whose CPU counts too (Redis)
+    redis_port: int = 0  # the Redis its hot state lives in (0: none)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu(self) -> float:
+        """CPU seconds of the proxy's whole session (and of the processes in ``also``)."""
+        return session_cpu_seconds({self.proc.pid, *self.also})
 
+
+FULL = ("bare", "datorus", "baseline", "workers", "proxypy")  # every figure, every round
+C50_ONLY = ("nometer", "scale")  # forward c50 only
 GATEWAY_SETTINGS = {  # rate limits far above what the bench sends; the REST API off
     "api_port": 0, "rps": 10_000_000, "burst": 10_000_000, "max_tunnels": 100_000,
 }  # fmt: skip
 
 
+def gateway_args(tmp: Path, key: str, port: int, db: Path) -> list[str]:
+    """mitmdump's arguments for a gateway on *port* and ledger *db*, with the bench settings."""
+    args = ["-q", "--listen-host", HOST, "--listen-port", str(port)]
+    args += ["--set", f"confdir={tmp / ('mitm-' + key)}", "--set", f"datorus_db={db}"]
+    for k, v in GATEWAY_SETTINGS.items():
+        args += ["--set", f"datorus_{k}={v}"]
+    return args
+
+
 def start_proxy(
     children: Children, tmp: Path, key: str, script: str | None = None, db: Path | None = None,
-    creds: tuple[str, str] | None = None,
+    creds: tuple[str, str] | None = None, tree: Path = REPO,
 ) -> Proxy:  # fmt: skip
-    """``mitmdump -q`` on a free port; with *script*, the Datorus gateway on ledger *db*."""
+    """``mitmdump -q`` on a free port; with *script*, the Datorus gateway on ledger *db*.
+
+    *tree* is the checkout the gateway runs from (the baseline's for ``--baseline``):
+    its directory is the working directory and comes first on ``PYTHONPATH``.
+    """
     port = free_port()
-    cmd = [tool("mitmdump") or "mitmdump", "-q", "--listen-host", HOST, "--listen-port", str(port)]
-    cmd += ["--set", f"confdir={tmp / ('mitm-' + key)}"]
-    if script is None:
+    mitmdump = tool("mitmdump") or "mitmdump"
+    if script is None or db is None:
+        cmd = [mitmdump, "-q", "--listen-host", HOST, "--listen-port", str(port)]
+        cmd += ["--set", f"confdir={tmp / ('mitm-' + key)}"]
         cmd += ["--ignore-hosts", ".*"]  # TLS passes through, as Datorus passes it
     else:
-        cmd += [
-            "-s",
-            script,
-            "--set",
-            f"datorus_db={db}",
-        ]
-        for k, v in GATEWAY_SETTINGS.items():
-            cmd += ["--set", f"datorus_{k}={v}"]
-    return Proxy(key, port, children.spawn(key, cmd), creds)
+        cmd = [mitmdump, "-s", str(tree / script), *gateway_args(tmp, key, port, db)]
+    env = {"PYTHONPATH": str(tree)} if tree != REPO else None
+    return Proxy(key, port, children.spawn(key, cmd, cwd=tree, env=env), creds)
 
 
 def prepare_ledger(db: Path) -> tuple[str, str]:
@@ -387,6 +449,137 @@ def b64(creds: tuple[str, str]) -> str:
     return base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
 
 
+# -- the comparisons: another commit's gateway; workers, Redis and proxy.py ----------------
+
+
+def add_baseline_tree(ref: str, tmp: Path) -> tuple[Path, str]:
+    """A throwaway ``git worktree add --detach`` of *ref* in *tmp*: (its path, short hash)."""
+    done = run(["git", "rev-parse", "--short", "--verify", "--end-of-options", f"{ref}^{{commit}}"],
+               30)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"bench: --baseline {ref}: not a commit of this repository")
+    sha, tree = done.stdout.strip(), tmp / "baseline"
+    done = run(["git", "worktree", "add", "--detach", str(tree), sha], 120)
+    if done.returncode:
+        raise SystemExit(f"bench: git worktree add {ref} failed: {done.stderr.strip()}")
+    return tree, sha
+
+
+def remove_baseline_tree(tree: Path) -> None:
+    """Remove the baseline's worktree and git's record of it."""
+    done = run(["git", "worktree", "remove", "--force", str(tree)], 120)
+    if done.returncode:
+        print(f"bench: git worktree remove {tree}: {done.stderr.strip()}", file=sys.stderr)
+
+
+def prepare_ledger_in(tree: Path, db: Path) -> tuple[str, str]:
+    """:func:`prepare_ledger` run by *tree*'s own ledger code (``_ledger``, a subprocess)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "_ledger", str(tree), str(db)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tree,
+        env=clean_env() | {"PYTHONPATH": str(tree)},
+    )  # fmt: skip
+    try:
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        raise SystemExit(f"bench: the baseline's ledger code failed:\n{tail}") from None
+    if not Path(got["code"]).is_relative_to(tree):
+        raise SystemExit(f"bench: the baseline's ledger came from {got['code']}, not {tree}")
+    return got["username"], got["password"]
+
+
+def serve_missing() -> str | None:
+    """Why ``datorus serve`` cannot run from this tree, or None when it can."""
+    datorus = tool("datorus")
+    if datorus is None:
+        return "the datorus CLI is not installed here (./scripts/install)"
+    if run([datorus, "serve", "--help"], 60).returncode != 0:
+        return "this tree has no 'datorus serve' (issue 15's branch is not merged yet)"
+    if not shutil.which("redis-server"):
+        return "redis-server is not installed (apt-get install redis-server)"
+    return None
+
+
+def start_redis(children: Children, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A throwaway ``redis-server`` on a free loopback port, without persistence."""
+    port = free_port()
+    cmd = ["redis-server", "--bind", HOST, "--port", str(port), "--save", "",
+           "--appendonly", "no", "--dir", str(tmp)]  # fmt: skip
+    proc = children.spawn("redis", cmd)
+    children.wait_port(proc, "redis", port, 20)
+    return proc, port
+
+
+def redis_info(text: str) -> dict[str, str]:
+    """The ``name:value`` lines of a Redis ``INFO`` reply.
+
+    >>> redis_info("$60\\r\\n# Stats\\r\\ntotal_commands_processed:42\\r\\nx:1:2\\r\\n")
+    {'total_commands_processed': '42', 'x': '1:2'}
+    """
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and line[:1] != "#")
+
+
+def redis_commands(port: int) -> int:
+    """Commands the Redis on *port* has processed so far (``INFO stats``, this one included)."""
+    with socket.create_connection((HOST, port), 5) as s:
+        s.sendall(b"INFO stats\r\n")
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+            head, sep, rest = buf.partition(b"\r\n")
+            if sep and head[:1] == b"$" and len(rest) >= int(head[1:]):
+                break
+    return int(redis_info(buf.decode())["total_commands_processed"])
+
+
+def start_workers(
+    children: Children, tmp: Path, db: Path, creds: tuple[str, str], workers: int
+) -> Proxy:
+    """``datorus serve --workers N`` with the gateway's bench settings and its state in Redis."""
+    redis, redis_port = start_redis(children, tmp)
+    port = free_port()
+    cmd = [tool("datorus") or "datorus", "serve", "--workers", str(workers)]
+    cmd += gateway_args(tmp, "workers", port, db)
+    cmd += ["--set", f"datorus_redis_url=redis://{HOST}:{redis_port}/0"]
+    proc = children.spawn("workers", cmd)
+    return Proxy("workers", port, proc, creds, also=[redis.pid], redis_port=redis_port)
+
+
+PROXYPY = "proxy.py==2.4.*"
+
+
+def install_proxypy(tmp: Path) -> tuple[Path | None, str]:
+    """proxy.py 2.4 in a throwaway venv in *tmp* (pip, from PyPI): (its ``proxy``, version).
+
+    Never in the project's venv: it is a reference, not a dependency.
+    """
+    venv = tmp / "proxypy-venv"
+    log(f"installing {PROXYPY} with pip into {venv}")
+    if run([sys.executable, "-m", "venv", str(venv)], 120).returncode:
+        return None, "python -m venv failed"
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+           "--disable-pip-version-check", PROXYPY]  # fmt: skip
+    done = run(pip, 300)
+    exe = venv / "bin" / "proxy"
+    if done.returncode or not exe.exists():
+        return None, "pip install failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+    return exe, run([str(exe), "--version"], 30).stdout.strip()
+
+
+def start_proxypy(children: Children, tmp: Path, exe: Path) -> Proxy:
+    """proxy.py with its default workers and plugins on a free loopback port.
+
+    Its defaults already pass CONNECT through without decrypting (TLS interception needs
+    ``--ca-*`` files) and load no plugin beyond the HTTP proxy; ``--log-level WARNING``
+    turns off its per-request access log (bare mitmdump runs ``-q`` too).
+    """
+    port = free_port()
+    cmd = [str(exe), "--hostname", HOST, "--port", str(port), "--log-level", "WARNING",
+           "--data-dir", str(tmp / "proxypy-data")]  # fmt: skip
+    return Proxy("proxypy", port, children.spawn("proxypy", cmd, cwd=tmp))
+
+
 # -- measurements ------------------------------------------------------------------------
 
 
@@ -431,6 +624,41 @@ def parse_ab(out: str, csv: Path) -> dict[str, Any]:
     return res
 
 
+@dataclass(frozen=True)
+class Sample:
+    """What a proxy has used so far: its CPU, its Redis's CPU and Redis's command count."""
+
+    cpu: float
+    redis_cpu: float | None = None
+    redis_commands: int | None = None
+
+
+def sample(p: Proxy) -> Sample:
+    """The proxy's counters now (Redis's only when it has one)."""
+    commands = None
+    if p.redis_port:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            commands = redis_commands(p.redis_port)
+    redis_cpu = session_cpu_seconds(set(p.also)) if p.also else None
+    return Sample(p.cpu(), redis_cpu, commands)
+
+
+def costs(before: Sample, after: Sample, n: int) -> dict[str, float]:
+    """Per unit of work (*n* requests or tunnels): CPU ms, and Redis's CPU ms and commands.
+
+    The INFO command that took the first sample is Redis's own count, not the proxy's.
+
+    >>> costs(Sample(1.0, 0.5, 100), Sample(1.2, 0.52, 301), 100)
+    {'cpu_ms': 2.0, 'redis_cpu_ms': 0.2, 'redis_cmds': 2.0}
+    """
+    out = {"cpu_ms": round((after.cpu - before.cpu) / n * 1000, 9)}
+    if before.redis_cpu is not None and after.redis_cpu is not None:
+        out["redis_cpu_ms"] = round((after.redis_cpu - before.redis_cpu) / n * 1000, 9)
+    if before.redis_commands is not None and after.redis_commands is not None:
+        out["redis_cmds"] = (after.redis_commands - before.redis_commands - 1) / n
+    return out
+
+
 class Bench:
     """One run: the origin, the proxies and every raw figure, per round."""
 
@@ -452,15 +680,15 @@ class Bench:
     def forward(
         self, p: Proxy, conc: int, seconds: float = 0, count: int = 10_000_000
     ) -> dict[str, Any]:
-        """One ab run; adds the proxy's CPU ms per request."""
+        """One ab run; adds the proxy's CPU ms (and Redis's share) per request."""
         self._n += 1
         csv = self.tmp / f"ab{self._n}.csv"
-        before = cpu_seconds(p.pid)
+        before = sample(p)
         done = run(ab_cmd(p, self.origin, conc, seconds, count, csv), timeout=seconds + 600)
         res = parse_ab(done.stdout + done.stderr, csv)
         p.requests += res["requests"]
         if res["requests"]:
-            res["cpu_ms"] = (cpu_seconds(p.pid) - before) / res["requests"] * 1000
+            res |= costs(before, sample(p), res["requests"])
         if res.get("failed") or res.get("error"):
             self.notes.append(
                 f"{p.key} c{conc}: {res.get('error') or str(res['failed']) + ' failed'}"
@@ -471,14 +699,14 @@ class Bench:
         """CONNECT+TLS+GET+close, *count* of them, 50 at once (the ``_tunnels`` client)."""
         cmd = [sys.executable, __file__, "_tunnels", str(p.port), str(self.origin.https),
                str(self.origin.ca), str(count), b64(p.creds) if p.creds else ""]  # fmt: skip
-        before = cpu_seconds(p.pid)
+        before = sample(p)
         done = run(cmd, timeout=300)
         try:
             res = json.loads(done.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             res = {"ok": 0, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
         if res["ok"]:
-            res["cpu_ms"] = (cpu_seconds(p.pid) - before) / res["ok"] * 1000
+            res |= costs(before, sample(p), res["ok"])
         if res.get("error"):
             self.notes.append(f"{p.key} tunnels: {res['error']}")
         return res
@@ -490,9 +718,9 @@ class Bench:
                "-w", "%{http_code} %{speed_download} %{size_download}"]  # fmt: skip
         if p.creds:
             cmd += ["--proxy-user", f"{p.creds[0]}:{p.creds[1]}"]
-        before = cpu_seconds(p.pid)
+        before = p.cpu()
         done = run([*cmd, f"https://{HOST}:{self.origin.https}/100m"], timeout=150)
-        cpu = cpu_seconds(p.pid) - before
+        cpu = p.cpu() - before
         code, speed, size = ([*done.stdout.split(), "", "", ""])[:3]
         if code != "200" or size != str(LARGE_BYTES):
             self.notes.append(f"{p.key} download: HTTP {code}, {size} bytes {done.stderr.strip()}")
@@ -502,31 +730,37 @@ class Bench:
     def round(self) -> None:
         """One round: each figure for every proxy back to back, the order reversed each round.
 
-        The gateway without metering and the 10,000-account gateway run at c50 only, next
-        to the gateway's own c50 run whichever way the round goes.
+        The proxies in :data:`FULL` run every figure at c1 and c50 and the tunnels; the
+        gateway without metering and the 10,000-account gateway run at c50 only, among the
+        others' c50 runs whichever way the round goes; the 100 MB download is bare's and
+        the gateway's only.
         """
         self.rounds.append({})
         n = len(self.rounds)
-        order = [
-            self.proxies[k] for k in ("bare", "datorus", "nometer", "scale") if k in self.proxies
-        ]
+        order = [self.proxies[k] for k in (*FULL, *C50_ONLY) if k in self.proxies]
         if n % 2 == 0:
             order.reverse()
+        full = [p for p in order if p.key in FULL]
         pair = [p for p in order if p.key in ("bare", "datorus")]
         for conc in (1, C50):
-            for p in pair if conc == 1 else order:
+            for p in full if conc == 1 else order:
                 r = self.forward(p, conc, self.args.seconds)
-                for k in ("rps", "p50", "p99", "cpu_ms"):
-                    self.put(p.key, f"c{conc}_{k}", r.get(k))
+                for k in ("rps", "p50", "p99", "cpu_ms", "redis_cpu_ms", "redis_cmds"):
+                    if k in r or not k.startswith("redis"):
+                        self.put(p.key, f"c{conc}_{k}", r.get(k))
                 log(
                     f"round {n}: {p.key:<8} c{conc:<2} {r.get('rps', 0):8.0f} req/s  "
                     f"p50 {r.get('p50', 0):6.2f} ms  p99 {r.get('p99', 0):6.2f} ms  "
                     f"cpu {r.get('cpu_ms', 0):.3f} ms/req"
+                    + (f"  redis {r['redis_cmds']:.1f} cmds/req" if "redis_cmds" in r else "")
                 )
-        for p in pair:
+        for p in full:
             t = self.tunnels(p, self.args.tunnels)
             self.put(p.key, "tunnels_s", t.get("rate"))
             self.put(p.key, "tunnel_cpu_ms", t.get("cpu_ms"))
+            for k in ("redis_cpu_ms", "redis_cmds"):
+                if k in t:
+                    self.put(p.key, f"tunnel_{k}", t[k])
             log(
                 f"round {n}: {p.key:<8} tunnels {t.get('rate') or 0:8.0f} /s  "
                 f"cpu {t.get('cpu_ms') or 0:.2f} ms/tunnel"
@@ -744,10 +978,57 @@ ROWS = [  # label, figure, digits, compare ("ratio" or "diff"), target text, pas
 ]
 
 
+BASELINE_ROWS = [  # current against --baseline: the ratio current/baseline
+    ("forward req/s, c50", "c50_rps", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
+    ("CONNECT+TLS+GET tunnels/s, c50", "tunnels_s", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
+    ("forward p99 ms, c1", "c1_p99", 2, "ratio", "<= 1.0", lambda r: r <= 1.0),
+    ("forward req/s, c1", "c1_rps", 0, "ratio", "", None),
+    ("CPU ms/request, c50", "c50_cpu_ms", 3, "ratio", "", None),
+    ("CPU ms/tunnel", "tunnel_cpu_ms", 2, "ratio", "", None),
+]
+WORKER_ROWS = [  # --workers-compare: issue 15's targets, workers against one worker
+    ("forward req/s, c50", "c50_rps", 0, "ratio", ">= 1.7", lambda r: r >= 1.7),
+    ("CONNECT+TLS+GET tunnels/s, c50", "tunnels_s", 0, "ratio", ">= 1.7", lambda r: r >= 1.7),
+    ("CPU ms/forward request, c50", "c50_cpu_ms", 3, "ratio", "<= 1.15", lambda r: r <= 1.15),
+    ("forward p99 ms, c1", "c1_p99", 2, "diff", "<= +1 ms", lambda d: d <= 1.0),
+    ("forward req/s, c1", "c1_rps", 0, "ratio", "", None),
+    ("CPU ms/tunnel", "tunnel_cpu_ms", 2, "ratio", "", None),
+]
+
+
 def med(values: list[Any]) -> float | None:
     """The median of the values that are numbers."""
     got = [v for v in values if isinstance(v, int | float)]
     return statistics.median(got) if got else None
+
+
+def per_round(
+    rounds: list[dict[str, dict[str, Any]]], a: str, b: str, key: str, how: str = "ratio"
+) -> list[float]:
+    """Figure *key* of proxy *a* against proxy *b* in every round that has both.
+
+    ``a / b`` (``how="ratio"``) or ``a - b`` (``"diff"``), measured in the same round:
+
+    >>> rounds = [{"x": {"k": 3.0}, "y": {"k": 2}}, {"x": {"k": 1}}, {"x": {"k": 4}, "y": {"k": 0}}]
+    >>> per_round(rounds, "x", "y", "k"), per_round(rounds, "x", "y", "k", "diff")
+    ([1.5], [1.0, 4])
+    """
+    out = []
+    for r in rounds:
+        x, y = r.get(a, {}).get(key), r.get(b, {}).get(key)
+        if isinstance(x, int | float) and isinstance(y, int | float) and (how == "diff" or y):
+            out.append(x - y if how == "diff" else x / y)
+    return out
+
+
+def shown(v: float | None, how: str) -> str:
+    """A comparison for the table: ``1.23x``, ``+0.40 ms`` or ``-``."""
+    return "-" if v is None else (f"{v:+.2f} ms" if how == "diff" else f"{v:.2f}x")
+
+
+def mark(ok: Any, v: float | None) -> str:
+    """PASS or MISS against a target test (blank without one)."""
+    return "" if ok is None or v is None else ("PASS" if ok(v) else "MISS")
 
 
 def summarize(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
@@ -756,16 +1037,10 @@ def summarize(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
     for label, key, digits, how, target, ok in ROWS:
         bare = med([r["bare"].get(key) for r in bench.rounds])
         gw = med([r["datorus"].get(key) for r in bench.rounds])
-        rel = []
-        for r in bench.rounds:
-            b, g = r["bare"].get(key), r["datorus"].get(key)
-            if b is not None and g is not None:
-                rel.append(g - b if how == "diff" else (g / b if b else None))
-        cmp_ = med(rel)
-        mark = "" if ok is None or cmp_ is None else ("PASS" if ok(cmp_) else "MISS")
-        shown = "-" if cmp_ is None else (f"{cmp_:+.2f} ms" if how == "diff" else f"{cmp_:.2f}x")
-        rows.append([label, num(bare, digits), num(gw, digits), shown, target, mark])
-        summary[key] = {"bare": bare, "datorus": gw, how: cmp_, "target": target, "mark": mark}
+        cmp_ = med(per_round(bench.rounds, "datorus", "bare", key, how))
+        m = mark(ok, cmp_)
+        rows.append([label, num(bare, digits), num(gw, digits), shown(cmp_, how), target, m])
+        summary[key] = {"bare": bare, "datorus": gw, how: cmp_, "target": target, "mark": m}
     b, g = bench.proxies["bare"], bench.proxies["datorus"]
     lo, hi = bench.args.rss_at
     for n in (lo, hi):
@@ -785,6 +1060,56 @@ def summarize(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
         )
     summary["rss_mib"] = {"bare": b.rss, "datorus": g.rss}
     return rows, summary
+
+
+def baseline_table(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
+    """Current against ``--baseline``: medians, the median of per-round ratios, each round's."""
+    rows, summary = [], {}
+    for label, key, digits, how, target, ok in BASELINE_ROWS:
+        base = med([r["baseline"].get(key) for r in bench.rounds])
+        cur = med([r["datorus"].get(key) for r in bench.rounds])
+        each = per_round(bench.rounds, "datorus", "baseline", key, how)
+        cmp_ = med(each)
+        m = mark(ok, cmp_)
+        spread = " ".join(f"{v:.2f}" for v in each)
+        rows.append([label, num(base, digits), num(cur, digits), shown(cmp_, how), spread,
+                     target, m])  # fmt: skip
+        summary[key] = {"baseline": base, "current": cur, how: cmp_, "rounds": each,
+                        "target": target, "mark": m}  # fmt: skip
+    return rows, summary
+
+
+def workers_table(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
+    """Workers+Redis against one worker (issue 15's targets), bare mitmdump and proxy.py."""
+    rows, summary = [], {}
+    have = bench.proxies
+    for label, key, digits, how, target, ok in WORKER_ROWS:
+        fig = {k: med([r.get(k, {}).get(key) for r in bench.rounds]) for k in FULL if k in have}
+        vs = {
+            other: med(per_round(bench.rounds, a, other, key, how))
+            for a, other in (("workers", "datorus"), ("workers", "bare"), ("workers", "proxypy"))
+        }
+        one_ppy = med(per_round(bench.rounds, "datorus", "proxypy", key, how))
+        m = mark(ok, vs["datorus"])
+        rows.append([label, num(fig.get("datorus"), digits), num(fig.get("workers"), digits),
+                     shown(vs["datorus"], how), target, m, num(fig.get("bare"), digits),
+                     num(fig.get("proxypy"), digits), shown(vs["bare"], how),
+                     shown(vs["proxypy"], how), shown(one_ppy, how)])  # fmt: skip
+        summary[key] = {**fig, "workers_vs_one": vs["datorus"], "workers_vs_bare": vs["bare"],
+                        "workers_vs_proxypy": vs["proxypy"], "one_vs_proxypy": one_ppy,
+                        "how": how, "target": target, "mark": m}  # fmt: skip
+    return rows, summary
+
+
+def redis_costs(bench: Bench) -> dict[str, float | None]:
+    """What the shared state costs per request and tunnel: Redis commands and Redis CPU."""
+    rounds, out = bench.rounds, {}
+    for key in ("c1_redis_cmds", "c50_redis_cmds", "c50_redis_cpu_ms", "tunnel_redis_cmds",
+                "tunnel_redis_cpu_ms", "c50_cpu_ms", "c50_rps"):  # fmt: skip
+        out[key] = med([r.get("workers", {}).get(key) for r in rounds])
+    cpu = out["c50_redis_cpu_ms"]
+    out["redis_core_rps"] = 1000 / cpu if cpu else None  # one Redis core's ceiling
+    return out
 
 
 def metering_cost(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, float | None]:
@@ -835,6 +1160,30 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     print()
     rounds = bench.rounds
     x = bench.extra
+    if "baseline" in bench.proxies:
+        rows, x["baseline"] = baseline_table(bench)
+        sha = bench.args.baseline_sha
+        print(f"against the baseline {bench.args.baseline_label}, same rounds:")
+        print(render(rows, ["figure (median of rounds)", f"baseline {sha}", "current",
+                            "current/baseline", "each round", "target", ""]))  # fmt: skip
+        print()
+    if "workers" in bench.proxies:
+        n = bench.args.workers
+        rows, x["workers"] = workers_table(bench)
+        print(f"datorus serve --workers {n} with Redis against one worker, same rounds:")
+        print(render(rows, ["figure (median of rounds)", "1 worker", f"{n} workers", "ratio",
+                            "target", "", "bare mitmdump", "proxy.py", f"{n}w/bare",
+                            f"{n}w/proxy.py", "1w/proxy.py"]))  # fmt: skip
+        rc = x["redis_costs"] = redis_costs(bench)
+        print(
+            f"redis: {num(rc['c50_redis_cmds'], 1)} commands per forward request at c50"
+            f" ({num(rc['c1_redis_cmds'], 1)} at c1), {num(rc['tunnel_redis_cmds'], 1)} per"
+            f" tunnel; Redis CPU {num(rc['c50_redis_cpu_ms'], 4)} ms per forward request"
+            f" (of {num(rc['c50_cpu_ms'], 3)} in all), {num(rc['tunnel_redis_cpu_ms'], 4)} ms"
+            f" per tunnel: one Redis core would saturate near {num(rc['redis_core_rps'], 0)}"
+            " forward req/s"
+        )
+        print()
     if "scale" in bench.proxies:
         gw_rps = med([r["datorus"].get("c50_rps") for r in rounds])
         sc_rps = med([r["scale"].get("c50_rps") for r in rounds])
@@ -913,7 +1262,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true", help="never run apt-get or pip")
     ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, profile)")
+    ap.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the gateway of git commit REF (a throwaway worktree), interleaved,"
+        " and print current/baseline ratios",
+    )
+    ap.add_argument(
+        "--workers-compare",
+        action="store_true",
+        help="also run 'datorus serve --workers N' with Redis and proxy.py 2.4 (a throwaway"
+        " venv), interleaved, against the one-worker gateway",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=2, help="workers for --workers-compare (default 2)"
+    )
     a = ap.parse_args(argv)
+    if a.workers < 2:
+        ap.error("--workers must be at least 2 (one worker is the gateway itself)")
+    if a.baseline is not None and not a.baseline.strip():
+        ap.error("--baseline needs a git ref")
+    a.baseline_sha = None
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
     a.seconds = a.seconds or (1.0 if q else 2.0)
@@ -923,9 +1292,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def start_comparison(bench: Bench, db: Path, creds: tuple[str, str]) -> None:
+    """``--workers-compare``: the workers with Redis and proxy.py (each skipped, saying why)."""
+    args, tmp, children = bench.args, bench.tmp, bench.children
+    why = serve_missing()
+    if why:
+        log(f"workers comparison skipped: {why}")
+        bench.notes.append(f"workers comparison skipped: {why}")
+        return
+    w_db = tmp / "workers.db"
+    copy_db(db, w_db)
+    bench.proxies["workers"] = start_workers(children, tmp, w_db, creds, args.workers)
+    if args.no_install:
+        bench.notes.append("proxy.py skipped: --no-install (it is pip-installed per run)")
+        return
+    exe, version = install_proxypy(tmp)
+    bench.extra["proxypy_version"] = version
+    if exe is None:
+        bench.notes.append(f"proxy.py skipped: {version}")
+        return
+    bench.proxies["proxypy"] = start_proxypy(children, tmp, exe)
+
+
 def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str, Any]:
     """The whole run; returns the JSON document."""
-    installed = ensure_tools(not args.no_install)
+    installed = ensure_tools(not args.no_install, redis=args.workers_compare)
     load = os.getloadavg()[0]
     if load > 0.5:
         log(f"note: load average {load:.1f} before the run: other work shares the cores")
@@ -946,6 +1337,19 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
         copy_db(db, nm_db)
         nm_script = "scripts/bench_no_metering.py"
         bench.proxies["nometer"] = start_proxy(children, tmp, "nometer", nm_script, nm_db, creds)
+    if args.baseline:
+        tree, sha = add_baseline_tree(args.baseline, tmp)
+        args.baseline_sha = sha
+        args.baseline_label = args.baseline if args.baseline == sha else f"{args.baseline} ({sha})"
+        log(f"baseline: {args.baseline_label} checked out in {tree}")
+        bl_db = tmp / "baseline.db"
+        bl_creds = prepare_ledger_in(tree, bl_db)
+        script = "addons/datorus.py"
+        bench.proxies["baseline"] = start_proxy(
+            children, tmp, "baseline", script, bl_db, bl_creds, tree=tree
+        )
+    if args.workers_compare:
+        start_comparison(bench, db, creds)
     if args.accounts:  # seeded while the others start
         scale_db = tmp / "scale.db"
         copy_db(db, scale_db)
@@ -958,7 +1362,7 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
         probe(p, origin)
     for p in bench.proxies.values():  # warm-up: first-use costs stay out of round 1
         bench.forward(p, 10, count=500)
-        if p.key != "scale":
+        if p.key in FULL:
             bench.tunnels(p, 20)
     log("proxies ready: " + ", ".join(f"{k} :{p.port}" for k, p in bench.proxies.items()))
     for _ in range(args.rounds):
@@ -986,6 +1390,17 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
         "installed": installed,
         "elapsed": f"{time.monotonic() - T0:.0f} s",
     }
+    if args.baseline:
+        meta["baseline"] = f"{args.baseline_label}, a throwaway worktree of its commit"
+    if "workers" in bench.proxies:
+        redis = run(["redis-server", "--version"], 30).stdout.split()
+        meta["workers"] = (
+            f"datorus serve --workers {args.workers}, hot state in redis-server"
+            f" {(redis[2:3] or ['?'])[0].removeprefix('v=')} (no persistence); CPU = launcher +"
+            " workers + Redis"
+        )
+    if "proxypy" in bench.proxies:
+        meta["proxy.py"] = f"{bench.extra['proxypy_version']}, default workers ({os.cpu_count()})"
     return report(bench, meta)
 
 
@@ -1006,6 +1421,8 @@ def bench_main(argv: list[str]) -> int:
         return 130
     finally:
         children.stop_all()
+        if (tmp / "baseline").exists():
+            remove_baseline_tree(tmp / "baseline")
         if args.keep_tmp:
             print(f"  temp dir: {tmp}", file=sys.stderr)
         else:
@@ -1068,6 +1485,13 @@ async def tunnel_client(
 def main() -> None:
     """Dispatch: the ``_tunnels`` client, or the benchmark itself."""
     argv = sys.argv[1:]
+    if argv[:1] == ["_ledger"]:  # with the baseline's tree first on sys.path
+        sys.path.insert(0, argv[1])
+        import datorus_core
+
+        user, password = prepare_ledger(Path(argv[2]))
+        print(json.dumps({"username": user, "password": password, "code": datorus_core.__file__}))
+        return
     if argv[:1] == ["_tunnels"]:
         pp, port, ca, count, auth = argv[1:6]
         print(json.dumps(asyncio.run(tunnel_client(int(pp), int(port), ca, int(count), auth))))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -86,3 +88,84 @@ def test_bench_seeding_goes_through_the_ledger_package(tmp_path: Path) -> None:
     with pytest.raises(DatorusError):
         usage.receipt(d, "req-new")
     d.close()
+
+
+def test_baseline_and_workers_comparisons_are_parsed() -> None:
+    a = bench.parse_args(["--quick", "--baseline", "dcd3bfb", "--workers-compare"])
+    assert (a.baseline, a.workers_compare, a.workers, a.rounds) == ("dcd3bfb", True, 2, 1)
+    plain = bench.parse_args([])
+    assert (plain.baseline, plain.workers_compare) == (None, False)
+
+
+@pytest.mark.parametrize("argv", [["--workers-compare", "--workers", "1"], ["--baseline", " "]])
+def test_a_comparison_without_its_subject_is_a_usage_error(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_comparisons_are_made_within_each_round() -> None:
+    rounds = [
+        {"datorus": {"rps": 300.0, "p99": 6.0}, "baseline": {"rps": 200.0, "p99": 5.0}},
+        {"datorus": {"rps": 100.0}, "baseline": {"rps": 125.0, "p99": 4.0}},
+        {"datorus": {"rps": 90.0}, "baseline": {"rps": 0}},  # no ratio to a zero
+    ]
+    assert bench.per_round(rounds, "datorus", "baseline", "rps") == [1.5, 0.8]
+    assert bench.per_round(rounds, "datorus", "baseline", "p99", "diff") == [1.0]
+    assert bench.per_round(rounds, "datorus", "workers", "rps") == []
+    assert (bench.shown(1.234, "ratio"), bench.shown(-0.5, "diff"), bench.shown(None, "x")) == (
+        "1.23x", "-0.50 ms", "-",
+    )  # fmt: skip
+    assert bench.mark(lambda r: r >= 1.7, 1.69) == "MISS"
+    assert bench.mark(None, 2.0) == bench.mark(lambda r: True, None) == ""
+
+
+def test_costs_per_request_count_redis_apart_from_its_info_command() -> None:
+    before, after = bench.Sample(10.0, 1.0, 500), bench.Sample(10.5, 1.1, 1501)
+    assert bench.costs(before, after, 500) == {
+        "cpu_ms": 1.0, "redis_cpu_ms": 0.2, "redis_cmds": 2.0,
+    }  # fmt: skip
+    assert bench.costs(bench.Sample(1.0), bench.Sample(2.0), 1000) == {"cpu_ms": 1.0}
+
+
+def test_proc_stat_gives_session_and_cpu_even_with_odd_names() -> None:
+    line = "4242 (a (b) c) S 1 4200 4200 0 -1 4194304 0 0 0 0 300 100 0 0 20 0 5 0 9 1 1"
+    assert bench.stat_fields(line) == (4200, 400 / bench.CLK_TCK)
+    assert bench.redis_info("$40\r\n# Stats\r\ntotal_commands_processed:7\r\n") == {
+        "total_commands_processed": "7"
+    }
+
+
+SPIN = """
+import os, sys, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+pid = os.fork()
+if pid == 0:
+    spin(0.3)
+    print("child", flush=True)
+    sys.stdin.read()
+    os._exit(0)
+print(sys.stdin.readline() and "", end="")
+"""
+
+
+def test_session_cpu_counts_the_workers_a_proxy_forks() -> None:
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SPIN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "child\n"
+        whole = bench.session_cpu_seconds({proc.pid})
+        assert whole >= 0.25 and bench.cpu_seconds(proc.pid) < 0.2
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the forked child too
+        proc.wait(10)
