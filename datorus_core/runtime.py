@@ -21,6 +21,8 @@ from . import pricing
 from .envelope import DatorusError
 from .ratelimit import Gcra
 
+UNLIMITED = 1 << 62  # bytes: more than any account or credential will ever move
+
 
 @dataclass(slots=True, eq=False)
 class AccountState:
@@ -38,6 +40,9 @@ class AccountState:
     inflight: int = 0
     allowance: int = 0
     tunnels: dict[str, Any] = field(default_factory=dict)  # client id -> its open tunnel
+    # bytes this process may reserve in all (inflight included) before it claims more
+    # from the shared hot state; unlimited when nothing is shared (see hotstate.base)
+    granted: int = UNLIMITED
 
     def recompute(self, floor_nanocents: int) -> None:
         """Recompute the byte allowance after a balance or price change.
@@ -65,6 +70,7 @@ class CredentialState:
     used: int = 0
     inflight: int = 0
     limiter: Gcra | None = None
+    granted: int = UNLIMITED  # as AccountState.granted, for the credential's own cap
 
     def room(self) -> int:
         """Bytes this credential may still move under its own cap (huge without one)."""
@@ -282,10 +288,17 @@ class Runtime:
         """Reserve up to *nbytes* of a flow in progress; returns how many fit.
 
         What fits is bounded by the account's allowance and the credential's cap,
-        both net of what other flows in progress have reserved.
+        both net of what other flows in progress have reserved, and by the credit
+        this process holds of the shared hot state (unlimited in one process).
         """
         acc = cred.account
-        fit = min(nbytes, max(0, acc.allowance - acc.inflight), cred.room())
+        fit = min(
+            nbytes,
+            max(0, acc.allowance - acc.inflight),
+            cred.room(),
+            max(0, acc.granted - acc.inflight),
+            max(0, cred.granted - cred.inflight),
+        )
         acc.inflight += fit
         cred.inflight += fit
         return fit
@@ -314,6 +327,8 @@ class Runtime:
         nbytes = up + down
         acc.inflight -= reserved
         cred.inflight -= reserved
+        acc.granted -= nbytes  # charged bytes leave the credit (they stay claimed)
+        cred.granted -= nbytes
         c = pricing.charge(nbytes, acc.trial, acc.price)
         acc.trial -= c.trial_bytes
         acc.nanocents -= c.nanocents

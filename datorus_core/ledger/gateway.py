@@ -19,6 +19,8 @@ from ..envelope import request_id_floor
 from ..runtime import UsageBatch
 from .db import migrate_file
 from .dialect import SQLITE, Dialect
+from .egress import POOL_SQL
+from .leases import ACTIVE_SQL
 
 _ACCOUNTS = """
     SELECT a.id, a.status, a.price_cents_per_gb, a.rps, a.burst, a.max_tunnels,
@@ -55,6 +57,20 @@ _RECEIPTS = (
     " port, status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {on_conflict_ignore}"
 )
+_CHECK_ROW = (
+    "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
+    " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?"
+)
+_CHECK_SCORE = (
+    "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
+    " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
+    " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?"
+)
+_CHECK_TRIM = (  # the last 500 checks of each egress are kept
+    "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
+    " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
+    " LIMIT 1 OFFSET 500)"
+)
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
 # the gateway's connection leaves foreign_keys off, as it always has
@@ -68,6 +84,9 @@ class LedgerLink:
         self.path = path
         self.dialect = dialect
         self.conn: aiosqlite.Connection | None = None
+        # one transaction at a time on the one connection: the ledger task and the
+        # egress router both use it, and their statements must not interleave
+        self.lock = asyncio.Lock()
 
     async def open(self) -> None:
         """Create or migrate the ledger, then open the gateway's connection."""
@@ -93,18 +112,23 @@ class LedgerLink:
         """Accounts, live credentials, policy rules and the version they belong to."""
         assert self.conn is not None
         sql = self.dialect.sql
-        await self.conn.execute(self.dialect.begin_read)
-        try:
-            version = await self.version()
-            accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
-            creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
-            rules = list(await self.conn.execute_fetchall(sql(_RULES)))
-        finally:
-            await self.conn.execute("COMMIT")
+        async with self.lock:
+            await self.conn.execute(self.dialect.begin_read)
+            try:
+                version = await self.version()
+                accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
+                creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
+                rules = list(await self.conn.execute_fetchall(sql(_RULES)))
+            finally:
+                await self.conn.execute("COMMIT")
         return accounts, creds, rules, version
 
     async def write(self, batch: UsageBatch) -> None:
         """Write one batch of usage in a single transaction (all of it or none)."""
+        async with self.lock:
+            await self._write(batch)
+
+    async def _write(self, batch: UsageBatch) -> None:
         assert self.conn is not None
         c, sql = self.conn, self.dialect.sql
         await c.execute(self.dialect.begin_write)
@@ -125,11 +149,52 @@ class LedgerLink:
     async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
         """Append acceptable-use denials for the operator."""
         assert self.conn is not None
-        await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+        async with self.lock:
+            await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+
+    async def pool(self, now: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The egress rows (``egress.egress_from_row``) and the leases live at *now*
+        (``live.Lease.from_row``), read together."""
+        assert self.conn is not None
+        sql = self.dialect.sql
+        async with self.lock:
+            await self.conn.execute(self.dialect.begin_read)
+            try:
+                rows = [tuple(r) for r in await self.conn.execute_fetchall(sql(POOL_SQL))]
+                live = await self.conn.execute_fetchall(sql(ACTIVE_SQL), (now,))
+            finally:
+                await self.conn.execute("COMMIT")
+        return rows, [tuple(r) for r in live]
+
+    async def store_check(
+        self, egress_id: int, check: Any, score: float, uptime_pct: float, latency_ms: Any
+    ) -> None:
+        """Record one health check of an egress (*check*: an ``egress_io`` result) and its
+        new score, keeping its last 500 checks."""
+        assert self.conn is not None
+        c, sql = self.conn, self.dialect.sql
+        r = check
+        async with self.lock:
+            await c.execute(self.dialect.begin_write)
+            try:
+                await c.execute(
+                    sql(_CHECK_ROW),
+                    (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, egress_id),
+                )
+                await c.execute(
+                    sql(_CHECK_SCORE),
+                    (score, uptime_pct, latency_ms, r.exit_ip, r.anonymity, egress_id),
+                )
+                await c.execute(sql(_CHECK_TRIM), (egress_id, egress_id))
+                await c.execute("COMMIT")
+            except BaseException:
+                await c.execute("ROLLBACK")
+                raise
 
     async def prune_receipts(self, days: int) -> int:
         """Delete receipts of requests older than *days*; returns how many went."""
         assert self.conn is not None
         cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
-        cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
+        async with self.lock:
+            cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
         return cur.rowcount

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from redis_server import redis_server  # noqa: F401  (the fixture)
-from serve_support import Serve, owner_pid, serve_cmd, usage
-from support import REPO, basic, prepare_ledger, read_response, wait_until
+from support.clients import basic, read_response
+from support.ledger import prepare_ledger
+from support.paths import REPO
+from support.serve import Serve, owner_pid, serve_cmd, usage
+from support.waiting import wait_until
 
 
 def _ledger(tmp_path: Path) -> Path:
@@ -35,7 +37,7 @@ def _get(port: int, user: str, pw: str, url: str, source: str = "127.0.0.1") -> 
     return s, read_response(s)
 
 
-def test_two_workers_share_the_proxy_and_api_ports(tmp_path, origin, redis_server):  # noqa: F811
+def test_two_workers_share_the_proxy_and_api_ports(tmp_path, origin, redis_server):
     db = _ledger(tmp_path)
     api_port = socket.socket()
     api_port.bind(("127.0.0.1", 0))
@@ -156,7 +158,7 @@ class Load:
 def test_sighup_under_load_refuses_nothing_and_bills_every_request(
     tmp_path,
     origin,
-    redis_server,  # noqa: F811
+    redis_server,
 ):
     db = _ledger(tmp_path)
     sv = Serve(db, 2, {"redis_url": redis_server.url, "api_port": 0}).start()
@@ -188,7 +190,7 @@ def test_sighup_under_load_refuses_nothing_and_bills_every_request(
         assert sv.stop() == 0, sv.log()[-3000:]
 
 
-def test_sigterm_drains_every_worker_and_exits_0(tmp_path, origin, redis_server):  # noqa: F811
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path, origin, redis_server):
     db = _ledger(tmp_path)
     sv = Serve(db, 2, {"redis_url": redis_server.url, "drain_seconds": 10}).start()
     acc, user, pw = sv.customer()
@@ -214,7 +216,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path, origin, redis_server)
     sv.stop()
 
 
-def test_a_killed_worker_is_restarted(tmp_path, origin, redis_server):  # noqa: F811
+def test_a_killed_worker_is_restarted(tmp_path, origin, redis_server):
     db = _ledger(tmp_path)
     sv = Serve(db, 2, {"redis_url": redis_server.url}).start()
     try:

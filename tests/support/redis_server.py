@@ -1,8 +1,8 @@
 """A real redis-server for tests: Debian's ``redis-server`` on a free loopback port.
 
-Use the ``redis_server`` fixture (one server per test, in its own folder, nothing saved to
-disk) or ``RedisServer`` directly; ``.url`` is what ``datorus_redis_url`` takes. A test that
-needs it fails when ``redis-server`` is not installed (``scripts/test`` installs it).
+``RedisServer(folder).start()`` runs one, nothing saved to disk, and waits for PING;
+``.url`` is what ``datorus_redis_url`` takes. The ``redis_server`` fixture in
+``conftest.py`` gives each test its own. ``scripts/test`` installs ``redis-server``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from support import free_port, wait_until
+from .waiting import free_port, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -83,15 +81,3 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.logf.close()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh redis-server for one test."""
-    if not Path(REDIS_SERVER).exists():
-        pytest.fail(
-            "redis-server is not installed: run scripts/test, or apt-get install redis-server"
-        )
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()

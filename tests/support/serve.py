@@ -17,7 +17,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from support import DATORUS, REPO, basic, cli, free_port, raw_connection, read_response, wait_until
+from .clients import basic, raw_connection, read_response
+from .ledger import cli
+from .paths import DATORUS, REPO
+from .waiting import free_port, wait_until
 
 
 class Serve:
