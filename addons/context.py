@@ -116,6 +116,9 @@ class Gateway:
         self.tunnels: dict[str, FlowCtx] = {}
         self.router: Any = None  # the EgressRouter (issue 5), when loaded
         self.ready = asyncio.Event()  # set once the ledger's first snapshot is in
+        # handed off by `datorus serve` (addons/handoff.py): answers say Connection: close
+        self.handing_off = False
+        self.drain_deadline: float | None = None  # monotonic end of a drain under way
 
     # -- responses ---------------------------------------------------------------------
 
@@ -138,6 +141,8 @@ class Gateway:
             headers.append((b"Proxy-Authenticate", b'Basic realm="Datorus"'))
         if err.status == 503 and "Retry-After" not in err.headers:
             headers.append((b"Retry-After", b"1"))
+        if self.handing_off and "Connection" not in err.headers:
+            headers.append((b"Connection", b"close"))
         for k, v in err.headers.items():
             headers.append((k.encode(), str(v).encode()))
         if fc is not None:

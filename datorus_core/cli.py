@@ -758,6 +758,34 @@ def api_serve(
     )
 
 
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def serve_cmd(
+    ctx: typer.Context,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Gateway workers (default: the number of cores); more than 1 needs"
+            " --set datorus_redis_url=redis://HOST:PORT/DB."
+        ),
+    ] = None,
+) -> None:
+    """Run N gateway workers (mitmdump -s addons/datorus.py MITMDUMP_ARGS...) on one port.
+
+    The other arguments go to every worker as they are: --listen-host, --listen-port,
+    --set datorus_...=VALUE. SIGTERM drains and stops, SIGHUP restarts the workers one
+    at a time with no request refused.
+    """
+    from .serve import serve
+
+    args = list(ctx.args)
+    if RUN.db and not any(a.startswith("datorus_db=") for a in args):
+        args = ["--set", f"datorus_db={RUN.db}", *args]
+    raise SystemExit(serve(workers, args))
+
+
 key_app = _Typer(help="REST API keys (pp_...).")
 app.add_typer(key_app, name="key")
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
 from support.processes import Gateway, GatewaySetup, start_gateway  # noqa: E402
+from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
 
 # Property tests draw the same examples on every run (a run's result does not depend on
@@ -151,3 +152,16 @@ def smtp_server() -> Iterator:
     ctl.messages = sink.messages  # type: ignore[attr-defined]
     yield ctl
     ctl.stop()
+
+
+# -- Redis (issue 15): a real redis-server per test -----------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server on a free loopback port for one test (``.url``, ``.port``)."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail("redis-server is not installed: run scripts/test (it installs it)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

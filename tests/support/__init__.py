@@ -14,6 +14,9 @@ Helpers wait on readiness probes, never on fixed sleeps. One module per concern:
 - ``origins``: HTTP origins (``Origin``, ``BlockingOrigin``);
 - ``counting``: byte-counting servers for metering (``RawOrigin``, ``CountingRelay``);
 - ``upstream``: an upstream CONNECT proxy for the egress pool (``UpstreamProxy``).
+- ``serve``: a ``datorus serve`` and which worker holds a connection (``Serve``,
+  ``owner_pid``);
+- ``redis_server``: a real ``redis-server`` on a free loopback port (``RedisServer``).
 
 The fixtures built on them (``gw``, ``gateway``, ``origin``...) live in ``conftest.py``.
 """
