@@ -1175,6 +1175,11 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
                             "target", "", "bare mitmdump", "proxy.py", f"{n}w/bare",
                             f"{n}w/proxy.py", "1w/proxy.py"]))  # fmt: skip
         rc = x["redis_costs"] = redis_costs(bench)
+        if not rc["c50_redis_cmds"]:
+            bench.notes.append(
+                "Redis processed no command during the workers' runs: on this tree the"
+                " workers keep their hot state in process (the Redis state is not here yet)"
+            )
         print(
             f"redis: {num(rc['c50_redis_cmds'], 1)} commands per forward request at c50"
             f" ({num(rc['c1_redis_cmds'], 1)} at c1), {num(rc['tunnel_redis_cmds'], 1)} per"
