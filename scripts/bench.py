@@ -983,6 +983,7 @@ BASELINE_ROWS = [  # current against --baseline: the ratio current/baseline
     ("CONNECT+TLS+GET tunnels/s, c50", "tunnels_s", 0, "ratio", ">= 1.0", lambda r: r >= 1.0),
     ("forward p99 ms, c1", "c1_p99", 2, "ratio", "<= 1.0", lambda r: r <= 1.0),
     ("forward req/s, c1", "c1_rps", 0, "ratio", "", None),
+    ("CPU ms/request, c1", "c1_cpu_ms", 3, "ratio", "", None),
     ("CPU ms/request, c50", "c50_cpu_ms", 3, "ratio", "", None),
     ("CPU ms/tunnel", "tunnel_cpu_ms", 2, "ratio", "", None),
 ]
