@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
-from support.processes import Gateway, GatewaySetup, start_gateway  # noqa: E402
+from support.processes import Gateway, GatewaySetup, gateway_workers, start_gateway  # noqa: E402
 from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
 
@@ -165,3 +165,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+# -- one process or several (issue 15) ------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_process: holds for one gateway process only (skipped with DATORUS_TEST_WORKERS > 1)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gateway_workers() > 1:
+        skip = pytest.mark.skip(reason="holds for one gateway process only")
+        for item in items:
+            if "one_process" in item.keywords:
+                item.add_marker(skip)

@@ -1,4 +1,11 @@
-"""The processes under test: the gateway (``mitmdump -s addons/datorus.py``) and ``datorus api``."""
+"""The processes under test: the gateway (``mitmdump -s addons/datorus.py``) and ``datorus api``.
+
+With ``DATORUS_TEST_WORKERS=N`` (N > 1) in the environment, every :class:`Gateway` is
+``datorus serve --workers N`` instead, sharing its hot state through a redis-server of
+its own: ``scripts/test`` runs the end-to-end tests of limits, billing, sessions,
+blocks, leases, suspension and draining that way too (issue 15). A test that can only
+hold for one process is marked ``one_process`` and skipped then.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,14 @@ from typing import Any
 from .clients import basic, raw_connection, read_response
 from .ledger import cli, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
+from .redis_server import RedisServer
+from .serve import owner_pid
 from .waiting import free_port, wait_http, wait_until
+
+
+def gateway_workers() -> int:
+    """How many workers each test gateway runs (``DATORUS_TEST_WORKERS``, default 1)."""
+    return max(1, int(os.environ.get("DATORUS_TEST_WORKERS", "1") or 1))
 
 
 class Gateway:
@@ -42,12 +56,23 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         logdir = db.parent if db.parent.exists() else db.parent.parent
         self.log = logdir / f"gateway-{self.port}.log"
+        self.workers = gateway_workers()
+        self.redis: RedisServer | None = None
+        if self.workers > 1:
+            self.redis = RedisServer(logdir / f"redis-for-{self.port}").start()
+            self.settings.setdefault("redis_url", self.redis.url)
 
     def start(self, wait: bool = True) -> Gateway:
+        if self.redis is not None and (
+            self.redis.proc is None or self.redis.proc.poll() is not None
+        ):
+            self.redis.start()  # started again after a stop
+        if self.workers > 1:
+            head = [DATORUS, "serve", "--workers", str(self.workers)]
+        else:
+            head = [MITMDUMP, "-s", str(REPO / "addons" / "datorus.py")]
         cmd = [
-            MITMDUMP,
-            "-s",
-            str(REPO / "addons" / "datorus.py"),
+            *head,
             "--listen-host",
             "127.0.0.1",
             "--listen-port",
@@ -70,8 +95,25 @@ class Gateway:
             self.wait_ready()
         return self
 
+    def worker_pids(self) -> set[int]:
+        """The processes that serve the proxy port: the gateway, or ``serve``'s workers."""
+        assert self.proc is not None
+        if self.workers == 1:
+            return {self.proc.pid}
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return {int(p) for p in path.read_text().split()}
+
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Ready when a request without credentials gets the 407 envelope (not 503)."""
+        """Ready when a request without credentials gets the 407 envelope (not 503),
+        from every worker."""
+        if self.workers > 1:
+            timeout = max(timeout, 90.0)
+            wait_until(
+                lambda: f"{self.workers} workers ready" in self._log_text(),
+                timeout,
+                0.05,
+                "every worker ready",
+            )
 
         def probe() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -98,7 +140,16 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait(5)
         self.logf.close()
+        if self.redis is not None:
+            self.redis.stop()
         return self.proc.returncode
+
+    def _log_text(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"gateway exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+            )
+        return self.log.read_text(errors="replace")
 
     @property
     def url(self) -> str:
@@ -132,6 +183,8 @@ class Gateway:
     def wait_for_credential(self, user: str, password: str, timeout: float = 5.0) -> None:
         """Wait until the running gateway knows a credential (operator changes are polled)."""
 
+        pending = self.worker_pids()
+
         def known() -> bool:
             with raw_connection(self.port) as s:
                 # port 1: parsed and authenticated, then refused at once by loopback
@@ -139,9 +192,13 @@ class Gateway:
                     f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
                     f"Proxy-Authorization: {basic(user, password)}\r\n\r\n".encode()
                 )
-                return read_response(s)[0] != 407
+                worker = owner_pid(s, pending) if self.workers > 1 else self.proc.pid
+                if read_response(s)[0] == 407:
+                    return False
+                pending.discard(worker)  # this worker knows it: ask until every one does
+                return not pending
 
-        wait_until(known, timeout, 0.05, f"credential {user} live")
+        wait_until(known, max(timeout, 15.0 * (self.workers > 1)), 0.02, f"credential {user} live")
 
 
 @dataclass(frozen=True)
