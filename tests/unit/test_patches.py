@@ -5,6 +5,7 @@ reaches into mitmproxy's internals."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import inspect
@@ -237,6 +238,50 @@ def test_every_patch_names_its_guards_and_they_exist() -> None:
             assert re.search(rf"^(async )?def {test}\(", src, re.MULTILINE), (
                 f"patches.{name} names {path}::{test}, which does not exist"
             )
+
+
+# what only addons/patches.py may do in addons/: import mitmproxy's proxy layers and
+# internals or h11, use a connection handler's transports, write an object's __dict__,
+# use the proxyserver addon's state, the addon chain, or the --set values mitmproxy holds
+INTERNAL_MODULES = ("mitmproxy.proxy", "mitmproxy.addonmanager", "mitmproxy.connection", "h11")
+INTERNAL_ATTRS = {"transports", "__dict__", "connections", "servers", "chain", "deferred"}
+
+
+def reaches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for each reach into mitmproxy's internals in a module's code."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith(INTERNAL_MODULES):
+                    found.append((node.lineno, f"imports {name}"))
+        elif isinstance(node, ast.Attribute) and node.attr in INTERNAL_ATTRS:
+            found.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Constant) and node.value == "proxyserver":
+            found.append((node.lineno, '"proxyserver"'))
+    return found
+
+
+def test_no_other_addon_module_reaches_into_mitmproxy() -> None:
+    root = Path(__file__).resolve().parents[2] / "addons"
+    found = [
+        f"addons/{path.name}:{line}: {what}"
+        for path in sorted(root.glob("*.py"))
+        if path.name != "patches.py"
+        for line, what in reaches(ast.parse(path.read_text()))
+    ]
+    assert not found, "mitmproxy internals outside addons/patches.py:\n" + "\n".join(found)
+
+
+def test_the_reach_finder_sees_what_patches_does() -> None:
+    """The check above can fail: it finds patches.py's own reaches."""
+    source = (Path(__file__).resolve().parents[2] / "addons" / "patches.py").read_text()
+    whats = {what for _line, what in reaches(ast.parse(source))}
+    assert {".transports", ".__dict__", ".chain", '"proxyserver"'} <= whats
+    assert "imports mitmproxy.proxy.layers.http._http1" not in whats  # from ... import _http1
+    assert "imports mitmproxy.proxy.layers.http" in whats
 
 
 # -- the patches' own behaviour on real mitmproxy objects ----------------------------------
