@@ -55,6 +55,12 @@ _RECEIPTS = (
     " port, status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {on_conflict_ignore}"
 )
+_WORKER_USAGE = "SELECT worker, credential_id, account_id, bytes FROM worker_usage"
+_WORKER_BYTES = (
+    "INSERT INTO worker_usage (worker, credential_id, account_id, bytes) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (worker, credential_id) DO UPDATE SET bytes = worker_usage.bytes + excluded.bytes"
+)
+_FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
 # the gateway's connection leaves foreign_keys off, as it always has
@@ -68,6 +74,9 @@ class LedgerLink:
         self.path = path
         self.dialect = dialect
         self.conn: aiosqlite.Connection | None = None
+        # one transaction at a time on the one connection: a statement awaited by another
+        # task between a BEGIN and its COMMIT would join that transaction
+        self.lock = asyncio.Lock()
 
     async def open(self) -> None:
         """Create or migrate the ledger, then open the gateway's connection."""
@@ -91,36 +100,72 @@ class LedgerLink:
 
     async def snapshot(self) -> tuple[list[Any], list[Any], list[Any], int]:
         """Accounts, live credentials, policy rules and the version they belong to."""
-        assert self.conn is not None
-        sql = self.dialect.sql
-        await self.conn.execute(self.dialect.begin_read)
-        try:
-            version = await self.version()
-            accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
-            creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
-            rules = list(await self.conn.execute_fetchall(sql(_RULES)))
-        finally:
-            await self.conn.execute("COMMIT")
+        accounts, creds, rules, version, _ = await self._read(workers=False)
         return accounts, creds, rules, version
 
+    async def snapshot_shared(self) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
+        """:meth:`snapshot` and, read in the same transaction, the ``worker_usage`` rows
+        ``(worker, credential_id, account_id, bytes)`` (for ``Runtime.apply_snapshot``'s
+        *worker_usage* when the hot state is shared): the balances and what each worker
+        had flushed must come from one state of the ledger for the credit to be exact."""
+        return await self._read(workers=True)
+
+    async def _read(self, workers: bool) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
+        assert self.conn is not None
+        sql = self.dialect.sql
+        async with self.lock:
+            await self.conn.execute(self.dialect.begin_read)
+            try:
+                version = await self.version()
+                accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
+                creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
+                rules = list(await self.conn.execute_fetchall(sql(_RULES)))
+                rows = list(await self.conn.execute_fetchall(sql(_WORKER_USAGE))) if workers else []
+            finally:
+                await self.conn.execute("COMMIT")
+        return accounts, creds, rules, version, rows
+
     async def write(self, batch: UsageBatch) -> None:
-        """Write one batch of usage in a single transaction (all of it or none)."""
+        """Write one batch of usage in a single transaction (all of it or none).
+
+        A batch stamped with a worker (``batch.worker``: the hot state is shared) also
+        adds its credentials' bytes to that worker's ``worker_usage`` rows, in the same
+        transaction: a snapshot then never sees the usage without the flushed bytes.
+        """
         assert self.conn is not None
         c, sql = self.conn, self.dialect.sql
-        await c.execute(self.dialect.begin_write)
-        try:
-            if batch.accounts:
-                await c.executemany(sql(_USAGE), [(aid, *v) for aid, v in batch.accounts.items()])
-            if batch.daily:
-                await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
-            if batch.credentials:
-                await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
-            if batch.receipts:
-                await c.executemany(sql(_RECEIPTS), batch.receipts)
-            await c.execute("COMMIT")
-        except BaseException:
-            await c.execute("ROLLBACK")
-            raise
+        async with self.lock:
+            await c.execute(self.dialect.begin_write)
+            try:
+                if batch.accounts:
+                    rows = [(aid, *v) for aid, v in batch.accounts.items()]
+                    await c.executemany(sql(_USAGE), rows)
+                if batch.daily:
+                    await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
+                if batch.credentials:
+                    await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
+                    if batch.worker is not None:
+                        await c.executemany(sql(_WORKER_BYTES), _worker_rows(batch))
+                if batch.receipts:
+                    await c.executemany(sql(_RECEIPTS), batch.receipts)
+                await c.execute("COMMIT")
+            except BaseException:
+                await c.execute("ROLLBACK")
+                raise
+
+    async def forget_workers(self, workers: list[str]) -> None:
+        """Delete the ``worker_usage`` rows of workers that are gone (see the reaper in
+        :mod:`datorus_core.hotstate.redis_state` for when that is safe)."""
+        assert self.conn is not None
+        c = self.conn
+        async with self.lock:
+            await c.execute(self.dialect.begin_write)
+            try:
+                await c.executemany(self.dialect.sql(_FORGET_WORKER), [(w,) for w in workers])
+                await c.execute("COMMIT")
+            except BaseException:
+                await c.execute("ROLLBACK")
+                raise
 
     async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
         """Append acceptable-use denials for the operator."""
@@ -133,3 +178,12 @@ class LedgerLink:
         cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
         cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
         return cur.rowcount
+
+
+def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int]]:
+    """``worker_usage`` increments of a stamped batch: (worker, credential, account, bytes).
+
+    A batch's credentials all appear in its per-day rows, which name their account.
+    """
+    owner = {cid: aid for aid, cid, _ in batch.daily}
+    return [(batch.worker, cid, owner[cid], n) for cid, n in batch.credentials.items()]
