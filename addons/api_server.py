@@ -1,6 +1,8 @@
 """Serve the REST API from the gateway process, as a task in mitmproxy's event loop.
 
-The API listens on ``api_host:api_port`` (0: off). Its socket is bound at start-up,
+The API listens on ``api_host:api_port`` (0: off); under ``datorus serve`` every worker
+serves it on the same port (``SO_REUSEPORT``, see ``datorus_core.listeners``), so it
+stays up while the workers restart one at a time. Its socket is bound at start-up,
 so a port in use stops the gateway with a clear message instead of running without
 its API. Requests that touch SQLite, SMTP or Stripe run in worker threads; the
 event loop only parses HTTP and reads the live rate-limit state.
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 import uvicorn
 from mitmproxy import ctx
 
+from datorus_core import listeners
 from datorus_core.api import create_app
 
 from .context import Gateway
@@ -48,6 +51,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The API's listening sockets: under ``datorus serve``, the ones every worker shares
+    (``SO_REUSEPORT``, opened by the launcher); else one of its own."""
+    if listeners.shared_by_launcher():
+        socks = listeners.take(host, port) or listeners.open_shared(host, port)
+        for sock in socks:
+            sock.setblocking(False)
+        return socks
+    return [bind(host, port)]
+
+
 def own_proxy_url() -> str:
     """The gateway's own proxy port as a URL this process can reach (for POST /fetch)."""
     host = ctx.options.listen_host or "127.0.0.1"
@@ -72,7 +86,7 @@ class ApiServer:
         if not s.get("api_port"):
             return
         try:
-            sock = bind(s["api_host"], s["api_port"])
+            socks = listen(s["api_host"], s["api_port"])
         except OSError as e:
             fatal(f"REST API cannot listen on {s['api_host']}:{s['api_port']}: {e}")
             return
@@ -81,7 +95,8 @@ class ApiServer:
                 s, runtime=self.gw.runtime, router=self.gw.router, proxy_url=own_proxy_url()
             )
         except Exception as e:
-            sock.close()
+            for sock in socks:
+                sock.close()
             fatal(f"REST API cannot open the ledger {s['db']}: {e}")
             return
         config = uvicorn.Config(
@@ -89,7 +104,7 @@ class ApiServer:
         )
         self.server = _EmbeddedServer(config)
         self.task = asyncio.get_running_loop().create_task(
-            self.server.serve(sockets=[sock]), name="datorus api"
+            self.server.serve(sockets=socks), name="datorus api"
         )
         log.info("datorus: REST API on http://%s:%d", s["api_host"], s["api_port"])
 

@@ -26,11 +26,13 @@ import functools
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError, new_request_id
 from datorus_core.hashing import cache_key, hash_secret, verify_secret
+from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import CredentialState
 from datorus_core.sessions import username_problem
 
@@ -83,15 +85,10 @@ def _verify(password: str, cred: CredentialState | None) -> bool:
     return verify_secret(password, cred.password_hash if cred is not None else _decoy_hash())
 
 
-class _Failures:
-    """Failed attempts per client address, in one-minute windows."""
-
-    __slots__ = ("blocked_until", "count", "window")
-
-    def __init__(self, now: float) -> None:
-        self.window = now
-        self.count = 0
-        self.blocked_until = 0.0
+async def _done(pending: Awaitable[None] | None) -> None:
+    """Await *pending* when there is something to wait for."""
+    if pending is not None:
+        await pending
 
 
 class ProxyAuth:
@@ -101,7 +98,7 @@ class ProxyAuth:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.failures: dict[str, _Failures] = {}
+        self.throttled: set[str] = set()  # addresses whose throttling was logged
         # credentials that just failed the slow check: (until, ledger version); any
         # operator change (a new credential) makes them count for nothing
         self.negative: dict[bytes, tuple[float, int]] = {}
@@ -191,10 +188,10 @@ class ProxyAuth:
         now, seen = time.monotonic(), rt.version
         until, version = self.negative.get(key, (0.0, -1))
         if until > now and version == seen:
-            self._fail(flow, fc, username_problem(username) or INVALID)
+            await _done(self._fail(flow, fc, username_problem(username) or INVALID))
             return
         if cred is None and (problem := username_problem(username)) is not None:
-            self._fail(flow, fc, problem)  # decided by the spelling alone
+            await _done(self._fail(flow, fc, problem))  # decided by the spelling alone
             return
         if self.sem is None:
             self.sem = asyncio.Semaphore(2)
@@ -206,12 +203,12 @@ class ProxyAuth:
             if len(self.negative) > _MAX_TRACKED:
                 self.negative.clear()
             self.negative[key] = (time.monotonic() + _NEGATIVE_TTL, seen)
-            self._fail(flow, fc, INVALID)
+            await _done(self._fail(flow, fc, INVALID))
             return
         # the snapshot may have changed while we hashed: only a live credential counts
         live = rt.by_username.get(username)
         if live is None or live.password_hash != cred.password_hash:
-            self._fail(flow, fc, INVALID)
+            await _done(self._fail(flow, fc, INVALID))
             return
         rt.verified[key] = live
         self._accept(flow, fc, live)
@@ -221,30 +218,42 @@ class ProxyAuth:
         fc.account = cred.account
         if cred.account.status != "active":
             # the credential is known: its rate-limit state goes on the answer (not spent)
-            if cred.limiter is not None:
-                fc.rl_headers = rate_headers(cred, cred.limiter.peek(time.monotonic()))
+            fc.rl_headers = rate_headers(cred, self.gw.hot.peek(cred, time.monotonic()))
             self.gw.reject(flow, fc, DatorusError("ACCOUNT_SUSPENDED"))
 
-    def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, why: dict[str, str]) -> None:
-        """A failed login: ``407`` saying *why* (``details``), or ``429`` once throttled."""
+    def _fail(self, flow: http.HTTPFlow, fc: FlowCtx, why: dict[str, str]):
+        """A failed login: ``407`` saying *why* (``details``), or ``429`` once throttled.
+
+        The failures are counted by the hot state (shared between workers); a
+        coroutine when that count crosses the network.
+        """
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
-        now = time.monotonic()
-        f = self.failures.get(peer)
-        if f is None:
-            if len(self.failures) > _MAX_TRACKED:
-                self.failures.clear()
-            f = self.failures[peer] = _Failures(now)
-        if now - f.window > 60:
-            f.window, f.count = now, 0
-        f.count += 1
-        limit = self.gw.settings["auth_fail_limit"]
-        if f.count == limit + 1:
-            f.blocked_until = now + self.gw.settings["auth_block_seconds"]
-            log.warning(
-                "datorus: throttling %s after %d failed logins in a minute", peer, f.count - 1
-            )
-        if f.blocked_until > now:
-            retry = max(1, int(f.blocked_until - now + 0.999))
+        hot = self.gw.hot
+        if isinstance(hot, LocalHotState):
+            self._answer_failure(flow, fc, why, peer, hot.login_failed_now(peer, time.monotonic()))
+            return None
+        return self._fail_shared(flow, fc, why, peer)
+
+    async def _fail_shared(
+        self, flow: http.HTTPFlow, fc: FlowCtx, why: dict[str, str], peer: str
+    ) -> None:
+        blocked = await self.gw.hot.login_failed(peer, time.monotonic())
+        self._answer_failure(flow, fc, why, peer, blocked)
+
+    def _answer_failure(
+        self, flow: http.HTTPFlow, fc: FlowCtx, why: dict[str, str], peer: str, blocked: float
+    ) -> None:
+        if blocked > 0:
+            if peer not in self.throttled:
+                if len(self.throttled) > _MAX_TRACKED:
+                    self.throttled.clear()
+                self.throttled.add(peer)
+                log.warning(
+                    "datorus: throttling %s after %d failed logins in a minute",
+                    peer,
+                    self.gw.settings["auth_fail_limit"],
+                )
+            retry = max(1, int(blocked + 0.999))
             self.gw.reject(
                 flow,
                 fc,
@@ -256,4 +265,5 @@ class ProxyAuth:
                 ),
             )
             return
+        self.throttled.discard(peer)
         self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL", details=dict(why)))

@@ -15,6 +15,8 @@ from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError, envelope_json, proxy_status
+from datorus_core.hotstate.base import HotState
+from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import AccountState, CredentialState, Runtime
 
 log = logging.getLogger("datorus")
@@ -51,6 +53,7 @@ class FlowCtx:
         "timed_out",
         "timeout",
         "timer",
+        "tunnel_slot",
         "trial_spent",
         "nanocents",
         "up",
@@ -87,6 +90,7 @@ class FlowCtx:
         self.started = time.time()
         self.status = 0
         self.upload_open = False  # answered while the upload goes on
+        self.tunnel_slot = False  # holds one of its account's open-tunnel slots (hot state)
 
 
 KEY = "datorus"
@@ -103,11 +107,18 @@ class Gateway:
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
         self.runtime: Runtime = Runtime(self.settings)
+        # rate limits, tunnel slots, failed logins, credit, sessions, news (issue 14);
+        # in this process unless datorus_redis_url shares it between workers
+        self.hot: HotState = LocalHotState(self.settings)
+        self.local_hot = True  # the in-process state: its calls never suspend
         self.ledger: Any = None  # LedgerLink once open
         self.error_stash: dict[str, FlowCtx] = {}
         self.tunnels: dict[str, FlowCtx] = {}
         self.router: Any = None  # the EgressRouter (issue 5), when loaded
         self.ready = asyncio.Event()  # set once the ledger's first snapshot is in
+        # handed off by `datorus serve` (addons/handoff.py): answers say Connection: close
+        self.handing_off = False
+        self.drain_deadline: float | None = None  # monotonic end of a drain under way
 
     # -- responses ---------------------------------------------------------------------
 
@@ -130,6 +141,8 @@ class Gateway:
             headers.append((b"Proxy-Authenticate", b'Basic realm="Datorus"'))
         if err.status == 503 and "Retry-After" not in err.headers:
             headers.append((b"Retry-After", b"1"))
+        if self.handing_off and "Connection" not in err.headers:
+            headers.append((b"Connection", b"close"))
         for k, v in err.headers.items():
             headers.append((k.encode(), str(v).encode()))
         if fc is not None:
@@ -151,8 +164,14 @@ class Gateway:
         return resp
 
     def reject(self, flow: http.HTTPFlow, fc: FlowCtx | None, err: DatorusError) -> None:
-        """Answer *flow* with *err* instead of sending it upstream."""
+        """Answer *flow* with *err* instead of sending it upstream.
+
+        A tunnel slot the flow took (``RateLimits``) is given back: a refused tunnel
+        never opens.
+        """
         flow.response = self.error_response(fc, err)
+        if fc is not None:
+            self.free_tunnel_slot(fc)
         if err.status >= 500 or err.status in (402, 403, 429):
             log.info(
                 "%s %s:%s -> %s %s",
@@ -162,6 +181,12 @@ class Gateway:
                 err.status,
                 err.code,
             )
+
+    def free_tunnel_slot(self, fc: FlowCtx) -> None:
+        """Give back the open-tunnel slot *fc* holds, if any."""
+        if fc.tunnel_slot and fc.account is not None:
+            fc.tunnel_slot = False
+            self.hot.tunnel_closed(fc.account, fc.client_id)
 
     # -- connections -------------------------------------------------------------------
 

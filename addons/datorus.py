@@ -26,6 +26,7 @@ def _assemble() -> list:
     from addons.egress import EgressRouter, RouteOptions
     from addons.errors import ErrorPages
     from addons.failclosed import StartCheck, guard
+    from addons.handoff import WorkerLifecycle
     from addons.hardening import Hardening
     from addons.lean import Lean
     from addons.limits import RateLimits
@@ -56,6 +57,7 @@ def _assemble() -> list:
         Relay(gateway),
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
+        WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through
     ]

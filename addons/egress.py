@@ -31,7 +31,6 @@ import contextlib
 import logging
 import random
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,12 +38,12 @@ from typing import Any
 from mitmproxy import http
 
 from datorus_core import egress as eg
-from datorus_core import leases
 from datorus_core.billing import allowance_covers
 from datorus_core.egress_io import HandshakeError, check_egress, handshake
 from datorus_core.envelope import DatorusError
-from datorus_core.ledger import connect
-from datorus_core.live import Lease, LeaseBook
+from datorus_core.hotstate.base import BlockNews, LeaseNews
+from datorus_core.hotstate.local import LocalHotState
+from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
@@ -52,6 +51,8 @@ from .auth import parse_basic
 from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
+
+_SEEN_SESSIONS = 10_000  # sessions a worker remembers for previews (shared hot state)
 
 ROUTE = "datorus_route"
 _SNIFF = 65536  # bytes of a body searched for block-page markers
@@ -160,7 +161,8 @@ class EgressRouter:
         # leaves the process, so a customer cannot choose someone else's egress
         self.pin_secret = secrets.token_hex(16)
         self.pool = eg.Pool()
-        self.sessions: SessionTable | None = None
+        # shared hot state: the sessions this worker last saw, for previews only
+        self.seen = SessionTable(3600.0, _SEEN_SESSIONS)
         self.current: dict[str, Choice] = {}  # client id -> choice of its current request
         self.conn_key: dict[str, tuple[int, str | None] | None] = {}  # server conn id -> key
         self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
@@ -168,8 +170,6 @@ class EgressRouter:
         self.task: asyncio.Task | None = None
         self.checking: set[int] = set()
         self.next_check: dict[int, float] = {}
-        self.db = None
-        self.lock = threading.Lock()
         self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
         self.check_rng = random.Random()  # health-check spreading, apart from the picks
         self.leases = LeaseBook()
@@ -182,15 +182,10 @@ class EgressRouter:
         s = self.gw.settings
         if "datorus_router_seed" in updated:
             self.reseed(s["router_seed"])
-        if "session_ttl" in s and (
-            self.sessions is None
-            or self.sessions.ttl != s["session_ttl"]
-            or self.sessions.max_sessions != s["max_sessions"]
-        ):
-            old = self.sessions
-            self.sessions = SessionTable(s["session_ttl"], s["max_sessions"])
-            if old is not None:
-                self.sessions.table = old.table
+        if "session_ttl" in s:
+            self.gw.hot.configure()
+            if self.seen.ttl != s["session_ttl"]:
+                self.seen = SessionTable(s["session_ttl"], _SEEN_SESSIONS)
         if "block_statuses" in s:
             self.block_statuses = frozenset(int(x) for x in s["block_statuses"])
             self.markers = tuple(m.lower().encode() for m in s["block_markers"] if m)
@@ -216,9 +211,6 @@ class EgressRouter:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
-        if self.db is not None:
-            with contextlib.suppress(Exception):
-                self.db.close()
 
     async def _loop(self) -> None:
         while True:
@@ -228,24 +220,18 @@ class EgressRouter:
                     self.dirty = False
                     await self._load()
                 self._schedule_checks()
-                if self.sessions is not None:
-                    self.sessions.sweep(time.monotonic())
+                self.gw.hot.sweep(time.monotonic())
+                self.seen.sweep(time.monotonic())
             except Exception as e:  # never let the loop die: routing depends on it
                 self.dirty = True
                 log.warning("datorus: egress refresh failed: %s", e)
 
-    def _sql(self, sql: str, args: tuple | list = ()) -> list:
-        if self.db is None:
-            self.db = connect(self.gw.settings["db"])
-        return self.db.execute(sql, args).fetchall()
-
-    def _query(self, sql: str, args: tuple = ()) -> list:
-        with self.lock:
-            return self._sql(sql, args)
-
     async def _load(self) -> None:
-        rows = await asyncio.to_thread(self._query, eg.EGRESS_ROWS_SQL)
-        live = await asyncio.to_thread(self._query, leases.ACTIVE_SQL, (int(time.time()),))
+        link = self.gw.ledger
+        if link is None:
+            self.dirty = True
+            return
+        rows, live = await link.pool(int(time.time()))
         self.leases.replace(Lease.from_row(row) for row in live)
         items = []
         for row in rows:
@@ -266,13 +252,13 @@ class EgressRouter:
 
     # -- choosing ----------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._route(flow, tunnel=False)
+    def requestheaders(self, flow: http.HTTPFlow):
+        return self._route(flow, tunnel=False)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        self._route(flow, tunnel=True)
+    def http_connect(self, flow: http.HTTPFlow):
+        return self._route(flow, tunnel=True)
 
-    def _route(self, flow: http.HTTPFlow, tunnel: bool) -> None:
+    def _route(self, flow: http.HTTPFlow, tunnel: bool):
         fc = flow_ctx(flow)
         route: Route | None = flow.metadata.get(ROUTE)
         if route is None:
@@ -282,9 +268,8 @@ class EgressRouter:
                 fc.session_id = route.session_id
             if flow.response is not None:
                 flow.response.headers["X-Datorus-Session-Id"] = route.session_id
-        cid = flow.client_conn.id
         if flow.response is not None or fc is None or fc.cred is None:
-            return
+            return None
         if route.bad_country:
             self.gw.reject(
                 flow,
@@ -295,7 +280,7 @@ class EgressRouter:
                     details={"field": route.bad_country, "reason": "must be two letters"},
                 ),
             )
-            return
+            return None
         pin = vouched(route.pin, self.pin_secret)
         ask = Ask(
             fc.account.id,
@@ -307,17 +292,36 @@ class EgressRouter:
             int(pin) if pin is not None and pin.isdigit() else None,  # not ours: no pin
         )
         now = time.monotonic()
-        sessions = self.sessions
+        hot = self.gw.hot
+        if isinstance(hot, LocalHotState):
+            self._go(flow, fc, ask, tunnel, now, hot.sessions.get)
+            return None
+        return self._route_shared(flow, fc, ask, tunnel, now)
+
+    async def _route_shared(
+        self, flow: http.HTTPFlow, fc: FlowCtx, ask: Ask, tunnel: bool, now: float
+    ) -> None:
+        """Routing with the sticky session read from the shared hot state first."""
+        pinned = None
+        if ask.session_id:
+            pinned = await self.gw.hot.session(ask.account_id, ask.session_id, now)
+            if pinned is not None:
+                self.seen.put(ask.account_id, ask.session_id, pinned, now)
+        self._go(flow, fc, ask, tunnel, now, lambda _a, _s, _n: pinned)
+
+    def _go(
+        self,
+        flow: http.HTTPFlow,
+        fc: FlowCtx,
+        ask: Ask,
+        tunnel: bool,
+        now: float,
+        session: SessionLookup,
+    ) -> None:
+        """Choose the egress for *ask* (``routing.choose``) and send *flow* through it."""
+        cid = flow.client_conn.id
         try:
-            go = choose(
-                ask,
-                self.pool,
-                self.leases,
-                now,
-                time.time(),
-                self.rng,
-                sessions.get if sessions is not None else None,
-            )
+            go = choose(ask, self.pool, self.leases, now, time.time(), self.rng, session)
         except DatorusError as err:
             self.gw.reject(flow, fc, err)
             return
@@ -326,16 +330,24 @@ class EgressRouter:
             if not tunnel:
                 self._close_stale(cid, None)
             return
-        if go.pin_session and sessions is not None and ask.session_id:
-            sessions.put(ask.account_id, ask.session_id, go.egress.id, now)
+        if go.pin_session and ask.session_id:
+            self.gw.hot.pin_session(ask.account_id, ask.session_id, go.egress.id, now)
+            if self.gw.hot.shared:
+                self.seen.put(ask.account_id, ask.session_id, go.egress.id, now)
         self._use(flow, fc, go.egress, go.source, tunnel)
 
     # -- what the REST API served by this process reads (datorus_core.live.LiveRouting) --
 
     def peek_session(self, account_id: int, session_id: str, now: float) -> int | None:
-        """The egress a live session is pinned to, without keeping the session alive."""
-        sessions = self.sessions
-        return sessions.peek(account_id, session_id, now) if sessions is not None else None
+        """The egress a live session is pinned to, without keeping the session alive.
+
+        Shared between workers, this is what this worker last saw of the session (a
+        preview must not wait on the network).
+        """
+        hot = self.gw.hot
+        if isinstance(hot, LocalHotState):
+            return hot.sessions.peek(account_id, session_id, now)
+        return self.seen.peek(account_id, session_id, now)
 
     def preview_rng(self) -> random.Random:
         """A copy of the generator the next request's choice draws from."""
@@ -348,12 +360,29 @@ class EgressRouter:
         return vouch(value, self.pin_secret)
 
     def add_lease(self, lease: Lease) -> None:
-        """A lease taken through the API this gateway serves: in force at once."""
+        """A lease taken through the API this gateway serves: in force at once, everywhere."""
         self.leases.add(lease)
+        self.gw.hot.announce_lease(LeaseNews(lease=lease))
 
     def end_lease(self, lease_id: str) -> None:
-        """A lease released through the API this gateway serves: over at once."""
+        """A lease released through the API this gateway serves: over at once, everywhere."""
         self.leases.end(lease_id)
+        self.gw.hot.announce_lease(LeaseNews(ended=lease_id))
+
+    # -- news from the other workers (datorus_core.hotstate.base.Listener) --------------
+
+    def on_lease(self, news: LeaseNews) -> None:
+        """A lease taken or released through another worker's API."""
+        if news.lease is not None:
+            self.leases.add(news.lease)
+        if news.ended is not None:
+            self.leases.end(news.ended)
+
+    def on_block(self, news: BlockNews) -> None:
+        """Another worker judged an egress blocked (or unblocked) for a domain."""
+        e = self.pool.by_id.get(news.egress_id)
+        if e is not None:
+            e.adopt(news.domain, news.strikes, news.seconds, time.monotonic())
 
     def _use(
         self, flow: http.HTTPFlow, fc: FlowCtx, e: eg.Egress, source: str | None, tunnel: bool
@@ -469,11 +498,11 @@ class EgressRouter:
             self._blocked(fc, resp, f"status {resp.status_code}")
             return
         if not self.markers:
-            e.unblocked(domain)
+            self._unblocked(e, domain)
             return
         ctype = resp.headers.get("content-type", "").lower()
         if ctype and "html" not in ctype and "text" not in ctype and "json" not in ctype:
-            e.unblocked(domain)
+            self._unblocked(e, domain)
             return
         length = resp.headers.get("content-length")
         if (
@@ -508,7 +537,7 @@ class EgressRouter:
         if marker:
             self._blocked(fc, resp, f"marker {marker.decode(errors='replace')}")
         else:
-            fc.egress.unblocked(fc.host.lower())
+            self._unblocked(fc.egress, fc.host.lower())
 
     def error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
@@ -524,9 +553,20 @@ class EgressRouter:
             # the target dropped the connection before any answer: a reset-style block
             self._blocked(fc, None, msg[:60])
 
+    def _unblocked(self, e: eg.Egress, domain: str) -> None:
+        """A normal answer from *domain* through *e*: forget its blocks, here and everywhere."""
+        if domain in e.domains:
+            e.unblocked(domain)
+            self.gw.hot.announce_block(BlockNews(e.id, domain, 0, 0.0))
+
     def _blocked(self, fc: FlowCtx, resp: http.Response | None, why: str) -> None:
         e: eg.Egress = fc.egress
-        state = e.blocked(fc.host.lower(), time.monotonic(), self.gw.settings["block_seconds"])
+        now = time.monotonic()
+        domain = fc.host.lower()
+        state = e.blocked(domain, now, self.gw.settings["block_seconds"])
+        h = e.domains.get(domain)
+        if h is not None:
+            self.gw.hot.announce_block(BlockNews(e.id, domain, h.strikes, h.until - now))
         if resp is not None:
             resp.headers["X-Datorus-Blocked"] = "1"
         log.info("datorus: egress %s blocked by %s (%s): now %s", e.id, fc.host, why, state)
@@ -558,37 +598,10 @@ class EgressRouter:
             if r.exit_ip:
                 e.exit_ip = r.exit_ip
             self.pool.reweigh()
-            await asyncio.to_thread(self._store_check, e, r)
+            link = self.gw.ledger
+            if link is not None:
+                await link.store_check(e.id, r, e.score, round(e.uptime * 100, 2), e.latency_ms)
         except Exception as x:
             log.warning("datorus: health check of egress %s failed to run: %s", e.id, x)
         finally:
             self.checking.discard(e.id)
-
-    def _store_check(self, e: eg.Egress, r) -> None:
-        with self.lock:
-            self._store_check_locked(e, r)
-
-    def _store_check_locked(self, e: eg.Egress, r) -> None:
-        self._sql("BEGIN IMMEDIATE")
-        try:
-            self._sql(
-                "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
-                " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?",
-                (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, e.id),
-            )
-            self._sql(
-                "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
-                " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
-                " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
-                (e.score, round(e.uptime * 100, 2), e.latency_ms, r.exit_ip, r.anonymity, e.id),
-            )
-            self._sql(
-                "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
-                " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
-                " LIMIT 1 OFFSET 500)",
-                (e.id, e.id),
-            )
-            self._sql("COMMIT")
-        except BaseException:
-            self._sql("ROLLBACK")
-            raise

@@ -15,9 +15,11 @@ from typing import Any
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError
+from datorus_core.hotstate.base import Take
+from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import CredentialState
 
-from .context import Gateway, flow_ctx
+from .context import FlowCtx, Gateway, flow_ctx
 
 
 def rate_headers(cred: CredentialState, v: Any) -> tuple[tuple[str, str], ...]:
@@ -30,28 +32,45 @@ def rate_headers(cred: CredentialState, v: Any) -> tuple[tuple[str, str], ...]:
 
 
 class RateLimits:
-    """Apply the per-credential request rate and the per-account tunnel cap."""
+    """Apply the per-credential request rate and the per-account tunnel cap.
+
+    Both are counted by the gateway's hot state (``gw.hot``), in one step: a tunnel
+    takes its slot only when the rate lets it through. In one process that step
+    never suspends; shared between workers it is one round trip.
+    """
 
     name = "datorus_limits"
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
         # an upgrade (WebSocket) becomes a tunnel once answered: it counts against the cap
-        self._take(flow, tunnel="upgrade" in flow.request.headers)
+        return self._take(flow, tunnel="upgrade" in flow.request.headers)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        self._take(flow, tunnel=True)
+    def http_connect(self, flow: http.HTTPFlow):
+        return self._take(flow, tunnel=True)
 
-    def _take(self, flow: http.HTTPFlow, tunnel: bool) -> None:
+    def _take(self, flow: http.HTTPFlow, tunnel: bool):
         fc = flow_ctx(flow)
         if flow.response is not None or fc is None or fc.cred is None:
-            return
+            return None
+        key = fc.client_id if tunnel else None
+        hot = self.gw.hot
+        if isinstance(hot, LocalHotState):
+            self._judge(flow, fc, hot.take_now(fc.cred, key, time.monotonic()))
+            return None
+        return self._take_shared(flow, fc, key)
+
+    async def _take_shared(self, flow: http.HTTPFlow, fc: FlowCtx, key: str | None) -> None:
+        assert fc.cred is not None
+        self._judge(flow, fc, await self.gw.hot.take(fc.cred, key, time.monotonic()))
+
+    def _judge(self, flow: http.HTTPFlow, fc: FlowCtx, t: Take) -> None:
+        """Answer 429 if the hot state's count says so; else note the slot taken."""
         cred = fc.cred
-        # every credential in the runtime view gets its limiter when the snapshot loads it
-        assert cred.limiter is not None
-        v = cred.limiter.take(time.monotonic())
+        assert cred is not None
+        v = t.verdict
         fc.rl_headers = rate_headers(cred, v)
         if not v.allowed:
             retry = v.retry_after_seconds
@@ -70,20 +89,23 @@ class RateLimits:
                 ),
             )
             return
-        if tunnel:
+        if t.open_tunnels is None:
+            return
+        if not t.tunnel:
             acc = cred.account
-            if len(acc.tunnels) >= acc.max_tunnels:
-                self.gw.reject(
-                    flow,
-                    fc,
-                    DatorusError(
-                        "RATE_LIMITED",
-                        message="Too many open tunnels for this account.",
-                        details={
-                            "limit": "open_tunnels",
-                            "maxTunnels": acc.max_tunnels,
-                            "openTunnels": len(acc.tunnels),
-                        },
-                        headers={"Retry-After": "1"},
-                    ),
-                )
+            self.gw.reject(
+                flow,
+                fc,
+                DatorusError(
+                    "RATE_LIMITED",
+                    message="Too many open tunnels for this account.",
+                    details={
+                        "limit": "open_tunnels",
+                        "maxTunnels": acc.max_tunnels,
+                        "openTunnels": t.open_tunnels,
+                    },
+                    headers={"Retry-After": "1"},
+                ),
+            )
+            return
+        fc.tunnel_slot = True

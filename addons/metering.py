@@ -63,6 +63,8 @@ class MeteredReader:
             m, cid = self.meter
             fc = m.current.get(cid)
             if fc is not None:
+                if m.gw.hot.shared and not (fc.done or fc.answered):
+                    await m.top_up(fc, len(data))
                 fit = m.count(fc, 0, len(data))
                 if fit < len(data):
                     return data[:fit]
@@ -97,6 +99,13 @@ class MeteredWriter:
 
 
 SMALL_BODY = 64 * 1024
+CREDIT_LOW = 256 * 1024  # shared hot state: claim more credit below this many bytes
+STATE_DOWN = DatorusError(
+    "SERVICE_UNAVAILABLE",
+    message="The gateway cannot reach its shared state; retry shortly.",
+    details={"reason": "state_unavailable"},
+    headers={"Retry-After": "1"},
+)
 TUNNEL_BLOCK = 1 << 20  # bytes a tunnel reserves ahead
 TUNNEL_SETTLE_SECONDS = 0.5  # a long tunnel's usage reaches the batch at least this often
 
@@ -150,6 +159,7 @@ class Metering:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.current: dict[str, FlowCtx] = {}
+        self.claiming: set[int] = set()  # credentials with a background claim under way
         self.settler: asyncio.Task | None = None
 
     def running(self) -> None:
@@ -185,31 +195,54 @@ class Metering:
 
     # -- admission ---------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        fc = self._admit(flow)
-        if fc is not None and "upgrade" in flow.request.headers:
-            # a WebSocket holds a tunnel slot from the moment it is admitted (parallel
-            # upgrades cannot pass the cap together); _finish frees it if no 101 comes
-            fc.account.tunnels[fc.client_id] = fc
+    def requestheaders(self, flow: http.HTTPFlow):
+        # a WebSocket holds a tunnel slot from the moment it is admitted (parallel
+        # upgrades cannot pass the cap together); _finish frees it if no 101 comes
+        return self._admit(flow, TUNNEL if "upgrade" in flow.request.headers else 0)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        fc = self._admit(flow)
-        if fc is not None:
-            fc.kind = TUNNEL
-            fc.account.tunnels[fc.client_id] = fc
+    def http_connect(self, flow: http.HTTPFlow):
+        return self._admit(flow, TUNNEL)
 
-    def _admit(self, flow: http.HTTPFlow) -> FlowCtx | None:
+    def _admit(self, flow: http.HTTPFlow, tunnel: int):
+        """Admit *flow* (402/403/503 if not); a coroutine when credit must be claimed first.
+
+        With the hot state shared between workers, this process may reserve only the
+        credit it holds: below ``CREDIT_LOW`` it claims more before the request starts.
+        """
         fc = flow_ctx(flow)
         if flow.response is not None or fc is None or fc.cred is None:
             return None
+        hot = self.gw.hot
+        if hot.shared and hot.credit(fc.cred) < CREDIT_LOW:
+            return self._claim_and_admit(flow, fc, tunnel)
+        self._admit_now(flow, fc, tunnel)
+        return None
+
+    async def _claim_and_admit(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
+        assert fc.cred is not None
+        await self.gw.hot.claim(fc.cred, CREDIT_LOW)
+        self._admit_now(flow, fc, tunnel)
+
+    def _admit_now(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
+        cred = fc.cred
+        assert cred is not None
+        hot = self.gw.hot
         try:
-            self.gw.runtime.admit(fc.cred)
+            self.gw.runtime.admit(cred)
+            if hot.shared and hot.credit(cred) <= 0:
+                # the account's credit is spent on other workers, or the shared state
+                # is out of reach: say which
+                raise self.gw.runtime.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
         except DatorusError as e:
             self.gw.reject(flow, fc, e)
-            return None
+            return
         self.current[fc.client_id] = fc
         flow.request.stream = True
-        return fc
+        if flow.request.method == "CONNECT":
+            fc.kind = TUNNEL
+        if tunnel:
+            # an open tunnel of its account: closed on suspension (the slot is the hot state's)
+            fc.account.tunnels[fc.client_id] = fc
 
     # -- counting ----------------------------------------------------------------------
 
@@ -220,6 +253,23 @@ class Metering:
             return
         io.reader = MeteredReader(io.reader, self, data.client.id)
         io.writer = MeteredWriter(io.writer, self, data.client.id)
+
+    async def top_up(self, fc: FlowCtx, nbytes: int) -> None:
+        """Shared hot state: claim credit before a chunk that the credit held cannot cover."""
+        assert fc.cred is not None
+        hot = self.gw.hot
+        if hot.credit(fc.cred) < max(nbytes, CREDIT_LOW) and fc.block < nbytes:
+            await hot.claim(fc.cred, max(nbytes, CREDIT_LOW))
+
+    def _claim_soon(self, fc: FlowCtx) -> None:
+        """Claim credit in the background when what is held runs low (one claim at a time)."""
+        cred = fc.cred
+        assert cred is not None
+        if cred.id in self.claiming or self.gw.hot.credit(cred) >= CREDIT_LOW:
+            return
+        self.claiming.add(cred.id)
+        task = asyncio.get_running_loop().create_task(self.gw.hot.claim(cred, CREDIT_LOW))
+        task.add_done_callback(lambda _t: self.claiming.discard(cred.id))
 
     def count(self, fc: FlowCtx, up: int, down: int) -> int:
         """Account for *up*/*down* bytes of *fc*; returns how many may pass (the rest is cut)."""
@@ -245,6 +295,8 @@ class Metering:
             fit = self._refill(fc, up, down)
         if up:
             fc.up += fit
+            if self.gw.hot.shared:
+                self._claim_soon(fc)  # writes cannot wait: claim ahead of the next one
         else:
             fc.down += fit
         if fit < n and not fc.cut:
@@ -372,6 +424,7 @@ class Metering:
         rt = self.gw.runtime
         if self.current.get(fc.client_id) is fc:
             del self.current[fc.client_id]
+        self.gw.free_tunnel_slot(fc)
         if fc.account.tunnels.get(fc.client_id) is fc:
             del fc.account.tunnels[fc.client_id]
         if fc.kind == TUNNEL:
@@ -409,5 +462,7 @@ class Metering:
             if acc.status != "active" and acc.tunnels:
                 for cid in list(acc.tunnels):
                     fc = acc.tunnels[cid]
+                    if fc is None:  # a slot taken, its flow not yet admitted
+                        continue
                     fc.cut = Cut.SUSPENDED
                     self.gw.cut_client(cid)

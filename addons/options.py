@@ -138,7 +138,9 @@ class LedgerTask:
         # (503, Retry-After) and give those under way drain_seconds to end, while the
         # loop goes on writing their usage
         self.gw.runtime.draining = True
-        deadline = time.monotonic() + self.gw.settings.get("drain_seconds", 5)
+        if self.gw.drain_deadline is None:  # else a hand-off's drain is under way already
+            self.gw.drain_deadline = time.monotonic() + self.gw.settings.get("drain_seconds", 5)
+        deadline = self.gw.drain_deadline
         while any(n() for n in self.open_flows) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.gw.stop_listening()

@@ -64,6 +64,14 @@ def stamp(headers: http.Headers, fc: FlowCtx) -> None:
         headers["X-Datorus-Session-Id"] = fc.session_id
 
 
+def close_after(flow: http.HTTPFlow) -> None:
+    """Have the client's connection close after this response (a handed-off worker's
+    answers: the client reconnects, and the kernel gives it to another worker)."""
+    resp = flow.response
+    if resp is not None and resp.status_code != 101 and flow.request.http_version != "HTTP/2.0":
+        resp.headers["Connection"] = "close"
+
+
 class Relay:
     """Header hygiene, reserved headers, passthrough tunnels and the upstream timer."""
 
@@ -103,6 +111,8 @@ class Relay:
     # -- responses ---------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.gw.handing_off:
+            close_after(flow)
         fc = flow_ctx(flow)
         if fc is None:
             return

@@ -15,7 +15,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -623,6 +623,7 @@ def _hostport(host: str, port: int) -> str:
 
 def _policy_note(db, target: str, host: str, port: int) -> str | None:
     """A reminder when *target* is an address the gateway refuses by policy, else None."""
+    from ipaddress import IPv4Address
     from urllib.parse import urlsplit
 
     from .policy import Policy, classify_host, parse_rule
@@ -635,7 +636,7 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
         if isinstance(ip, str):
             if ip != "localhost" and not ip.endswith(".localhost"):
                 return None
-            ip = classify_host("127.0.0.1")
+            ip = IPv4Address("127.0.0.1")  # what classify_host("127.0.0.1") answers
         s = _defaults()
         allow = [parse_rule(x, allow_domains=False) for x in s["allow"]]
         deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
@@ -755,6 +756,34 @@ def api_serve(
         access_log=False,
         lifespan="off",
     )
+
+
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def serve_cmd(
+    ctx: typer.Context,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Gateway workers (default: the number of cores); more than 1 needs"
+            " --set datorus_redis_url=redis://HOST:PORT/DB."
+        ),
+    ] = None,
+) -> None:
+    """Run N gateway workers (mitmdump -s addons/datorus.py MITMDUMP_ARGS...) on one port.
+
+    The other arguments go to every worker as they are: --listen-host, --listen-port,
+    --set datorus_...=VALUE. SIGTERM drains and stops, SIGHUP restarts the workers one
+    at a time with no request refused.
+    """
+    from .serve import serve
+
+    args = list(ctx.args)
+    if RUN.db and not any(a.startswith("datorus_db=") for a in args):
+        args = ["--set", f"datorus_db={RUN.db}", *args]
+    raise SystemExit(serve(workers, args))
 
 
 key_app = _Typer(help="REST API keys (pp_...).")
@@ -895,7 +924,15 @@ def fail(err: DatorusError, command: str = "datorus") -> None:
     raise SystemExit(1)
 
 
-def _usage_error(e: Exception) -> tuple[DatorusError, str]:
+class _UsageError(Protocol):
+    """What the CLI reads of a usage error of Typer's vendored click (not importable)."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
+def _usage_error(e: _UsageError) -> tuple[DatorusError, str]:
     """A click usage error as VALIDATION_ERROR, and the command it was about."""
     msg = e.format_message().strip() or "Missing command."  # no arguments: help shown
     param = getattr(getattr(e, "param", None), "name", None)

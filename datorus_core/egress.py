@@ -251,6 +251,20 @@ class Egress:
         h.until = now + delay
         return h.state(now)
 
+    def adopt(self, domain: str, strikes: int, seconds: float, now: float) -> None:
+        """Take another process's judgement of *domain*: blocked *strikes* times, for
+        *seconds* from *now*; no strikes means unblocked."""
+        if strikes <= 0:
+            self.unblocked(domain)
+            return
+        h = self.domains.get(domain)
+        if h is None:
+            if len(self.domains) >= _MAX_DOMAINS_PER_EGRESS:
+                self._prune(now)
+            h = self.domains[domain] = DomainHealth()
+        h.strikes = strikes
+        h.until = now + seconds
+
     def unblocked(self, domain: str) -> None:
         """A normal response from *domain*: forget earlier blocks."""
         if domain in self.domains:
@@ -263,15 +277,12 @@ class Egress:
             self.domains.clear()
 
 
-def egress_from_row(row: tuple) -> Egress:
+def egress_from_row(row: tuple[Any, ...]) -> Egress:
     """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score)``;
     raises ValueError for a bad URL."""
     eid, url, country, weight, enabled, score = row
     spec = parse_egress_url(url)
     return Egress(eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score)
-
-
-EGRESS_ROWS_SQL = "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
 
 
 def compute_score(uptime: float, latency_ms: float | None, last_ok: bool) -> float:
@@ -380,7 +391,7 @@ class Pool:
         *family* (4 or 6, the target address's) leaves out source addresses of the other;
         *exclude* leaves out egress ids (those leased to someone).
         """
-        rng = rng or random
+        chooser = rng or random  # no rng: the random module's shared generator
         items, cum = self._groups.get(country.lower() if country else None, ([], []))
         if not items:
             if country:
@@ -392,7 +403,7 @@ class Pool:
             return self.usable(e, domain, now, family) and e.state_for(domain, now) == OK
 
         for _ in range(8):
-            e = items[min(bisect.bisect_right(cum, rng.random() * total), len(items) - 1)]
+            e = items[min(bisect.bisect_right(cum, chooser.random() * total), len(items) - 1)]
             if e.id != avoid and fine(e) and e.id not in exclude:
                 return e
         items = [e for e in items if e.id not in exclude] if exclude else items
@@ -409,7 +420,7 @@ class Pool:
                 family=family,
                 egress=len(items),
             )
-        return rng.choices(ok, [weight(e) for e in ok])[0]
+        return chooser.choices(ok, [weight(e) for e in ok])[0]
 
 
 def domain_health(
@@ -420,7 +431,7 @@ def domain_health(
     The shape a ``GET /network/health/{domain}`` answer needs; ``retryAfterSeconds`` is
     when the first excluded egress comes back (None when one is available now).
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in pool.by_id.values():
         h = e.domains.get(domain)
         state = OK if h is None else h.state(now)
@@ -469,4 +480,6 @@ def find_marker(body: bytes, markers: tuple[bytes, ...]) -> bytes | None:
 
 def valid_country(value: str | None) -> bool:
     """A two-letter country code (the whole value: no trailing newline)."""
-    return bool(value) and COUNTRY_RE.fullmatch(value) is not None
+    if not value:
+        return False
+    return COUNTRY_RE.fullmatch(value) is not None

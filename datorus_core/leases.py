@@ -18,18 +18,10 @@ from .clock import iso_utc
 from .egress import parse_egress_url
 from .sessions import LEASE_ID_RE
 
-__all__ = ["ACTIVE_SQL", "LEASE_ID_RE", "leasable", "matches", "new_lease_id", "view"]
+__all__ = ["LEASE_ID_RE", "leasable", "matches", "new_lease_id", "view"]
 
 MAX_SECONDS = 3600  # the longest lease POST /proxies/acquire grants
 DEFAULT_SECONDS = 300  # its lease_duration_seconds when the body names none
-
-# The live leases (id, account_id, egress_id, expires_at) as of a Unix time. Read by the
-# routing path (addons/egress.py, api/routes_routing.py), which is being reworked: it
-# moves into datorus_core/ledger/ with it.
-ACTIVE_SQL = (
-    "SELECT id, account_id, egress_id, expires_at FROM leases"
-    " WHERE released_at IS NULL AND expires_at > ?"
-)
 
 
 def new_lease_id() -> str:

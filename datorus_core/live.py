@@ -3,7 +3,7 @@
 Pure: no mitmproxy, no database handle, the clock passed in.
 
 - :class:`Lease` is one live lease (``POST /proxies/acquire``), one record with named
-  fields wherever a lease is held (the ledger's ``leases.ACTIVE_SQL`` row has the same
+  fields wherever a lease is held (the ledger's ``ledger.leases.ACTIVE_SQL`` row has the same
   field order, see :meth:`Lease.from_row`).
 - :class:`LeaseView` is what a routing decision reads of the leases;
   :class:`LeaseBook` is the in-process implementation the gateway keeps (a shared

@@ -335,6 +335,46 @@ SETTINGS += (
     ),
 )
 
+# -- every core: datorus serve (issue 15) ---------------------------------------------------
+
+
+def _redis_url(v: str) -> None:
+    """Empty, or ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS).
+
+    >>> _redis_url("redis://127.0.0.1:6379/0")
+    >>> _redis_url("http://127.0.0.1:6379/0")
+    Traceback (most recent call last):
+    ...
+    datorus_core.settings.SettingsError: must be redis://host:port/db (or rediss://...), e.g. redis://127.0.0.1:6379/0
+    """
+    if not v:
+        return
+    from urllib.parse import urlsplit
+
+    hint = "must be redis://host:port/db (or rediss://...), e.g. redis://127.0.0.1:6379/0"
+    try:
+        u = urlsplit(v)
+        port = u.port
+    except ValueError:
+        raise SettingsError(hint) from None
+    db = u.path.lstrip("/")
+    if u.scheme not in ("redis", "rediss") or not u.hostname or u.query or u.fragment:
+        raise SettingsError(hint)
+    if port == 0 or (db and not db.isdigit()):
+        raise SettingsError(hint)
+
+
+SETTINGS += (
+    Setting(
+        "redis_url",
+        str,
+        "",
+        "Redis that the workers of 'datorus serve --workers N' share their hot state through"
+        " (redis://host:port/db); required with more than one worker, empty: state in process.",
+        _redis_url,
+    ),
+)
+
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
 

@@ -6,7 +6,7 @@ import json
 import math
 import re
 
-from support import raw_connection, read_response
+from support.clients import raw_connection, read_response
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")

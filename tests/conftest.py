@@ -14,7 +14,11 @@ from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Gateway, Origin, prepare_ledger  # noqa: E402
+from support.origins import Origin  # noqa: E402
+from support.paths import REPO  # noqa: E402
+from support.processes import Gateway, GatewaySetup, gateway_workers, start_gateway  # noqa: E402
+from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
+from support.waiting import free_port, wait_http  # noqa: E402
 
 # Property tests draw the same examples on every run (a run's result does not depend on
 # the draw) and have no per-example deadline (a busy shared box is not a failure).
@@ -53,16 +57,24 @@ def tls_origin(ca: trustme.CA) -> Iterator[Origin]:
     o.close()
 
 
-def _start(tmp: Path, settings: dict | None = None) -> Gateway:
-    db = tmp / "ledger.db"
-    prepare_ledger(db)
-    return Gateway(db, settings).start()
+@pytest.fixture(scope="module")
+def gw_setup() -> GatewaySetup:
+    """How this module's ``gw`` is set up: a module that needs its own overrides this."""
+    return GatewaySetup()
+
+
+@pytest.fixture(scope="module")
+def gw(gw_setup: GatewaySetup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway the tests of one module share, set up as the module's ``gw_setup`` says."""
+    g = start_gateway(tmp_path_factory.mktemp("gw"), gw_setup)
+    yield g
+    g.stop()
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A gateway shared by the tests of one module (fresh ledger)."""
-    gw = _start(tmp_path_factory.mktemp("gw"))
+    """A plain gateway shared by the tests of one module (fresh ledger), apart from ``gw``."""
+    gw = start_gateway(tmp_path_factory.mktemp("gw"))
     yield gw
     gw.stop()
 
@@ -75,7 +87,7 @@ def make_gateway(tmp_path: Path) -> Iterator:
     def make(**settings) -> Gateway:
         d = tmp_path / f"g{len(started)}"
         d.mkdir()
-        gw = _start(d, settings)
+        gw = start_gateway(d, GatewaySetup(settings))
         started.append(gw)
         return gw
 
@@ -98,8 +110,6 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """localstripe on a free loopback port; yields its base URL."""
     import subprocess
 
-    from support import REPO, free_port, wait_http
-
     port = free_port()
     log = open(tmp_path_factory.mktemp("localstripe") / "localstripe.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -121,7 +131,6 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def smtp_server() -> Iterator:
     """An aiosmtpd server on a free loopback port; ``.messages`` holds what it received."""
     from aiosmtpd.controller import Controller
-    from support import free_port
 
     class Sink:
         def __init__(self) -> None:
@@ -143,3 +152,34 @@ def smtp_server() -> Iterator:
     ctl.messages = sink.messages  # type: ignore[attr-defined]
     yield ctl
     ctl.stop()
+
+
+# -- Redis (issue 15): a real redis-server per test -----------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server on a free loopback port for one test (``.url``, ``.port``)."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail("redis-server is not installed: run scripts/test (it installs it)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+# -- one process or several (issue 15) ------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_process: holds for one gateway process only (skipped with DATORUS_TEST_WORKERS > 1)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gateway_workers() > 1:
+        skip = pytest.mark.skip(reason="holds for one gateway process only")
+        for item in items:
+            if "one_process" in item.keywords:
+                item.add_marker(skip)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,31 +22,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..envelope import DatorusError, envelope, new_request_id
 from ..ledger import DatabaseError
 from ..live import LiveRouting
+from . import (
+    routes_account,
+    routes_auth,
+    routes_fetch,
+    routes_payments,
+    routes_pool,
+    routes_routing,
+    routes_ws,
+)
 from .models import ERROR_RESPONSES
+from .state import VERSION, ApiState
 from .store import Store
 from .stripe_pay import Payments
 from .throttle import ApiThrottle, rules_from
 
 log = logging.getLogger("datorus.api")
-
-try:
-    VERSION = metadata.version("datorus")
-except metadata.PackageNotFoundError:  # running from a bare checkout
-    VERSION = "0.0.0"
-
-
-@dataclass
-class ApiState:
-    """What the routes share: the ledger, the settings, Stripe, and (in the gateway) its runtime."""
-
-    store: Store
-    settings: dict[str, Any]
-    payments: Payments
-    runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
-    # the gateway's live routing state (pool, blocks, leases, sessions), when it serves us
-    router: LiveRouting | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    throttle: ApiThrottle = field(default_factory=lambda: ApiThrottle(rules_from({})))
 
 
 def error_response(request: Request, err: DatorusError) -> JSONResponse:
@@ -121,16 +110,6 @@ def create_app(
     ``/debug/pick`` and ``/network/health`` the live pool), and
     *proxy_url* its own proxy port (``POST /fetch`` goes through it).
     """
-    from . import (
-        routes_account,
-        routes_auth,
-        routes_fetch,
-        routes_payments,
-        routes_pool,
-        routes_routing,
-        routes_ws,
-    )
-
     store = Store(settings["db"])
     # /docs (Swagger UI) and /redoc load their scripts and styles from this server
     # (fastapi-offline's installed copies under DOCS_ASSETS), never from a CDN: they work

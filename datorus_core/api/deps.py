@@ -1,4 +1,4 @@
-"""Route dependencies: the shared state, the authenticated account and the throttles.
+"""Route dependencies and shared parameters: the state, the account, throttles, paging.
 
 Authenticated routes are throttled per API key (``api_key_rps``/``api_key_burst``);
 a failed key check counts against the client address (``api_key_fail_limit`` a
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..envelope import DatorusError
 from ..ratelimit import Verdict
-from .app import ApiState
+from .state import ApiState
 from .store import ApiKeyError, authenticate
 
 bearer = HTTPBearer(
@@ -120,3 +120,7 @@ ActiveAccount = Annotated[dict[str, Any], Depends(active_account)]
 KeyAccount = Annotated[dict[str, Any], Depends(key_account)]  # not throttled per key
 SignupThrottle = Annotated[None, Depends(signup_throttle)]
 ResendThrottle = Annotated[None, Depends(resend_throttle)]
+
+# the paging parameters of every list (``?limit=&cursor=``, seed 002's shape)
+Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]

@@ -12,9 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from ..ledger import accounts, leases
 from ..ledger import usage as ledger_usage
 from . import store
-from .deps import Account, ActiveAccount, State
+from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import CredentialIn
-from .routes_auth import Cursor, Limit
 
 router = APIRouter()
 

@@ -9,13 +9,11 @@ from fastapi import APIRouter, Query
 from ..envelope import DatorusError
 from ..ledger import api as ledger_api
 from . import store
-from .app import VERSION
-from .deps import Account, ActiveAccount, ResendThrottle, SignupThrottle, State
+from .deps import Account, ActiveAccount, Cursor, Limit, ResendThrottle, SignupThrottle, State
 from .models import KeyIn, RegisterIn, VerifyIn
+from .state import VERSION
 
 router = APIRouter()
-Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
-Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]
 
 
 @router.get("/health", tags=["system"])

@@ -23,35 +23,28 @@ Served only by the gateway process (standalone ``datorus api`` has no proxy to u
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
 import time
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit
 
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError, validation_error
-from ..ledger import accounts
 from ..sessions import valid_session_id
-from .app import ApiState
 from .deps import KeyAccount, State, require_active
+from .state import ApiState
+from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
 
 router = APIRouter(tags=["routing"])
 
-FETCH_LABEL = "api fetch"
-MAX_BODY = 10 * 1024 * 1024  # bytes of the target's body returned (the rest: truncated)
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _TEXT = ("text/", "json", "xml", "javascript", "html")
-_MARGIN = 5  # seconds the API waits beyond the gateway's timer, so the gateway's 504 wins
-_lock = asyncio.Lock()
 
 
 class FetchIn(BaseModel):
@@ -72,29 +65,6 @@ class FetchIn(BaseModel):
     session_id: str | None = Field(default=None, max_length=128)
 
 
-async def _credential(st: Any, account_id: int) -> tuple[str, str]:
-    """This process's fetch credential for the account, live at the gateway."""
-    creds: dict[int, tuple[str, str]] = st.extra.setdefault("fetch_creds", {})
-    async with _lock:
-        cred = creds.get(account_id)
-        if cred is None:
-
-            def make() -> tuple[str, str]:
-                db = st.store.db()
-                for username in accounts.live_usernames(db, account_id, FETCH_LABEL):
-                    accounts.revoke_credential(db, username, account_id)
-                out = accounts.create_credential(db, account_id, label=FETCH_LABEL)
-                return out["username"], out["password"]
-
-            cred = creds[account_id] = await run_in_threadpool(make)
-    deadline = time.monotonic() + 5
-    while st.runtime.by_username.get(cred[0]) is None:  # the gateway reloads within 0.5 s
-        if time.monotonic() > deadline:
-            raise DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
-        await asyncio.sleep(0.05)
-    return cred
-
-
 def _egress_view(st: ApiState, header: str | None) -> dict[str, Any] | None:
     if st.router is None or not header or not header.isdigit():
         return None
@@ -102,81 +72,6 @@ def _egress_view(st: ApiState, header: str | None) -> dict[str, Any] | None:
     if e is None:
         return None
     return {"id": e.id, "url": e.spec.customer_url(), "country": e.country, "exit_ip": e.exit_ip}
-
-
-def require_gateway(st: Any, what: str) -> None:
-    """503 unless the gateway process serves this API (standalone has no proxy to use)."""
-    if st.extra.get("proxy_url") is None or st.runtime is None or st.router is None:
-        raise DatorusError(
-            "SERVICE_UNAVAILABLE",
-            message=f"{what} is served by the gateway process, not by 'datorus api'.",
-            details={"reason": "gateway_only"},
-            headers={"Retry-After": "60"},
-        )
-
-
-def check_url(url: str) -> SplitResult:
-    """*url* split, if it is an absolute http(s) URL with a host (else 400 on ``url``)."""
-    try:
-        u = urlsplit(url)
-        host, _ = u.hostname, u.port
-    except ValueError as e:
-        raise validation_error("url", str(e)) from None
-    if u.scheme.lower() not in ("http", "https") or not host:
-        raise validation_error("url", "must be an absolute http(s) URL with a host")
-    return u
-
-
-async def through_gateway(
-    st: Any,
-    account_id: int,
-    method: str,
-    u: SplitResult,
-    headers: dict[str, str],
-    body: str | None,
-    timeout: float,
-    max_body: int = MAX_BODY,
-) -> tuple[httpx.Response, bytes, bool]:
-    """Send one request for the account through the gateway's own proxy port.
-
-    Returns the response (its headers), up to *max_body* bytes of its body and whether
-    more was cut off. Raises httpx's errors (timeouts included).
-    """
-    user, password = await _credential(st, account_id)
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    headers = {
-        **headers,
-        "Host": u.netloc.rpartition("@")[2],
-        "Proxy-Authorization": f"Basic {auth}",
-        "X-Datorus-Egress-Report": "1",
-        # this request's upstream timeout, vouched for by the in-process secret
-        "X-Datorus-Timeout": st.router.vouch(str(math.ceil(timeout))),
-    }
-    async with httpx.AsyncClient(timeout=timeout + _MARGIN, trust_env=False) as client:
-        req = client.build_request(
-            method,
-            st.extra["proxy_url"],
-            headers=headers,
-            content=body.encode() if body is not None else None,
-            extensions={"target": u.geturl().encode()},
-        )
-        resp = await client.send(req, stream=True)
-        data = bytearray()
-        truncated = False
-        try:
-            async for chunk in resp.aiter_raw():
-                data.extend(chunk[: max_body - len(data)])
-                if len(data) >= max_body:
-                    truncated = True
-                    break
-        finally:
-            await resp.aclose()
-    return resp, bytes(data), truncated
-
-
-def gateway_error(resp: httpx.Response) -> bool:
-    """Whether *resp* is the gateway's own answer (an envelope), not the target's."""
-    return resp.headers.get("proxy-status", "").startswith("datorus")
 
 
 def rate_headers(limit: Any, remaining: Any, reset: Any) -> dict[str, str]:

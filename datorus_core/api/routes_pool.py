@@ -29,10 +29,10 @@ from ..envelope import DatorusError
 from ..ledger import egress as el
 from ..ledger import leases
 from ..live import Lease
-from .deps import Account, ActiveAccount, State
+from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import AcquireIn
-from .routes_fetch import check_url, gateway_error, require_gateway, through_gateway
 from .store import decode_cursor, encode_cursor
+from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
 
 router = APIRouter(tags=["pool"])
 
@@ -43,9 +43,6 @@ _SORTS = {
     "uptime": ("uptime_pct", "desc"),
     "last_checked": ("last_checked_at", "desc"),
 }
-
-Limit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
-Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]
 
 
 def _status(r: dict[str, Any]) -> str:

@@ -28,13 +28,14 @@ from fastapi import APIRouter, Header, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from .. import egress as eg
-from .. import leases
 from ..envelope import DatorusError
+from ..ledger import egress as ledger_egress
+from ..ledger import leases as ledger_leases
 from ..live import Lease, LeaseBook, LeaseView, SessionLookup
 from ..routing import Ask, chances, choose
 from ..sessions import valid_session_id
-from .app import ApiState
 from .deps import Account, State
+from .state import ApiState
 
 router = APIRouter(tags=["routing"])
 
@@ -73,13 +74,13 @@ def _ledger_pool(st: ApiState) -> tuple[eg.Pool, LeaseBook]:
     block state)."""
     db = st.store.db()
     items = []
-    for row in db.execute(eg.EGRESS_ROWS_SQL).fetchall():
+    for row in ledger_egress.pool_rows(db):
         try:
-            items.append(eg.egress_from_row(tuple(row)))
+            items.append(eg.egress_from_row(row))
         except ValueError:
             continue
-    live = db.execute(leases.ACTIVE_SQL, [int(time.time())]).fetchall()
-    return eg.Pool(items), LeaseBook(Lease.from_row(tuple(row)) for row in live)
+    live = ledger_leases.active_rows(db, int(time.time()))
+    return eg.Pool(items), LeaseBook(Lease.from_row(row) for row in live)
 
 
 async def _routing(st: ApiState) -> _Routing:

@@ -33,8 +33,8 @@ from .. import egress as eg
 from ..envelope import DatorusError
 from ..live import LiveRouting
 from ..sessions import valid_session_id
-from .routes_fetch import _credential
 from .store import authenticate
+from .via_gateway import credential
 
 router = APIRouter()
 
@@ -126,7 +126,7 @@ async def relay(ws: WebSocket) -> None:
         await _close(ws, FAILED, "agent unavailable")  # standalone: no gateway to go through
         return
     try:
-        user, password = await _credential(st, acc["id"])
+        user, password = await credential(st, acc["id"])
     except DatorusError:
         await _close(ws, FAILED, "agent unavailable")
         return

@@ -90,6 +90,14 @@ class HotState(Protocol):
     """True when other processes share this state (then ``claim`` may grant less
     than asked, and news arrives from elsewhere)."""
 
+    def configure(self) -> None:
+        """The settings changed (session TTL and size...): follow them."""
+        ...
+
+    def reachable(self) -> bool:
+        """False while the shared state is out of reach (always True in one process)."""
+        ...
+
     async def start(self, listener: Listener) -> None:
         """Connect and start receiving news; *listener* is told of others' news."""
         ...

@@ -72,6 +72,10 @@ class LocalHotState:
             self.sessions = SessionTable(ttl, size)
             self.sessions.table = old
 
+    def reachable(self) -> bool:
+        """Always: nothing to reach."""
+        return True
+
     async def start(self, listener: Listener) -> None:
         """Nothing to connect to."""
 

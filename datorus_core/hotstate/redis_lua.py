@@ -98,12 +98,13 @@ return string.format('%.17g', math.max(0, untl - now))
 #       8 n, then n (worker, flushed) pairs,
 #       then capped (0/1), credential ledger room, m, then m (worker, flushed) pairs
 # Room = allowance - sum over the hash's workers of (claimed - flushed) - debt; the grant
-# is min(wanted, rooms), never negative, and nothing at all while the settle key lives.
-# A debt (bytes charged beyond what was claimed) is added whatever the room: it is spent.
+# is min(wanted, rooms), never negative. A debt (bytes charged beyond what was claimed)
+# is added whatever the room: it is spent.
 # Returns {grant, account room, credential room} or {-1} (epoch changed: Redis restarted)
 # or {-2} (this worker's heartbeat is gone: it was taken for dead and reaped) or {-3}
 # (a worker left the hash after the snapshot was read: its flushes may be missing from
-# the snapshot's balance, so the snapshot must be read again).
+# the snapshot's balance, so the snapshot must be read again) or {-4} (the settle key
+# lives: workers are still writing their claims again after a restart; nothing granted).
 CLAIM = """
 if redis.call('GET', KEYS[4]) ~= ARGV[2] then return {-1} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {-2} end
@@ -135,8 +136,8 @@ if ARGV[j] == '1' then
   if not out_c then return {-3} end
   room_c = tonumber(ARGV[j + 1]) - out_c - debt_c
 end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {-4} end
 local g = tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[6]) == 1 then g = 0 end
 if room_a < g then g = room_a end
 if room_c < g then g = room_c end
 if g < 0 then g = 0 end

@@ -84,7 +84,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
@@ -96,7 +96,7 @@ from ..ratelimit import Gcra, Verdict
 from ..runtime import UNLIMITED, AccountState, CredentialState, Runtime
 from ..sessions import SessionTable
 from . import redis_lua
-from .base import BlockNews, LeaseNews, Listener, Take
+from .base import BlockNews, HotState, LeaseNews, Listener, Take
 from .local import LoginFailures
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class RedisHotState:
         # synced = this worker's credit fields are in Redis (claims may be sent)
         self.up = False
         self.synced = False
+        self._settling = False  # the last claim met a restart's settle window
         self.epoch: str | None = None
         self.last_error: str | None = None
         self.down_since: float | None = None
@@ -310,6 +311,12 @@ class RedisHotState:
                 log.warning("datorus: redis at stop: %s (the reaper frees what is left)", e)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+
+    def reachable(self) -> bool:
+        """Whether a claim's answer is about money: False while Redis is out of reach,
+        this worker's claims are being written again, its snapshot must be read again,
+        or a restart is being settled (a 0 of :meth:`claim` then means "retry shortly")."""
+        return self.up and self.synced and self._snapshot_ok() and not self._settling
 
     def status(self) -> dict[str, Any]:
         """For /health: whether Redis answers, since when it does not, the last error."""
@@ -612,6 +619,9 @@ class RedisHotState:
         finally:
             self._end()
         g = int(res[0])
+        self._settling = g == -4
+        if self._settling:
+            return self.credit(cred)  # a restart is being settled: nothing granted yet
         if g == -3:
             self.snapshot_wanted = True  # a worker left since the snapshot: read it again
             return None
@@ -701,6 +711,10 @@ class RedisHotState:
         if self.up:
             key = self._session_key(account_id, session_id)
             self._send_later("SET", key, egress_id, "PX", int(self.sessions.ttl * 1000))
+
+    def sweep(self, now: float) -> None:
+        """Drop idle sessions of the local fallback table (Redis expires its own)."""
+        self.sessions.sweep(now)
 
     # -- news --------------------------------------------------------------------------
 
@@ -914,3 +928,7 @@ class RedisHotState:
 def _text(value: bytes | str) -> str:
     """A Redis reply as text."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+if TYPE_CHECKING:  # mypy: it is a HotState
+    _: HotState = RedisHotState({}, "redis://")

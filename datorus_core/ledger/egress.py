@@ -21,6 +21,15 @@ _COLUMNS = (
 )
 
 
+# The pool as the router loads it, in the field order of ``egress.egress_from_row``.
+POOL_SQL = "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
+
+
+def pool_rows(db: Ledger) -> list[tuple[Any, ...]]:
+    """Every egress as ``egress.egress_from_row`` reads it."""
+    return [tuple(r) for r in db.execute(POOL_SQL).fetchall()]
+
+
 def _row(r: dict[str, Any]) -> dict[str, Any]:
     spec = parse_egress_url(r["url"])
     return {

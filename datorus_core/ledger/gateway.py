@@ -19,6 +19,8 @@ from ..envelope import request_id_floor
 from ..runtime import UsageBatch
 from .db import migrate_file
 from .dialect import SQLITE, Dialect
+from .egress import POOL_SQL
+from .leases import ACTIVE_SQL
 
 _ACCOUNTS = """
     SELECT a.id, a.status, a.price_cents_per_gb, a.rps, a.burst, a.max_tunnels,
@@ -55,6 +57,20 @@ _RECEIPTS = (
     " port, status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {on_conflict_ignore}"
 )
+_CHECK_ROW = (
+    "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
+    " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?"
+)
+_CHECK_SCORE = (
+    "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
+    " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
+    " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?"
+)
+_CHECK_TRIM = (  # the last 500 checks of each egress are kept
+    "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
+    " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
+    " LIMIT 1 OFFSET 500)"
+)
 _WORKER_USAGE = "SELECT worker, credential_id, account_id, bytes FROM worker_usage"
 _WORKER_BYTES = (
     "INSERT INTO worker_usage (worker, credential_id, account_id, bytes) VALUES (?, ?, ?, ?)"
@@ -74,8 +90,8 @@ class LedgerLink:
         self.path = path
         self.dialect = dialect
         self.conn: aiosqlite.Connection | None = None
-        # one transaction at a time on the one connection: a statement awaited by another
-        # task between a BEGIN and its COMMIT would join that transaction
+        # one transaction at a time on the one connection: the ledger task and the
+        # egress router both use it, and their statements must not interleave
         self.lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -132,26 +148,8 @@ class LedgerLink:
         adds its credentials' bytes to that worker's ``worker_usage`` rows, in the same
         transaction: a snapshot then never sees the usage without the flushed bytes.
         """
-        assert self.conn is not None
-        c, sql = self.conn, self.dialect.sql
         async with self.lock:
-            await c.execute(self.dialect.begin_write)
-            try:
-                if batch.accounts:
-                    rows = [(aid, *v) for aid, v in batch.accounts.items()]
-                    await c.executemany(sql(_USAGE), rows)
-                if batch.daily:
-                    await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
-                if batch.credentials:
-                    await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
-                    if batch.worker is not None:
-                        await c.executemany(sql(_WORKER_BYTES), _worker_rows(batch))
-                if batch.receipts:
-                    await c.executemany(sql(_RECEIPTS), batch.receipts)
-                await c.execute("COMMIT")
-            except BaseException:
-                await c.execute("ROLLBACK")
-                raise
+            await self._write(batch)
 
     async def forget_workers(self, workers: list[str]) -> None:
         """Delete the ``worker_usage`` rows of workers that are gone (see the reaper in
@@ -167,16 +165,77 @@ class LedgerLink:
                 await c.execute("ROLLBACK")
                 raise
 
+    async def _write(self, batch: UsageBatch) -> None:
+        assert self.conn is not None
+        c, sql = self.conn, self.dialect.sql
+        await c.execute(self.dialect.begin_write)
+        try:
+            if batch.accounts:
+                await c.executemany(sql(_USAGE), [(aid, *v) for aid, v in batch.accounts.items()])
+            if batch.daily:
+                await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
+            if batch.credentials:
+                await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
+                if batch.worker is not None:
+                    await c.executemany(sql(_WORKER_BYTES), _worker_rows(batch))
+            if batch.receipts:
+                await c.executemany(sql(_RECEIPTS), batch.receipts)
+            await c.execute("COMMIT")
+        except BaseException:
+            await c.execute("ROLLBACK")
+            raise
+
     async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
         """Append acceptable-use denials for the operator."""
         assert self.conn is not None
-        await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+        async with self.lock:
+            await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+
+    async def pool(self, now: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The egress rows (``egress.egress_from_row``) and the leases live at *now*
+        (``live.Lease.from_row``), read together."""
+        assert self.conn is not None
+        sql = self.dialect.sql
+        async with self.lock:
+            await self.conn.execute(self.dialect.begin_read)
+            try:
+                rows = [tuple(r) for r in await self.conn.execute_fetchall(sql(POOL_SQL))]
+                live = await self.conn.execute_fetchall(sql(ACTIVE_SQL), (now,))
+            finally:
+                await self.conn.execute("COMMIT")
+        return rows, [tuple(r) for r in live]
+
+    async def store_check(
+        self, egress_id: int, check: Any, score: float, uptime_pct: float, latency_ms: Any
+    ) -> None:
+        """Record one health check of an egress (*check*: an ``egress_io`` result) and its
+        new score, keeping its last 500 checks."""
+        assert self.conn is not None
+        c, sql = self.conn, self.dialect.sql
+        r = check
+        async with self.lock:
+            await c.execute(self.dialect.begin_write)
+            try:
+                await c.execute(
+                    sql(_CHECK_ROW),
+                    (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, egress_id),
+                )
+                await c.execute(
+                    sql(_CHECK_SCORE),
+                    (score, uptime_pct, latency_ms, r.exit_ip, r.anonymity, egress_id),
+                )
+                await c.execute(sql(_CHECK_TRIM), (egress_id, egress_id))
+                await c.execute("COMMIT")
+            except BaseException:
+                await c.execute("ROLLBACK")
+                raise
 
     async def prune_receipts(self, days: int) -> int:
         """Delete receipts of requests older than *days*; returns how many went."""
         assert self.conn is not None
         cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
-        cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
+        async with self.lock:
+            cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
         return cur.rowcount
 
 

@@ -11,9 +11,22 @@ from typing import Any
 from .. import pricing
 from ..egress import parse_egress_url
 from ..envelope import DatorusError
-from ..leases import ACTIVE_SQL, leasable, matches, new_lease_id, view
+from ..leases import leasable, matches, new_lease_id, view
 from .db import Ledger
 from .money import balance_nanocents
+
+# The live leases (id, account_id, egress_id, expires_at) as of a Unix time, in the
+# field order of ``live.Lease.from_row``.
+ACTIVE_SQL = (
+    "SELECT id, account_id, egress_id, expires_at FROM leases"
+    " WHERE released_at IS NULL AND expires_at > ?"
+)
+
+
+def active_rows(db: Ledger, now: int) -> list[tuple[Any, ...]]:
+    """The live leases at *now* (Unix seconds), as ``live.Lease.from_row`` reads them."""
+    return [tuple(r) for r in db.execute(ACTIVE_SQL, (now,)).fetchall()]
+
 
 __all__ = ["acquire", "for_account", "release"]
 

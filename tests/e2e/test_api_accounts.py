@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,18 +21,15 @@ from api_helpers import (
     token_from_ledger,
     token_from_outbox,
 )
-from support import ApiProcess, Gateway, cli, free_port, prepare_ledger, wait_http, wait_until
+from support.ledger import cli
+from support.processes import ApiProcess, Gateway, GatewaySetup
+from support.waiting import free_port, wait_http, wait_until
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gw_setup() -> GatewaySetup:
     """A gateway serving its REST API on a free port (mail to the outbox)."""
-    db = tmp_path_factory.mktemp("api") / "ledger.db"
-    prepare_ledger(db)
-    g = Gateway(db, {"api_port": free_port(), "trial_bytes": 5_000_000}).start()
-    wait_http(g.api_url + "/health", proc=g.proc)
-    yield g
-    g.stop()
+    return GatewaySetup({"trial_bytes": 5_000_000}, api=True)
 
 
 def _email() -> str:

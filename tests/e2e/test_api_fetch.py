@@ -10,31 +10,27 @@ a fetch, under Datorus's names and seed 001's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from api_helpers import assert_api_error, bearer
-from support import Gateway, free_port, prepare_ledger, wait_http
+from support.processes import Gateway, GatewaySetup
 
 RPS, BURST = 7, 9  # the account's proxy limit: what fetch answers must show
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    db = tmp_path_factory.mktemp("fetch") / "ledger.db"
-    prepare_ledger(db)
-    # the API's per-key limit is tighter than the proxy's: fetches must not count on it
-    settings = {"api_port": free_port(), "upstream_timeout": 1, "api_key_burst": 2}
-    g = Gateway(db, settings).start()
-    wait_http(g.api_url + "/health", proc=g.proc)
+def _fetcher(g: Gateway) -> None:
     acc = g.cli(
         "account", "create", "fetcher@example.com", "--trial-bytes", str(10**12),
         "--rps", str(RPS), "--burst", str(BURST),
     )  # fmt: skip
     g.key = g.cli("key", "create", str(acc["id"]))["key"]
-    yield g
-    g.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_setup() -> GatewaySetup:
+    # the API's per-key limit is tighter than the proxy's: fetches must not count on it
+    return GatewaySetup({"upstream_timeout": 1, "api_key_burst": 2}, api=True, ready=_fetcher)
 
 
 def _fetch(gw: Gateway, body: dict) -> httpx.Response:

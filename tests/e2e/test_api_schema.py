@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 from api_helpers import register, token_from_ledger
-from support import ApiProcess, prepare_ledger
+from support.ledger import prepare_ledger
+from support.processes import ApiProcess
 
 ST = str(Path(sys.executable).parent / "schemathesis")
 

@@ -6,7 +6,9 @@ import socket
 
 import httpx
 import pytest
-from support import Gateway, free_port, prepare_ledger, wait_http
+from support.ledger import prepare_ledger
+from support.processes import Gateway
+from support.waiting import free_port, wait_http
 
 
 def test_gateway_with_api_port_in_use_refuses_to_start(tmp_path) -> None:

@@ -25,7 +25,9 @@ import pytest
 import requests
 import stripe
 from api_helpers import assert_api_error, bearer, register, token_from_ledger
-from support import ApiProcess, Gateway, prepare_ledger, wait_until
+from support.ledger import prepare_ledger
+from support.processes import ApiProcess, Gateway
+from support.waiting import wait_until
 
 SECRET = "whsec_datorus_test"
 

@@ -11,24 +11,20 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from api_helpers import assert_api_error, bearer
-from support import Gateway, free_port, prepare_ledger, wait_http, wait_until
+from support.processes import Gateway, GatewaySetup
+from support.waiting import wait_until
 
 SIGNUPS, RESENDS, FAILS, RPS, BURST = 3, 2, 3, 1, 5
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    db = tmp_path_factory.mktemp("throttle") / "ledger.db"
-    prepare_ledger(db)
-    g = Gateway(
-        db,
+def gw_setup() -> GatewaySetup:
+    return GatewaySetup(
         {
-            "api_port": free_port(),
             "api_signups_per_hour": SIGNUPS,
             "api_resends_per_hour": RESENDS,
             "api_key_fail_limit": FAILS,
@@ -36,10 +32,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "api_key_burst": BURST,
             "ws_connect_timeout": 2,
         },
-    ).start()
-    wait_http(g.api_url + "/health", proc=g.proc)
-    yield g
-    g.stop()
+        api=True,
+    )
 
 
 def _client(source: str) -> httpx.Client:

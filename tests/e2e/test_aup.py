@@ -10,24 +10,27 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 from checks import assert_envelope
-from support import Gateway, Origin, basic, cli, raw_connection, read_response, wait_until
+from support.clients import basic, raw_connection, read_response
+from support.ledger import cli
+from support.origins import Origin
+from support.processes import GatewaySetup
+from support.waiting import wait_until
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory) -> Iterator[Gateway]:
-    from support import free_port
-
-    db = tmp_path_factory.mktemp("aup") / "ledger.db"
+def _only_127_0_0_2(db: Path) -> None:
     cli(db, "init")
     cli(db, "policy", "allow", "127.0.0.2/32")
     cli(db, "policy", "deny", "blocked.example")
-    g = Gateway(db, {"api_port": free_port()}).start()
-    yield g
-    g.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_setup() -> GatewaySetup:
+    return GatewaySetup(api=True, ledger=_only_127_0_0_2)
 
 
 @pytest.fixture(scope="module")

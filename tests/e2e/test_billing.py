@@ -19,7 +19,10 @@ import time
 import pytest
 import requests
 from checks import assert_envelope
-from support import CountingRelay, RawOrigin, basic, cli, raw_connection, read_response, wait_until
+from support.clients import basic, raw_connection, read_response
+from support.counting import CountingRelay, RawOrigin
+from support.ledger import cli
+from support.waiting import wait_until
 
 NANO = 10**9
 
@@ -330,7 +333,7 @@ def test_websocket_through_connect_is_metered_exactly(gateway):
 
 
 def test_gateway_errors_are_not_billed(gateway, raw_origin):
-    from support import free_port
+    from support.waiting import free_port
 
     acc, user, pw = gateway.customer(trial_bytes=10**9)
     r = fresh_get(gateway, user, pw, f"http://127.0.0.1:{free_port()}/")
@@ -356,7 +359,7 @@ def test_gateways_502_on_a_tunnel_through_a_refusing_upstream_is_not_billed(make
     """The egress is an upstream proxy that refuses the gateway's credentials: a CONNECT
     gets the gateway's own ``502 UPSTREAM_FAILED`` naming the egress, and it is not billed
     (no receipt, no request in the usage), however the client then goes away."""
-    from support import UpstreamProxy
+    from support.upstream import UpstreamProxy
 
     gw = make_gateway()
     acc, user, pw = gw.customer(trial_bytes=10**9)
@@ -568,7 +571,7 @@ def test_paid_account_overdraft_is_bounded_exactly(make_gateway, tls_origin, ca)
     # 1 cent + 1 cent overdraft at 1000 cents/GB = 2,000,000 bytes
     wait_until(lambda: account(gw, acc)["toppedUp"], what="top-up")
     gw.wait_for_credential(user, pw)
-    from support import free_port
+    from support.waiting import free_port
 
     # the gateway knows the top-up once a request gets past the balance check: a refused
     # connection (502) is a gateway error, not billed, so the bound below stays exact

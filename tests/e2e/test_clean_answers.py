@@ -14,26 +14,27 @@ import http.client
 import json
 import re
 import socket
-from collections.abc import Iterator
 
 import pytest
 import requests
 from checks import assert_envelope
-from support import Gateway, Origin, basic, free_port, prepare_ledger, raw_connection, wait_until
+from support.clients import basic, raw_connection
+from support.origins import Origin
+from support.processes import Gateway, GatewaySetup
+from support.waiting import wait_until
 
 LEASE = "ls" + "0" * 24
 HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+: ?[\x20-\x7e\x80-\xff\t]*")
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory) -> Iterator[Gateway]:
-    db = tmp_path_factory.mktemp("answers") / "ledger.db"
-    prepare_ledger(db)
-    g = Gateway(db, {"api_port": free_port()}).start()
+def _customer_with_key(g: Gateway) -> None:
     g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
     g.key = g.cli("key", "create", str(g.acc))["key"]
-    yield g
-    g.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_setup() -> GatewaySetup:
+    return GatewaySetup(api=True, ready=_customer_with_key)
 
 
 def read_raw(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bytes]:

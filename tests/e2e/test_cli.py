@@ -20,7 +20,10 @@ from typing import Any
 
 import pytest
 import requests
-from support import DATORUS, Gateway, Origin, free_port, wait_until
+from support.origins import Origin
+from support.paths import DATORUS
+from support.processes import Gateway
+from support.waiting import free_port, wait_until
 
 ENVELOPE_KEYS = {"code", "message", "details", "requestId", "timestamp"}
 CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")

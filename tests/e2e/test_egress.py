@@ -1,7 +1,7 @@
 """The egress pool on the wire: sticky sessions, spreading, blocks, upstream proxies.
 
 Loopback only: the egress are source addresses 127.0.0.2-127.0.0.5 and real upstream
-CONNECT proxies (``support.UpstreamProxy``) whose own exits are 127.0.0.6/127.0.0.7;
+CONNECT proxies (``support.upstream.UpstreamProxy``) whose own exits are 127.0.0.6/127.0.0.7;
 the origins echo the peer address they see, so each response names its way out.
 """
 
@@ -18,18 +18,13 @@ import time
 
 import pytest
 import requests
-from support import (
-    MITMDUMP,
-    BlockingOrigin,
-    Gateway,
-    UpstreamProxy,
-    basic,
-    free_port,
-    prepare_ledger,
-    raw_connection,
-    read_response,
-    wait_until,
-)
+from support.clients import basic, raw_connection, read_response
+from support.ledger import add_egress, prepare_ledger
+from support.origins import BlockingOrigin
+from support.paths import MITMDUMP
+from support.processes import Gateway
+from support.upstream import UpstreamProxy
+from support.waiting import free_port, wait_until
 
 SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 
@@ -54,17 +49,6 @@ def tunnel_get(port: int, auth: str, target: tuple[str, int], path: str, **heade
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {target[0]}\r\n\r\n".encode())
         _, _, inner = read_response(s)
         return status, hdrs, inner
-
-
-def add_egress(db, items: list[tuple[str, str]]) -> None:
-    """Fill the pool before the gateway starts (the CLI test covers the live path)."""
-    from datorus_core import ledger
-    from datorus_core.ledger import egress as egress_ledger
-
-    conn = ledger.open_ledger(db)
-    for url, country in items:
-        egress_ledger.add_egress(conn, url, country)
-    conn.conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ import httpx
 import pytest
 import requests
 from checks import UUID_RE, assert_envelope, assert_rate_headers, raw_request
-from support import basic, free_port, raw_connection, read_response, wait_until
+from support.clients import basic, raw_connection, read_response
+from support.waiting import free_port, wait_until
 
 # -- auth ---------------------------------------------------------------------------------
 

@@ -15,18 +15,16 @@ from collections.abc import Iterator
 import pytest
 import requests
 from checks import assert_envelope
-from support import Gateway, basic, raw_connection, read_response, wait_until
+from support.clients import basic, raw_connection, read_response
+from support.processes import Gateway, GatewaySetup
+from support.waiting import wait_until
 
 HEADER_TIMEOUT = 2
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory) -> Iterator[Gateway]:
-    from conftest import _start
-
-    g = _start(tmp_path_factory.mktemp("hostile"), {"header_timeout": HEADER_TIMEOUT})
-    yield g
-    g.stop()
+def gw_setup() -> GatewaySetup:
+    return GatewaySetup({"header_timeout": HEADER_TIMEOUT})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ gives mitmproxy's own dispatch and still forwards.
 from __future__ import annotations
 
 import requests
-from support import wait_until
+from support.waiting import wait_until
 
 LEAN_LINE = "datorus: lean dispatch on;"
 

@@ -9,7 +9,9 @@ import time
 
 import requests
 from checks import assert_envelope, assert_rate_headers
-from support import RawOrigin, basic, raw_connection, read_response, wait_until
+from support.clients import basic, raw_connection, read_response
+from support.counting import RawOrigin
+from support.waiting import wait_until
 
 
 def get(gw, user, pw, url, session=None):

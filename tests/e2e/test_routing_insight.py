@@ -14,12 +14,16 @@ import json
 import re
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 from api_helpers import assert_api_error
 from checks import assert_envelope
-from support import ApiProcess, BlockingOrigin, Gateway, free_port, prepare_ledger, wait_until
+from support.ledger import add_egress, prepare_ledger
+from support.origins import BlockingOrigin
+from support.processes import ApiProcess, Gateway, GatewaySetup
+from support.waiting import free_port, wait_until
 
 US, DE = "127.0.0.2", "127.0.0.3"
 
@@ -31,39 +35,31 @@ def peer():
     o.close()
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, peer):
-    from datorus_core import ledger
-    from datorus_core.ledger import egress as egress_ledger
-
-    db = tmp_path_factory.mktemp("insight") / "ledger.db"
+def _us_and_de(db: Path) -> None:
     prepare_ledger(db)
-    conn = ledger.open_ledger(db)
-    egress_ledger.add_egress(conn, f"direct://{US}", "us")
-    egress_ledger.add_egress(conn, f"direct://{DE}", "de")
-    conn.conn.close()
-    g = Gateway(
-        db,
-        {
-            "api_port": free_port(),
-            "block_seconds": 60,
-            "egress_check_seconds": 1,
-            "egress_check_url": peer.url("/judge"),
-            "ws_connect_timeout": 1,
-        },
-    ).start()
-    g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
-    g.key = g.cli("key", "create", str(g.acc))["key"]
+    add_egress(db, [(f"direct://{US}", "us"), (f"direct://{DE}", "de")])
 
-    def both_live() -> bool:
-        return {_via(g, peer, "/peer", **{"X-Datorus-Country": c}).text for c in ("us", "de")} == {
-            US,
-            DE,
-        }
 
-    wait_until(both_live, 10, 0.05, "both source addresses in use")
-    yield g
-    g.stop()
+@pytest.fixture(scope="module")
+def gw_setup(peer) -> GatewaySetup:
+    def ready(g: Gateway) -> None:
+        g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
+        g.key = g.cli("key", "create", str(g.acc))["key"]
+
+        def both_live() -> bool:
+            return {
+                _via(g, peer, "/peer", **{"X-Datorus-Country": c}).text for c in ("us", "de")
+            } == {US, DE}
+
+        wait_until(both_live, 10, 0.05, "both source addresses in use")
+
+    settings = {
+        "block_seconds": 60,
+        "egress_check_seconds": 1,
+        "egress_check_url": peer.url("/judge"),
+        "ws_connect_timeout": 1,
+    }
+    return GatewaySetup(settings, api=True, ledger=_us_and_de, ready=ready)
 
 
 def _via(g: Gateway, peer, path: str, **headers: str) -> requests.Response:

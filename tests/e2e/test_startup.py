@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 from checks import assert_envelope, raw_request
-from support import MITMDUMP, REPO, Gateway, basic, free_port, prepare_ledger, wait_until
+from support.clients import basic
+from support.ledger import prepare_ledger
+from support.paths import MITMDUMP, REPO
+from support.processes import Gateway
+from support.waiting import free_port, wait_until
 
 FAULTS = {
     "wrong type": ({"rps": "abc"}, None, "datorus_rps: 'abc' is not a whole number"),
@@ -119,7 +123,7 @@ def test_an_exception_in_any_guarded_hook_stops_the_process(tmp_path, origin):
 
 
 def _customer(db: Path) -> tuple[str, str]:
-    from support import cli
+    from support.ledger import cli
 
     email = f"s{uuid.uuid4().hex[:8]}@example.com"
     acc = cli(db, "account", "create", email, "--rps", "1000", "--burst", "2000")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 import redis as redis_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis_proc import RedisServer
+from support.redis_server import RedisServer
 
 from datorus_core import pricing
 from datorus_core.hotstate.base import BlockNews, LeaseNews
@@ -45,7 +46,16 @@ SETTINGS: dict[str, Any] = {
     "auth_block_seconds": 30,
 }
 MiB = 1 << 20
-WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "redis_worker.py"
+WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "support" / "redis_worker.py"
+
+
+def restart_empty(server: RedisServer) -> None:
+    """kill -9 the redis-server and start another on the same port: nothing it held is left."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(10)
+    server.logf.close()
+    server.start()
 
 
 class Recorder:
@@ -405,6 +415,7 @@ def test_two_workers_claiming_at_once_never_exceed_the_allowance(redis_server, r
         # exactly the allowance, nothing past it
         assert a.cred.account.granted + b.cred.account.granted == 5_000_000
         assert await a.hot.claim(a.cred, 1) == a.hot.credit(a.cred)  # nothing more
+        assert a.hot.reachable()  # the account is dry: a 402, not a 503
         # what the flows reserve is bounded by the credit
         assert a.rt.reserve(a.cred, 10**9) == a.cred.account.granted
         await a.hot.stop()
@@ -596,8 +607,7 @@ def test_a_redis_restart_is_detected_and_every_worker_reasserts_its_claims(redis
         assert await a.hot.claim(a.cred, 3 * MiB) == 3 * MiB
         assert await b.hot.claim(b.cred, 2 * MiB) == 2 * MiB
         await a.spend(MiB)  # charged, not flushed: still claimed
-        redis_server.kill()
-        redis_server.start()  # same port, empty
+        restart_empty(redis_server)  # same port, empty
         r = redis_sync.Redis.from_url(redis_server.url)
         await eventually(
             lambda: (
@@ -615,9 +625,11 @@ def test_a_redis_restart_is_detected_and_every_worker_reasserts_its_claims(redis
         assert a.rt.reserve(a.cred, 10**9) == 2 * MiB
         assert r.exists(f"{p}settle")  # no grants until every worker had time to re-assert
         assert await a.hot.claim(a.cred, MiB) == 0
+        assert not a.hot.reachable()  # that 0 is "retry shortly" (503), not "dry" (402)
         await eventually(lambda: not r.exists(f"{p}settle"), what="the settle window to end")
         got = await asyncio.gather(a.claim_all(), b.claim_all())
         assert sum(got) == 10 * MiB - 5 * MiB
+        assert a.hot.reachable()  # and now a 0 means the account is dry
         await a.hot.stop()
         await b.hot.stop()
 
@@ -633,7 +645,9 @@ def test_redis_gone_falls_back_to_local_shares_and_recovers_on_its_own(redis_ser
         assert await a.hot.claim(a.cred, MiB) == MiB
         a.hot.pin_session(1, "s1", 42, 0.0)
         await eventually(lambda: _is(b.hot.session(1, "s1", 0.0), 42), what="pin")
-        redis_server.kill()
+        assert redis_server.proc is not None
+        redis_server.proc.kill()
+        redis_server.proc.wait(10)
 
         # rate: the first request notices, then this worker's half of the burst
         verdicts = [(await a.hot.take(a.cred, None, 100.0)).verdict for _ in range(7)]
@@ -647,6 +661,7 @@ def test_redis_gone_falls_back_to_local_shares_and_recovers_on_its_own(redis_ser
         # credit: nothing new, what is held stays usable
         assert await a.hot.claim(a.cred, 5 * MiB) == MiB
         assert await b.hot.claim(b.cred, MiB) == 0
+        assert not b.hot.reachable()
         assert a.rt.reserve(a.cred, 10 * MiB) == MiB
         # logins and sessions: local
         assert [await a.hot.login_failed("10.1.1.1", 0.0) for _ in range(4)] == [0, 0, 0, 30]
@@ -654,6 +669,7 @@ def test_redis_gone_falls_back_to_local_shares_and_recovers_on_its_own(redis_ser
         assert await b.hot.session(1, "s1", 0.0) is None
         a.hot.announce_block(BlockNews(1, "x.example", 1, 1.0))  # dropped, no error
 
+        redis_server.logf.close()
         redis_server.start()  # a new, empty Redis on the same port
         for w in (a, b):
             await eventually(lambda w=w: w.hot.status()["redis"] == "connected", what="back")
@@ -678,7 +694,8 @@ def test_a_hung_redis_costs_a_request_at_most_its_timeout(redis_server, request)
         p = prefix_of(request)
         a = await Worker(redis_server.url, p, "a", account_row(trial=10 * MiB)).start()
         assert await a.hot.claim(a.cred, MiB) == MiB
-        redis_server.freeze()
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # a hung Redis: connected, silent
         try:
             t0 = time.monotonic()
             v = (await a.hot.take(a.cred, None, 0.0)).verdict
@@ -687,7 +704,7 @@ def test_a_hung_redis_costs_a_request_at_most_its_timeout(redis_server, request)
             assert await a.hot.claim(a.cred, 2 * MiB) == MiB
             assert time.monotonic() - t0 < 0.1  # already known to be down: no round trip
         finally:
-            redis_server.thaw()
+            redis_server.proc.send_signal(signal.SIGCONT)
         await eventually(lambda: a.hot.synced, what="recovery without a restart")
         assert not a.hot.snapshot_wanted  # same Redis, same epoch: the snapshot still holds
         assert await a.hot.claim(a.cred, 2 * MiB) == 2 * MiB

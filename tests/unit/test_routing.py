@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from addons.egress import EgressRouter
 from datorus_core import egress as eg
 from datorus_core.envelope import DatorusError
+from datorus_core.hotstate.local import LocalHotState
 from datorus_core.live import Lease, LeaseBook, LiveRouting
 from datorus_core.routing import Ask, chances, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, UsernameOptionError, parse_username
@@ -164,7 +165,8 @@ def test_a_prefix_source_follows_the_session():
 
 
 def _router(seed: int) -> EgressRouter:
-    gw = type("Gw", (), {"settings": {"router_seed": seed, "session_ttl": 60, "max_sessions": 10}})
+    settings = {"router_seed": seed, "session_ttl": 60, "max_sessions": 10}
+    gw = type("Gw", (), {"settings": settings, "hot": LocalHotState(settings)})
     r = EgressRouter(gw)  # type: ignore[arg-type]
     r.configure({"datorus_router_seed"})
     r.pool.replace(
@@ -180,7 +182,7 @@ def test_a_preview_names_the_next_draw_and_leaves_the_routers_sequence_alone():
         ask = Ask(1, DOMAIN)
         seen = choose(ask, live.pool, live.leases, NOW, WALL, live.preview_rng(), live.peek_session)
         again = choose(ask, live.pool, live.leases, NOW, WALL, live.preview_rng())
-        real = choose(ask, r.pool, r.leases, NOW, WALL, r.rng, r.sessions.get)
+        real = choose(ask, r.pool, r.leases, NOW, WALL, r.rng, r.gw.hot.sessions.get)
         assert seen.egress is again.egress is real.egress
         assert real.egress.id == choose(ask, twin.pool, twin.leases, NOW, WALL, twin.rng).egress.id
 

@@ -1,6 +1,6 @@
 """A gateway worker's shared hot state in a process of its own, for tests that kill it.
 
-``python tests/redis_worker.py URL PREFIX DB CLAIM CHARGE TUNNELS``: loads the ledger
+``python tests/support/redis_worker.py URL PREFIX DB CLAIM CHARGE TUNNELS``: loads the ledger
 DB's snapshot, joins the Redis hot state (short heartbeat and tunnel lease), claims
 CLAIM bytes of credit for the first credential, charges CHARGE of them and writes that
 usage to the ledger, opens TUNNELS tunnel slots, prints one JSON line and waits to be
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from datorus_core.hotstate.redis_state import RedisHotState  # noqa: E402
 from datorus_core.ledger.gateway import LedgerLink  # noqa: E402

@@ -1,0 +1,81 @@
+"""Listening sockets that several gateway workers share: opened once, inherited by each.
+
+``datorus serve`` opens, for every worker slot, its own listening socket on each shared
+address (the proxy port, the REST API port), all with ``SO_REUSEPORT``: the kernel
+spreads new connections over the slots, and a client's address reaches the worker
+unchanged. The launcher keeps its copy of each socket, so when a worker is replaced
+(SIGHUP) or dies, connections waiting in its slot's accept queue are not reset: the
+next worker of the slot accepts them. A worker finds its sockets with :func:`take`.
+
+The sockets travel in ``DATORUS_LISTEN_FDS`` as JSON: ``[[host, port, [fd, ...]], ...]``,
+*host* as mitmproxy or the settings spell it (``""``: every interface).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+
+from .workers import LISTEN_FDS_ENV
+
+Address = tuple[str, int]
+
+
+def open_shared(host: str, port: int, backlog: int = socket.SOMAXCONN) -> list[socket.socket]:
+    """Listening TCP sockets on *host*:*port* with ``SO_REUSEPORT`` (one per address family
+    *host* resolves to: ``""`` gives ``0.0.0.0`` and ``::``, as asyncio's servers do)."""
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, type_, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+    except OSError:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
+def encode(shared: Iterable[tuple[str, int, list[socket.socket]]]) -> str:
+    """The ``DATORUS_LISTEN_FDS`` value for *shared* ``(host, port, sockets)``."""
+    return json.dumps([[h, p, [s.fileno() for s in socks]] for h, p, socks in shared])
+
+
+def _parse(environ: Mapping[str, str]) -> dict[Address, list[int]]:
+    raw = environ.get(LISTEN_FDS_ENV)
+    if not raw:
+        return {}
+    return {(str(h), int(p)): [int(fd) for fd in fds] for h, p, fds in json.loads(raw)}
+
+
+_taken: set[Address] = set()
+
+
+def shared_by_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was given shared listening sockets (a ``datorus serve`` worker)."""
+    return bool((os.environ if environ is None else environ).get(LISTEN_FDS_ENV))
+
+
+def take(host: str, port: int, environ: Mapping[str, str] | None = None) -> list[socket.socket]:
+    """The inherited listening sockets for *host*:*port*, once (a second call gets ``[]``:
+    the first taker owns and closes them)."""
+    fds = _parse(os.environ if environ is None else environ).get((host, port))
+    if not fds or (host, port) in _taken:
+        return []
+    _taken.add((host, port))
+    return [socket.socket(fileno=fd) for fd in fds]
