@@ -37,9 +37,29 @@ A worker claims blocks (at least :data:`BLOCK` bytes) and reserves from them loc
 (``AccountState.granted``, ``CredentialState.granted``: ``Runtime.reserve`` never
 reserves beyond them, ``Runtime.settle`` moves charged bytes out of them), gives back
 what it leaves idle for 2 s, and keeps a mirror of its ``t[w]`` so that it can write
-its fields again after Redis lost them. A worker whose heartbeat lapses is reaped: its
-fields leave every hash (its held credit is free again; usage it never flushed is
-lost, as a ``kill -9`` loses it in one process), then its ``worker_usage`` rows go.
+its fields again after Redis lost them.
+
+A worker whose heartbeat lapses (10 s) is reaped by any other (every 5 s; a script
+makes two reapers at once harmless): its fields leave every hash, so its held credit is
+free again (usage it never flushed is lost, as a ``kill -9`` loses it in one process),
+then its ``worker_usage`` rows go. Its field stood for the bytes it flushed after other
+workers' snapshots were read; so the reap also marks each of its hashes with a count
+(``{p}reaps``, field ``~r``), and a claim made with a snapshot read before that count
+is refused: the worker reads the ledger again (:attr:`~RedisHotState.snapshot_wanted`;
+the claim waits for it) and its new balance holds every flush of the dead worker. A
+worker that only stalled past its heartbeat is counted again when it notices (its next
+heartbeat or claim); until then its unflushed and held bytes go uncounted, and later
+its flushed bytes may be counted twice (less credit, never more).
+
+The gateway's ledger task reads snapshots for this state as follows (see
+:meth:`~RedisHotState.adopt`)::
+
+    token = await hot.before_snapshot()        # before the ledger read
+    *snap, rows = await link.snapshot_shared()  # balances and worker_usage, one read
+    runtime.apply_snapshot(*snap, worker_usage=rows)
+    hot.adopt(runtime, token)                  # before any request sees the view
+
+whenever the configuration version changed or ``hot.snapshot_wanted`` is True.
 
 When Redis fails
 ----------------
@@ -60,10 +80,13 @@ error switches this worker to local fallbacks at once (one log line), a probe ev
 
 A Redis that restarted empty is recognised by its missing ``{p}epoch`` key: every
 claim carries the epoch it knows and Redis refuses a mismatch, the worker writes its
-fields again from its mirror, and no credit is granted to anyone for
-:data:`SETTLE_SECONDS` (until every live worker has done the same at its next
-heartbeat). A worker that starts while Redis has just restarted, before the older
-workers noticed, may be granted up to their unflushed and held bytes once.
+fields again from its mirror (and reads the ledger again: workers that died meanwhile
+left no trace), and no credit is granted to anyone for :data:`SETTLE_SECONDS` (until
+every live worker has done the same at its next heartbeat). A worker that starts while
+Redis has just restarted, before the older workers noticed, may be granted up to their
+unflushed and held bytes once. A command that timed out against a hung Redis may still
+run when it wakes; the re-assert that follows (over a new connection, after a PING)
+overwrites what it did to this worker's fields.
 
 Order at a clean stop (the caller's): stop new requests and settle the flows under
 way, write the final usage batch, then :meth:`RedisHotState.stop` (gives back the
@@ -82,14 +105,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from ..live import Lease
 from ..ratelimit import Gcra, Verdict
@@ -195,7 +219,7 @@ class RedisHotState:
         self._take = r.register_script(redis_lua.TAKE)
         self._renew = r.register_script(redis_lua.RENEW)
         self._login = r.register_script(redis_lua.LOGIN)
-        self._claim = r.register_script(redis_lua.CLAIM)
+        self._claim_script = r.register_script(redis_lua.CLAIM)
         self._give = r.register_script(redis_lua.GIVE)
         self._epoch_script = r.register_script(redis_lua.EPOCH)
         self._reassert = r.register_script(redis_lua.REASSERT)
@@ -242,6 +266,11 @@ class RedisHotState:
         self._mirror: dict[int, Gcra] = {}  # credential -> its limiter as Redis last said
         self._fallback: dict[int, Gcra] = {}  # credential -> its 1/N limiter while down
         self._forget: set[str] = set()  # reaped workers whose ledger rows remain
+        self._claims: dict[int, asyncio.Future[None]] = {}  # credential -> its claim under way
+        # the request path's commands waiting for this loop turn's pipeline
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self._scripts: dict[str, AsyncScript] = {}
         self.logins = LoginFailures()
         self.sessions = SessionTable(3600.0, 100_000)
         self.configure()
@@ -309,6 +338,8 @@ class RedisHotState:
                     await self._forget_rows()
             except _ERRORS as e:
                 log.warning("datorus: redis at stop: %s (the reaper frees what is left)", e)
+        if self._sending:
+            await asyncio.wait(list(self._sending), timeout=TIMEOUT * 2)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -401,6 +432,61 @@ class RedisHotState:
         self.synced = False
         self._wake.set()
 
+    # -- the request path's round trips, batched -------------------------------------------
+
+    def _call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+        """Run *script* in the next batch (see :meth:`_command`)."""
+        self._scripts[script.sha] = script
+        return self._command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _command(self, *command: Any) -> asyncio.Future[Any]:
+        """Send *command* with every other one issued in this turn of the event loop, in
+        one pipeline: one write and one read for all of them (under load, concurrent
+        requests share a round trip; alone, a request pays one loop turn)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((command, fut))
+        if len(self._batch) == 1:
+            loop.call_soon(self._send_batch)
+        return fut
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        t = asyncio.get_running_loop().create_task(self._pipeline(batch))
+        self._sending.add(t)
+        t.add_done_callback(self._sending.discard)
+
+    async def _pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._execute([c for c, _ in batch])
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:  # a Redis that restarted lost the scripts: load them, send again
+                for sha in {batch[i][0][1] for i in missing}:
+                    await self.redis.script_load(self._scripts[sha].script)
+                again = await self._execute([batch[i][0] for i in missing])
+                for i, r in zip(missing, again, strict=True):
+                    replies[i] = r
+        except BaseException as e:
+            err = e if isinstance(e, Exception) else RedisError(f"batch interrupted: {e!r}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, fut), r in zip(batch, replies, strict=True):
+            if not fut.done():
+                if isinstance(r, Exception):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(r)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in commands:
+                pipe.execute_command(*c)
+            return list(await pipe.execute(raise_on_error=False))
+
     def _send_later(self, *command: Any) -> None:
         """Queue a write nobody waits for (dropped while Redis is unreachable)."""
         if self.up and not self._stopping:
@@ -414,6 +500,8 @@ class RedisHotState:
                 await self._send_outbox()
             except _ERRORS as e:
                 self._failed(e)
+            except Exception as e:  # a bad command: drop it, keep the writer alive
+                log.warning("datorus: redis write dropped: %s", e)
 
     async def _send_outbox(self) -> None:
         batch = []
@@ -452,7 +540,7 @@ class RedisHotState:
                 keys.append(self._tun_key(acc.id))
                 args += [self._member(tunnel_key), acc.max_tunnels, self.lease_seconds]
             try:
-                res = await self._take(keys=keys, args=args)
+                res = await self._call(self._take, keys, args)
             except _ERRORS as e:
                 self._failed(e)
             else:
@@ -535,8 +623,8 @@ class RedisHotState:
         limit, block = s["auth_fail_limit"], s["auth_block_seconds"]
         if self.up:
             try:
-                res = await self._login(
-                    keys=[f"{self.prefix}lf:{peer}"], args=[limit, block, WINDOW]
+                res = await self._call(
+                    self._login, [f"{self.prefix}lf:{peer}"], [limit, block, WINDOW]
                 )
             except _ERRORS as e:
                 self._failed(e)
@@ -566,8 +654,26 @@ class RedisHotState:
         account's and the credential's rooms; returns :meth:`credit` afterwards (the
         credit already held, unchanged, while Redis is unreachable).
 
-        When the snapshot in use is too old to count with (see :meth:`adopt`), waits up
-        to a second for a new one and claims with it."""
+        Claims for one credential go one at a time: a claim that finds another under way
+        waits for it and sends its own only if that did not make room for *nbytes*. When
+        the snapshot in use is too old to count with (see :meth:`adopt`), waits up to a
+        second for a new one and claims with it."""
+        under_way = self._claims.get(cred.id)
+        if under_way is not None:
+            await asyncio.shield(under_way)
+            if self.credit(cred) >= nbytes:
+                return self.credit(cred)
+        done = asyncio.get_running_loop().create_future()
+        self._claims[cred.id] = done
+        try:
+            return await self._claim_fresh(cred, nbytes)
+        finally:
+            if self._claims.get(cred.id) is done:
+                del self._claims[cred.id]
+            done.set_result(None)
+
+    async def _claim_fresh(self, cred: CredentialState, nbytes: int) -> int:
+        """Claim with a snapshot fit to count with (waiting for one if need be)."""
         for _ in range(2):
             if not self._snapshot_ok():
                 self.snapshot_wanted = True
@@ -612,7 +718,7 @@ class RedisHotState:
         keys = [ha.key, hc.key, self.k_wk, self.k_epoch, self.k_hb, self.k_settle]
         self._begin()
         try:
-            res = await self._claim(keys=keys, args=args)
+            res = await self._call(self._claim_script, keys, args)
         except _ERRORS as e:
             self._failed(e)
             return self.credit(cred)
@@ -695,9 +801,9 @@ class RedisHotState:
             try:
                 if touch:
                     ttl_ms = int(self.sessions.ttl * 1000)
-                    raw = await self.redis.getex(key, px=ttl_ms)
+                    raw = await self._command("GETEX", key, "PX", ttl_ms)
                 else:
-                    raw = await self.redis.get(key)
+                    raw = await self._command("GET", key)
             except _ERRORS as e:
                 self._failed(e)
             else:

@@ -251,6 +251,20 @@ def test_a_refused_rate_takes_no_tunnel_slot(redis_server, request):
     run(main())
 
 
+def test_scripts_lost_by_redis_are_loaded_again(redis_server, request):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a", account_row(trial=10 * MiB)).start()
+        assert (await a.hot.take(a.cred, None, 0.0)).verdict.allowed
+        redis_sync.Redis.from_url(redis_server.url).script_flush()
+        takes = await asyncio.gather(*(a.hot.take(a.cred, None, 0.0) for _ in range(5)))
+        assert all(t.verdict.allowed for t in takes) and a.hot.up
+        assert await a.hot.claim(a.cred, 1) == MiB
+        await a.hot.stop()
+
+    run(main())
+
+
 # -- failed logins, sessions, news ------------------------------------------------------
 
 
@@ -354,7 +368,8 @@ def test_room_of_a_snapshot_example():
 def test_room_is_exact_whatever_the_age_of_the_snapshot(trial, cents, price, script):
     """A model of three workers and the ledger: every snapshot ever taken gives the room
     the newest one gives (the balance and the flushed bytes move together), and the bytes
-    charged never pass the first allowance."""
+    charged never pass the first allowance. (Charges split trial and paid bytes as one
+    process would, from the trial left after every worker's pending usage.)"""
     floor = 0
     balance = [trial, cents * pricing.NANOCENTS_PER_CENT]  # ledger: trial bytes, nanocents
     flushed: dict[str, int] = {}
@@ -420,6 +435,20 @@ def test_two_workers_claiming_at_once_never_exceed_the_allowance(redis_server, r
         assert a.rt.reserve(a.cred, 10**9) == a.cred.account.granted
         await a.hot.stop()
         await b.hot.stop()
+
+    run(main())
+
+
+def test_claims_of_one_worker_at_once_make_one_round_trip(redis_server, request):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a", account_row(trial=100 * MiB)).start()
+        got = await asyncio.gather(*(a.hot.claim(a.cred, 1000) for _ in range(50)))
+        assert got == [MiB] * 50  # one claim of a block; the other 49 waited for it
+        assert a.cred.account.granted == MiB
+        got = await asyncio.gather(*(a.hot.claim(a.cred, 2 * MiB) for _ in range(3)))
+        assert got == [2 * MiB] * 3  # one claim of what was missing made room for all three
+        await a.hot.stop()
 
     run(main())
 
