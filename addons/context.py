@@ -11,13 +11,14 @@ import logging
 import time
 from typing import Any
 
-from mitmproxy import ctx as mitm_ctx
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError, envelope_json, proxy_status
 from datorus_core.hotstate.base import HotState
 from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import AccountState, CredentialState, Runtime
+
+from . import patches
 
 log = logging.getLogger("datorus")
 
@@ -190,40 +191,21 @@ class Gateway:
 
     # -- connections -------------------------------------------------------------------
 
-    def handler(self, client_id: str) -> Any:
-        """mitmproxy's connection handler for a client connection (*internal*)."""
-        ps = mitm_ctx.master.addons.get("proxyserver")
-        return ps.connections.get(client_id) if ps else None
-
     async def stop_listening(self) -> None:
         """Close the proxy's listening sockets; connections already open go on (*internal*).
 
         At the end of a clean stop's drain: a client that reconnects then is refused at
         once and retries, instead of being accepted by a process about to exit and reset.
         """
-        ps = mitm_ctx.master.addons.get("proxyserver")
-        if ps is not None:
-            try:
-                await ps.servers.update([])
-            except Exception as e:  # the stop goes on whatever mitmproxy thinks of it
-                log.warning("datorus: could not close the listening sockets: %s", e)
+        try:
+            await patches.close_listening_sockets()
+        except Exception as e:  # the stop goes on whatever mitmproxy thinks of it
+            log.warning("datorus: could not close the listening sockets: %s", e)
 
     def cut_client(self, client_id: str) -> bool:
         """Close a client connection and everything it opened (*internal*)."""
-        h = self.handler(client_id)
-        if h is None:
-            return False
-        io = h.transports.get(h.client)
-        if io is not None and io.handler is not None:
-            io.handler.cancel("datorus cut")
-            return True
-        return False
+        return patches.cancel_client_connection(client_id)
 
     def abort_upstream(self, client_id: str) -> None:
         """Cancel every server connection of a client connection (*internal*)."""
-        h = self.handler(client_id)
-        if h is None:
-            return
-        for conn, io in list(h.transports.items()):
-            if conn is not h.client and io.handler is not None:
-                io.handler.cancel("datorus upstream abort")
+        patches.abort_server_connections(client_id)

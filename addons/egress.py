@@ -20,7 +20,9 @@ pointing ``server.address`` at the proxy and running the CONNECT (or SOCKS5)
 handshake in ``server_connected``, before mitmproxy uses the connection, so tunnels
 and plain HTTP go the same way and the customer's ``Proxy-Authorization`` never
 leaves. mitmproxy reuses server connections per client connection by address, not
-by egress: before a request whose egress differs, the old ones are closed.
+by egress: before a request whose egress differs, the old ones are closed. The
+internals are touched in ``addons/patches.py`` (``server_streams``,
+``restore_server_address``, ``close_server_connections``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
 
+from . import patches
 from .auth import parse_basic
 from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
 
@@ -396,15 +399,7 @@ class EgressRouter:
 
     def _close_stale(self, client_id: str, key: tuple[int, str | None] | None) -> None:
         """Close this client's server connections that belong to another egress (*internal*)."""
-        h = self.gw.handler(client_id)
-        if h is None:
-            return
-        for conn in list(h.transports):
-            if conn is h.client or not getattr(conn, "connected", False):
-                continue
-            if self.conn_key.get(conn.id) != key:
-                with contextlib.suppress(Exception):
-                    h.close_connection(conn)
+        patches.close_server_connections(client_id, lambda conn: self.conn_key.get(conn.id) != key)
 
     # -- applying ----------------------------------------------------------------------
 
@@ -426,15 +421,14 @@ class EgressRouter:
         if entry is None:
             return
         choice, target = entry
-        h = self.gw.handler(data.client.id)
-        io = h.transports.get(data.server) if h is not None else None
+        streams = patches.server_streams(data.client.id, data.server)
         # the connection is open: mitmproxy guards address changes, but its reuse check
         # must see the target again (*internal*)
-        data.server.__dict__["address"] = target
-        if io is None or io.reader is None:
+        patches.restore_server_address(data.server, target)
+        if streams is None:
             return
-        reader = getattr(io.reader, "inner", io.reader)
-        writer = getattr(io.writer, "inner", io.writer)
+        reader = getattr(streams[0], "inner", streams[0])
+        writer = getattr(streams[1], "inner", streams[1])
         timeout = self.gw.settings.get("upstream_timeout", 30)
         try:
             await asyncio.wait_for(handshake(choice.egress.spec, *target, reader, writer), timeout)

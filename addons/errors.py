@@ -3,38 +3,27 @@
 mitmproxy writes its own error pages deep in the HTTP/1 server layer (*internal*):
 ``_http1.make_error_response`` for unparseable requests and
 ``Http1Server.send(ResponseProtocolError)`` for upstream failures. This addon
-replaces both. The ``error`` hook runs before the page is written, so it leaves
-the flow's context in a stash keyed by client connection, and the page then
-carries that flow's request id, rate-limit headers and the right code (504 when
-our timer fired, 502 otherwise). tests/e2e/test_errors.py guards these internals.
+replaces both (``replace_parse_error_page`` and ``replace_upstream_error_page`` in
+``addons/patches.py``, which name the tests that guard them). The ``error`` hook runs
+before the page is written, so it leaves the flow's context in a stash keyed by client
+connection, and the page then carries that flow's request id, rate-limit headers and
+the right code (504 when our timer fired, 502 otherwise).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import _http1
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 
 from datorus_core.envelope import DatorusError
 from datorus_core.runtime import Runtime
 
+from . import patches
 from .context import FlowCtx, Gateway, flow_ctx
+from .patches import ErrorCode
 
 log = logging.getLogger("datorus")
-
-_CLIENT_ERRORS = {
-    ErrorCode.GENERIC_CLIENT_ERROR,
-    ErrorCode.REQUEST_VALIDATION_FAILED,
-    ErrorCode.DESTINATION_UNKNOWN,
-    ErrorCode.REQUEST_TOO_LARGE,
-    ErrorCode.HTTP_1_1_REQUIRED,
-}
 
 
 def error_for(
@@ -55,7 +44,7 @@ def error_for(
         return runtime.dry_error(fc.cred, fc.up + fc.down)
     if fc is not None and fc.cut == "ledger":
         return DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
-    if code in _CLIENT_ERRORS or (code is None and 400 <= status < 500):
+    if patches.client_error(code) or (code is None and 400 <= status < 500):
         return DatorusError(
             "VALIDATION_ERROR",
             message="The request could not be parsed.",
@@ -73,48 +62,38 @@ class ErrorPages:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._orig_send: Callable[..., Any] | None = None
-        self._orig_make: Callable[..., bytes] | None = None
+        self._undo: list[patches.Undo] = []
 
     def load(self, loader) -> None:
         gw = self.gw
-        orig_send = _http1.Http1Server.send
-        self._orig_send, self._orig_make = orig_send, _http1.make_error_response
 
-        def make_error_response(status_code: int, message: str = "") -> bytes:
-            err = error_for(status_code, message, None, None)
+        def parse_error_page(status: int, message: str) -> http.Response:
+            err = error_for(status, message, None, None)
             resp = gw.error_response(None, err)
             resp.headers["Connection"] = "close"
-            from mitmproxy.net.http import http1
+            return resp
 
-            return http1.assemble_response(resp)
+        def upstream_error_page(
+            client_id: str, status: int | None, message: str, code: ErrorCode
+        ) -> http.Response | None:
+            fc = gw.error_stash.pop(client_id, None)
+            if status is None:
+                return None
+            err = error_for(status, message, fc, code, gw.runtime)
+            resp = gw.error_response(fc, err)
+            resp.headers["Connection"] = "close"
+            return resp
 
-        def send_error(self, event: ResponseProtocolError):
-            if not (self.conn.state & ConnectionState.CAN_WRITE):
-                return
-            status = event.code.http_status_code()
-            fc = gw.error_stash.pop(self.context.client.id, None)
-            if not self.response and status is not None:
-                err = error_for(status, event.message, fc, event.code, gw.runtime)
-                resp = gw.error_response(fc, err)
-                resp.headers["Connection"] = "close"
-                from mitmproxy.net.http import http1
-
-                yield commands.SendData(self.conn, http1.assemble_response(resp))
-            yield commands.CloseConnection(self.conn)
-
-        def send(self, event):
-            if type(event) is ResponseProtocolError:
-                return send_error(self, event)
-            return orig_send(self, event)
-
-        _http1.Http1Server.send = send  # type: ignore[method-assign]  # deliberate patch
-        _http1.make_error_response = make_error_response
+        # deliberate patches of mitmproxy's error pages (see the module docstring)
+        self._undo = [
+            patches.replace_upstream_error_page(upstream_error_page),
+            patches.replace_parse_error_page(parse_error_page),
+        ]
 
     def done(self) -> None:
-        if self._orig_send is not None and self._orig_make is not None:  # set together
-            _http1.Http1Server.send = self._orig_send  # type: ignore[method-assign]
-            _http1.make_error_response = self._orig_make
+        for undo in self._undo:
+            undo()
+        self._undo = []
 
     # -- hooks -------------------------------------------------------------------------
 

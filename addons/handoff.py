@@ -30,6 +30,7 @@ from mitmproxy import ctx
 
 from datorus_core.workers import READY_FD_ENV, worker_info
 
+from . import patches
 from .context import Gateway
 from .failclosed import fatal
 
@@ -66,8 +67,7 @@ class WorkerLifecycle:
         await self.gw.ready.wait()
         if self.gw.runtime.draining:
             return  # stopped before it was ready: nothing to announce
-        ps = ctx.master.addons.get("proxyserver")
-        if ps is None or not ps.listen_addrs():
+        if not patches.listening_addresses():
             fatal("the proxy is not listening (see the errors above)")
             return
         fd = os.environ.get(READY_FD_ENV)
@@ -89,10 +89,10 @@ class WorkerLifecycle:
         api = ctx.master.addons.get("datorus_api")
         if api is not None and getattr(api, "server", None) is not None:
             api.server.should_exit = True  # uvicorn: close the socket, finish what is open
-        ps = ctx.master.addons.get("proxyserver")
-        log.info("datorus: handing off: %d client connections open", len(ps.connections))
+        open_now = patches.open_client_connections()
+        log.info("datorus: handing off: %d client connections open", open_now)
         while time.monotonic() < gw.drain_deadline and (
-            ps.connections or any(n() for n in self.open_flows)
+            patches.open_client_connections() or any(n() for n in self.open_flows)
         ):
             await asyncio.sleep(0.05)
         log.info("datorus: handed off; stopping")

@@ -2,19 +2,21 @@
 
 - **Head size.** mitmproxy buffers an HTTP/1 request or response head until its
   blank line with no bound at all (``_http1`` says ``FIXME: protect against header
-  size DoS``). This addon wraps ``Http1Server.read_headers`` and
-  ``Http1Client.read_headers`` (*internal*): a client head over ``MAX_HEAD_BYTES``
-  (start line, fields and the blank line, however they are split and however slowly
-  they come) gets ``400 VALIDATION_ERROR`` and the connection is closed; a target's
-  gets ``502 UPSTREAM_FAILED``. The size is checked before mitmproxy parses a head,
-  not after: a head that ends in the read which takes it past the limit is refused
-  too, never forwarded. More than ``MAX_HEADERS`` request header fields, control
-  characters in a value or an unknown HTTP version is a ``400`` too
-  (:func:`malformed`, called by ``ProxyAuth``, the first hook to see a request).
+  size DoS``). This addon bounds both sides (*internal*: ``bound_request_heads`` and
+  ``bound_response_heads`` in ``addons/patches.py``): a client head over
+  ``MAX_HEAD_BYTES`` (start line, fields and the blank line, however they are split
+  and however slowly they come) gets ``400 VALIDATION_ERROR`` and the connection is
+  closed; a target's gets ``502 UPSTREAM_FAILED``. The size is checked before
+  mitmproxy parses a head, not after: a head that ends in the read which takes it
+  past the limit is refused too, never forwarded. More than ``MAX_HEADERS`` request
+  header fields, control characters in a value or an unknown HTTP version is a
+  ``400`` too (:func:`malformed`, called by ``ProxyAuth``, the first hook to see a
+  request).
 - **Bodies nobody wants.** When the gateway answers a request itself before its body
   arrived (407, 402, 403, 429...), mitmproxy would still buffer the whole body before
   answering: the body is dropped as it comes instead. A client that sends more than
-  ``MAX_PIPELINED_BYTES`` while its request is being answered is disconnected.
+  ``MAX_PIPELINED_BYTES`` while its request is being answered is disconnected
+  (``drop_answered_request_bodies`` and ``bound_pipelined_bytes`` in ``patches.py``).
 - **Slow clients.** A client must finish its request head within ``header_timeout``
   seconds of connecting (slowloris), and an idle kept-alive connection is closed
   after ``keepalive_timeout`` seconds. mitmproxy is one event loop, so a slow client
@@ -26,16 +28,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Generator
-from typing import Any
 
-from h11._receivebuffer import ReceiveBuffer, blank_line_regex
 from mitmproxy import http
-from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.http import HttpStream, _http1
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestData, ResponseProtocolError
 
+from . import patches
 from .context import FORWARD, Gateway, flow_ctx
 
 MAX_HEADERS = 100
@@ -75,85 +71,6 @@ def malformed(req: http.Request) -> tuple[str, str] | None:
     return None
 
 
-def head_too_large(buf: ReceiveBuffer) -> bool:
-    """Whether the head at the start of *buf* is (or will be) over ``MAX_HEAD_BYTES``.
-
-    True when more than ``MAX_HEAD_BYTES`` are buffered and no blank line ends a head
-    within them (*internal*: h11's buffer and its own head-end pattern). Checked before
-    mitmproxy parses: a head that arrives whole in the read that completes it would be
-    parsed (and forwarded) before a check on what is left in the buffer could see it.
-    """
-    if len(buf) <= MAX_HEAD_BYTES:
-        return False
-    return blank_line_regex.search(buf._data, 0, MAX_HEAD_BYTES) is None
-
-
-def _limited_server(orig: Any) -> Any:
-    def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        if not (isinstance(event, events.DataReceived) and head_too_large(self.buf)):
-            yield from orig(self, event)
-            # what is left after mitmproxy took a head (or skipped a blank line) is the
-            # start of the next one
-            if not (self.state == self.read_headers and len(self.buf) > MAX_HEAD_BYTES):
-                return
-        msg = f"request head larger than {MAX_HEAD_BYTES} bytes"
-        yield commands.SendData(self.conn, _http1.make_error_response(400, msg))
-        yield commands.CloseConnection(self.conn)
-        self.state = self.done
-
-    return read_headers
-
-
-def _limited_wait(orig: Any) -> Any:
-    def wait(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        yield from orig(self, event)
-        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_PIPELINED_BYTES:
-            # a client that keeps sending while its request is answered: it may pipeline
-            # a few requests, not park megabytes in the gateway
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
-
-    return wait
-
-
-def _discarding_consume(orig: Any) -> Any:
-    def state_consume_request_body(
-        self: Any, event: events.Event
-    ) -> Generator[commands.Command, Any, None]:
-        if isinstance(event, RequestData) and self.flow is not None and self.flow.response:
-            return  # answered already (407, 402, 403, 429...): the body is not kept
-        yield from orig(self, event)
-
-    return state_consume_request_body
-
-
-def _limited_client(orig: Any) -> Any:
-    def read_headers(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
-        if not (
-            isinstance(event, events.DataReceived)
-            and self.stream_id is not None
-            and head_too_large(self.buf)
-        ):
-            yield from orig(self, event)
-            if not (
-                self.state == self.read_headers
-                and self.stream_id is not None
-                and len(self.buf) > MAX_HEAD_BYTES
-            ):
-                return
-        yield commands.CloseConnection(self.conn)
-        yield ReceiveHttp(
-            ResponseProtocolError(
-                self.stream_id,
-                f"response head larger than {MAX_HEAD_BYTES} bytes",
-                ErrorCode.GENERIC_SERVER_ERROR,
-            )
-        )
-        self.state = self.done
-
-    return read_headers
-
-
 class Hardening:
     """Bound head sizes and the time a client may take to send a request head."""
 
@@ -165,20 +82,16 @@ class Hardening:
         # (cheaper per request than an asyncio timer armed and cancelled each time)
         self.deadlines: dict[str, float] = {}
         self.sweeper: asyncio.Task | None = None
-        self._orig: tuple[Any, ...] | None = None
+        self._undo: list[patches.Undo] = []
 
     def load(self, loader) -> None:
-        self._orig = (
-            _http1.Http1Server.read_headers,
-            _http1.Http1Client.read_headers,
-            _http1.Http1Server.wait,
-            HttpStream.state_consume_request_body,
-        )
         # deliberate patches of mitmproxy's methods (see the module docstring)
-        _http1.Http1Server.read_headers = _limited_server(self._orig[0])  # type: ignore[method-assign]
-        _http1.Http1Client.read_headers = _limited_client(self._orig[1])  # type: ignore[method-assign]
-        _http1.Http1Server.wait = _limited_wait(self._orig[2])  # type: ignore[method-assign]
-        HttpStream.state_consume_request_body = _discarding_consume(self._orig[3])  # type: ignore[method-assign]
+        self._undo = [
+            patches.bound_request_heads(MAX_HEAD_BYTES),
+            patches.bound_response_heads(MAX_HEAD_BYTES),
+            patches.bound_pipelined_bytes(MAX_PIPELINED_BYTES),
+            patches.drop_answered_request_bodies(),
+        ]
 
     def running(self) -> None:
         if self.sweeper is None:
@@ -188,14 +101,9 @@ class Hardening:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
-        if self._orig is not None:
-            (
-                _http1.Http1Server.read_headers,  # type: ignore[method-assign]
-                _http1.Http1Client.read_headers,  # type: ignore[method-assign]
-                _http1.Http1Server.wait,  # type: ignore[method-assign]
-                HttpStream.state_consume_request_body,  # type: ignore[method-assign]
-            ) = self._orig
-            self._orig = None
+        for undo in self._undo:
+            undo()
+        self._undo = []
 
     # -- timers ------------------------------------------------------------------------
 

@@ -23,21 +23,20 @@ largest item in a profile of the gateway under load. Two things take it away:
    ``remove`` clear the cache.
 
 Both lean on mitmproxy internals (*internal*: ``AddonManager.chain``, ``trigger_event``,
-``handle_lifecycle``, ``safecall``, ``traverse``); mitmproxy is pinned and
-``tests/unit/test_lean.py`` fails when an upgrade changes them. ``datorus_lean=false``
+``handle_lifecycle``, ``safecall``, ``traverse``), touched only in ``addons/patches.py``
+(``addon_chain``, ``set_addon_chain``, ``LeanDispatch``): this module decides which
+addons are idle. mitmproxy is pinned, and ``tests/unit/test_lean.py`` and
+``tests/unit/test_patches.py`` fail when an upgrade changes them. ``datorus_lean=false``
 turns all of this off.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from mitmproxy import ctx, flow, hooks
-from mitmproxy.addonmanager import AddonManager, safecall, traverse
+from mitmproxy import ctx, hooks
 from mitmproxy.addons import (
     anticache,
     anticomp,
@@ -69,9 +68,9 @@ from mitmproxy.addons import (
     update_alt_svc,
     upstream_auth,
 )
-from mitmproxy.exceptions import AddonHalt
 
 from .context import Gateway
+from .patches import LeanDispatch, addon_chain, set_addon_chain
 
 log = logging.getLogger("datorus")
 
@@ -118,88 +117,6 @@ WATCHED = {
     "stickycookie", "save_stream_file", "hardump", "upstream_auth", "mode", "flow_detail",
 }  # fmt: skip
 
-Group = tuple[Callable[..., Any], ...]
-
-
-class LeanDispatch:
-    """``trigger_event``/``handle_lifecycle`` over cached hook lists (*internal*)."""
-
-    def __init__(self, manager: AddonManager) -> None:
-        self.m = manager
-        self.cache: dict[str, list[Group]] = {}
-        self.fields: dict[type, tuple[str, ...]] = {}
-        self._register, self._remove = manager.register, manager.remove
-
-    def install(self) -> None:
-        """Shadow the manager's methods on the instance."""
-        m = self.m
-        m.trigger_event = self.trigger_event  # type: ignore[method-assign]
-        m.handle_lifecycle = self.handle_lifecycle  # type: ignore[method-assign]
-        m.register = self.register  # type: ignore[method-assign]
-        m.remove = self.remove  # type: ignore[method-assign]
-        self.cache.clear()
-
-    def uninstall(self) -> None:
-        """Back to mitmproxy's own methods."""
-        for name in ("trigger_event", "handle_lifecycle", "register", "remove"):
-            self.m.__dict__.pop(name, None)
-        self.cache.clear()
-
-    def register(self, addon: Any) -> Any:
-        self.cache.clear()
-        return self._register(addon)
-
-    def remove(self, addon: Any) -> None:
-        self.cache.clear()
-        self._remove(addon)
-
-    def groups(self, name: str) -> list[Group]:
-        """Per chain item (in order), its hook functions for *name*; items without none."""
-        groups = self.cache.get(name)
-        if groups is None:
-            groups = []
-            for item in self.m.chain:
-                funcs = tuple(f for a in traverse([item]) if callable(f := getattr(a, name, None)))
-                if funcs:
-                    groups.append(funcs)
-            self.cache[name] = groups
-        return groups
-
-    def args(self, event: hooks.Hook) -> list[Any]:
-        """``event.args()`` with the dataclass field names looked up once per hook type."""
-        names = self.fields.get(type(event))
-        if names is None:
-            # every mitmproxy hook event is a dataclass (the Hook base class is not one itself)
-            fields = dataclasses.fields(cast(Any, event))
-            names = self.fields[type(event)] = tuple(f.name for f in fields)
-        return [getattr(event, n) for n in names]
-
-    async def trigger_event(self, event: hooks.Hook) -> None:
-        groups = self.groups(event.name)
-        if not groups:
-            return
-        args = self.args(event)
-        for funcs in groups:
-            try:
-                for func in funcs:
-                    res = func(*args)
-                    if res is not None and inspect.isawaitable(res):
-                        await res
-            except AddonHalt:
-                return
-            except Exception:
-                # the error path only: mitmproxy's safecall logs it (and re-raises
-                # OptionsError) exactly as its own dispatch would
-                with safecall():
-                    raise
-
-    async def handle_lifecycle(self, event: hooks.Hook) -> None:
-        await self.trigger_event(event)
-        if self.groups("update"):
-            message = self.args(event)[0]
-            if isinstance(message, flow.Flow):
-                await self.trigger_event(hooks.UpdateHook([message]))
-
 
 class Lean:
     """Trim the addon chain and install the cached dispatch when the gateway runs."""
@@ -226,14 +143,14 @@ class Lean:
         """Drop idle addons from the chain (a new list: a running event is unaffected)."""
         m, o = ctx.master.addons, ctx.options
         if self.full is not None:  # start again from everything that was there
-            m.chain = self.full + [a for a in m.chain if a not in self.full]
-        self.full = list(m.chain)
+            set_addon_chain(m, self.full + [a for a in addon_chain(m) if a not in self.full])
+        self.full = list(addon_chain(m))
         keep: list[Any] = []
         self.dropped = []
-        for a in m.chain:
+        for a in addon_chain(m):
             idle = IDLE.get(type(a))
             (self.dropped if idle is not None and idle(o) else keep).append(a)
-        m.chain = keep
+        set_addon_chain(m, keep)
         if self.dispatch is not None:
             self.dispatch.cache.clear()
         log.info(
@@ -246,11 +163,11 @@ class Lean:
         if self.full is None or not updated & WATCHED:
             return
         m = ctx.master.addons
-        before = {id(a) for a in m.chain}
+        before = {id(a) for a in addon_chain(m)}
         self.trim()
         # an addon back in the chain missed this configure event (and any while it was
         # out): give it every option, as at start-up
         everything = set(ctx.options.keys())
-        for a in m.chain:
+        for a in addon_chain(m):
             if id(a) not in before:
                 m.invoke_addon_sync(a, hooks.ConfigureHook(everything))

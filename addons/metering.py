@@ -10,7 +10,7 @@ ends is billed is decided in ``datorus_core/billing.py``; ``flow_outcome`` below
 the one place that turns mitmproxy's view of its end into billing's record.
 
 Counting wraps the server connection's reader and writer when it opens
-(``server_connected``, *internal*: ``ConnectionHandler.transports``). A client
+(``server_connected``, *internal*: ``patches.wrap_server_streams``). A client
 connection carries one request at a time, so every byte on its server connections
 belongs to its current flow. Forward flows *reserve* bytes as they pass and
 settle when they end; tunnels and WebSockets settle chunk by chunk. A chunk that
@@ -43,6 +43,7 @@ from datorus_core.billing import (
 )
 from datorus_core.envelope import DatorusError, utc_timestamp
 
+from . import patches
 from .context import FORWARD, TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
@@ -247,12 +248,13 @@ class Metering:
     # -- counting ----------------------------------------------------------------------
 
     def server_connected(self, data) -> None:
-        h = self.gw.handler(data.client.id)
-        io = h.transports.get(data.server) if h is not None else None
-        if io is None or io.reader is None:
-            return
-        io.reader = MeteredReader(io.reader, self, data.client.id)
-        io.writer = MeteredWriter(io.writer, self, data.client.id)
+        cid = data.client.id
+        patches.wrap_server_streams(
+            cid,
+            data.server,
+            lambda r: MeteredReader(r, self, cid),
+            lambda w: MeteredWriter(w, self, cid),
+        )
 
     async def top_up(self, fc: FlowCtx, nbytes: int) -> None:
         """Shared hot state: claim credit before a chunk that the credit held cannot cover."""

@@ -30,6 +30,7 @@ from datorus_core.settings import (
     validate,
 )
 
+from . import patches
 from .context import Gateway
 from .failclosed import fatal
 
@@ -47,7 +48,7 @@ class Options:
     def load(self, loader) -> None:
         try:
             defaults = resolve_defaults()
-            check_command_line(getattr(ctx.options, "deferred", None))
+            check_command_line(patches.deferred_options())
         except SettingsError as e:
             fatal(str(e))
             return
@@ -73,7 +74,7 @@ class Options:
 
     def running(self) -> None:
         # a --set datorus_* that no option took (mitmproxy would ignore it silently)
-        unknown = [k for k in getattr(ctx.options, "deferred", {}) if k.startswith("datorus_")]
+        unknown = [k for k in patches.deferred_options() or {} if k.startswith("datorus_")]
         if unknown:
             fatal(f"unknown setting(s): {', '.join(sorted(unknown))}")
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 
 from mitmproxy import ctx, http, tcp
-from mitmproxy.proxy import layers
 
 from datorus_core.routing import vouched
 
+from . import patches
 from .context import FlowCtx, Gateway, flow_ctx
 from .egress import ROUTE
 
@@ -141,8 +141,8 @@ class Relay:
 
     def next_layer(self, nextlayer) -> None:
         """Inside a CONNECT tunnel: raw TCP passthrough, never TLS interception."""
-        if nextlayer.layer is None and len(nextlayer.context.layers) > 1:
-            nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+        if nextlayer.layer is None and patches.inside_connect_tunnel(nextlayer):
+            patches.relay_raw_tcp(nextlayer)
 
     # -- the timer ---------------------------------------------------------------------
 

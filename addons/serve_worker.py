@@ -2,10 +2,10 @@
 
 ``datorus serve`` runs ``python addons/serve_worker.py -s addons/datorus.py ARGS...``:
 exactly mitmdump's own entry point (the same arguments, the same addon suite, loaded
-by mitmdump itself), after :func:`addons.patches.install`, which must come before
-mitmproxy opens its listening sockets. The worker also dies with its launcher
-(``PR_SET_PDEATHSIG``), so a launcher killed with SIGKILL leaves no worker holding
-the port.
+by mitmdump itself), after :func:`addons.patches.share_listening_sockets`, which must
+come before mitmproxy opens its listening sockets. The worker also dies with its
+launcher (``PR_SET_PDEATHSIG``), so a launcher killed with SIGKILL leaves no worker
+holding the port.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     die_with_launcher()
     from addons import patches
 
-    patches.install()
+    patches.share_listening_sockets()
     from mitmproxy.tools.main import mitmdump
 
     sys.argv[0] = "mitmdump"

@@ -14,6 +14,7 @@ bound), so parallel flows of one account cannot together overspend the bound.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -43,6 +44,11 @@ class AccountState:
     # bytes this process may reserve in all (inflight included) before it claims more
     # from the shared hot state; unlimited when nothing is shared (see hotstate.base)
     granted: int = UNLIMITED
+    # the last snapshot's own view, for shared credit (see hotstate.redis_state): the
+    # allowance from the ledger's balance alone (this process's pending usage left out),
+    # and the bytes each worker had flushed to the ledger, summed over the credentials
+    ledger_allowance: int = 0
+    flushed: dict[str, int] = field(default_factory=dict)
 
     def recompute(self, floor_nanocents: int) -> None:
         """Recompute the byte allowance after a balance or price change.
@@ -71,6 +77,10 @@ class CredentialState:
     inflight: int = 0
     limiter: Gcra | None = None
     granted: int = UNLIMITED  # as AccountState.granted, for the credential's own cap
+    # as AccountState's: max_bytes less the ledger's used bytes (unlimited without a cap),
+    # and the bytes each worker had flushed for this credential
+    ledger_room: int = UNLIMITED
+    flushed: dict[str, int] = field(default_factory=dict)
 
     def room(self) -> int:
         """Bytes this credential may still move under its own cap (huge without one)."""
@@ -100,6 +110,9 @@ class UsageBatch:
     receipts: list[tuple[Any, ...]] = field(default_factory=list)
     events: int = 0
     started: float = 0.0
+    # the worker that charged this usage, when workers share the hot state: the ledger
+    # then also adds the credentials' bytes to that worker's worker_usage rows
+    worker: str | None = None
 
     def merge(self, other: UsageBatch) -> None:
         """Fold *other* (a batch that failed to write) back into this one."""
@@ -132,6 +145,7 @@ class Runtime:
         self.fresh_at = 0.0  # monotonic time of the last good read of the ledger
         self.draining = False  # a clean stop is under way: no new request starts
         self.version = -1
+        self.worker: str | None = None  # stamped on every batch (set by a shared hot state)
 
     # -- settings -----------------------------------------------------------------------
 
@@ -148,15 +162,24 @@ class Runtime:
         credentials: list[tuple[Any, ...]],
         policy_rules: list[tuple[str, str, int | None]],
         version: int,
+        worker_usage: Sequence[tuple[str, int, int, int]] = (),
     ) -> None:
         """Replace the view with a fresh ledger read, keeping unflushed usage and limiter state.
 
         *accounts* rows: (id, status, price, rps, burst, max_tunnels, trial, nanocents,
-        topped_up); *credentials* rows: (id, account_id, username, hash, max_bytes, used).
+        topped_up); *credentials* rows: (id, account_id, username, hash, max_bytes, used);
+        *worker_usage* rows (read in the same transaction, when workers share the hot
+        state): (worker, credential_id, account_id, bytes flushed by that worker).
         """
         s = self.settings
         floor = self.floor_nanocents
         pending = self.batch.accounts
+        by_account: dict[int, dict[str, int]] = {}
+        by_cred: dict[int, dict[str, int]] = {}
+        for worker, wcid, waid, wbytes in worker_usage:
+            per = by_account.setdefault(waid, {})
+            per[worker] = per.get(worker, 0) + wbytes
+            by_cred.setdefault(wcid, {})[worker] = wbytes
         fresh: dict[int, AccountState] = {}
         for aid, status, price, rps, burst, max_tunnels, trial, nc, topped in accounts:
             acc = self.accounts.get(aid) or AccountState(aid)
@@ -170,6 +193,8 @@ class Runtime:
             acc.trial = trial + (p[1] if p else 0)
             acc.topped_up = bool(topped)
             acc.recompute(floor)
+            acc.ledger_allowance = max(trial, 0) + pricing.affordable_bytes(nc, floor, acc.price)
+            acc.flushed = by_account.get(aid, {})
             fresh[aid] = acc
         creds: dict[str, CredentialState] = {}
         pending_cred = self.batch.credentials
@@ -185,6 +210,8 @@ class Runtime:
                 cred = CredentialState(cid, owner, username, pw_hash)
             cred.max_bytes = max_bytes
             cred.used = used + pending_cred.get(cid, 0)
+            cred.ledger_room = UNLIMITED if max_bytes is None else max_bytes - used
+            cred.flushed = by_cred.get(cid, {})
             if cred.limiter is None:
                 cred.limiter = Gcra(owner.rps, owner.burst)
             elif (
@@ -362,7 +389,7 @@ class Runtime:
 
     def take_batch(self) -> UsageBatch:
         """Hand the pending usage to the writer and start a new batch."""
-        batch, self.batch = self.batch, UsageBatch()
+        batch, self.batch = self.batch, UsageBatch(worker=self.worker)
         return batch
 
     def restore_batch(self, batch: UsageBatch) -> None:

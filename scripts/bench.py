@@ -907,9 +907,13 @@ def profile(bench: Bench, seconds: float) -> dict[str, Any]:
     }
 
 
-# hardening.py and errors.py wrap mitmproxy's HTTP/1 head reader and sender: what runs
-# below those wrappers is mitmproxy's parsing, not the wrapper's check
-_WRAPPER = re.compile(r"(^|[.>])(read_headers|send|send_error) \(.*addons/(hardening|errors)\.py")
+# hardening's and errors' wrappers of mitmproxy's HTTP/1 head reader and sender (written
+# in patches.py): what runs below them is mitmproxy's parsing, not the wrapper's check
+_WRAPPER = re.compile(
+    r"(^|[.>])(read_headers|send|send_error) \(.*addons/(hardening|errors|patches)\.py"
+)
+# lean's cached dispatch (patches.py's LeanDispatch)
+_LEAN = re.compile(r"(^|[.>])(LeanDispatch\.\w+|trigger_event|handle_lifecycle) \(.*addons/patches")
 
 
 def attribute(frames: list[str]) -> str:
@@ -927,7 +931,7 @@ def attribute(frames: list[str]) -> str:
     for i in range(len(frames) - 1, -1, -1):
         m = re.search(r"[(/]addons/(\w+)\.py", frames[i])
         if m and "mitmproxy/" not in frames[i]:
-            if m.group(1) == "lean":
+            if m.group(1) == "lean" or _LEAN.search(frames[i]):
                 return rest if any("mitmproxy/" in f for f in frames[i + 1 :]) else "lean dispatch"
             if _WRAPPER.search(frames[i]) and any("mitmproxy/" in f for f in frames[i + 1 :]):
                 return rest  # mitmproxy's HTTP/1 parsing inside hardening's/errors' wrappers

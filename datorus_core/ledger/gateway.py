@@ -71,6 +71,12 @@ _CHECK_TRIM = (  # the last 500 checks of each egress are kept
     " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
     " LIMIT 1 OFFSET 500)"
 )
+_WORKER_USAGE = "SELECT worker, credential_id, account_id, bytes FROM worker_usage"
+_WORKER_BYTES = (
+    "INSERT INTO worker_usage (worker, credential_id, account_id, bytes) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (worker, credential_id) DO UPDATE SET bytes = worker_usage.bytes + excluded.bytes"
+)
+_FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
 # the gateway's connection leaves foreign_keys off, as it always has
@@ -110,6 +116,17 @@ class LedgerLink:
 
     async def snapshot(self) -> tuple[list[Any], list[Any], list[Any], int]:
         """Accounts, live credentials, policy rules and the version they belong to."""
+        accounts, creds, rules, version, _ = await self._read(workers=False)
+        return accounts, creds, rules, version
+
+    async def snapshot_shared(self) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
+        """:meth:`snapshot` and, read in the same transaction, the ``worker_usage`` rows
+        ``(worker, credential_id, account_id, bytes)`` (for ``Runtime.apply_snapshot``'s
+        *worker_usage* when the hot state is shared): the balances and what each worker
+        had flushed must come from one state of the ledger for the credit to be exact."""
+        return await self._read(workers=True)
+
+    async def _read(self, workers: bool) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
         assert self.conn is not None
         sql = self.dialect.sql
         async with self.lock:
@@ -119,14 +136,34 @@ class LedgerLink:
                 accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
                 creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
                 rules = list(await self.conn.execute_fetchall(sql(_RULES)))
+                rows = list(await self.conn.execute_fetchall(sql(_WORKER_USAGE))) if workers else []
             finally:
                 await self.conn.execute("COMMIT")
-        return accounts, creds, rules, version
+        return accounts, creds, rules, version, rows
 
     async def write(self, batch: UsageBatch) -> None:
-        """Write one batch of usage in a single transaction (all of it or none)."""
+        """Write one batch of usage in a single transaction (all of it or none).
+
+        A batch stamped with a worker (``batch.worker``: the hot state is shared) also
+        adds its credentials' bytes to that worker's ``worker_usage`` rows, in the same
+        transaction: a snapshot then never sees the usage without the flushed bytes.
+        """
         async with self.lock:
             await self._write(batch)
+
+    async def forget_workers(self, workers: list[str]) -> None:
+        """Delete the ``worker_usage`` rows of workers that are gone (see the reaper in
+        :mod:`datorus_core.hotstate.redis_state` for when that is safe)."""
+        assert self.conn is not None
+        c = self.conn
+        async with self.lock:
+            await c.execute(self.dialect.begin_write)
+            try:
+                await c.executemany(self.dialect.sql(_FORGET_WORKER), [(w,) for w in workers])
+                await c.execute("COMMIT")
+            except BaseException:
+                await c.execute("ROLLBACK")
+                raise
 
     async def _write(self, batch: UsageBatch) -> None:
         assert self.conn is not None
@@ -139,6 +176,8 @@ class LedgerLink:
                 await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
             if batch.credentials:
                 await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
+                if batch.worker is not None:
+                    await c.executemany(sql(_WORKER_BYTES), _worker_rows(batch))
             if batch.receipts:
                 await c.executemany(sql(_RECEIPTS), batch.receipts)
             await c.execute("COMMIT")
@@ -198,3 +237,12 @@ class LedgerLink:
         async with self.lock:
             cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
         return cur.rowcount
+
+
+def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int]]:
+    """``worker_usage`` increments of a stamped batch: (worker, credential, account, bytes).
+
+    A batch's credentials all appear in its per-day rows, which name their account.
+    """
+    owner = {cid: aid for aid, cid, _ in batch.daily}
+    return [(batch.worker, cid, owner[cid], n) for cid, n in batch.credentials.items()]

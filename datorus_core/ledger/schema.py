@@ -263,6 +263,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX transactions_usage_time ON transactions(account_id, created_at)
         WHERE kind = 'usage';
     """,
+    # 6: the bytes each gateway worker has flushed, per credential, written in the same
+    # transaction as its usage: with the hot state in Redis, a worker's byte credit is
+    # what it claimed less what the ledger already holds of it (issue 15). One row per
+    # worker incarnation and credential, deleted once that worker is gone.
+    """
+    CREATE TABLE worker_usage (
+        worker TEXT NOT NULL,
+        credential_id INTEGER NOT NULL,
+        account_id INTEGER NOT NULL,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (worker, credential_id)
+    );
+    """,
 )
 
 

@@ -157,7 +157,16 @@ def _hold_shm_lock(db: Path) -> subprocess.Popen:
             f"c = sqlite3.connect({str(db)!r})\n"
             "c.execute('SELECT 1 FROM sqlite_master').fetchall()\n"
             f"fd = os.open({str(db) + '-shm'!r}, os.O_RDWR)\n"
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123, os.SEEK_SET)\n"
+            # the gateway holds these locks for an instant at each read: try until free
+            "import time\n"
+            "deadline = time.monotonic() + 10\n"
+            "while True:\n"
+            "    try:\n"
+            "        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123, os.SEEK_SET)\n"
+            "        break\n"
+            "    except BlockingIOError:\n"
+            "        if time.monotonic() > deadline: raise\n"
+            "        time.sleep(0.005)\n"
             "print('locked', flush=True)\n"
             "sys.stdin.read()\n",
         ],

@@ -17,6 +17,8 @@ Helpers wait on readiness probes, never on fixed sleeps. One module per concern:
 - ``serve``: a ``datorus serve`` and which worker holds a connection (``Serve``,
   ``owner_pid``);
 - ``redis_server``: a real ``redis-server`` on a free loopback port (``RedisServer``).
+- ``redis_worker``: a script holding one worker's Redis hot state, for tests that
+  ``kill -9`` a worker.
 
 The fixtures built on them (``gw``, ``gateway``, ``origin``...) live in ``conftest.py``.
 """

@@ -60,6 +60,22 @@ def test_profile_samples_go_to_the_innermost_datorus_addon() -> None:
     )
 
 
+def test_profile_samples_in_patches_py_go_to_lean_dispatch_or_mitmproxy() -> None:
+    """lean's dispatch and the HTTP/1 wrappers are written in patches.py."""
+    mitm = "handle_hook (mitmproxy/proxy/mode_servers.py:73)"
+    lean = "LeanDispatch.trigger_event (addons/patches.py:500)"
+    rest = "(mitmproxy, asyncio, protocol)"
+    assert bench.attribute([mitm, lean]) == "lean dispatch"
+    assert bench.attribute([mitm, lean, "Metering.count (addons/metering.py:120)"]) == "metering"
+    assert (
+        bench.attribute([mitm, lean, "Proxyserver.x (mitmproxy/addons/proxyserver.py:1)"]) == rest
+    )
+    reader = "bound_request_heads.<locals>.make.<locals>.read_headers (addons/patches.py:300)"
+    parse = "Http1Server.read_headers (mitmproxy/proxy/layers/http/_http1.py:285)"
+    assert bench.attribute([mitm, reader, parse]) == rest
+    assert bench.attribute([mitm, reader]) == "patches"
+
+
 def test_table_renders_as_markdown() -> None:
     text = bench.render([["forward req/s, c50", "800", "900", "1.12x"]], ["figure", "a", "b", "r"])
     lines = text.splitlines()

@@ -1,7 +1,8 @@
 """Lean dispatch: the trimmed chain and the cached hook calls behave like mitmproxy's own.
 
 Run against a real ``DumpMaster`` (mitmdump's full default chain) and real mitmproxy
-hooks; the last test pins the mitmproxy internals ``addons/lean.py`` relies on.
+hooks; the last test pins the mitmproxy internals ``addons/lean.py`` relies on (touched in
+``addons/patches.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
 from addons.context import Gateway
-from addons.lean import Lean, LeanDispatch
+from addons.lean import Lean
+from addons.patches import LeanDispatch
 
 
 class Recorder:
