@@ -46,6 +46,7 @@ import json
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -631,20 +632,36 @@ class Sample:
     cpu: float
     redis_cpu: float | None = None
     redis_commands: int | None = None
+    box: tuple[int, int] | None = None  # (idle, all) jiffies of every core since boot
+    clients: float | None = None  # CPU seconds of our finished children (ab, tunnels)
+
+
+def box_jiffies() -> tuple[int, int]:
+    """Idle (idle + iowait) and all jiffies of every core since boot (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def children_cpu() -> float:
+    """User plus system CPU seconds of the child processes this bench has waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def sample(p: Proxy) -> Sample:
-    """The proxy's counters now (Redis's only when it has one)."""
+    """The proxy's counters now (Redis's only when it has one), the box's and the clients'."""
     commands = None
     if p.redis_port:
         with contextlib.suppress(OSError, KeyError, ValueError):
             commands = redis_commands(p.redis_port)
     redis_cpu = session_cpu_seconds(set(p.also)) if p.also else None
-    return Sample(p.cpu(), redis_cpu, commands)
+    return Sample(p.cpu(), redis_cpu, commands, box_jiffies(), children_cpu())
 
 
 def costs(before: Sample, after: Sample, n: int) -> dict[str, float]:
-    """Per unit of work (*n* requests or tunnels): CPU ms, and Redis's CPU ms and commands.
+    """Per unit of work (*n* requests or tunnels): CPU ms, and Redis's CPU ms and commands;
+    how idle the box's cores were in between (%) and the client's CPU ms per unit.
 
     The INFO command that took the first sample is Redis's own count, not the proxy's.
 
@@ -656,6 +673,11 @@ def costs(before: Sample, after: Sample, n: int) -> dict[str, float]:
         out["redis_cpu_ms"] = round((after.redis_cpu - before.redis_cpu) / n * 1000, 9)
     if before.redis_commands is not None and after.redis_commands is not None:
         out["redis_cmds"] = (after.redis_commands - before.redis_commands - 1) / n
+    if before.box and after.box and after.box[1] > before.box[1]:
+        idle, every = after.box[0] - before.box[0], after.box[1] - before.box[1]
+        out["box_idle_pct"] = round(idle / every * 100, 1)
+    if before.clients is not None and after.clients is not None:
+        out["client_cpu_ms"] = round((after.clients - before.clients) / n * 1000, 9)
     return out
 
 
@@ -745,25 +767,27 @@ class Bench:
         for conc in (1, C50):
             for p in full if conc == 1 else order:
                 r = self.forward(p, conc, self.args.seconds)
-                for k in ("rps", "p50", "p99", "cpu_ms", "redis_cpu_ms", "redis_cmds"):
+                for k in ("rps", "p50", "p99", "cpu_ms", "box_idle_pct", "client_cpu_ms",
+                          "redis_cpu_ms", "redis_cmds"):  # fmt: skip
                     if k in r or not k.startswith("redis"):
                         self.put(p.key, f"c{conc}_{k}", r.get(k))
                 log(
                     f"round {n}: {p.key:<8} c{conc:<2} {r.get('rps', 0):8.0f} req/s  "
                     f"p50 {r.get('p50', 0):6.2f} ms  p99 {r.get('p99', 0):6.2f} ms  "
-                    f"cpu {r.get('cpu_ms', 0):.3f} ms/req"
+                    f"cpu {r.get('cpu_ms', 0):.3f} ms/req  idle {r.get('box_idle_pct', 0):.0f} %"
                     + (f"  redis {r['redis_cmds']:.1f} cmds/req" if "redis_cmds" in r else "")
                 )
         for p in full:
             t = self.tunnels(p, self.args.tunnels)
             self.put(p.key, "tunnels_s", t.get("rate"))
             self.put(p.key, "tunnel_cpu_ms", t.get("cpu_ms"))
-            for k in ("redis_cpu_ms", "redis_cmds"):
+            for k in ("redis_cpu_ms", "redis_cmds", "box_idle_pct", "client_cpu_ms"):
                 if k in t:
                     self.put(p.key, f"tunnel_{k}", t[k])
             log(
                 f"round {n}: {p.key:<8} tunnels {t.get('rate') or 0:8.0f} /s  "
-                f"cpu {t.get('cpu_ms') or 0:.2f} ms/tunnel"
+                f"cpu {t.get('cpu_ms') or 0:.2f} ms/tunnel  idle {t.get('box_idle_pct', 0):.0f} %"
+                f"  client {t.get('client_cpu_ms', 0):.2f} ms/tunnel"
             )
         for p in pair:
             d = self.download(p)
@@ -1113,7 +1137,8 @@ def redis_costs(bench: Bench) -> dict[str, float | None]:
                 "tunnel_redis_cpu_ms", "c50_cpu_ms", "c50_rps"):  # fmt: skip
         out[key] = med([r.get("workers", {}).get(key) for r in rounds])
     cpu = out["c50_redis_cpu_ms"]
-    out["redis_core_rps"] = 1000 / cpu if cpu else None  # one Redis core's ceiling
+    # one Redis core's ceiling (meaningless while Redis only runs its own timers)
+    out["redis_core_rps"] = 1000 / cpu if cpu and out["c50_redis_cmds"] else None
     return out
 
 
@@ -1180,6 +1205,22 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
                             "target", "", "bare mitmdump", "proxy.py", f"{n}w/bare",
                             f"{n}w/proxy.py", "1w/proxy.py"]))  # fmt: skip
         rc = x["redis_costs"] = redis_costs(bench)
+        fig = lambda k, key: med([r.get(k, {}).get(key) for r in rounds])  # noqa: E731
+        idle = {k: fig(k, "c50_box_idle_pct") for k in FULL}
+        t_idle = {k: fig(k, "tunnel_box_idle_pct") for k in FULL}
+        ab, tc = fig("datorus", "c50_client_cpu_ms"), fig("datorus", "tunnel_client_cpu_ms")
+        x["box"] = {"c50_idle_pct": idle, "tunnel_idle_pct": t_idle, "ab_cpu_ms_per_req": ab,
+                    "tunnel_client_cpu_ms": tc}  # fmt: skip
+        for what, d in (("c50 forward runs", idle), ("tunnel runs", t_idle)):
+            print(
+                f"box: cores idle during the {what}: one worker {num(d['datorus'], 0)} %,"
+                f" {n} workers {num(d['workers'], 0)} %, bare {num(d['bare'], 0)} %, proxy.py"
+                f" {num(d.get('proxypy'), 0)} %"
+            )
+        print(
+            f"clients: ab {num(ab, 3)} CPU ms/request, the tunnel client {num(tc, 2)} CPU"
+            " ms/tunnel (they share the cores with the proxies)"
+        )
         if not rc["c50_redis_cmds"]:
             bench.notes.append(
                 "Redis processed no command during the workers' runs: on this tree the"

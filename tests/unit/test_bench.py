@@ -142,6 +142,14 @@ def test_costs_per_request_count_redis_apart_from_its_info_command() -> None:
         "cpu_ms": 1.0, "redis_cpu_ms": 0.2, "redis_cmds": 2.0,
     }  # fmt: skip
     assert bench.costs(bench.Sample(1.0), bench.Sample(2.0), 1000) == {"cpu_ms": 1.0}
+    busy = bench.costs(
+        bench.Sample(1.0, box=(100, 1000), clients=0.5),
+        bench.Sample(1.1, box=(150, 1100), clients=0.6),
+        100,
+    )
+    assert busy == {"cpu_ms": 1.0, "box_idle_pct": 50.0, "client_cpu_ms": 1.0}
+    idle, every = bench.box_jiffies()
+    assert 0 <= idle <= every
 
 
 def test_proc_stat_gives_session_and_cpu_even_with_odd_names() -> None:
