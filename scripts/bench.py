@@ -1200,11 +1200,12 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     if "workers" in bench.proxies:
         n = bench.args.workers
         rows, x["workers"] = workers_table(bench)
-        print(f"datorus serve --workers {n} with Redis against one worker, same rounds:")
+        rc = x["redis_costs"] = redis_costs(bench)
+        state = "its hot state in Redis" if rc["c50_redis_cmds"] else "a Redis URL Redis never saw"
+        print(f"datorus serve --workers {n} with {state}, against one worker, same rounds:")
         print(render(rows, ["figure (median of rounds)", "1 worker", f"{n} workers", "ratio",
                             "target", "", "bare mitmdump", "proxy.py", f"{n}w/bare",
                             f"{n}w/proxy.py", "1w/proxy.py"]))  # fmt: skip
-        rc = x["redis_costs"] = redis_costs(bench)
         fig = lambda k, key: med([r.get(k, {}).get(key) for r in rounds])  # noqa: E731
         idle = {k: fig(k, "c50_box_idle_pct") for k in FULL}
         t_idle = {k: fig(k, "tunnel_box_idle_pct") for k in FULL}
