@@ -92,7 +92,11 @@ class ApiServer:
             return
         try:
             app = create_app(
-                s, runtime=self.gw.runtime, router=self.gw.router, proxy_url=own_proxy_url()
+                s,
+                runtime=self.gw.runtime,
+                router=self.gw.router,
+                proxy_url=own_proxy_url(),
+                hot_status=lambda: self.gw.hot.status(),
             )
         except Exception as e:
             for sock in socks:

@@ -34,6 +34,7 @@ def _assemble() -> list:
     from addons.options import LedgerTask, Options
     from addons.policy import AcceptableUse
     from addons.relay import Relay
+    from addons.shared import SharedState
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -46,6 +47,7 @@ def _assemble() -> list:
     check = StartCheck()
     suite = [
         Options(gateway),
+        SharedState(gateway, egress),  # the hot state: in process, or Redis (issue 15)
         ledger,
         ErrorPages(gateway),
         Hardening(gateway),

@@ -208,35 +208,37 @@ class Metering:
         """Admit *flow* (402/403/503 if not); a coroutine when credit must be claimed first.
 
         With the hot state shared between workers, this process may reserve only the
-        credit it holds: below ``CREDIT_LOW`` it claims more before the request starts.
+        credit it holds: below ``CREDIT_LOW`` it claims more, once the request passed
+        every other check (a refused request claims nothing).
         """
         fc = flow_ctx(flow)
         if flow.response is not None or fc is None or fc.cred is None:
             return None
+        try:
+            self.gw.runtime.admit(fc.cred)
+        except DatorusError as e:
+            self.gw.reject(flow, fc, e)
+            return None
         hot = self.gw.hot
         if hot.shared and hot.credit(fc.cred) < CREDIT_LOW:
             return self._claim_and_admit(flow, fc, tunnel)
-        self._admit_now(flow, fc, tunnel)
+        self._admitted(flow, fc, tunnel)
         return None
 
     async def _claim_and_admit(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
-        assert fc.cred is not None
-        await self.gw.hot.claim(fc.cred, CREDIT_LOW)
-        self._admit_now(flow, fc, tunnel)
-
-    def _admit_now(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
         cred = fc.cred
         assert cred is not None
         hot = self.gw.hot
-        try:
-            self.gw.runtime.admit(cred)
-            if hot.shared and hot.credit(cred) <= 0:
-                # the account's credit is spent on other workers, or the shared state
-                # is out of reach: say which
-                raise self.gw.runtime.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
-        except DatorusError as e:
-            self.gw.reject(flow, fc, e)
+        await hot.claim(cred, CREDIT_LOW)
+        if hot.credit(cred) <= 0:
+            # the account's credit is spent on other workers, or the shared state is out
+            # of reach: say which
+            err = self.gw.runtime.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
+            self.gw.reject(flow, fc, err)
             return
+        self._admitted(flow, fc, tunnel)
+
+    def _admitted(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
         self.current[fc.client_id] = fc
         flow.request.stream = True
         if flow.request.method == "CONNECT":

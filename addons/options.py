@@ -158,6 +158,10 @@ class LedgerTask:
         for cb in self.on_stop:
             cb()
         await self._flush(final=True)
+        # after the final flush, before the ledger closes: a shared hot state gives back
+        # the credit this worker holds and removes its fields (and ledger rows)
+        with contextlib.suppress(Exception):
+            await self.gw.hot.stop()
         if self.gw.ledger is not None:
             await self.gw.ledger.close()
 
@@ -182,15 +186,24 @@ class LedgerTask:
                 await asyncio.sleep(0.2)
                 continue
             self.gw.ledger = link
+            self.gw.hot.ledger = link
             self.gw.ready.set()
             log.info("datorus: ledger %s open (%d accounts)", path, len(self.gw.runtime.accounts))
             return
 
     async def _reload(self, link: LedgerLink, force: bool = False) -> None:
-        rt = self.gw.runtime
-        if force or await link.version() != rt.version:
-            accounts, creds, rules, version = await link.snapshot()
-            rt.apply_snapshot(accounts, creds, rules, version)
+        rt, hot = self.gw.runtime, self.gw.hot
+        if force or hot.snapshot_wanted or await link.version() != rt.version:
+            if hot.shared:
+                # the credit shared between workers needs the bytes each one flushed,
+                # read with the balances, and what Redis held just before
+                token = await hot.before_snapshot()
+                accounts, creds, rules, version, flushed = await link.snapshot_shared()
+                rt.apply_snapshot(accounts, creds, rules, version, worker_usage=flushed)
+                hot.adopt(rt, token)
+            else:
+                accounts, creds, rules, version = await link.snapshot()
+                rt.apply_snapshot(accounts, creds, rules, version)
             for cb in self.on_snapshot:
                 cb(rt)
         rt.fresh_at = time.monotonic()
@@ -225,7 +238,7 @@ class LedgerTask:
                 b.events >= s["flush_events"] or now - b.started >= s["flush_ms"] / 1000
             ):
                 await self._flush()
-            if now >= next_refresh:
+            if now >= next_refresh or self.gw.hot.snapshot_wanted:
                 next_refresh = now + s["refresh_ms"] / 1000
                 try:
                     await self._reload(self.gw.ledger)

@@ -10,7 +10,7 @@ anything unexpected (503 ``SERVICE_UNAVAILABLE``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,6 +101,7 @@ def create_app(
     runtime: Any = None,
     router: LiveRouting | None = None,
     proxy_url: str | None = None,
+    hot_status: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """The REST API over the ledger at ``settings["db"]``.
 
@@ -123,7 +124,9 @@ def create_app(
         ),
         responses=ERROR_RESPONSES,
     )
-    app.state.api = ApiState(store, settings, Payments(store, settings), runtime, router)
+    app.state.api = ApiState(
+        store, settings, Payments(store, settings), runtime, router, hot_status
+    )
     app.state.api.throttle = ApiThrottle(rules_from(settings))
     if proxy_url is not None:
         app.state.api.extra["proxy_url"] = proxy_url

@@ -29,13 +29,16 @@ def health(st: State) -> Any:
             details={"ledger": "unavailable", "reason": str(e)[:200]},
             headers={"Retry-After": "1"},
         ) from None
-    return {
+    answer = {
         "status": "healthy",
         "ledger": "connected",
         "schema_version": schema,
         "version": VERSION,
         "gateway": st.runtime is not None,
     }
+    if st.hot_status is not None:
+        answer["hotState"] = st.hot_status()
+    return answer
 
 
 @router.post("/auth/register", status_code=201, tags=["auth"])

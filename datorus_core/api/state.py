@@ -7,6 +7,7 @@ includes them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -32,5 +33,7 @@ class ApiState:
     runtime: Any = None  # datorus_core.runtime.Runtime when served by the gateway
     # the gateway's live routing state (pool, blocks, leases, sessions), when it serves us
     router: LiveRouting | None = None
+    # what /health says of the gateway's hot state (in process, or Redis and this worker)
+    hot_status: Callable[[], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     throttle: ApiThrottle = field(default_factory=lambda: ApiThrottle(rules_from({})))

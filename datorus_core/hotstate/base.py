@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..live import Lease
 from ..ratelimit import Verdict
-from ..runtime import AccountState, CredentialState
+from ..runtime import AccountState, CredentialState, Runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,26 @@ class HotState(Protocol):
     shared: bool
     """True when other processes share this state (then ``claim`` may grant less
     than asked, and news arrives from elsewhere)."""
+
+    ledger: Any
+    """The gateway's ledger link once open (a shared state cleans up after dead workers)."""
+
+    snapshot_wanted: bool
+    """True when the ledger must be read again before credit can be claimed (the
+    ledger task checks it every tick, besides the configuration version)."""
+
+    async def before_snapshot(self) -> Any:
+        """What the next snapshot's credit depends on, read just before the snapshot;
+        hand it to :meth:`adopt`."""
+        ...
+
+    def adopt(self, rt: Runtime, token: Any) -> None:
+        """Take over the runtime's credit right after ``Runtime.apply_snapshot``."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What ``/health`` says of the hot state."""
+        ...
 
     def configure(self) -> None:
         """The settings changed (session TTL and size...): follow them."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..ratelimit import Gcra, Verdict
-from ..runtime import AccountState, CredentialState
+from ..runtime import AccountState, CredentialState, Runtime
 from ..sessions import SessionTable
 from .base import BlockNews, LeaseNews, Listener, Take
 
@@ -55,9 +55,11 @@ class LocalHotState:
     """:class:`~.base.HotState` kept in this process."""
 
     shared = False
+    snapshot_wanted = False
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
+        self.ledger: Any = None
         self.logins = LoginFailures()
         self.sessions = SessionTable(3600.0, 100_000)
 
@@ -71,6 +73,17 @@ class LocalHotState:
             old = self.sessions.table
             self.sessions = SessionTable(ttl, size)
             self.sessions.table = old
+
+    async def before_snapshot(self) -> None:
+        """Nothing: one process's credit is its whole allowance."""
+        return None
+
+    def adopt(self, rt: Runtime, token: Any) -> None:
+        """Nothing to take over."""
+
+    def status(self) -> dict[str, Any]:
+        """In this process."""
+        return {"state": "in-process"}
 
     def reachable(self) -> bool:
         """Always: nothing to reach."""

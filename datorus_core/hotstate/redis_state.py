@@ -352,6 +352,7 @@ class RedisHotState:
     def status(self) -> dict[str, Any]:
         """For /health: whether Redis answers, since when it does not, the last error."""
         return {
+            "state": "redis",
             "redis": "connected" if self.up else "unreachable",
             "worker": self.worker,
             "workers": self.workers,

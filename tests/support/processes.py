@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -181,24 +182,51 @@ class Gateway:
         return acc["id"], cred["username"], cred["password"]
 
     def wait_for_credential(self, user: str, password: str, timeout: float = 5.0) -> None:
-        """Wait until the running gateway knows a credential (operator changes are polled)."""
+        """Wait until the running gateway knows a credential (operator changes are polled).
 
+        The probe that passes counts as one request against the credential's rate limit,
+        as it does in one process. With several workers every worker must know the
+        credential, so probes go on until each has answered one; the rate state those
+        probes left in Redis is then cleared and one probe taken again, which leaves the
+        credential exactly where one process's single probe leaves it.
+        """
+        assert self.proc is not None
         pending = self.worker_pids()
 
-        def known() -> bool:
+        def probe() -> tuple[int, int | None]:
             with raw_connection(self.port) as s:
                 # port 1: parsed and authenticated, then refused at once by loopback
                 s.sendall(
                     f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
                     f"Proxy-Authorization: {basic(user, password)}\r\n\r\n".encode()
                 )
-                worker = owner_pid(s, pending) if self.workers > 1 else self.proc.pid
-                if read_response(s)[0] == 407:
-                    return False
-                pending.discard(worker)  # this worker knows it: ask until every one does
-                return not pending
+                worker = owner_pid(s, pending) if self.workers > 1 else None
+                return read_response(s)[0], worker
+
+        def known() -> bool:
+            status, worker = probe()
+            if status == 407:
+                return False
+            pending.discard(worker if worker is not None else self.proc.pid)
+            return not pending  # ask until every worker knows it
 
         wait_until(known, max(timeout, 15.0 * (self.workers > 1)), 0.02, f"credential {user} live")
+        if self.workers > 1:
+            self._forget_rate_state(user)
+            assert probe()[0] != 407
+
+    def _forget_rate_state(self, user: str) -> None:
+        """Clear the shared rate state of *user*'s credential (several workers' probes)."""
+        import redis
+
+        with sqlite3.connect(self.db) as c:
+            (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (user,)).fetchone()
+        assert self.redis is not None
+        r = redis.Redis(port=self.redis.port, socket_timeout=5)
+        try:
+            r.delete(f"datorus:rl:{cid}")
+        finally:
+            r.close()
 
 
 @dataclass(frozen=True)
