@@ -216,7 +216,13 @@ class Launcher:
                     shared.append((host, port, listeners.open_shared(host, port)))
                 except OSError as e:
                     self.close_sockets()
-                    raise ServeError(f"cannot listen on {host or '*'}:{port}: {e}") from None
+                    # the words one gateway uses for its API port
+                    what = (
+                        "REST API cannot listen"
+                        if (host, port) == self.plan.api
+                        else "cannot listen"
+                    )
+                    raise ServeError(f"{what} on {host or '*'}:{port}: {e}") from None
             self.slots.append(Slot(i, shared))
 
     def close_sockets(self) -> None:
@@ -309,6 +315,14 @@ class Launcher:
     def _died(self, w: Worker, what: str) -> None:
         slot = w.slot
         never_ready = not w.ready.is_set()
+        if never_ready and w.proc.returncode == 2:
+            # the worker refused its configuration (a bad setting, a ledger it cannot
+            # open): every restart would refuse it too, so stop as one gateway would
+            self.say(f"{w.name} refused its configuration ({what})")
+            fatal = [line for line in w.tail if "datorus: fatal: " in line]
+            why = fatal[-1].split("datorus: fatal: ", 1)[1] if fatal else what
+            self.fail(ServeError(why, code=2))
+            return
         self.say(
             f"{w.name} died ({what})"
             + (" before it was ready" if never_ready else "")
@@ -358,7 +372,8 @@ class Launcher:
             t.cancel()
         self.close_sockets()
         if self.failure is not None:
-            self.say(f"fatal: {self.failure}")
+            # the same words as one gateway's fatal start-up error
+            print(f"datorus: fatal: {self.failure}", file=self.out, flush=True)
             return self.failure.code
         self.say("stopped")
         return 0
@@ -380,6 +395,10 @@ class Launcher:
             return
         self.stopping = True
         self.say(f"{signal.Signals(sig).name}: draining {len(self.workers)} workers")
+        # no worker will replace these: let each socket close when its worker stops
+        # listening at the end of its drain, so a client that connects then is refused
+        # at once instead of queued on a socket nobody accepts from and reset at exit
+        self.close_sockets()
         for w in list(self.workers):
             w.signal(signal.SIGTERM)
         if not self.workers:
@@ -446,6 +465,6 @@ def serve(workers: int | None, args: Sequence[str]) -> int:
         launcher = Launcher(plan)
         launcher.open_sockets()
     except ServeError as e:
-        print(f"datorus serve: {e}", file=sys.stderr, flush=True)
+        print(f"datorus: fatal: {e}", file=sys.stderr, flush=True)
         return e.code
     return asyncio.run(launcher.run())

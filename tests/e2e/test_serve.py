@@ -243,16 +243,33 @@ def test_a_killed_worker_is_restarted(tmp_path, origin, redis_server):
         assert sv.stop() == 0, sv.log()[-3000:]
 
 
-def test_workers_that_keep_dying_at_start_stop_serve_with_their_message(tmp_path):
-    # a ledger that cannot be opened: every worker stops at start with exit status 2
+def test_a_worker_refusing_its_configuration_stops_serve_at_once_with_exit_2(tmp_path):
+    # a ledger that cannot be opened: the worker stops at start with exit status 2, and a
+    # restart would refuse it again: serve says why, as one gateway would, and exits 2
     sv = Serve(tmp_path / "no-such-folder" / "ledger.db", 1, logdir=tmp_path).start(wait=False)
     rc = sv.wait(120)
     log = sv.log()
+    assert rc == 2, log[-3000:]
+    assert "restarting" not in log
+    fatal = [line for line in log.splitlines() if line.startswith("datorus: fatal: ")]
+    assert fatal and fatal[-1].startswith("datorus: fatal: datorus_db: cannot open the ledger")
+    sv.stop()
+
+
+def test_workers_that_keep_dying_at_start_stop_serve_with_their_message(tmp_path):
+    # an extra addon that kills its process as it loads: every worker dies before ready
+    crash = tmp_path / "crash.py"
+    crash.write_text("import os, sys\nprint('crash addon loading', file=sys.stderr)\nos._exit(3)\n")
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    sv = Serve(db, 1, logdir=tmp_path, extra=["-s", str(crash)]).start(wait=False)
+    rc = sv.wait(120)
+    log = sv.log()
     assert rc == 1, log[-3000:]
-    assert log.count("died (exit status 2) before it was ready") == 3
-    fatal = log[log.index("datorus serve: fatal: ") :]
-    assert fatal.startswith("datorus serve: fatal: workers keep dying before they are ready (3 in")
-    assert "Its stderr ended with:\ndatorus: fatal: datorus_db: cannot open the ledger" in fatal
+    assert log.count("died (exit status 3) before it was ready") == 3
+    fatal = log[log.index("datorus: fatal: ") :]
+    assert fatal.startswith("datorus: fatal: workers keep dying before they are ready (3 in")
+    assert "Its stderr ended with:" in fatal and "crash addon loading" in fatal
     sv.stop()
 
 

@@ -259,6 +259,7 @@ def test_traffic_flows_on_while_an_operator_holds_the_ledger_exclusively(tmp_pat
         wait_until(lambda: _usage_requests(db, user) == len(statuses), 15, 0.1, "usage written")
 
 
+@pytest.mark.one_process  # it counts one process's log lines (each worker logs its own)
 def test_a_ledger_that_cannot_be_read_does_not_refuse_traffic(tmp_path, origin):
     with _serving(tmp_path) as (gw, db, user, pw):
         proxies = {"http": gw.proxy(user, pw)}
