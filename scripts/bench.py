@@ -1020,7 +1020,9 @@ WORKER_ROWS = [  # --workers-compare: issue 15's targets, workers against one wo
     ("CONNECT+TLS+GET tunnels/s, c50", "tunnels_s", 0, "ratio", ">= 1.7", lambda r: r >= 1.7),
     ("CPU ms/forward request, c50", "c50_cpu_ms", 3, "ratio", "<= 1.15", lambda r: r <= 1.15),
     ("forward p99 ms, c1", "c1_p99", 2, "diff", "<= +1 ms", lambda d: d <= 1.0),
+    ("forward p50 ms, c1", "c1_p50", 2, "diff", "", None),
     ("forward req/s, c1", "c1_rps", 0, "ratio", "", None),
+    ("CPU ms/forward request, c1", "c1_cpu_ms", 3, "ratio", "", None),
     ("CPU ms/tunnel", "tunnel_cpu_ms", 2, "ratio", "", None),
 ]
 
