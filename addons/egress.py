@@ -48,6 +48,7 @@ from datorus_core.hotstate.local import LocalHotState
 from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
+from datorus_core.workers import serve_secret
 
 from . import patches
 from .auth import parse_basic
@@ -161,8 +162,9 @@ class EgressRouter:
         self.gw = gw
         gw.router = self  # the REST API's routing insight reads the live pool and sessions
         # POST /proxies/test pins a request to one egress with this secret; it never
-        # leaves the process, so a customer cannot choose someone else's egress
-        self.pin_secret = secrets.token_hex(16)
+        # leaves the process (or, under datorus serve, its workers: a request made by
+        # one worker's API may reach another), so a customer cannot forge a pin
+        self.pin_secret = serve_secret() or secrets.token_hex(16)
         self.pool = eg.Pool()
         # shared hot state: the sessions this worker last saw, for previews only
         self.seen = SessionTable(3600.0, _SEEN_SESSIONS)
@@ -351,6 +353,14 @@ class EgressRouter:
         if isinstance(hot, LocalHotState):
             return hot.sessions.peek(account_id, session_id, now)
         return self.seen.peek(account_id, session_id, now)
+
+    async def pinned_session(self, account_id: int, session_id: str, now: float) -> int | None:
+        """The egress a live session is pinned to, read from the shared hot state (not
+        kept alive); the same as :meth:`peek_session` in one process."""
+        hot = self.gw.hot
+        if isinstance(hot, LocalHotState):
+            return hot.sessions.peek(account_id, session_id, now)
+        return await hot.session(account_id, session_id, now, touch=False)
 
     def preview_rng(self) -> random.Random:
         """A copy of the generator the next request's choice draws from."""

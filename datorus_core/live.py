@@ -163,6 +163,11 @@ class LiveRouting(Protocol):
         """The egress a live sticky session is pinned to, without keeping it alive."""
         ...
 
+    async def pinned_session(self, account_id: int, session_id: str, now: float) -> int | None:
+        """Like :meth:`peek_session`, from the state every worker shares (a preview
+        served by one worker sees the sessions the others pinned)."""
+        ...
+
     def preview_rng(self) -> random.Random:
         """A copy of the generator the next request's choice draws from (drawing from
         the copy leaves the gateway's own sequence untouched)."""

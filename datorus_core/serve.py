@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -39,7 +40,14 @@ from typing import Any
 
 from . import listeners
 from .settings import BY_OPTION, REPO_ROOT, SettingsError, coerce, resolve_defaults
-from .workers import COUNT_ENV, INDEX_ENV, LAUNCHER_ENV, LISTEN_FDS_ENV, READY_FD_ENV
+from .workers import (
+    COUNT_ENV,
+    INDEX_ENV,
+    LAUNCHER_ENV,
+    LISTEN_FDS_ENV,
+    READY_FD_ENV,
+    SECRET_ENV,
+)
 
 CRASH_LIMIT = 3  # deaths before ready...
 CRASH_WINDOW = 60.0  # ...within this many seconds: give up
@@ -197,6 +205,8 @@ class Launcher:
         self.failure: ServeError | None = None
         self.done = asyncio.Event()
         self.crashes: collections.deque[float] = collections.deque()
+        # vouched headers (the API's /fetch and /proxies/test) hold on every worker
+        self.secret = secrets.token_hex(16)
         self.reload_wanted = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -245,6 +255,7 @@ class Launcher:
             LAUNCHER_ENV: str(os.getpid()),
             READY_FD_ENV: str(write_fd),
             LISTEN_FDS_ENV: listeners.encode(slot.shared),
+            SECRET_ENV: self.secret,
         }
         cmd = [sys.executable, str(WORKER_SCRIPT), "-s", str(ADDON_SCRIPT), *self.plan.args]
         try:

@@ -11,6 +11,7 @@ reads :func:`worker_info` to know whether it shares the gateway with other worke
 | ``DATORUS_SERVE_PID`` | the launcher's pid (the worker exits with it) |
 | ``DATORUS_READY_FD`` | a pipe the worker writes ``ready`` to once it serves |
 | ``DATORUS_LISTEN_FDS`` | the listening sockets it inherits (see ``datorus_core.listeners``) |
+| ``DATORUS_SERVE_SECRET`` | a secret the workers of one ``serve`` share (:func:`serve_secret`) |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COUNT_ENV = "DATORUS_WORKERS"
 LAUNCHER_ENV = "DATORUS_SERVE_PID"
 READY_FD_ENV = "DATORUS_READY_FD"
 LISTEN_FDS_ENV = "DATORUS_LISTEN_FDS"
+SECRET_ENV = "DATORUS_SERVE_SECRET"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +52,14 @@ def worker_info(environ: Mapping[str, str] | None = None) -> WorkerInfo:
     if not 0 <= index < count:
         raise ValueError(f"{INDEX_ENV}={index} is not a worker of {COUNT_ENV}={count}")
     return WorkerInfo(index, count, True)
+
+
+def serve_secret(environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret the workers of one ``datorus serve`` share, or None outside it.
+
+    Headers the gateway vouches for itself (``X-Datorus-Egress-Pin`` and
+    ``X-Datorus-Timeout``, made by its own REST API for ``POST /proxies/test`` and
+    ``POST /fetch``) must be honoured by whichever worker the request reaches.
+    """
+    env = os.environ if environ is None else environ
+    return env.get(SECRET_ENV) or None

@@ -173,7 +173,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "one_process: holds for one gateway process only (skipped with DATORUS_TEST_WORKERS > 1)",
+        "one_process: holds for one gateway process only (skipped with several workers)",
     )
 
 

@@ -156,7 +156,12 @@ async def debug_pick(
     }
     family = _family(domain)
     ask = Ask(acc["id"], domain, family, sid, cc)
-    go = choose(ask, pool, view.leases, now, wall, view.rng, view.session)
+    session = view.session
+    if sid and st.router is not None:
+        # the session as every worker of the gateway sees it, read once, kept alive never
+        pinned = await st.router.pinned_session(acc["id"], sid, now)
+        session = lambda _a, _s, _n: pinned  # noqa: E731
+    go = choose(ask, pool, view.leases, now, wall, view.rng, session)
     if go is None:
         return {**answer, "route": "default", "pinned": False, "egress": None, "candidates": []}
     exclude = view.leases.leased_now(wall)

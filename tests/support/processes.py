@@ -1,6 +1,6 @@
 """The processes under test: the gateway (``mitmdump -s addons/datorus.py``) and ``datorus api``.
 
-With ``DATORUS_TEST_WORKERS=N`` (N > 1) in the environment, every :class:`Gateway` is
+With ``DATORUS_GATEWAY_WORKERS=N`` (N > 1) in the environment, every :class:`Gateway` is
 ``datorus serve --workers N`` instead, sharing its hot state through a redis-server of
 its own: ``scripts/test`` runs the end-to-end tests of limits, billing, sessions,
 blocks, leases, suspension and draining that way too (issue 15). A test that can only
@@ -28,8 +28,8 @@ from .waiting import free_port, wait_http, wait_until
 
 
 def gateway_workers() -> int:
-    """How many workers each test gateway runs (``DATORUS_TEST_WORKERS``, default 1)."""
-    return max(1, int(os.environ.get("DATORUS_TEST_WORKERS", "1") or 1))
+    """How many workers each test gateway runs (``DATORUS_GATEWAY_WORKERS``, default 1)."""
+    return max(1, int(os.environ.get("DATORUS_GATEWAY_WORKERS", "1") or 1))
 
 
 class Gateway:
