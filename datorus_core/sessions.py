@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from .egress import valid_country
 
@@ -145,6 +146,16 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def follow(self, settings: dict[str, Any]) -> SessionTable:
+        """This table under the settings' ``session_ttl`` and ``max_sessions``, its live
+        sessions kept (itself when they are unchanged or not set yet)."""
+        ttl, size = settings.get("session_ttl"), settings.get("max_sessions")
+        if ttl is None or size is None or (self.ttl == ttl and self.max_sessions == size):
+            return self
+        table = SessionTable(ttl, size)
+        table.table = self.table
+        return table
 
     def get(self, account_id: int, session_id: str, now: float) -> int | None:
         """The egress pinned for the session, if it lives (touching it), else None."""

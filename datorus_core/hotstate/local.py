@@ -65,14 +65,7 @@ class LocalHotState:
 
     def configure(self) -> None:
         """Follow the settings' session TTL and size, keeping the live sessions."""
-        s = self.settings
-        ttl, size = s.get("session_ttl"), s.get("max_sessions")
-        if ttl is None or size is None:
-            return
-        if self.sessions.ttl != ttl or self.sessions.max_sessions != size:
-            old = self.sessions.table
-            self.sessions = SessionTable(ttl, size)
-            self.sessions.table = old
+        self.sessions = self.sessions.follow(self.settings)
 
     async def before_snapshot(self) -> None:
         """Nothing: one process's credit is its whole allowance."""
