@@ -20,6 +20,11 @@ cut at exactly that bound. A forward request that runs dry before its response
 reached the client is answered with the 402 (``X-Datorus-Used-Bytes`` = what it
 moved); one that runs dry later, and a tunnel, is closed. Bytes moved before a cut
 are billed: they reached the target.
+
+With the hot state shared between ``datorus serve``'s workers, a worker reserves only
+the byte credit it holds: it claims more at admission, before a read from the target
+that the credit cannot cover, and ahead of writes (in the background). A request this
+worker's own view refuses is looked at again on the gateway's (``_claim_and_admit``).
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class MeteredWriter:
 
 SMALL_BODY = 64 * 1024
 CREDIT_LOW = 256 * 1024  # shared hot state: claim more credit below this many bytes
+CHUNK = 128 * 1024  # more than one read or write of mitmproxy moves (64 KiB and framing)
 STATE_DOWN = DatorusError(
     "SERVICE_UNAVAILABLE",
     message="The gateway cannot reach its shared state; retry shortly.",
@@ -214,26 +220,47 @@ class Metering:
         fc = flow_ctx(flow)
         if flow.response is not None or fc is None or fc.cred is None:
             return None
+        hot = self.gw.hot
         try:
             self.gw.runtime.admit(fc.cred)
         except DatorusError as e:
+            if hot.shared and e.status == 402:
+                # this worker's view may be behind the gateway's: decide on a fresh one
+                return self._claim_and_admit(flow, fc, tunnel, e)
             self.gw.reject(flow, fc, e)
             return None
-        hot = self.gw.hot
         if hot.shared and hot.credit(fc.cred) < CREDIT_LOW:
-            return self._claim_and_admit(flow, fc, tunnel)
+            return self._claim_and_admit(flow, fc, tunnel, None)
         self._admitted(flow, fc, tunnel)
         return None
 
-    async def _claim_and_admit(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
+    async def _claim_and_admit(
+        self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int, refused: DatorusError | None
+    ) -> None:
+        """Shared hot state: claim credit (enough for a first chunk), then admit.
+
+        A request this worker's view *refused* (402) is looked at again when the ledger
+        still shows trial bytes: with the trial credit a claim brings (other workers may
+        hold it). The 402 that remains is decided on what the claim saw of the others.
+        """
         cred = fc.cred
         assert cred is not None
-        hot = self.gw.hot
-        await hot.claim(cred, CREDIT_LOW)
+        acc = cred.account
+        hot, rt = self.gw.hot, self.gw.runtime
+        if refused is not None and (
+            acc.ledger_trial <= 0 or (cred.max_bytes is not None and cred.room() <= 0)
+        ):
+            self.gw.reject(flow, fc, refused)
+            return
+        await hot.claim(cred, CREDIT_LOW, need=CHUNK, trial=refused is not None)
+        refused = _refusal(rt, cred)
+        if refused is not None:
+            self.gw.reject(flow, fc, refused)
+            return
         if hot.credit(cred) <= 0:
             # the account's credit is spent on other workers, or the shared state is out
             # of reach: say which
-            err = self.gw.runtime.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
+            err = rt.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
             self.gw.reject(flow, fc, err)
             return
         self._admitted(flow, fc, tunnel)
@@ -263,7 +290,7 @@ class Metering:
         assert fc.cred is not None
         hot = self.gw.hot
         if hot.credit(fc.cred) < max(nbytes, CREDIT_LOW) and fc.block < nbytes:
-            await hot.claim(fc.cred, max(nbytes, CREDIT_LOW))
+            await hot.claim(fc.cred, max(nbytes, CREDIT_LOW), need=nbytes - fc.block)
 
     def _claim_soon(self, fc: FlowCtx) -> None:
         """Claim credit in the background when what is held runs low (one claim at a time)."""
@@ -470,3 +497,12 @@ class Metering:
                         continue
                     fc.cut = Cut.SUSPENDED
                     self.gw.cut_client(cid)
+
+
+def _refusal(rt: Any, cred: Any) -> DatorusError | None:
+    """The error ``Runtime.admit`` refuses *cred*'s next request with, or None."""
+    try:
+        rt.admit(cred)
+    except DatorusError as e:
+        return e
+    return None

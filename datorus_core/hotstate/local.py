@@ -56,6 +56,7 @@ class LocalHotState:
 
     shared = False
     snapshot_wanted = False
+    refresh_wanted = False
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
@@ -131,7 +132,9 @@ class LocalHotState:
         s = self.settings
         return self.logins.record(peer, now, s["auth_fail_limit"], s["auth_block_seconds"])
 
-    async def claim(self, cred: CredentialState, nbytes: int) -> int:
+    async def claim(
+        self, cred: CredentialState, nbytes: int, need: int = 0, trial: bool = False
+    ) -> int:
         """One process holds the whole allowance: nothing to claim."""
         return _UNLIMITED
 
