@@ -291,19 +291,25 @@ class Metering:
     ) -> None:
         """Shared hot state: claim credit (enough for a first chunk), then admit.
 
-        A request this worker's view *refused* (402) is looked at again when the ledger
-        still shows trial bytes: with the trial credit a claim brings (other workers may
-        hold it). The 402 that remains is decided on what the claim saw of the others.
+        A request this worker's view *refused* (402) is looked at again first: with the
+        newest configuration any worker has read (a top-up), and, when the ledger still
+        shows trial bytes, with the trial credit a claim brings (other workers may hold
+        it). The 402 that remains is decided on what the claim saw of the others.
         """
         cred = fc.cred
         assert cred is not None
         acc = cred.account
         hot, rt = self.gw.hot, self.gw.runtime
-        if refused is not None and (
-            acc.ledger_trial <= 0 or (cred.max_bytes is not None and cred.room() <= 0)
-        ):
-            self.gw.reject(flow, fc, refused)
-            return
+        if refused is not None:
+            await hot.catch_up(rt)
+            refused = _refusal(rt, cred)
+            if refused is None:
+                if hot.credit(cred) >= CREDIT_LOW:
+                    self._admitted(flow, fc, tunnel)
+                    return
+            elif acc.ledger_trial <= 0 or (cred.max_bytes is not None and cred.room() <= 0):
+                self.gw.reject(flow, fc, refused)
+                return
         await hot.claim(cred, CREDIT_LOW, need=CHUNK, trial=refused is not None)
         refused = _refusal(rt, cred)
         if refused is not None:

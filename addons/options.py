@@ -201,6 +201,7 @@ class LedgerTask:
                 hot.refresh_wanted = False
                 token = await hot.before_snapshot()
                 accounts, creds, rules, version, flushed = await link.snapshot_shared()
+                await hot.seen_version(version)  # before any request is decided on it
                 rt.apply_snapshot(accounts, creds, rules, version, worker_usage=flushed)
                 hot.adopt(rt, token)
             else:

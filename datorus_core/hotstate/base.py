@@ -106,8 +106,17 @@ class HotState(Protocol):
         hand it to :meth:`adopt`."""
         ...
 
+    async def seen_version(self, version: int) -> None:
+        """A snapshot of configuration *version* was read (before it is applied)."""
+        ...
+
     def adopt(self, rt: Runtime, token: Any) -> None:
         """Take over the runtime's credit right after ``Runtime.apply_snapshot``."""
+        ...
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Before refusing a request on *rt*'s view: read the ledger again first if
+        another process has read a newer configuration."""
         ...
 
     def status(self) -> dict[str, Any]:

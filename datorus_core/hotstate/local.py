@@ -79,8 +79,14 @@ class LocalHotState:
         """Nothing: one process's credit is its whole allowance."""
         return None
 
+    async def seen_version(self, version: int) -> None:
+        """Nothing to tell: one process reads every version itself."""
+
     def adopt(self, rt: Runtime, token: Any) -> None:
         """Nothing to take over."""
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Nothing: this process's view is the gateway's."""
 
     def status(self) -> dict[str, Any]:
         """In this process."""

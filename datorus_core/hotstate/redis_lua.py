@@ -192,6 +192,18 @@ end
 return 1
 """
 
+# KEYS: 1 the newest configuration version a worker read; ARGV: 1 a version just read,
+# 2 expiry ms. Raises the key to ARGV[1] (never lowers it); returns the key's value.
+VERSION = """
+local v = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local mine = tonumber(ARGV[1])
+if mine > v then
+  v = mine
+end
+redis.call('SET', KEYS[1], string.format('%d', v), 'PX', ARGV[2])
+return v
+"""
+
 # KEYS: 1 epoch; ARGV: 1 a fresh epoch. The epoch, set to ARGV[1] when missing (a new or
 # restarted Redis). Returns {epoch, 1 if this call set it}.
 EPOCH = """

@@ -78,7 +78,10 @@ or charged beyond this worker's snapshot (the claim script sums it) goes to
 ``AccountState.paid_elsewhere`` and ``CredentialState.used_elsewhere``, which
 ``Runtime.admit`` and ``Runtime.dry_error`` count, so a 402 tells the gateway's balance
 and bytes used; the ledger is read again soon (``refresh_wanted``), after which the
-view says it alone.
+view says it alone. A request a worker's own view refuses is first looked at again
+(:meth:`~RedisHotState.catch_up`): each worker records the newest configuration
+version it read (``{p}version``), and a worker behind it reads the ledger first (a
+top-up another worker already saw).
 
 A worker whose heartbeat lapses (10 s) is reaped by any other (every 5 s; a script
 makes two reapers at once harmless): its fields leave every hash, so its held credit is
@@ -97,6 +100,7 @@ The gateway's ledger task reads snapshots for this state as follows (see
 
     token = await hot.before_snapshot()        # before the ledger read
     *snap, rows = await link.snapshot_shared()  # balances and worker_usage, one read
+    await hot.seen_version(snap[3])            # the newest version any worker read
     runtime.apply_snapshot(*snap, worker_usage=rows)
     hot.adopt(runtime, token)                  # before any request sees the view
 
@@ -182,6 +186,7 @@ IDLE_SECONDS = 2.0  # credit of an account that reserved nothing for this long g
 SETTLE_SECONDS = HEARTBEAT_SECONDS + 1.0  # no grants this long after a Redis restart
 WAIT_SECONDS = 1.0  # a claim waits this long for a usable snapshot or a re-assert
 PULL_SECONDS = 0.5  # a short claim waits this long for the other workers to give back
+VERSION_MS = 600_000  # the newest configuration version read is kept this long
 WINDOW = 60.0  # failed logins are counted per minute (as in .local)
 _MAX_LUA = 1 << 52  # Lua numbers are doubles: keep every sum exact
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -286,7 +291,9 @@ class RedisHotState:
         self._reassert = r.register_script(redis_lua.REASSERT)
         self._heartbeat = r.register_script(redis_lua.HEARTBEAT)
         self._reap = r.register_script(redis_lua.REAP)
+        self._version = r.register_script(redis_lua.VERSION)
         self.k_epoch, self.k_settle = f"{p}epoch", f"{p}settle"
+        self.k_version = f"{p}version"
         self.k_workers, self.k_news = f"{p}workers", f"{p}news"
         self.k_hb, self.k_wk = f"{p}hb:{self.worker}", f"{p}wk:{self.worker}"
         self.k_reaps = f"{p}reaps"
@@ -304,8 +311,11 @@ class RedisHotState:
         self._fresh = asyncio.Event()  # set when a snapshot with a good token is adopted
         self.snapshot_wanted = True  # read the ledger again (and adopt it) before claiming
         # read the ledger again soon (the snapshot still counts: a short claim found
-        # other workers' usage that this view may miss)
+        # other workers' usage that this view may miss, or another worker read a newer
+        # configuration)
         self.refresh_wanted = False
+        self._adopted = asyncio.Event()  # set (and replaced) at every adopt
+        self._caught_up = -1  # the newest configuration version waited for
         self._synced = asyncio.Event()  # set while self.synced
         # connection state: up = Redis answers (rate, sessions, news go to it);
         # synced = this worker's credit fields are in Redis (claims may be sent)
@@ -466,6 +476,8 @@ class RedisHotState:
             _no_credit_yet(acc)
         for cred in rt.by_username.values():
             _no_credit_yet(cred)
+        self._adopted.set()  # wake those waiting for a newer view (catch_up)
+        self._adopted = asyncio.Event()
 
     # -- keys --------------------------------------------------------------------------
 
@@ -981,6 +993,47 @@ class RedisHotState:
             self._end()
         if int(res) < 0:
             self._stale("Redis restarted" if int(res) == -1 else "this worker's heartbeat lapsed")
+
+    # -- the configuration version -------------------------------------------------------
+
+    async def seen_version(self, version: int) -> None:
+        """Record that this worker read configuration *version* (call it after reading a
+        snapshot, before applying it): :meth:`catch_up` compares with the newest."""
+        if not self.up:
+            return
+        try:
+            await self._version(keys=[self.k_version], args=[version, VERSION_MS])
+        except _ERRORS as e:
+            self._failed(e)
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Before a refusal decided on this worker's view: when another worker has read
+        a newer configuration (a top-up, a new credential...), read it too, waiting up
+        to :data:`WAIT_SECONDS`. A version no ledger read reaches (Redis kept it from
+        another ledger) is waited for once."""
+        if not (self.up and self.synced) or self._stopping:
+            return
+        try:
+            raw = await self._command("GET", self.k_version)
+        except _ERRORS as e:
+            self._failed(e)
+            return
+        if raw is None:
+            return
+        newest = int(raw)
+        if newest <= max(rt.version, self._caught_up):
+            return
+        self.refresh_wanted = True
+        deadline = time.monotonic() + WAIT_SECONDS
+        try:
+            while rt.version < newest:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._adopted.wait(), left)
+        finally:
+            self._caught_up = max(self._caught_up, newest)
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -553,6 +553,36 @@ def test_a_dry_claim_counts_what_the_other_workers_spent(redis_server, request, 
     run(main())
 
 
+def test_a_refusal_waits_for_a_newer_configuration_another_worker_read(redis_server, request):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a").start()
+        b = await Worker(redis_server.url, p, "b").start()
+        await a.hot.seen_version(7)  # a read version 7 (a top-up, say); b still has 1
+        catching = asyncio.ensure_future(b.hot.catch_up(b.rt))
+        await eventually(lambda: b.hot.refresh_wanted, what="b asked to read the ledger")
+        assert not catching.done()
+        b.version = 7
+        await b.reload()
+        await asyncio.wait_for(catching, 1.0)
+        await a.hot.seen_version(6)  # never lowers it
+        r = redis_sync.Redis.from_url(redis_server.url)
+        assert r.get(f"{p}version") == b"7"
+        # a version no ledger read reaches (Redis kept it from another ledger) costs one
+        # wait, not one per refusal
+        r.set(f"{p}version", 9)
+        t0 = time.monotonic()
+        await b.hot.catch_up(b.rt)
+        assert 0.9 < time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        await b.hot.catch_up(b.rt)
+        assert time.monotonic() - t0 < 0.2
+        await a.hot.stop()
+        await b.hot.stop()
+
+    run(main())
+
+
 def test_two_workers_claiming_at_once_never_exceed_the_allowance(redis_server, request):
     async def main() -> None:
         p = prefix_of(request)
