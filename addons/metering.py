@@ -20,6 +20,12 @@ cut at exactly that bound. A forward request that runs dry before its response
 reached the client is answered with the 402 (``X-Datorus-Used-Bytes`` = what it
 moved); one that runs dry later, and a tunnel, is closed. Bytes moved before a cut
 are billed: they reached the target.
+
+With the hot state shared between ``datorus serve``'s workers, a worker reserves only
+the byte credit it holds: it claims more at admission, before a read from the target
+that the credit cannot cover, and for a write to the target that it cannot cover (the
+write is kept back until the claim answers: :class:`MeteredWriter`). A request this
+worker's own view refuses is looked at again on the gateway's (``_claim_and_admit``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from mitmproxy import http
@@ -76,18 +83,35 @@ class MeteredReader:
 
 
 class MeteredWriter:
-    """A stream writer that reports every chunk written to the target."""
+    """A stream writer that reports every chunk written to the target.
 
-    __slots__ = ("inner", "meter")
+    With a shared hot state, a chunk the credit held cannot cover is kept back (with
+    every chunk after it, in order) while a claim is made, then written as far as the
+    claim covers: mitmproxy writes without waiting, often several chunks at once (a
+    body it buffered while the request was admitted). Its ``drain``, awaited after every
+    chunk it reads, waits for what is kept back, so it reads no further meanwhile.
+    """
+
+    __slots__ = ("backlog", "inner", "meter", "writing")
 
     def __init__(self, inner: Any, meter: Metering, client_id: str) -> None:
         self.inner = inner
         self.meter = (meter, client_id)
+        self.backlog: list[bytes] = []
+        self.writing: asyncio.Task | None = None  # writes the backlog once claimed
 
     def write(self, data: bytes) -> None:
+        if self.backlog:
+            self.backlog.append(data)  # behind what waits for credit
+            return
         m, cid = self.meter
         fc = m.current.get(cid)
         if fc is not None and data:
+            if m.must_wait(fc, len(data)):
+                self.backlog.append(data)
+                loop = asyncio.get_running_loop()
+                self.writing = loop.create_task(self._write_backlog(fc))
+                return
             fit = m.count(fc, len(data), 0)
             if fit < len(data):
                 data = data[:fit]
@@ -95,12 +119,45 @@ class MeteredWriter:
                     return
         self.inner.write(data)
 
+    async def _write_backlog(self, fc: FlowCtx) -> None:
+        """Claim for each chunk kept back and write it, as far as the credit goes."""
+        m, cid = self.meter
+        try:
+            while self.backlog:
+                data = self.backlog[0]
+                if fc.done or m.current.get(cid) is not fc or self.inner.is_closing():
+                    return  # the flow ended meanwhile: what waited never reaches the target
+                await m.top_up(fc, len(data))
+                if fc.done or self.inner.is_closing():
+                    return
+                fit = m.count(fc, len(data), 0)
+                if fit:
+                    self.inner.write(data[:fit])
+                if fit < len(data):
+                    return  # cut at the bound (count did it)
+                self.backlog.pop(0)
+        finally:
+            self.backlog.clear()
+            self.writing = None
+
+    def drain(self) -> Awaitable[None]:
+        """Wait for what is kept back (see the class), then drain (with nothing kept
+        back, the stream's own drain: no extra step per chunk)."""
+        if self.writing is None:
+            return self.inner.drain()
+        return self._drain_after(self.writing)
+
+    async def _drain_after(self, writing: asyncio.Task) -> None:
+        await asyncio.shield(writing)
+        await self.inner.drain()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
 SMALL_BODY = 64 * 1024
 CREDIT_LOW = 256 * 1024  # shared hot state: claim more credit below this many bytes
+CHUNK = 128 * 1024  # more than one read or write of mitmproxy moves (64 KiB and framing)
 STATE_DOWN = DatorusError(
     "SERVICE_UNAVAILABLE",
     message="The gateway cannot reach its shared state; retry shortly.",
@@ -160,6 +217,7 @@ class Metering:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.current: dict[str, FlowCtx] = {}
+        self.writers: dict[str, MeteredWriter] = {}  # client id -> its server writer
         self.claiming: set[int] = set()  # credentials with a background claim under way
         self.settler: asyncio.Task | None = None
 
@@ -214,26 +272,53 @@ class Metering:
         fc = flow_ctx(flow)
         if flow.response is not None or fc is None or fc.cred is None:
             return None
+        hot = self.gw.hot
         try:
             self.gw.runtime.admit(fc.cred)
         except DatorusError as e:
+            if hot.shared and e.status == 402:
+                # this worker's view may be behind the gateway's: decide on a fresh one
+                return self._claim_and_admit(flow, fc, tunnel, e)
             self.gw.reject(flow, fc, e)
             return None
-        hot = self.gw.hot
         if hot.shared and hot.credit(fc.cred) < CREDIT_LOW:
-            return self._claim_and_admit(flow, fc, tunnel)
+            return self._claim_and_admit(flow, fc, tunnel, None)
         self._admitted(flow, fc, tunnel)
         return None
 
-    async def _claim_and_admit(self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int) -> None:
+    async def _claim_and_admit(
+        self, flow: http.HTTPFlow, fc: FlowCtx, tunnel: int, refused: DatorusError | None
+    ) -> None:
+        """Shared hot state: claim credit (enough for a first chunk), then admit.
+
+        A request this worker's view *refused* (402) is looked at again first: with the
+        newest configuration any worker has read (a top-up), and, when the ledger still
+        shows trial bytes, with the trial credit a claim brings (other workers may hold
+        it). The 402 that remains is decided on what the claim saw of the others.
+        """
         cred = fc.cred
         assert cred is not None
-        hot = self.gw.hot
-        await hot.claim(cred, CREDIT_LOW)
+        acc = cred.account
+        hot, rt = self.gw.hot, self.gw.runtime
+        if refused is not None:
+            await hot.catch_up(rt)
+            refused = _refusal(rt, cred)
+            if refused is None:
+                if hot.credit(cred) >= CREDIT_LOW:
+                    self._admitted(flow, fc, tunnel)
+                    return
+            elif acc.ledger_trial <= 0 or (cred.max_bytes is not None and cred.room() <= 0):
+                self.gw.reject(flow, fc, refused)
+                return
+        await hot.claim(cred, CREDIT_LOW, need=CHUNK, trial=refused is not None)
+        refused = _refusal(rt, cred)
+        if refused is not None:
+            self.gw.reject(flow, fc, refused)
+            return
         if hot.credit(cred) <= 0:
             # the account's credit is spent on other workers, or the shared state is out
             # of reach: say which
-            err = self.gw.runtime.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
+            err = rt.dry_error(cred, 0) if hot.reachable() else STATE_DOWN
             self.gw.reject(flow, fc, err)
             return
         self._admitted(flow, fc, tunnel)
@@ -251,19 +336,26 @@ class Metering:
 
     def server_connected(self, data) -> None:
         cid = data.client.id
-        patches.wrap_server_streams(
-            cid,
-            data.server,
-            lambda r: MeteredReader(r, self, cid),
-            lambda w: MeteredWriter(w, self, cid),
-        )
+
+        def writer(w: Any) -> MeteredWriter:
+            mw = self.writers[cid] = MeteredWriter(w, self, cid)
+            return mw
+
+        patches.wrap_server_streams(cid, data.server, lambda r: MeteredReader(r, self, cid), writer)
 
     async def top_up(self, fc: FlowCtx, nbytes: int) -> None:
         """Shared hot state: claim credit before a chunk that the credit held cannot cover."""
         assert fc.cred is not None
         hot = self.gw.hot
         if hot.credit(fc.cred) < max(nbytes, CREDIT_LOW) and fc.block < nbytes:
-            await hot.claim(fc.cred, max(nbytes, CREDIT_LOW))
+            await hot.claim(fc.cred, max(nbytes, CREDIT_LOW), need=nbytes - fc.block)
+
+    def must_wait(self, fc: FlowCtx, nbytes: int) -> bool:
+        """Shared hot state: whether a write of *nbytes* must wait for a claim (neither
+        a tunnel's block nor the credit held covers it)."""
+        if not self.gw.hot.shared or fc.done or fc.answered or fc.cut or fc.cred is None:
+            return False
+        return fc.block < nbytes and self.gw.hot.credit(fc.cred) + fc.block < nbytes
 
     def _claim_soon(self, fc: FlowCtx) -> None:
         """Claim credit in the background when what is held runs low (one claim at a time)."""
@@ -362,13 +454,13 @@ class Metering:
         if not small_body_fits(flow.response, fc):
             flow.response.stream = True
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         fc = flow_ctx(flow)
         if fc is None or fc.cred is None or fc.done:
-            return
+            return None
         if fc.answered:
             self._finish(fc, Ending.COMPLETED)
-            return
+            return None
         fc.status = flow.response.status_code
         if flow.response.status_code == 101:
             # a WebSocket (or other upgrade): from here on it is metered like a tunnel
@@ -379,17 +471,32 @@ class Metering:
             if fc.account.status != "active":  # suspended while the upgrade was under way
                 fc.cut = Cut.SUSPENDED
                 asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
-            return
+            return None
         if flow.request.timestamp_end is None:
             # the target answered before the upload ended, and mitmproxy goes on relaying
             # it: the flow is finished (and billed) when the request ends
             fc.upload_open = True
-            return
-        self._finish(fc, Ending.COMPLETED)
+            return None
+        return self._complete(fc)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         fc = flow_ctx(flow)
         if fc is not None and fc.upload_open and not fc.done:
+            return self._complete(fc)
+        return None
+
+    def _complete(self, fc: FlowCtx) -> Awaitable[None] | None:
+        """Finish *fc* as completed; a coroutine when writes of it still wait for credit
+        (see :class:`MeteredWriter`): the flow is billed once they are written."""
+        w = self.writers.get(fc.client_id)
+        if w is None or w.writing is None:
+            self._finish(fc, Ending.COMPLETED)
+            return None
+        return self._complete_after(fc, w.writing)
+
+    async def _complete_after(self, fc: FlowCtx, writing: asyncio.Task) -> None:
+        await asyncio.wait([writing])
+        if not fc.done:
             self._finish(fc, Ending.COMPLETED)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -413,6 +520,7 @@ class Metering:
         if fc is not None and not fc.done:
             self._finish(fc, Ending.DISCONNECTED)
         self.current.pop(client.id, None)
+        self.writers.pop(client.id, None)
 
     def _settle_forward(self, fc: FlowCtx, up: int, down: int) -> None:
         rt = self.gw.runtime
@@ -470,3 +578,12 @@ class Metering:
                         continue
                     fc.cut = Cut.SUSPENDED
                     self.gw.cut_client(cid)
+
+
+def _refusal(rt: Any, cred: Any) -> DatorusError | None:
+    """The error ``Runtime.admit`` refuses *cred*'s next request with, or None."""
+    try:
+        rt.admit(cred)
+    except DatorusError as e:
+        return e
+    return None

@@ -193,12 +193,15 @@ class LedgerTask:
 
     async def _reload(self, link: LedgerLink, force: bool = False) -> None:
         rt, hot = self.gw.runtime, self.gw.hot
-        if force or hot.snapshot_wanted or await link.version() != rt.version:
+        wanted = hot.snapshot_wanted or hot.refresh_wanted
+        if force or wanted or await link.version() != rt.version:
             if hot.shared:
                 # the credit shared between workers needs the bytes each one flushed,
                 # read with the balances, and what Redis held just before
+                hot.refresh_wanted = False
                 token = await hot.before_snapshot()
                 accounts, creds, rules, version, flushed = await link.snapshot_shared()
+                await hot.seen_version(version)  # before any request is decided on it
                 rt.apply_snapshot(accounts, creds, rules, version, worker_usage=flushed)
                 hot.adopt(rt, token)
             else:
@@ -238,7 +241,8 @@ class LedgerTask:
                 b.events >= s["flush_events"] or now - b.started >= s["flush_ms"] / 1000
             ):
                 await self._flush()
-            if now >= next_refresh or self.gw.hot.snapshot_wanted:
+            hot = self.gw.hot
+            if now >= next_refresh or hot.snapshot_wanted or hot.refresh_wanted:
                 next_refresh = now + s["refresh_ms"] / 1000
                 try:
                     await self._reload(self.gw.ledger)

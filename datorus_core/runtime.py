@@ -9,6 +9,11 @@ ledger's cached balance plus the usage not yet flushed (the current batch). Byte
 of flows still in progress are *reserved* (``inflight``) against the account's
 *allowance* (trial bytes plus what the balance buys down to minus the overdraft
 bound), so parallel flows of one account cannot together overspend the bound.
+
+When workers share the hot state (``Runtime.worker`` is set), ``trial`` is instead the
+trial credit this worker holds (claimed from the shared state, less what it charged as
+trial): a worker spends as trial only the trial it holds, so two workers can never
+both spend the same remaining trial (see ``hotstate.redis_state``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class AccountState:
     rps: int = 1
     burst: int = 1
     max_tunnels: int = 1
-    trial: int = 0
+    trial: int = 0  # trial bytes left (the trial credit held, when workers share it)
     nanocents: int = 0
     topped_up: bool = False
     inflight: int = 0
@@ -49,6 +54,14 @@ class AccountState:
     # and the bytes each worker had flushed to the ledger, summed over the credentials
     ledger_allowance: int = 0
     flushed: dict[str, int] = field(default_factory=dict)
+    # likewise for the trial: the ledger's trial bytes left, and the trial bytes each
+    # worker had flushed
+    ledger_trial: int = 0
+    flushed_trial: dict[str, int] = field(default_factory=dict)
+    # paid bytes other workers held or had charged beyond what this view shows, as the
+    # last claim that found the account short counted them (0 otherwise): a refusal's
+    # balance is the gateway's, not this worker's
+    paid_elsewhere: int = 0
 
     def recompute(self, floor_nanocents: int) -> None:
         """Recompute the byte allowance after a balance or price change.
@@ -81,12 +94,15 @@ class CredentialState:
     # and the bytes each worker had flushed for this credential
     ledger_room: int = UNLIMITED
     flushed: dict[str, int] = field(default_factory=dict)
+    # as AccountState.paid_elsewhere: bytes of this credential other workers held or had
+    # charged beyond this view, as the last claim that found it short counted them
+    used_elsewhere: int = 0
 
     def room(self) -> int:
         """Bytes this credential may still move under its own cap (huge without one)."""
         if self.max_bytes is None:
             return 1 << 62
-        return max(0, self.max_bytes - self.used - self.inflight)
+        return max(0, self.max_bytes - self.used - self.inflight - self.used_elsewhere)
 
 
 _DAY: list[Any] = [None, ""]  # (days since the epoch, "YYYY-MM-DD") last formatted
@@ -162,27 +178,40 @@ class Runtime:
         credentials: list[tuple[Any, ...]],
         policy_rules: list[tuple[str, str, int | None]],
         version: int,
-        worker_usage: Sequence[tuple[str, int, int, int]] = (),
+        worker_usage: Sequence[tuple[str, int, int, int, int]] = (),
     ) -> None:
         """Replace the view with a fresh ledger read, keeping unflushed usage and limiter state.
 
         *accounts* rows: (id, status, price, rps, burst, max_tunnels, trial, nanocents,
         topped_up); *credentials* rows: (id, account_id, username, hash, max_bytes, used);
         *worker_usage* rows (read in the same transaction, when workers share the hot
-        state): (worker, credential_id, account_id, bytes flushed by that worker).
+        state): (worker, credential_id, account_id, bytes and trial bytes flushed by that
+        worker).
+
+        With a shared hot state (:attr:`worker` set) an account's ``trial`` is the trial
+        credit this worker holds, which the snapshot leaves alone (an account new to the
+        view starts with none); the ledger's trial goes to ``ledger_trial``.
         """
         s = self.settings
         floor = self.floor_nanocents
         pending = self.batch.accounts
+        shared = self.worker is not None
         by_account: dict[int, dict[str, int]] = {}
+        trial_by_account: dict[int, dict[str, int]] = {}
         by_cred: dict[int, dict[str, int]] = {}
-        for worker, wcid, waid, wbytes in worker_usage:
+        for worker, wcid, waid, wbytes, wtrial in worker_usage:
             per = by_account.setdefault(waid, {})
             per[worker] = per.get(worker, 0) + wbytes
+            per = trial_by_account.setdefault(waid, {})
+            per[worker] = per.get(worker, 0) + wtrial
             by_cred.setdefault(wcid, {})[worker] = wbytes
         fresh: dict[int, AccountState] = {}
         for aid, status, price, rps, burst, max_tunnels, trial, nc, topped in accounts:
-            acc = self.accounts.get(aid) or AccountState(aid)
+            acc = self.accounts.get(aid)
+            if acc is None:
+                acc = AccountState(aid)
+                if shared:
+                    acc.granted = 0  # holds no credit yet: it claims some first
             acc.status = status
             acc.price = s["price_cents_per_gb"] if price is None else price
             acc.rps = rps or s["rps"]
@@ -190,11 +219,15 @@ class Runtime:
             acc.max_tunnels = max_tunnels or s["max_tunnels"]
             p = pending.get(aid)
             acc.nanocents = nc + (p[0] if p else 0)
-            acc.trial = trial + (p[1] if p else 0)
+            if not shared:
+                acc.trial = trial + (p[1] if p else 0)
             acc.topped_up = bool(topped)
             acc.recompute(floor)
             acc.ledger_allowance = max(trial, 0) + pricing.affordable_bytes(nc, floor, acc.price)
             acc.flushed = by_account.get(aid, {})
+            acc.ledger_trial = trial
+            acc.flushed_trial = trial_by_account.get(aid, {})
+            acc.paid_elsewhere = 0  # counted against the previous snapshot's flushed bytes
             fresh[aid] = acc
         creds: dict[str, CredentialState] = {}
         pending_cred = self.batch.credentials
@@ -212,6 +245,7 @@ class Runtime:
             cred.used = used + pending_cred.get(cid, 0)
             cred.ledger_room = UNLIMITED if max_bytes is None else max_bytes - used
             cred.flushed = by_cred.get(cid, {})
+            cred.used_elsewhere = 0
             if cred.limiter is None:
                 cred.limiter = Gcra(owner.rps, owner.burst)
             elif (
@@ -271,7 +305,8 @@ class Runtime:
         if not acc.topped_up:
             raise self.dry_error(cred, 0)
         need = pricing.cents_to_nanocents(self.settings["min_balance_cents"])
-        available = acc.nanocents - max(0, acc.inflight - max(acc.trial, 0)) * acc.price
+        paid = max(0, acc.inflight - max(acc.trial, 0)) + acc.paid_elsewhere
+        available = acc.nanocents - paid * acc.price
         if available < need or (need == 0 and acc.allowance - acc.inflight <= 0):
             raise self.dry_error(cred, 0)
 
@@ -283,12 +318,17 @@ class Runtime:
         way). A credential cap is ``INSUFFICIENT_BALANCE`` with ``details.cap``: the
         customer's remedy is the same (more money or another credential), and
         ``TRIAL_EXHAUSTED`` would be wrong for a paying account.
+
+        With workers sharing the hot state, the balance and the bytes used count what
+        the last short claim found other workers had charged or held
+        (``paid_elsewhere``, ``used_elsewhere``; 0 in one process).
         """
         acc = cred.account
         headers = {"X-Datorus-Used-Bytes": str(used_bytes)}
+        nanocents = acc.nanocents - acc.paid_elsewhere * acc.price
         balance = {
-            "currentBalanceCents": pricing.whole_cents(acc.nanocents),
-            "currentBalanceNanocents": acc.nanocents,
+            "currentBalanceCents": pricing.whole_cents(nanocents),
+            "currentBalanceNanocents": nanocents,
             "requiredCents": self.settings["min_balance_cents"],
         }
         if cred.max_bytes is not None and cred.room() <= 0:
@@ -299,7 +339,7 @@ class Runtime:
                     "cap": "credential",
                     "username": cred.username,
                     "maxBytes": cred.max_bytes,
-                    "usedBytes": cred.used,
+                    "usedBytes": cred.used + cred.used_elsewhere,
                     **balance,
                 },
                 headers=headers,

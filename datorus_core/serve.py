@@ -412,6 +412,11 @@ class Launcher:
         self.close_sockets()
         for w in list(self.workers):
             w.signal(signal.SIGTERM)
+        # no worker will take a slot over now: let each slot's socket close with its
+        # worker's copy, so that a worker done draining before the others leaves the
+        # port to them (else the kernel goes on queueing a share of the new connections
+        # in its slot, where nobody accepts them until the last worker is gone)
+        self.close_sockets()
         if not self.workers:
             self.done.set()
         self._task(self._kill_after(self.plan.settings.get("drain_seconds", 5) + STOP_GRACE))

@@ -97,13 +97,26 @@ class HotState(Protocol):
     """True when the ledger must be read again before credit can be claimed (the
     ledger task checks it every tick, besides the configuration version)."""
 
+    refresh_wanted: bool
+    """True when the ledger should be read again soon, though the snapshot still counts
+    (the ledger task checks it every tick too, and clears it when it reads)."""
+
     async def before_snapshot(self) -> Any:
         """What the next snapshot's credit depends on, read just before the snapshot;
         hand it to :meth:`adopt`."""
         ...
 
+    async def seen_version(self, version: int) -> None:
+        """A snapshot of configuration *version* was read (before it is applied)."""
+        ...
+
     def adopt(self, rt: Runtime, token: Any) -> None:
         """Take over the runtime's credit right after ``Runtime.apply_snapshot``."""
+        ...
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Before refusing a request on *rt*'s view: read the ledger again first if
+        another process has read a newer configuration."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -148,12 +161,16 @@ class HotState(Protocol):
         """Count a failed login from *peer*; the seconds it is blocked for (0: not)."""
         ...
 
-    async def claim(self, cred: CredentialState, nbytes: int) -> int:
+    async def claim(
+        self, cred: CredentialState, nbytes: int, need: int = 0, trial: bool = False
+    ) -> int:
         """Make room for *nbytes* more bytes of *cred*'s account in this process.
 
         Returns the bytes of credit this process now holds for the account beyond
         what its flows have reserved (at most what the account's allowance and the
-        credential's cap leave, net of every other process's holdings). The
+        credential's cap leave, net of every other process's holdings), and brings
+        trial credit first. When that leaves less than *need* bytes (or, with *trial*,
+        no trial), credit the other processes hold idle is asked back first. The
         in-process state holds the whole allowance and claims nothing.
         """
         ...

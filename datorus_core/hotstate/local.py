@@ -56,6 +56,7 @@ class LocalHotState:
 
     shared = False
     snapshot_wanted = False
+    refresh_wanted = False
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
@@ -71,8 +72,14 @@ class LocalHotState:
         """Nothing: one process's credit is its whole allowance."""
         return None
 
+    async def seen_version(self, version: int) -> None:
+        """Nothing to tell: one process reads every version itself."""
+
     def adopt(self, rt: Runtime, token: Any) -> None:
         """Nothing to take over."""
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Nothing: this process's view is the gateway's."""
 
     def status(self) -> dict[str, Any]:
         """In this process."""
@@ -124,7 +131,9 @@ class LocalHotState:
         s = self.settings
         return self.logins.record(peer, now, s["auth_fail_limit"], s["auth_block_seconds"])
 
-    async def claim(self, cred: CredentialState, nbytes: int) -> int:
+    async def claim(
+        self, cred: CredentialState, nbytes: int, need: int = 0, trial: bool = False
+    ) -> int:
         """One process holds the whole allowance: nothing to claim."""
         return _UNLIMITED
 

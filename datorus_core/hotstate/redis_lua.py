@@ -92,63 +92,93 @@ return string.format('%.17g', math.max(0, untl - now))
 )
 
 # KEYS: 1 account credit hash, 2 credential credit hash, 3 this worker's set of hashes,
-#       4 epoch, 5 this worker's heartbeat, 6 settle
+#       4 epoch, 5 this worker's heartbeat, 6 settle, 7 account trial hash
 # ARGV: 1 worker, 2 epoch, 3 bytes wanted, 4 account debt, 5 credential debt,
 #       6 the reap count read before the snapshot, 7 account ledger allowance,
 #       8 n, then n (worker, flushed) pairs,
-#       then capped (0/1), credential ledger room, m, then m (worker, flushed) pairs
+#       then capped (0/1), credential ledger room, m, then m (worker, flushed) pairs,
+#       then ledger trial, the paid credit this worker holds (it may become trial),
+#       q, then q (worker, trial flushed) pairs
 # Room = allowance - sum over the hash's workers of (claimed - flushed) - debt; the grant
 # is min(wanted, rooms), never negative. A debt (bytes charged beyond what was claimed)
-# is added whatever the room: it is spent.
-# Returns {grant, account room, credential room} or {-1} (epoch changed: Redis restarted)
-# or {-2} (this worker's heartbeat is gone: it was taken for dead and reaped) or {-3}
-# (a worker left the hash after the snapshot was read: its flushes may be missing from
-# the snapshot's balance, so the snapshot must be read again) or {-4} (the settle key
-# lives: workers are still writing their claims again after a restart; nothing granted).
+# is added whatever the room: it is spent. The trial grant comes out of the bytes held
+# (the grant and the paid credit already held), up to the trial room = ledger trial -
+# sum of (trial claimed - trial flushed): trial first, and never the same trial twice.
+# Returns {grant, trial grant, account room, credential room, trial room, and the same
+# three sums over the other workers only, then the other workers that hold or spent
+# something there}, or {-1} (epoch changed: Redis restarted) or {-2} (this worker's
+# heartbeat is gone: it was taken for dead and reaped) or {-3} (a worker left a hash
+# after the snapshot was read: its flushes may be missing from the snapshot's balance,
+# so the snapshot must be read again) or {-4} (the settle key lives: workers are still
+# writing their claims again after a restart; nothing granted).
 CLAIM = """
 if redis.call('GET', KEYS[4]) ~= ARGV[2] then return {-1} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {-2} end
+local me = ARGV[1]
 local read_at = tonumber(ARGV[6])
+local holders = {}
 local function outstanding(key, base, n)
   local flushed = {}
   for i = 1, n do flushed[ARGV[base + 2 * i - 1]] = tonumber(ARGV[base + 2 * i]) end
   local f = redis.call('HGETALL', key)
-  local sum = 0
+  local sum, others = 0, 0
   for i = 1, #f, 2 do
     if f[i] == '~r' then
       if tonumber(f[i + 1]) > read_at then return nil end
     else
-      sum = sum + tonumber(f[i + 1]) - (flushed[f[i]] or 0)
+      local o = tonumber(f[i + 1]) - (flushed[f[i]] or 0)
+      sum = sum + o
+      if f[i] ~= me then
+        others = others + o
+        if o > 0 then holders[f[i]] = true end
+      end
     end
   end
-  return sum
+  return sum, others
 end
 local debt_a = tonumber(ARGV[4])
 local debt_c = tonumber(ARGV[5])
 local na = tonumber(ARGV[8])
-local out_a = outstanding(KEYS[1], 8, na)
+local out_a, oth_a = outstanding(KEYS[1], 8, na)
 if not out_a then return {-3} end
 local room_a = tonumber(ARGV[7]) - out_a - debt_a
 local j = 9 + 2 * na
 local room_c = room_a
+local oth_c = 0
+local nc = tonumber(ARGV[j + 2])
 if ARGV[j] == '1' then
-  local out_c = outstanding(KEYS[2], j + 2, tonumber(ARGV[j + 2]))
+  local out_c
+  out_c, oth_c = outstanding(KEYS[2], j + 2, nc)
   if not out_c then return {-3} end
   room_c = tonumber(ARGV[j + 1]) - out_c - debt_c
 end
+local k = j + 3 + 2 * nc
+local out_t, oth_t = outstanding(KEYS[7], k + 2, tonumber(ARGV[k + 2]))
+if not out_t then return {-3} end
+local room_t = tonumber(ARGV[k]) - out_t
 if redis.call('EXISTS', KEYS[6]) == 1 then return {-4} end
 local g = tonumber(ARGV[3])
 if room_a < g then g = room_a end
 if room_c < g then g = room_c end
 if g < 0 then g = 0 end
+local gt = g + tonumber(ARGV[k + 1])
+if room_t < gt then gt = room_t end
+if gt < 0 then gt = 0 end
 if g + debt_a ~= 0 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], string.format('%d', g + debt_a))
+  redis.call('HINCRBY', KEYS[1], me, string.format('%d', g + debt_a))
 end
 if g + debt_c ~= 0 then
-  redis.call('HINCRBY', KEYS[2], ARGV[1], string.format('%d', g + debt_c))
+  redis.call('HINCRBY', KEYS[2], me, string.format('%d', g + debt_c))
 end
-redis.call('SADD', KEYS[3], KEYS[1], KEYS[2])
-return {g, string.format('%d', room_a), string.format('%d', room_c)}
+if gt ~= 0 then
+  redis.call('HINCRBY', KEYS[7], me, string.format('%d', gt))
+end
+redis.call('SADD', KEYS[3], KEYS[1], KEYS[2], KEYS[7])
+local out = {g, gt, string.format('%d', room_a), string.format('%d', room_c),
+             string.format('%d', room_t), string.format('%d', oth_a),
+             string.format('%d', oth_c), string.format('%d', oth_t)}
+for w in pairs(holders) do out[#out + 1] = w end
+return out
 """
 
 # KEYS: 1 epoch, 2 heartbeat, 3.. credit hashes; ARGV: 1 worker, 2 epoch, 3.. amounts
@@ -160,6 +190,18 @@ for i = 3, #KEYS do
   redis.call('HINCRBY', KEYS[i], ARGV[1], string.format('%d', -tonumber(ARGV[i])))
 end
 return 1
+"""
+
+# KEYS: 1 the newest configuration version a worker read; ARGV: 1 a version just read,
+# 2 expiry ms. Raises the key to ARGV[1] (never lowers it); returns the key's value.
+VERSION = """
+local v = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local mine = tonumber(ARGV[1])
+if mine > v then
+  v = mine
+end
+redis.call('SET', KEYS[1], string.format('%d', v), 'PX', ARGV[2])
+return v
 """
 
 # KEYS: 1 epoch; ARGV: 1 a fresh epoch. The epoch, set to ARGV[1] when missing (a new or

@@ -33,11 +33,55 @@ buys less than ``b`` more, so an old snapshot only ever gives less room, never m
 :func:`room` and the property test in ``tests/unit/test_redis_state.py``.) Workers
 therefore need no common snapshot, and a usage flush needs no Redis round trip.
 
+Trial credit
+------------
+Byte credit bounds the bytes; which of them are trial bytes is claimed apart, or two
+workers could each spend the same remaining trial from their own view of the ledger.
+Each account also has a trial hash ``{p}tr:a:{id}`` with ``tt[w]``, every trial byte
+``w`` has claimed in its life; the ledger keeps the trial bytes each worker flushed
+(``worker_usage.trial_bytes``, in the same transaction), and each snapshot carries the
+ledger's trial ``T`` with the flushed trial ``FT[w]``. The trial room is::
+
+    trial room = T - sum over workers w of (tt[w] - FT[w])
+
+exact whatever the age of the snapshot for the same reason as the byte room (a trial
+flush lowers ``T`` by what it raises ``FT[w]``; ``T`` is never below 0, so nothing is
+clipped). A claim grants trial first: out of the bytes it grants and the paid credit the
+worker already holds, up to the trial room, so a worker never holds more trial credit
+than byte credit. In this state the runtime's ``AccountState.trial`` *is* the trial
+credit the worker holds (``Runtime.apply_snapshot`` leaves it alone, the ledger's trial
+goes to ``ledger_trial``), so ``Runtime.settle`` charges as trial only trial credit
+claimed here. Then the trial charged never passes ``T``, and the paid bytes never pass
+what the balance buys down to the floor: each worker's paid credit ``t[w] - tt[w]``
+bounds what it charges as paid bytes, and their sum is the byte room less the trial
+room. (The order across workers is trial first per claim: a worker may charge paid
+bytes from its paid credit while another still holds a little unspent trial credit;
+once the account runs dry both totals are exact.)
+
 A worker claims blocks (at least :data:`BLOCK` bytes) and reserves from them locally
 (``AccountState.granted``, ``CredentialState.granted``: ``Runtime.reserve`` never
 reserves beyond them, ``Runtime.settle`` moves charged bytes out of them), gives back
-what it leaves idle for 2 s, and keeps a mirror of its ``t[w]`` so that it can write
-its fields again after Redis lost them.
+what it leaves idle for 2 s, and keeps a mirror of its ``t[w]`` and ``tt[w]`` so that
+it can write its fields again after Redis lost them.
+
+Pulls and refusals
+------------------
+Credit a worker holds idle would strand: a flow on another worker would be cut, or a
+request refused, with the account's last bytes (or its trial) unused. So a claim that
+leaves its caller short (less than the bytes it *needs*, or no trial credit when the
+request can only run on trial) while other workers hold or spent something in those
+hashes *pulls*: it publishes ``want`` on ``{p}news``, each worker named gives back at
+once what it holds beyond its flows' reservations and answers ``gave``, and the claim
+is made again (:meth:`~RedisHotState._pull`, at most :data:`PULL_SECONDS`). Still
+short, the account or credential is dry for the gateway: what the other workers held
+or charged beyond this worker's snapshot (the claim script sums it) goes to
+``AccountState.paid_elsewhere`` and ``CredentialState.used_elsewhere``, which
+``Runtime.admit`` and ``Runtime.dry_error`` count, so a 402 tells the gateway's balance
+and bytes used; the ledger is read again soon (``refresh_wanted``), after which the
+view says it alone. A request a worker's own view refuses is first looked at again
+(:meth:`~RedisHotState.catch_up`): each worker records the newest configuration
+version it read (``{p}version``), and a worker behind it reads the ledger first (a
+top-up another worker already saw).
 
 A worker whose heartbeat lapses (10 s) is reaped by any other (every 5 s; a script
 makes two reapers at once harmless): its fields leave every hash, so its held credit is
@@ -56,10 +100,12 @@ The gateway's ledger task reads snapshots for this state as follows (see
 
     token = await hot.before_snapshot()        # before the ledger read
     *snap, rows = await link.snapshot_shared()  # balances and worker_usage, one read
+    await hot.seen_version(snap[3])            # the newest version any worker read
     runtime.apply_snapshot(*snap, worker_usage=rows)
     hot.adopt(runtime, token)                  # before any request sees the view
 
-whenever the configuration version changed or ``hot.snapshot_wanted`` is True.
+whenever the configuration version changed or ``hot.snapshot_wanted`` (or
+``hot.refresh_wanted``) is True.
 
 When Redis fails
 ----------------
@@ -71,9 +117,11 @@ error switches this worker to local fallbacks at once (one log line), a probe ev
   open tunnels: at most ``max(1, max_tunnels//N)`` opened by this worker, so N workers
   together stay within the limits (tunnels opened before the failure still count);
 - failed logins: counted in this worker (:class:`~.local.LoginFailures`);
-- byte credit: nothing new is granted; flows go on spending the credit this worker
-  already holds, and a request that needs more gets 0 from :meth:`claim` (the caller
-  answers 503 with ``Retry-After``). Usage is billed from each worker's own batch as
+- byte and trial credit: nothing new is granted; flows go on spending the credit this
+  worker already holds, and a request that needs more gets 0 from :meth:`claim` at once
+  (the caller answers 503 with ``Retry-After``; while Redis answers but this worker's
+  fields are being written again, or its snapshot must be read again, a claim waits up
+  to :data:`WAIT_SECONDS` instead). Usage is billed from each worker's own batch as
   always: Redis only bounds spending, so nothing is lost or billed twice;
 - sessions: a local :class:`~datorus_core.sessions.SessionTable` (pins are written to
   it always, so sessions this worker pinned stay put); news: dropped.
@@ -107,7 +155,7 @@ import socket
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
@@ -136,6 +184,9 @@ RENEW_SECONDS = 20.0
 GIVE_BACK_SECONDS = 1.0  # how often idle credit is given back
 IDLE_SECONDS = 2.0  # credit of an account that reserved nothing for this long goes back
 SETTLE_SECONDS = HEARTBEAT_SECONDS + 1.0  # no grants this long after a Redis restart
+WAIT_SECONDS = 1.0  # a claim waits this long for a usable snapshot or a re-assert
+PULL_SECONDS = 0.5  # a short claim waits this long for the other workers to give back
+VERSION_MS = 600_000  # the newest configuration version read is kept this long
 WINDOW = 60.0  # failed logins are counted per minute (as in .local)
 _MAX_LUA = 1 << 52  # Lua numbers are doubles: keep every sum exact
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -179,6 +230,21 @@ class _Held:
     # the runtime objects holding it: one, or more for a while when a snapshot replaced
     # the object (a credential whose password changed) and flows still run on the old one
     holders: list[_Holder] = field(default_factory=list)
+    # an account's trial hash, and the mirror of this worker's field there
+    trial_key: str | None = None
+    trial_claimed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """What one claim script granted, and what it saw the other workers hold."""
+
+    grant: int
+    trial: int
+    others: int  # account bytes the other workers held or charged beyond the snapshot
+    others_cap: int  # the same for the credential (0 without a cap)
+    others_trial: int  # the same for the account's trial
+    holders: tuple[str, ...]  # the other workers with something there
 
 
 class RedisHotState:
@@ -225,7 +291,9 @@ class RedisHotState:
         self._reassert = r.register_script(redis_lua.REASSERT)
         self._heartbeat = r.register_script(redis_lua.HEARTBEAT)
         self._reap = r.register_script(redis_lua.REAP)
+        self._version = r.register_script(redis_lua.VERSION)
         self.k_epoch, self.k_settle = f"{p}epoch", f"{p}settle"
+        self.k_version = f"{p}version"
         self.k_workers, self.k_news = f"{p}workers", f"{p}news"
         self.k_hb, self.k_wk = f"{p}hb:{self.worker}", f"{p}wk:{self.worker}"
         self.k_reaps = f"{p}reaps"
@@ -242,6 +310,13 @@ class RedisHotState:
         self._token: tuple[str, int] | None = None
         self._fresh = asyncio.Event()  # set when a snapshot with a good token is adopted
         self.snapshot_wanted = True  # read the ledger again (and adopt it) before claiming
+        # read the ledger again soon (the snapshot still counts: a short claim found
+        # other workers' usage that this view may miss, or another worker read a newer
+        # configuration)
+        self.refresh_wanted = False
+        self._adopted = asyncio.Event()  # set (and replaced) at every adopt
+        self._caught_up = -1  # the newest configuration version waited for
+        self._synced = asyncio.Event()  # set while self.synced
         # connection state: up = Redis answers (rate, sessions, news go to it);
         # synced = this worker's credit fields are in Redis (claims may be sent)
         self.up = False
@@ -267,6 +342,10 @@ class RedisHotState:
         self._fallback: dict[int, Gcra] = {}  # credential -> its 1/N limiter while down
         self._forget: set[str] = set()  # reaped workers whose ledger rows remain
         self._claims: dict[int, asyncio.Future[None]] = {}  # credential -> its claim under way
+        # pulls under way: id -> (workers yet to answer, set when all have)
+        self._pulls: dict[str, tuple[set[str], asyncio.Event]] = {}
+        self._pull_seq = 0
+        self._answers: set[asyncio.Task[None]] = set()  # give-backs other workers asked for
         # the request path's commands waiting for this loop turn's pipeline
         self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
@@ -338,8 +417,8 @@ class RedisHotState:
                     await self._forget_rows()
             except _ERRORS as e:
                 log.warning("datorus: redis at stop: %s (the reaper frees what is left)", e)
-        if self._sending:
-            await asyncio.wait(list(self._sending), timeout=TIMEOUT * 2)
+        if self._sending or self._answers:
+            await asyncio.wait([*self._sending, *self._answers], timeout=TIMEOUT * 2)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -380,9 +459,9 @@ class RedisHotState:
         """Take over the runtime's credit after each snapshot load (call it right after
         ``Runtime.apply_snapshot``, before any request sees the new view) with the
         *token* :meth:`before_snapshot` returned: accounts and credentials new to this
-        process start with no credit (``granted = 0``) instead of the in-process state's
-        unlimited one, and usage batches carry this worker's id (so the ledger records
-        what it flushed).
+        process start with no credit (``granted = 0``, no trial credit) instead of the
+        in-process state's unlimited one and the ledger's trial, and usage batches carry
+        this worker's id (so the ledger records what it flushed).
 
         Read the ledger again (:meth:`before_snapshot`, snapshot, :meth:`adopt`) whenever
         :attr:`snapshot_wanted` is True, within a tick: claims wait for it (up to a second)
@@ -394,11 +473,11 @@ class RedisHotState:
         rt.worker = self.worker
         rt.batch.worker = self.worker
         for acc in rt.accounts.values():
-            if acc.granted >= UNLIMITED // 2:
-                acc.granted = 0
+            _no_credit_yet(acc)
         for cred in rt.by_username.values():
-            if cred.granted >= UNLIMITED // 2:
-                cred.granted = 0
+            _no_credit_yet(cred)
+        self._adopted.set()  # wake those waiting for a newer view (catch_up)
+        self._adopted = asyncio.Event()
 
     # -- keys --------------------------------------------------------------------------
 
@@ -424,6 +503,7 @@ class RedisHotState:
             self.down_since = time.monotonic()
         self.up = False
         self.synced = False
+        self._synced.clear()
         self._wake.set()
 
     def _stale(self, why: str) -> None:
@@ -431,6 +511,7 @@ class RedisHotState:
         if self.synced:
             log.warning("datorus: redis %s: %s; re-asserting this worker's claims", self.url, why)
         self.synced = False
+        self._synced.clear()
         self._wake.set()
 
     # -- the request path's round trips, batched -------------------------------------------
@@ -646,63 +727,118 @@ class RedisHotState:
             h = self._held[key] = _Held(key)
         if not any(o.state is state for o in h.holders):
             h.holders.append(_Holder(state, quiet_since=time.monotonic()))
-        if state.granted >= UNLIMITED // 2:
-            state.granted = 0
+        _no_credit_yet(state)
         return h
 
-    async def claim(self, cred: CredentialState, nbytes: int) -> int:
+    async def claim(
+        self, cred: CredentialState, nbytes: int, need: int = 0, trial: bool = False
+    ) -> int:
         """Claim at least :data:`BLOCK` bytes (or what *nbytes* still needs) within the
-        account's and the credential's rooms; returns :meth:`credit` afterwards (the
-        credit already held, unchanged, while Redis is unreachable).
+        account's and the credential's rooms, and trial credit first out of the bytes
+        held; returns :meth:`credit` afterwards (the credit already held, unchanged,
+        while Redis is unreachable).
+
+        A claim that leaves less than *need* bytes (or, with *trial*, no trial credit
+        beyond what flows reserved) while other workers hold or spent something there
+        *pulls*: it asks them to give back what they hold idle at once (see
+        :meth:`_pull`) and claims again. If it is still short, the account or credential
+        is dry for the gateway as a whole: what the others held or charged beyond this
+        worker's snapshot goes to ``paid_elsewhere`` / ``used_elsewhere`` (so that a
+        refusal tells the gateway's balance), and the ledger is read again soon.
 
         Claims for one credential go one at a time: a claim that finds another under way
-        waits for it and sends its own only if that did not make room for *nbytes*. When
-        the snapshot in use is too old to count with (see :meth:`adopt`), waits up to a
-        second for a new one and claims with it."""
+        waits for it and sends its own only if that did not make room for *nbytes*.
+        While the snapshot in use is too old to count with (see :meth:`adopt`) or this
+        worker's fields are being written again, waits up to :data:`WAIT_SECONDS` for
+        that to pass (never while Redis is out of reach)."""
         under_way = self._claims.get(cred.id)
         if under_way is not None:
             await asyncio.shield(under_way)
-            if self.credit(cred) >= nbytes:
+            if self.credit(cred) >= nbytes and not (trial and _no_trial(cred.account)):
                 return self.credit(cred)
         done = asyncio.get_running_loop().create_future()
         self._claims[cred.id] = done
         try:
-            return await self._claim_fresh(cred, nbytes)
+            return await self._claim_fresh(cred, nbytes, need, trial)
         finally:
             if self._claims.get(cred.id) is done:
                 del self._claims[cred.id]
             done.set_result(None)
 
-    async def _claim_fresh(self, cred: CredentialState, nbytes: int) -> int:
-        """Claim with a snapshot fit to count with (waiting for one if need be)."""
-        for _ in range(2):
-            if not self._snapshot_ok():
+    async def _claim_fresh(self, cred: CredentialState, nbytes: int, need: int, trial: bool) -> int:
+        """Claim with a snapshot fit to count with, pulling once if short."""
+        acc = cred.account
+        deadline = time.monotonic() + WAIT_SECONDS
+        pulled = False
+        for _ in range(4):
+            if not await self._usable(deadline):
+                return self.credit(cred)
+            got = await self._claim_once(cred, nbytes)
+            if got is None:
+                continue  # a worker left since the snapshot: read it again, claim again
+            if got is False:
+                return self.credit(cred)
+            if self.credit(cred) >= need and not (trial and _no_trial(acc)):
+                acc.paid_elsewhere = 0
+                cred.used_elsewhere = 0
+                return self.credit(cred)
+            if got.holders and not pulled:
+                pulled = True
+                keys = [f"{self.prefix}cr:a:{acc.id}", f"{self.prefix}tr:a:{acc.id}"]
+                if cred.max_bytes is not None:
+                    keys.append(f"{self.prefix}cr:c:{cred.id}")
+                await self._pull(keys, got.holders)
+                continue
+            # dry for the gateway: count what the others hold or spent, read again soon
+            acc.paid_elsewhere = max(0, got.others - got.others_trial)
+            cred.used_elsewhere = got.others_cap
+            if got.others > 0 or got.others_cap > 0:
+                self.refresh_wanted = True
+            return self.credit(cred)
+        return self.credit(cred)
+
+    async def _usable(self, deadline: float) -> bool:
+        """Wait (until *deadline*) for this worker's fields to be in Redis and for a
+        snapshot fit to count with; False at once while Redis is out of reach or this
+        worker stops, and after *deadline*."""
+        while True:
+            if not self.up or self._stopping:
+                if not self._stopping:
+                    self._wake.set()
+                return False
+            if not self.synced:
+                event = self._synced
+            elif not self._snapshot_ok():
                 self.snapshot_wanted = True
                 self._fresh.clear()
-                if self.up and self.synced and not self._stopping:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._fresh.wait(), 1.0)
-                if not self._snapshot_ok():
-                    return self.credit(cred)
-            got = await self._claim_once(cred, nbytes)
-            if got is not None:
-                return got
-        return self.credit(cred)
+                event = self._fresh
+            else:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
 
     def _snapshot_ok(self) -> bool:
         t = self._token
         return not self.snapshot_wanted and t is not None and t[0] == self.epoch
 
-    async def _claim_once(self, cred: CredentialState, nbytes: int) -> int | None:
-        """One claim; None when the snapshot turned out too old (read it again)."""
+    async def _claim_once(
+        self, cred: CredentialState, nbytes: int
+    ) -> _Grant | Literal[False] | None:
+        """One claim: what it granted, None when the snapshot turned out too old (read
+        it again), False when nothing was decided (Redis failed, restarted, or a restart
+        is being settled)."""
         acc = cred.account
         ha = self._held_for(f"{self.prefix}cr:a:{acc.id}", acc)
+        ha.trial_key = f"{self.prefix}tr:a:{acc.id}"
         hc = self._held_for(f"{self.prefix}cr:c:{cred.id}", cred)
         have = self.credit(cred)
         if not (self.up and self.synced) or self._stopping:
             if not self._stopping:
                 self._wake.set()
-            return have
+            return False
         want = max(nbytes - have, BLOCK)
         debt_a, debt_c = max(0, -acc.granted), max(0, -cred.granted)
         assert self._token is not None
@@ -716,40 +852,101 @@ class RedisHotState:
             args += [1, max(min(cred.ledger_room, _MAX_LUA), -_MAX_LUA), len(cred.flushed)]
             for w, n in cred.flushed.items():
                 args += [w, n]
-        keys = [ha.key, hc.key, self.k_wk, self.k_epoch, self.k_hb, self.k_settle]
+        # the paid credit held may turn into trial credit (trial is spent first)
+        paid_held = max(0, max(acc.granted, 0) - max(acc.trial, 0))
+        args += [max(min(acc.ledger_trial, _MAX_LUA), -_MAX_LUA), paid_held]
+        args.append(len(acc.flushed_trial))
+        for w, n in acc.flushed_trial.items():
+            args += [w, n]
+        keys = [ha.key, hc.key, self.k_wk, self.k_epoch, self.k_hb, self.k_settle, ha.trial_key]
         self._begin()
         try:
             res = await self._call(self._claim_script, keys, args)
         except _ERRORS as e:
             self._failed(e)
-            return self.credit(cred)
+            return False
         finally:
             self._end()
         g = int(res[0])
         self._settling = g == -4
         if self._settling:
-            return self.credit(cred)  # a restart is being settled: nothing granted yet
+            return False  # a restart is being settled: nothing granted yet
         if g == -3:
             self.snapshot_wanted = True  # a worker left since the snapshot: read it again
             return None
         if g < 0:
             self._stale("Redis restarted" if g == -1 else "this worker's heartbeat lapsed")
-            return self.credit(cred)
+            return False
+        gt = int(res[1])
         ha.claimed += g + debt_a
         acc.granted += g + debt_a
         hc.claimed += g + debt_c
         cred.granted += g + debt_c
-        return self.credit(cred)
+        ha.trial_claimed += gt
+        _add_trial(acc, gt)
+        return _Grant(
+            g, gt, int(res[5]), int(res[6]), int(res[7]), tuple(_text(w) for w in res[8:])
+        )
 
-    async def _give_back(self, force: bool = False) -> None:
+    async def _pull(self, keys: list[str], holders: tuple[str, ...]) -> None:
+        """Ask the other workers to give back at once what they hold idle of *keys*
+        (their flows' reservations stay theirs), and wait up to :data:`PULL_SECONDS` for
+        every one of *holders* to say it did (:meth:`_answer`).
+
+        Credit given back only when idle would otherwise strand: a flow on this worker
+        would be cut while another worker holds the account's last bytes, unused."""
+        self._pull_seq += 1
+        pid = f"{self.worker}#{self._pull_seq}"
+        done = asyncio.Event()
+        self._pulls[pid] = (set(holders), done)
+        try:
+            body = json.dumps({"want": keys, "id": pid, "w": self.worker})
+            await self._command("PUBLISH", self.k_news, body)
+            await asyncio.wait_for(done.wait(), PULL_SECONDS)
+        except _ERRORS as e:
+            if not isinstance(e, asyncio.TimeoutError):
+                self._failed(e)
+        finally:
+            del self._pulls[pid]
+
+    def _answer(self, msg: dict[str, Any]) -> None:
+        """Another worker pulls: give back what this one holds idle of the keys it
+        names, then tell it (in the background: this runs in the news subscriber)."""
+        keys = set(msg["want"])
+        if not (self.up and self.synced) or self._stopping:
+            return
+        if not any(k in self._held or k in self._trial_keys() for k in keys):
+            return
+
+        async def give() -> None:
+            try:
+                await self._give_back(force=True, only=keys)
+                if self.up:
+                    body = json.dumps({"gave": msg["id"], "w": self.worker})
+                    await self._command("PUBLISH", self.k_news, body)
+            except _ERRORS as e:
+                self._failed(e)
+
+        t = asyncio.get_running_loop().create_task(give())
+        self._answers.add(t)
+        t.add_done_callback(self._answers.discard)
+
+    def _trial_keys(self) -> set[str]:
+        return {h.trial_key for h in self._held.values() if h.trial_key is not None}
+
+    async def _give_back(self, force: bool = False, only: set[str] | None = None) -> None:
         """Give back the credit held beyond what flows reserved, of accounts and
-        credentials quiet for :data:`IDLE_SECONDS` (all of it with *force*), and fold
-        in any bytes charged beyond the claims (a negative ``granted``)."""
+        credentials quiet for :data:`IDLE_SECONDS` (all of it with *force*; only the
+        hashes named in *only*, if given), and fold in any bytes charged beyond the
+        claims (a negative ``granted``). An account's trial credit held beyond its
+        bytes goes back with them (a worker never holds more trial than bytes)."""
         now = time.monotonic()
         keys: list[str] = []
         amounts: list[int] = []
         for h in self._held.values():
-            amount = 0
+            if only is not None and h.key not in only and h.trial_key not in only:
+                continue
+            amount = trial = 0
             for o in h.holders:
                 st = o.state
                 sig = (st.granted, st.inflight)
@@ -763,6 +960,11 @@ class RedisHotState:
                     st.granted -= give
                     amount += give
                     o.sig = (st.granted, st.inflight)
+                if h.trial_key is not None and isinstance(st, AccountState):
+                    extra = st.trial - max(st.granted, 0)
+                    if extra > 0:
+                        _add_trial(st, -extra)
+                        trial += extra
             if len(h.holders) > 1:  # forget replaced objects once they hold nothing
                 last = h.holders[-1]
                 h.holders = [
@@ -772,6 +974,10 @@ class RedisHotState:
                 h.claimed -= amount
                 keys.append(h.key)
                 amounts.append(amount)
+            if trial and h.trial_key is not None:
+                h.trial_claimed -= trial
+                keys.append(h.trial_key)
+                amounts.append(trial)
         if not keys:
             return
         self._begin()
@@ -787,6 +993,47 @@ class RedisHotState:
             self._end()
         if int(res) < 0:
             self._stale("Redis restarted" if int(res) == -1 else "this worker's heartbeat lapsed")
+
+    # -- the configuration version -------------------------------------------------------
+
+    async def seen_version(self, version: int) -> None:
+        """Record that this worker read configuration *version* (call it after reading a
+        snapshot, before applying it): :meth:`catch_up` compares with the newest."""
+        if not self.up:
+            return
+        try:
+            await self._version(keys=[self.k_version], args=[version, VERSION_MS])
+        except _ERRORS as e:
+            self._failed(e)
+
+    async def catch_up(self, rt: Runtime) -> None:
+        """Before a refusal decided on this worker's view: when another worker has read
+        a newer configuration (a top-up, a new credential...), read it too, waiting up
+        to :data:`WAIT_SECONDS`. A version no ledger read reaches (Redis kept it from
+        another ledger) is waited for once."""
+        if not (self.up and self.synced) or self._stopping:
+            return
+        try:
+            raw = await self._command("GET", self.k_version)
+        except _ERRORS as e:
+            self._failed(e)
+            return
+        if raw is None:
+            return
+        newest = int(raw)
+        if newest <= max(rt.version, self._caught_up):
+            return
+        self.refresh_wanted = True
+        deadline = time.monotonic() + WAIT_SECONDS
+        try:
+            while rt.version < newest:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._adopted.wait(), left)
+        finally:
+            self._caught_up = max(self._caught_up, newest)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -856,9 +1103,21 @@ class RedisHotState:
             self._send_later("PUBLISH", self.k_news, json.dumps(body))
 
     def _deliver(self, data: bytes) -> None:
-        """Hand one message of another worker to the listener."""
+        """Hand one message of another worker to the listener (or answer a pull)."""
         msg = json.loads(data)
-        if msg.get("w") == self.worker or self.listener is None:
+        if msg.get("w") == self.worker:
+            return
+        if "gave" in msg:
+            pull = self._pulls.get(msg["gave"])
+            if pull is not None:
+                pull[0].discard(msg["w"])
+                if not pull[0]:
+                    pull[1].set()
+            return
+        if "want" in msg:
+            self._answer(msg)
+            return
+        if self.listener is None:
             return
         if "block" in msg:
             b = msg["block"]
@@ -930,10 +1189,14 @@ class RedisHotState:
         for h in self._held.values():
             keys.append(h.key)
             args.append(h.claimed)
+            if h.trial_key is not None:
+                keys.append(h.trial_key)
+                args.append(h.trial_claimed)
         if await self._reassert(keys=keys, args=args) != 1:
             raise RedisError("the epoch changed during the re-assert")
         await self._renew_tunnels()
         self.synced = True
+        self._synced.set()
         if self.down_since is not None:
             log.warning(
                 "datorus: redis %s reachable again after %.1f s",
@@ -1030,6 +1293,30 @@ class RedisHotState:
             gone = sorted(self._forget)
             await self.ledger.forget_workers(gone)
             self._forget.difference_update(gone)
+
+
+def _no_trial(acc: AccountState) -> bool:
+    """Whether *acc* holds no trial credit beyond what its flows reserved (the test of
+    ``Runtime.admit``)."""
+    return acc.trial - acc.inflight <= 0
+
+
+def _add_trial(acc: AccountState, n: int) -> None:
+    """Move *n* bytes of trial credit into (or, negative, out of) *acc*, and its
+    allowance with it (trial plus what the balance buys: ``AccountState.recompute``;
+    the trial credit held is never negative)."""
+    acc.trial += n
+    acc.allowance += n
+
+
+def _no_credit_yet(state: State) -> None:
+    """An account or credential the in-process view gave unlimited credit (and, for an
+    account, the ledger's trial) holds none of either here until it claims some."""
+    if state.granted >= UNLIMITED // 2:
+        state.granted = 0
+        if isinstance(state, AccountState):
+            _add_trial(state, -max(state.trial, 0))
+            state.trial = 0
 
 
 def _text(value: bytes | str) -> str:

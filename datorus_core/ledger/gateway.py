@@ -71,10 +71,12 @@ _CHECK_TRIM = (  # the last 500 checks of each egress are kept
     " SELECT id FROM egress_checks WHERE egress_id = ? ORDER BY id DESC"
     " LIMIT 1 OFFSET 500)"
 )
-_WORKER_USAGE = "SELECT worker, credential_id, account_id, bytes FROM worker_usage"
+_WORKER_USAGE = "SELECT worker, credential_id, account_id, bytes, trial_bytes FROM worker_usage"
 _WORKER_BYTES = (
-    "INSERT INTO worker_usage (worker, credential_id, account_id, bytes) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (worker, credential_id) DO UPDATE SET bytes = worker_usage.bytes + excluded.bytes"
+    "INSERT INTO worker_usage (worker, credential_id, account_id, bytes, trial_bytes)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (worker, credential_id) DO UPDATE SET"
+    " bytes = worker_usage.bytes + excluded.bytes,"
+    " trial_bytes = worker_usage.trial_bytes + excluded.trial_bytes"
 )
 _FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
@@ -121,7 +123,8 @@ class LedgerLink:
 
     async def snapshot_shared(self) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
         """:meth:`snapshot` and, read in the same transaction, the ``worker_usage`` rows
-        ``(worker, credential_id, account_id, bytes)`` (for ``Runtime.apply_snapshot``'s
+        ``(worker, credential_id, account_id, bytes, trial_bytes)`` (for
+        ``Runtime.apply_snapshot``'s
         *worker_usage* when the hot state is shared): the balances and what each worker
         had flushed must come from one state of the ledger for the credit to be exact."""
         return await self._read(workers=True)
@@ -145,8 +148,9 @@ class LedgerLink:
         """Write one batch of usage in a single transaction (all of it or none).
 
         A batch stamped with a worker (``batch.worker``: the hot state is shared) also
-        adds its credentials' bytes to that worker's ``worker_usage`` rows, in the same
-        transaction: a snapshot then never sees the usage without the flushed bytes.
+        adds its credentials' bytes, and the trial bytes among them, to that worker's
+        ``worker_usage`` rows, in the same transaction: a snapshot then never sees the
+        usage without the flushed bytes.
         """
         async with self.lock:
             await self._write(batch)
@@ -239,10 +243,16 @@ class LedgerLink:
         return cur.rowcount
 
 
-def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int]]:
-    """``worker_usage`` increments of a stamped batch: (worker, credential, account, bytes).
+def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int, int]]:
+    """``worker_usage`` increments of a stamped batch: (worker, credential, account,
+    bytes, trial bytes).
 
-    A batch's credentials all appear in its per-day rows, which name their account.
+    A batch's credentials all appear in its per-day rows, which name their account and
+    carry the trial bytes charged.
     """
-    owner = {cid: aid for aid, cid, _ in batch.daily}
-    return [(batch.worker, cid, owner[cid], n) for cid, n in batch.credentials.items()]
+    owner: dict[int, int] = {}
+    trial: dict[int, int] = {}
+    for (aid, cid, _), row in batch.daily.items():
+        owner[cid] = aid
+        trial[cid] = trial.get(cid, 0) + row[3]
+    return [(batch.worker, cid, owner[cid], n, trial[cid]) for cid, n in batch.credentials.items()]

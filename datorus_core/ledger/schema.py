@@ -276,6 +276,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (worker, credential_id)
     );
     """,
+    # 7: of those bytes, the trial bytes: workers claim trial credit apart from byte
+    # credit (a worker charges as trial only the trial it holds), so the ledger keeps
+    # what each one flushed of it too, in the same transaction as its usage
+    """
+    ALTER TABLE worker_usage ADD COLUMN trial_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

@@ -89,6 +89,7 @@ class Gateway:
                 cmd += ["--set", f"datorus_{k}={v}"]
         env = {**os.environ, **(self.env or {})}
         self.logf = open(self.log, "ab")  # noqa: SIM115
+        self.log_start = self.logf.tell()  # readiness is read from this start's lines only
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self.logf, stderr=subprocess.STDOUT, env=env
         )
@@ -110,7 +111,7 @@ class Gateway:
         if self.workers > 1:
             timeout = max(timeout, 90.0)
             wait_until(
-                lambda: f"{self.workers} workers ready" in self._log_text(),
+                lambda: f"{self.workers} workers ready" in self._log_text(self.log_start),
                 timeout,
                 0.05,
                 "every worker ready",
@@ -145,12 +146,15 @@ class Gateway:
             self.redis.stop()
         return self.proc.returncode
 
-    def _log_text(self) -> str:
+    def _log_text(self, start: int = 0) -> str:
+        """The log from byte *start* (a restarted gateway appends to the same file)."""
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(
                 f"gateway exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
             )
-        return self.log.read_text(errors="replace")
+        with open(self.log, "rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
 
     @property
     def url(self) -> str:

@@ -73,9 +73,14 @@ class Recorder:
 
 
 def account_row(
-    trial: int = 0, nanocents: int = 0, rps: int = 1000, burst: int = 1000, max_tunnels: int = 10
+    trial: int = 0,
+    nanocents: int = 0,
+    rps: int = 1000,
+    burst: int = 1000,
+    max_tunnels: int = 10,
+    price: int = 300,
 ) -> tuple[Any, ...]:
-    return (1, "active", 300, rps, burst, max_tunnels, trial, nanocents, 1)
+    return (1, "active", price, rps, burst, max_tunnels, trial, nanocents, 1)
 
 
 class Worker:
@@ -100,6 +105,7 @@ class Worker:
         self.hot.ledger = link
         self.acc_row = acc or account_row()
         self.max_bytes = max_bytes
+        self.version = 1  # the configuration version a given snapshot carries
         self.news = Recorder()
 
     async def start(self) -> Worker:
@@ -115,7 +121,7 @@ class Worker:
             self.rt.apply_snapshot(*snap, worker_usage=rows)
         else:
             creds = [(7, 1, "dtuser", "hash", self.max_bytes, 0)]
-            self.rt.apply_snapshot([self.acc_row], creds, [], 1)
+            self.rt.apply_snapshot([self.acc_row], creds, [], self.version)
         self.hot.adopt(self.rt, token)
 
     @property
@@ -351,10 +357,11 @@ def test_room_of_a_snapshot_example():
     assert room(100, {}, {}) == 100
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     trial=st.integers(0, 5_000_000),
     cents=st.integers(0, 3),
+    overdraft=st.integers(0, 2),
     price=st.integers(1, 10**5),
     script=st.lists(
         st.tuples(
@@ -365,59 +372,215 @@ def test_room_of_a_snapshot_example():
         max_size=80,
     ),
 )
-def test_room_is_exact_whatever_the_age_of_the_snapshot(trial, cents, price, script):
-    """A model of three workers and the ledger: every snapshot ever taken gives the room
-    the newest one gives (the balance and the flushed bytes move together), and the bytes
-    charged never pass the first allowance. (Charges split trial and paid bytes as one
-    process would, from the trial left after every worker's pending usage.)"""
-    floor = 0
-    balance = [trial, cents * pricing.NANOCENTS_PER_CENT]  # ledger: trial bytes, nanocents
-    flushed: dict[str, int] = {}
-    claimed: dict[str, int] = {}
-    held = [0, 0, 0]  # credit a worker holds (claimed, not yet charged)
-    pending = [0, 0, 0]  # charged, not yet flushed
-    pending_nc = [[0, 0] for _ in range(3)]  # the charge's trial bytes and nanocents
+def test_room_is_exact_whatever_the_age_of_the_snapshot(trial, cents, overdraft, price, script):
+    """A model of three workers and the ledger, claiming as the CLAIM script does: bytes
+    within the byte room, trial first out of the bytes held within the trial room, and
+    charges split from the trial credit each worker holds (never its view of the
+    ledger's trial). Every snapshot ever taken gives the rooms the newest one gives (the
+    balance, the trial and the flushed bytes move together); the trial charged never
+    passes the trial, the balance never goes below the overdraft floor, and the bytes
+    charged never pass the first allowance."""
+    floor = -overdraft * pricing.NANOCENTS_PER_CENT
+    ledger = {"trial": trial, "nc": cents * pricing.NANOCENTS_PER_CENT}
+    flushed: dict[str, int] = {}  # bytes each worker flushed (worker_usage.bytes)
+    flushed_t: dict[str, int] = {}  # of which trial (worker_usage.trial_bytes)
+    claimed: dict[str, int] = {}  # the byte hash
+    claimed_t: dict[str, int] = {}  # the trial hash
+    held = [0, 0, 0]  # bytes credit a worker holds (AccountState.granted)
+    held_t = [0, 0, 0]  # of which trial credit (AccountState.trial, shared)
+    pending = [[0, 0, 0] for _ in range(3)]  # charged, unflushed: bytes, trial, nanocents
 
-    def allowance() -> int:
-        return max(balance[0], 0) + pricing.affordable_bytes(balance[1], floor, price)
+    def snap() -> tuple[int, dict[str, int], int, dict[str, int]]:
+        allowance = max(ledger["trial"], 0) + pricing.affordable_bytes(ledger["nc"], floor, price)
+        return allowance, dict(flushed), ledger["trial"], dict(flushed_t)
 
-    first = newest = allowance()
-    snapshots = [(allowance(), dict(flushed))]
-    charged_total = 0
+    first = snap()
+    snapshots = [first]
+    charged = charged_trial = charged_nc = 0
+    newest, newest_t = first[0], trial
     for op, i, n in script:
         w = f"w{i}"
         if op == "claim":
-            a, f = snapshots[-1] if n % 2 else snapshots[0]  # any snapshot will do
+            a, f, t, ft = snapshots[-1] if n % 2 else snapshots[0]  # any snapshot will do
             g = max(0, min(n, room(a, f, claimed)))
+            gt = max(0, min(room(t, ft, claimed_t), g + held[i] - held_t[i]))
             claimed[w] = claimed.get(w, 0) + g
+            claimed_t[w] = claimed_t.get(w, 0) + gt
             held[i] += g
-        elif op == "spend":
+            held_t[i] += gt
+        elif op == "spend":  # Runtime.reserve then settle: within the credit held
+            k = min(n, held[i])
+            c = pricing.charge(k, held_t[i], price)
+            held[i] -= k
+            held_t[i] -= c.trial_bytes
+            for j, v in enumerate((k, c.trial_bytes, c.nanocents)):
+                pending[i][j] += v
+            charged += k
+            charged_trial += c.trial_bytes
+            charged_nc += c.nanocents
+        elif op == "flush":  # one transaction: balance, trial and worker_usage
+            b, bt, nc = pending[i]
+            ledger["trial"] -= bt
+            ledger["nc"] -= nc
+            flushed[w] = flushed.get(w, 0) + b
+            flushed_t[w] = flushed_t.get(w, 0) + bt
+            pending[i] = [0, 0, 0]
+        elif op == "give":  # give back n bytes of the credit held; trial beyond it follows
             k = min(n, held[i])
             held[i] -= k
-            pending[i] += k
-            trial_left = (
-                balance[0]
-                - pending_nc[i][0]
-                - sum(p[0] for p in pending_nc if p is not pending_nc[i])
-            )
-            c = pricing.charge(k, max(trial_left, 0), price)
-            pending_nc[i][0] += c.trial_bytes
-            pending_nc[i][1] += c.nanocents
-            charged_total += k
-        elif op == "flush":
-            balance[0] -= pending_nc[i][0]
-            balance[1] -= pending_nc[i][1]
-            flushed[w] = flushed.get(w, 0) + pending[i]
-            pending[i], pending_nc[i] = 0, [0, 0]
-        elif op == "give":
-            claimed[w] = claimed.get(w, 0) - held[i]
-            held[i] = 0
+            kt = max(0, held_t[i] - held[i])
+            held_t[i] -= kt
+            claimed[w] = claimed.get(w, 0) - k
+            claimed_t[w] = claimed_t.get(w, 0) - kt
         else:
-            snapshots.append((allowance(), dict(flushed)))
-        newest = room(allowance(), flushed, claimed)
-        assert all(room(a, f, claimed) == newest for a, f in snapshots)
-        assert charged_total + sum(held) <= first
-    assert newest == first - charged_total - sum(held)
+            snapshots.append(snap())
+        assert all(0 <= held_t[j] <= held[j] for j in range(3))
+        a, f, t, ft = snap()
+        newest, newest_t = room(a, f, claimed), room(t, ft, claimed_t)
+        assert all(room(sa, sf, claimed) == newest for sa, sf, _, _ in snapshots)
+        assert all(room(st_, sft, claimed_t) == newest_t for _, _, st_, sft in snapshots)
+        assert charged + sum(held) <= first[0]
+        assert charged_trial + sum(held_t) <= trial
+        assert cents * pricing.NANOCENTS_PER_CENT - charged_nc >= floor
+    assert newest == first[0] - charged - sum(held)
+    assert newest_t == trial - charged_trial - sum(held_t)
+
+
+def test_trial_is_claimed_apart_and_no_two_workers_spend_the_same_trial(redis_server, request):
+    """Issue 15's trial over-use: each worker charged trial from its own view of the
+    ledger's trial. Now trial credit is claimed first out of the bytes claimed, and a
+    worker charges as trial only the trial credit it holds."""
+
+    async def main() -> None:
+        p = prefix_of(request)
+        # 5,000 trial bytes and a cent, which buys 100,000 bytes at 10,000 cents/GB
+        acc = account_row(trial=5000, nanocents=pricing.NANOCENTS_PER_CENT, price=10**4)
+        a = Worker(redis_server.url, p, "a", acc)
+        a.hot.idle_seconds = 60.0  # a keeps what it claims unless pulled
+        await a.start()
+        b = Worker(redis_server.url, p, "b", acc)
+        b.hot.idle_seconds = 60.0
+        await b.start()
+        paid = 100_000
+        assert a.cred.account.trial == 0 and a.cred.account.granted == 0  # none held yet
+        assert await a.hot.claim(a.cred, 1000) == 5000 + paid
+        assert a.cred.account.trial == 5000  # the whole trial, first
+        assert await b.hot.claim(b.cred, 1000) == 0  # a holds all the bytes
+        assert await a.spend(3000) == 3000
+        assert a.rt.batch.accounts[1][1] == -3000  # trial bytes charged
+        # a gives back what it does not hold for flows; b claims it: 2,000 trial bytes
+        await a.hot._give_back(force=True)
+        assert a.cred.account.trial == 0 and a.cred.account.granted == 0
+        assert await b.hot.claim(b.cred, 1000) == 2000 + paid
+        assert b.cred.account.trial == 2000
+        assert await b.spend(2500) == 2500
+        trial_b, nc_b = b.rt.batch.accounts[1][1], b.rt.batch.accounts[1][0]
+        assert (trial_b, nc_b) == (-2000, -500 * 10**4)  # trial first, then paid
+        r = redis_sync.Redis.from_url(redis_server.url)
+        assert r.hgetall(f"{p}tr:a:1") == {b"a": b"3000", b"b": b"2000"}
+        await a.hot.stop()
+        await b.hot.stop()
+
+    run(main())
+
+
+def test_a_short_claim_pulls_what_another_worker_holds_idle(redis_server, request):
+    """Credit one worker holds idle is asked back at once by a claim that needs it (a
+    flow would otherwise be cut with the account's last bytes unused elsewhere)."""
+
+    async def main() -> None:
+        p = prefix_of(request)
+        acc = account_row(trial=3 * MiB)
+        a = Worker(redis_server.url, p, "a", acc)
+        a.hot.idle_seconds = 60.0  # it would keep its credit for a minute
+        await a.start()
+        b = await Worker(redis_server.url, p, "b", acc).start()
+        await eventually(lambda: _subscribed(redis_server, p, 2), what="both subscribed")
+        assert await a.claim_all() == 3 * MiB
+        assert await a.spend(MiB) == MiB  # charged: stays a's
+        assert a.rt.reserve(a.cred, 1000) == 1000  # reserved by a flow: stays a's too
+        t0 = time.monotonic()
+        assert await b.hot.claim(b.cred, BLOCK, need=1) == MiB  # out of what a held idle
+        assert time.monotonic() - t0 < 0.4  # asked for, not waited out
+        assert a.cred.account.granted == 1000 and a.cred.account.trial == 1000
+        assert b.cred.account.trial == MiB  # trial came back with the bytes
+        assert await b.hot.claim(b.cred, 2 * BLOCK, need=1) == 2 * MiB - 1000  # the rest
+        # nothing left to pull (a's flow holds its 1,000 bytes): what b holds, at once
+        t0 = time.monotonic()
+        assert await b.hot.claim(b.cred, 3 * BLOCK, need=3 * MiB) == 2 * MiB - 1000
+        assert time.monotonic() - t0 < 0.4
+        assert b.cred.account.paid_elsewhere == 0  # a's 2 MiB were trial
+        assert b.cred.used_elsewhere == 0  # no cap
+        await a.hot.stop()
+        await b.hot.stop()
+
+    run(main())
+
+
+def test_a_dry_claim_counts_what_the_other_workers_spent(redis_server, request, tmp_path):
+    """When a claim finds the account or the credential dry, the refusal tells the
+    gateway's balance and bytes used, not only this worker's view."""
+
+    async def main() -> None:
+        p = prefix_of(request)
+        path = _ledger(tmp_path, cents=1, max_bytes=2_000_000, price=10**4)
+        links = [LedgerLink(path), LedgerLink(path)]
+        for link in links:
+            await link.open()
+        a = await Worker(redis_server.url, p, "a", link=links[0]).start()
+        b = await Worker(redis_server.url, p, "b", link=links[1]).start()
+        await eventually(lambda: _subscribed(redis_server, p, 2), what="both subscribed")
+        paid = 100_000  # what the cent buys at 10,000 cents/GB
+        assert await a.hot.claim(a.cred, 1, need=1) == paid
+        assert await a.spend(paid) == paid  # all of it, not flushed
+        assert await b.hot.claim(b.cred, 1, need=1) == 0
+        acc_b = b.cred.account
+        assert acc_b.paid_elsewhere == paid and b.cred.used_elsewhere == paid
+        assert b.hot.refresh_wanted  # its view misses a's usage: read the ledger soon
+        err = b.rt.dry_error(b.cred, 0)
+        assert err.code == "INSUFFICIENT_BALANCE"
+        assert err.details["currentBalanceNanocents"] == 0  # what a spent, seen from b
+        assert err.details["currentBalanceCents"] == 0
+        await a.flush()
+        await b.reload()  # the ledger now holds a's usage: the view alone says it
+        assert acc_b.paid_elsewhere == 0 and b.cred.used_elsewhere == 0
+        assert b.rt.dry_error(b.cred, 0).details == err.details
+        await a.hot.stop()
+        await b.hot.stop()
+        for link in links:
+            await link.close()
+
+    run(main())
+
+
+def test_a_refusal_waits_for_a_newer_configuration_another_worker_read(redis_server, request):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a").start()
+        b = await Worker(redis_server.url, p, "b").start()
+        await a.hot.seen_version(7)  # a read version 7 (a top-up, say); b still has 1
+        catching = asyncio.ensure_future(b.hot.catch_up(b.rt))
+        await eventually(lambda: b.hot.refresh_wanted, what="b asked to read the ledger")
+        assert not catching.done()
+        b.version = 7
+        await b.reload()
+        await asyncio.wait_for(catching, 1.0)
+        await a.hot.seen_version(6)  # never lowers it
+        r = redis_sync.Redis.from_url(redis_server.url)
+        assert r.get(f"{p}version") == b"7"
+        # a version no ledger read reaches (Redis kept it from another ledger) costs one
+        # wait, not one per refusal
+        r.set(f"{p}version", 9)
+        t0 = time.monotonic()
+        await b.hot.catch_up(b.rt)
+        assert 0.9 < time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        await b.hot.catch_up(b.rt)
+        assert time.monotonic() - t0 < 0.2
+        await a.hot.stop()
+        await b.hot.stop()
+
+    run(main())
 
 
 def test_two_workers_claiming_at_once_never_exceed_the_allowance(redis_server, request):
@@ -489,10 +652,12 @@ def test_idle_credit_goes_back_and_the_other_worker_can_claim_it(redis_server, r
     run(main())
 
 
-def _ledger(tmp: Path, trial: int = 0, cents: int = 0, max_bytes: int | None = None) -> str:
+def _ledger(
+    tmp: Path, trial: int = 0, cents: int = 0, max_bytes: int | None = None, price: int = 300
+) -> str:
     path = str(tmp / "ledger.db")
     db = open_ledger(path)
-    aid = accounts.create_account(db, "a@example.com", trial, 300)["id"]
+    aid = accounts.create_account(db, "a@example.com", trial, price)["id"]
     if cents:
         money.add_balance(db, aid, cents)
     accounts.create_credential(db, aid, max_bytes)
@@ -747,7 +912,7 @@ def test_a_hung_redis_costs_a_request_at_most_its_timeout(redis_server, request)
 
 def test_the_ledger_records_what_each_worker_flushed_with_its_usage(tmp_path):
     async def main() -> None:
-        path = _ledger(tmp_path, trial=1000, cents=2, max_bytes=5_000_000)
+        path = _ledger(tmp_path, trial=2200, cents=2, max_bytes=5_000_000)
         link = LedgerLink(path)
         await link.open()
         rt = Runtime(dict(SETTINGS))
@@ -756,7 +921,7 @@ def test_the_ledger_records_what_each_worker_flushed_with_its_usage(tmp_path):
         rt.apply_snapshot(*snap, worker_usage=rows)
         cred = next(iter(rt.by_username.values()))
         acc = cred.account
-        assert acc.ledger_allowance == 1000 + 2 * pricing.NANOCENTS_PER_CENT // 300
+        assert acc.ledger_allowance == 2200 + 2 * pricing.NANOCENTS_PER_CENT // 300
         assert cred.ledger_room == 5_000_000 and acc.flushed == {} and cred.flushed == {}
         rt.settle(cred, 300, 700, 0)
         await link.write(rt.take_batch())  # one process: no worker, no worker_usage row
@@ -775,11 +940,13 @@ def test_the_ledger_records_what_each_worker_flushed_with_its_usage(tmp_path):
         assert _rows(path) == [("w1", 2500)]
         rt.settle(cred, 0, 1, 0)  # pending: not in the ledger's own allowance
         *snap, rows = await link.snapshot_shared()
-        assert rows == [("w1", cred.id, acc.id, 2500)]
+        # of w1's 2,500 bytes, the 1,200 trial bytes the first 1,000 had left
+        assert rows == [("w1", cred.id, acc.id, 2500, 1200)]
         rt.apply_snapshot(*snap, worker_usage=rows)
         assert acc.flushed == {"w1": 2500} and cred.flushed == {"w1": 2500}
+        assert acc.flushed_trial == {"w1": 1200} and acc.ledger_trial == 0
         assert cred.ledger_room == 5_000_000 - 3500
-        paid = 3500 - 1000
+        paid = 3500 - 2200
         assert acc.ledger_allowance == (2 * pricing.NANOCENTS_PER_CENT - paid * 300) // 300
         assert acc.allowance == acc.ledger_allowance - 1  # the runtime's own counts pending
         await link.forget_workers(["w1"])

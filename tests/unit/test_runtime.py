@@ -154,3 +154,30 @@ def test_admission_codes():
     e = rt.dry_error(cred, 100)
     assert e.code == "INSUFFICIENT_BALANCE" and e.details["cap"] == "credential"
     assert e.headers["X-Datorus-Used-Bytes"] == "100"
+
+
+def test_with_workers_a_snapshot_keeps_the_trial_credit_held_and_the_ledgers_apart():
+    """Workers sharing the hot state: ``trial`` is the trial credit this worker holds
+    (the shared state moves it), the ledger's trial goes to ``ledger_trial``; a worker
+    that charged from its view of the ledger's trial would spend trial another holds."""
+    rt = runtime(trial=5000, nanocents=0, price=300, topped_up=False)
+    acc = rt.accounts[1]
+    assert (acc.trial, acc.ledger_trial) == (5000, 5000)  # one process: the ledger's
+    rt.worker = "w1"  # what a shared hot state's adopt sets
+    acc.trial, acc.granted = 1200, 1200  # claimed
+    rt.apply_snapshot(
+        [
+            (1, "active", 300, None, None, None, 3000, 0, 0),
+            (2, "active", 300, None, None, None, 9000, 0, 0),
+        ],
+        [(7, 1, "dtuser", "hash", None, 0)],
+        [],
+        version=2,
+        worker_usage=[("w1", 7, 1, 2000, 2000)],
+    )
+    assert rt.accounts[1] is acc and (acc.trial, acc.ledger_trial) == (1200, 3000)
+    assert acc.flushed == {"w1": 2000} and acc.flushed_trial == {"w1": 2000}
+    new = rt.accounts[2]
+    assert (new.trial, new.granted, new.ledger_trial) == (0, 0, 9000)  # claims first
+    c = rt.settle(rt.by_username["dtuser"], 1000, 500, 0)
+    assert (c.trial_bytes, c.paid_bytes) == (1200, 300)  # only the trial held
