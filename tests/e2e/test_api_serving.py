@@ -30,6 +30,10 @@ def test_gateway_stops_cleanly_with_its_api(tmp_path) -> None:
     prepare_ledger(db)
     g = Gateway(db, {"api_port": free_port()}).start()
     wait_http(g.api_url + "/health", proc=g.proc)
+    if g.workers == 1:  # one process keeps its hot state to itself
+        assert httpx.get(g.api_url + "/health", timeout=5).json()["hotState"] == {
+            "state": "in-process"
+        }
     assert g.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(g.api_url + "/health", timeout=5)

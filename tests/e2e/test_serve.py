@@ -3,6 +3,7 @@ refused. Real launcher, real mitmdump workers, real redis-server, real clients."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -67,6 +68,9 @@ def test_two_workers_share_the_proxy_and_api_ports(tmp_path, origin, redis_serve
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 status, _, body = read_response(s)
                 assert status == 200 and b'"gateway":true' in body
+                hot = json.loads(body)["hotState"]  # each worker's state is the shared one
+                assert hot["state"] == "redis" and hot["redis"] == "connected", hot
+                assert hot["workers"] == 2
                 api_seen[owner_pid(s, pids)] += 1
             if len(api_seen) == 2:
                 break
