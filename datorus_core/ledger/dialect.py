@@ -12,15 +12,17 @@ The few things that differ are named by a token that :meth:`Dialect.sql` fills i
 ``{is}``
     null-safe equality (``port {is} ?`` matches NULL to NULL);
 ``{or_ignore}`` ... ``{on_conflict_ignore}``
-    an insert that skips a row it cannot take (``INSERT {or_ignore} INTO t ...
-    {on_conflict_ignore}``): SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
-    or CHECK, where ``ON CONFLICT DO NOTHING`` only skips duplicates; the gateway's
-    receipts rely on the former (a bad receipt must not lose its batch's usage).
+    an insert that skips a duplicate row (``INSERT {or_ignore} INTO t ...
+    {on_conflict_ignore}``). SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
+    or CHECK, where PostgreSQL's ``ON CONFLICT DO NOTHING`` only skips duplicates and
+    fails the transaction: rows that could break a constraint are checked in Python
+    first (the gateway's receipts: :func:`~.usage.clean_receipts`).
 
 Transactions open with :attr:`Dialect.begin_write` (SQLite takes the write lock at
-once, so a read-then-write cannot deadlock) or :attr:`Dialect.begin_read` (one
-snapshot). A second backend is a second :class:`Dialect` value and its own
-connection function, not a second copy of the queries::
+once, so a read-then-write cannot deadlock; :class:`~.db.Ledger` adds an advisory
+lock on PostgreSQL for the same effect) or :attr:`Dialect.begin_read` (one
+snapshot). Each backend is a :class:`Dialect` value and its own connection function
+(:mod:`.db`, :mod:`.postgres`), not a second copy of the queries::
 
     >>> SQLITE.sql("UPDATE t SET at = {now} WHERE port {is} ?")
     "UPDATE t SET at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE port IS ?"
@@ -87,8 +89,7 @@ SQLITE = Dialect(
     begin_read="BEGIN",
 )
 
-# Spelled out so the seam is visible; nothing connects with it yet (issue 16 brings the
-# backend, its own migrations and its tests).
+# A postgresql:// ledger (issue 16): psycopg 3 (.postgres), migrations in .schema_postgres
 POSTGRES = Dialect(
     name="postgresql",
     paramstyle="format",
