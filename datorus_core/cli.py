@@ -38,9 +38,9 @@ from .settings import (
 
 APP_HELP = """The Datorus operator CLI: accounts, credentials, balances, policy and the egress pool.
 
-Every command takes --db PATH (else the DATORUS_DB environment variable, else db in
-mitm.conf, else ./datorus.db) and --json, anywhere on the line. With --json it prints
-one JSON object; on failure, the error envelope on stderr and exit status 1.
+Every command takes --db PATH or --db postgresql://... (else the DATORUS_DB environment
+variable, else db in mitm.conf, else ./datorus.db) and --json, anywhere on the line.
+With --json it prints one JSON object; on failure, the error envelope on stderr and exit status 1.
 """
 
 
@@ -111,7 +111,8 @@ def _root(
         typer.Option(
             "--db",
             metavar="PATH",
-            help="The ledger (else DATORUS_DB, else db in mitm.conf, else ./datorus.db).",
+            help="The ledger: a SQLite path or a postgresql:// URL (else DATORUS_DB, else"
+            " db in mitm.conf, else ./datorus.db).",
         ),
     ] = None,
     json_: Annotated[

@@ -43,7 +43,7 @@ def unsupported(target: str) -> str | None:
     """Why *target* can name no ledger (a URL of another scheme), or None.
 
     >>> unsupported("mysql://db/ledger")
-    "mysql:// is not a ledger: use a SQLite file path or a postgresql:// URL"
+    'mysql:// is not a ledger: use a SQLite file path or a postgresql:// URL'
     >>> unsupported("postgresql://") is None and unsupported("a/b.db") is None
     True
     """
