@@ -98,3 +98,57 @@ def test_a_gateway_on_a_missing_postgresql_database_stops_at_start(
         assert "s3cret" not in out
     finally:
         gw.stop()
+
+
+def test_postgresql_restarting_under_a_gateway_loses_and_doubles_nothing(
+    raw_origin: RawOrigin, tmp_path: Path
+) -> None:
+    # a cluster of this test's own: it is stopped and started again under the gateway
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.create_database("restart")
+        prepare_ledger(url)
+        acc = cli(url, "account", "create", "restart@example.com", "--trial-bytes", "0")
+        cli(url, "balance", "add", str(acc["id"]), "100")
+        cred = cli(url, "credential", "create", str(acc["id"]))
+        user, pw = cred["username"], cred["password"]
+        gw = Gateway(tmp_path / "unused.db", {"db": url, "ledger_grace": 60}, set_db=False)
+        gw.start()
+        try:
+            gw.wait_for_credential(user, pw)
+            before = len(raw_origin.conns)
+
+            def get(n: int) -> None:
+                with requests.Session() as s:
+                    r = s.get(
+                        raw_origin.url(f"/bytes/{n}"),
+                        proxies={"http": gw.proxy(user, pw)},
+                        timeout=30,
+                    )
+                assert r.status_code == 200 and len(r.content) == n
+
+            get(1000)
+            cluster.stop()
+            for n in (2000, 3000, 4000):  # served from memory within the ledger grace
+                get(n)
+            wait_until(
+                lambda: "usage write failed" in gw.log.read_text(), 10, 0.05, "a failed write"
+            )
+            cluster.start()
+            conns = raw_origin.conns[before:]
+            moved = sum(c["in"] + c["out"] for c in conns)
+
+            def written() -> dict | None:
+                got = cli(url, "usage", str(acc["id"]), check=False)
+                return got if got.get("requests") == 4 else None
+
+            used = wait_until(written, 20, 0.1, "the kept usage written")
+            assert used["bytes"] == moved and used["chargedNanocents"] == moved * 300
+            assert used["balanceNanocents"] == 100 * NANO - moved * 300
+            assert "usage write recovered" in gw.log.read_text()
+        finally:
+            assert gw.stop() == 0
+        final = cli(url, "usage", str(acc["id"]))
+        assert final["requests"] == 4 and final["bytes"] == moved  # nothing written twice
+    finally:
+        cluster.destroy()

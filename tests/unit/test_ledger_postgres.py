@@ -570,3 +570,21 @@ def test_the_cli_says_a_missing_database_must_be_created_and_hides_the_password(
         r.returncode == 1
         and "Cannot open the ledger at postgresql://postgres@127.0.0.1:1/x" in (r.stderr)
     )
+
+
+def test_the_api_store_opens_a_new_connection_after_the_server_dropped_its_own(
+    postgres_url: str,
+) -> None:
+    from datorus_core.api.store import Store
+    from datorus_core.ledger import DatabaseError
+
+    store = Store(postgres_url)
+    db = store.db()
+    assert store.db() is db and len(store.ledger_id) == 16
+    with _opened(postgres_url) as admin:
+        admin.execute("SELECT pg_terminate_backend(?)", (db.value("SELECT pg_backend_pid()"),))
+    with pytest.raises(DatabaseError):  # this request gets the API's 503
+        db.execute("SELECT 1")
+    fresh = store.db()  # the thread's next request
+    assert fresh is not db and fresh.value("SELECT 1") == 1
+    assert Store(postgres_url).ledger_id == store.ledger_id
