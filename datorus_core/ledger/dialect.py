@@ -11,6 +11,10 @@ The few things that differ are named by a token that :meth:`Dialect.sql` fills i
     the current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` text (the schema's time format);
 ``{is}``
     null-safe equality (``port {is} ?`` matches NULL to NULL);
+``{for_update}``
+    at the end of a SELECT inside a write transaction: the rows read stay as read
+    until it commits (PostgreSQL's ``FOR UPDATE``; SQLite's write transaction holds
+    the whole file already);
 ``{or_ignore}`` ... ``{on_conflict_ignore}``
     an insert that skips a duplicate row (``INSERT {or_ignore} INTO t ...
     {on_conflict_ignore}``). SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
@@ -52,6 +56,7 @@ class Dialect:
     paramstyle: str  # DB-API paramstyle: "qmark" (?) or "format" (%s)
     now: str
     null_safe_eq: str
+    for_update: str
     or_ignore: str
     on_conflict_ignore: str
     begin_write: str
@@ -68,6 +73,7 @@ class Dialect:
             out = (
                 out.replace("{now}", self.now)
                 .replace("{is}", self.null_safe_eq)
+                .replace(" {for_update}", f" {self.for_update}" if self.for_update else "")
                 .replace(" {or_ignore}", f" {self.or_ignore}" if self.or_ignore else "")
                 .replace(
                     " {on_conflict_ignore}",
@@ -83,6 +89,7 @@ SQLITE = Dialect(
     paramstyle="qmark",
     now="strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
     null_safe_eq="IS",
+    for_update="",
     or_ignore="OR IGNORE",
     on_conflict_ignore="",
     begin_write="BEGIN IMMEDIATE",
@@ -95,6 +102,7 @@ POSTGRES = Dialect(
     paramstyle="format",
     now="to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
     null_safe_eq="IS NOT DISTINCT FROM",
+    for_update="FOR UPDATE",
     or_ignore="",
     on_conflict_ignore="ON CONFLICT DO NOTHING",
     begin_write="BEGIN",
