@@ -140,6 +140,16 @@ def _at_form(s: str, protocol: str, url: bool, country: str | None) -> FoundProx
     return FoundProxy(protocol, host, _port(port_text), user, pw, country)
 
 
+def _colon_form(s: str, protocol: str, country: str | None) -> FoundProxy:
+    host, port_text, more = _host_port(s)
+    user = pw = None
+    if more:
+        user, colon, pw = more.partition(":")
+        if not colon:
+            raise InvalidEntry("host:port:user needs :pass too")
+    return FoundProxy(protocol, host, _port(port_text), user, pw, country)
+
+
 def parse_line(line: str, defaults: ParseDefaults) -> FoundProxy:
     """One plaintext entry: ``host:port``, ``host:port:user:pass``, ``user:pass@host:port``
     or ``scheme://`` before either (IPv6 hosts in brackets).
@@ -148,6 +158,10 @@ def parse_line(line: str, defaults: ParseDefaults) -> FoundProxy:
     'https://[::1]:8443'
     >>> parse_line("p.example:8080:bob:p@ss:word", ParseDefaults("socks5")).url()
     'socks5://bob:p%40ss%3Aword@p.example:8080'
+
+    Without a scheme, ``host:port:user:pass`` is read first (a password may hold ``@``
+    and ``:``) and ``user:pass@host:port`` when that fails; in a URL the userinfo is
+    percent-encoded, so its ``@`` always ends it.
     """
     s = line.strip()
     protocol = defaults.protocol
@@ -157,19 +171,15 @@ def parse_line(line: str, defaults: ParseDefaults) -> FoundProxy:
         if protocol not in PROTOCOLS:
             raise InvalidEntry("the scheme must be http, https, socks4 or socks5")
         s = rest.removesuffix("/")
-    if "@" in s:  # user[:pass]@host:port, unless the @ is in host:port:user:pass's password
-        try:
-            return _at_form(s, protocol, bool(sep), defaults.country)
-        except InvalidEntry:
-            if sep or s.count(":") < 3:
-                raise
-    host, port_text, more = _host_port(s)
-    user = pw = None
-    if more:
-        user, colon, pw = more.partition(":")
-        if not colon:
-            raise InvalidEntry("host:port:user needs :pass too")
-    return FoundProxy(protocol, host, _port(port_text), user, pw, defaults.country)
+        if "@" in s:
+            return _at_form(s, protocol, True, defaults.country)
+        return _colon_form(s, protocol, defaults.country)
+    try:
+        return _colon_form(s, protocol, defaults.country)
+    except InvalidEntry:
+        if "@" not in s:
+            raise
+    return _at_form(s, protocol, False, defaults.country)
 
 
 def _first(fields: Mapping[str, object], *names: str) -> object:

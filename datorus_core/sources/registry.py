@@ -3,9 +3,9 @@
 Any installed distribution that declares, in its ``pyproject.toml``::
 
     [project.entry-points."datorus.parsers"]
-    semicolon = "my_package.module:SemicolonParser"
+    pipes = "my_package.module:PipesParser"
 
-adds the parser ``semicolon`` with no change to Datorus (a class is instantiated with
+adds the parser ``pipes`` with no change to Datorus (a class is instantiated with
 no arguments; an instance is used as it is). Datorus's own ``plaintext``, ``json`` and
 ``csv`` are registered the same way in its ``pyproject.toml``. A plugin that fails to
 load, or is no ``Parser``, is left out and listed with the reason (``failures``); it
@@ -143,7 +143,7 @@ def discover_parsers(eps: Iterable[EntryPoint] | None = None) -> ParserRegistry:
             fail("its name must be 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)")
             continue
         if ep.name in loaded:
-            fail(f"the name is taken by {loaded[ep.name].package}")
+            fail(f"the name is taken by {loaded[ep.name].package or 'another plugin'}")
             continue
         try:
             parser = _load(ep)

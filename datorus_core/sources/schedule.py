@@ -32,11 +32,11 @@ MAX_CRON_CHARS = 200
 
 def validate_cron(expr: object, field: str = "schedule") -> str:
     """*expr* with its fields separated by single spaces, if it is a five-field cron
-    expression that fires at least once in the next 50 years; else ``VALIDATION_ERROR``
-    with ``details.field`` *field*."""
+    expression that names a date at all (not ``0 0 30 2 *``); else ``VALIDATION_ERROR``
+    with ``details.field`` *field* (spaces and tabs separate fields, as in a crontab)."""
     if not isinstance(expr, str) or not expr.strip():
         raise validation_error(field, "must be a cron expression", "A cron schedule is required.")
-    if len(expr) > MAX_CRON_CHARS or has_control(expr):
+    if len(expr) > MAX_CRON_CHARS or has_control(expr.replace("\t", " ")):
         raise validation_error(
             field,
             f"must be at most {MAX_CRON_CHARS} printable characters",
