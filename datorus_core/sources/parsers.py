@@ -166,7 +166,7 @@ def parse_line(line: str, defaults: ParseDefaults) -> FoundProxy:
     s = line.strip()
     protocol = defaults.protocol
     scheme, sep, rest = s.partition("://")
-    if sep:
+    if sep and scheme.isalnum():  # not "host:80:user:pa://ss"
         protocol = scheme.lower()
         if protocol not in PROTOCOLS:
             raise InvalidEntry("the scheme must be http, https, socks4 or socks5")

@@ -117,6 +117,7 @@ def test_credentials_stay_out_of_repr_and_public_url():
         ("proxy.example:8080:bob:s3cr3t", "http://bob:s3cr3t@proxy.example:8080"),
         ("proxy.example:8080:bob:pa:ss", "http://bob:pa%3Ass@proxy.example:8080"),
         ("proxy.example:8080:bob:p@ss", "http://bob:p%40ss@proxy.example:8080"),
+        ("proxy.example:8080:bob:pa://ss", "http://bob:pa%3A%2F%2Fss@proxy.example:8080"),
         ("bob:s3cr3t@proxy.example:8080", "http://bob:s3cr3t@proxy.example:8080"),
         ("bob@proxy.example:8080", "http://bob:@proxy.example:8080"),
         ("socks5://10.0.0.1:1080", "socks5://10.0.0.1:1080"),
