@@ -6,6 +6,7 @@ by ``scripts/install --test``), which no file of Datorus names.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ SHIPPED = {
         "name": name,
         "type": cls,
         "package": "datorus",
-        "version": "0.1.0",
+        "version": version("datorus"),
         "module": "datorus_core.sources.parsers",
         "loaded": True,
     }

@@ -9,7 +9,7 @@ modules and objects which are not parsers.
 
 from __future__ import annotations
 
-from importlib.metadata import EntryPoint
+from importlib.metadata import EntryPoint, version
 
 import pytest
 
@@ -50,7 +50,7 @@ def test_installed_parsers_come_from_entry_points_with_their_package():
         "name": "plaintext",
         "type": "PlaintextParser",
         "package": "datorus",
-        "version": "0.1.0",
+        "version": version("datorus"),
         "module": "datorus_core.sources.parsers",
         "loaded": True,
     }
