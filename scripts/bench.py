@@ -1621,6 +1621,11 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             f" written; 'datorus ledger copy' moved that ledger ({pg['accounts']:,} accounts)"
             f" there in {pg['copy_s']:.1f} s"
         )
+        print(
+            f"ledger: CPU per usage event written: on PostgreSQL the writer"
+            f" {pg['client_us_per_event']:.1f} us and the server {pg['server_us_per_event']:.1f}"
+            f" us; on SQLite {x['ledger']['client_us_per_event']:.1f} us in all (in-process)"
+        )
     if x.get("profile"):
         pr = x["profile"]
         print(
