@@ -869,7 +869,7 @@ def ledger_copy(
     except DatabaseError as e:
         where, reason = shown(to), scrubbed(str(e), to).rstrip(".")
         hint = ""
-        if "does not exist" in reason:
+        if re.search(r'database "[^"]*" does not exist', reason):
             hint = " Create the database first (createdb NAME, or CREATE DATABASE)."
         raise DatorusError(
             "SERVICE_UNAVAILABLE",

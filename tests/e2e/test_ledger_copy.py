@@ -392,3 +392,20 @@ def test_a_copy_that_does_not_verify_is_rolled_back_tables_and_all(
         assert p.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None
     got = cli(url, "account", "list", check=False)
     assert got["error"]["code"] == "SERVICE_UNAVAILABLE"  # no ledger there: nothing written
+
+
+def test_a_database_that_does_not_exist_is_named_with_the_next_step(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.db"
+    small_ledger(db)
+    url = with_password(postgres_cluster.url("no_such_database"))
+    done = copy("--from", str(db), "--to", url)
+    assert done.returncode == 1 and done.stdout == "" and PASSWORD not in done.stderr
+    assert done.stderr.startswith(f"The copy into {masked(url)} failed: connection failed:")
+    assert done.stderr.endswith(
+        'database "no_such_database" does not exist. Nothing was written. Create the database'
+        " first (createdb NAME, or CREATE DATABASE).\n"
+    )
+    err = json.loads(copy("--from", str(db), "--to", url, "--json").stderr)["error"]
+    assert err["code"] == "SERVICE_UNAVAILABLE" and err["details"]["to"] == masked(url)
