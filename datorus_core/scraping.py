@@ -45,6 +45,9 @@ from .sources.parsers import ParseDefaults
 from .sources.registry import MAX_LIST_BYTES, ParseOutcome, parse_list, pick_parser
 
 log = logging.getLogger("datorus.sources")
+# the gateway's log handlers show what is logged here; a CLI run, which has none, stays
+# quiet on stderr (only its envelope or sentence goes there)
+log.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 #: Runs a ledger call somewhere that may block (a worker thread) and awaits its result.
