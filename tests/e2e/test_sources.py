@@ -291,7 +291,7 @@ def test_a_failing_list_is_recorded_and_changes_no_proxy(gw, lists, path, reason
 
 
 def test_a_scrape_under_way_is_not_run_twice(gw, lists):
-    src = add(gw, lists.serve("/slow.txt", "10.24.0.1:80\n", delay=2), parser_name="plaintext")
+    src = add(gw, lists.serve("/slow.txt", "10.24.0.1:80\n", delay=4), parser_name="plaintext")
     first: list[httpx.Response] = []
     t = threading.Thread(
         target=lambda: first.append(api(gw, "POST", f"/sources/{src['id']}/scrape", gw.op))
@@ -446,3 +446,20 @@ def _cli_with(db, env: dict[str, str], url: str) -> dict[str, Any]:
     )
     assert p.returncode == 0, p.stderr
     return dict(json.loads(p.stdout))
+
+
+def test_a_gateway_on_postgresql_runs_the_schedule(postgres_cluster, lists, tmp_path):
+    """The scheduler's claims, import and next run on a PostgreSQL ledger."""
+    url = postgres_cluster.create_database("sources")
+    prepare_ledger(url)
+    g = Gateway(tmp_path / "unused.db", {"db": url, "test_schedule_seconds": 1}, set_db=False)
+    g.start()
+    try:
+        src = _cli_with(url, {"DATORUS_TEST_SCHEDULE_SECONDS": "1"}, lists.serve("/pg.txt", PLAIN))
+        wait_until(lambda: lists.hits("/pg.txt") >= 2, 20, 0.1, "two scheduled scrapes")
+        shown = cli(url, "source", "show", str(src["id"]))
+        assert shown["lastFound"] == 3 and shown["proxies"] == 3 and shown["nextRunAt"]
+        items = cli(url, "egress", "list")["items"]
+        assert {e["sourceId"] for e in items} == {src["id"]} and len(items) == 3
+    finally:
+        g.stop()

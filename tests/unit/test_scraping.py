@@ -222,7 +222,7 @@ def test_reading_a_big_list_leaves_the_event_loop_free(db: Ledger, lists: ListSe
     """A 2 MiB list (150,000 entries, seconds of parsing) is read in a worker thread:
     meanwhile the event loop (the gateway's, where requests are served) keeps ticking.
     Its longest pause is the interpreter's (a garbage collection of the growing list,
-    the GIL), far below the parse: on the loop the parse would be one pause."""
+    the GIL, the box's other load), far below the parse."""
     body = b"10.7.7.7:8080\n" * (2 * 1024 * 1024 // 14)
     sid = add(db, lists.serve("/big.txt", body), "plaintext")
 
@@ -252,4 +252,6 @@ def test_reading_a_big_list_leaves_the_event_loop_free(db: Ledger, lists: ListSe
     out, took, worst = asyncio.run(main())
     assert out is not None and out["error"] is None
     assert out["proxies_new"] == 1 and out["proxies_duplicate"] == len(body) // 14 - 1
-    assert worst < 0.5 and took > 3 * worst, (took, worst)
+    # on the loop, the parse (most of *took*) would be one pause; a busy box stretches
+    # both alike, so the bound is relative
+    assert worst < took / 3, (took, worst)
