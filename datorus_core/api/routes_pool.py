@@ -3,12 +3,13 @@
 Every egress the operator added (``datorus egress add``) is a "proxy" here, in seed
 002's shape: upstream proxies with their host and port (never their credentials),
 source addresses with their address. ``status`` is ``unchecked`` before the first
-background check, ``active`` while checks pass, ``dead`` while they fail (its score is
-0 then) and ``disabled`` when the operator disabled it. ``POST /proxies/acquire``
+background check (a proxy a source found stays out of service until then), ``active``
+while checks pass, ``dead`` while they fail (its score is 0 then) and ``disabled`` when
+the operator disabled it. ``POST /proxies/acquire``
 leases one to the caller alone (``datorus_core.leases``); ``POST /proxies/test`` sends
 one GET through each of the best matching egress, through the gateway and billed to the
-caller. Proxy-list sources (``/sources``) are not built: the pool is the operator's,
-filled with the CLI.
+caller. The read-only routes take a customer's or the operator's key; the pool is
+filled with ``datorus egress`` and by proxy-list sources (``routes_sources``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
 from ..ledger import egress as el
 from ..ledger import leases
+from ..ledger import sources as ledger_sources
 from ..live import Lease
 from ..sources.registry import installed_parsers
-from .deps import Account, ActiveAccount, Cursor, Limit, State
+from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
 from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
@@ -48,7 +50,9 @@ _SORTS = {
 
 def _status(r: dict[str, Any]) -> str:
     if not r["enabled"]:
-        return "disabled"
+        # a proxy a source found waits, out of service, for its first check
+        found = r.get("sourceId") is not None and r["lastCheckedAt"] is None
+        return "unchecked" if found else "disabled"
     if r["lastCheckedAt"] is None:
         return "unchecked"
     return "active" if r["score"] > 0 else "dead"
@@ -72,7 +76,8 @@ def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
         "uptime_pct": r["uptimePct"],
         "last_checked_at": r["lastCheckedAt"],
         "first_seen_at": r["createdAt"],
-        "tags": {"kind": r["kind"], "weight": r["weight"]},
+        "tags": {**r.get("tags", {}), "kind": r["kind"], "weight": r["weight"]},
+        "source_id": r.get("sourceId"),
     }
 
 
@@ -85,7 +90,7 @@ def _checked_since(stamp: str | None, minutes: int, now: float) -> bool:
 
 @router.get("/proxies")
 async def list_proxies(
-    acc: Account,
+    who: AnyKey,
     st: State,
     status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
     protocol: Literal["direct", "http", "https", "socks5"] | None = None,
@@ -140,7 +145,7 @@ async def list_proxies(
 
 
 @router.get("/proxies/{proxy_id}")
-async def get_proxy(acc: Account, st: State, proxy_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
+async def get_proxy(who: AnyKey, st: State, proxy_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
     """One proxy and its recent checks, newest first (404 ``RESOURCE_NOT_FOUND``)."""
 
     def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -166,9 +171,14 @@ async def get_proxy(acc: Account, st: State, proxy_id: Annotated[int, Path(ge=1,
 
 
 @router.get("/stats/pool")
-async def pool_stats(acc: Account, st: State) -> Any:
+async def pool_stats(who: AnyKey, st: State) -> Any:
     """Pool health overview (seed 002): counts by status, protocol and anonymity."""
-    rows = await run_in_threadpool(lambda: el.list_egress(st.store.db()))
+
+    def read() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        db = st.store.db()
+        return el.list_egress(db), ledger_sources.source_stats(db)
+
+    rows, sources = await run_in_threadpool(read)
     items = [proxy_view(r) for r in rows]
 
     def count(key: str) -> dict[str, int]:
@@ -187,15 +197,13 @@ async def pool_stats(acc: Account, st: State) -> Any:
         "by_anonymity": count("anonymity"),
         "avg_score": round(sum(p["score"] for p in items) / len(items), 3) if items else None,
         "avg_latency_ms": round(sum(lat) / len(lat), 1) if lat else None,
-        "sources_active": 0,
-        "sources_total": 0,
-        "last_scrape_at": None,
+        **sources,  # sources_total, sources_active, last_scrape_at
         "last_validation_at": max(checked) if checked else None,
     }
 
 
 @router.get("/stats/plugins")
-async def plugin_stats(acc: Account, st: State) -> Any:
+async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins: parsers as found through the ``datorus.parsers`` entry points (with
     the package that registered each; one that failed to load shows ``loaded: false`` and
     why), and the checkers the gateway runs on every egress."""

@@ -1,12 +1,14 @@
 """The egress pool in the ledger: the operator's add, list, remove, enable (synchronous).
 
 Every change bumps ``config_version`` (a trigger), so a running gateway picks it
-up within ``refresh_ms``. Check results are written by the gateway itself and do
+up within ``refresh_ms``. Proxies found by a source arrive through
+:func:`.sources.import_found`. Check results are written by the gateway itself and do
 not bump the version.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -17,7 +19,7 @@ from .db import Ledger
 
 _COLUMNS = (
     "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
-    " anonymity, last_checked_at, created_at"
+    " anonymity, last_checked_at, created_at, source_id, tags"
 )
 
 
@@ -46,6 +48,8 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "anonymity": r["anonymity"],
         "lastCheckedAt": r["last_checked_at"],
         "createdAt": r["created_at"],
+        "sourceId": r["source_id"],  # the source that found it (None: added by hand)
+        "tags": json.loads(r["tags"]) if r["tags"] else {},
     }
 
 
