@@ -144,6 +144,9 @@ def busy_ledger(db: Path, raw_origin: RawOrigin) -> dict[str, Any]:
     other = cli(db, "account", "create", "idle@example.com", "--trial-bytes", "777")
     cli(db, "key", "create", str(other["id"]))
     cli(db, "policy", "deny", "blocked.example")
+    cli(db, "key", "create", "--operator", "--label", "ops")
+    cli(db, "source", "add", "http://127.0.0.1:9/list.txt", "--parser", "plaintext",
+        "--cron", "*/30 * * * *", "--tag", "tier=a", "--disabled")  # fmt: skip
     user, pw = cred["username"], cred["password"]
     api = free_port()
     gw = Gateway(db, {"api_port": api, "flush_ms": 20, "egress_check_seconds": 1})
@@ -209,7 +212,8 @@ def test_a_ledger_with_traffic_copies_whole_and_a_gateway_bills_on_from_the_copy
     filled = {t for t, rows in tables.items() if rows[0]}
     assert {"transactions", "balances", "receipts", "usage_daily", "credential_usage",
             "leases", "egress", "egress_checks", "aup_denials", "api_keys", "api_secrets",
-            "usage_batches", "policy_rules", "credentials", "accounts"} <= filled  # fmt: skip
+            "usage_batches", "policy_rules", "credentials", "accounts",
+            "sources"} <= filled  # fmt: skip
     kinds = {r["kind"] for r in tables["transactions"][0]}
     assert kinds == {"trial_grant", "topup", "adjustment", "usage"}
     total = sum(r["nanocents"] for r in tables["balances"][0])
