@@ -24,7 +24,7 @@ from . import pricing
 from .envelope import DatorusError, envelope, validation_error
 from .ledger import DatabaseError, Ledger, accounts, connect, money, open_ledger, policy_rules
 from .ledger import usage as ledger_usage
-from .ledger.target import is_postgres, shown
+from .ledger.target import is_postgres, scrubbed, shown
 from .settings import (
     SETTINGS,
     SettingsError,
@@ -819,6 +819,66 @@ def serve_cmd(
     if RUN.db and not any(a.startswith("datorus_db=") for a in args):
         args = ["--set", f"datorus_db={RUN.db}", *args]
     raise SystemExit(serve(workers, args))
+
+
+ledger_app = _Typer(help="The ledger itself: move a SQLite ledger to PostgreSQL.")
+app.add_typer(ledger_app, name="ledger")
+
+
+def _copied(r: dict[str, Any]) -> str:
+    """``ledger copy``'s summary as text."""
+    return "\n".join(
+        [
+            f"Copied the ledger at {r['from']} (schema {r['schemaVersion']}) into {r['to']}"
+            f" in one transaction, {r['seconds']:.1f} s:",
+            "",
+            _rows(r["tables"]),
+            "",
+            f"Rows {r['rows']:,}, accounts {r['accounts']:,}, their balances {r['balanceCents']:,}"
+            f" cents in all ({r['balanceNanocents']:,} nanocents). Verified before the commit: the"
+            " rows of every table, and every balance against the source and against the sum"
+            " of its transactions; new rows get ids past the copied ones.",
+        ]
+    )
+
+
+@ledger_app.command("copy")
+def ledger_copy(
+    from_: Annotated[
+        str, typer.Option("--from", metavar="PATH", help="The SQLite ledger file to copy.")
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="The PostgreSQL database (postgresql://...): empty, or made by 'datorus init'.",
+        ),
+    ],
+) -> None:
+    """Copy a SQLite ledger into PostgreSQL in one transaction, ids kept, then verify it.
+
+    The SQLite file is brought up to date first; the destination must hold no accounts
+    or other rows (only what 'datorus init' makes). Every table is copied and checked
+    (row counts; every balance against the source and the sum of its transactions)
+    before the commit; on any difference nothing is written. Stop the gateways on the
+    SQLite file first: what they write after the copy starts is not copied.
+    """
+    from .ledger.copy import copy_ledger
+
+    try:
+        result = copy_ledger(from_, to)
+    except DatabaseError as e:
+        where, reason = shown(to), scrubbed(str(e), to).rstrip(".")
+        hint = ""
+        if re.search(r'database "[^"]*" does not exist', reason):
+            hint = " Create the database first (createdb NAME, or CREATE DATABASE)."
+        raise DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message=f"The copy into {where} failed: {reason}. Nothing was written.{hint}",
+            details={"to": where, "reason": reason},
+        ) from None
+    emit(result, _copied)
 
 
 key_app = _Typer(help="REST API keys (pp_...).")

@@ -21,6 +21,17 @@ Two comparisons join the same interleaved rounds when asked for:
     is made by that tree's own ledger code and whose ``addons/datorus.py`` runs under
     the same ``.venv`` with ``PYTHONPATH`` on that tree; the report gives
     current/baseline ratios, round by round.
+``--ledger-compare``
+    the ledger on PostgreSQL (issue 16): a throwaway cluster the bench starts (``initdb``
+    into the temp dir, as Debian's ``postgres`` user when run as root; loopback TCP only;
+    ``fsync``, ``synchronous_commit`` and ``full_page_writes`` ON, as a real ledger runs),
+    the usage writer's events/s on SQLite and on PostgreSQL, the time ``datorus ledger
+    copy`` takes to move the 10,000-account ledger there, and two gateway nodes (two
+    mitmdump processes on two ports, one PostgreSQL ledger, one ``redis-server``,
+    ``datorus_redis_url`` on both) against one of them alone, forward c50 (c25 + c25 on
+    the two ports for the pair), in the same interleaved rounds, with the CPU of each
+    node, of PostgreSQL and of Redis, Redis's commands and the ledger's write
+    transactions per request.
 ``--workers-compare``
     ``datorus serve --workers 2`` with its hot state in Redis (a ``redis-server`` the
     bench starts on a free port, no persistence), bare mitmdump and proxy.py 2.4 with its
@@ -42,8 +53,10 @@ import base64
 import collections
 import contextlib
 import datetime as dt
+import glob
 import json
 import os
+import pwd
 import random
 import re
 import resource
@@ -144,6 +157,26 @@ def session_cpu_seconds(sessions: set[int]) -> float:
     return total
 
 
+def own_cpu() -> float:
+    """User plus system CPU seconds of this process, every thread."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process *pid* and of its live children (``/proc/*/stat``)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+                ppid = int(text.rsplit(")", 1)[1].split()[1])
+                if int(entry) == pid or ppid == pid:
+                    total += stat_fields(text)[1]
+    return total
+
+
 def rss_mb(pid: int) -> float | None:
     """The process's resident set size in MiB, or None when it is gone."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
@@ -161,9 +194,15 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(
-        self, name: str, cmd: list[str], cwd: Path = REPO, env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        owner: pwd.struct_passwd | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start *cmd* in *cwd* with its output in ``TMP/NAME.log`` (*env* added to ours)."""
+        """Start *cmd* in *cwd* with its output in ``TMP/NAME.log`` (*env* added to ours),
+        as the user *owner* when given (PostgreSQL will not run as root)."""
         with open(self.tmp / f"{name}.log", "wb") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -173,6 +212,7 @@ class Children:
                 cwd=cwd,
                 env=clean_env() | (env or {}),
                 start_new_session=True,
+                **as_user(owner),
             )
         self.procs.append(proc)
         return proc
@@ -203,15 +243,24 @@ class Children:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def as_user(owner: pwd.struct_passwd | None) -> dict[str, Any]:
+    """``subprocess`` arguments that run a child as *owner* (nothing for None)."""
+    if owner is None:
+        return {}
+    return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+
+
 # -- set-up: packages, certificates, origin ----------------------------------------------
 
 
-def ensure_tools(install: bool, redis: bool = False) -> str:
-    """Install nginx and ab (and redis-server) with apt-get, py-spy with pip, when missing."""
+def ensure_tools(install: bool, redis: bool = False, postgres: bool = False) -> str:
+    """Install nginx and ab (and redis-server, PostgreSQL) with apt-get, py-spy with pip,
+    when missing."""
     notes = []
     wanted = [("nginx-light", "nginx"), ("apache2-utils", "ab")]
     wanted += [("redis-server", "redis-server")] if redis else []
     apt = [p for p, exe in wanted if not shutil.which(exe)]
+    apt += ["postgresql"] if postgres and pg_bin() is None else []
     if apt and install and shutil.which("apt-get") and os.geteuid() == 0:
         log(f"installing {' '.join(apt)} with apt-get")
         env = clean_env() | {"DEBIAN_FRONTEND": "noninteractive"}
@@ -347,8 +396,9 @@ GATEWAY_SETTINGS = {  # rate limits far above what the bench sends; the REST API
 }  # fmt: skip
 
 
-def gateway_args(tmp: Path, key: str, port: int, db: Path) -> list[str]:
-    """mitmdump's arguments for a gateway on *port* and ledger *db*, with the bench settings."""
+def gateway_args(tmp: Path, key: str, port: int, db: Path | str) -> list[str]:
+    """mitmdump's arguments for a gateway on *port* and ledger *db* (a SQLite path or a
+    PostgreSQL URL), with the bench settings."""
     args = ["-q", "--listen-host", HOST, "--listen-port", str(port)]
     args += ["--set", f"confdir={tmp / ('mitm-' + key)}", "--set", f"datorus_db={db}"]
     for k, v in GATEWAY_SETTINGS.items():
@@ -581,6 +631,141 @@ def start_proxypy(children: Children, tmp: Path, exe: Path) -> Proxy:
     return Proxy("proxypy", port, children.spawn("proxypy", cmd, cwd=tmp))
 
 
+# -- --ledger-compare: a throwaway PostgreSQL, two gateway nodes sharing it and Redis ----
+
+
+def pg_bin() -> Path | None:
+    """The newest ``/usr/lib/postgresql/N/bin`` (Debian's layout), else ``initdb``'s on PATH."""
+
+    def version(initdb: str) -> int:
+        name = Path(initdb).parent.parent.name
+        return int(name) if name.isdigit() else 0
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PgCluster:
+    """``initdb`` into ``TMP/pg`` and ``postgres`` on a free loopback port, durable.
+
+    Unlike the tests' cluster, nothing that makes commits cheaper is turned off:
+    ``fsync``, ``synchronous_commit`` and ``full_page_writes`` are on (PostgreSQL's
+    defaults, spelled out), so every usage batch the writer commits waits for its WAL
+    flush, as on a real ledger. Trust authentication on 127.0.0.1 and a socket in the
+    cluster's directory: nothing leaves the box. As root it runs as Debian's ``postgres``
+    user (the temp dir is opened for traversal, ``0711``).
+    """
+
+    def __init__(self, children: Children, tmp: Path) -> None:
+        found = pg_bin()
+        if found is None:
+            raise SystemExit("bench: PostgreSQL is required: apt-get install postgresql")
+        self.bin = found
+        self.children = children
+        self.port = free_port()
+        self.dir = tmp / "pg"
+        self.dir.mkdir()
+        self.owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        if self.owner is not None:
+            os.chmod(tmp, 0o711)
+            os.chown(self.dir, self.owner.pw_uid, self.owner.pw_gid)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def run(self, *cmd: str, timeout: float = 120) -> str:
+        """Run one of the cluster's binaries as its owner; its output (exit on failure)."""
+        done = subprocess.run(
+            [str(self.bin / cmd[0]), *cmd[1:]], capture_output=True, text=True,
+            timeout=timeout, cwd=self.dir, env=clean_env(), check=False, **as_user(self.owner),
+        )  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"bench: {cmd[0]} failed: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def start(self) -> PgCluster:
+        """initdb, then the server; returns when it accepts connections."""
+        data = str(self.dir / "data")
+        self.run("initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                 "--locale=C")  # fmt: skip
+        cmd = [str(self.bin / "postgres"), "-D", data, "-p", str(self.port), "-k", str(self.dir),
+               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on",
+               "-c", "synchronous_commit=on", "-c", "full_page_writes=on"]  # fmt: skip
+        self.proc = self.children.spawn("postgres", cmd, cwd=self.dir, owner=self.owner)
+        deadline = time.monotonic() + 60
+        ready = [str(self.bin / "pg_isready"), "-q", "-h", HOST, "-p", str(self.port)]
+        while subprocess.run(ready, check=False, timeout=10).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.children.tmp / "postgres.log").read_text(errors="replace")[-800:]
+                raise SystemExit(f"bench: postgres did not start\n{tail}")
+            time.sleep(0.1)
+        return self
+
+    def createdb(self, name: str) -> str:
+        """A new database; its URL (``postgresql://postgres@127.0.0.1:PORT/NAME``)."""
+        self.run("createdb", "-h", HOST, "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql://postgres@{HOST}:{self.port}/{name}"
+
+    def psql(self, sql: str, db: str) -> str:
+        """*sql*'s result with ``psql -A -t`` (a bench probe, not the ledger's code)."""
+        return self.run("psql", "-X", "-q", "-A", "-t", "-h", HOST, "-p", str(self.port),
+                        "-U", "postgres", "-d", db, "-c", sql).strip()  # fmt: skip
+
+    def cpu(self) -> float:
+        """CPU seconds of the server and its live children (backends, WAL writer...:
+        each leads a session of its own, so they are found by their parent)."""
+        return family_cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def version(self) -> str:
+        """``PostgreSQL 15.x`` as the server reports it."""
+        out = subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+        m = re.search(r"\(PostgreSQL\) (\S+)", out)
+        return f"PostgreSQL {m.group(1) if m else '?'}"
+
+
+@dataclass
+class Nodes:
+    """``--ledger-compare``'s set-up: the cluster, the nodes' ledger, their Redis."""
+
+    pg: PgCluster
+    db: str  # the nodes' database name
+    redis_pid: int
+    redis_port: int
+    copy_s: float  # what 'datorus ledger copy' of their ledger took
+
+
+def ledger_stats(nodes: Nodes) -> int:
+    """Usage batches the nodes' ledger holds (one write transaction each)."""
+    return int(nodes.pg.psql("SELECT count(*) FROM usage_batches", nodes.db) or 0)
+
+
+def start_nodes(bench: Bench, db: Path, creds: tuple[str, str]) -> None:
+    """Two gateway nodes on one PostgreSQL ledger (a copy of the bench ledger, made with
+    ``datorus ledger copy``) and one Redis: ``node_a`` and ``node_b``."""
+    from datorus_core.ledger.copy import copy_ledger
+
+    tmp, children = bench.tmp, bench.children
+    pg = bench.pg or PgCluster(children, tmp).start()
+    bench.pg = pg
+    src = tmp / "nodes.db"
+    copy_db(db, src)
+    url = pg.createdb("nodes")
+    t0 = time.perf_counter()
+    copy_ledger(str(src), url)
+    took = time.perf_counter() - t0
+    redis, redis_port = start_redis(children, tmp)
+    bench.nodes = Nodes(pg, "nodes", redis.pid, redis_port, took)
+    mitmdump = tool("mitmdump") or "mitmdump"
+    for key in ("node_a", "node_b"):
+        port = free_port()
+        cmd = [mitmdump, "-s", str(REPO / "addons" / "datorus.py")]
+        cmd += gateway_args(tmp, key, port, url)
+        cmd += ["--set", f"datorus_redis_url=redis://{HOST}:{redis_port}/0"]
+        bench.proxies[key] = Proxy(key, port, children.spawn(key, cmd), creds)
+
+
 # -- measurements ------------------------------------------------------------------------
 
 
@@ -693,6 +878,8 @@ class Bench:
         self.rounds: list[dict[str, dict[str, Any]]] = []
         self.extra: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.pg: PgCluster | None = None
+        self.nodes: Nodes | None = None
         self._n = 0
 
     def put(self, key: str, name: str, value: Any) -> None:
@@ -716,6 +903,77 @@ class Bench:
                 f"{p.key} c{conc}: {res.get('error') or str(res['failed']) + ' failed'}"
             )
         return res
+
+    def nodes_forward(self, nodes: list[Proxy], seconds: float) -> dict[str, Any]:
+        """c50 split evenly over *nodes* (one ab per node, at once): the requests/s they
+        served together, and what each node, PostgreSQL, Redis and the clients spent."""
+        ns = self.nodes
+        assert ns is not None
+        conc = C50 // len(nodes)
+        batches0 = ledger_stats(ns)
+        cpu0 = [p.cpu() for p in nodes]
+        pg0, redis0 = ns.pg.cpu(), cpu_seconds(ns.redis_pid)
+        cmds0, box0, clients0 = redis_commands(ns.redis_port), box_jiffies(), children_cpu()
+        t0 = time.monotonic()
+        running = []
+        for p in nodes:
+            self._n += 1
+            csv = self.tmp / f"ab{self._n}.csv"
+            cmd = ab_cmd(p, self.origin, conc, seconds, 10_000_000, csv)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=clean_env(), cwd=REPO)  # fmt: skip
+            running.append((p, csv, proc))
+        got = []
+        for p, csv, proc in running:
+            out, _ = proc.communicate(timeout=seconds + 600)
+            res = parse_ab(out, csv)
+            p.requests += res["requests"]
+            got.append(res)
+        wall = time.monotonic() - t0
+        cpu = [p.cpu() - c for p, c in zip(nodes, cpu0, strict=True)]
+        pg, redis = ns.pg.cpu() - pg0, cpu_seconds(ns.redis_pid) - redis0
+        cmds, box, clients = redis_commands(ns.redis_port), box_jiffies(), children_cpu()
+        batches = ledger_stats(ns) - batches0
+        n = sum(r["requests"] for r in got)
+        for p, r in zip(nodes, got, strict=True):
+            if r.get("failed") or r.get("error"):
+                self.notes.append(f"{p.key} c{conc}: {r.get('error') or r['failed']} failed")
+        if not n:
+            return {"rps": None}
+        idle, every = box[0] - box0[0], box[1] - box0[1]
+        res = {
+            "rps": sum(r.get("rps", 0) for r in got),
+            "p50": max(r.get("p50", 0) for r in got),
+            "p99": max(r.get("p99", 0) for r in got),
+            "gateway_cpu_ms": sum(cpu) / n * 1000,
+            "pg_cpu_ms": pg / n * 1000,
+            "pg_cpu_pct": pg / wall * 100,
+            "redis_cpu_ms": redis / n * 1000,
+            "redis_cpu_pct": redis / wall * 100,
+            "redis_cmds": (cmds - cmds0 - 1) / n,  # less the INFO that took the first count
+            "client_cpu_ms": (clients - clients0) / n * 1000,
+            "box_idle_pct": idle / every * 100 if every else None,
+            "batches_s": batches / wall,
+            "per_batch": n / batches if batches else None,
+        }
+        for i, c in enumerate(cpu):
+            res[f"node{i}_cpu_pct"] = c / wall * 100
+        return res
+
+    def nodes_round(self, n: int) -> None:
+        """One node alone, then both (or the other way round on even rounds)."""
+        a, b = self.proxies["node_a"], self.proxies["node_b"]
+        runs = [("one_node", [a]), ("two_nodes", [a, b])]
+        for key, nodes in runs if n % 2 else runs[::-1]:
+            r = self.nodes_forward(nodes, self.args.seconds)
+            for k, v in r.items():
+                self.put(key, k, v)
+            log(
+                f"round {n}: {key:<9} c50 {r.get('rps') or 0:8.0f} req/s  "
+                f"p99 {r.get('p99', 0):6.2f} ms  gateway {r.get('gateway_cpu_ms', 0):.3f} ms/req  "
+                f"postgres {r.get('pg_cpu_pct', 0):.0f} %  redis {r.get('redis_cmds', 0):.1f}"
+                f" cmds/req  idle {r.get('box_idle_pct') or 0:.0f} %"
+            )
 
     def tunnels(self, p: Proxy, count: int) -> dict[str, Any]:
         """CONNECT+TLS+GET+close, *count* of them, 50 at once (the ``_tunnels`` client)."""
@@ -789,6 +1047,8 @@ class Bench:
                 f"cpu {t.get('cpu_ms') or 0:.2f} ms/tunnel  idle {t.get('box_idle_pct', 0):.0f} %"
                 f"  client {t.get('client_cpu_ms', 0):.2f} ms/tunnel"
             )
+        if self.nodes is not None:
+            self.nodes_round(n)
         for p in pair:
             d = self.download(p)
             self.put(p.key, "mbps", d.get("mbps"))
@@ -823,28 +1083,25 @@ class Bench:
 # -- scale, ledger rate, profile ---------------------------------------------------------
 
 
-def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, Any]:
-    """Usage events/s the gateway's ledger writer sustains, on a copy of *db*.
-
-    Events are built by ``Runtime.settle`` as the metering addon builds them (one
-    settled forward request with its receipt and the gateway's request id, spread over every
-    account of the ledger) and written with ``LedgerLink.write`` in batches of
-    ``flush_events`` (2,000); the rate counts the time spent writing only. With
-    *receipts*, the copy first gets that many old receipts: a ledger that has been
-    running for a while.
-    """
-
+def rate_ledger(db: Path, receipts: int = 0, pg: PgCluster | None = None) -> str:
+    """A copy of the SQLite ledger *db* to measure the writer on: a SQLite file beside it,
+    or (with *pg*) a new database of that cluster filled by ``datorus ledger copy``'s
+    code. With *receipts*, the copy first gets that many old receipts: a ledger that has
+    been running for a while."""
     from datorus_core.envelope import new_request_id
     from datorus_core.ledger import open_ledger, usage
-    from datorus_core.ledger.gateway import LedgerLink
-    from datorus_core.runtime import Runtime
-    from datorus_core.settings import resolve_defaults
 
-    copy = db.with_name(f"rate{receipts}.db")
-    copy_db(db, copy)
+    if pg is None:
+        target = str(db.with_name(f"rate{receipts}.db"))
+        copy_db(db, Path(target))
+    else:
+        from datorus_core.ledger.copy import copy_ledger
+
+        target = pg.createdb(f"rate{receipts}")
+        copy_ledger(str(db), target)
     if receipts:
         old = "2026-01-01T00:00:00Z"
-        d = open_ledger(copy)
+        d = open_ledger(target)
         usage.insert_receipts(
             d,
             (
@@ -853,9 +1110,30 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
             ),
         )
         d.close()
+    return target
+
+
+def ledger_write_rate(
+    target: str, seconds: float, receipts: int = 0, server: PgCluster | None = None
+) -> dict[str, Any]:
+    """Usage events/s the gateway's ledger writer sustains on the ledger *target* (a
+    SQLite path or a PostgreSQL URL: a :func:`rate_ledger` copy, written to).
+
+    Events are built by ``Runtime.settle`` as the metering addon builds them (one
+    settled forward request with its receipt and the gateway's request id, spread over every
+    account of the ledger) and written with ``LedgerLink.write`` in batches of
+    ``flush_events`` (2,000); the rate counts the time spent writing only, and so do
+    the CPU figures: this process's (the writer and, on SQLite, its thread) and the
+    *server*'s when there is one, per event.
+    """
+
+    from datorus_core.envelope import new_request_id
+    from datorus_core.ledger.gateway import LedgerLink
+    from datorus_core.runtime import Runtime
+    from datorus_core.settings import resolve_defaults
 
     async def go() -> dict[str, Any]:
-        link = LedgerLink(str(copy))
+        link = LedgerLink(target)
         await link.open()
         settings = resolve_defaults()
         rt = Runtime(settings)
@@ -863,6 +1141,7 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
         creds = list(rt.by_username.values())
         per = settings["flush_events"]
         events, writing, t0 = 0, 0.0, time.perf_counter()
+        mine, theirs = 0.0, 0.0
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         while time.perf_counter() - t0 < seconds:
             for _ in range(per):
@@ -871,9 +1150,12 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
                            200, 120, 1200, 0, 0, stamp, stamp)  # fmt: skip
                 rt.settle(cred, 120, 1200, 0)
                 rt.settle(cred, 0, 0, 0, requests=1, receipt=receipt)
-            w0 = time.perf_counter()
-            await link.write(rt.take_batch())
+            batch = rt.take_batch()
+            w0, c0, s0 = time.perf_counter(), own_cpu(), server.cpu() if server else 0.0
+            await link.write(batch)
             writing += time.perf_counter() - w0
+            mine += own_cpu() - c0
+            theirs += (server.cpu() - s0) if server else 0.0
             events += per
         await link.close()
         return {
@@ -881,6 +1163,8 @@ def ledger_write_rate(db: Path, seconds: float, receipts: int = 0) -> dict[str, 
             "batch": per,
             "accounts": len(rt.accounts),
             "receipts_before": receipts,
+            "client_us_per_event": mine / events * 1e6,
+            "server_us_per_event": theirs / events * 1e6 if server else None,
         }
 
     return asyncio.run(go())
@@ -1027,6 +1311,25 @@ WORKER_ROWS = [  # --workers-compare: issue 15's targets, workers against one wo
 ]
 
 
+NODE_ROWS = [  # --ledger-compare: two nodes against one (issue 16's target), same rounds
+    ("forward req/s, c50 (two: c25 + c25)", "rps", 0, "ratio", ">= 1.6", lambda r: r >= 1.6),
+    ("forward p50 ms, c50", "p50", 2, "diff", "", None),
+    ("forward p99 ms, c50", "p99", 2, "diff", "", None),
+    ("gateway CPU ms/request (all nodes)", "gateway_cpu_ms", 3, "ratio", "", None),
+    ("node A CPU, % of a core", "node0_cpu_pct", 0, "diff", "", None),
+    ("node B CPU, % of a core", "node1_cpu_pct", 0, "diff", "", None),
+    ("PostgreSQL CPU, % of a core", "pg_cpu_pct", 1, "diff", "", None),
+    ("PostgreSQL CPU ms/request", "pg_cpu_ms", 4, "ratio", "", None),
+    ("Redis CPU, % of a core", "redis_cpu_pct", 1, "diff", "", None),
+    ("Redis CPU ms/request", "redis_cpu_ms", 4, "ratio", "", None),
+    ("Redis commands/request", "redis_cmds", 1, "ratio", "", None),
+    ("ledger write transactions/s", "batches_s", 1, "ratio", "", None),
+    ("requests per usage batch", "per_batch", 0, "ratio", "", None),
+    ("ab CPU ms/request", "client_cpu_ms", 3, "ratio", "", None),
+    ("cores idle, %", "box_idle_pct", 0, "diff", "", None),
+]
+
+
 def med(values: list[Any]) -> float | None:
     """The median of the values that are numbers."""
     got = [v for v in values if isinstance(v, int | float)]
@@ -1053,8 +1356,10 @@ def per_round(
 
 
 def shown(v: float | None, how: str) -> str:
-    """A comparison for the table: ``1.23x``, ``+0.40 ms`` or ``-``."""
-    return "-" if v is None else (f"{v:+.2f} ms" if how == "diff" else f"{v:.2f}x")
+    """A comparison for the table: ``1.23x``, ``+0.40 ms``, ``+3.5 pts`` or ``-``."""
+    if v is None:
+        return "-"
+    return {"diff": f"{v:+.2f} ms", "pts": f"{v:+.1f} pts"}.get(how, f"{v:.2f}x")
 
 
 def mark(ok: Any, v: float | None) -> str:
@@ -1129,6 +1434,24 @@ def workers_table(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
         summary[key] = {**fig, "workers_vs_one": vs["datorus"], "workers_vs_bare": vs["bare"],
                         "workers_vs_proxypy": vs["proxypy"], "one_vs_proxypy": one_ppy,
                         "how": how, "target": target, "mark": m}  # fmt: skip
+    return rows, summary
+
+
+def nodes_table(bench: Bench) -> tuple[list[list[str]], dict[str, Any]]:
+    """Two nodes against one: medians, the median of per-round comparisons, each round's."""
+    rows, summary = [], {}
+    for label, key, digits, how, target, ok in NODE_ROWS:
+        one = med([r.get("one_node", {}).get(key) for r in bench.rounds])
+        two = med([r.get("two_nodes", {}).get(key) for r in bench.rounds])
+        each = per_round(bench.rounds, "two_nodes", "one_node", key, how)
+        cmp_ = med(each)
+        how = "pts" if key.endswith("_pct") else how
+        m = mark(ok, cmp_)
+        spread = " ".join(f"{v:.2f}" for v in each) if how == "ratio" else ""
+        rows.append([label, num(one, digits), num(two, digits), shown(cmp_, how), spread,
+                     target, m])  # fmt: skip
+        summary[key] = {"one": one, "two": two, how: cmp_, "rounds": each, "target": target,
+                        "mark": m}  # fmt: skip
     return rows, summary
 
 
@@ -1238,6 +1561,15 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             " forward req/s"
         )
         print()
+    if bench.nodes is not None:
+        rows, x["nodes"] = nodes_table(bench)
+        print(
+            "two gateway nodes (two mitmdump on two ports, one PostgreSQL ledger, one Redis,"
+            " datorus_redis_url on both) against node A alone, same rounds:"
+        )
+        print(render(rows, ["figure (median of rounds)", "one node", "two nodes", "two/one",
+                            "each round", "target", ""]))  # fmt: skip
+        print()
     if "scale" in bench.proxies:
         gw_rps = med([r["datorus"].get("c50_rps") for r in rounds])
         sc_rps = med([r["scale"].get("c50_rps") for r in rounds])
@@ -1278,6 +1610,21 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             f" {lr['batch']:,} with a receipt each, over {lr['accounts']:,} accounts);"
             f" {aged['events_per_s']:,.0f} events/s with {aged['receipts_before']:,} receipts"
             " already written"
+        )
+    if "ledger_pg" in x:
+        pg, aged = x["ledger_pg"], x["ledger_pg_aged"]
+        ok = "PASS" if pg["events_per_s"] >= 10_000 else "MISS"
+        print(
+            f"ledger: on PostgreSQL (fsync on) the same writer sustains"
+            f" {pg['events_per_s']:,.0f} events/s (target >= 10,000: {ok}),"
+            f" {aged['events_per_s']:,.0f} with {aged['receipts_before']:,} receipts already"
+            f" written; 'datorus ledger copy' moved that ledger ({pg['accounts']:,} accounts)"
+            f" there in {pg['copy_s']:.1f} s"
+        )
+        print(
+            f"ledger: CPU per usage event written: on PostgreSQL the writer"
+            f" {pg['client_us_per_event']:.1f} us and the server {pg['server_us_per_event']:.1f}"
+            f" us; on SQLite {x['ledger']['client_us_per_event']:.1f} us in all (in-process)"
         )
     if x.get("profile"):
         pr = x["profile"]
@@ -1331,6 +1678,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--workers", type=int, default=2, help="workers for --workers-compare (default 2)"
     )
+    ap.add_argument(
+        "--ledger-compare",
+        action="store_true",
+        help="also start a throwaway PostgreSQL (fsync on): the usage writer on SQLite and on"
+        " PostgreSQL, and two gateway nodes sharing it and one Redis against one node",
+    )
     a = ap.parse_args(argv)
     if a.workers < 2:
         ap.error("--workers must be at least 2 (one worker is the gateway itself)")
@@ -1370,7 +1723,11 @@ def start_comparison(bench: Bench, db: Path, creds: tuple[str, str]) -> None:
 
 def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str, Any]:
     """The whole run; returns the JSON document."""
-    installed = ensure_tools(not args.no_install, redis=args.workers_compare)
+    installed = ensure_tools(
+        not args.no_install,
+        redis=args.workers_compare or args.ledger_compare,
+        postgres=args.ledger_compare,
+    )
     load = os.getloadavg()[0]
     if load > 0.5:
         log(f"note: load average {load:.1f} before the run: other work shares the cores")
@@ -1404,6 +1761,9 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
         )
     if args.workers_compare:
         start_comparison(bench, db, creds)
+    if args.ledger_compare:
+        log("ledger compare: a PostgreSQL cluster, its ledger, Redis and two gateway nodes")
+        start_nodes(bench, db, creds)
     if args.accounts:  # seeded while the others start
         scale_db = tmp / "scale.db"
         copy_db(db, scale_db)
@@ -1422,11 +1782,22 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
     for _ in range(args.rounds):
         bench.round()
     bench.fill_rss(args.rss_at)
-    if args.accounts:
+    if args.accounts or bench.pg is not None:
         log("ledger write rate")
         secs, old = (2.0, 50_000) if args.quick else (3.0, 300_000)
-        bench.extra["ledger"] = ledger_write_rate(tmp / "scale.db", secs)
-        bench.extra["ledger_aged"] = ledger_write_rate(tmp / "scale.db", secs, receipts=old)
+        src = tmp / "scale.db" if args.accounts else db
+        x = bench.extra
+        x["ledger"] = ledger_write_rate(rate_ledger(src), secs)
+        if bench.pg is not None:
+            log("ledger write rate on PostgreSQL")
+            t0 = time.perf_counter()
+            target = rate_ledger(src, pg=bench.pg)
+            took = time.perf_counter() - t0  # createdb and datorus ledger copy
+            x["ledger_pg"] = ledger_write_rate(target, secs, server=bench.pg) | {"copy_s": took}
+        x["ledger_aged"] = ledger_write_rate(rate_ledger(src, old), secs, receipts=old)
+        if bench.pg is not None:
+            aged = rate_ledger(src, old, bench.pg)
+            x["ledger_pg_aged"] = ledger_write_rate(aged, secs, old, bench.pg)
     bench.extra["sticky_100k"] = sticky_sessions_figure(bench)
     if not args.no_profile:
         log("profiling the gateway with py-spy")
@@ -1452,6 +1823,11 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
             f"datorus serve --workers {args.workers}, hot state in redis-server"
             f" {(redis[2:3] or ['?'])[0].removeprefix('v=')} (no persistence); CPU = launcher +"
             " workers + Redis"
+        )
+    if bench.pg is not None:
+        meta["postgres"] = (
+            f"{bench.pg.version()}, a throwaway cluster (initdb in the temp dir), loopback TCP,"
+            " fsync, synchronous_commit and full_page_writes on"
         )
     if "proxypy" in bench.proxies:
         meta["proxy.py"] = f"{bench.extra['proxypy_version']}, default workers ({os.cpu_count()})"

@@ -39,6 +39,11 @@ snapshot). Each backend is a :class:`Dialect` value and its own connection funct
 
 Statements never carry ``?`` inside a string literal (it would be taken for a
 placeholder); values always travel as parameters.
+
+One place renders a statement in two forms: the gateway's usage batches
+(:class:`~.gateway.Rows`), each INSERT declared once and sent one row per statement to
+SQLite and as one statement of arrays to PostgreSQL, where a statement per row cost most
+of a batch's time.
 """
 
 from __future__ import annotations

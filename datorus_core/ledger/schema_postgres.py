@@ -371,21 +371,27 @@ def migrate(conn: Any) -> int:
     when several processes run it at once."""
     conn.execute("BEGIN")
     try:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-        conn.execute(_VERSION_TABLE)
-        conn.execute(
-            "INSERT INTO schema_version (id, version) VALUES (1, 0) ON CONFLICT DO NOTHING"
-        )
-        current = int(conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()[0])
-        for number, script in enumerate(MIGRATIONS, start=1):
-            if number <= current:
-                continue
-            conn.execute(script)
-            conn.execute("UPDATE schema_version SET version = %s WHERE id = 1", (number,))
+        apply_migrations(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return len(MIGRATIONS)
+
+
+def apply_migrations(conn: Any) -> int:
+    """:func:`migrate`'s work inside a transaction the caller opened and ends (the
+    ledger copy makes the tables and fills them in one): the migrations not yet
+    applied, under the migration lock; returns the schema version."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+    conn.execute(_VERSION_TABLE)
+    conn.execute("INSERT INTO schema_version (id, version) VALUES (1, 0) ON CONFLICT DO NOTHING")
+    current = int(conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()[0])
+    for number, script in enumerate(MIGRATIONS, start=1):
+        if number <= current:
+            continue
+        conn.execute(script)
+        conn.execute("UPDATE schema_version SET version = %s WHERE id = 1", (number,))
     return len(MIGRATIONS)
 
 

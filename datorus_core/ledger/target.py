@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["POSTGRES_SCHEMES", "is_postgres", "is_url", "shown", "unsupported"]
+__all__ = ["POSTGRES_SCHEMES", "is_postgres", "is_url", "scrubbed", "shown", "unsupported"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -59,3 +59,22 @@ def shown(target: str) -> str:
         return target
     out = _USERINFO_PASSWORD.sub(r"\1:********@", target)
     return _QUERY_PASSWORD.sub(r"\1********", out)
+
+
+def scrubbed(text: str, target: str) -> str:
+    """*text* (a driver's error message, say) with *target*'s password masked wherever
+    it appears, and *target* itself shown as :func:`shown` shows it.
+
+    >>> scrubbed("no luck for postgresql://u:s3cret@db/x (s3cret)", "postgresql://u:s3cret@db/x")
+    'no luck for postgresql://u:********@db/x (********)'
+    """
+    text = text.replace(target, shown(target))
+    if not is_url(target):
+        return text
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(target)
+    secrets = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    for secret in {s for s in secrets if s} | {unquote(s) for s in secrets if s}:
+        text = text.replace(secret, "********")
+    return text

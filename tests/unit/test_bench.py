@@ -193,3 +193,38 @@ def test_session_cpu_counts_the_workers_a_proxy_forks() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the forked child too
         proc.wait(10)
+
+
+def test_two_nodes_are_compared_with_one_within_each_round() -> None:
+    a = bench.parse_args(["--quick", "--ledger-compare"])
+    assert a.ledger_compare and not bench.parse_args([]).ledger_compare
+    fake = bench.Bench(a, Path("/nonexistent"), bench.Children(Path("/nonexistent")))
+    fake.rounds = [
+        {"one_node": {"rps": 400.0, "pg_cpu_pct": 1.0}, "two_nodes": {"rps": 720.0,
+                                                                      "pg_cpu_pct": 3.5}},
+        {"one_node": {"rps": 500.0, "pg_cpu_pct": 2.0}, "two_nodes": {"rps": 850.0,
+                                                                      "pg_cpu_pct": 3.0}},
+    ]  # fmt: skip
+    rows, summary = bench.nodes_table(fake)
+    assert summary["rps"]["rounds"] == [1.8, 1.7]
+    assert summary["rps"]["ratio"] == pytest.approx(1.75) and summary["rps"]["mark"] == "PASS"
+    assert rows[0][3:5] == ["1.75x", "1.80 1.70"]
+    pg = next(r for r in rows if r[0].startswith("PostgreSQL CPU, %"))
+    assert pg[3] == "+1.8 pts"  # the median of +2.5 and +1.0 points of a core
+
+
+def test_the_bench_s_postgresql_cpu_counts_the_server_s_children() -> None:
+    import subprocess
+
+    burn = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass\n"
+        "print('burnt', flush=True)\ntime.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "burnt\n"
+        me = os.getpid()
+        assert bench.family_cpu_seconds(me) >= bench.cpu_seconds(me) + 0.2
+    finally:
+        child.kill()
+        child.wait()
