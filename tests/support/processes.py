@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from .clients import basic, raw_connection, read_response
 from .ledger import cli, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
 from .redis_server import RedisServer
-from .serve import owner_pid
+from .serve import forget_rate_state, owner_pid
 from .waiting import free_port, wait_http, wait_until
 
 
@@ -221,16 +220,8 @@ class Gateway:
 
     def _forget_rate_state(self, user: str) -> None:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""
-        import redis
-
-        with sqlite3.connect(self.db) as c:
-            (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (user,)).fetchone()
         assert self.redis is not None
-        r = redis.Redis(port=self.redis.port, socket_timeout=5)
-        try:
-            r.delete(f"datorus:rl:{cid}")
-        finally:
-            r.close()
+        forget_rate_state(self.db, self.redis.port, user)
 
 
 @dataclass(frozen=True)
