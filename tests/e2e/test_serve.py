@@ -25,6 +25,7 @@ from support.ledger import prepare_ledger
 from support.paths import REPO
 from support.serve import (
     Serve,
+    forget_rate_state,
     health_of_each_worker,
     owner_pid,
     serve_cmd,
@@ -214,6 +215,97 @@ def test_sighup_under_load_refuses_nothing_and_bills_every_request(
         # every request made is billed: the CLI's usage counts them all
         n = load.statuses[200]
         wait_until(lambda: usage(db, acc)["requests"] == n, 15, 0.1, f"usage = {n} requests")
+    finally:
+        assert sv.stop() == 0, sv.log()[-3000:]
+
+
+def test_a_flood_from_many_connections_is_limited_exactly_as_one_process_limits_it(
+    tmp_path, origin, redis_server
+):
+    """20 kept-alive connections, spread by the kernel over both workers, flood one
+    credential (10 rps, burst 20) for 3 s. What passes is GCRA's count for the whole
+    gateway, as one process counts it: from a full bucket, the burst, then one per
+    1/rate s. With takes from the first at *a* to the last at *b* (Redis's clock), at
+    most ``burst + rate * (b - a)`` pass, and with demand never pausing for burst/rate s
+    (the bucket never refills to idle) more than ``burst + rate * (b' - a) - 1``, *b'*
+    the last refused take. The client's clock brackets *a* and *b*: the bounds below
+    are those, each widened by one for the window's edges. Everything else is 429."""
+    rate, burst, seconds, clients = 10, 20, 3.0, 20
+    db = _ledger(tmp_path)
+    sv = Serve(db, 2, {"redis_url": redis_server.url}).start()
+    try:
+        _, user, pw = sv.customer(trial_bytes=10**12, rps=rate, burst=burst)
+        pids = sv.worker_pids()
+        # the readiness probes took from the bucket: full again, as a fresh credential's
+        forget_rate_state(db, redis_server.port, user)
+        req = (
+            f"GET {origin.url('/flood')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+        ).encode()
+        lock = threading.Lock()
+        answers: list[tuple[float, float, int, dict[str, str], bytes, int | None]] = []
+        problems: list[str] = []
+        start = threading.Barrier(clients)
+
+        def flood() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as s:
+                    worker = None
+                    start.wait(30)
+                    until = time.monotonic() + seconds
+                    while time.monotonic() < until:
+                        sent = time.monotonic()
+                        s.sendall(req)
+                        status, headers, body = read_response(s)
+                        got = time.monotonic()
+                        if worker is None:  # accepted by now: which worker holds it
+                            worker = owner_pid(s, pids)
+                        with lock:
+                            answers.append((sent, got, status, headers, body, worker))
+            except Exception as e:  # surfaced below
+                problems.append(repr(e))
+
+        threads = [threading.Thread(target=flood) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not problems, problems[:3]
+        passed = [a for a in answers if a[2] == 200]
+        refused = [a for a in answers if a[2] == 429]
+        assert len(passed) + len(refused) == len(answers), Counter(a[2] for a in answers)
+        n = len(passed)
+        first_sent = min(a[0] for a in answers)
+        first_got = min(a[1] for a in answers)
+        last_got = max(a[1] for a in answers)
+        last_refused_sent = max(a[0] for a in refused)
+        most = burst + rate * (last_got - first_sent)
+        least = burst + rate * (last_refused_sent - first_got) - 1
+        sends = sorted(a[0] for a in answers)
+        pause = max(b - a for a, b in zip(sends, sends[1:], strict=False))
+        by_worker = Counter(a[5] for a in passed)
+        print(
+            f"\nflood of {clients} connections at {rate} rps, burst {burst}: {n} passed"
+            f" (bounds {least:.2f}..{most:.2f}), {len(refused)} refused in"
+            f" {last_got - first_sent:.2f} s; 200s by worker {dict(by_worker)};"
+            f" longest pause between requests {pause:.3f} s"
+        )
+        assert pause < burst / rate  # demand never let the bucket refill to idle
+        assert least <= n <= most + 1
+        # both workers let requests through: one limit for the gateway, not one each
+        assert set(by_worker) == pids, by_worker
+        assert all(body == b"hello from origin" for *_, body, _ in passed)
+        for _, _, status, h, body, _ in refused:
+            err = assert_envelope(status, h, body, "RATE_LIMITED", 429)
+            assert err["details"] == {
+                "limit": "requests_per_second",
+                "rps": rate,
+                "burst": burst,
+                "retryAfterSeconds": 1,  # at 10 rps a slot is back within 0.1 s
+            }
+            assert h["retry-after"] == "1"
+            assert h["x-datorus-ratelimit-limit"] == str(rate)
+            assert h["x-datorus-ratelimit-remaining"] == "0"
     finally:
         assert sv.stop() == 0, sv.log()[-3000:]
 
