@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
+from support.postgres import PostgresCluster, postgres_available, shared_cluster  # noqa: E402
 from support.processes import Gateway, GatewaySetup, gateway_workers, start_gateway  # noqa: E402
 from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
@@ -165,6 +166,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+# -- PostgreSQL (issue 16): a real cluster per test process, a database per test ---------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> PostgresCluster:
+    """This test process's PostgreSQL cluster (``.create_database()`` gives a fresh URL)."""
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: run scripts/test (it installs it)")
+    return shared_cluster()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """The URL of a fresh, empty database of this test's own."""
+    return postgres_cluster.create_database()
 
 
 # -- one process or several (issue 15) ------------------------------------------------------
