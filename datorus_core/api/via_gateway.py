@@ -84,6 +84,21 @@ async def credential(st: Any, account_id: int) -> tuple[str, str]:
     return cred
 
 
+RELOAD_TRIES = 3  # a 407 to the fetch credential is tried again this often (see below)
+
+
+async def not_read_yet(st: Any) -> None:
+    """Wait one ``refresh_ms`` after the gateway refused the fetch credential (407).
+
+    This process's gateway knows it (:func:`credential` waited for that), but the
+    shared port may have given the request to another worker of ``datorus serve``,
+    which reads operator changes (a new credential among them) within ``refresh_ms``
+    of this one: a 407 is then tried again, a few times (each counts as a failed login
+    of the loopback address, and :data:`RELOAD_TRIES` stays well below that limit).
+    """
+    await asyncio.sleep(st.settings.get("refresh_ms", 500) / 1000)
+
+
 def require_gateway(st: Any, what: str) -> None:
     """503 unless the gateway process serves this API (standalone has no proxy to use)."""
     if st.extra.get("proxy_url") is None or st.runtime is None or st.router is None:
@@ -133,14 +148,19 @@ async def through_gateway(
         "X-Datorus-Timeout": st.router.vouch(str(math.ceil(timeout))),
     }
     async with httpx.AsyncClient(timeout=timeout + _MARGIN, trust_env=False) as client:
-        req = client.build_request(
-            method,
-            st.extra["proxy_url"],
-            headers=headers,
-            content=body.encode() if body is not None else None,
-            extensions={"target": u.geturl().encode()},
-        )
-        resp = await client.send(req, stream=True)
+        for attempt in range(RELOAD_TRIES + 1):
+            req = client.build_request(
+                method,
+                st.extra["proxy_url"],
+                headers=headers,
+                content=body.encode() if body is not None else None,
+                extensions={"target": u.geturl().encode()},
+            )
+            resp = await client.send(req, stream=True)
+            if not (resp.status_code == 407 and gateway_error(resp)) or attempt == RELOAD_TRIES:
+                break
+            await resp.aclose()
+            await not_read_yet(st)
         data = bytearray()
         truncated = False
         try:
