@@ -43,7 +43,7 @@ def fetch_identity(seed: str) -> tuple[str, str]:
     return "dt" + digest[:12], digest[12:36]
 
 
-def _fetch_credential(db: Any, account_id: int) -> tuple[str, str]:
+def fetch_credential(db: Any, account_id: int) -> tuple[str, str]:
     """The account's fetch credential, the same for every process on this ledger:
     derived from a secret the ledger keeps for it (made the first time), so that the
     workers of ``datorus serve``, and gateways on other boxes, use one credential and
@@ -68,13 +68,13 @@ def _fetch_credential(db: Any, account_id: int) -> tuple[str, str]:
 
 
 async def credential(st: Any, account_id: int) -> tuple[str, str]:
-    """The account's fetch credential (:func:`_fetch_credential`), live at the gateway."""
+    """The account's fetch credential (:func:`fetch_credential`), live at the gateway."""
     creds: dict[int, tuple[str, str]] = st.extra.setdefault("fetch_creds", {})
     async with _lock:
         cred = creds.get(account_id)
         if cred is None or st.runtime.by_username.get(cred[0]) is None:
             # new, or not (or no longer) live at the gateway: ask the ledger (again)
-            cred = await run_in_threadpool(_fetch_credential, st.store.db(), account_id)
+            cred = await run_in_threadpool(fetch_credential, st.store.db(), account_id)
             creds[account_id] = cred
     deadline = time.monotonic() + 5
     while st.runtime.by_username.get(cred[0]) is None:  # the gateway reloads within 0.5 s
