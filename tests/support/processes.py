@@ -218,6 +218,42 @@ class Gateway:
             self._forget_rate_state(user)
             assert probe()[0] != 407
 
+    def each_worker(
+        self,
+        request: bytes,
+        until: Callable[[tuple[int, dict[str, str], bytes]], bool] = lambda _: True,
+        timeout: float = 15.0,
+    ) -> dict[int, tuple[int, dict[str, str], bytes]]:
+        """Send *request* (one raw request) on new connections until every process that
+        serves the proxy port has answered it as *until* wants: process -> that answer.
+
+        One gateway is one process; ``datorus serve``'s workers each keep their own view
+        of what they learn by themselves (the pool's health: README), so a test that
+        needs every worker to have learnt something asks each of them.
+        """
+        assert self.proc is not None
+        every = self.worker_pids()
+        pending = set(every)
+        answers: dict[int, tuple[int, dict[str, str], bytes]] = {}
+
+        def all_answered() -> bool:
+            with raw_connection(self.port) as s:
+                # which worker accepted it, before the answer can close it
+                worker = (
+                    wait_until(lambda: owner_pid(s, every), 5, 0.005, "the connection accepted")
+                    if self.workers > 1
+                    else self.proc.pid
+                )
+                s.sendall(request)
+                answer = read_response(s)
+            if worker in pending and until(answer):
+                pending.discard(worker)
+                answers[worker] = answer
+            return not pending
+
+        wait_until(all_answered, timeout, 0.02, "an answer from every worker")
+        return answers
+
     def _forget_rate_state(self, user: str) -> None:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""
         assert self.redis is not None
