@@ -193,30 +193,18 @@ class Gateway:
         probes left in Redis is then cleared and one probe taken again, which leaves the
         credential exactly where one process's single probe leaves it.
         """
-        assert self.proc is not None
-        pending = self.worker_pids()
-
-        def probe() -> tuple[int, int | None]:
-            with raw_connection(self.port) as s:
-                # port 1: parsed and authenticated, then refused at once by loopback
-                s.sendall(
-                    f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
-                    f"Proxy-Authorization: {basic(user, password)}\r\n\r\n".encode()
-                )
-                worker = owner_pid(s, pending) if self.workers > 1 else None
-                return read_response(s)[0], worker
-
-        def known() -> bool:
-            status, worker = probe()
-            if status == 407:
-                return False
-            pending.discard(worker if worker is not None else self.proc.pid)
-            return not pending  # ask until every worker knows it
-
-        wait_until(known, max(timeout, 15.0 * (self.workers > 1)), 0.02, f"credential {user} live")
+        # port 1: parsed and authenticated, then refused at once by loopback
+        probe = (
+            f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, password)}\r\n\r\n"
+        ).encode()
+        limit = max(timeout, 15.0 * (self.workers > 1))
+        self.each_worker(probe, lambda answer: answer[0] != 407, limit)
         if self.workers > 1:
             self._forget_rate_state(user)
-            assert probe()[0] != 407
+            with raw_connection(self.port) as s:
+                s.sendall(probe)
+                assert read_response(s)[0] != 407
 
     def each_worker(
         self,
