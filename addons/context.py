@@ -36,6 +36,7 @@ class FlowCtx:
         "done",
         "down",
         "egress",
+        "head_sent",
         "host",
         "kind",
         "method",
@@ -82,6 +83,7 @@ class FlowCtx:
         self.answered = False  # the gateway answered itself (an envelope): never billed
         self.done = False
         self.cut = ""
+        self.head_sent = False  # the response head is on its way to the client
         self.timed_out = False
         self.timeout: int | None = None  # seconds the upstream timer ran (504's timeoutSeconds)
         self.timer: Any = None

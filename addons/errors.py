@@ -17,7 +17,7 @@ import logging
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError
-from datorus_core.runtime import Runtime
+from datorus_core.runtime import Runtime, state_unavailable
 
 from . import patches
 from .context import FlowCtx, Gateway, flow_ctx
@@ -42,6 +42,9 @@ def error_for(
     if fc is not None and fc.cut == "balance" and fc.cred is not None and runtime is not None:
         # a forward request that ran its account dry before its response started
         return runtime.dry_error(fc.cred, fc.up + fc.down)
+    if fc is not None and fc.cut == "credit":
+        # a worker's byte credit ran out while the shared state was out of reach
+        return state_unavailable(fc.up + fc.down)
     if fc is not None and fc.cut == "ledger":
         return DatorusError("SERVICE_UNAVAILABLE", headers={"Retry-After": "1"})
     if patches.client_error(code) or (code is None and 400 <= status < 500):

@@ -17,15 +17,18 @@ settle when they end; tunnels and WebSockets settle chunk by chunk. A chunk that
 does not fit the allowance (trial, then balance down to the overdraft bound, and
 the credential's own cap) is relayed only as far as it fits, and then the flow is
 cut at exactly that bound. A forward request that runs dry before its response
-reached the client is answered with the 402 (``X-Datorus-Used-Bytes`` = what it
-moved); one that runs dry later, and a tunnel, is closed. Bytes moved before a cut
-are billed: they reached the target.
+reached the client (a response held whole has not) is answered with the 402
+(``X-Datorus-Used-Bytes`` = what it moved); one that runs dry later, and a tunnel, is
+closed. Bytes moved before a cut are billed: they reached the target.
 
 With the hot state shared between ``datorus serve``'s workers, a worker reserves only
 the byte credit it holds: it claims more at admission, before a read from the target
 that the credit cannot cover, and for a write to the target that it cannot cover (the
 write is kept back until the claim answers: :class:`MeteredWriter`). A request this
 worker's own view refuses is looked at again on the gateway's (``_claim_and_admit``).
+While the shared state is out of reach no claim succeeds: a request that needs more
+than the credit held is cut the same way, and answered with the 503 (``reason``
+``state_unavailable``, with ``X-Datorus-Used-Bytes``) instead of the 402 (``Cut.CREDIT``).
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from datorus_core.billing import (
     ErrorKind,
     FlowOutcome,
     allowance_covers,
-    answers_cut_with_402,
+    answers_cut,
     bill,
 )
 from datorus_core.envelope import DatorusError, utc_timestamp
+from datorus_core.runtime import state_unavailable
 
 from . import patches
 from .context import FORWARD, TUNNEL, FlowCtx, Gateway, flow_ctx
@@ -158,12 +162,7 @@ class MeteredWriter:
 SMALL_BODY = 64 * 1024
 CREDIT_LOW = 256 * 1024  # shared hot state: claim more credit below this many bytes
 CHUNK = 128 * 1024  # more than one read or write of mitmproxy moves (64 KiB and framing)
-STATE_DOWN = DatorusError(
-    "SERVICE_UNAVAILABLE",
-    message="The gateway cannot reach its shared state; retry shortly.",
-    details={"reason": "state_unavailable"},
-    headers={"Retry-After": "1"},
-)
+STATE_DOWN = state_unavailable()
 TUNNEL_BLOCK = 1 << 20  # bytes a tunnel reserves ahead
 TUNNEL_SETTLE_SECONDS = 0.5  # a long tunnel's usage reaches the batch at least this often
 
@@ -396,14 +395,23 @@ class Metering:
         else:
             fc.down += fit
         if fit < n and not fc.cut:
-            fc.cut = Cut.BALANCE
-            if answers_cut_with_402(fc.kind == TUNNEL, fc.status):
-                # nothing of the response reached the client yet: answer with the 402
+            # with the shared state out of reach no more credit could be claimed: the
+            # account may not be dry at all, so the answer is the 503, not the 402
+            fc.cut = Cut.BALANCE if self.gw.hot.reachable() else Cut.CREDIT
+            if answers_cut(fc.kind == TUNNEL, fc.head_sent):
+                # nothing of the response reached the client yet (a head held with its
+                # body included): answer with the 402 or 503 instead
+                fc.status = 0
                 asyncio.get_running_loop().call_soon(self.gw.abort_upstream, fc.client_id)
             else:
                 asyncio.get_running_loop().call_soon(self.gw.cut_client, fc.client_id)
             log.info(
-                "datorus: cut %s %s:%s, account %s ran dry", fc.method, fc.host, fc.port, acc.id
+                "datorus: cut %s %s:%s, account %s %s",
+                fc.method,
+                fc.host,
+                fc.port,
+                acc.id,
+                "ran dry" if fc.cut == Cut.BALANCE else "out of byte credit (no shared state)",
             )
         return fit
 
@@ -450,9 +458,12 @@ class Metering:
         fc = flow_ctx(flow)
         if fc is None or fc.answered or fc.cred is None:
             return
+        if fc.cut:
+            return  # cut as the head came in: the client gets the 402 or 503 instead
         fc.status = flow.response.status_code
         if not small_body_fits(flow.response, fc):
             flow.response.stream = True
+            fc.head_sent = True  # streamed: the head leaves now, the body as it comes
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         fc = flow_ctx(flow)
@@ -462,6 +473,7 @@ class Metering:
             self._finish(fc, Ending.COMPLETED)
             return None
         fc.status = flow.response.status_code
+        fc.head_sent = True  # a response held whole leaves after this hook
         if flow.response.status_code == 101:
             # a WebSocket (or other upgrade): from here on it is metered like a tunnel
             self._settle_forward(fc, fc.up, fc.down)

@@ -10,7 +10,9 @@ The rules, in the README's words:
 - the gateway's own answers (its envelopes) are never billed, nor a request that
   failed before the target answered (502, 504);
 - a client that walks away pays for what it moved (an aborted download, an upload);
-- a flow cut because its account ran dry, or by a clean stop, is billed what it moved;
+- a flow cut because its account ran dry (or because a worker of ``datorus serve`` could
+  get no more byte credit while the shared state was out of reach), or by a clean stop,
+  is billed what it moved;
 - a tunnel's bytes always reached the other side: they are settled as they pass
   (whatever the end), and a tunnel is a billed request unless the gateway answered it.
 
@@ -50,6 +52,7 @@ class Cut(StrEnum):
 
     NONE = ""
     BALANCE = "balance"  # the account's allowance or the credential's cap ran out
+    CREDIT = "credit"  # a worker's byte credit ran out and the shared state was out of reach
     SUSPENDED = "suspended"  # the account was suspended while the tunnel was open
 
 
@@ -115,7 +118,7 @@ def charged(o: FlowOutcome) -> bool:
     """Whether the flow of *o* is a billed request (see the module's rules)."""
     if o.answered:
         return False  # the gateway's own answer
-    if o.cut is Cut.BALANCE:
+    if o.cut in DRY:
         return True  # ran dry on the way: what it moved reached the target
     if o.ending is Ending.COMPLETED:
         return True
@@ -134,21 +137,28 @@ def bill(o: FlowOutcome) -> Bill:
     """What the flow of *o* is billed: whether it is charged, its bytes and its status.
 
     The receipt's status is the one the client got; a forward request cut before its
-    response began gets the 402.
+    response began gets the 402 (the 503 when it was cut for want of shared credit).
     """
     c = charged(o)
     paid = c or o.tunnel
-    status = o.status or (402 if o.cut is Cut.BALANCE else 0)
+    status = o.status or DRY.get(o.cut, 0)
     return Bill(c, o.up if paid else 0, o.down if paid else 0, status)
 
 
-def answers_cut_with_402(tunnel: bool, status: int) -> bool:
-    """Whether a flow cut for running dry is answered with the 402 rather than closed.
+# the cuts for want of credit, and the status a request cut before its response gets
+DRY = {Cut.BALANCE: 402, Cut.CREDIT: 503}
 
-    Only a forward request whose response has not begun can still be answered (its
-    ``X-Datorus-Used-Bytes`` is what it moved); a tunnel or a response under way is closed.
+
+def answers_cut(tunnel: bool, head_sent: bool) -> bool:
+    """Whether a flow cut for want of credit is answered (the 402, or the 503 of a
+    shared state out of reach) rather than closed.
+
+    Only a forward request whose response head has not reached the client can still
+    be answered (its ``X-Datorus-Used-Bytes`` is what it moved), also when the head
+    came from the target and was held with its body; a tunnel or a response under
+    way is closed.
     """
-    return not tunnel and not status
+    return not tunnel and not head_sent
 
 
 # -- holding a body whole --------------------------------------------------------------

@@ -31,6 +31,21 @@ from .ratelimit import Gcra
 UNLIMITED = 1 << 62  # bytes: more than any account or credential will ever move
 
 
+def state_unavailable(used_bytes: int | None = None) -> DatorusError:
+    """The 503 of a ``datorus serve`` worker that needs byte credit while the shared
+    state is out of reach: at admission, or (with *used_bytes*, what the request
+    moved and is billed) when a request under way ran out of the credit it held."""
+    headers = {"Retry-After": "1"}
+    if used_bytes is not None:
+        headers["X-Datorus-Used-Bytes"] = str(used_bytes)
+    return DatorusError(
+        "SERVICE_UNAVAILABLE",
+        message="The gateway cannot reach its shared state; retry shortly.",
+        details={"reason": "state_unavailable"},
+        headers=headers,
+    )
+
+
 @dataclass(slots=True, eq=False)
 class AccountState:
     """One account as the gateway sees it."""

@@ -4,10 +4,11 @@ The request goes through the gateway's own proxy port like any customer request,
 everything applies exactly as on the wire: acceptable use, rate limits, metering and
 billing (with a receipt under the returned ``meta.request_id``), egress selection,
 sticky sessions and block detection. It authenticates with a credential the API keeps
-for the account (label ``api fetch``, listed with the others; a new one per gateway
-process, the previous ones revoked). The answer is the target's response as JSON with
-``meta.blocked`` and the egress used. An error the gateway produced itself (402, 403,
-429, 502, 504...) comes back as that envelope, with its status and headers.
+for the account (label ``api fetch``, listed with the others; the same for every
+gateway process on the ledger: ``via_gateway.credential``). The answer is the target's
+response as JSON with ``meta.blocked`` and the egress used. An error the gateway
+produced itself (402, 403, 429, 502, 504...) comes back as that envelope, with its
+status and headers.
 
 ``timeout`` (default 30 s, at most ``max_fetch_timeout``) is this request's upstream
 timeout at the gateway, in place of ``upstream_timeout``: the API tells the gateway in

@@ -34,7 +34,7 @@ from ..envelope import DatorusError
 from ..live import LiveRouting
 from ..sessions import valid_session_id
 from .store import authenticate
-from .via_gateway import credential
+from .via_gateway import RELOAD_TRIES, credential, not_read_yet
 
 router = APIRouter()
 
@@ -132,21 +132,27 @@ async def relay(ws: WebSocket) -> None:
         return
     opts = (f"-country-{country.lower()}" if country else "") + (f"-session-{sid}" if sid else "")
     host = proxy.split("://", 1)[1].rstrip("/")
-    try:
-        target = await websockets.connect(
-            url,
-            proxy=f"http://{user}{opts}:{password}@{host}",
-            open_timeout=CONNECT_TIMEOUT,
-            max_size=None,
-            compression=None,
-        )
-    except InvalidProxyStatus as e:
-        code, reason = _refusal(st, e.response.status_code, url, country)
-        await _close(ws, code, reason)
-        return
-    except (InvalidStatus, OSError, TimeoutError, websockets.exceptions.WebSocketException):
-        await _close(ws, FAILED, "target connection failed")
-        return
+    for attempt in range(RELOAD_TRIES + 1):
+        try:
+            target = await websockets.connect(
+                url,
+                proxy=f"http://{user}{opts}:{password}@{host}",
+                open_timeout=CONNECT_TIMEOUT,
+                max_size=None,
+                compression=None,
+            )
+        except InvalidProxyStatus as e:
+            status = e.response.status_code
+            if status == 407 and attempt < RELOAD_TRIES:
+                await not_read_yet(st)  # another worker, yet to read the credential
+                continue
+            code, reason = _refusal(st, status, url, country)
+            await _close(ws, code, reason)
+            return
+        except (InvalidStatus, OSError, TimeoutError, websockets.exceptions.WebSocketException):
+            await _close(ws, FAILED, "target connection failed")
+            return
+        break
     await ws.send_text(json.dumps({"type": "connected", "url": url}))
 
     async def up() -> None:

@@ -250,6 +250,31 @@ def create_credential(
     }
 
 
+def credential_revoked(db: Ledger, username: str) -> bool | None:
+    """Whether the credential *username* is revoked; None when there is none."""
+    row = db.one("SELECT revoked_at FROM credentials WHERE username = ?", (username,))
+    return None if row is None else row["revoked_at"] is not None
+
+
+def add_credential(
+    db: Ledger, account_id: int, username: str, password: str, label: str | None = None
+) -> bool:
+    """Make the credential *username* with *password* unless one of that name exists;
+    True when this call made it.
+
+    For a credential that several processes derive from one secret (the API's fetch
+    credential): when they make it at once, one row results.
+    """
+    control_free("label", label)
+    with db.transaction():
+        cur = db.execute(
+            "INSERT INTO credentials (account_id, username, password_hash, label)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+            (account_id, username, hash_secret(password), label),
+        )
+    return cur.rowcount == 1
+
+
 def add_credentials_bulk(db: Ledger, rows: Iterable[tuple[int, str, str]]) -> int:
     """Insert many credentials ``(account_id, username, password_hash)`` in one transaction.
 

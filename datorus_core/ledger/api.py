@@ -31,6 +31,12 @@ def secret(db: Ledger, name: str) -> str:
     return str(db.value("SELECT value FROM api_secrets WHERE name = ?", (name,)))
 
 
+def drop_secret(db: Ledger, name: str, value: str) -> None:
+    """Forget the secret *name* if it is still *value*, so that :func:`secret` makes a
+    new one: processes that replace the same secret at once replace it once."""
+    db.execute("DELETE FROM api_secrets WHERE name = ? AND value = ?", (name, value))
+
+
 # -- sign-up ------------------------------------------------------------------------------
 
 

@@ -348,9 +348,33 @@ def test_fetch_goes_through_the_gateway_billed_routed_and_judged(gw, peer):
     # a normal answer through it clears the block: later tests find the pool as it was
     assert _via(gw, peer, "/peer", **{"X-Datorus-Country": "de"}).text == DE
     assert _api(gw, "/network/health/127.0.0.1").json()["available"] == 2
-    # the fetch credential is the account's own, listed with the others
-    labels = [c["label"] for c in _api(gw, "/account/credentials").json()["items"]]
-    assert labels.count("api fetch") == 1
+
+    # the fetch credential is the account's own, listed with the others: one, whichever
+    # process (or worker) served the fetches
+    def fetch_creds() -> list[dict]:
+        items = _api(gw, "/account/credentials").json()["items"]
+        return [c for c in items if c["label"] == "api fetch"]
+
+    (first,) = fetch_creds()
+    assert not first["revoked"]
+    # revoked by its customer, the next fetch makes a new one
+    r = requests.delete(
+        f"{gw.api_url}/account/credentials/{first['id']}",
+        headers={"Authorization": f"Bearer {gw.key}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+    def new_one_used() -> str | None:
+        r = _post(gw, "/fetch", {"url": peer.url("/peer")})
+        assert r.status_code == 200, r.text
+        if [c["revoked"] for c in fetch_creds()] == [True, False]:
+            return r.json()["meta"]["request_id"]
+        return None
+
+    rid = wait_until(new_one_used, 10, 0.1, "a new fetch credential in use")
+    # billed before the next test reads the usage
+    wait_until(lambda: gw.cli("receipt", rid, check=False).get("status"), 5, 0.1, "receipt")
 
 
 def test_fetch_errors(gw, peer):

@@ -8,19 +8,30 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from checks import assert_envelope
 from support.clients import basic, read_response
+from support.counting import RawOrigin
 from support.ledger import prepare_ledger
 from support.paths import REPO
-from support.serve import Serve, owner_pid, serve_cmd, usage
-from support.waiting import wait_until
+from support.serve import (
+    Serve,
+    forget_rate_state,
+    health_of_each_worker,
+    owner_pid,
+    serve_cmd,
+    usage,
+)
+from support.waiting import free_port, wait_until
 
 
 def _ledger(tmp_path: Path) -> Path:
@@ -114,20 +125,26 @@ def test_one_worker_needs_no_redis(tmp_path, origin):
 
 class Load:
     """*n* clients, each making requests through the proxy in a loop until stopped: half
-    on a kept-alive connection, half on a new connection per request."""
+    on a kept-alive connection, half on a new connection per request, for at most
+    *limit* seconds. Every answer is kept as (sent, received, status), monotonic
+    seconds; those that are not 200 whole."""
 
-    def __init__(self, proxy: str, url: str, n: int = 10) -> None:
+    def __init__(self, proxy: str, url: str, n: int = 10, limit: float = 300) -> None:
         self.proxy, self.url = proxy, url
+        self.deadline = time.monotonic() + limit
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.statuses: Counter[int] = Counter()
+        self.answers: list[tuple[float, float, int]] = []
+        self.others: list[requests.Response] = []
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(n)]
 
     def client(self, i: int) -> None:
         session = requests.Session() if i % 2 == 0 else None
         proxies = {"http": self.proxy}
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            sent = time.monotonic()
             try:
                 if session is not None:
                     r = session.get(self.url, proxies=proxies, timeout=30)
@@ -142,6 +159,14 @@ class Load:
                 continue
             with self.lock:
                 self.statuses[status] += 1
+                self.answers.append((sent, time.monotonic(), status))
+                if status != 200:
+                    self.others.append(r)
+
+    def count(self, status: int) -> int:
+        """Answers with *status* so far."""
+        with self.lock:
+            return self.statuses[status]
 
     @property
     def total(self) -> int:
@@ -192,6 +217,278 @@ def test_sighup_under_load_refuses_nothing_and_bills_every_request(
         wait_until(lambda: usage(db, acc)["requests"] == n, 15, 0.1, f"usage = {n} requests")
     finally:
         assert sv.stop() == 0, sv.log()[-3000:]
+
+
+def test_a_flood_from_many_connections_is_limited_exactly_as_one_process_limits_it(
+    tmp_path, origin, redis_server
+):
+    """20 kept-alive connections, spread by the kernel over both workers, flood one
+    credential (10 rps, burst 20) for 3 s. What passes is GCRA's count for the whole
+    gateway, as one process counts it: from a full bucket, the burst, then one per
+    1/rate s. With takes from the first at *a* to the last at *b* (Redis's clock), at
+    most ``burst + rate * (b - a)`` pass, and with demand never pausing for burst/rate s
+    (the bucket never refills to idle) more than ``burst + rate * (b' - a) - 1``, *b'*
+    the last refused take. The client's clock brackets *a* and *b*: the bounds below
+    are those, each widened by one for the window's edges. Everything else is 429."""
+    rate, burst, seconds, clients = 10, 20, 3.0, 20
+    db = _ledger(tmp_path)
+    sv = Serve(db, 2, {"redis_url": redis_server.url}).start()
+    try:
+        _, user, pw = sv.customer(trial_bytes=10**12, rps=rate, burst=burst)
+        pids = sv.worker_pids()
+        # the readiness probes took from the bucket: full again, as a fresh credential's
+        forget_rate_state(db, redis_server.port, user)
+        req = (
+            f"GET {origin.url('/flood')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+        ).encode()
+        lock = threading.Lock()
+        answers: list[tuple[float, float, int, dict[str, str], bytes, int | None]] = []
+        problems: list[str] = []
+        start = threading.Barrier(clients)
+
+        def flood() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as s:
+                    worker = None
+                    start.wait(30)
+                    until = time.monotonic() + seconds
+                    while time.monotonic() < until:
+                        sent = time.monotonic()
+                        s.sendall(req)
+                        status, headers, body = read_response(s)
+                        got = time.monotonic()
+                        if worker is None:  # accepted by now: which worker holds it
+                            worker = owner_pid(s, pids)
+                        with lock:
+                            answers.append((sent, got, status, headers, body, worker))
+            except Exception as e:  # surfaced below
+                problems.append(repr(e))
+
+        threads = [threading.Thread(target=flood) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not problems, problems[:3]
+        passed = [a for a in answers if a[2] == 200]
+        refused = [a for a in answers if a[2] == 429]
+        assert len(passed) + len(refused) == len(answers), Counter(a[2] for a in answers)
+        n = len(passed)
+        first_sent = min(a[0] for a in answers)
+        first_got = min(a[1] for a in answers)
+        last_got = max(a[1] for a in answers)
+        last_refused_sent = max(a[0] for a in refused)
+        most = burst + rate * (last_got - first_sent)
+        least = burst + rate * (last_refused_sent - first_got) - 1
+        sends = sorted(a[0] for a in answers)
+        pause = max(b - a for a, b in zip(sends, sends[1:], strict=False))
+        by_worker = Counter(a[5] for a in passed)
+        print(
+            f"\nflood of {clients} connections at {rate} rps, burst {burst}: {n} passed"
+            f" (bounds {least:.2f}..{most:.2f}), {len(refused)} refused in"
+            f" {last_got - first_sent:.2f} s; 200s by worker {dict(by_worker)};"
+            f" longest pause between requests {pause:.3f} s"
+        )
+        assert pause < burst / rate  # demand never let the bucket refill to idle
+        assert least <= n <= most + 1
+        # both workers let requests through: one limit for the gateway, not one each
+        assert set(by_worker) == pids, by_worker
+        assert all(body == b"hello from origin" for *_, body, _ in passed)
+        for _, _, status, h, body, _ in refused:
+            err = assert_envelope(status, h, body, "RATE_LIMITED", 429)
+            assert err["details"] == {
+                "limit": "requests_per_second",
+                "rps": rate,
+                "burst": burst,
+                "retryAfterSeconds": 1,  # at 10 rps a slot is back within 0.1 s
+            }
+            assert h["retry-after"] == "1"
+            assert h["x-datorus-ratelimit-limit"] == str(rate)
+            assert h["x-datorus-ratelimit-remaining"] == "0"
+    finally:
+        assert sv.stop() == 0, sv.log()[-3000:]
+
+
+def _ledger_totals(db: Path, acc: int) -> dict[str, Any]:
+    """The account's receipts, usage transactions and cached balance, summed."""
+    with sqlite3.connect(db) as c:
+        receipts, moved, trial, charged = c.execute(
+            "SELECT COUNT(*), SUM(bytes_up + bytes_down), SUM(trial_bytes), SUM(nanocents)"
+            " FROM receipts WHERE account_id = ?",
+            (acc,),
+        ).fetchone()
+        billed, nc, tb = c.execute(
+            "SELECT SUM(requests), SUM(nanocents), SUM(trial_bytes) FROM transactions"
+            " WHERE account_id = ?",
+            (acc,),
+        ).fetchone()
+        cached_nc, cached_tb = c.execute(
+            "SELECT nanocents, trial_bytes FROM balances WHERE account_id = ?", (acc,)
+        ).fetchone()
+        by_status = dict(
+            c.execute(
+                "SELECT status, COUNT(*) FROM receipts WHERE account_id = ? GROUP BY status",
+                (acc,),
+            ).fetchall()
+        )
+        (bytes_503,) = c.execute(
+            "SELECT COALESCE(SUM(bytes_up + bytes_down), 0) FROM receipts"
+            " WHERE account_id = ? AND status = 503",
+            (acc,),
+        ).fetchone()
+    return {
+        "receipts": receipts,
+        "receipt_bytes": moved,
+        "receipt_trial": trial,
+        "receipt_nanocents": charged,
+        "billed_requests": billed,
+        "nanocents": nc,
+        "trial_bytes": tb,
+        "cached_nanocents": cached_nc,
+        "cached_trial_bytes": cached_tb,
+        "by_status": by_status,
+        "bytes_503": bytes_503,
+    }
+
+
+OUTAGE = 5.0  # seconds Redis is gone (the issue's "Done when")
+
+
+@pytest.mark.parametrize("outage", ["sigstop", "restart"])
+def test_redis_gone_for_5s_under_load_refuses_only_with_503_and_bills_every_200_once(
+    tmp_path, redis_server, outage
+):
+    """README, "When Redis fails": Redis stopped (SIGSTOP: it hangs, connections stay
+    open) or killed and started again empty on its port, for 5 s under 10 clients.
+
+    The clients get 200, or the 503 the README promises once a worker's byte credit is
+    spent (nothing else, nothing hangs for the outage); the workers recover by themselves;
+    and the ledger bills exactly the 200s and the 503s that were cut on the way (they
+    say what they moved in X-Datorus-Used-Bytes): every byte that crossed, trial first,
+    then 300 nanocents a byte, with the balance the sum of the transactions.
+    """
+    trial, cents = 1_000_000, 100_000
+    db = _ledger(tmp_path)
+    api_port = free_port()
+    sv = Serve(db, 2, {"redis_url": redis_server.url, "api_port": api_port}).start()
+    origin = RawOrigin()
+    try:
+        acc, user, pw = sv.customer(
+            top_up_cents=cents,
+            trial_bytes=trial,
+            price_cents_per_gb=300,
+            rps=10**6,
+            burst=10**6,
+        )
+        pids = sv.worker_pids()
+        # 16 KiB answers: a worker's credit (at least 1 MiB) runs out within the outage
+        with Load(sv.proxy(user, pw), origin.url("/bytes/16384")) as load:
+            wait_until(lambda: load.count(200) >= 300, 60, 0.05, "the load running")
+            down = time.monotonic()
+            if outage == "sigstop":
+                os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            else:
+                redis_server.proc.kill()
+                redis_server.proc.wait(10)
+            try:
+                # each worker notices at its next command (0.25 s at most; a busy box
+                # may take longer to show it, and the outage is then that much longer)
+                wait_until(
+                    lambda: all(
+                        h["redis"] == "unreachable"
+                        for h in health_of_each_worker(api_port, pids).values()
+                    ),
+                    15,
+                    0.05,
+                    "every worker on local state",
+                )
+                time.sleep(max(0.0, down + OUTAGE - time.monotonic()))  # the outage itself
+            finally:
+                if outage == "sigstop":
+                    os.kill(redis_server.proc.pid, signal.SIGCONT)
+                else:
+                    redis_server.start()  # on the same port, empty
+            back = time.monotonic()
+            print(f"\nRedis gone for {back - down:.2f} s")
+
+            def recovered() -> bool:
+                hot = health_of_each_worker(api_port, pids)
+                return all(h["redis"] == "connected" and h["synced"] for h in hot.values())
+
+            # by itself: nothing restarted, no operator step
+            wait_until(recovered, 30, 0.1, "every worker on Redis again")
+            healed = time.monotonic()
+            # and the 200s go on after it
+            after = load.count(200)
+            wait_until(lambda: load.count(200) >= after + 300, 60, 0.05, "200s after it")
+        assert sv.worker_pids() == pids  # no worker died or was restarted
+        with load.lock:
+            answers, others = list(load.answers), list(load.others)
+        n = load.statuses[200]
+        refused = load.statuses[503]
+        slowest = max(got - sent for sent, got, _ in answers)
+        # refused at admission (nothing moved, not billed), or cut on the way when the
+        # credit held ran out (billed what it moved, as X-Datorus-Used-Bytes says)
+        cut_bytes = [
+            int(r.headers["X-Datorus-Used-Bytes"])
+            for r in others
+            if "X-Datorus-Used-Bytes" in r.headers
+        ]
+        print(
+            f"\nRedis {outage} {OUTAGE:.0f} s under 10 clients: {dict(load.statuses)},"
+            f" errors {len(load.errors)}; recovered {healed - back:.2f} s after it returned;"
+            f" slowest answer {slowest:.2f} s; 503s cut on the way {len(cut_bytes)}"
+        )
+        assert not load.errors, load.errors[:5]
+        assert set(load.statuses) <= {200, 503}, load.statuses
+        # money fails closed: the workers' credit ran out during the outage, and the
+        # requests that needed more got the promised 503
+        assert refused > 0, "no 503: the outage never ran a worker's credit dry"
+        for r in others:
+            err = assert_envelope(r.status_code, r.headers, r.content, "SERVICE_UNAVAILABLE", 503)
+            assert err["details"] == {"reason": "state_unavailable"}, err
+            assert r.headers["Retry-After"] == "1"
+            assert r.headers["X-Datorus-RateLimit-Limit"] == str(10**6)
+        # only while Redis was gone (or, after a restart, while the workers settle:
+        # SETTLE_SECONDS, 4 s)
+        settle = 0.0 if outage == "sigstop" else 4.0 + 2.0
+        assert all(down <= got and sent <= healed + settle for sent, got, s in answers if s == 503)
+        # no request waited for Redis to come back
+        assert slowest < OUTAGE / 2, slowest
+        log = sv.out.read_text(errors="replace")
+        assert log.count(f"redis {redis_server.url} unreachable") == 2, log[-3000:]
+        assert log.count(f"redis {redis_server.url} reachable again after") == 2
+        restarted = log.count(f"redis {redis_server.url} restarted empty")
+        assert restarted == (2 if outage == "restart" else 0)
+        # every 200 billed once (and every 503 cut on the way): by the CLI's usage
+        billed = n + len(cut_bytes)
+        wait_until(
+            lambda: usage(db, acc)["requests"] == billed, 15, 0.1, f"usage = {billed} requests"
+        )
+    finally:
+        assert sv.stop() == 0, sv.log()[-3000:]
+        origin.close()
+    u = usage(db, acc)
+    moved = origin.total_in + origin.total_out
+    served = sum(c["requests"] for c in origin.conns)
+    t = _ledger_totals(db, acc)
+    assert u["requests"] == billed == t["receipts"] == t["billed_requests"]
+    assert t["by_status"] == ({200: n, 503: len(cut_bytes)} if cut_bytes else {200: n}), t
+    assert t["bytes_503"] == sum(cut_bytes)
+    assert n <= served <= billed  # a cut request may have reached the origin whole
+    # every byte that crossed is billed: what the origin moved, less what it sent of a
+    # cut response that the gateway never read (at most the rest of a 16 KiB body each)
+    used = u["bytes"]
+    assert used == t["receipt_bytes"]
+    assert used <= moved <= used + len(cut_bytes) * 16384
+    # trial first, then 300 cents per 10^9 bytes: exactly 300 nanocents a byte
+    assert u["trialRemainingBytes"] == 0 and t["receipt_trial"] == trial
+    assert u["chargedNanocents"] == t["receipt_nanocents"] == 300 * (used - trial)
+    # the balance is the sum of the transactions (the top-up less the usage)
+    assert t["cached_nanocents"] == t["nanocents"] == cents * 10**9 - 300 * (used - trial)
+    assert u["balanceNanocents"] == t["nanocents"]
+    assert t["cached_trial_bytes"] == t["trial_bytes"] == 0
 
 
 def test_sigterm_drains_every_worker_and_exits_0(tmp_path, origin, redis_server):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from .clients import basic, raw_connection, read_response
 from .ledger import cli, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
 from .redis_server import RedisServer
-from .serve import owner_pid
+from .serve import forget_rate_state, owner_pid
 from .waiting import free_port, wait_http, wait_until
 
 
@@ -194,43 +193,59 @@ class Gateway:
         probes left in Redis is then cleared and one probe taken again, which leaves the
         credential exactly where one process's single probe leaves it.
         """
-        assert self.proc is not None
-        pending = self.worker_pids()
-
-        def probe() -> tuple[int, int | None]:
-            with raw_connection(self.port) as s:
-                # port 1: parsed and authenticated, then refused at once by loopback
-                s.sendall(
-                    f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
-                    f"Proxy-Authorization: {basic(user, password)}\r\n\r\n".encode()
-                )
-                worker = owner_pid(s, pending) if self.workers > 1 else None
-                return read_response(s)[0], worker
-
-        def known() -> bool:
-            status, worker = probe()
-            if status == 407:
-                return False
-            pending.discard(worker if worker is not None else self.proc.pid)
-            return not pending  # ask until every worker knows it
-
-        wait_until(known, max(timeout, 15.0 * (self.workers > 1)), 0.02, f"credential {user} live")
+        # port 1: parsed and authenticated, then refused at once by loopback
+        probe = (
+            f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, password)}\r\n\r\n"
+        ).encode()
+        limit = max(timeout, 15.0 * (self.workers > 1))
+        self.each_worker(probe, lambda answer: answer[0] != 407, limit)
         if self.workers > 1:
             self._forget_rate_state(user)
-            assert probe()[0] != 407
+            with raw_connection(self.port) as s:
+                s.sendall(probe)
+                assert read_response(s)[0] != 407
+
+    def each_worker(
+        self,
+        request: bytes,
+        until: Callable[[tuple[int, dict[str, str], bytes]], bool] = lambda _: True,
+        timeout: float = 15.0,
+    ) -> dict[int, tuple[int, dict[str, str], bytes]]:
+        """Send *request* (one raw request) on new connections until every process that
+        serves the proxy port has answered it as *until* wants: process -> that answer.
+
+        One gateway is one process; ``datorus serve``'s workers each keep their own view
+        of what they learn by themselves (the pool's health: README), so a test that
+        needs every worker to have learnt something asks each of them.
+        """
+        assert self.proc is not None
+        every = self.worker_pids()
+        pending = set(every)
+        answers: dict[int, tuple[int, dict[str, str], bytes]] = {}
+
+        def all_answered() -> bool:
+            with raw_connection(self.port) as s:
+                # which worker accepted it, before the answer can close it
+                worker = (
+                    wait_until(lambda: owner_pid(s, every), 5, 0.005, "the connection accepted")
+                    if self.workers > 1
+                    else self.proc.pid
+                )
+                s.sendall(request)
+                answer = read_response(s)
+            if worker in pending and until(answer):
+                pending.discard(worker)
+                answers[worker] = answer
+            return not pending
+
+        wait_until(all_answered, timeout, 0.02, "an answer from every worker")
+        return answers
 
     def _forget_rate_state(self, user: str) -> None:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""
-        import redis
-
-        with sqlite3.connect(self.db) as c:
-            (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (user,)).fetchone()
         assert self.redis is not None
-        r = redis.Redis(port=self.redis.port, socket_timeout=5)
-        try:
-            r.delete(f"datorus:rl:{cid}")
-        finally:
-            r.close()
+        forget_rate_state(self.db, self.redis.port, user)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,12 @@ spread connections over the workers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -129,13 +131,17 @@ class Serve:
     def proxy(self, user: str, password: str) -> str:
         return f"http://{user}:{password}@127.0.0.1:{self.port}"
 
-    def customer(self, **opts: Any) -> tuple[int, str, str]:
-        """A new account and credential, known to every worker: (id, user, password)."""
+    def customer(self, top_up_cents: int = 0, **opts: Any) -> tuple[int, str, str]:
+        """A new account (topped up by *top_up_cents* before its credential exists, so
+        no worker sees it without the balance) and credential, known to every worker:
+        (id, user, password)."""
         email = f"s{free_port()}-{os.getpid()}@example.com"
         args = ["account", "create", email]
         for k, v in opts.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         acc = cli(self.db, *args)
+        if top_up_cents:
+            cli(self.db, "balance", "add", str(acc["id"]), str(top_up_cents))
         cred = cli(self.db, "credential", "create", str(acc["id"]))
         user, pw = cred["username"], cred["password"]
 
@@ -188,6 +194,39 @@ def owner_pid(sock: socket.socket, candidates: set[int]) -> int | None:
         except OSError:
             continue
     return None
+
+
+def health_of_each_worker(api_port: int, pids: set[int], timeout: float = 10) -> dict[int, dict]:
+    """``GET /health`` on the shared API port, on new connections until each of the
+    worker processes *pids* has answered once: worker pid -> its ``hotState``."""
+    seen: dict[int, dict] = {}
+
+    def all_answered() -> bool:
+        with socket.create_connection(("127.0.0.1", api_port), timeout=5) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            pid = owner_pid(s, pids)
+            status, _, body = read_response(s)
+        assert status == 200, body
+        if pid is not None:
+            seen[pid] = json.loads(body)["hotState"]
+        return set(seen) == pids
+
+    wait_until(all_answered, timeout, 0, "/health from every worker")
+    return seen
+
+
+def forget_rate_state(db: Path, redis_port: int, username: str) -> None:
+    """Clear the rate state Redis holds for *username*'s credential (what readiness
+    probes took from it), so that its bucket is full, as a fresh credential's is."""
+    import redis
+
+    with sqlite3.connect(db) as c:
+        (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (username,)).fetchone()
+    r = redis.Redis(port=redis_port, socket_timeout=5)
+    try:
+        r.delete(f"datorus:rl:{cid}")
+    finally:
+        r.close()
 
 
 def serve_cmd(*args: str) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ metering hooks made before it moved to the core.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from datorus_core import pricing
 from datorus_core.billing import (
+    DRY,
     HEAD_BYTES,
     Bill,
     Cut,
@@ -23,7 +25,7 @@ from datorus_core.billing import (
     ErrorKind,
     FlowOutcome,
     allowance_covers,
-    answers_cut_with_402,
+    answers_cut,
     bill,
 )
 
@@ -66,30 +68,32 @@ def test_the_gateways_own_answers_are_never_billed(o: FlowOutcome) -> None:
 @given(outcomes)
 def test_a_gateway_failure_is_not_billed(o: FlowOutcome) -> None:
     """A request that failed before the target answered (502, 504: status 0) is not
-    billed unless the client walked away after moving bytes, or it ran dry."""
+    billed unless the client walked away after moving bytes, or it ran dry (or out of
+    a worker's credit)."""
     failed = (
         o.ending is Ending.FAILED
         and not o.tunnel
         and not o.status
         and (o.timed_out or not o.client_gone)
     )
-    if (failed or o.ending is Ending.CONNECT_FAILED) and o.cut is not Cut.BALANCE:
+    if (failed or o.ending is Ending.CONNECT_FAILED) and o.cut not in DRY:
         assert not bill(o).charged
 
 
 @given(outcomes)
 def test_a_cut_flow_is_billed_exactly_what_it_moved(o: FlowOutcome) -> None:
-    """Cut because the account ran dry, a tunnel closed by a suspension, any flow ended
-    by a clean stop: the bytes it moved are its bill, no more, no less."""
+    """Cut because the account ran dry (or a worker's credit ran out with the shared
+    state out of reach: the 503), a tunnel closed by a suspension, any flow ended by a
+    clean stop: the bytes it moved are its bill, no more, no less."""
     if o.answered:
         return
     b = bill(o)
-    if o.cut is Cut.BALANCE:
-        assert b == Bill(True, o.up, o.down, o.status or 402)
+    if o.cut in DRY:
+        assert b == Bill(True, o.up, o.down, o.status or DRY[o.cut])
     if (o.cut is Cut.SUSPENDED and o.tunnel) or o.ending is Ending.STOPPED:
         assert (b.up, b.down) == (o.up, o.down)
     if o.ending is Ending.STOPPED:
-        assert b.charged == (o.tunnel or o.moved or o.cut is Cut.BALANCE)
+        assert b.charged == (o.tunnel or o.moved or o.cut in DRY)
 
 
 @given(outcomes)
@@ -101,7 +105,7 @@ def test_a_client_that_walks_away_pays_for_what_it_moved(o: FlowOutcome) -> None
 @given(outcomes)
 def test_a_finished_exchange_is_billed_in_full(o: FlowOutcome) -> None:
     if o.ending is Ending.COMPLETED and not o.answered:
-        assert bill(o) == Bill(True, o.up, o.down, o.status or (402 if o.cut is Cut.BALANCE else 0))
+        assert bill(o) == Bill(True, o.up, o.down, o.status or DRY.get(o.cut, 0))
 
 
 @given(outcomes)
@@ -118,7 +122,7 @@ def test_the_receipt_shows_the_status_the_client_got(o: FlowOutcome) -> None:
     if o.status:
         assert b.status == o.status
     else:
-        assert b.status == (402 if o.cut is Cut.BALANCE else 0)
+        assert b.status == DRY.get(o.cut, 0)
 
 
 @given(outcomes)
@@ -129,7 +133,10 @@ def test_an_uncharged_forward_flow_pays_nothing(o: FlowOutcome) -> None:
 
 
 def _old_charge(o: FlowOutcome) -> bool:
-    """The decision as the metering hooks wrote it before it moved to the core."""
+    """The decision as the metering hooks wrote it before it moved to the core (a cut
+    for want of a worker's credit, newer, is billed as one for running dry)."""
+    if o.cut is Cut.CREDIT:
+        o = replace(o, cut=Cut.BALANCE)
     if o.ending is Ending.COMPLETED:
         return not o.answered
     if o.ending is Ending.CONNECT_FAILED:
@@ -161,18 +168,18 @@ def test_the_rules_are_the_hooks_they_replace(o: FlowOutcome) -> None:
     b = bill(o)
     if o.answered:
         assert not b.charged
-    elif o.cut is Cut.BALANCE and o.ending in (Ending.CONNECT_FAILED, Ending.STOPPED):
+    elif o.cut in DRY and o.ending in (Ending.CONNECT_FAILED, Ending.STOPPED):
         assert b.charged
     else:
         assert b.charged == _old_charge(o)
     if b.charged:
         assert (b.up, b.down) == (o.up, o.down)
-        assert b.status == (o.status or (402 if o.cut == "balance" else 0))
+        assert b.status == (o.status or DRY.get(o.cut, 0))
 
 
-@given(st.booleans(), statuses)
-def test_only_a_forward_request_without_a_response_is_answered_with_the_402(tunnel, status):
-    assert answers_cut_with_402(tunnel, status) == (not tunnel and status == 0)
+@given(st.booleans(), st.booleans())
+def test_only_a_forward_request_whose_head_is_not_sent_is_answered_when_cut(tunnel, sent):
+    assert answers_cut(tunnel, sent) == (not tunnel and not sent)
 
 
 def _holder(allowance: int, inflight: int, room: int) -> SimpleNamespace:

@@ -198,6 +198,34 @@ def test_credentials_are_created_listed_found_and_revoked(db: Ledger) -> None:
     assert total == 2 and len(rows) == 2 and rows[0]["id"] == cid
 
 
+def test_the_api_fetch_credential_is_one_for_every_process_and_renewed_when_revoked(
+    db: Ledger, target: str
+) -> None:
+    """The workers of ``datorus serve`` (and gateways on other boxes) derive one fetch
+    credential per account from the ledger's secret: none revokes another's."""
+    from datorus_core.api.via_gateway import FETCH_LABEL, fetch_credential
+    from datorus_core.hashing import verify_secret
+
+    aid, _ = customer(db)
+    older = accounts.create_credential(db, aid, label=FETCH_LABEL)  # a random one, as before
+    first = fetch_credential(db, aid)
+    with _opened(target) as other:  # another process on the same ledger
+        assert fetch_credential(other, aid) == first
+    assert accounts.live_usernames(db, aid, FETCH_LABEL) == [first[0]]
+    assert accounts.credential_revoked(db, older["username"]) is True
+    stored = db.value("SELECT password_hash FROM credentials WHERE username = ?", (first[0],))
+    assert verify_secret(first[1], stored)
+    # made by two at once: one row
+    assert not accounts.add_credential(db, aid, first[0], first[1], FETCH_LABEL)
+    # revoked (by its customer): the secret is replaced, a new one made
+    accounts.revoke_credential(db, first[0], aid)
+    second = fetch_credential(db, aid)
+    assert second[0] != first[0]
+    assert accounts.live_usernames(db, aid, FETCH_LABEL) == [second[0]]
+    with _opened(target) as other:
+        assert fetch_credential(other, aid) == second
+
+
 def test_operator_changes_bump_the_configuration_version(db: Ledger) -> None:
     aid, _ = customer(db)
     seen = [db.config_version()]
