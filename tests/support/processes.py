@@ -195,8 +195,10 @@ class Gateway:
         assert self.balancer is not None
         self.node_procs = []
         for i, port in enumerate(self.node_ports):
-            # the first node serves the REST API; the others have none
-            settings = self.settings if i == 0 else {**self.settings, "api_port": 0}
+            # the first node serves the REST API on the port it was given; the others none
+            api_port = self.settings.get("api_port")
+            moved = i > 0 and isinstance(api_port, int) and api_port > 0
+            settings = {**self.settings, "api_port": 0} if moved else self.settings
             self.node_procs.append(
                 subprocess.Popen(
                     self._command(port, settings),
@@ -209,10 +211,27 @@ class Gateway:
         self.proc = NodeGroup(self.node_procs, self.balancer)
         if wait:
             self.wait_ready()
-        elif not self.balancer.running() or self.balancer.soft_stopped:
+            return self
+        # the gateway's port accepts once its nodes' do (as one process's port accepts
+        # while it loads its ledger): the balancer starts then, or when they exited
+        for proc, port in zip(self.node_procs, self.node_ports, strict=True):
+
+            def accepts(proc: subprocess.Popen = proc, port: int = port) -> bool:
+                if proc.poll() is not None:
+                    return True
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+
+            wait_until(accepts, 30, 0.01, f"node on {port} accepting")
+        self._balance()
+        return self
+
+    def _balance(self) -> None:
+        """A balancer accepting in front of the nodes (a fresh one after a soft stop)."""
+        assert self.balancer is not None
+        if not self.balancer.running() or self.balancer.soft_stopped:
             self.balancer.stop()  # a soft-stopped one may still hold connections
             self.balancer.start()
-        return self
 
     def node_of(self, i: int) -> subprocess.Popen:
         """Node *i*'s process (with several nodes)."""
@@ -269,8 +288,7 @@ class Gateway:
 
             wait_until(node_ready, timeout, 0.05, f"node on {port} ready")
         if not self.balancer.running() or self.balancer.soft_stopped:
-            self.balancer.stop()  # a soft-stopped one may still hold connections
-            self.balancer.start()
+            self._balance()
         else:
             # a balancer that saw these nodes down brings them back after `rise` checks
             # (seconds); each node has just answered the same request its check sends
