@@ -114,8 +114,10 @@ class Gateway:
         settings: dict[str, Any] | None = None,
         env: dict | None = None,
         set_db: bool = True,
+        nodes: int | None = None,
     ):
-        """*set_db* False leaves ``datorus_db`` to the settings file and environment."""
+        """*set_db* False leaves ``datorus_db`` to the settings file and environment;
+        *nodes* overrides ``DATORUS_GATEWAY_NODES``."""
         self.db = db
         self.set_db = set_db
         self.port = free_port()
@@ -131,7 +133,7 @@ class Gateway:
         logdir = db.parent if db.parent.exists() else db.parent.parent
         self.log = logdir / f"gateway-{self.port}.log"
         self.workers = gateway_workers()
-        self.nodes = gateway_nodes()
+        self.nodes = gateway_nodes() if nodes is None else nodes
         self.node_procs: list[subprocess.Popen] = []
         self.balancer: Balancer | None = None
         if self.nodes > 1:
@@ -193,21 +195,8 @@ class Gateway:
     def _start_nodes(self, env: dict[str, str], wait: bool) -> Gateway:
         """Start every node (all logging to ``self.log``), then the balancer in front."""
         assert self.balancer is not None
-        self.node_procs = []
-        for i, port in enumerate(self.node_ports):
-            # the first node serves the REST API on the port it was given; the others none
-            api_port = self.settings.get("api_port")
-            moved = i > 0 and isinstance(api_port, int) and api_port > 0
-            settings = {**self.settings, "api_port": 0} if moved else self.settings
-            self.node_procs.append(
-                subprocess.Popen(
-                    self._command(port, settings),
-                    cwd=REPO,
-                    stdout=self.logf,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
+        self.env_started = env
+        self.node_procs = [self._spawn_node(i) for i in range(self.nodes)]
         self.proc = NodeGroup(self.node_procs, self.balancer)
         if wait:
             self.wait_ready()
@@ -233,9 +222,34 @@ class Gateway:
             self.balancer.stop()  # a soft-stopped one may still hold connections
             self.balancer.start()
 
-    def node_of(self, i: int) -> subprocess.Popen:
-        """Node *i*'s process (with several nodes)."""
-        return self.node_procs[i]
+    def _spawn_node(self, i: int) -> subprocess.Popen:
+        """Start node *i* (the first serves the REST API on the port it was given)."""
+        api_port = self.settings.get("api_port")
+        moved = i > 0 and isinstance(api_port, int) and api_port > 0
+        settings = {**self.settings, "api_port": 0} if moved else self.settings
+        return subprocess.Popen(
+            self._command(self.node_ports[i], settings),
+            cwd=REPO,
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            env=self.env_started,
+        )
+
+    def kill_node(self, i: int) -> None:
+        """``kill -9`` node *i* (with several nodes); the others and the balancer go on."""
+        self.node_procs[i].kill()
+        self.node_procs[i].wait(10)
+
+    def stop_node(self, i: int, sig: int = 15, timeout: float = 30.0) -> int:
+        """Send node *i* *sig* (SIGTERM: it drains) and wait for its exit status."""
+        self.node_procs[i].send_signal(sig)
+        return self.node_procs[i].wait(timeout)
+
+    def start_node(self, i: int, timeout: float = 30.0) -> None:
+        """Start node *i* again; wait until it answers and the balancer has it up."""
+        assert self.node_procs[i].poll() is not None, f"node {i} is running"
+        self.node_procs[i] = self._spawn_node(i)
+        self._wait_nodes_ready(timeout)
 
     def worker_pids(self) -> set[int]:
         """The processes that serve the proxy port: the gateway, or ``serve``'s workers."""
