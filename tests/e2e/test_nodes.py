@@ -3,7 +3,8 @@ section 7, issue 16): the shipped HAProxy configuration, and faults.
 
 Each test here runs a gateway of two nodes of its own, whatever
 ``DATORUS_GATEWAY_NODES`` says: two ``mitmdump`` processes on ports of their own sharing
-one ledger and one redis-server, behind a real HAProxy rendered from
+one PostgreSQL ledger (a database of the tests' cluster, or a cluster of the test's own
+when it restarts it) and one redis-server, behind a real HAProxy rendered from
 ``deploy/haproxy.cfg`` (``support/balancer.py``). Clients open a new connection for each
 request, so the balancer spreads them over the nodes; which node answered a request is
 read from the balancer's log, one line per connection naming the client's port and the
@@ -15,7 +16,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 from checks import assert_envelope
 from support.balancer import DEPLOY_CONFIG, HAPROXY, Balancer, haproxy_available, render_config
 from support.clients import basic, read_response
 from support.counting import RawOrigin
 from support.ledger import prepare_ledger
+from support.postgres import PostgresCluster, postgres_available
 from support.processes import Gateway
 from support.waiting import wait_until
 
@@ -64,17 +66,22 @@ def test_the_shipped_haproxy_config_passes_haproxys_own_check(tmp_path):
 
 @pytest.fixture
 def two_nodes(tmp_path: Path) -> Iterator:
-    """Start a gateway of two nodes behind HAProxy, with settings, for one test."""
+    """Start a gateway of two nodes behind HAProxy on a fresh database of *cluster* (the
+    test process's cluster by default), with settings, for one test."""
     if not haproxy_available():
         pytest.fail("haproxy is not installed: run scripts/test (it installs it)")
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: run scripts/test (it installs it)")
     started: list[Gateway] = []
 
-    def make(**settings) -> Gateway:
+    def make(cluster: PostgresCluster | None = None, **settings) -> Gateway:
+        from support.postgres import shared_cluster
+
         d = tmp_path / f"g{len(started)}"
         d.mkdir()
-        db = d / "ledger.db"
-        prepare_ledger(db)
-        gw = Gateway(db, settings, nodes=2)
+        url = (cluster or shared_cluster()).create_database("nodes")
+        prepare_ledger(url)
+        gw = Gateway(url, settings, nodes=2, logdir=d)
         started.append(gw)
         return gw.start()
 
@@ -179,12 +186,13 @@ class NodeLog:
         return min(lines, key=lambda line: abs(line[0] - conn.opened))[1]
 
 
-def _rows(db: Path, sql: str, *params: object) -> list[tuple]:
-    with sqlite3.connect(db) as c:
-        return c.execute(sql, params).fetchall()
+def _rows(db: str, sql: str, *params: object) -> list[tuple]:
+    """Rows of *sql* (``?`` placeholders) on the PostgreSQL ledger *db*."""
+    with psycopg.connect(db) as c:
+        return c.execute(sql.replace("?", "%s"), params).fetchall()
 
 
-def assert_ledger_consistent(db: Path, accounts: list[int]) -> None:
+def assert_ledger_consistent(db: str, accounts: list[int]) -> None:
     """Balances equal the sum of their transactions; receipts unique; usage transactions
     count every receipt that has a price once."""
     for acc in accounts:
@@ -215,7 +223,7 @@ def assert_ledger_consistent(db: Path, accounts: list[int]) -> None:
     assert (requests, used) == (billed, moved), "usage transactions and receipts disagree"
 
 
-def billed_ids(db: Path, accounts: list[int]) -> list[str]:
+def billed_ids(db: str, accounts: list[int]) -> list[str]:
     marks = ",".join("?" * len(accounts))
     return [
         r[0]
@@ -324,3 +332,55 @@ def test_one_node_draining_behind_the_balancer_loses_nothing(two_nodes):
     served = [a.request_id for a in load.answers if a.status == 200]
     assert sorted(billed) == sorted(served)
     print(f"one node drained: {len(served)} served, {len(refused)} answered 503 while draining")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "crash"])
+def test_postgresql_restarting_under_load_loses_and_doubles_nothing(two_nodes, crash):
+    """CONTRACT section 2's ledger grace on two nodes: PostgreSQL stopped (a fast
+    shutdown, or SIGKILL as in a crash) and started again under load. Both nodes keep
+    answering from memory meanwhile, then flush what they kept: every 200 the clients
+    saw is billed exactly once (a batch whose commit was lost with the connection is
+    written again under its batch id, never twice)."""
+    cluster = PostgresCluster().start()
+    origin = RawOrigin()
+    try:
+        gw = two_nodes(cluster)
+        customers = [gw.customer(trial_bytes=10**9, rps=10000, burst=10000) for _ in range(2)]
+        accounts = [c[0] for c in customers]
+        load = Load(gw.port, origin.url("/bytes/2000"))
+        load.run([(u, p) for _, u, p in customers], per_credential=2, seconds=120)
+        wait_until(lambda: load.count_since(0) > 200, 60, 0.05, "load on both nodes")
+        # restart(), with a wait in the middle: 200 requests served with the ledger gone
+        down_at = time.monotonic()
+        cluster.stop(kill=crash)
+        wait_until(lambda: load.count_since(down_at) > 200, 20, 0.05, "served meanwhile")
+        wait_until(lambda: "usage write failed" in gw.log.read_text(), 10, 0.05, "a failed write")
+        cluster.start()
+        up_at = time.monotonic()
+        wait_until(lambda: load.count_since(up_at) > 200, 60, 0.05, "load after the restart")
+        load.finish()
+        served = sorted(a.request_id for a in load.answers if a.status == 200)
+        # what the nodes kept in memory reaches the ledger once it is back
+        wait_until(
+            lambda: sorted(billed_ids(gw.db, accounts)) == served, 30, 0.2, "every 200 billed"
+        )
+        assert gw.stop(signal.SIGTERM) == 0
+        assert gw.balancer is not None
+        nodes = NodeLog(gw.balancer)
+        log = gw.log.read_text()
+        billed = billed_ids(gw.db, accounts)
+        assert_ledger_consistent(gw.db, accounts)
+    finally:
+        origin.close()
+        cluster.destroy()
+
+    assert not load.lost, load.lost[:5]
+    assert {a.status for a in load.answers} == {200}  # within the grace: nothing refused
+    during = [a for a in load.answers if down_at < a.at < up_at]
+    assert {nodes.node(a) for a in during} == {"node0", "node1"}, "both served during it"
+    assert sorted(billed) == served  # and nothing more at the clean stop
+    assert "usage write failed" in log and "usage write recovered" in log
+    print(
+        f"PostgreSQL {'crash' if crash else 'restart'} ({up_at - down_at:.1f} s):"
+        f" {len(during)} answered meanwhile, {len(served)} in all, each billed once"
+    )

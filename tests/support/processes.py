@@ -110,14 +110,16 @@ class Gateway:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         settings: dict[str, Any] | None = None,
         env: dict | None = None,
         set_db: bool = True,
         nodes: int | None = None,
+        logdir: Path | None = None,
     ):
-        """*set_db* False leaves ``datorus_db`` to the settings file and environment;
-        *nodes* overrides ``DATORUS_GATEWAY_NODES``."""
+        """*db* is a ledger file or a ``postgresql://`` URL (then *logdir* says where the
+        logs go); *set_db* False leaves ``datorus_db`` to the settings file and
+        environment; *nodes* overrides ``DATORUS_GATEWAY_NODES``."""
         self.db = db
         self.set_db = set_db
         self.port = free_port()
@@ -130,7 +132,9 @@ class Gateway:
         }
         self.env = env
         self.proc: subprocess.Popen | None = None
-        logdir = db.parent if db.parent.exists() else db.parent.parent
+        if logdir is None:
+            assert isinstance(db, Path), "a ledger URL needs a logdir"
+            logdir = db.parent if db.parent.exists() else db.parent.parent
         self.log = logdir / f"gateway-{self.port}.log"
         self.workers = gateway_workers()
         self.nodes = gateway_nodes() if nodes is None else nodes
@@ -433,8 +437,15 @@ class Gateway:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""
         import redis
 
-        with sqlite3.connect(self.db) as c:
-            (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (user,)).fetchone()
+        sql = "SELECT id FROM credentials WHERE username = ?"
+        if str(self.db).startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(str(self.db)) as c:
+                (cid,) = c.execute(sql.replace("?", "%s"), (user,)).fetchone()
+        else:
+            with sqlite3.connect(self.db) as c:
+                (cid,) = c.execute(sql, (user,)).fetchone()
         assert self.redis is not None
         r = redis.Redis(port=self.redis.port, socket_timeout=5)
         try:
