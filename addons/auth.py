@@ -173,7 +173,10 @@ class ProxyAuth:
         if creds is None:
             if "proxy-authorization" in req.headers:
                 return self._fail(flow, fc, MALFORMED)
-            self.gw.reject(flow, fc, DatorusError("INVALID_CREDENTIAL", details=MISSING))
+            # a stopping gateway says so before it asks for credentials: a balancer's
+            # health check (a request without them) takes the node out while it drains
+            missing = DatorusError("INVALID_CREDENTIAL", details=MISSING)
+            self.gw.reject(flow, fc, rt.drain_error() or missing)
             return None
         key = cache_key(*creds)
         cred = rt.verified.get(key)

@@ -140,10 +140,16 @@ class LedgerTask:
         # (503, Retry-After) and give those under way drain_seconds to end, while the
         # loop goes on writing their usage
         self.gw.runtime.draining = True
+        # behind a balancer: the port stays open (new requests 503) until its health
+        # check has taken this node out, else what it sends meanwhile is reset at the close
+        linger = 0 if self.gw.handing_off else self.gw.settings.get("drain_listen_seconds", 0)
+        listen_until = time.monotonic() + linger
         if self.gw.drain_deadline is None:  # else a hand-off's drain is under way already
             self.gw.drain_deadline = time.monotonic() + self.gw.settings.get("drain_seconds", 5)
         deadline = self.gw.drain_deadline
-        while any(n() for n in self.open_flows) and time.monotonic() < deadline:
+        while (
+            any(n() for n in self.open_flows) and time.monotonic() < deadline
+        ) or time.monotonic() < listen_until:
             await asyncio.sleep(0.05)
         await self.gw.stop_listening()
         # let the loop finish what it is doing (a write cancelled mid-transaction would

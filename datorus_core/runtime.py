@@ -316,17 +316,23 @@ class Runtime:
             headers={"Retry-After": "1"},
         )
 
+    def drain_error(self) -> DatorusError | None:
+        """The 503 every new request gets while a clean stop is under way, else None."""
+        if not self.draining:
+            return None
+        return DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message="The gateway is restarting; retry shortly.",
+            details={"reason": "draining"},
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+
     def admit(self, cred: CredentialState) -> None:
         """Raise the 402/403 (or the 503 of a stopping gateway) a request of *cred* gets
         before it starts, if any."""
         acc = cred.account
-        if self.draining:
-            raise DatorusError(
-                "SERVICE_UNAVAILABLE",
-                message="The gateway is restarting; retry shortly.",
-                details={"reason": "draining"},
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
+        if (stopping := self.drain_error()) is not None:
+            raise stopping
         if acc.status != "active":
             raise DatorusError("ACCOUNT_SUSPENDED", details={"accountId": acc.id})
         if cred.max_bytes is not None and cred.room() <= 0:

@@ -158,6 +158,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a stopping gateway lets requests and tunnels under way finish (new ones: 503).",
         _non_negative,
     ),
+    Setting(
+        "drain_listen_seconds",
+        int,
+        0,
+        "Seconds a stopping gateway keeps its port open, answering 503, even with nothing"
+        " under way: behind a balancer, long enough for its health check to take the node"
+        " out, so that no connection is accepted and then reset when the port closes.",
+        _non_negative,
+    ),
     Setting("trial_bytes", int, 100_000_000, "Free trial bytes for a new account.", _non_negative),
     Setting(
         "price_cents_per_gb", int, 300, "Default price in cents per GB (10^9 bytes).", _non_negative

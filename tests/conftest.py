@@ -17,7 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
 from support.postgres import PostgresCluster, postgres_available, shared_cluster  # noqa: E402
-from support.processes import Gateway, GatewaySetup, gateway_workers, start_gateway  # noqa: E402
+from support.processes import (  # noqa: E402
+    Gateway,
+    GatewaySetup,
+    gateway_nodes,
+    gateway_workers,
+    start_gateway,
+)
 from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
 
@@ -185,19 +191,25 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.create_database()
 
 
-# -- one process or several (issue 15) ------------------------------------------------------
+# -- one process or several (issues 15 and 16) ----------------------------------------------
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "one_process: holds for one gateway process only (skipped with several workers)",
+        "one_process: holds for one gateway process only (skipped with several workers or nodes)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "one_node: holds for one node only, not behind a balancer (skipped with several nodes)",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if gateway_workers() > 1:
-        skip = pytest.mark.skip(reason="holds for one gateway process only")
-        for item in items:
-            if "one_process" in item.keywords:
-                item.add_marker(skip)
+    one_process = pytest.mark.skip(reason="holds for one gateway process only")
+    one_node = pytest.mark.skip(reason="holds for one node only (DATORUS_GATEWAY_NODES)")
+    for item in items:
+        if "one_process" in item.keywords and (gateway_workers() > 1 or gateway_nodes() > 1):
+            item.add_marker(one_process)
+        elif "one_node" in item.keywords and gateway_nodes() > 1:
+            item.add_marker(one_node)

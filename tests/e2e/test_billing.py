@@ -945,6 +945,12 @@ def test_sigterm_drains_refuses_new_requests_and_bills_every_one_served(make_gat
     assert err["details"] == {"reason": "draining"}
     assert headers["retry-after"] == "1" and headers["connection"] == "close"
     assert headers["x-datorus-ratelimit-limit"] == "50"
+    # a request without credentials (a balancer's health check) hears it is draining too
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, body = read_response(s)
+    err = assert_envelope(status, headers, body, "SERVICE_UNAVAILABLE", 503)
+    assert err["details"] == {"reason": "draining"} and headers["retry-after"] == "1"
     # a kept-alive connection is refused too (a request served now would go unbilled)
     kept.sendall(f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
     status, headers, body = read_response(kept)

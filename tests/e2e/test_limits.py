@@ -7,6 +7,7 @@ import ssl
 import threading
 import time
 
+import pytest
 import requests
 from checks import assert_envelope, assert_rate_headers
 from support.clients import basic, raw_connection, read_response
@@ -300,6 +301,8 @@ def _from(source: str, port: int, user: str, pw: str, target: str) -> int:
         return status
 
 
+# behind a balancer every client has the balancer's address (README, "Two boxes")
+@pytest.mark.one_node
 def test_repeated_wrong_credentials_throttle_the_address_not_the_right_ones(make_gateway, origin):
     gw = make_gateway(auth_fail_limit=5, auth_block_seconds=60)
     acc, user, pw = gw.customer(trial_bytes=10**9)

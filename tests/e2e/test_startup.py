@@ -56,7 +56,15 @@ def _probe_until_exit(proc: subprocess.Popen, port: int, origin, path: str) -> N
     assert proc.poll() is not None, "a faulty gateway kept running"
 
 
-@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+# with several nodes only the first serves the API: a taken API port stops that node alone
+ONE_NODE_FAULTS = {"API port taken"}
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [pytest.param(f, marks=[pytest.mark.one_node] if f in ONE_NODE_FAULTS else []) for f in FAULTS],
+    ids=list(FAULTS),
+)
 def test_faulty_start_up_stops_with_a_message_and_relays_nothing(tmp_path, origin, fault):
     settings, env, message = FAULTS[fault]
     settings = dict(settings)
@@ -303,6 +311,11 @@ def test_past_ledger_grace_new_requests_get_503(tmp_path, origin):
         wait_until(lambda: raw_request(gw.port, req)[0] == 200, 30, 0.1, "served again")
 
 
+# Through a TCP balancer, a connection that comes after the last node stopped listening is
+# accepted by the balancer and closed: a whole gateway of nodes stops with its balancer
+# first (README, "Two boxes"). One node's drain behind a running balancer, where nothing
+# is lost, is tests/e2e/test_nodes.py's.
+@pytest.mark.one_node
 def test_a_stopping_gateway_answers_or_refuses_never_accepts_and_resets(tmp_path, origin):
     """From SIGTERM to exit every new connection gets the 503 draining envelope or is
     refused at once (the listening socket closes when the drain ends), so a client that
@@ -327,3 +340,31 @@ def test_a_stopping_gateway_answers_or_refuses_never_accepts_and_resets(tmp_path
         assert gw.proc.wait(30) == 0
         assert outcomes and not [o for o in outcomes if o.startswith("lost")], outcomes[-5:]
         assert set(outcomes) <= {"503", "200", "refused"}
+
+
+@pytest.mark.one_node  # through a balancer, its own health check decides who answers
+def test_drain_listen_seconds_keeps_an_idle_stopping_port_answering_503(tmp_path, origin):
+    """With nothing under way, a stopping gateway closes its port at once; with
+    drain_listen_seconds it answers 503 that long first (a balancer's health check takes
+    the node out meanwhile), then closes it and exits 0."""
+    with _serving(tmp_path, drain_listen_seconds=2) as (gw, _, user, pw):
+        req = (
+            f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+        ).encode()
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        statuses = []
+        while time.monotonic() - stopped < 1.5:  # well inside the 2 s: never refused
+            status, headers, body = raw_request(gw.port, req)
+            statuses.append(status)
+            if status == 503:
+                err = assert_envelope(status, headers, body, "SERVICE_UNAVAILABLE", 503)
+                assert err["details"] == {"reason": "draining"}
+        # served until the signal landed, then 503 only
+        served = statuses.count(200)
+        assert statuses == [200] * served + [503] * (len(statuses) - served)
+        assert statuses[-1] == 503
+        assert gw.proc.wait(30) == 0
+        assert time.monotonic() - stopped >= 2

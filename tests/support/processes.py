@@ -5,6 +5,16 @@ With ``DATORUS_GATEWAY_WORKERS=N`` (N > 1) in the environment, every :class:`Gat
 its own: ``scripts/test`` runs the end-to-end tests of limits, billing, sessions,
 blocks, leases, suspension and draining that way too (issue 15). A test that can only
 hold for one process is marked ``one_process`` and skipped then.
+
+With ``DATORUS_GATEWAY_NODES=N`` (N > 1), every :class:`Gateway` is N nodes instead (issue
+16): N ``mitmdump -s addons/datorus.py`` processes, each on a port of its own, sharing
+one ledger and one redis-server, behind a real HAProxy (``support/balancer.py``, the
+shipped ``deploy/haproxy.cfg`` rendered for the test's ports, ``balance roundrobin``)
+on the port the tests use, so consecutive connections alternate nodes. The REST API
+(``api_port``) is served by the first node only. ``gw.proc`` is then the nodes as one
+process (:class:`NodeGroup`); a test that needs a single node (one process's log, the
+client's own address) is marked ``one_node`` and skipped then, and so is every
+``one_process`` test.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .balancer import Balancer, haproxy_available
 from .clients import basic, raw_connection, read_response
 from .ledger import cli, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
@@ -31,17 +42,83 @@ def gateway_workers() -> int:
     return max(1, int(os.environ.get("DATORUS_GATEWAY_WORKERS", "1") or 1))
 
 
+def gateway_nodes() -> int:
+    """How many nodes each test gateway is (``DATORUS_GATEWAY_NODES``, default 1)."""
+    return max(1, int(os.environ.get("DATORUS_GATEWAY_NODES", "1") or 1))
+
+
+class NodeGroup:
+    """A gateway's nodes as the one process tests know as ``gw.proc``.
+
+    A signal goes to every node (SIGTERM: they all drain, answering 503 through the
+    balancer, which keeps passing connections to them); once every node has exited, the
+    balancer stops accepting (a soft stop: connections still open go on), so that a
+    client of the stopped gateway is refused at once, as by one stopped process. The exit
+    status is the first node's that is not 0, else 0.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen], balancer: Balancer) -> None:
+        self.procs = procs
+        self.balancer = balancer
+
+    @property
+    def pid(self) -> int:
+        """The first node's process id."""
+        return self.procs[0].pid
+
+    @property
+    def returncode(self) -> int | None:
+        codes = [p.returncode for p in self.procs]
+        if any(c is None for c in codes):
+            return None
+        return next((c for c in codes if c != 0), 0)
+
+    def poll(self) -> int | None:
+        """None while a node runs; else the exit status (the balancer then stops accepting)."""
+        if any(p.poll() is None for p in self.procs):
+            return None
+        self.balancer.soft_stop()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for every node (``subprocess.TimeoutExpired`` past *timeout*)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for p in self.procs:
+            p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        code = self.poll()
+        assert code is not None
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+    def kill(self) -> None:
+        """SIGKILL every node (``kill -9``)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+
 class Gateway:
     """A running ``mitmdump -s addons/datorus.py`` on a free loopback port."""
 
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         settings: dict[str, Any] | None = None,
         env: dict | None = None,
         set_db: bool = True,
+        nodes: int | None = None,
+        logdir: Path | None = None,
     ):
-        """*set_db* False leaves ``datorus_db`` to the settings file and environment."""
+        """*db* is a ledger file or a ``postgresql://`` URL (then *logdir* says where the
+        logs go); *set_db* False leaves ``datorus_db`` to the settings file and
+        environment; *nodes* overrides ``DATORUS_GATEWAY_NODES``."""
         self.db = db
         self.set_db = set_db
         self.port = free_port()
@@ -54,11 +131,29 @@ class Gateway:
         }
         self.env = env
         self.proc: subprocess.Popen | None = None
-        logdir = db.parent if db.parent.exists() else db.parent.parent
+        if logdir is None:
+            assert isinstance(db, Path), "a ledger URL needs a logdir"
+            logdir = db.parent if db.parent.exists() else db.parent.parent
         self.log = logdir / f"gateway-{self.port}.log"
         self.workers = gateway_workers()
+        self.nodes = gateway_nodes() if nodes is None else nodes
+        self.node_procs: list[subprocess.Popen] = []
+        self.balancer: Balancer | None = None
+        if self.nodes > 1:
+            if self.workers > 1:
+                raise RuntimeError(
+                    "DATORUS_GATEWAY_NODES and DATORUS_GATEWAY_WORKERS: one or the other"
+                )
+            if not haproxy_available():
+                raise RuntimeError(
+                    "DATORUS_GATEWAY_NODES needs haproxy: run scripts/test (it installs it)"
+                )
+            self.node_ports = [free_port() for _ in range(self.nodes)]
+            self.balancer = Balancer(logdir, self.port, self.node_ports)
+        else:
+            self.node_ports = [self.port]
         self.redis: RedisServer | None = None
-        if self.workers > 1:
+        if self.workers > 1 or self.nodes > 1:
             self.redis = RedisServer(logdir / f"redis-for-{self.port}").start()
             self.settings.setdefault("redis_url", self.redis.url)
 
@@ -67,38 +162,103 @@ class Gateway:
             self.redis.proc is None or self.redis.proc.poll() is not None
         ):
             self.redis.start()  # started again after a stop
-        if self.workers > 1:
-            head = [DATORUS, "serve", "--workers", str(self.workers)]
-        else:
-            head = [MITMDUMP, "-s", str(REPO / "addons" / "datorus.py")]
-        cmd = [
-            *head,
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(self.port),
-        ]
-        if self.set_db:
-            cmd += ["--set", f"datorus_db={self.db}"]
-        for k, v in self.settings.items():
-            if isinstance(v, list | tuple):
-                for item in v:
-                    cmd += ["--set", f"datorus_{k}={item}"]
-            else:
-                cmd += ["--set", f"datorus_{k}={v}"]
         env = {**os.environ, **(self.env or {})}
         self.logf = open(self.log, "ab")  # noqa: SIM115
         self.log_start = self.logf.tell()  # readiness is read from this start's lines only
+        if self.nodes > 1:
+            return self._start_nodes(env, wait)
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=self.logf, stderr=subprocess.STDOUT, env=env
+            self._command(self.port, self.settings),
+            cwd=REPO,
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         if wait:
             self.wait_ready()
         return self
 
+    def _command(self, port: int, settings: Mapping[str, Any]) -> list[str]:
+        """The command line of the process (or node) that listens on *port*."""
+        if self.workers > 1:
+            head = [DATORUS, "serve", "--workers", str(self.workers)]
+        else:
+            head = [MITMDUMP, "-s", str(REPO / "addons" / "datorus.py")]
+        cmd = [*head, "--listen-host", "127.0.0.1", "--listen-port", str(port)]
+        if self.set_db:
+            cmd += ["--set", f"datorus_db={self.db}"]
+        for k, v in settings.items():
+            if isinstance(v, list | tuple):
+                for item in v:
+                    cmd += ["--set", f"datorus_{k}={item}"]
+            else:
+                cmd += ["--set", f"datorus_{k}={v}"]
+        return cmd
+
+    def _start_nodes(self, env: dict[str, str], wait: bool) -> Gateway:
+        """Start every node (all logging to ``self.log``), then the balancer in front."""
+        assert self.balancer is not None
+        self.env_started = env
+        self.node_procs = [self._spawn_node(i) for i in range(self.nodes)]
+        self.proc = NodeGroup(self.node_procs, self.balancer)
+        if wait:
+            self.wait_ready()
+            return self
+        # the gateway's port accepts once its nodes' do (as one process's port accepts
+        # while it loads its ledger): the balancer starts then, or when they exited
+        for proc, port in zip(self.node_procs, self.node_ports, strict=True):
+
+            def accepts(proc: subprocess.Popen = proc, port: int = port) -> bool:
+                if proc.poll() is not None:
+                    return True
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+
+            wait_until(accepts, 30, 0.01, f"node on {port} accepting")
+        self._balance()
+        return self
+
+    def _balance(self) -> None:
+        """A balancer accepting in front of the nodes (a fresh one after a soft stop)."""
+        assert self.balancer is not None
+        if not self.balancer.running() or self.balancer.soft_stopped:
+            self.balancer.stop()  # a soft-stopped one may still hold connections
+            self.balancer.start()
+
+    def _spawn_node(self, i: int) -> subprocess.Popen:
+        """Start node *i* (the first serves the REST API on the port it was given)."""
+        api_port = self.settings.get("api_port")
+        moved = i > 0 and isinstance(api_port, int) and api_port > 0
+        settings = {**self.settings, "api_port": 0} if moved else self.settings
+        return subprocess.Popen(
+            self._command(self.node_ports[i], settings),
+            cwd=REPO,
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            env=self.env_started,
+        )
+
+    def kill_node(self, i: int) -> None:
+        """``kill -9`` node *i* (with several nodes); the others and the balancer go on."""
+        self.node_procs[i].kill()
+        self.node_procs[i].wait(10)
+
+    def stop_node(self, i: int, sig: int = 15, timeout: float = 30.0) -> int:
+        """Send node *i* *sig* (SIGTERM: it drains) and wait for its exit status."""
+        self.node_procs[i].send_signal(sig)
+        return self.node_procs[i].wait(timeout)
+
+    def start_node(self, i: int, timeout: float = 30.0) -> None:
+        """Start node *i* again; wait until it answers and the balancer has it up."""
+        assert self.node_procs[i].poll() is not None, f"node {i} is running"
+        self.node_procs[i] = self._spawn_node(i)
+        self._wait_nodes_ready(timeout)
+
     def worker_pids(self) -> set[int]:
         """The processes that serve the proxy port: the gateway, or ``serve``'s workers."""
         assert self.proc is not None
+        if self.nodes > 1:
+            return {p.pid for p in self.node_procs}
         if self.workers == 1:
             return {self.proc.pid}
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -106,7 +266,9 @@ class Gateway:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Ready when a request without credentials gets the 407 envelope (not 503),
-        from every worker."""
+        from every worker (every node, and then through the balancer with every node up)."""
+        if self.nodes > 1:
+            self._wait_nodes_ready(timeout)
         if self.workers > 1:
             timeout = max(timeout, 90.0)
             wait_until(
@@ -127,6 +289,30 @@ class Gateway:
 
         wait_until(probe, timeout, 0.05, "gateway ready")
 
+    def _wait_nodes_ready(self, timeout: float) -> None:
+        """Every node answers 407 on its own port; then the balancer has them all up."""
+        assert self.balancer is not None
+        for proc, port in zip(self.node_procs, self.node_ports, strict=True):
+
+            def node_ready(proc: subprocess.Popen = proc, port: int = port) -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(
+                        f"node on {port} exited {proc.returncode}: {self.log.read_text()[-2000:]}"
+                    )
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+                    return s.recv(64).startswith(b"HTTP/1.1 407")
+
+            wait_until(node_ready, timeout, 0.05, f"node on {port} ready")
+        if not self.balancer.running() or self.balancer.soft_stopped:
+            self._balance()
+        else:
+            # a balancer that saw these nodes down brings them back after `rise` checks
+            # (seconds); each node has just answered the same request its check sends
+            for i in range(len(self.node_procs)):
+                self.balancer.command(f"set server datorus_nodes/node{i} health up")
+        self.balancer.wait_all_up(timeout)
+
     def stop(self, sig: int | None = None, timeout: float = 15.0) -> int | None:
         if self.proc is None:
             return None
@@ -141,6 +327,8 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait(5)
         self.logf.close()
+        if self.balancer is not None:
+            self.balancer.stop()
         if self.redis is not None:
             self.redis.stop()
         return self.proc.returncode
@@ -193,6 +381,10 @@ class Gateway:
         probes left in Redis is then cleared and one probe taken again, which leaves the
         credential exactly where one process's single probe leaves it.
         """
+        assert self.proc is not None
+        if self.nodes > 1:
+            self._wait_nodes_know(user, password, timeout)
+            return
         # port 1: parsed and authenticated, then refused at once by loopback
         probe = (
             f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
@@ -241,6 +433,29 @@ class Gateway:
 
         wait_until(all_answered, timeout, 0.02, "an answer from every worker")
         return answers
+
+    def _wait_nodes_know(self, user: str, password: str, timeout: float) -> None:
+        """Every node knows the credential (asked on its own port); then, as with several
+        workers, the rate state of those probes is cleared and one probe taken through
+        the balancer."""
+
+        def status(port: int) -> int:
+            with raw_connection(port) as s:
+                s.sendall(
+                    f"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n"
+                    f"Proxy-Authorization: {basic(user, password)}\r\n\r\n".encode()
+                )
+                return read_response(s)[0]
+
+        for port in self.node_ports:
+            wait_until(
+                lambda port=port: status(port) != 407,
+                max(timeout, 15.0),
+                0.02,
+                f"credential {user} live on the node on {port}",
+            )
+        self._forget_rate_state(user)
+        assert status(self.port) != 407
 
     def _forget_rate_state(self, user: str) -> None:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""

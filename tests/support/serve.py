@@ -220,8 +220,15 @@ def forget_rate_state(db: Path, redis_port: int, username: str) -> None:
     probes took from it), so that its bucket is full, as a fresh credential's is."""
     import redis
 
-    with sqlite3.connect(db) as c:
-        (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (username,)).fetchone()
+    sql = "SELECT id FROM credentials WHERE username = ?"
+    if str(db).startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(str(db)) as pg:
+            (cid,) = pg.execute(sql.replace("?", "%s"), (username,)).fetchone()
+    else:
+        with sqlite3.connect(db) as c:
+            (cid,) = c.execute(sql, (username,)).fetchone()
     r = redis.Redis(port=redis_port, socket_timeout=5)
     try:
         r.delete(f"datorus:rl:{cid}")
