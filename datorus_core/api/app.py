@@ -26,6 +26,7 @@ from . import (
     routes_account,
     routes_auth,
     routes_fetch,
+    routes_judge,
     routes_payments,
     routes_pool,
     routes_routing,
@@ -165,6 +166,7 @@ def create_app(
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
+    app.include_router(routes_judge.router)
     app.include_router(routes_fetch.router)
     app.include_router(routes_ws.router)
     return app
