@@ -9,6 +9,7 @@ and leaves from a loopback alias of its own, which the origin echoes.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 
@@ -23,6 +24,8 @@ from support.processes import Gateway
 from support.upstream import Socks4Proxy, Socks5Proxy, UpstreamProxy
 from support.waiting import free_port, wait_until
 
+from datorus_core.egress import parse_egress_url
+from datorus_core.egress_io import HandshakeError, handshake
 from datorus_core.judge import check_token
 
 DEAD_AFTER = 3
@@ -230,3 +233,28 @@ def test_stats_plugins_lists_checkers_with_their_health(gw):
     assert tcp["healthy"] is True and http["enabled"] is True
     assert tcp["last_run_at"] and tcp["failures"] >= 1 and tcp["last_failure"]
     assert http["errors"] == 0 and http["last_error"] is None
+
+
+def test_socks4a_hands_a_name_to_the_proxy(origin):
+    """A target given by name goes to a SOCKS4 proxy as SOCKS4a (the proxy resolves it)."""
+    s4 = Socks4Proxy("127.0.0.18", user_id="dora")
+
+    async def fetch(url: str, host: str) -> bytes:
+        spec = parse_egress_url(url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", s4.port)
+        try:
+            await handshake(spec, host, origin.port, reader, writer)
+            writer.write(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return (await reader.read()).partition(b"\r\n\r\n")[2]
+        finally:
+            writer.close()
+
+    try:
+        assert asyncio.run(fetch(s4.url, "localhost")) == b"127.0.0.18"
+        with pytest.raises(HandshakeError, match="IPv6") as e:
+            asyncio.run(fetch(s4.url, "::1"))
+        assert e.value.target  # not the proxy's fault: it stays in the pool
+        with pytest.raises(HandshakeError, match="reply 91"):
+            asyncio.run(fetch(s4.url.replace("dora@", ""), "127.0.0.1"))
+    finally:
+        s4.stop()
