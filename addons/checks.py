@@ -5,8 +5,10 @@ the checks that are due (every ``egress_check_seconds`` per egress, at most
 ``egress_check_concurrency`` at once, each a task of its own), applies each result to
 the live egress (its status: ``datorus_core.egress_status``; score, latency, exit IP,
 a country when it had none), rebuilds the pool's weights once per tick when anything
-changed, and writes results to the ledger in batches (one transaction for up to 500
-checks), so a pool of thousands costs the proxy's event loop little.
+changed (at once when a status moved, else at most every few seconds), and writes
+results to the ledger in batches (one transaction for up to 500 checks). Due checks
+come off a heap, so a tick costs what is due, not the size of the pool: a pool of
+thousands costs the proxy's event loop little.
 
 What a check runs is ``datorus_core.checkers.pipeline.run_check`` over the installed
 checkers; its judge is ``egress_check_url``, by default the gateway's own ``GET
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -41,6 +44,8 @@ _BATCH = 500  # checks written in one transaction
 _PENDING_MAX = 50_000  # results waiting for the ledger at most (the oldest go first)
 _OWN_SECONDS = 300.0  # how often the gateway's own address is learnt again
 _CTX_SECONDS = 5.0  # how long one check context (judge URL, token) is reused
+_OWN_RETRY = 10.0  # seconds before the gateway's own address is asked for again after a miss
+_REWEIGH_SECONDS = 2.0  # scores alone moved: the weights are rebuilt at most this often
 
 
 @dataclass(slots=True)
@@ -56,11 +61,14 @@ class CheckRunner:
         self.gw = gw
         self.registry = installed_checkers()
         self.checking: set[int] = set()
-        self.next_check: dict[int, float] = {}
+        self.next_check: dict[int, float] = {}  # egress id -> when its next check is due
+        self.due: list[tuple[float, int]] = []  # heap of (due, id); stale entries skipped
         self.pending: list[CheckWrite] = []
         self.tasks: set[asyncio.Task] = set()
         self.flushing: asyncio.Task | None = None
-        self.changed = False  # a status or score moved since the weights were built
+        self.changed = False  # a score moved since the weights were built
+        self.moved = False  # a status moved since the weights were built
+        self.weighed_at = 0.0
         self.own: frozenset[str] = frozenset()
         self.own_at = -_OWN_SECONDS
         self.learning: asyncio.Task | None = None
@@ -71,44 +79,54 @@ class CheckRunner:
 
     def tick(self, pool: Pool, rng: random.Random) -> None:
         """Reweigh the pool if checks moved it, start due checks, write results."""
-        if self.changed:
-            self.changed = False
+        now = time.monotonic()
+        if self.moved or (self.changed and now - self.weighed_at >= _REWEIGH_SECONDS):
+            self.moved = self.changed = False
+            self.weighed_at = now
             pool.reweigh()
-        self._schedule(pool, time.monotonic(), rng)
+        self._schedule(pool, now, rng)
         self._flush_soon()
 
-    def forget(self, pool: Pool) -> None:
-        """Drop the schedule of egress no longer in *pool*."""
+    def sync(self, pool: Pool, rng: random.Random) -> None:
+        """After a reload: schedule the first check of new egress (spread over a second,
+        so a big pool does not burst), forget those no longer in *pool*."""
+        now = time.monotonic()
         for eid in [k for k in self.next_check if k not in pool.by_id]:
             del self.next_check[eid]
+        for eid in pool.by_id:
+            if eid not in self.next_check:
+                self._at(eid, now + rng.random())
+
+    def _at(self, eid: int, due: float) -> None:
+        self.next_check[eid] = due
+        heapq.heappush(self.due, (due, eid))
 
     def _schedule(self, pool: Pool, now: float, rng: random.Random) -> None:
         s = self.gw.settings
         period = s.get("egress_check_seconds", 30)
         limit = s.get("egress_check_concurrency", 50)
-        for e in pool.by_id.values():
-            if len(self.checking) >= limit:
-                return
-            if not e.enabled or e.id in self.checking:
-                continue
-            due = self.next_check.get(e.id)
-            if due is None:
-                # first check soon, spread over a second so a big pool does not burst
-                self.next_check[e.id] = now + rng.random()
-                continue
-            if due <= now:
-                self.next_check[e.id] = now + period
-                self.checking.add(e.id)
-                task = asyncio.get_running_loop().create_task(self._check(e))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+        while self.due and self.due[0][0] <= now and len(self.checking) < limit:
+            due, eid = heapq.heappop(self.due)
+            if self.next_check.get(eid) != due:
+                continue  # stale: rescheduled or removed since
+            self._at(eid, now + period)
+            e = pool.by_id.get(eid)
+            if e is None or not e.enabled or eid in self.checking:
+                continue  # a disabled egress is looked at again a period later
+            self.checking.add(eid)
+            task = asyncio.get_running_loop().create_task(self._check(pool, e))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     # -- one check ---------------------------------------------------------------------
 
-    async def _check(self, e: Egress) -> None:
+    async def _check(self, pool: Pool, e: Egress) -> None:
         try:
             ctx = await self.context()
             report = await run_check(e.spec, self.registry, ctx)
+            current = pool.by_id.get(e.id)  # a reload meanwhile made a new record of it
+            if current is not None and current.spec == e.spec:
+                e = current
             self._apply(e, report)
         except Exception as x:
             log.warning("datorus: health check of egress %s failed to run: %s", e.id, x)
@@ -124,10 +142,12 @@ class CheckRunner:
             e.exit_ip = report.exit_ip
         country = report.country.lower() if report.country else None
         if country and not e.country:
-            e.country = country
+            e.country = country  # targeting finds it from the next tick's weights on
+            self.moved = True
         self.changed = True
         event = change(before, e.health)
         if event is not None:
+            self.moved = True
             log.info(
                 "datorus: egress %s %s -> %s (%s)", e.id, before.status, e.status, report.detail
             )
@@ -195,10 +215,11 @@ class CheckRunner:
                     log.info("datorus: the judge sees this gateway as %s", out.exit_ip)
                 self.own = frozenset({out.exit_ip})
                 self.cached = None
+                self.own_at = time.monotonic()
             else:
                 log.warning("datorus: the judge at %s is not answering: %s", url, out.detail)
+                self.own_at = time.monotonic() - _OWN_SECONDS + _OWN_RETRY
         finally:
-            self.own_at = time.monotonic()
             self.learning = None
 
     # -- writing -----------------------------------------------------------------------

@@ -249,7 +249,7 @@ class EgressRouter:
             (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
         }
         self.pool.replace(items)
-        self.checks.forget(self.pool)
+        self.checks.sync(self.pool, self.check_rng)
         after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
         if after != before:
             enabled = sum(e.enabled for e in items)

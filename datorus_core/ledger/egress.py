@@ -16,15 +16,18 @@ from ..egress import parse_egress_url, valid_country
 from ..envelope import DatorusError, validation_error
 from .db import Ledger
 
+# country: the operator's or the source's, else the one the checks found from the exit
 _COLUMNS = (
-    "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
-    " anonymity, last_checked_at, created_at, status, fail_streak"
+    "id, url, kind, COALESCE(country, found_country) AS country, weight, enabled, score,"
+    " uptime_pct, avg_latency_ms, exit_ip, anonymity, last_checked_at, created_at, status,"
+    " fail_streak, found_country"
 )
 
 
 # The pool as the router loads it, in the field order of ``egress.egress_from_row``.
 POOL_SQL = (
-    "SELECT id, url, country, weight, enabled, score, status, fail_streak FROM egress ORDER BY id"
+    "SELECT id, url, COALESCE(country, found_country), weight, enabled, score, status,"
+    " fail_streak FROM egress ORDER BY id"
 )
 
 
@@ -49,8 +52,8 @@ class CheckRun:
 class CheckWrite:
     """A whole check of one egress: its checkers' runs and what they left the egress as.
 
-    *country* fills the egress's country only where it has none (the operator's or the
-    source's wins).
+    *country* is the exit's country as the checks found it (``found_country``): routing
+    and views use it where the operator or the source gave none.
     """
 
     egress_id: int
@@ -89,6 +92,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "createdAt": r["created_at"],
         "status": r["status"],
         "failStreak": r["fail_streak"],
+        "foundCountry": r["found_country"],
     }
 
 

@@ -74,14 +74,14 @@ _CHECK_ROW = (
     "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
     " exit_ip, detail, created_at) SELECT id, ?, ?, ?, ?, ?, ?, ? FROM egress WHERE id = ?"
 )
+# found_country is not among the columns whose change touches config_version: the
+# exit's country moves no operator setting (each gateway learns it from its own checks)
 _CHECK_EGRESS = (
     "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
     " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
+    " found_country = COALESCE(?, found_country),"
     " status = ?, fail_streak = ?, last_checked_at = ? WHERE id = ?"
 )
-# a country found from the exit address fills an egress that has none (one touch of
-# config_version, so the router reloads it with its country)
-_CHECK_COUNTRY = "UPDATE egress SET country = ? WHERE id = ? AND country IS NULL"
 _CHECKER_RUN = (
     "INSERT INTO checker_runs (name, runs, failures, errors, last_run_at, last_failure_at,"
     " last_failure, last_error_at, last_error) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)"
@@ -362,7 +362,6 @@ class LedgerLink:
         rows: list[tuple[Any, ...]] = []
         runs: list[tuple[Any, ...]] = []
         egress: list[tuple[Any, ...]] = []
-        countries: list[tuple[Any, ...]] = []
         for w in checks:
             at = w.at or now
             for r in w.runs:
@@ -399,14 +398,13 @@ class LedgerLink:
                     w.latency_ms,
                     w.exit_ip,
                     w.anonymity,
+                    w.country.lower() if w.country else None,
                     w.status,
                     w.fail_streak,
                     at,
                     w.egress_id,
                 )
             )
-            if w.country:
-                countries.append((w.country.lower(), w.egress_id))
         trims = [(eid, eid) for eid in sorted({w.egress_id for w in checks})]
         async with self.lock:
             c = await self._conn()
@@ -416,7 +414,6 @@ class LedgerLink:
                     (_CHECK_ROW, rows),
                     (_CHECKER_RUN, runs),
                     (_CHECK_EGRESS, egress),
-                    (_CHECK_COUNTRY, countries),
                     (_CHECK_TRIM, trims),
                 ):
                     if params:

@@ -321,10 +321,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX usage_batches_written ON usage_batches(written_at);
     """,
-    # 9 (checkers): egress status and failure streak, checker plugins' health (see .schema)
+    # 9 (checkers): egress status, failure streak and found country, checker plugins'
+    # health (see .schema)
     """
     ALTER TABLE egress ADD COLUMN status TEXT NOT NULL DEFAULT 'unchecked'
         CHECK (status IN ('unchecked', 'active', 'dead'));
+    ALTER TABLE egress ADD COLUMN found_country TEXT;
     ALTER TABLE egress ADD COLUMN fail_streak BIGINT NOT NULL DEFAULT 0;
     UPDATE egress SET status = CASE
         WHEN last_checked_at IS NULL THEN 'unchecked' WHEN score > 0 THEN 'active' ELSE 'dead'

@@ -423,7 +423,8 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     shown = ledger_egress.get_egress(db, e["id"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["lastCheckedAt"])
     assert shown["exitIp"] == "192.0.2.1" and shown["score"] == 0.75
-    assert shown["country"] == "us"  # the operator's country stays; a found one fills none
+    assert shown["country"] == "us"  # the operator's country wins over the one found
+    assert shown["foundCountry"] == "de"
     checks = ledger_egress.recent_checks(db, e["id"])
     assert [c["checker_name"] for c in checks] == ["http_anonymity", "tcp_connect"]
     health = ledger_egress.checker_health(db)

@@ -35,7 +35,7 @@ def picks(r: EgressRouter, n: int = 50) -> list[int]:
 
 def test_a_seed_repeats_the_picks_whatever_the_health_checks_draw():
     a, b = router(7), router(7)
-    a.checks.tick(a.pool, a.check_rng)  # first checks spread over a second: own draws
+    a.checks.sync(a.pool, a.check_rng)  # first checks spread over a second: own draws
     assert picks(a) == picks(b)
     assert len(set(picks(a))) == 4  # still a spread over the pool, not one fixed egress
     assert picks(router(8)) != picks(router(7))
