@@ -138,9 +138,13 @@ def parse_egress_url(url: str) -> EgressSpec:
     pw = unquote(u.password) if u.password is not None else None
     if user is not None and pw is None:
         pw = ""
+    if scheme == "socks4":  # a user id and no password: SOCKS4 has none
+        pw = None
     host = u.hostname
     shown = f"[{host}]" if ":" in host else host
     auth = f"{u.username}:{u.password or ''}@" if user is not None else ""
+    if scheme == "socks4" and user is not None:
+        auth = f"{u.username}@"
     return EgressSpec(
         scheme, f"{scheme}://{auth}{shown}:{port}", host=host, port=port, username=user, password=pw
     )

@@ -181,7 +181,9 @@ def test_the_score_keeps_its_meaning():
 
 def test_socks4_is_a_kind_for_ipv4_targets():
     s = eg.parse_egress_url("SOCKS4://alice@127.0.0.1:1080")
-    assert (s.kind, s.username, s.is_proxy) == ("socks4", "alice", True)
+    assert (s.kind, s.username, s.password, s.is_proxy) == ("socks4", "alice", None, True)
+    assert s.url == s.public_url() == "socks4://alice@127.0.0.1:1080"
+    assert eg.parse_egress_url("socks4://alice:ignored@127.0.0.1:1080") == s
     assert s.customer_url() == "socks4://127.0.0.1:1080"
     assert eg.Egress(1, s).family == 4
     assert eg.parse_egress_url("socks4://127.0.0.1:1080").username is None
