@@ -398,6 +398,7 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     assert [x["lease_id"] for x in ledger_leases.for_account(db, aid, now)] == [lease["lease_id"]]
 
     runs = (
+        ledger_egress.CheckRun("tcp_connect", 1, False, None, None, "refused"),
         ledger_egress.CheckRun("tcp_connect", 1, True, 1.5, None, "TCP connect OK"),
         ledger_egress.CheckRun("http_anonymity", 2, True, 12.5, "192.0.2.1", "judge OK"),
         ledger_egress.CheckRun("broken", 2, False, error="TypeError: oops"),
@@ -426,9 +427,16 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     assert shown["country"] == "us"  # the operator's country wins over the one found
     assert shown["foundCountry"] == "de"
     checks = ledger_egress.recent_checks(db, e["id"])
-    assert [c["checker_name"] for c in checks] == ["http_anonymity", "tcp_connect"]
+    assert [c["checker_name"] for c in checks] == ["http_anonymity", "tcp_connect", "tcp_connect"]
+    assert checks[-1]["latency_ms"] is None and checks[-1]["passed"] == 0
     health = ledger_egress.checker_health(db)
-    assert (health["tcp_connect"]["runs"], health["tcp_connect"]["errors"]) == (1, 0)
+    tcp = health["tcp_connect"]
+    assert (tcp["runs"], tcp["failures"], tcp["errors"], tcp["last_failure"]) == (
+        2,
+        1,
+        0,
+        "refused",
+    )
     assert health["broken"]["errors"] == 1 and health["broken"]["last_error"] == "TypeError: oops"
     ledger_leases.release(db, aid, lease["lease_id"], now)
     assert ledger_leases.for_account(db, aid, now) == []
