@@ -35,6 +35,7 @@ def _assemble() -> list:
     from addons.policy import AcceptableUse
     from addons.relay import Relay
     from addons.shared import SharedState
+    from addons.sources import SourceScheduler
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -59,6 +60,7 @@ def _assemble() -> list:
         Relay(gateway),
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
+        SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through

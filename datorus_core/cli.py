@@ -36,7 +36,8 @@ from .settings import (
     shown_value,
 )
 
-APP_HELP = """The Datorus operator CLI: accounts, credentials, balances, policy and the egress pool.
+APP_HELP = """The Datorus operator CLI: accounts, credentials, balances, policy, the egress pool
+and its proxy-list sources.
 
 Every command takes --db PATH or --db postgresql://... (else the DATORUS_DB environment
 variable, else db in mitm.conf, else ./datorus.db) and --json, anywhere on the line.
@@ -131,8 +132,9 @@ _CAMEL = re.compile(r"_([a-z0-9])")
 def camel(value: Any) -> Any:
     """*value* with every dict key, at any depth, in camelCase (``topped_up`` -> ``toppedUp``)."""
     if isinstance(value, dict):
-        return {
-            _CAMEL.sub(lambda m: m.group(1).upper(), str(k)): camel(v) for k, v in value.items()
+        return {  # tags are the operator's own names: kept as given
+            _CAMEL.sub(lambda m: m.group(1).upper(), str(k)): v if k == "tags" else camel(v)
+            for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [camel(v) for v in value]
@@ -825,43 +827,73 @@ app.add_typer(key_app, name="key")
 
 @key_app.command("create")
 def key_create(
-    account_id: str,
+    account_id: Annotated[str | None, typer.Argument()] = None,
+    operator: Annotated[
+        bool,
+        typer.Option(
+            "--operator", help="An operator key (no account): the only key /sources takes."
+        ),
+    ] = False,
     label: Annotated[str | None, typer.Option(help="A name for the key.")] = None,
 ) -> None:
-    """Create an API key for an account; the key is shown this once."""
+    """Create an API key for an account, or with --operator the operator's key; the key
+    is shown this once."""
     from .api.store import create_key
 
     db = _db()
-    aid = _int("account_id", account_id)
-    accounts.account_row(db, aid)
+    if operator == (account_id is not None):
+        raise validation_error(
+            "account_id",
+            "give an ACCOUNT_ID or --operator, not both",
+            "Give an ACCOUNT_ID (a customer's key) or --operator (the operator's key).",
+        )
+    aid = None if account_id is None else _int("account_id", account_id)
+    if aid is not None:
+        accounts.account_row(db, aid)
     emit(create_key(db, aid, label))
 
 
 @key_app.command("list")
-def key_list(account_id: str) -> None:
-    """An account's API keys by prefix (never the keys)."""
+def key_list(
+    account_id: Annotated[str | None, typer.Argument()] = None,
+    operator: Annotated[bool, typer.Option("--operator", help="The operator's keys.")] = False,
+) -> None:
+    """An account's API keys, or with --operator the operator's, by prefix (never the keys)."""
     from .api.store import key_view
     from .ledger import api as ledger_api
 
     db = _db()
-    aid = _int("account_id", account_id)
-    accounts.account_row(db, aid)
-    rows = [key_view(r) for r in ledger_api.api_keys(db, aid)]
+    if operator == (account_id is not None):
+        raise validation_error(
+            "account_id",
+            "give an ACCOUNT_ID or --operator, not both",
+            "Give an ACCOUNT_ID (its keys) or --operator (the operator's keys).",
+        )
+    if account_id is None:
+        rows = [key_view(r) for r in ledger_api.operator_keys(db)]
+    else:
+        aid = _int("account_id", account_id)
+        accounts.account_row(db, aid)
+        rows = [key_view(r) for r in ledger_api.api_keys(db, aid)]
     emit({"items": rows}, lambda r: _rows(r["items"]))
 
 
 @key_app.command("revoke")
 def key_revoke(key_id: str) -> None:
-    """Revoke an API key by id."""
+    """Revoke an API key by id (a customer's or an operator key)."""
     db = _db()
     kid = _int("key_id", key_id)
     from .api.store import revoke_key
     from .ledger import api as ledger_api
 
-    owner = ledger_api.api_key_owner(db, kid)
-    if owner is None:
+    row = ledger_api.api_key(db, kid)
+    if row is None:
         raise DatorusError("RESOURCE_NOT_FOUND", details={"key": kid})
-    emit(revoke_key(db, owner, str(kid)))
+    if row["operator"]:
+        ledger_api.revoke_operator_key(db, kid)
+        emit({"id": kid, "revoked": True})
+        return
+    emit(revoke_key(db, int(row["account_id"]), str(kid)))
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -905,6 +937,13 @@ _ARGUMENTS = {
     "egress_id": "EGRESS_ID",
     "username": "USERNAME",
     "request_id": "REQUEST_ID",
+    # a source's fields, as the API body names them, are these options here
+    "parser_name": "--parser",
+    "cron_schedule": "--cron",
+    "default_protocol": "--protocol",
+    "default_country": "--country",
+    "default_weight": "--weight",
+    "tags": "--tag",
 }
 
 _NOT_FOUND = {
@@ -916,6 +955,7 @@ _NOT_FOUND = {
     "rule": "No policy rule '{}'. List the rules with 'datorus policy list'.",
     "key": "No API key {}. List an account's keys with 'datorus key list ACCOUNT_ID'.",
     "egress": "No egress {}. List the pool with 'datorus egress list'.",
+    "source": "No source {}. List the sources with 'datorus source list'.",
 }
 
 
@@ -1109,3 +1149,222 @@ def egress_enable(egress_id: str) -> None:
     from .ledger import egress as egress_ledger
 
     emit(egress_ledger.set_enabled(_egress_db(), _int("id", egress_id), True))
+
+
+# -- proxy-list sources (issue 17) ---------------------------------------------------------
+
+source_app = _Typer(help="Proxy-list sources: lists of proxies the pool imports.")
+app.add_typer(source_app, name="source")
+
+_SOURCE_COLUMNS = (
+    "id",
+    "url",
+    "parserName",
+    "cronSchedule",
+    "isActive",
+    "proxies",
+    "lastScrapedAt",
+    "nextRunAt",
+    "lastError",
+)
+
+
+def _tags(pairs: list[str] | None) -> dict[str, str] | None:
+    if pairs is None:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq:
+            raise validation_error("tags", "each --tag is NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _next_run(settings: dict[str, Any]) -> Callable[[str | None], int | None]:
+    import time
+
+    from .sources.fields import next_run_at
+
+    test_seconds = int(settings["test_schedule_seconds"])
+    return lambda cron: next_run_at(cron, time.time(), test_seconds)
+
+
+def _source_out(row: dict[str, Any]) -> None:
+    import time
+
+    from .ledger import sources as ledger_sources
+
+    emit(ledger_sources.source_view(row, time.time()))
+
+
+def _pick_parser(url: str, timeout: float) -> str:
+    """The parser that reads the list at *url* now (as ``POST /sources`` picks it)."""
+    import asyncio
+
+    from .scraping import ListError, fetch_list
+    from .sources.registry import installed_parsers, pick_parser
+
+    try:
+        fetched = asyncio.run(fetch_list(url, timeout))
+    except ListError as e:
+        raise validation_error(
+            "url",
+            f"{e}",
+            f"The list could not be fetched to pick its parser: {e}. Name one with --parser.",
+        ) from None
+    try:
+        return pick_parser(fetched.content, fetched.content_type).name
+    except DatorusError:
+        names = ", ".join(installed_parsers().names()) or "none"
+        raise validation_error(
+            "parser_name",
+            "no installed parser reads the list",
+            f"No installed parser reads this list ({names}): name one with --parser.",
+        ) from None
+
+
+@source_app.command("add")
+def source_add(
+    url: str,
+    parser: Annotated[
+        str | None, typer.Option(help="Parser name (default: picked from the list).")
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Five-field cron schedule, e.g. '*/30 * * * *'.")
+    ] = None,
+    protocol: Annotated[str, typer.Option(help="Protocol of entries naming none.")] = "http",
+    country: Annotated[str | None, typer.Option(help="Country of entries naming none.")] = None,
+    weight: Annotated[int, typer.Option(help="Weight of the proxies it finds (1-1000).")] = 1,
+    tag: Annotated[list[str] | None, typer.Option(help="NAME=VALUE, repeatable.")] = None,
+    name: Annotated[str | None, typer.Option(help="A label.")] = None,
+    disabled: Annotated[bool, typer.Option("--disabled", help="Add it switched off.")] = False,
+) -> None:
+    """Add a proxy-list source. Without --parser the list is fetched once to pick one;
+    nothing is imported until 'datorus source scrape ID' or its schedule."""
+    from .ledger import sources as ledger_sources
+    from .sources.fields import check_fields
+
+    db = _db()
+    settings = _defaults()
+    fields = check_fields(
+        {
+            "url": url,
+            "name": name,
+            "parser_name": parser,
+            "cron_schedule": cron,
+            "default_protocol": protocol,
+            "default_country": country,
+            "default_weight": weight,
+            "tags": _tags(tag) or {},
+            "is_active": not disabled,
+        }
+    )
+    if fields["parser_name"] is None:
+        fields["parser_name"] = _pick_parser(fields["url"], settings["source_timeout"])
+    fields["next_run_at"] = _next_run(settings)(fields["cron_schedule"])
+    _source_out(ledger_sources.add_source(db, fields))
+
+
+@source_app.command("list")
+def source_list() -> None:
+    """Every source, its last scrape and its next scheduled run."""
+    import time
+
+    from .ledger import sources as ledger_sources
+
+    db = _db()
+    now = time.time()
+    rows = [ledger_sources.source_view(r, now) for r in db.query(ledger_sources.SOURCES_SQL)]
+    emit({"items": sorted(rows, key=lambda r: r["id"])}, _items(_SOURCE_COLUMNS))
+
+
+@source_app.command("show")
+def source_show(id: str) -> None:
+    """One source: settings, last scrape, next run."""
+    from .ledger import sources as ledger_sources
+
+    _source_out(ledger_sources.get_source(_db(), _int("id", id)))
+
+
+@source_app.command("set")
+def source_set(
+    id: str,
+    url: Annotated[str | None, typer.Option(help="A new list URL.")] = None,
+    parser: Annotated[
+        str | None, typer.Option(help="Parser name ('auto': each scrape picks).")
+    ] = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule ('none': not scheduled).")] = None,
+    protocol: Annotated[str | None, typer.Option(help="Protocol of entries naming none.")] = None,
+    country: Annotated[str | None, typer.Option(help="Country of entries naming none.")] = None,
+    weight: Annotated[int | None, typer.Option(help="Weight of the proxies it finds.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (replaces all).")] = None,
+    name: Annotated[str | None, typer.Option(help="A label.")] = None,
+    enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Switch.")] = None,
+) -> None:
+    """Change a source (like PATCH /sources/ID); a new schedule or --enable sets the next
+    run from now."""
+    from .ledger import sources as ledger_sources
+    from .sources.fields import check_fields
+
+    given: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "url": url,
+            "name": name,
+            "default_protocol": protocol,
+            "default_country": country,
+            "default_weight": weight,
+            "tags": _tags(tag),
+            "is_active": enable,
+        }.items()
+        if v is not None
+    }
+    if parser is not None:
+        given["parser_name"] = None if parser == "auto" else parser
+    if cron is not None:
+        given["cron_schedule"] = None if cron == "none" else cron
+    db = _db()
+    changes = check_fields(given)
+    row = ledger_sources.update_source(db, _int("id", id), changes, _next_run(_defaults()))
+    _source_out(row)
+
+
+@source_app.command("scrape")
+def source_scrape(id: str) -> None:
+    """Scrape a source now, from this machine, whatever its schedule.
+
+    A list that fails (unreachable, an HTTP error, too large, unreadable) changes no
+    proxy: the error is kept as the source's lastError and the command exits 1.
+    """
+    import asyncio
+
+    from .scraping import Scraper, new_owner
+
+    db = _db()
+    settings = _defaults()
+    sid = _int("id", id)
+
+    async def run(fn: Callable[[Any], Any]) -> Any:
+        return fn(db)
+
+    scraper = Scraper(
+        run, new_owner(), float(settings["source_timeout"]), settings["test_schedule_seconds"]
+    )
+    result = asyncio.run(scraper.scrape(sid))
+    assert result is not None
+    if result["error"]:
+        raise DatorusError(
+            "UPSTREAM_FAILED",
+            message=f"Source {sid} could not be scraped: {result['error']}. No proxy changed.",
+            details=camel(result),
+        )
+    emit(result)
+
+
+@source_app.command("remove")
+def source_remove(id: str) -> None:
+    """Delete a source; the proxies it found stay in the pool."""
+    from .ledger import sources as ledger_sources
+
+    emit(ledger_sources.delete_source(_db(), _int("id", id)))

@@ -425,6 +425,34 @@ SETTINGS += (
     ),
 )
 
+# -- proxy-list sources (issue 17) ----------------------------------------------------------
+
+SETTINGS += (
+    Setting(
+        "source_timeout",
+        int,
+        30,
+        "Seconds a proxy list may take to download (a scrape, or POST /sources picking a parser).",
+        _positive,
+    ),
+    Setting(
+        "source_concurrency",
+        int,
+        2,
+        "Scheduled scrapes one gateway process runs at once (in the background, off the"
+        " request path).",
+        _positive,
+    ),
+    Setting(
+        "test_schedule_seconds",
+        int,
+        0,
+        "FOR TESTS ONLY: when > 0, every source with a cron schedule runs every this many"
+        " seconds instead (0: the cron schedules as written).",
+        _non_negative,
+    ),
+)
+
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
 

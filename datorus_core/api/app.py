@@ -30,6 +30,7 @@ from . import (
     routes_payments,
     routes_pool,
     routes_routing,
+    routes_sources,
     routes_ws,
 )
 from .models import ERROR_RESPONSES
@@ -121,7 +122,8 @@ def create_app(
         title="Datorus API",
         version=VERSION,
         description=(
-            "Accounts, API keys, proxy credentials, usage, Stripe top-ups and routing insight."
+            "Accounts, API keys, proxy credentials, usage, Stripe top-ups and routing insight;"
+            " the egress pool and, for operator keys only, its proxy-list sources."
         ),
         responses=ERROR_RESPONSES,
     )
@@ -166,6 +168,7 @@ def create_app(
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
+    app.include_router(routes_sources.router)
     app.include_router(routes_judge.router)
     app.include_router(routes_fetch.router)
     app.include_router(routes_ws.router)

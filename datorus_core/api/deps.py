@@ -1,5 +1,11 @@
 """Route dependencies and shared parameters: the state, the account, throttles, paging.
 
+Keys come in two kinds: a customer's (of an account) and the operator's (``datorus key
+create --operator``, of no account). Customer routes take the first (an operator key
+there is 401: it has no account), operator routes (``/sources*``) only the second (a
+customer's key there is 404, as if the route did not exist), and the read-only pool
+routes either.
+
 Authenticated routes are throttled per API key (``api_key_rps``/``api_key_burst``);
 a failed key check counts against the client address (``api_key_fail_limit`` a
 minute; past it the address's failures get 429, a correct key still passes).
@@ -17,13 +23,24 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ..envelope import DatorusError
 from ..ratelimit import Verdict
 from .state import ApiState
-from .store import ApiKeyError, authenticate
+from .store import ApiKeyError, OperatorKeyError, key_owner, live_key
 
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
     description="`Authorization: Bearer pp_<48 characters>`, from sign-up or POST /auth/keys.",
 )
+operator_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="OperatorKey",
+    description=(
+        "An operator key, `Authorization: Bearer pp_<48 characters>` from `datorus key create"
+        " --operator`. Routes marked `x-datorus-operator: true` take only this key: a"
+        " customer's key gets 404 RESOURCE_NOT_FOUND there, as for a route that does not exist."
+    ),
+)
+#: ``openapi_extra`` of every route that needs an operator key.
+OPERATOR_ONLY: dict[str, Any] = {"x-datorus-operator": True}
 
 
 def state(request: Request) -> ApiState:
@@ -74,13 +91,58 @@ def key_account(
     no attempt, as on the proxy.
     """
     st: ApiState = request.app.state.api
+    row = _live_key(request)
+    return key_owner(st.store.db(), row)
+
+
+def _live_key(request: Request) -> dict[str, Any]:
+    """The request's live API key of either kind (401, counted against the address, for
+    a wrong one; a request with no ``Authorization`` is no attempt)."""
+    st: ApiState = request.app.state.api
     header = request.headers.get("authorization")
     try:
-        return authenticate(st.store.db(), header)
-    except ApiKeyError:
-        if header is not None:
+        return live_key(st.store.db(), header)
+    except ApiKeyError as e:
+        if header is not None and not isinstance(e, OperatorKeyError):
             throttle(request, "key_fail", client_address(request))
         raise
+
+
+def no_such_route(request: Request) -> DatorusError:
+    """The 404 of a route that does not exist, word for word (``app._http_error``'s)."""
+    return DatorusError(
+        "RESOURCE_NOT_FOUND",
+        message=f"No such endpoint: {request.method} {request.url.path}.",
+        details={"path": request.url.path},
+    )
+
+
+def operator_key(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(operator_bearer)],
+) -> dict[str, Any]:
+    """The operator key that authorised this request, throttled per key.
+
+    No key or a wrong one: 401 as everywhere. A customer's key: 404
+    ``RESOURCE_NOT_FOUND``, the answer to a route that does not exist (for it, it does
+    not), before the request's body or path is even looked at.
+    """
+    row = _live_key(request)
+    if not row["operator"]:
+        raise no_such_route(request)
+    throttle(request, "key", str(row["id"]))
+    return row
+
+
+def any_key(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    __: Annotated[HTTPAuthorizationCredentials | None, Depends(operator_bearer)],
+) -> dict[str, Any]:
+    """A customer's or the operator's key (read-only pool routes), throttled per key."""
+    row = _live_key(request)
+    throttle(request, "key", str(row["id"]))
+    return row
 
 
 def account(
@@ -118,6 +180,8 @@ State = Annotated[ApiState, Depends(state)]
 Account = Annotated[dict[str, Any], Depends(account)]
 ActiveAccount = Annotated[dict[str, Any], Depends(active_account)]
 KeyAccount = Annotated[dict[str, Any], Depends(key_account)]  # not throttled per key
+Operator = Annotated[dict[str, Any], Depends(operator_key)]
+AnyKey = Annotated[dict[str, Any], Depends(any_key)]  # a customer's or the operator's
 SignupThrottle = Annotated[None, Depends(signup_throttle)]
 ResendThrottle = Annotated[None, Depends(resend_throttle)]
 

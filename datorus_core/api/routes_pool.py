@@ -1,15 +1,16 @@
 """The egress pool as seed 002's pool API: ``/proxies``, ``/stats``, leases and tests.
 
-Every egress the operator added (``datorus egress add``) is a "proxy" here, in seed
-002's shape: upstream proxies with their host and port (never their credentials),
-source addresses with their address. ``status`` is what the checks left it as
-(``datorus_core.egress_status``): ``unchecked`` until its checks first pass (it carries
-no traffic yet), ``active``, ``dead`` after ``egress_dead_after`` failed checks in a row
-(it recovers when one passes); ``disabled`` when the operator disabled it. ``POST /proxies/acquire``
-leases one to the caller alone (``datorus_core.leases``); ``POST /proxies/test`` sends
-one GET through each of the best matching egress, through the gateway and billed to the
-caller. Proxy-list sources (``/sources``) are not built: the pool is the operator's,
-filled with the CLI.
+Every egress (added with ``datorus egress add`` or found by a source) is a "proxy" here,
+in seed 002's shape: upstream proxies with their host and port (never their
+credentials), source addresses with their address. ``status`` is what the checks left
+it as (``datorus_core.egress_status``): ``unchecked`` until its checks first pass (it
+carries no traffic yet), ``active``, ``dead`` after ``egress_dead_after`` failed checks
+in a row (it recovers when one passes); ``disabled`` when the operator disabled it.
+``POST /proxies/acquire`` leases one to the caller alone (``datorus_core.leases``);
+``POST /proxies/test`` sends one GET through each of the best matching egress, through
+the gateway and billed to the caller. The read-only routes take a customer's or the
+operator's key; the pool is filled with ``datorus egress`` and by proxy-list sources
+(``routes_sources``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from ..envelope import DatorusError
 from ..judge import default_judge_url
 from ..ledger import egress as el
 from ..ledger import leases
+from ..ledger import sources as ledger_sources
 from ..live import Lease
 from ..sources.registry import installed_parsers
-from .deps import Account, ActiveAccount, Cursor, Limit, State
+from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
 from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
@@ -71,7 +73,8 @@ def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
         "uptime_pct": r["uptimePct"],
         "last_checked_at": r["lastCheckedAt"],
         "first_seen_at": r["createdAt"],
-        "tags": {"kind": r["kind"], "weight": r["weight"]},
+        "tags": {**r.get("tags", {}), "kind": r["kind"], "weight": r["weight"]},
+        "source_id": r.get("sourceId"),
     }
 
 
@@ -84,7 +87,7 @@ def _checked_since(stamp: str | None, minutes: int, now: float) -> bool:
 
 @router.get("/proxies")
 async def list_proxies(
-    acc: Account,
+    who: AnyKey,
     st: State,
     status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
     protocol: Literal["direct", "http", "https", "socks4", "socks5"] | None = None,
@@ -139,7 +142,7 @@ async def list_proxies(
 
 
 @router.get("/proxies/{proxy_id}")
-async def get_proxy(acc: Account, st: State, proxy_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
+async def get_proxy(who: AnyKey, st: State, proxy_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
     """One proxy and its recent checks, newest first (404 ``RESOURCE_NOT_FOUND``)."""
 
     def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -169,9 +172,14 @@ async def get_proxy(acc: Account, st: State, proxy_id: Annotated[int, Path(ge=1,
 
 
 @router.get("/stats/pool")
-async def pool_stats(acc: Account, st: State) -> Any:
+async def pool_stats(who: AnyKey, st: State) -> Any:
     """Pool health overview (seed 002): counts by status, protocol and anonymity."""
-    rows = await run_in_threadpool(lambda: el.list_egress(st.store.db()))
+
+    def read() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        db = st.store.db()
+        return el.list_egress(db), ledger_sources.source_stats(db)
+
+    rows, sources = await run_in_threadpool(read)
     items = [proxy_view(r) for r in rows]
 
     def count(key: str) -> dict[str, int]:
@@ -190,15 +198,13 @@ async def pool_stats(acc: Account, st: State) -> Any:
         "by_anonymity": count("anonymity"),
         "avg_score": round(sum(p["score"] for p in items) / len(items), 3) if items else None,
         "avg_latency_ms": round(sum(lat) / len(lat), 1) if lat else None,
-        "sources_active": 0,
-        "sources_total": 0,
-        "last_scrape_at": None,
+        **sources,  # sources_total, sources_active, last_scrape_at
         "last_validation_at": max(checked) if checked else None,
     }
 
 
 @router.get("/stats/plugins")
-async def plugin_stats(acc: Account, st: State) -> Any:
+async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
     (``datorus.checkers``) with the package that registered each (one that failed to
     load shows ``loaded: false`` and why), and the notifiers.

@@ -180,8 +180,9 @@ def _or(value: Any, default: Any) -> Any:
 # -- API keys -----------------------------------------------------------------------------
 
 
-def create_key(db: Ledger, account_id: int, label: str | None) -> dict[str, Any]:
-    """A new key for the account; the only time the raw key is returned."""
+def create_key(db: Ledger, account_id: int | None, label: str | None) -> dict[str, Any]:
+    """A new key for the account, or an operator key (*account_id* None); the only time
+    the raw key is returned."""
     control_free("label", label)
     key = keys.new_key()
     row = ledger_api.add_api_key(db, account_id, keys.key_prefix(key), keys.key_hash(key), label)
@@ -194,14 +195,16 @@ def key_view(row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"],
         "prefix": row["prefix"],
         "label": row["label"],
+        "operator": bool(row.get("operator")),
         "created_at": row["created_at"],
         "last_used_at": row["last_used_at"],
         "revoked": row["revoked_at"] is not None,
     }
 
 
-def authenticate(db: Ledger, header: str | None) -> dict[str, Any]:
-    """The account row a ``Bearer`` key belongs to; ApiKeyError (401) otherwise."""
+def live_key(db: Ledger, header: str | None) -> dict[str, Any]:
+    """The live key row (``id``, ``account_id``, ``operator``) of a ``Bearer`` header;
+    ApiKeyError (401) for a missing, malformed, unknown or revoked key."""
     key = keys.parse_bearer(header)
     if key is None:
         raise ApiKeyError()
@@ -211,9 +214,32 @@ def authenticate(db: Ledger, header: str | None) -> dict[str, Any]:
     now = iso_utc()
     if row["last_used_at"] != now:  # at most one write per key per second
         ledger_api.touch_api_key(db, row["id"], now)
+    return row
+
+
+class OperatorKeyError(ApiKeyError):
+    """An operator key on a route of a customer's account: it has no account (401)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message = "An operator key has no account: this route needs a customer's API key."
+        self.details = {"reason": "operator_key"}
+
+
+def key_owner(db: Ledger, row: dict[str, Any]) -> dict[str, Any]:
+    """The account row of a live customer key *row* (with ``api_key_id``);
+    OperatorKeyError (401) for an operator key."""
+    if row["operator"]:
+        raise OperatorKeyError()
     acc = accounts.account_row(db, row["account_id"])
     acc["api_key_id"] = row["id"]
     return acc
+
+
+def authenticate(db: Ledger, header: str | None) -> dict[str, Any]:
+    """The account row a customer's ``Bearer`` key belongs to; ApiKeyError (401)
+    otherwise (an operator key included: it has no account)."""
+    return key_owner(db, live_key(db, header))
 
 
 def revoke_key(db: Ledger, account_id: int, key_id: str) -> dict[str, Any]:

@@ -26,6 +26,10 @@ written only through this package:
     usage totals and receipts;
 ``policy_rules``
     the operator's allow and deny rules;
+``egress``, ``leases``
+    the egress pool and exclusive leases on it;
+``sources``
+    proxy-list sources, the claims that run each scrape once, and the proxies they found;
 ``gateway``
     :class:`~.gateway.LedgerLink`, the gateway's asynchronous connection (aiosqlite,
     or psycopg's asyncio side): snapshots in, usage batches out, each batch once.

@@ -15,6 +15,8 @@ from .money import insert_trial_grant
 
 # An account's API keys, every column: the API pages through it, the CLI lists it.
 KEYS_SQL = "SELECT * FROM api_keys WHERE account_id = ?"
+# The operator's keys (of no account).
+OPERATOR_KEYS_SQL = "SELECT * FROM api_keys WHERE operator = 1"
 
 
 # -- secrets ------------------------------------------------------------------------------
@@ -79,14 +81,15 @@ def consume_verification(db: Ledger, token_id: int, account_id: int, trial_bytes
 
 
 def add_api_key(
-    db: Ledger, account_id: int, prefix: str, key_hash: str, label: str | None
+    db: Ledger, account_id: int | None, prefix: str, key_hash: str, label: str | None
 ) -> dict[str, Any]:
-    """Store a new key (its hash only) and return its row."""
+    """Store a new key (its hash only) and return its row. An *account_id* of None makes
+    an operator key (``operator = 1``: the operator's routes, no account)."""
     with db.transaction():
         key_id = db.insert(
-            "INSERT INTO api_keys (account_id, prefix, key_hash, label) VALUES (?, ?, ?, ?)"
-            " RETURNING id",
-            (account_id, prefix, key_hash, label),
+            "INSERT INTO api_keys (account_id, prefix, key_hash, label, operator)"
+            " VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (account_id, prefix, key_hash, label, 1 if account_id is None else 0),
         )
     row = db.one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
     assert row is not None
@@ -94,9 +97,10 @@ def add_api_key(
 
 
 def live_api_key(db: Ledger, key_hash: str) -> dict[str, Any] | None:
-    """The unrevoked key with *key_hash*: its ``id``, ``account_id`` and ``last_used_at``."""
+    """The unrevoked key with *key_hash*: its ``id``, ``account_id`` (None for an
+    operator key), ``operator`` and ``last_used_at``."""
     return db.one(
-        "SELECT id, account_id, last_used_at FROM api_keys"
+        "SELECT id, account_id, operator, last_used_at FROM api_keys"
         " WHERE key_hash = ? AND revoked_at IS NULL",
         (key_hash,),
     )
@@ -119,14 +123,35 @@ def revoke_api_key(db: Ledger, account_id: int, key_id: int) -> bool:
 
 
 def api_key_owner(db: Ledger, key_id: int) -> int | None:
-    """The account a key belongs to, or None."""
+    """The account a key belongs to, or None (no such key, or an operator key)."""
     owner = db.value("SELECT account_id FROM api_keys WHERE id = ?", (key_id,))
     return None if owner is None else int(owner)
+
+
+def api_key(db: Ledger, key_id: int) -> dict[str, Any] | None:
+    """One key's row (any kind), or None."""
+    return db.one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+
+
+def revoke_operator_key(db: Ledger, key_id: int) -> bool:
+    """Revoke an operator key (idempotent); False when there is no such operator key."""
+    with db.transaction():
+        cur = db.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, {now})"
+            " WHERE id = ? AND operator = 1",
+            (key_id,),
+        )
+    return cur.rowcount == 1
 
 
 def api_keys(db: Ledger, account_id: int) -> list[dict[str, Any]]:
     """Every key of the account, as rows."""
     return db.query(KEYS_SQL, (account_id,))
+
+
+def operator_keys(db: Ledger) -> list[dict[str, Any]]:
+    """Every operator key, as rows."""
+    return db.query(OPERATOR_KEYS_SQL)
 
 
 # -- paging -------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The egress pool in the ledger: the operator's add, list, remove, enable (synchronous).
 
 Every change bumps ``config_version`` (a trigger), so a running gateway picks it
-up within ``refresh_ms``. Check results are written by the gateway itself and do
+up within ``refresh_ms``. Proxies found by a source arrive through
+:func:`.sources.import_found`. Check results are written by the gateway itself and do
 not bump the version.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +22,7 @@ from .db import Ledger
 _COLUMNS = (
     "id, url, kind, COALESCE(country, found_country) AS country, weight, enabled, score,"
     " uptime_pct, avg_latency_ms, exit_ip, anonymity, last_checked_at, created_at, status,"
-    " fail_streak, found_country"
+    " fail_streak, found_country, source_id, tags"
 )
 
 
@@ -93,6 +95,8 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "status": r["status"],
         "failStreak": r["fail_streak"],
         "foundCountry": r["found_country"],
+        "sourceId": r["source_id"],  # the source that found it (None: added by hand)
+        "tags": json.loads(r["tags"]) if r["tags"] else {},
     }
 
 

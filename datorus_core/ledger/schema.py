@@ -298,7 +298,64 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_batches_written ON usage_batches(written_at);
     CREATE INDEX accounts_email_lower ON accounts(lower(email));
     """,
-    # 9 (checkers): each egress's status as its checks left it, unchecked until they
+    # 9: operator keys and proxy-list sources (issue 17). An operator key is an API key
+    # of no account (operator = 1, account_id NULL): SQLite cannot drop a NOT NULL, so
+    # api_keys is rebuilt with its rows and ids. A source is a list URL scraped on
+    # request or on its cron schedule; next_run_at and claim_until are Unix seconds
+    # (compared, never shown raw), and a process runs a scrape only while it holds the
+    # claim (claimed_by, until claim_until), so one scheduled run happens once among
+    # every gateway on the ledger. egress.source_id names the source that found a proxy
+    # (a plain column: deleting a source keeps its proxies and this trace of it);
+    # egress.tags is a JSON object of the source's tags.
+    """
+    CREATE TABLE api_keys_v9 (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER REFERENCES accounts(id),
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        label TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        last_used_at TEXT,
+        revoked_at TEXT,
+        operator INTEGER NOT NULL DEFAULT 0 CHECK (operator IN (0, 1)),
+        CHECK ((operator = 1) = (account_id IS NULL))
+    );
+    INSERT INTO api_keys_v9 (id, account_id, prefix, key_hash, label, created_at,
+                             last_used_at, revoked_at)
+        SELECT id, account_id, prefix, key_hash, label, created_at, last_used_at, revoked_at
+        FROM api_keys;
+    DROP TABLE api_keys;
+    ALTER TABLE api_keys_v9 RENAME TO api_keys;
+    CREATE INDEX api_keys_account ON api_keys(account_id, id);
+    CREATE TABLE sources (
+        id INTEGER PRIMARY KEY,
+        name TEXT,
+        url TEXT NOT NULL,
+        parser_name TEXT,
+        cron_schedule TEXT,
+        default_protocol TEXT NOT NULL DEFAULT 'http'
+            CHECK (default_protocol IN ('http', 'https', 'socks4', 'socks5')),
+        default_country TEXT,
+        default_weight INTEGER NOT NULL DEFAULT 1 CHECK (default_weight > 0),
+        tags TEXT NOT NULL DEFAULT '{}',
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        updated_at TEXT,
+        last_scraped_at TEXT,
+        last_error TEXT,
+        last_found INTEGER,
+        last_new INTEGER,
+        last_duration_ms INTEGER,
+        next_run_at INTEGER,
+        claimed_by TEXT,
+        claim_until INTEGER
+    );
+    CREATE INDEX sources_due ON sources(next_run_at) WHERE enabled = 1;
+    ALTER TABLE egress ADD COLUMN source_id INTEGER;
+    ALTER TABLE egress ADD COLUMN tags TEXT;
+    CREATE INDEX egress_source ON egress(source_id);
+    """,
+    # 10 (checkers): each egress's status as its checks left it, unchecked until they
     # pass, active, or dead after egress_dead_after failures in a row (fail_streak); the
     # existing ones get what the pool API showed them as; found_country, the exit's country
     # the checks found (routing uses it where the operator or source gave none; no

@@ -5,7 +5,9 @@
   ``csv`` parsers;
 - :mod:`.registry` parsers found as plugins through the ``datorus.parsers`` entry-point
   group (the shipped ones too), ``pick_parser`` and ``parse_list``;
-- :mod:`.schedule` standard five-field cron expressions: ``validate_cron``, ``next_run``.
+- :mod:`.schedule` standard five-field cron expressions: ``validate_cron``, ``next_run``;
+- :mod:`.fields` a source's fields as the API and the CLI take them, checked once.
 
-No network, no database: the caller fetches the list and stores what it finds.
+No network, no database: :mod:`datorus_core.scraping` fetches a list and
+:mod:`datorus_core.ledger.sources` stores the source and what it finds.
 """
