@@ -19,6 +19,7 @@ import requests
 from api_helpers import assert_api_error, bearer
 from support.clients import basic, raw_connection, read_response
 from support.ledger import prepare_ledger
+from support.lists import ListServer
 from support.origins import BlockingOrigin
 from support.processes import Gateway
 from support.upstream import Socks4Proxy, Socks5Proxy, UpstreamProxy
@@ -54,6 +55,7 @@ def gw(tmp_path_factory):
     ).start()
     g.acc, g.user, g.pw = g.customer(trial_bytes=10**12)
     g.key = g.cli("key", "create", str(g.acc))["key"]
+    g.op = g.cli("key", "create", "--operator", "--label", "ops")["key"]
     yield g
     g.stop()
 
@@ -258,3 +260,58 @@ def test_socks4a_hands_a_name_to_the_proxy(origin):
             asyncio.run(fetch(s4.url.replace("dora@", ""), "127.0.0.1"))
     finally:
         s4.stop()
+
+
+def test_proxies_a_source_found_are_checked_graded_and_carry_customers(gw, origin):
+    """The issue's walk-through: a source listing three local proxies, scraped; the three
+    are unchecked, then active with exit IP and anonymity from the built-in judge, and a
+    customer's request leaves through one of them (the proxy counted it)."""
+    ups = [UpstreamProxy(f"127.0.0.{n}") for n in (21, 22, 23)]
+    for up in ups:
+        up.stop()  # not answering yet: the scrape's proxies must wait, unchecked
+    lists = ListServer()
+    try:
+        body = "".join(f"127.0.0.1:{up.port}\n" for up in ups)
+        op = bearer(gw.op)
+        src = httpx.post(
+            f"{gw.api_url}/sources",
+            headers=op,
+            json={"url": lists.serve("/three.txt", body), "default_country": "ee"},
+            timeout=30,
+        ).json()
+        out = httpx.post(f"{gw.api_url}/sources/{src['id']}/scrape", headers=op, timeout=30)
+        assert out.json()["proxies_new"] == 3
+
+        def found() -> list[dict]:
+            items = api(gw, "/proxies?limit=200")["items"]
+            return [p for p in items if p.get("source_id") == src["id"]]
+
+        assert [p["status"] for p in found()] == ["unchecked"] * 3
+        # once the gateway has loaded them (an empty pool is the box's own route):
+        refused = wait_until(
+            lambda: [r for r in [via(gw, origin, "ee")] if r.status_code == 502],
+            10,
+            0.05,
+            "the pool loaded",
+        )[0]
+        err = assert_api_error(refused, 502, "UPSTREAM_FAILED")
+        assert err["details"]["reason"] == "no_healthy_egress"
+        for up in ups:
+            up.start()
+
+        def graded() -> list[dict]:
+            got = found()
+            done = all(p["status"] == "active" and p["anonymity"] for p in got)
+            return got if done else []
+
+        got = wait_until(graded, 15, 0.1, "the three checked and graded")
+        assert {p["exit_ip"] for p in got} == {"127.0.0.21", "127.0.0.22", "127.0.0.23"}
+        assert {p["anonymity"] for p in got} == {"elite"}
+        before = sum(up.connects for up in ups)
+        r = via(gw, origin, "ee")
+        assert r.status_code == 200 and r.text in {"127.0.0.21", "127.0.0.22", "127.0.0.23"}
+        assert sum(up.connects for up in ups) > before  # one of them carried it
+    finally:
+        lists.close()
+        for up in ups:
+            up.stop()
