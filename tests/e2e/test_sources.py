@@ -147,7 +147,11 @@ def test_the_cli_makes_lists_and_revokes_operator_keys(gw):
 
 
 def test_a_source_is_added_read_paged_changed_and_removed(gw, lists):
-    src = add(gw, lists.url("/list.json"), cron_schedule=NEVER, tags={"provider": "dc"})
+    # a list of its own: its proxies stay after the DELETE, and must not be another
+    # test's (whichever runs first on this gateway would own them)
+    crud = JSON.replace("127.0.21.", "127.0.28.")
+    url = lists.serve("/crud.json", crud, "application/json")
+    src = add(gw, url, cron_schedule=NEVER, tags={"provider": "dc"})
     assert set(src) >= {
         "id",
         "url",
@@ -209,7 +213,7 @@ def test_a_source_is_added_read_paged_changed_and_removed(gw, lists):
         assert assert_api_error(r, 404, "RESOURCE_NOT_FOUND")["details"] == {"source": src["id"]}
     proxies = api(gw, "GET", "/proxies", gw.op, params={"limit": 200}).json()["items"]
     kept = [p for p in proxies if p["source_id"] == src["id"]]
-    assert {p["ip"] for p in kept} == {"127.0.21.1", "127.0.21.2"}  # DELETE kept them
+    assert {p["ip"] for p in kept} == {"127.0.28.1", "127.0.28.2"}  # DELETE kept them
 
 
 @pytest.mark.parametrize(
