@@ -10,8 +10,8 @@ Two addons:
   egress (the session's, or a healthy one weighted by score: the decision is
   ``datorus_core.routing.choose``, the same the API's preview makes), binds the source
   address or opens the tunnel through the upstream proxy when mitmproxy opens the
-  server connection, judges responses for blocks, and checks every egress on a
-  schedule.
+  server connection, and judges responses for blocks. Its tick drives the background
+  checks of every egress (``addons/checks.py``).
 
 Mechanism (*internal*, mitmproxy 12.2.3): ``server_connect`` gets no flow, so the
 choice is kept per client connection (one request at a time on HTTP/1). A source
@@ -41,7 +41,7 @@ from mitmproxy import http
 
 from datorus_core import egress as eg
 from datorus_core.billing import allowance_covers
-from datorus_core.egress_io import HandshakeError, check_egress, handshake
+from datorus_core.egress_io import HandshakeError, handshake
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.base import BlockNews, LeaseNews
 from datorus_core.hotstate.local import LocalHotState
@@ -52,6 +52,7 @@ from datorus_core.workers import serve_secret
 
 from . import patches
 from .auth import parse_basic
+from .checks import CheckRunner
 from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
@@ -173,8 +174,7 @@ class EgressRouter:
         self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
         self.dirty = True
         self.task: asyncio.Task | None = None
-        self.checking: set[int] = set()
-        self.next_check: dict[int, float] = {}
+        self.checks = CheckRunner(gw)  # the background checks (checker plugins)
         self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
         self.check_rng = random.Random()  # health-check spreading, apart from the picks
         self.leases = LeaseBook()
@@ -216,6 +216,7 @@ class EgressRouter:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
+        await self.checks.stop()
 
     async def _loop(self) -> None:
         while True:
@@ -224,7 +225,7 @@ class EgressRouter:
                 if self.dirty and self.gw.runtime.loaded:
                     self.dirty = False
                     await self._load()
-                self._schedule_checks()
+                self.checks.tick(self.pool, self.check_rng)
                 self.gw.hot.sweep(time.monotonic())
                 self.seen.sweep(time.monotonic())
             except Exception as e:  # never let the loop die: routing depends on it
@@ -248,8 +249,7 @@ class EgressRouter:
             (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
         }
         self.pool.replace(items)
-        for eid in [k for k in self.next_check if k not in self.pool.by_id]:
-            del self.next_check[eid]
+        self.checks.sync(self.pool, self.check_rng)
         after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
         if after != before:
             enabled = sum(e.enabled for e in items)
@@ -574,38 +574,3 @@ class EgressRouter:
         if resp is not None:
             resp.headers["X-Datorus-Blocked"] = "1"
         log.info("datorus: egress %s blocked by %s (%s): now %s", e.id, fc.host, why, state)
-
-    # -- health checks -----------------------------------------------------------------
-
-    def _schedule_checks(self) -> None:
-        now = time.monotonic()
-        period = self.gw.settings.get("egress_check_seconds", 30)
-        for e in self.pool.by_id.values():
-            if not e.enabled or e.id in self.checking:
-                continue
-            due = self.next_check.get(e.id)
-            if due is None:
-                # first check soon, spread over a second so a big pool does not burst
-                self.next_check[e.id] = now + self.check_rng.random()
-                continue
-            if due <= now and len(self.checking) < 20:
-                self.next_check[e.id] = now + period
-                self.checking.add(e.id)
-                asyncio.get_running_loop().create_task(self._check(e))
-
-    async def _check(self, e: eg.Egress) -> None:
-        s = self.gw.settings
-        try:
-            r = await check_egress(e.spec, s["egress_check_url"], s["egress_check_timeout"])
-            now = time.monotonic()
-            e.record_check(r.ok, r.latency_ms, now)
-            if r.exit_ip:
-                e.exit_ip = r.exit_ip
-            self.pool.reweigh()
-            link = self.gw.ledger
-            if link is not None:
-                await link.store_check(e.id, r, e.score, round(e.uptime * 100, 2), e.latency_ms)
-        except Exception as x:
-            log.warning("datorus: health check of egress %s failed to run: %s", e.id, x)
-        finally:
-            self.checking.discard(e.id)

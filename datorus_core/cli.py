@@ -1148,7 +1148,8 @@ def egress_add(
     country: Annotated[str | None, typer.Option(help="Two-letter country code.")] = None,
     weight: Annotated[int, typer.Option(help="Relative share of traffic (>= 1).")] = 1,
 ) -> None:
-    """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https:// or socks5://."""
+    """Add an egress: direct://, direct://SOURCE_IP[/LEN], http://, https://, socks4:// or
+    socks5://. It is unchecked, carrying no traffic, until its checks pass."""
     from .ledger import egress as egress_ledger
 
     emit(egress_ledger.add_egress(_egress_db(), url, country, weight))
@@ -1156,7 +1157,7 @@ def egress_add(
 
 @egress_app.command("list")
 def egress_list() -> None:
-    """Every egress with its health score (passwords hidden)."""
+    """Every egress with its status (unchecked, active, dead) and score (passwords hidden)."""
     from .ledger import egress as egress_ledger
 
     rows = egress_ledger.list_egress(_egress_db())
@@ -1164,7 +1165,8 @@ def egress_list() -> None:
         {"items": rows},
         lambda r: _rows(
             [
-                {k: x[k] for k in ("id", "url", "country", "weight", "enabled", "score", "exitIp")}
+                {k: x[k] for k in ("id", "url", "status", "country", "weight", "enabled", "score")}
+                | {"exitIp": x["exitIp"], "anonymity": x["anonymity"]}
                 for x in r["items"]
             ]
         ),

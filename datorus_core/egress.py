@@ -10,7 +10,13 @@ Kinds (the URL an operator adds):
   (derived from the session key), a fresh one per request otherwise;
 - ``http://[user:pass@]host:port`` an upstream HTTP proxy (the gateway sends
   ``CONNECT`` to it for every connection, tunnels and plain HTTP alike);
+- ``socks4://[user@]host:port`` a SOCKS4 upstream (IPv4 targets only; the user is its
+  USERID, a password is ignored: SOCKS4 has none);
 - ``socks5://[user:pass@]host:port`` a SOCKS5 upstream (RFC 1928/1929).
+
+Every egress has a status (:mod:`.egress_status`): ``unchecked`` until its checks pass,
+``active`` while they do, ``dead`` after ``dead_after`` checks in a row failed; only an
+active egress carries customer traffic.
 
 Health has two levels. An egress as a whole is *down* after a failed check or a
 failed connection, with a back-off that doubles per consecutive failure; it is
@@ -33,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .egress_status import ACTIVE, DEFAULT_DEAD_AFTER, Health, after_check
+
 OK, LIMITED, UNAVAILABLE = "ok", "limited", "unavailable"
-KINDS = ("direct", "http", "https", "socks5")
+KINDS = ("direct", "http", "https", "socks4", "socks5")
 # a country code: two ASCII letters. The one spelling of the rule: COUNTRY_RE for
 # Python (fullmatch only: "$" passes "us\n"), COUNTRY_PATTERN for pydantic fields
 # (whose regex engine anchors "$" at the very end)
@@ -56,7 +64,7 @@ _MAX_DOMAINS_PER_EGRESS = 10_000
 class EgressSpec:
     """A parsed egress URL."""
 
-    kind: str  # direct | http | https | socks5
+    kind: str  # direct | http | https | socks4 | socks5
     url: str
     host: str | None = None  # proxy host
     port: int | None = None  # proxy port
@@ -67,7 +75,7 @@ class EgressSpec:
 
     @property
     def is_proxy(self) -> bool:
-        """True for an upstream proxy (http, https, socks5)."""
+        """True for an upstream proxy (http, https, socks4, socks5)."""
         return self.kind != "direct"
 
     def public_url(self) -> str:
@@ -98,7 +106,7 @@ def parse_egress_url(url: str) -> EgressSpec:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in KINDS:
-        raise ValueError("must start with direct://, http://, https:// or socks5://")
+        raise ValueError("must start with direct://, http://, https://, socks4:// or socks5://")
     if scheme == "direct":
         rest = rest[:-1] if rest.endswith("/") else rest
         if not rest:
@@ -130,9 +138,13 @@ def parse_egress_url(url: str) -> EgressSpec:
     pw = unquote(u.password) if u.password is not None else None
     if user is not None and pw is None:
         pw = ""
+    if scheme == "socks4":  # a user id and no password: SOCKS4 has none
+        pw = None
     host = u.hostname
     shown = f"[{host}]" if ":" in host else host
     auth = f"{u.username}:{u.password or ''}@" if user is not None else ""
+    if scheme == "socks4" and user is not None:
+        auth = f"{u.username}@"
     return EgressSpec(
         scheme, f"{scheme}://{auth}{shown}:{port}", host=host, port=port, username=user, password=pw
     )
@@ -187,10 +199,19 @@ class Egress:
     passed: int = 0
     latency_ms: float | None = None
     exit_ip: str | None = None
+    health: Health = field(default_factory=Health)  # unchecked / active / dead, by checks
+
+    @property
+    def status(self) -> str:
+        """``unchecked``, ``active`` or ``dead`` (:mod:`.egress_status`)."""
+        return self.health.status
 
     @property
     def family(self) -> int | None:
-        """4 or 6 for a source address or prefix (it can only reach that family), else None."""
+        """4 or 6 for a source address or prefix (it can only reach that family), 4 for a
+        SOCKS4 upstream (its requests carry IPv4 addresses only), else None."""
+        if self.spec.kind == "socks4":
+            return 4
         if self.spec.source is not None:
             return 6 if ":" in self.spec.source else 4
         if self.spec.prefix is not None:
@@ -200,8 +221,8 @@ class Egress:
     # -- whole-egress health -----------------------------------------------------------
 
     def up(self, now: float) -> bool:
-        """Usable at *now*: enabled and not within a failure back-off."""
-        return self.enabled and now >= self.down_until
+        """Usable at *now*: enabled, active (its checks passed) and not within a back-off."""
+        return self.enabled and self.health.status == ACTIVE and now >= self.down_until
 
     def failed(self, now: float) -> None:
         """A check or a connection through this egress failed: back off, doubling."""
@@ -214,8 +235,17 @@ class Egress:
         self.failures = 0
         self.down_until = 0.0
 
-    def record_check(self, ok: bool, latency_ms: float | None, now: float) -> None:
-        """Feed one background check into uptime, latency and score."""
+    def record_check(
+        self,
+        ok: bool,
+        latency_ms: float | None,
+        now: float,
+        dead_after: int = DEFAULT_DEAD_AFTER,
+    ) -> Health:
+        """Feed one background check into status, uptime, latency and score; returns the
+        health it had before."""
+        before = self.health
+        self.health = after_check(before, ok, dead_after)
         self.checks += 1
         if ok:
             self.passed += 1
@@ -226,6 +256,7 @@ class Egress:
         else:
             self.failed(now)
         self.score = compute_score(self.uptime, self.latency_ms, ok)
+        return before
 
     @property
     def uptime(self) -> float:
@@ -278,11 +309,19 @@ class Egress:
 
 
 def egress_from_row(row: tuple[Any, ...]) -> Egress:
-    """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score)``;
-    raises ValueError for a bad URL."""
-    eid, url, country, weight, enabled, score = row
+    """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score,
+    status, streak)``; raises ValueError for a bad URL or status."""
+    eid, url, country, weight, enabled, score, status, streak = row
     spec = parse_egress_url(url)
-    return Egress(eid, spec, country, int(weight), bool(enabled), 0.5 if score is None else score)
+    return Egress(
+        eid,
+        spec,
+        country,
+        int(weight),
+        bool(enabled),
+        0.5 if score is None else score,
+        health=Health(status or "unchecked", int(streak or 0)),
+    )
 
 
 def compute_score(uptime: float, latency_ms: float | None, last_ok: bool) -> float:
@@ -325,6 +364,7 @@ class Pool:
     def __init__(self, egress: list[Egress] | None = None) -> None:
         self.by_id: dict[int, Egress] = {}
         self._groups: dict[str | None, tuple[list[Egress], list[float]]] = {}
+        self._enabled: dict[str | None, int] = {}  # enabled egress by country, any status
         self.replace(egress or [])
 
     def __len__(self) -> int:
@@ -340,21 +380,32 @@ class Pool:
                 for name in ("failures", "down_until", "domains", "checks", "passed"):
                     setattr(e, name, getattr(prev, name))
                 e.latency_ms, e.exit_ip = prev.latency_ms, prev.exit_ip
-                if prev.checks:
-                    e.score = prev.score
+                if prev.checks:  # this process checked it since: its own view is newer
+                    e.score, e.health = prev.score, prev.health
             new[e.id] = e
         self.by_id = new
         self.reweigh()
 
     def reweigh(self) -> None:
-        """Rebuild the cumulative weights (after a snapshot or a round of checks)."""
+        """Rebuild the cumulative weights (after a snapshot or a round of checks).
+
+        Only enabled, active egress are weighed: a pool of thousands of unchecked or
+        dead proxies costs a request nothing.
+        """
         groups: dict[str | None, list[Egress]] = {None: []}
+        enabled: dict[str | None, int] = {None: 0}
         for e in self.by_id.values():
             if not e.enabled:
+                continue
+            enabled[None] += 1
+            if e.country:
+                enabled[e.country] = enabled.get(e.country, 0) + 1
+            if e.status != ACTIVE:
                 continue
             groups[None].append(e)
             if e.country:
                 groups.setdefault(e.country, []).append(e)
+        self._enabled = enabled
         self._groups = {}
         for key, items in groups.items():
             cum: list[float] = []
@@ -365,7 +416,7 @@ class Pool:
             self._groups[key] = (items, cum)
 
     def candidates(self, country: str | None) -> list[Egress]:
-        """The enabled egress that match *country* (all of them for None)."""
+        """The enabled, active egress that match *country* (all of them for None)."""
         return self._groups.get(country.lower() if country else None, ([], []))[0]
 
     def usable(self, e: Egress, domain: str, now: float, family: int | None = None) -> bool:
@@ -392,10 +443,19 @@ class Pool:
         *exclude* leaves out egress ids (those leased to someone).
         """
         chooser = rng or random  # no rng: the random module's shared generator
-        items, cum = self._groups.get(country.lower() if country else None, ([], []))
+        key = country.lower() if country else None
+        items, cum = self._groups.get(key, ([], []))
         if not items:
+            if self._enabled.get(key):  # there are some, none active (unchecked or dead)
+                raise NoEgress(
+                    "no_healthy_egress",
+                    domain=domain,
+                    country=country,
+                    family=family,
+                    egress=self._enabled[key],
+                )
             if country:
-                raise NoEgress("no_egress_for_country", country=country.lower())
+                raise NoEgress("no_egress_for_country", country=key)
             raise NoEgress("no_egress_enabled")
         total = cum[-1]
 
@@ -435,7 +495,9 @@ def domain_health(
     for e in pool.by_id.values():
         h = e.domains.get(domain)
         state = OK if h is None else h.state(now)
-        if not e.up(now):
+        if e.status != ACTIVE:
+            state = e.status  # unchecked or dead: its checks decide, no back-off to wait
+        elif not e.up(now):
             state = UNAVAILABLE
         elif e.id in leased:
             state = "leased"  # exclusive to one account for now
@@ -449,7 +511,7 @@ def domain_health(
                 "score": round(e.score, 3),
                 "recoversInSeconds": (
                     round(max(h.until if h else 0.0, e.down_until) - now, 1)
-                    if state not in (OK, "leased") and e.enabled
+                    if state in (LIMITED, UNAVAILABLE) and e.enabled
                     else None
                 ),
             }

@@ -1,8 +1,10 @@
-"""Opening a way through an upstream proxy, and the staged health check.
+"""Opening a way through an upstream proxy: the HTTP CONNECT, SOCKS4(a) and SOCKS5
+handshakes.
 
 Network I/O on asyncio streams, shared by the gateway's routing (which runs the
-handshake on mitmproxy's freshly opened server connection) and the background
-health check. Nothing here knows mitmproxy or the ledger.
+handshake on mitmproxy's freshly opened server connection) and the checkers
+(``datorus_core.checkers``, which open their own with :func:`open_egress`). Nothing
+here knows mitmproxy or the ledger.
 """
 
 from __future__ import annotations
@@ -10,12 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
-import socket
 import ssl
-import time
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from .egress import EgressSpec, source_for
 
@@ -24,8 +21,8 @@ class HandshakeError(Exception):
     """The upstream proxy refused or broke the tunnel set-up.
 
     ``target`` is True when the proxy itself works but could not reach the target
-    (an HTTP 5xx answer to CONNECT, a SOCKS5 unreachable/refused reply): that is no
-    reason to take the egress out of the pool.
+    (an HTTP 5xx answer to CONNECT, a SOCKS5 unreachable/refused reply, a SOCKS4
+    rejection, an IPv6 target for SOCKS4): that is no reason to take the egress out of the pool.
     """
 
     def __init__(self, message: str, target: bool = False) -> None:
@@ -47,23 +44,52 @@ async def handshake(
     """Ask the upstream proxy *spec* for a tunnel to ``host:port`` on an open connection.
 
     HTTP(S) proxies get ``CONNECT`` with our own ``Proxy-Authorization`` for them
-    (never the customer's); SOCKS5 proxies the RFC 1928 exchange with RFC 1929
+    (never the customer's); SOCKS4 proxies a SOCKS4 request (SOCKS4a for a name) with
+    the URL's user as USERID; SOCKS5 proxies the RFC 1928 exchange with RFC 1929
     username/password when the URL has them. Raises HandshakeError.
     """
     if spec.kind in ("http", "https"):
-        if spec.kind == "https":
-            # TLS to the proxy itself, verified against the system's trust store
-            # (SSL_CERT_FILE / SSL_CERT_DIR as OpenSSL reads them)
-            ctx = ssl.create_default_context()
-            try:
-                await writer.start_tls(ctx, server_hostname=spec.host)
-            except (ssl.SSLError, OSError) as e:
-                raise HandshakeError(f"TLS to the upstream proxy failed: {e}") from e
+        await proxy_tls(spec, writer)
         await _http_connect(spec, host, port, reader, writer)
+    elif spec.kind == "socks4":
+        await _socks4_connect(spec, host, port, reader, writer)
     elif spec.kind == "socks5":
         await _socks5_connect(spec, host, port, reader, writer)
     else:
         raise HandshakeError(f"not a proxy egress: {spec.kind}")
+
+
+async def proxy_tls(spec: EgressSpec, writer: asyncio.StreamWriter) -> None:
+    """For an ``https://`` proxy, TLS to the proxy itself, verified against the system's
+    trust store (SSL_CERT_FILE / SSL_CERT_DIR as OpenSSL reads them); else nothing."""
+    if spec.kind != "https":
+        return
+    ctx = ssl.create_default_context()
+    try:
+        await writer.start_tls(ctx, server_hostname=spec.host)
+    except (ssl.SSLError, OSError) as e:
+        raise HandshakeError(f"TLS to the upstream proxy failed: {e}") from e
+
+
+async def open_egress(
+    spec: EgressSpec, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the proxy *spec* names; for a direct egress, nothing is opened
+    (raises ValueError: the caller connects to its target from :func:`source_for`)."""
+    if not spec.is_proxy:
+        raise ValueError("a direct egress has no proxy to connect to")
+    return await asyncio.wait_for(asyncio.open_connection(spec.host, spec.port), timeout)
+
+
+async def open_direct(
+    spec: EgressSpec, host: str, port: int, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``host:port`` leaving by the direct egress *spec* (its source
+    address bound, or a fresh one of its prefix)."""
+    src = source_for(spec, None)
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, local_addr=(src, 0) if src else None), timeout
+    )
 
 
 async def _http_connect(spec, host, port, reader, writer) -> None:
@@ -85,6 +111,40 @@ async def _http_connect(spec, host, port, reader, writer) -> None:
         raise HandshakeError("upstream proxy sent no HTTP status") from None
     if status != 200:
         raise HandshakeError(f"upstream proxy answered CONNECT with {status}", status >= 500)
+
+
+# SOCKS4 replies (the second byte): 90 granted; 91 rejected or failed (the target, or
+# the proxy's rules); 92 and 93: the proxy's identd check of our USERID failed
+_SOCKS4_GRANTED = 90
+_SOCKS4_IDENT = (92, 93)
+
+
+async def _socks4_connect(spec, host, port, reader, writer) -> None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None and ip.version != 4:
+        raise HandshakeError("a SOCKS4 proxy cannot reach IPv6 addresses", True)
+    user = (spec.username or "").encode() + b"\0"
+    if ip is not None:
+        request = b"\x04\x01" + port.to_bytes(2, "big") + ip.packed + user
+    else:  # SOCKS4a: 0.0.0.1 and the name after the USERID, resolved by the proxy
+        name = host.encode("idna")
+        request = b"\x04\x01" + port.to_bytes(2, "big") + b"\0\0\0\x01" + user + name + b"\0"
+    writer.write(request)
+    await writer.drain()
+    try:
+        vn, cd = (await reader.readexactly(8))[:2]
+    except asyncio.IncompleteReadError as e:
+        raise HandshakeError("SOCKS4 proxy closed during the handshake") from e
+    if vn != 0:
+        raise HandshakeError("not a SOCKS4 proxy (bad reply version)")
+    if cd in _SOCKS4_IDENT:
+        raise HandshakeError(f"SOCKS4 proxy refused our user id (reply {cd})")
+    if cd != _SOCKS4_GRANTED:
+        # 91: SOCKS4 does not say whether the target or the proxy's rules refused
+        raise HandshakeError(f"SOCKS4 proxy could not connect (reply {cd})", True)
 
 
 async def _socks5_connect(spec, host, port, reader, writer) -> None:
@@ -123,162 +183,3 @@ async def _socks5_connect(spec, host, port, reader, writer) -> None:
         await reader.readexactly(n + 2)
     except asyncio.IncompleteReadError as e:
         raise HandshakeError("SOCKS5 proxy closed during the handshake") from e
-
-
-# -- the health check ---------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class CheckResult:
-    """One staged check: stage 1 TCP connect, stage 2 HTTP through the egress."""
-
-    ok: bool
-    stage: int  # the last stage run
-    latency_ms: float | None = None
-    exit_ip: str | None = None
-    detail: str = ""
-    anonymity: str | None = None  # transparent | anonymous | elite, when the judge tells
-
-
-_PROXY_HEADERS = (
-    "x-forwarded-for",
-    "x-real-ip",
-    "forwarded",
-    "via",
-    "client-ip",
-    "x-client-ip",
-    "x-proxy-id",
-    "proxy-connection",
-)
-
-
-def judge_anonymity(body: bytes, exit_ip: str | None) -> str | None:
-    """Anonymity from a judge that echoes JSON ``{"headers": {...}}`` (seed 002's levels).
-
-    ``transparent``: a proxy header names an address other than the exit (ours leaks);
-    ``anonymous``: proxy headers are present but name no other address; ``elite``: none.
-    None when the judge does not echo headers.
-    """
-    try:
-        data = json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    headers = data.get("headers") if isinstance(data, dict) else None
-    if not isinstance(headers, dict):
-        return None
-    found = {k.lower(): str(v) for k, v in headers.items() if k.lower() in _PROXY_HEADERS}
-    if not found:
-        return "elite"
-    for value in found.values():
-        for token in value.replace(",", " ").replace("=", " ").replace(";", " ").split():
-            try:
-                ip = str(ipaddress.ip_address(token.strip('"[]')))
-            except ValueError:
-                continue
-            if ip != exit_ip:
-                return "transparent"
-    return "anonymous"
-
-
-def _exit_ip(body: bytes) -> str | None:
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        pass
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(data, dict):
-        for k in ("ip", "origin", "exit_ip", "address"):
-            v = data.get(k)
-            if isinstance(v, str):
-                try:
-                    return str(ipaddress.ip_address(v.split(",")[0].strip()))
-                except ValueError:
-                    continue
-    return None
-
-
-async def check_egress(spec: EgressSpec, check_url: str, timeout: float) -> CheckResult:
-    """Run the staged check of one egress against *check_url* (may be empty)."""
-    u = urlsplit(check_url) if check_url else None
-    target = None
-    if u is not None and u.hostname:
-        target = (u.hostname, u.port or (443 if u.scheme == "https" else 80))
-    start = time.monotonic()
-    # stage 1: TCP connect (to the proxy, or from the source address to the judge)
-    try:
-        if spec.is_proxy:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(spec.host, spec.port), timeout
-            )
-        elif target is not None:
-            src = source_for(spec, None)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*target, local_addr=(src, 0) if src else None), timeout
-            )
-        else:
-            src = source_for(spec, None)
-            if src:
-                family = socket.AF_INET6 if ":" in src else socket.AF_INET
-                with socket.socket(family, socket.SOCK_STREAM) as s:
-                    s.bind((src, 0))
-            return CheckResult(True, 1, None, None, "bind ok" if src else "default route")
-    except (OSError, TimeoutError) as e:
-        return CheckResult(False, 1, None, None, f"connect failed: {e or type(e).__name__}")
-    connect_ms = (time.monotonic() - start) * 1000
-    try:
-        if u is None or target is None:
-            return CheckResult(True, 1, connect_ms, None, "tcp ok")
-        try:
-            if spec.is_proxy:
-                await asyncio.wait_for(handshake(spec, *target, reader, writer), timeout)
-            if u.scheme == "https":
-                ctx = ssl.create_default_context()
-                await asyncio.wait_for(writer.start_tls(ctx, server_hostname=u.hostname), timeout)
-            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {u.netloc.rpartition('@')[2]}\r\n"
-                "User-Agent: datorus-check\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(65536 * 2), timeout)
-            while len(raw) < 65536:
-                more = await asyncio.wait_for(reader.read(65536), timeout)
-                if not more:
-                    break
-                raw += more
-        except (OSError, TimeoutError, HandshakeError, ssl.SSLError) as e:
-            return CheckResult(False, 2, connect_ms, None, f"http check failed: {e}")
-        latency = (time.monotonic() - start) * 1000
-        head, _, body = raw.partition(b"\r\n\r\n")
-        try:
-            status = int(head.split(b" ", 2)[1])
-        except (IndexError, ValueError):
-            return CheckResult(False, 2, latency, None, "no HTTP response")
-        if status != 200:
-            return CheckResult(False, 2, latency, None, f"judge answered {status}")
-        if b"chunked" in head.lower():
-            body = _dechunk(body)
-        ip = _exit_ip(body)
-        anonymity = judge_anonymity(body, ip) if spec.is_proxy else None
-        return CheckResult(True, 2, latency, ip, "http ok", anonymity)
-    finally:
-        writer.close()
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            n = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if n == 0:
-            break
-        out += rest[:n]
-        data = rest[n + 2 :]
-    return out

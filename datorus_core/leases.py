@@ -16,6 +16,7 @@ from typing import Any
 
 from .clock import iso_utc
 from .egress import parse_egress_url
+from .egress_status import ACTIVE
 from .sessions import LEASE_ID_RE
 
 __all__ = ["LEASE_ID_RE", "leasable", "matches", "new_lease_id", "view"]
@@ -31,8 +32,8 @@ def new_lease_id() -> str:
 
 def leasable(row: dict[str, Any]) -> bool:
     """Only a distinct way out can be leased: not the box's shared default route, and
-    not one failing its checks (score 0)."""
-    return bool(row["url"] != "direct://" and row["score"] > 0)
+    only an active one (its checks passed; not failing them now: score 0)."""
+    return bool(row["url"] != "direct://" and row["status"] == ACTIVE and row["score"] > 0)
 
 
 def matches(row: dict[str, Any], f: dict[str, Any]) -> bool:

@@ -305,6 +305,14 @@ SETTINGS += (
         _positive,
     ),
     Setting(
+        "api_judge_per_minute",
+        int,
+        60,
+        "GET /judge answers per client address per minute (the gateway's own checks are"
+        " not counted).",
+        _positive,
+    ),
+    Setting(
         "max_fetch_timeout",
         int,
         120,
@@ -320,8 +328,10 @@ SETTINGS += (
 def _check_url(v: str) -> None:
     from urllib.parse import urlsplit
 
-    if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
-        raise SettingsError("must be an http:// or https:// URL (or empty)")
+    if v in ("", "none"):
+        return
+    if urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname:
+        raise SettingsError("must be an http:// or https:// URL, empty or none")
 
 
 SETTINGS += (
@@ -329,12 +339,27 @@ SETTINGS += (
         "egress_check_url",
         str,
         "",
-        "URL fetched through every egress by the health check; it should answer with the"
-        " caller's IP (empty: TCP checks only).",
+        "The judge every egress's HTTP check fetches through it; it answers the caller's"
+        " IP, and its request headers as JSON to grade anonymity (empty: the gateway's own"
+        " GET /judge at public_url; none: TCP checks only).",
         _check_url,
     ),
     Setting(
         "egress_check_seconds", int, 30, "Seconds between health checks of an egress.", _positive
+    ),
+    Setting(
+        "egress_dead_after",
+        int,
+        3,
+        "Failed checks in a row that make an egress dead (it recovers at its next pass).",
+        _positive,
+    ),
+    Setting(
+        "egress_check_concurrency",
+        int,
+        50,
+        "Egress checks run at once, at most (in the background, off the request path).",
+        _positive,
     ),
     Setting(
         "egress_check_timeout", int, 10, "Seconds a health check may take per stage.", _positive

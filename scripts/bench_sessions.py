@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datorus_core.egress import Egress, Pool, parse_egress_url  # noqa: E402
+from datorus_core.egress_status import Health  # noqa: E402
 from datorus_core.sessions import SessionTable  # noqa: E402
 
 
@@ -39,7 +40,11 @@ def main(n: int = 100_000) -> dict:
     get_us = (time.perf_counter() - t0) / n * 1e6
     pool = Pool(
         [
-            Egress(i, parse_egress_url(f"direct://10.0.{i // 250}.{i % 250 + 1}"))
+            Egress(
+                i,
+                parse_egress_url(f"direct://10.0.{i // 250}.{i % 250 + 1}"),
+                health=Health("active"),
+            )
             for i in range(1000)
         ]
     )

@@ -26,6 +26,7 @@ from . import (
     routes_account,
     routes_auth,
     routes_fetch,
+    routes_judge,
     routes_payments,
     routes_pool,
     routes_routing,
@@ -168,6 +169,7 @@ def create_app(
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
     app.include_router(routes_sources.router)
+    app.include_router(routes_judge.router)
     app.include_router(routes_fetch.router)
     app.include_router(routes_ws.router)
     return app

@@ -55,7 +55,7 @@ class KeyIn(BaseModel):
 class AcquireIn(BaseModel):
     """``POST /proxies/acquire``: which egress to lease, and for how long (seed 002)."""
 
-    protocol: Literal["direct", "http", "https", "socks5"] | None = None
+    protocol: Literal["direct", "http", "https", "socks4", "socks5"] | None = None
     country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None
     min_score: float | None = Field(default=None, ge=0, le=1)

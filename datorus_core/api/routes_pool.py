@@ -1,15 +1,16 @@
 """The egress pool as seed 002's pool API: ``/proxies``, ``/stats``, leases and tests.
 
-Every egress the operator added (``datorus egress add``) is a "proxy" here, in seed
-002's shape: upstream proxies with their host and port (never their credentials),
-source addresses with their address. ``status`` is ``unchecked`` before the first
-background check (a proxy a source found stays out of service until then), ``active``
-while checks pass, ``dead`` while they fail (its score is 0 then) and ``disabled`` when
-the operator disabled it. ``POST /proxies/acquire``
-leases one to the caller alone (``datorus_core.leases``); ``POST /proxies/test`` sends
-one GET through each of the best matching egress, through the gateway and billed to the
-caller. The read-only routes take a customer's or the operator's key; the pool is
-filled with ``datorus egress`` and by proxy-list sources (``routes_sources``).
+Every egress (added with ``datorus egress add`` or found by a source) is a "proxy" here,
+in seed 002's shape: upstream proxies with their host and port (never their
+credentials), source addresses with their address. ``status`` is what the checks left
+it as (``datorus_core.egress_status``): ``unchecked`` until its checks first pass (it
+carries no traffic yet), ``active``, ``dead`` after ``egress_dead_after`` failed checks
+in a row (it recovers when one passes); ``disabled`` when the operator disabled it.
+``POST /proxies/acquire`` leases one to the caller alone (``datorus_core.leases``);
+``POST /proxies/test`` sends one GET through each of the best matching egress, through
+the gateway and billed to the caller. The read-only routes take a customer's or the
+operator's key; the pool is filled with ``datorus egress`` and by proxy-list sources
+(``routes_sources``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..checkers.registry import installed_checkers
 from ..egress import COUNTRY_PATTERN, parse_egress_url
 from ..envelope import DatorusError
+from ..judge import default_judge_url
 from ..ledger import egress as el
 from ..ledger import leases
 from ..ledger import sources as ledger_sources
@@ -39,7 +42,7 @@ from .via_gateway import check_url, gateway_error, require_gateway, through_gate
 
 router = APIRouter(tags=["pool"])
 
-_STAGES = {1: "tcp_connect", 2: "http_anonymity"}
+_STAGES = {1: "tcp_connect", 2: "http_anonymity"}  # rows written before checkers had names
 _SORTS = {
     "score": ("score", "desc"),
     "latency": ("avg_latency_ms", "asc"),
@@ -49,13 +52,7 @@ _SORTS = {
 
 
 def _status(r: dict[str, Any]) -> str:
-    if not r["enabled"]:
-        # a proxy a source found waits, out of service, for its first check
-        found = r.get("sourceId") is not None and r["lastCheckedAt"] is None
-        return "unchecked" if found else "disabled"
-    if r["lastCheckedAt"] is None:
-        return "unchecked"
-    return "active" if r["score"] > 0 else "dead"
+    return str(r["status"]) if r["enabled"] else "disabled"
 
 
 def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +90,7 @@ async def list_proxies(
     who: AnyKey,
     st: State,
     status: Literal["active", "dead", "unchecked", "disabled"] | None = None,
-    protocol: Literal["direct", "http", "https", "socks5"] | None = None,
+    protocol: Literal["direct", "http", "https", "socks4", "socks5"] | None = None,
     anonymity: Literal["transparent", "anonymous", "elite"] | None = None,
     country: Annotated[str | None, Query(pattern=COUNTRY_PATTERN)] = None,
     min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
@@ -157,7 +154,11 @@ async def get_proxy(who: AnyKey, st: State, proxy_id: Annotated[int, Path(ge=1, 
         "proxy": proxy_view(row),
         "recent_checks": [
             {
-                "checker_name": _STAGES.get(c["stage"], "check"),
+                "checker_name": (
+                    _STAGES.get(c["stage"], "check")
+                    if c["checker_name"] == "gateway"
+                    else c["checker_name"]
+                ),
                 "stage": c["stage"],
                 "passed": bool(c["passed"]),
                 "latency_ms": c["latency_ms"],
@@ -204,25 +205,54 @@ async def pool_stats(who: AnyKey, st: State) -> Any:
 
 @router.get("/stats/plugins")
 async def plugin_stats(who: AnyKey, st: State) -> Any:
-    """The plugins: parsers as found through the ``datorus.parsers`` entry points (with
-    the package that registered each; one that failed to load shows ``loaded: false`` and
-    why), and the checkers the gateway runs on every egress."""
+    """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
+    (``datorus.checkers``) with the package that registered each (one that failed to
+    load shows ``loaded: false`` and why), and the notifiers.
+
+    A checker's health is its record in the ledger, written with every check by every
+    gateway on it: ``runs``, ``failures`` (checks it did not pass), ``errors`` (it
+    raised: a plugin's bug, the check went on without it), the time and detail of the
+    last of each; ``healthy`` is null before its first run, false when its last run
+    raised. ``enabled`` is false for a checker with nothing to do here (the HTTP check
+    without a judge: ``egress_check_url: none``, or the API off with no ``public_url``).
+    """
     parsers = await run_in_threadpool(installed_parsers)
+    checkers = await run_in_threadpool(installed_checkers)
+    health = await run_in_threadpool(lambda: el.checker_health(st.store.db()))
+    judge = default_judge_url(st.settings) is not None
     mail = bool(st.settings.get("smtp_host"))
     return {
         "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
         "checkers": [
-            {"name": "tcp_connect", "stage": 1, "priority": 0},
             {
-                "name": "http_anonymity",
-                "stage": 2,
-                "priority": 0,
-                "enabled": bool(st.settings.get("egress_check_url")),
-            },
-        ],
+                **p.info(),
+                "enabled": judge or p.name != "http_anonymity",
+                **checker_view(health.get(p.name)),
+            }
+            for p in checkers.plugins
+        ]
+        + [f.info() for f in checkers.failures],
         "notifiers": [
             {"name": "smtp" if mail else "outbox", "healthy": True, "subscribes_to": ["account.*"]}
         ],
+    }
+
+
+def checker_view(h: dict[str, Any] | None) -> dict[str, Any]:
+    """A checker's health as ``/stats/plugins`` shows it (nulls before its first run)."""
+    if h is None:
+        h = {}
+    last_run, last_error = h.get("last_run_at"), h.get("last_error_at")
+    return {
+        "healthy": None if last_run is None else last_error != last_run,
+        "runs": h.get("runs", 0),
+        "failures": h.get("failures", 0),
+        "errors": h.get("errors", 0),
+        "last_run_at": last_run,
+        "last_failure_at": h.get("last_failure_at"),
+        "last_failure": h.get("last_failure"),
+        "last_error_at": last_error,
+        "last_error": h.get("last_error"),
     }
 
 
@@ -279,7 +309,7 @@ class ProxyTestIn(BaseModel):
     url: str = Field(max_length=4096, examples=["https://example.com/"])
     count: int = Field(default=5, ge=1, le=20)
     timeout_seconds: int = Field(default=10, ge=1, le=60)
-    protocol: Literal["direct", "http", "https", "socks5"] | None = None
+    protocol: Literal["direct", "http", "https", "socks4", "socks5"] | None = None
     country: str | None = Field(default=None, pattern=COUNTRY_PATTERN)
 
 

@@ -9,7 +9,9 @@ Four rules, each a :class:`~datorus_core.ratelimit.Gcra` per key:
   minute). Only failures count, as on the proxy (``addons/auth.py``): a correct key
   from a throttled address is still accepted;
 - ``key``: every other authenticated request per API key (``api_key_rps``, burst
-  ``api_key_burst``).
+  ``api_key_burst``);
+- ``judge``: ``GET /judge`` per client address (``api_judge_per_minute``), except the
+  gateway's own signed checks.
 
 Every answer a rule applied to carries seed 001's ``X-RateLimit-Limit`` (the rule's
 requests per window: per second for ``key``, as the proxy's
@@ -58,12 +60,13 @@ def rules_from(settings: Mapping[str, Any]) -> dict[str, Rule]:
         return int(settings.get(name) or BY_NAME[name].default)
 
     signups, resends = get("api_signups_per_hour"), get("api_resends_per_hour")
-    fails = get("api_key_fail_limit")
+    fails, judge = get("api_key_fail_limit"), get("api_judge_per_minute")
     return {
         "signup": Rule("signup", signups, 3600.0, signups, "api_signups_per_hour"),
         "resend": Rule("resend", resends, 3600.0, resends, "api_resends_per_hour"),
         "key_fail": Rule("key_fail", fails, 60.0, fails, "api_key_fail_limit"),
         "key": Rule("key", get("api_key_rps"), 1.0, get("api_key_burst"), "api_key_rps"),
+        "judge": Rule("judge", judge, 60.0, judge, "api_judge_per_minute"),
     }
 
 
@@ -72,6 +75,7 @@ _MESSAGES = {
     "resend": "Too many verification mails requested.",
     "key_fail": "Too many failed API-key checks from this address.",
     "key": "Too many requests with this API key.",
+    "judge": "Too many judge requests from this address.",
 }
 
 

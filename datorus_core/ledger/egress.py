@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..clock import iso_utc
@@ -17,14 +18,57 @@ from ..egress import parse_egress_url, valid_country
 from ..envelope import DatorusError, validation_error
 from .db import Ledger
 
+# country: the operator's or the source's, else the one the checks found from the exit
 _COLUMNS = (
-    "id, url, kind, country, weight, enabled, score, uptime_pct, avg_latency_ms, exit_ip,"
-    " anonymity, last_checked_at, created_at, source_id, tags"
+    "id, url, kind, COALESCE(country, found_country) AS country, weight, enabled, score,"
+    " uptime_pct, avg_latency_ms, exit_ip, anonymity, last_checked_at, created_at, status,"
+    " fail_streak, found_country, source_id, tags"
 )
 
 
 # The pool as the router loads it, in the field order of ``egress.egress_from_row``.
-POOL_SQL = "SELECT id, url, country, weight, enabled, score FROM egress ORDER BY id"
+POOL_SQL = (
+    "SELECT id, url, COALESCE(country, found_country), weight, enabled, score, status,"
+    " fail_streak FROM egress ORDER BY id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRun:
+    """One checker's run on one egress, as ``egress_checks`` and ``checker_runs`` keep it.
+
+    *error* is set when the checker itself raised (a plugin's bug): it counts against the
+    checker's health, not the egress (``passed`` is then False and the run was skipped).
+    """
+
+    checker: str
+    stage: int
+    passed: bool
+    latency_ms: float | None = None
+    exit_ip: str | None = None
+    detail: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckWrite:
+    """A whole check of one egress: its checkers' runs and what they left the egress as.
+
+    *country* is the exit's country as the checks found it (``found_country``): routing
+    and views use it where the operator or the source gave none.
+    """
+
+    egress_id: int
+    runs: tuple[CheckRun, ...]
+    status: str
+    fail_streak: int
+    score: float
+    uptime_pct: float
+    latency_ms: float | None
+    exit_ip: str | None = None
+    anonymity: str | None = None
+    country: str | None = None
+    at: str = ""  # when (``clock.iso_utc()``); empty: the database's now
 
 
 def pool_rows(db: Ledger) -> list[tuple[Any, ...]]:
@@ -48,6 +92,9 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "anonymity": r["anonymity"],
         "lastCheckedAt": r["last_checked_at"],
         "createdAt": r["created_at"],
+        "status": r["status"],
+        "failStreak": r["fail_streak"],
+        "foundCountry": r["found_country"],
         "sourceId": r["source_id"],  # the source that found it (None: added by hand)
         "tags": json.loads(r["tags"]) if r["tags"] else {},
     }
@@ -117,9 +164,19 @@ def set_enabled(db: Ledger, egress_id: int, enabled: bool) -> dict[str, Any]:
 
 
 def recent_checks(db: Ledger, egress_id: int, limit: int = 20) -> list[dict[str, Any]]:
-    """The latest background checks of one egress, newest first."""
+    """The latest background checks of one egress (one row per checker run), newest first."""
     return db.query(
-        "SELECT id, stage, passed, latency_ms, exit_ip, detail, created_at"
+        "SELECT id, checker_name, stage, passed, latency_ms, exit_ip, detail, created_at"
         " FROM egress_checks WHERE egress_id = ? ORDER BY id DESC LIMIT ?",
         (egress_id, limit),
     )
+
+
+def checker_health(db: Ledger) -> dict[str, dict[str, Any]]:
+    """Each checker's record (``checker_runs``) by name: runs, failures (checks it did
+    not pass), errors (it raised), and the time and detail of the last of each."""
+    rows = db.query(
+        "SELECT name, runs, failures, errors, last_run_at, last_failure_at, last_failure,"
+        " last_error_at, last_error FROM checker_runs ORDER BY name"
+    )
+    return {r["name"]: r for r in rows}

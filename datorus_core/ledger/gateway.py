@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from ..clock import iso_utc
 from ..envelope import request_id_floor
 from ..runtime import UsageBatch
 from .db import migrate_file
 from .dialect import POSTGRES, SQLITE, Dialect
-from .egress import POOL_SQL
+from .egress import POOL_SQL, CheckWrite
 from .leases import ACTIVE_SQL
 from .target import is_postgres
 from .usage import clean_receipts
@@ -128,12 +130,27 @@ _RECEIPTS = Rows(
 )  # fmt: skip
 _CHECK_ROW = (
     "INSERT INTO egress_checks (egress_id, checker_name, stage, passed, latency_ms,"
-    " exit_ip, detail) SELECT id, 'gateway', ?, ?, ?, ?, ? FROM egress WHERE id = ?"
+    " exit_ip, detail, created_at) SELECT id, ?, ?, ?, ?, ?, ?, ? FROM egress WHERE id = ?"
 )
-_CHECK_SCORE = (
+# found_country is not among the columns whose change touches config_version: the
+# exit's country moves no operator setting (each gateway learns it from its own checks)
+_CHECK_EGRESS = (
     "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
     " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
-    " last_checked_at = {now} WHERE id = ?"
+    " found_country = COALESCE(?, found_country),"
+    " status = ?, fail_streak = ?, last_checked_at = ? WHERE id = ?"
+)
+_CHECKER_RUN = (
+    "INSERT INTO checker_runs (name, runs, failures, errors, last_run_at, last_failure_at,"
+    " last_failure, last_error_at, last_error) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET runs = checker_runs.runs + 1,"
+    " failures = checker_runs.failures + excluded.failures,"
+    " errors = checker_runs.errors + excluded.errors,"
+    " last_run_at = excluded.last_run_at,"
+    " last_failure_at = COALESCE(excluded.last_failure_at, checker_runs.last_failure_at),"
+    " last_failure = COALESCE(excluded.last_failure, checker_runs.last_failure),"
+    " last_error_at = COALESCE(excluded.last_error_at, checker_runs.last_error_at),"
+    " last_error = COALESCE(excluded.last_error, checker_runs.last_error)"
 )
 _CHECK_TRIM = (  # the last 500 checks of each egress are kept
     "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
@@ -157,6 +174,8 @@ _BATCH = (
     " ON CONFLICT (id) DO NOTHING"
 )
 _PRUNE_BATCHES = "DELETE FROM usage_batches WHERE written_at < ?"
+_SECRET_ADD = "INSERT INTO api_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
+_SECRET = "SELECT value FROM api_secrets WHERE name = ?"
 # how long a written batch's id is kept: a batch is written again within seconds of
 # its lost answer (the next write after the ledger is back), never days later
 BATCH_ID_DAYS = 7
@@ -370,6 +389,15 @@ class LedgerLink:
         else:
             await c.executemany(self.dialect.sql(rows_sql.one()), rows)
 
+    async def secret(self, name: str) -> str:
+        """The ledger's secret *name* (as ``ledger.api.secret``: made the first time)."""
+        sql = self.dialect.sql
+        async with self.lock:
+            c = await self._conn()
+            await c.execute(sql(_SECRET_ADD), (name, secrets.token_hex(32)))
+            rows = await c.fetchall(sql(_SECRET), (name,))
+        return str(rows[0][0])
+
     async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
         """Append acceptable-use denials for the operator."""
         async with self.lock:
@@ -391,26 +419,73 @@ class LedgerLink:
                     await c.execute("COMMIT")
         return rows, live
 
-    async def store_check(
-        self, egress_id: int, check: Any, score: float, uptime_pct: float, latency_ms: Any
-    ) -> None:
-        """Record one health check of an egress (*check*: an ``egress_io`` result) and its
-        new score, keeping its last 500 checks."""
+    async def store_checks(self, checks: Sequence[CheckWrite]) -> None:
+        """Record checks of egress (a batch, in one transaction): each checker's run in
+        ``egress_checks`` (the last 500 per egress kept) and ``checker_runs``, and each
+        egress's new status, score and findings."""
+        if not checks:
+            return
         sql = self.dialect.sql
-        r = check
+        now = iso_utc()
+        rows: list[tuple[Any, ...]] = []
+        runs: list[tuple[Any, ...]] = []
+        egress: list[tuple[Any, ...]] = []
+        for w in checks:
+            at = w.at or now
+            for r in w.runs:
+                if r.error is None:
+                    rows.append(
+                        (
+                            r.checker,
+                            r.stage,
+                            int(r.passed),
+                            r.latency_ms,
+                            r.exit_ip,
+                            r.detail,
+                            at,
+                            w.egress_id,
+                        )
+                    )
+                failed = r.error is None and not r.passed
+                runs.append(
+                    (
+                        r.checker,
+                        int(failed),
+                        int(r.error is not None),
+                        at,
+                        at if failed else None,
+                        r.detail if failed else None,
+                        at if r.error is not None else None,
+                        r.error,
+                    )
+                )
+            egress.append(
+                (
+                    w.score,
+                    w.uptime_pct,
+                    w.latency_ms,
+                    w.exit_ip,
+                    w.anonymity,
+                    w.country.lower() if w.country else None,
+                    w.status,
+                    w.fail_streak,
+                    at,
+                    w.egress_id,
+                )
+            )
+        trims = [(eid, eid) for eid in sorted({w.egress_id for w in checks})]
         async with self.lock:
             c = await self._conn()
             await c.execute(self.dialect.begin_write)
             try:
-                await c.execute(
-                    sql(_CHECK_ROW),
-                    (r.stage, int(r.ok), r.latency_ms, r.exit_ip, r.detail, egress_id),
-                )
-                await c.execute(
-                    sql(_CHECK_SCORE),
-                    (score, uptime_pct, latency_ms, r.exit_ip, r.anonymity, egress_id),
-                )
-                await c.execute(sql(_CHECK_TRIM), (egress_id, egress_id))
+                for statement, params in (
+                    (_CHECK_ROW, rows),
+                    (_CHECKER_RUN, runs),
+                    (_CHECK_EGRESS, egress),
+                    (_CHECK_TRIM, trims),
+                ):
+                    if params:
+                        await c.executemany(sql(statement), params)
                 await c.execute("COMMIT")
             except BaseException:
                 await self._rollback(c)

@@ -30,7 +30,7 @@ def active_rows(db: Ledger, now: int) -> list[tuple[Any, ...]]:
 
 __all__ = ["acquire", "for_account", "release"]
 
-_EGRESS = "id, url, country, anonymity, score, exit_ip"
+_EGRESS = "id, url, COALESCE(country, found_country) AS country, anonymity, score, exit_ip, status"
 
 
 def acquire(

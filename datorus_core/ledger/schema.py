@@ -355,6 +355,34 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE egress ADD COLUMN tags TEXT;
     CREATE INDEX egress_source ON egress(source_id);
     """,
+    # 10 (checkers): each egress's status as its checks left it, unchecked until they
+    # pass, active, or dead after egress_dead_after failures in a row (fail_streak); the
+    # existing ones get what the pool API showed them as; found_country, the exit's country
+    # the checks found (routing uses it where the operator or source gave none; no
+    # config_version touch, each gateway fills it as it checks). checker_runs: each checker
+    # plugin's health (runs, failures, the last of each, errors it raised), written with
+    # each check. Status changes are no operator change: no config_version touch.
+    """
+    ALTER TABLE egress ADD COLUMN status TEXT NOT NULL DEFAULT 'unchecked'
+        CHECK (status IN ('unchecked', 'active', 'dead'));
+    ALTER TABLE egress ADD COLUMN found_country TEXT;
+    ALTER TABLE egress ADD COLUMN fail_streak INTEGER NOT NULL DEFAULT 0;
+    UPDATE egress SET status = CASE
+        WHEN last_checked_at IS NULL THEN 'unchecked' WHEN score > 0 THEN 'active' ELSE 'dead'
+    END;
+    CREATE INDEX egress_status ON egress(status);
+    CREATE TABLE checker_runs (
+        name TEXT PRIMARY KEY,
+        runs INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        last_run_at TEXT,
+        last_failure_at TEXT,
+        last_failure TEXT,
+        last_error_at TEXT,
+        last_error TEXT
+    );
+    """,
 )
 
 

@@ -357,6 +357,29 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE egress ADD COLUMN tags TEXT;
     CREATE INDEX egress_source ON egress(source_id);
     """,
+    # 10 (checkers): egress status, failure streak and found country, checker plugins'
+    # health (see .schema)
+    """
+    ALTER TABLE egress ADD COLUMN status TEXT NOT NULL DEFAULT 'unchecked'
+        CHECK (status IN ('unchecked', 'active', 'dead'));
+    ALTER TABLE egress ADD COLUMN found_country TEXT;
+    ALTER TABLE egress ADD COLUMN fail_streak BIGINT NOT NULL DEFAULT 0;
+    UPDATE egress SET status = CASE
+        WHEN last_checked_at IS NULL THEN 'unchecked' WHEN score > 0 THEN 'active' ELSE 'dead'
+    END;
+    CREATE INDEX egress_status ON egress(status);
+    CREATE TABLE checker_runs (
+        name TEXT PRIMARY KEY,
+        runs BIGINT NOT NULL DEFAULT 0,
+        failures BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        last_run_at TEXT,
+        last_failure_at TEXT,
+        last_failure TEXT,
+        last_error_at TEXT,
+        last_error TEXT
+    );
+    """,
 )
 
 _VERSION_TABLE = (

@@ -16,8 +16,9 @@ holding one loses it when ``claim_until`` passes.
 **Found proxies.** :func:`import_found` puts a list's proxies into ``egress`` in one
 transaction: a proxy already in the pool (same protocol, host, port and username) is
 *updated* (its URL, country, weight and tags refreshed when this source added it), any
-other is *new*: added with the source's defaults, ``source_id`` set and ``enabled = 0``
-until the checkers pass it (``unchecked``: see :func:`unchecked`).
+other is *new*: added with the source's defaults and ``source_id`` set, as every new
+egress ``unchecked`` (carrying no traffic) until its checks pass
+(``datorus_core.egress_status``).
 """
 
 from __future__ import annotations
@@ -283,16 +284,6 @@ def _pool_key(spec: EgressSpec) -> tuple[str, str, int, str | None] | None:
         return None
 
 
-def unchecked(row: Mapping[str, Any]) -> bool:
-    """Whether an egress row (``source_id``, ``enabled``, ``last_checked_at``) is a proxy a
-    source found that waits for its first check: held out of service until it passes."""
-    return (
-        row.get("source_id") is not None
-        and not row.get("enabled")
-        and row.get("last_checked_at") is None
-    )
-
-
 def import_found(
     db: Ledger,
     source_id: int,
@@ -303,10 +294,11 @@ def import_found(
 ) -> Imported:
     """Put *proxies* into the pool for source *source_id*, in one transaction.
 
-    New ones get *country* (unless the list named one), *weight* and *tags*, and
-    ``enabled = 0`` until their checks pass. Rows this source added before are brought
-    in line with the list (credentials, country) and the source's defaults; rows the
-    operator or another source added are counted as updated and left as they are.
+    New ones get *country* (unless the list named one), *weight* and *tags*; they are
+    ``unchecked`` (the status column's default) until their checks pass. Rows this
+    source added before are brought in line with the list (credentials, country) and the
+    source's defaults; rows the operator or another source added are counted as updated
+    and left as they are.
     """
     tags_text = json.dumps(dict(tags), sort_keys=True, separators=(",", ":"))
     new_rows: list[tuple[Any, ...]] = []
@@ -346,8 +338,8 @@ def import_found(
                 changes.append((*want, row["id"]))
         if new_rows:
             db.execute_many(
-                "INSERT INTO egress (url, kind, country, weight, enabled, source_id, tags)"
-                " VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT (url) DO NOTHING",
+                "INSERT INTO egress (url, kind, country, weight, source_id, tags)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (url) DO NOTHING",
                 new_rows,
             )
         if changes:

@@ -336,6 +336,14 @@ def test_credits_keep_top_ups_and_lease_charges_in_view_of_many_usage_flushes(
     account_id, user, password = g.customer(trial_bytes=0)
     key = g.cli("key", "create", str(account_id))["key"]
     g.cli("balance", "add", str(account_id), "500", "--reason", "first top-up")
+
+    def checked() -> bool:  # only an egress whose checks passed can be leased
+        with sqlite3.connect(g.db) as c:
+            return (
+                c.execute("SELECT COUNT(*) FROM egress WHERE status = 'active'").fetchone()[0] == 2
+            )
+
+    wait_until(checked, 10, 0.05, "both egress active")
     r = httpx.post(f"{g.api_url}/proxies/acquire", json={}, headers=bearer(key), timeout=30)
     assert r.status_code == 200, r.text
 

@@ -26,9 +26,11 @@ from support.processes import Gateway, GatewaySetup
 from support.serve import Serve
 from support.waiting import free_port, wait_http, wait_until
 
-PLAIN = "# provider list\n10.20.0.1:3128\nsocks5://u:p@10.20.0.2:1080\n10.20.0.3:8080:bob:pw\n"
-JSON = json.dumps([{"ip": "10.21.0.1", "port": 8080, "country": "nl"}, "socks5://10.21.0.2:1080"])
-CSV = "host,port,protocol\n10.22.0.1,3128,http\n10.22.0.2,3129,https\n"
+# loopback addresses where nothing listens: the gateway checks what it imports, and tests
+# reach nothing off this box
+PLAIN = "# provider list\n127.0.20.1:3128\nsocks5://u:p@127.0.20.2:1080\n127.0.20.3:8080:bob:pw\n"
+JSON = json.dumps([{"ip": "127.0.21.1", "port": 8080, "country": "nl"}, "socks5://127.0.21.2:1080"])
+CSV = "host,port,protocol\n127.0.22.1,3128,http\n127.0.22.2,3129,https\n"
 NEVER = "0 0 1 1 *"  # a valid schedule that does not fire while these tests run
 
 
@@ -145,7 +147,11 @@ def test_the_cli_makes_lists_and_revokes_operator_keys(gw):
 
 
 def test_a_source_is_added_read_paged_changed_and_removed(gw, lists):
-    src = add(gw, lists.url("/list.json"), cron_schedule=NEVER, tags={"provider": "dc"})
+    # a list of its own: its proxies stay after the DELETE, and must not be another
+    # test's (whichever runs first on this gateway would own them)
+    crud = JSON.replace("127.0.21.", "127.0.28.")
+    url = lists.serve("/crud.json", crud, "application/json")
+    src = add(gw, url, cron_schedule=NEVER, tags={"provider": "dc"})
     assert set(src) >= {
         "id",
         "url",
@@ -207,7 +213,7 @@ def test_a_source_is_added_read_paged_changed_and_removed(gw, lists):
         assert assert_api_error(r, 404, "RESOURCE_NOT_FOUND")["details"] == {"source": src["id"]}
     proxies = api(gw, "GET", "/proxies", gw.op, params={"limit": 200}).json()["items"]
     kept = [p for p in proxies if p["source_id"] == src["id"]]
-    assert {p["ip"] for p in kept} == {"10.21.0.1", "10.21.0.2"}  # DELETE kept them
+    assert {p["ip"] for p in kept} == {"127.0.28.1", "127.0.28.2"}  # DELETE kept them
 
 
 @pytest.mark.parametrize(
@@ -270,16 +276,26 @@ def test_scrapes_import_each_format_as_unchecked_proxies(gw, lists):
     assert stats["by_status"]["unchecked"] >= 7
 
 
+# what the background checks change meanwhile, apart from what a scrape would
+CHECKED = {"status", "score", "avg_latency_ms", "uptime_pct", "last_checked_at", "exit_ip"}
+
+
+def listed(gw: Gateway) -> list[dict[str, Any]]:
+    """The pool as a scrape leaves it, by id (what the checks move left out)."""
+    items = api(gw, "GET", "/proxies", gw.op, params={"limit": 200}).json()["items"]
+    return sorted(({k: v for k, v in p.items() if k not in CHECKED} for p in items), key=str)
+
+
 @pytest.mark.parametrize(
     ("path", "reason"),
     [("/fails", "http_status"), ("/garbage", "unparseable"), ("/huge", "too_large")],
 )
 def test_a_failing_list_is_recorded_and_changes_no_proxy(gw, lists, path, reason):
     """The source's plaintext list turns into a 500, garbage, or an endless body."""
-    host = f"10.23.0.{len(path)}"
+    host = f"127.0.23.{len(path)}"
     src = add(gw, lists.serve(f"/ok{path}", f"{host}:3128\n"))
     assert api(gw, "POST", f"/sources/{src['id']}/scrape", gw.op).json()["proxies_new"] == 1
-    before = api(gw, "GET", "/proxies", gw.op, params={"limit": 200}).json()
+    before = listed(gw)
     api(gw, "PATCH", f"/sources/{src['id']}", gw.op, json={"url": lists.url(path)})
     r = api(gw, "POST", f"/sources/{src['id']}/scrape", gw.op)
     assert r.status_code == 200
@@ -287,11 +303,11 @@ def test_a_failing_list_is_recorded_and_changes_no_proxy(gw, lists, path, reason
     assert out["error_reason"] == reason and out["error"] and out["proxies_discovered"] == 0
     shown = api(gw, "GET", f"/sources/{src['id']}", gw.op).json()
     assert shown["last_error"] == out["error"] and shown["last_found"] == 1
-    assert api(gw, "GET", "/proxies", gw.op, params={"limit": 200}).json() == before
+    assert listed(gw) == before
 
 
 def test_a_scrape_under_way_is_not_run_twice(gw, lists):
-    src = add(gw, lists.serve("/slow.txt", "10.24.0.1:80\n", delay=4), parser_name="plaintext")
+    src = add(gw, lists.serve("/slow.txt", "127.0.24.1:80\n", delay=4), parser_name="plaintext")
     first: list[httpx.Response] = []
     t = threading.Thread(
         target=lambda: first.append(api(gw, "POST", f"/sources/{src['id']}/scrape", gw.op))
@@ -311,7 +327,7 @@ def test_a_scrape_under_way_is_not_run_twice(gw, lists):
 
 
 def test_the_cli_mirrors_the_sources(gw, lists):
-    url = lists.serve("/cli.csv", CSV.replace("10.22.", "10.26."), "text/csv")
+    url = lists.serve("/cli.csv", CSV.replace("127.0.22.", "127.0.26."), "text/csv")
     src = gw.cli("source", "add", url, "--cron", NEVER, "--country", "it", "--tag", "via=cli")
     assert (src["parserName"], src["cronSchedule"], src["defaultCountry"]) == ("csv", NEVER, "IT")
     assert src["tags"] == {"via": "cli"} and src["isActive"] is True
@@ -371,8 +387,8 @@ def test_the_gateway_scrapes_on_schedule_and_shows_the_next_run(make_gateway, li
     g = make_gateway(api_port=free_port(), test_schedule_seconds=1)
     _wait_api(g)
     op = g.cli("key", "create", "--operator")["key"]
-    url = lists.serve("/sched.txt", "10.25.0.1:3128\n10.25.0.2:3128\n")
-    idle = lists.serve("/idle.txt", "10.25.0.9:3128\n")
+    url = lists.serve("/sched.txt", "127.0.25.1:3128\n127.0.25.2:3128\n")
+    idle = lists.serve("/idle.txt", "127.0.25.9:3128\n")
     r = httpx.post(
         g.api_url + "/sources",
         headers=bearer(op),
@@ -413,8 +429,8 @@ def test_with_two_workers_a_scheduled_scrape_happens_once(tmp_path, lists, redis
     sv = Serve(db, 2, {"redis_url": redis_server.url, "test_schedule_seconds": 3600}).start()
     try:
         assert len(sv.worker_pids()) == 2
-        slow = lists.serve("/once.txt", "10.27.0.1:3128\n", delay=2)
-        later = lists.serve("/later.txt", "10.27.0.2:3128\n")
+        slow = lists.serve("/once.txt", "127.0.27.1:3128\n", delay=2)
+        later = lists.serve("/later.txt", "127.0.27.2:3128\n")
         first = _cli_with(db, {"DATORUS_TEST_SCHEDULE_SECONDS": "1"}, slow)
         second = _cli_with(db, {"DATORUS_TEST_SCHEDULE_SECONDS": "5"}, later)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import random
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datorus_core import egress as eg
-from datorus_core.egress_io import judge_anonymity
+from datorus_core.egress_status import Health
 from datorus_core.sessions import (
     SessionTable,
     UsernameOptionError,
@@ -22,6 +21,8 @@ from datorus_core.sessions import (
 )
 
 SESSION_IDS = st.from_regex(r"\A[A-Za-z0-9_-]{1,128}\Z")
+
+ACTIVE = Health("active")  # checked and passing: the pool may choose it
 
 
 @pytest.mark.parametrize(
@@ -176,7 +177,9 @@ def test_session_table_ttl_and_lru_eviction():
 def _pool(n: int = 4) -> eg.Pool:
     return eg.Pool(
         [
-            eg.Egress(i, eg.parse_egress_url(f"direct://127.0.0.{i + 2}"), country="us")
+            eg.Egress(
+                i, eg.parse_egress_url(f"direct://127.0.0.{i + 2}"), country="us", health=ACTIVE
+            )
             for i in range(n)
         ]
     )
@@ -250,21 +253,6 @@ def test_block_markers_are_case_insensitive():
     assert eg.find_marker(b"fine", (b"g-recaptcha",)) is None
 
 
-@pytest.mark.parametrize(
-    ("headers", "level"),
-    [
-        ({"Host": "j"}, "elite"),
-        ({"Via": "1.1 squid"}, "anonymous"),
-        ({"X-Forwarded-For": "198.51.100.9"}, "anonymous"),
-        ({"X-Forwarded-For": "203.0.113.5, 198.51.100.9"}, "transparent"),
-    ],
-)
-def test_judge_anonymity(headers, level):
-    body = json.dumps({"ip": "198.51.100.9", "headers": headers}).encode()
-    assert judge_anonymity(body, "198.51.100.9") == level
-    assert judge_anonymity(b"198.51.100.9", "198.51.100.9") is None
-
-
 def test_egress_settings_are_validated():
     from datorus_core.settings import BY_NAME, SettingsError, coerce
 
@@ -281,9 +269,9 @@ def test_egress_settings_are_validated():
 def test_source_addresses_only_reach_their_own_family():
     pool = eg.Pool(
         [
-            eg.Egress(1, eg.parse_egress_url("direct://127.0.0.2")),
-            eg.Egress(2, eg.parse_egress_url("direct://[::1]")),
-            eg.Egress(3, eg.parse_egress_url("http://proxy.example:3128")),
+            eg.Egress(1, eg.parse_egress_url("direct://127.0.0.2"), health=ACTIVE),
+            eg.Egress(2, eg.parse_egress_url("direct://[::1]"), health=ACTIVE),
+            eg.Egress(3, eg.parse_egress_url("http://proxy.example:3128"), health=ACTIVE),
         ]
     )
     rng = random.Random(2)

@@ -18,7 +18,7 @@ def db(tmp_path):
     d = ledger.open_ledger(tmp_path / "l.db")
     for url in ("direct://", "direct://127.0.0.2", "direct://127.0.0.3", "direct://127.0.0.4"):
         egress_ledger.add_egress(d, url, "us")
-    d.conn.execute("UPDATE egress SET score = 0.9")
+    d.conn.execute("UPDATE egress SET score = 0.9, status = 'active'")
     yield d
     d.conn.close()
 
@@ -57,7 +57,9 @@ def test_what_cannot_be_leased(db):
     )
     db.conn.execute("UPDATE egress SET score = 0 WHERE url != 'direct://'")  # failing checks
     assert _code(leases.acquire, db, aid, {}, 300, 1, NOW)[0] == "RESOURCE_NOT_FOUND"
-    db.conn.execute("UPDATE egress SET score = 0.9")
+    db.conn.execute("UPDATE egress SET score = 0.9, status = 'unchecked'")  # never checked
+    assert _code(leases.acquire, db, aid, {}, 300, 1, NOW)[0] == "RESOURCE_NOT_FOUND"
+    db.conn.execute("UPDATE egress SET score = 0.9, status = 'active'")
     poor = _account(db, "poor@example.com", 0)
     code, details = _code(leases.acquire, db, poor, {}, 300, 1, NOW)
     assert code == "INSUFFICIENT_BALANCE" and details["requiredCents"] == 1
@@ -84,7 +86,7 @@ def test_the_reserve_keeps_one_proxy_unleased(tmp_path):
     d = ledger.open_ledger(tmp_path / "r.db")
     for url in ("direct://127.0.0.2", "direct://127.0.0.3"):
         egress_ledger.add_egress(d, url)
-    d.conn.execute("UPDATE egress SET score = 0.9")
+    d.conn.execute("UPDATE egress SET score = 0.9, status = 'active'")
     aid = _account(d, "e@example.com", 10)
     leases.acquire(d, aid, {}, 300, 1, NOW)
     code, details = _code(leases.acquire, d, aid, {}, 300, 1, NOW)

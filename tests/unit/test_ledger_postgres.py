@@ -145,7 +145,7 @@ def all_ints(rows: Any) -> bool:
 
 
 def test_both_backends_have_the_same_numbered_migrations() -> None:
-    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 9
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 10
 
 
 def test_a_new_ledger_is_at_the_newest_schema_and_migrating_again_changes_nothing(
@@ -416,7 +416,7 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     aid, _ = customer(db, trial=0, cents=10)
     ledger_egress.add_egress(db, "direct://")
     e = ledger_egress.add_egress(db, "http://127.0.0.1:3128", "us")
-    db.execute("UPDATE egress SET score = 0.9")
+    db.execute("UPDATE egress SET score = 0.9, status = 'active'")
     now = int(time.time())
     lease = ledger_leases.acquire(db, aid, {}, 60, 1, now)
     with pytest.raises(DatorusError) as busy:  # the last unleased egress stays shared
@@ -425,26 +425,47 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     assert accounts.show_account(db, aid)["balanceCents"] == 9
     assert [x["lease_id"] for x in ledger_leases.for_account(db, aid, now)] == [lease["lease_id"]]
 
-    class Check:
-        stage, ok, latency_ms, exit_ip, detail, anonymity = 2, True, 12.5, "192.0.2.1", "", "elite"
+    runs = (
+        ledger_egress.CheckRun("tcp_connect", 1, False, None, None, "refused"),
+        ledger_egress.CheckRun("tcp_connect", 1, True, 1.5, None, "TCP connect OK"),
+        ledger_egress.CheckRun("http_anonymity", 2, True, 12.5, "192.0.2.1", "judge OK"),
+        ledger_egress.CheckRun("broken", 2, False, error="TypeError: oops"),
+    )
+    check = ledger_egress.CheckWrite(
+        e["id"], runs, "active", 0, 0.75, 99.5, 12.5, "192.0.2.1", "elite", "DE"
+    )
 
     async def main() -> Any:
         link = LedgerLink(target)
         await link.open()
         try:
-            await link.store_check(e["id"], Check(), 0.75, 99.5, 12.5)
+            await link.store_checks([check])
+            assert await link.secret("judge") == await link.secret("judge")
             await link.record_denials([(aid, "bad.example", 25, "port 25")])
             return await link.pool(now)
         finally:
             await link.close()
 
     pool, live = run(main())
-    assert (e["id"], "http://127.0.0.1:3128", "us", 1, 1, 0.75) in pool
+    assert (e["id"], "http://127.0.0.1:3128", "us", 1, 1, 0.75, "active", 0) in pool
     assert live == [(lease["lease_id"], aid, e["id"], now + 60)]
     shown = ledger_egress.get_egress(db, e["id"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["lastCheckedAt"])
     assert shown["exitIp"] == "192.0.2.1" and shown["score"] == 0.75
-    assert len(ledger_egress.recent_checks(db, e["id"])) == 1
+    assert shown["country"] == "us"  # the operator's country wins over the one found
+    assert shown["foundCountry"] == "de"
+    checks = ledger_egress.recent_checks(db, e["id"])
+    assert [c["checker_name"] for c in checks] == ["http_anonymity", "tcp_connect", "tcp_connect"]
+    assert checks[-1]["latency_ms"] is None and checks[-1]["passed"] == 0
+    health = ledger_egress.checker_health(db)
+    tcp = health["tcp_connect"]
+    assert (tcp["runs"], tcp["failures"], tcp["errors"], tcp["last_failure"]) == (
+        2,
+        1,
+        0,
+        "refused",
+    )
+    assert health["broken"]["errors"] == 1 and health["broken"]["last_error"] == "TypeError: oops"
     ledger_leases.release(db, aid, lease["lease_id"], now)
     assert ledger_leases.for_account(db, aid, now) == []
 

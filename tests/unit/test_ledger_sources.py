@@ -259,16 +259,14 @@ def test_found_proxies_join_the_pool_unchecked_with_the_sources_defaults(db: Led
     assert db.config_version() > before  # a running gateway reloads its pool
     rows = {r["url"]: r for r in ledger_egress.list_egress(db)}
     new = rows["http://10.0.0.1:3128"]
-    assert (new["enabled"], new["sourceId"], new["country"], new["weight"]) == (
-        False,
+    assert (new["status"], new["sourceId"], new["country"], new["weight"]) == (
+        "unchecked",  # no traffic until its checks pass
         src["id"],
         "de",
         2,
     )
+    assert new["enabled"] is True
     assert new["tags"] == {"provider": "dc"} and new["lastCheckedAt"] is None
-    sql = "SELECT source_id, enabled, last_checked_at FROM egress WHERE id = ?"
-    raw = db.one(sql, (new["id"],))
-    assert raw is not None and ls.unchecked(raw)
     assert rows["socks5://u:***@10.0.0.2:1080"]["kind"] == "socks5"
     assert ls.get_source(db, src["id"])["proxies"] == 3 - unsupported
 

@@ -9,7 +9,10 @@ import pytest
 
 from addons.egress import EgressRouter
 from datorus_core import egress as eg
+from datorus_core.egress_status import Health
 from datorus_core.settings import BY_NAME, SettingsError, coerce
+
+ACTIVE = Health("active")  # checked and passing: the pool may choose it
 
 
 def router(seed: int) -> EgressRouter:
@@ -18,7 +21,10 @@ def router(seed: int) -> EgressRouter:
     r = EgressRouter(gw)  # type: ignore[arg-type]
     r.configure({"datorus_router_seed"})
     r.pool.replace(
-        [eg.Egress(i, eg.parse_egress_url(f"direct://127.0.0.{i}")) for i in range(2, 6)]
+        [
+            eg.Egress(i, eg.parse_egress_url(f"direct://127.0.0.{i}"), health=ACTIVE)
+            for i in range(2, 6)
+        ]
     )
     return r
 
@@ -29,7 +35,7 @@ def picks(r: EgressRouter, n: int = 50) -> list[int]:
 
 def test_a_seed_repeats_the_picks_whatever_the_health_checks_draw():
     a, b = router(7), router(7)
-    a._schedule_checks()  # first checks spread over a second: draws of their own
+    a.checks.sync(a.pool, a.check_rng)  # first checks spread over a second: own draws
     assert picks(a) == picks(b)
     assert len(set(picks(a))) == 4  # still a spread over the pool, not one fixed egress
     assert picks(router(8)) != picks(router(7))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from addons.egress import EgressRouter
 from datorus_core import egress as eg
+from datorus_core.egress_status import Health
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.local import LocalHotState
 from datorus_core.live import Lease, LeaseBook, LiveRouting
@@ -26,12 +27,16 @@ from datorus_core.sessions import SessionTable, UsernameOptionError, parse_usern
 NOW, WALL = 1000.0, 1_800_000_000.0
 DOMAIN = "example.com"
 
+ACTIVE = Health("active")  # checked and passing: the pool may choose it
+
 
 def pool(*countries: str | None) -> eg.Pool:
     """A pool of source addresses 127.0.0.2, .3, ... (ids 2, 3, ...) with these countries."""
     return eg.Pool(
         [
-            eg.Egress(i + 2, eg.parse_egress_url(f"direct://127.0.0.{i + 2}"), country=c)
+            eg.Egress(
+                i + 2, eg.parse_egress_url(f"direct://127.0.0.{i + 2}"), country=c, health=ACTIVE
+            )
             for i, c in enumerate(countries)
         ]
     )
@@ -155,7 +160,7 @@ def test_choose_changes_no_session_and_a_peek_keeps_none_alive():
 
 
 def test_a_prefix_source_follows_the_session():
-    p = eg.Pool([eg.Egress(2, eg.parse_egress_url("direct://2001:db8::/64"))])
+    p = eg.Pool([eg.Egress(2, eg.parse_egress_url("direct://2001:db8::/64"), health=ACTIVE)])
     a = go(Ask(1, DOMAIN, family=6, session_id="s"), p, rng=random.Random(1))
     b = go(Ask(1, DOMAIN, family=6, session_id="s"), p, rng=random.Random(2))
     assert a.source == b.source == eg.source_for(p.by_id[2].spec, "1/s")
@@ -170,7 +175,10 @@ def _router(seed: int) -> EgressRouter:
     r = EgressRouter(gw)  # type: ignore[arg-type]
     r.configure({"datorus_router_seed"})
     r.pool.replace(
-        [eg.Egress(i, eg.parse_egress_url(f"direct://127.0.0.{i}")) for i in range(2, 9)]
+        [
+            eg.Egress(i, eg.parse_egress_url(f"direct://127.0.0.{i}"), health=ACTIVE)
+            for i in range(2, 9)
+        ]
     )
     return r
 

@@ -106,7 +106,7 @@ def test_each_format_is_picked_read_and_imported(
     assert out["proxies_updated"] == 0 and out["duration_ms"] >= 0
     rows = ledger_egress.list_egress(db)
     assert {r["url"] for r in rows} == urls
-    assert all(r["sourceId"] == sid and r["enabled"] is False for r in rows)
+    assert all(r["sourceId"] == sid and r["status"] == "unchecked" for r in rows)
     again = scrape(db, sid)
     assert again is not None and (again["proxies_new"], again["proxies_updated"]) == (0, len(urls))
     src = ls.get_source(db, sid)
