@@ -154,6 +154,17 @@ def busy_ledger(db: Path, raw_origin: RawOrigin) -> dict[str, Any]:
     try:
         wait_http(gw.api_url + "/health", proc=gw.proc)
         gw.wait_for_credential(user, pw)
+
+        def both_active() -> bool:  # a new egress carries nothing until its checks pass
+            got = httpx.get(
+                f"{gw.api_url}/proxies",
+                params={"status": "active"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            return got.status_code == 200 and got.json()["total_count"] == 2
+
+        wait_until(both_active, 20, 0.05, "both egress checked and active")
         lease = httpx.post(
             f"{gw.api_url}/proxies/acquire",
             json={"lease_duration_seconds": 600},
