@@ -14,6 +14,7 @@ from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support.ledger import ledger_backend  # noqa: E402
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
 from support.postgres import PostgresCluster, postgres_available, shared_cluster  # noqa: E402
@@ -185,7 +186,7 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.create_database()
 
 
-# -- one process or several (issue 15) ------------------------------------------------------
+# -- one process or several (issue 15), a SQLite file or PostgreSQL (issue 16) -------------
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -193,11 +194,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "one_process: holds for one gateway process only (skipped with several workers)",
     )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: about the SQLite ledger file itself (skipped with"
+        " DATORUS_TEST_LEDGER=postgresql)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skips = {}
     if gateway_workers() > 1:
-        skip = pytest.mark.skip(reason="holds for one gateway process only")
-        for item in items:
-            if "one_process" in item.keywords:
+        skips["one_process"] = pytest.mark.skip(reason="holds for one gateway process only")
+    if ledger_backend() == "postgresql":
+        skips["sqlite_only"] = pytest.mark.skip(reason="about the SQLite ledger file itself")
+    for item in items:
+        for marker, skip in skips.items():
+            if marker in item.keywords:
                 item.add_marker(skip)

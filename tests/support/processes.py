@@ -4,14 +4,15 @@ With ``DATORUS_GATEWAY_WORKERS=N`` (N > 1) in the environment, every :class:`Gat
 ``datorus serve --workers N`` instead, sharing its hot state through a redis-server of
 its own: ``scripts/test`` runs the end-to-end tests of limits, billing, sessions,
 blocks, leases, suspension and draining that way too (issue 15). A test that can only
-hold for one process is marked ``one_process`` and skipped then.
+hold for one process is marked ``one_process`` and skipped then. With
+``DATORUS_TEST_LEDGER=postgresql`` every ledger is a PostgreSQL database instead of a
+file (``support.ledger``); the two combine.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .clients import basic, raw_connection, read_response
-from .ledger import cli, prepare_ledger
+from .ledger import LedgerTarget, cli, ledger_dir, ledger_value, new_ledger, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
 from .redis_server import RedisServer
 from .serve import owner_pid
@@ -37,12 +38,13 @@ class Gateway:
 
     def __init__(
         self,
-        db: Path,
+        db: LedgerTarget,
         settings: dict[str, Any] | None = None,
         env: dict | None = None,
         set_db: bool = True,
     ):
-        """*set_db* False leaves ``datorus_db`` to the settings file and environment."""
+        """*db* is a ledger file or URL (``support.ledger``); *set_db* False leaves
+        ``datorus_db`` to the settings file and environment."""
         self.db = db
         self.set_db = set_db
         self.port = free_port()
@@ -55,7 +57,9 @@ class Gateway:
         }
         self.env = env
         self.proc: subprocess.Popen | None = None
-        logdir = db.parent if db.parent.exists() else db.parent.parent
+        logdir = ledger_dir(db)
+        if not logdir.exists():  # a ledger in a folder that is not there (a start-up fault)
+            logdir = logdir.parent
         self.log = logdir / f"gateway-{self.port}.log"
         self.workers = gateway_workers()
         self.redis: RedisServer | None = None
@@ -223,8 +227,7 @@ class Gateway:
         """Clear the shared rate state of *user*'s credential (several workers' probes)."""
         import redis
 
-        with sqlite3.connect(self.db) as c:
-            (cid,) = c.execute("SELECT id FROM credentials WHERE username = ?", (user,)).fetchone()
+        cid = ledger_value(self.db, "SELECT id FROM credentials WHERE username = ?", (user,))
         assert self.redis is not None
         r = redis.Redis(port=self.redis.port, socket_timeout=5)
         try:
@@ -248,16 +251,17 @@ class GatewaySetup:
     settings: Mapping[str, Any] = field(default_factory=dict)
     # serve the REST API on a free loopback port, and wait until GET /health answers
     api: bool = False
-    # prepares the fresh ledger file before the gateway starts
-    ledger: Callable[[Path], None] = prepare_ledger
+    # prepares the fresh ledger (a file or a URL: ``support.ledger``) before the gateway starts
+    ledger: Callable[[LedgerTarget], None] = prepare_ledger
     # runs once the gateway is up: the accounts and keys the tests use, waits on its state
     ready: Callable[[Gateway], None] | None = None
 
 
 def start_gateway(directory: Path, setup: GatewaySetup | None = None) -> Gateway:
-    """A running gateway on a fresh ledger in *directory*, set up as *setup* says."""
+    """A running gateway on a fresh ledger (``support.ledger.new_ledger``), its log in
+    *directory*, set up as *setup* says."""
     setup = setup or GatewaySetup()
-    db = directory / "ledger.db"
+    db = new_ledger(directory)
     setup.ledger(db)
     settings = dict(setup.settings)
     if setup.api:
@@ -277,14 +281,14 @@ def start_gateway(directory: Path, setup: GatewaySetup | None = None) -> Gateway
 class ApiProcess:
     """A standalone ``datorus api`` on a free loopback port (settings as DATORUS_* env)."""
 
-    def __init__(self, db: Path, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, db: LedgerTarget, settings: dict[str, Any] | None = None) -> None:
         self.db = db
         self.port = free_port()
         self.env = {
             **os.environ,
             **{f"DATORUS_{k.upper()}": str(v) for k, v in (settings or {}).items()},
         }
-        self.log = db.parent / f"api-{self.port}.log"
+        self.log = ledger_dir(db) / f"api-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .clients import basic, raw_connection, read_response
-from .ledger import cli
+from .ledger import LedgerTarget, cli, ledger_dir
 from .paths import DATORUS, REPO
 from .waiting import free_port, wait_until
 
@@ -28,7 +28,7 @@ class Serve:
 
     def __init__(
         self,
-        db: Path,
+        db: LedgerTarget,
         workers: int,
         settings: dict[str, Any] | None = None,
         extra: list[str] | None = None,
@@ -45,7 +45,7 @@ class Serve:
             **(settings or {}),
         }
         self.extra = extra or []
-        self.dir = logdir or db.parent
+        self.dir = logdir or ledger_dir(db)
         self.out = self.dir / f"serve-{self.port}.out"
         self.err = self.dir / f"serve-{self.port}.err"
         self.proc: subprocess.Popen | None = None
@@ -155,7 +155,7 @@ class Serve:
         return acc["id"], user, pw
 
 
-def usage(db: Path, account_id: int) -> dict[str, Any]:
+def usage(db: LedgerTarget, account_id: int) -> dict[str, Any]:
     """``datorus usage ACCOUNT_ID --json`` (the CLI, as an operator runs it)."""
     return cli(db, "usage", str(account_id))
 
