@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from mitmproxy import ctx
 
 from datorus_core.ledger.gateway import LedgerLink
+from datorus_core.ledger.target import shown
 from datorus_core.settings import (
     BY_OPTION,
     SETTINGS,
@@ -170,6 +171,7 @@ class LedgerTask:
         ``startup_wait`` seconds; a ledger that cannot be opened stops the gateway
         (requests wait for it meanwhile: see ``ProxyAuth``)."""
         path = self.gw.settings["db"]
+        where = shown(path)  # a URL's password is never logged
         deadline = time.monotonic() + self.gw.settings["startup_wait"]
         while not self.stopping:
             link = LedgerLink(path)
@@ -180,15 +182,15 @@ class LedgerTask:
                 with contextlib.suppress(Exception):
                     await link.close()
                 if not transient(e) or time.monotonic() >= deadline:
-                    fatal(f"datorus_db: cannot open the ledger {path}: {e}")
+                    fatal(f"datorus_db: cannot open the ledger {where}: {_reason(e)}")
                     return
-                log.warning("datorus: ledger %s busy at start (%s); retrying", path, e)
+                log.warning("datorus: ledger %s busy at start (%s); retrying", where, e)
                 await asyncio.sleep(0.2)
                 continue
             self.gw.ledger = link
             self.gw.hot.ledger = link
             self.gw.ready.set()
-            log.info("datorus: ledger %s open (%d accounts)", path, len(self.gw.runtime.accounts))
+            log.info("datorus: ledger %s open (%d accounts)", where, len(self.gw.runtime.accounts))
             return
 
     async def _reload(self, link: LedgerLink, force: bool = False) -> None:
@@ -212,19 +214,31 @@ class LedgerTask:
         rt.fresh_at = time.monotonic()
 
     async def _flush(self, final: bool = False) -> None:
+        """Write the batch whose last write failed, if any, then the batch under way.
+
+        A failed batch is kept whole, with its id, and written again before anything
+        else: if its commit went through with only the answer lost, the ledger knows
+        the id and skips it, so it is billed once."""
         link, rt = self.gw.ledger, self.gw.runtime
-        if link is None or not rt.batch.events:
+        if link is None:
             return
-        batch = rt.take_batch()
-        try:
-            await link.write(batch)
-        except Exception as e:
-            rt.restore_batch(batch)
-            self.write_trouble.failed(f"{e}; {rt.batch.events} usage events kept in memory")
-            if final:
-                log.error("datorus: %d usage events could not be written at stop", rt.batch.events)
-        else:
+        while rt.unwritten is not None or rt.batch.events:
+            again = rt.unwritten is not None
+            batch = rt.take_batch()
+            try:
+                await link.write(batch)
+            except Exception as e:
+                rt.restore_batch(batch)
+                self.write_trouble.failed(f"{e}; {rt.pending_events} usage events kept in memory")
+                if final:
+                    log.error(
+                        "datorus: %d usage events could not be written at stop",
+                        rt.pending_events,
+                    )
+                return
             self.write_trouble.ok()
+            if not again:
+                return  # the batch under way: what came meanwhile waits for its turn
 
     async def _loop(self) -> None:
         s = self.gw.settings
@@ -237,8 +251,9 @@ class LedgerTask:
             await asyncio.sleep(tick)
             now = time.monotonic()
             b = rt.batch
-            if b.events and (
-                b.events >= s["flush_events"] or now - b.started >= s["flush_ms"] / 1000
+            if rt.unwritten is not None or (
+                b.events
+                and (b.events >= s["flush_events"] or now - b.started >= s["flush_ms"] / 1000)
             ):
                 await self._flush()
             hot = self.gw.hot
@@ -258,10 +273,27 @@ class LedgerTask:
                     await self.gw.ledger.prune_receipts(s["receipt_days"])
 
 
+# PostgreSQL's codes for what passes by itself: a serialization failure, a deadlock
+# (one side is rolled back), a server starting up or shutting down, a lock not had
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P03", "55P03"})
+
+
 def transient(e: BaseException) -> bool:
-    """Whether a ledger error may pass by itself (locked, busy) rather than stay."""
+    """Whether a ledger error may pass by itself (locked, busy, a server starting up)
+    rather than stay."""
+    if getattr(e, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
     text = str(e).lower()
-    return any(w in text for w in ("locked", "busy", "locking protocol"))
+    return any(w in text for w in ("locked", "busy", "locking protocol", "the database system is"))
+
+
+def _reason(e: BaseException) -> str:
+    """Why the ledger could not be opened, with what to do for a database that is not
+    there (the PostgreSQL database must exist: ``datorus init`` makes only the tables)."""
+    text = str(e)
+    if "does not exist" in text and "database" in text:
+        return f"{text} (create the database first, e.g. with createdb; then 'datorus init')"
+    return text
 
 
 class Trouble:

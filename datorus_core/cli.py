@@ -22,8 +22,9 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import pricing
 from .envelope import DatorusError, envelope, validation_error
-from .ledger import DatabaseError, accounts, money, open_ledger, policy_rules
+from .ledger import DatabaseError, Ledger, accounts, connect, money, open_ledger, policy_rules
 from .ledger import usage as ledger_usage
+from .ledger.target import is_postgres, shown
 from .settings import (
     SETTINGS,
     SettingsError,
@@ -37,9 +38,9 @@ from .settings import (
 
 APP_HELP = """The Datorus operator CLI: accounts, credentials, balances, policy and the egress pool.
 
-Every command takes --db PATH (else the DATORUS_DB environment variable, else db in
-mitm.conf, else ./datorus.db) and --json, anywhere on the line. With --json it prints
-one JSON object; on failure, the error envelope on stderr and exit status 1.
+Every command takes --db PATH or --db postgresql://... (else the DATORUS_DB environment
+variable, else db in mitm.conf, else ./datorus.db) and --json, anywhere on the line.
+With --json it prints one JSON object; on failure, the error envelope on stderr and exit status 1.
 """
 
 
@@ -110,7 +111,8 @@ def _root(
         typer.Option(
             "--db",
             metavar="PATH",
-            help="The ledger (else DATORUS_DB, else db in mitm.conf, else ./datorus.db).",
+            help="The ledger: a SQLite path or a postgresql:// URL (else DATORUS_DB, else"
+            " db in mitm.conf, else ./datorus.db).",
         ),
     ] = None,
     json_: Annotated[
@@ -229,14 +231,15 @@ def _where(source: str) -> str:
 
 
 def _no_ledger(path: str, source: str) -> DatorusError:
+    where = shown(path)
     return DatorusError(
         "SERVICE_UNAVAILABLE",
         message=(
-            f"No ledger at {path} ({_where(source)}). If the gateway keeps its ledger"
+            f"No ledger at {where} ({_where(source)}). If the gateway keeps its ledger"
             " elsewhere, name it with --db PATH or DATORUS_DB=PATH (or db in"
             f" {conf_path()}); run 'datorus init' only to create a new, empty ledger there."
         ),
-        details={"db": path},
+        details={"db": where},
     )
 
 
@@ -267,14 +270,42 @@ def _db(create: bool = False):
         err = _cannot_create(path)
         if err is not None:
             raise err
+    postgres = is_postgres(path)
     try:
-        return open_ledger(path, create=True)
+        # a PostgreSQL database without a ledger in it is like a missing file: only
+        # 'datorus init' makes the tables (the database itself must exist)
+        return open_ledger(path, create=create or not postgres)
     except DatabaseError as e:
+        where, hint = shown(path), ""
+        if postgres and "does not exist" in str(e):
+            hint = (
+                " The database must exist: create it (createdb, or CREATE DATABASE),"
+                " then run 'datorus init --db URL' to make the ledger's tables in it."
+            )
         raise DatorusError(
             "SERVICE_UNAVAILABLE",
-            message=f"Cannot open the ledger at {path}: {e}.",
-            details={"db": path, "reason": str(e)},
+            message=f"Cannot open the ledger at {where}: {str(e).rstrip('.')}.{hint}",
+            details={"db": where, "reason": str(e)},
         ) from None
+    except DatorusError as e:
+        if postgres and e.code == "SERVICE_UNAVAILABLE":
+            raise _no_ledger(path, source) from None
+        raise
+
+
+def _schema_version(path: str) -> int:
+    """The schema version of the PostgreSQL ledger at *path* (0: none there yet), or 0
+    when it cannot be read (:func:`_db` then says why)."""
+    try:
+        db = Ledger(connect(path))
+    except DatabaseError:
+        return 0
+    try:
+        return db.schema_version()
+    except DatabaseError:
+        return 0
+    finally:
+        db.close()
 
 
 def _defaults() -> dict[str, Any]:
@@ -295,10 +326,12 @@ def init() -> None:
     """
     path, _ = ledger_path()
     created = _is_file(path) and not os.path.exists(path)
+    if is_postgres(path):
+        created = _schema_version(path) == 0
     db = _db(create=True)
     version = db.schema_version()
     emit(
-        {"db": path, "schemaVersion": version, "created": created},
+        {"db": shown(path), "schemaVersion": version, "created": created},
         lambda r: (
             f"{'Created a new, empty' if r['created'] else 'The'} ledger at {r['db']}"
             f"{'' if r['created'] else ' is ready'} (schema {r['schemaVersion']})."
@@ -955,7 +988,7 @@ def main(argv: list[str] | None = None) -> None:
     except DatorusError as e:
         fail(e, _command_of(args))
     except DatabaseError as e:
-        path = RUN.db or "the ledger"
+        path = shown(RUN.db) if RUN.db else "the ledger"
         fail(
             DatorusError(
                 "SERVICE_UNAVAILABLE",

@@ -19,6 +19,7 @@ both spend the same remaining trial (see ``hotstate.redis_state``).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -116,9 +117,18 @@ def utc_day(now: float | None = None) -> str:
     return cast(str, _DAY[1])
 
 
+def new_batch_id() -> str:
+    """A fresh usage batch id (random, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
 @dataclass(slots=True)
 class UsageBatch:
-    """Usage waiting to be written in one ledger transaction."""
+    """Usage waiting to be written in one ledger transaction.
+
+    Its *id* is cut with it and kept through failed writes: the ledger writes a batch
+    id once, so a batch written again after its answer was lost is not billed twice.
+    """
 
     accounts: dict[int, list[int]] = field(default_factory=dict)  # nanocents, trial, bytes, reqs
     daily: dict[tuple[int, int, str], list[int]] = field(default_factory=dict)
@@ -129,9 +139,13 @@ class UsageBatch:
     # the worker that charged this usage, when workers share the hot state: the ledger
     # then also adds the credentials' bytes to that worker's worker_usage rows
     worker: str | None = None
+    id: str = field(default_factory=new_batch_id)
 
     def merge(self, other: UsageBatch) -> None:
-        """Fold *other* (a batch that failed to write) back into this one."""
+        """Fold *other*'s usage into this one (this one's id stays).
+
+        Only for batches neither of which may be in the ledger already: a batch whose
+        write failed may have been committed (see :meth:`Runtime.restore_batch`)."""
         for k, v in other.accounts.items():
             cur = self.accounts.setdefault(k, [0, 0, 0, 0])
             for i in range(4):
@@ -157,6 +171,9 @@ class Runtime:
         self.verified: dict[bytes, CredentialState] = {}
         self.policy_rules: list[tuple[str, str, int | None]] = []
         self.batch = UsageBatch()
+        # a batch whose write failed, kept whole with its id until a write of it succeeds
+        # (the ledger then either takes it or knows it already)
+        self.unwritten: UsageBatch | None = None
         self.loaded = False
         self.fresh_at = 0.0  # monotonic time of the last good read of the ledger
         self.draining = False  # a clean stop is under way: no new request starts
@@ -194,7 +211,7 @@ class Runtime:
         """
         s = self.settings
         floor = self.floor_nanocents
-        pending = self.batch.accounts
+        pending, pending_cred = self._pending()
         shared = self.worker is not None
         by_account: dict[int, dict[str, int]] = {}
         trial_by_account: dict[int, dict[str, int]] = {}
@@ -230,7 +247,6 @@ class Runtime:
             acc.paid_elsewhere = 0  # counted against the previous snapshot's flushed bytes
             fresh[aid] = acc
         creds: dict[str, CredentialState] = {}
-        pending_cred = self.batch.credentials
         for cid, aid, username, pw_hash, max_bytes, used in credentials:
             owner = fresh.get(aid)
             if owner is None:
@@ -274,7 +290,7 @@ class Runtime:
         s = self.settings
         if now - self.fresh_at > s["ledger_grace"]:
             reason = "ledger_stale"
-        elif self.batch.events >= 50 * s["flush_events"]:
+        elif self.pending_events >= 50 * s["flush_events"]:
             reason = "ledger_backlog"
         else:
             return None
@@ -427,12 +443,36 @@ class Runtime:
         b.events += 1
         return c
 
+    @property
+    def pending_events(self) -> int:
+        """Usage events not yet written: the batch under way and an unwritten one."""
+        held = self.unwritten.events if self.unwritten is not None else 0
+        return self.batch.events + held
+
+    def _pending(self) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """Per account and per credential, the usage not in the ledger yet."""
+        if self.unwritten is None:
+            return self.batch.accounts, self.batch.credentials
+        both = UsageBatch()
+        both.merge(self.unwritten)
+        both.merge(self.batch)
+        return both.accounts, both.credentials
+
     def take_batch(self) -> UsageBatch:
-        """Hand the pending usage to the writer and start a new batch."""
+        """Hand pending usage to the writer: the unwritten batch first if there is one,
+        else the batch under way (a new one starts). A write that fails hands it back
+        (:meth:`restore_batch`)."""
+        if self.unwritten is not None:
+            batch, self.unwritten = self.unwritten, None
+            return batch
         batch, self.batch = self.batch, UsageBatch(worker=self.worker)
         return batch
 
     def restore_batch(self, batch: UsageBatch) -> None:
-        """Put back a batch whose write failed, ahead of what came since."""
-        batch.merge(self.batch)
-        self.batch = batch
+        """Keep a batch whose write failed, whole and with its id, to be written first.
+
+        It is not merged into the batch under way: the write may have committed with
+        only its answer lost, and its id is how the ledger knows when it is written again.
+        """
+        assert self.unwritten is None, "one unwritten batch at a time"
+        self.unwritten = batch

@@ -83,9 +83,34 @@ class Setting:
         return f"DATORUS_{self.name.upper()}"
 
 
+def _ledger(v: str) -> None:
+    """A SQLite path or a ``postgresql://`` URL (``postgres://`` too).
+
+    >>> _ledger("postgresql://datorus@127.0.0.1:5432/ledger")
+    >>> try:
+    ...     _ledger("mysql://db/ledger")
+    ... except SettingsError as e:
+    ...     print(e)
+    mysql:// is not a ledger: use a SQLite file path or a postgresql:// URL
+    """
+    from .ledger.target import unsupported
+
+    if not v:
+        raise SettingsError("must be a SQLite file path or a postgresql:// URL")
+    why = unsupported(v)
+    if why is not None:
+        raise SettingsError(why)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "db", str, "./datorus.db", "Path of the SQLite ledger (created and migrated at start)."
+        "db",
+        str,
+        "./datorus.db",
+        "The ledger: a SQLite file path (created and migrated at start) or a"
+        " postgresql://user:password@host:port/dbname URL (the database must exist; its"
+        " tables are created and migrated at start).",
+        _ledger,
     ),
     Setting("api_host", str, "127.0.0.1", "Address the REST API listens on."),
     Setting("api_port", int, 8002, "Port of the REST API served by the gateway (0: off).", _port),
@@ -532,11 +557,10 @@ def shown_value(setting: Setting, value: Any) -> Any:
     if isinstance(value, str) and value:
         if setting.name.endswith(_SECRET_ENDINGS):
             return "********"
-        if _is_url(value) and "@" in value.split("://", 1)[1].split("/", 1)[0]:
-            scheme, rest = value.split("://", 1)
-            userinfo, host = rest.split("@", 1)
-            user = userinfo.split(":", 1)[0]
-            return f"{scheme}://{user}:********@{host}" if ":" in userinfo else value
+        if _is_url(value):
+            from .ledger.target import shown
+
+            return shown(value)
     return value
 
 

@@ -29,6 +29,7 @@ from ..envelope import DatorusError
 from ..ledger import egress as el
 from ..ledger import leases
 from ..live import Lease
+from ..sources.registry import installed_parsers
 from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
@@ -195,10 +196,13 @@ async def pool_stats(acc: Account, st: State) -> Any:
 
 @router.get("/stats/plugins")
 async def plugin_stats(acc: Account, st: State) -> Any:
-    """The checkers the gateway runs on every egress, in seed 002's registry shape."""
+    """The plugins: parsers as found through the ``datorus.parsers`` entry points (with
+    the package that registered each; one that failed to load shows ``loaded: false`` and
+    why), and the checkers the gateway runs on every egress."""
+    parsers = await run_in_threadpool(installed_parsers)
     mail = bool(st.settings.get("smtp_host"))
     return {
-        "parsers": [],
+        "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
         "checkers": [
             {"name": "tcp_connect", "stage": 1, "priority": 0},
             {

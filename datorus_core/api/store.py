@@ -10,6 +10,7 @@ which its ledger task polls.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -52,7 +53,10 @@ def not_found(kind: str, ident: Any) -> DatorusError:
 
 
 class Store:
-    """The ledger at *path*, one connection per worker thread, migrated once."""
+    """The ledger at *path* (a SQLite path or a PostgreSQL URL), one connection per
+    worker thread, migrated once. A thread whose PostgreSQL connection was lost (the
+    server restarted) opens a new one at its next request; the request that found it
+    lost got a 503 (``DatabaseError``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -65,6 +69,10 @@ class Store:
     def db(self) -> Ledger:
         """This thread's connection to the ledger."""
         db = getattr(self._local, "db", None)
+        if db is not None and db.broken:
+            with contextlib.suppress(Exception):
+                db.close()
+            db = None
         if db is None:
             db = Ledger(connect(self.path))
             self._local.db = db

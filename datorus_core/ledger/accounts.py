@@ -24,7 +24,8 @@ LIMIT_COLUMNS = ("price_cents_per_gb", "rps", "burst", "max_tunnels")
 
 
 # Upper bounds that keep every amount an exact 64-bit integer in the ledger (SQLite
-# INTEGER; nanocents = cents x 10^9) with room to spare, and say so instead of overflowing.
+# INTEGER, PostgreSQL BIGINT; nanocents = cents x 10^9) with room to spare, and say so
+# instead of overflowing.
 LIMITS = {
     "trial_bytes": 10**15,  # 1 PB
     "price_cents_per_gb": 10**9,  # one cent a byte
@@ -116,7 +117,8 @@ def create_account(
 def find_account_by_email(db: Ledger, email: str) -> dict[str, Any] | None:
     """The account row for *email* (case-insensitive), or None."""
     return db.one(
-        "SELECT id, email, provider, status FROM accounts WHERE email = ?", (email.strip(),)
+        "SELECT id, email, provider, status FROM accounts WHERE lower(email) = lower(?)",
+        (email.strip(),),
     )
 
 

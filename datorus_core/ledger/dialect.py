@@ -11,16 +11,22 @@ The few things that differ are named by a token that :meth:`Dialect.sql` fills i
     the current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` text (the schema's time format);
 ``{is}``
     null-safe equality (``port {is} ?`` matches NULL to NULL);
+``{for_update}``
+    at the end of a SELECT inside a write transaction: the rows read stay as read
+    until it commits (PostgreSQL's ``FOR UPDATE``; SQLite's write transaction holds
+    the whole file already);
 ``{or_ignore}`` ... ``{on_conflict_ignore}``
-    an insert that skips a row it cannot take (``INSERT {or_ignore} INTO t ...
-    {on_conflict_ignore}``): SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
-    or CHECK, where ``ON CONFLICT DO NOTHING`` only skips duplicates; the gateway's
-    receipts rely on the former (a bad receipt must not lose its batch's usage).
+    an insert that skips a duplicate row (``INSERT {or_ignore} INTO t ...
+    {on_conflict_ignore}``). SQLite's ``OR IGNORE`` also skips a row breaking NOT NULL
+    or CHECK, where PostgreSQL's ``ON CONFLICT DO NOTHING`` only skips duplicates and
+    fails the transaction: rows that could break a constraint are checked in Python
+    first (the gateway's receipts: :func:`~.usage.clean_receipts`).
 
 Transactions open with :attr:`Dialect.begin_write` (SQLite takes the write lock at
-once, so a read-then-write cannot deadlock) or :attr:`Dialect.begin_read` (one
-snapshot). A second backend is a second :class:`Dialect` value and its own
-connection function, not a second copy of the queries::
+once, so a read-then-write cannot deadlock; :class:`~.db.Ledger` adds an advisory
+lock on PostgreSQL for the same effect) or :attr:`Dialect.begin_read` (one
+snapshot). Each backend is a :class:`Dialect` value and its own connection function
+(:mod:`.db`, :mod:`.postgres`), not a second copy of the queries::
 
     >>> SQLITE.sql("UPDATE t SET at = {now} WHERE port {is} ?")
     "UPDATE t SET at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE port IS ?"
@@ -50,6 +56,7 @@ class Dialect:
     paramstyle: str  # DB-API paramstyle: "qmark" (?) or "format" (%s)
     now: str
     null_safe_eq: str
+    for_update: str
     or_ignore: str
     on_conflict_ignore: str
     begin_write: str
@@ -66,6 +73,7 @@ class Dialect:
             out = (
                 out.replace("{now}", self.now)
                 .replace("{is}", self.null_safe_eq)
+                .replace(" {for_update}", f" {self.for_update}" if self.for_update else "")
                 .replace(" {or_ignore}", f" {self.or_ignore}" if self.or_ignore else "")
                 .replace(
                     " {on_conflict_ignore}",
@@ -81,19 +89,20 @@ SQLITE = Dialect(
     paramstyle="qmark",
     now="strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
     null_safe_eq="IS",
+    for_update="",
     or_ignore="OR IGNORE",
     on_conflict_ignore="",
     begin_write="BEGIN IMMEDIATE",
     begin_read="BEGIN",
 )
 
-# Spelled out so the seam is visible; nothing connects with it yet (issue 16 brings the
-# backend, its own migrations and its tests).
+# A postgresql:// ledger (issue 16): psycopg 3 (.postgres), migrations in .schema_postgres
 POSTGRES = Dialect(
     name="postgresql",
     paramstyle="format",
     now="to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
     null_safe_eq="IS NOT DISTINCT FROM",
+    for_update="FOR UPDATE",
     or_ignore="",
     on_conflict_ignore="ON CONFLICT DO NOTHING",
     begin_write="BEGIN",

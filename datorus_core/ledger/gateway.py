@@ -1,26 +1,37 @@
-"""The gateway's connection to the ledger: snapshots in, usage batches out (aiosqlite).
+"""The gateway's connection to the ledger: snapshots in, usage batches out.
 
-One aiosqlite connection (one worker thread) serves both directions, so a snapshot
-and a batch write never interleave: that is what keeps the in-memory balances
-equal to the ledger plus the pending batch. This is the only way the gateway's event
-loop reaches the ledger; its statements are rendered by the same
-:class:`~.dialect.Dialect` as the synchronous handle's.
+One asyncio connection serves both directions, one transaction at a time, so a
+snapshot and a batch write never interleave: that is what keeps the in-memory
+balances equal to the ledger plus the pending batch. On SQLite it is aiosqlite (one
+worker thread); on PostgreSQL, psycopg's :class:`~psycopg.AsyncConnection`
+(:mod:`.postgres`), opened again on the next call after the server went away. This is
+the only way the gateway's event loop reaches the ledger; its statements are rendered
+by the same :class:`~.dialect.Dialect` as the synchronous handle's.
+
+A usage batch is written once: its id goes into ``usage_batches`` in the same
+transaction as its usage, so a batch written again after its commit's answer was lost
+(the connection broke at the commit, and the gateway kept the batch to write it again)
+is recognised and skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import aiosqlite
 
 from ..envelope import request_id_floor
 from ..runtime import UsageBatch
 from .db import migrate_file
-from .dialect import SQLITE, Dialect
+from .dialect import POSTGRES, SQLITE, Dialect
 from .egress import POOL_SQL
 from .leases import ACTIVE_SQL
+from .target import is_postgres
+from .usage import clean_receipts
 
 _ACCOUNTS = """
     SELECT a.id, a.status, a.price_cents_per_gb, a.rps, a.burst, a.max_tunnels,
@@ -64,7 +75,7 @@ _CHECK_ROW = (
 _CHECK_SCORE = (
     "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
     " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
-    " last_checked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?"
+    " last_checked_at = {now} WHERE id = ?"
 )
 _CHECK_TRIM = (  # the last 500 checks of each egress are kept
     "DELETE FROM egress_checks WHERE egress_id = ? AND id <= ("
@@ -81,40 +92,131 @@ _WORKER_BYTES = (
 _FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
-# the gateway's connection leaves foreign_keys off, as it always has
+_BATCH = (
+    "INSERT INTO usage_batches (id, worker, written_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_PRUNE_BATCHES = "DELETE FROM usage_batches WHERE written_at < ?"
+# how long a written batch's id is kept: a batch is written again within seconds of
+# its lost answer (the next write after the ledger is back), never days later
+BATCH_ID_DAYS = 7
+# the gateway's SQLite connection leaves foreign_keys off, as it always has
 _PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
 
 
-class LedgerLink:
-    """An open, migrated ledger as the gateway uses it."""
+class AsyncConnection(Protocol):
+    """One asyncio connection to the ledger, statements already rendered for its dialect."""
 
-    def __init__(self, path: str, dialect: Dialect = SQLITE) -> None:
-        self.path = path
-        self.dialect = dialect
-        self.conn: aiosqlite.Connection | None = None
+    @property
+    def broken(self) -> bool:
+        """Whether the connection is lost (the link opens a new one on its next call)."""
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run one statement per row; how many rows they changed."""
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Every row of a query, as tuples."""
+
+    async def close(self) -> None:
+        """Close the connection."""
+
+
+class AsyncSqlite:
+    """:class:`AsyncConnection` on SQLite (aiosqlite)."""
+
+    broken = False  # a SQLite file does not go away
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def connect(cls, path: str) -> AsyncSqlite:
+        """The gateway's connection to the SQLite ledger at *path*."""
+        conn = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        for pragma in _PRAGMAS:
+            await conn.execute(f"PRAGMA {pragma}")
+        return cls(conn)
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+        cur = await self.conn.execute(sql, tuple(args))
+        return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run one statement per row; how many rows they changed."""
+        cur = await self.conn.executemany(sql, [tuple(r) for r in rows])
+        return cur.rowcount
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Every row of a query, as tuples."""
+        return [tuple(r) for r in await self.conn.execute_fetchall(sql, tuple(args))]
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.conn.close()
+
+
+class LedgerLink:
+    """An open, migrated ledger as the gateway uses it: a SQLite path or a PostgreSQL URL."""
+
+    def __init__(self, target: str, dialect: Dialect | None = None) -> None:
+        self.target = target
+        self.path = target  # the name it had when it was always a file
+        self.postgres = is_postgres(target)
+        self.dialect = dialect or (POSTGRES if self.postgres else SQLITE)
+        self.conn: AsyncConnection | None = None
+        self.closed = False
         # one transaction at a time on the one connection: the ledger task and the
         # egress router both use it, and their statements must not interleave
         self.lock = asyncio.Lock()
 
     async def open(self) -> None:
         """Create or migrate the ledger, then open the gateway's connection."""
-        await asyncio.to_thread(migrate_file, self.path)
-        self.conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
-        for pragma in _PRAGMAS:
-            await self.conn.execute(f"PRAGMA {pragma}")
+        await asyncio.to_thread(migrate_file, self.target)
+        self.conn = await self._connect()
+
+    async def _connect(self) -> AsyncConnection:
+        if self.postgres:
+            from .postgres import connect_async
+
+            return await connect_async(self.target)
+        return await AsyncSqlite.connect(self.target)
+
+    async def _conn(self) -> AsyncConnection:
+        """The connection, opened again if the last one was lost (call with the lock)."""
+        if self.closed:
+            raise RuntimeError("the ledger link is closed")
+        if self.conn is not None and self.conn.broken:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+            self.conn = None
+        if self.conn is None:
+            self.conn = await self._connect()
+        return self.conn
 
     async def close(self) -> None:
         """Close the connection (pending batches must be written first)."""
+        self.closed = True
         if self.conn is not None:
-            await self.conn.close()
+            with contextlib.suppress(Exception):
+                await self.conn.close()
             self.conn = None
+
+    async def _rollback(self, c: AsyncConnection) -> None:
+        if not c.broken:  # a lost connection has nothing left to roll back
+            await c.execute("ROLLBACK")
 
     async def version(self) -> int:
         """The ledger's configuration version (bumped by every operator change)."""
-        assert self.conn is not None
-        async with self.conn.execute(self.dialect.sql(_VERSION)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        async with self.lock:
+            return await self._version(await self._conn())
+
+    async def _version(self, c: AsyncConnection) -> int:
+        rows = await c.fetchall(self.dialect.sql(_VERSION))
+        return int(rows[0][0]) if rows else 0
 
     async def snapshot(self) -> tuple[list[Any], list[Any], list[Any], int]:
         """Accounts, live credentials, policy rules and the version they belong to."""
@@ -130,22 +232,26 @@ class LedgerLink:
         return await self._read(workers=True)
 
     async def _read(self, workers: bool) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
-        assert self.conn is not None
         sql = self.dialect.sql
         async with self.lock:
-            await self.conn.execute(self.dialect.begin_read)
+            c = await self._conn()
+            await c.execute(self.dialect.begin_read)
             try:
-                version = await self.version()
-                accounts = list(await self.conn.execute_fetchall(sql(_ACCOUNTS)))
-                creds = list(await self.conn.execute_fetchall(sql(_CREDENTIALS)))
-                rules = list(await self.conn.execute_fetchall(sql(_RULES)))
-                rows = list(await self.conn.execute_fetchall(sql(_WORKER_USAGE))) if workers else []
+                version = await self._version(c)
+                accounts = await c.fetchall(sql(_ACCOUNTS))
+                creds = await c.fetchall(sql(_CREDENTIALS))
+                rules = await c.fetchall(sql(_RULES))
+                rows = await c.fetchall(sql(_WORKER_USAGE)) if workers else []
             finally:
-                await self.conn.execute("COMMIT")
+                if not c.broken:
+                    await c.execute("COMMIT")
         return accounts, creds, rules, version, rows
 
-    async def write(self, batch: UsageBatch) -> None:
-        """Write one batch of usage in a single transaction (all of it or none).
+    async def write(self, batch: UsageBatch) -> bool:
+        """Write one batch of usage in a single transaction (all of it or none), once.
+
+        False when the ledger already holds a batch with this one's id (written before,
+        its answer lost): nothing is written again.
 
         A batch stamped with a worker (``batch.worker``: the hot state is shared) also
         adds its credentials' bytes, and the trial bytes among them, to that worker's
@@ -153,71 +259,79 @@ class LedgerLink:
         usage without the flushed bytes.
         """
         async with self.lock:
-            await self._write(batch)
+            return await self._write(batch)
 
     async def forget_workers(self, workers: list[str]) -> None:
         """Delete the ``worker_usage`` rows of workers that are gone (see the reaper in
         :mod:`datorus_core.hotstate.redis_state` for when that is safe)."""
-        assert self.conn is not None
-        c = self.conn
         async with self.lock:
+            c = await self._conn()
             await c.execute(self.dialect.begin_write)
             try:
                 await c.executemany(self.dialect.sql(_FORGET_WORKER), [(w,) for w in workers])
                 await c.execute("COMMIT")
             except BaseException:
-                await c.execute("ROLLBACK")
+                await self._rollback(c)
                 raise
 
-    async def _write(self, batch: UsageBatch) -> None:
-        assert self.conn is not None
-        c, sql = self.conn, self.dialect.sql
+    async def _write(self, batch: UsageBatch) -> bool:
+        c, sql = await self._conn(), self.dialect.sql
         await c.execute(self.dialect.begin_write)
         try:
+            if not await c.execute(sql(_BATCH), (batch.id, batch.worker, int(time.time()))):
+                await c.execute("ROLLBACK")  # written before: its answer was lost
+                return False
+            # rows in key order: two gateways writing at once lock the rows they share
+            # (balances, per-day rows) in the same order, so neither waits on the other
+            # in a circle
             if batch.accounts:
-                await c.executemany(sql(_USAGE), [(aid, *v) for aid, v in batch.accounts.items()])
+                rows = [(aid, *v) for aid, v in sorted(batch.accounts.items())]
+                await c.executemany(sql(_USAGE), rows)
             if batch.daily:
-                await c.executemany(sql(_DAILY), [(*k, *v) for k, v in batch.daily.items()])
+                await c.executemany(sql(_DAILY), [(*k, *v) for k, v in sorted(batch.daily.items())])
             if batch.credentials:
-                await c.executemany(sql(_CREDENTIAL_BYTES), list(batch.credentials.items()))
+                await c.executemany(sql(_CREDENTIAL_BYTES), sorted(batch.credentials.items()))
                 if batch.worker is not None:
                     await c.executemany(sql(_WORKER_BYTES), _worker_rows(batch))
-            if batch.receipts:
-                await c.executemany(sql(_RECEIPTS), batch.receipts)
+            receipts = clean_receipts(batch.receipts)
+            if receipts:
+                await c.executemany(sql(_RECEIPTS), receipts)
             await c.execute("COMMIT")
         except BaseException:
-            await c.execute("ROLLBACK")
+            await self._rollback(c)
             raise
+        return True
 
     async def record_denials(self, rows: list[tuple[Any, ...]]) -> None:
         """Append acceptable-use denials for the operator."""
-        assert self.conn is not None
         async with self.lock:
-            await self.conn.executemany(self.dialect.sql(_DENIALS), rows)
+            c = await self._conn()
+            await c.executemany(self.dialect.sql(_DENIALS), rows)
 
     async def pool(self, now: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """The egress rows (``egress.egress_from_row``) and the leases live at *now*
         (``live.Lease.from_row``), read together."""
-        assert self.conn is not None
         sql = self.dialect.sql
         async with self.lock:
-            await self.conn.execute(self.dialect.begin_read)
+            c = await self._conn()
+            await c.execute(self.dialect.begin_read)
             try:
-                rows = [tuple(r) for r in await self.conn.execute_fetchall(sql(POOL_SQL))]
-                live = await self.conn.execute_fetchall(sql(ACTIVE_SQL), (now,))
+                rows = await c.fetchall(sql(POOL_SQL))
+                live = await c.fetchall(sql(ACTIVE_SQL), (now,))
             finally:
-                await self.conn.execute("COMMIT")
-        return rows, [tuple(r) for r in live]
+                if not c.broken:
+                    await c.execute("COMMIT")
+        return rows, live
 
     async def store_check(
         self, egress_id: int, check: Any, score: float, uptime_pct: float, latency_ms: Any
     ) -> None:
         """Record one health check of an egress (*check*: an ``egress_io`` result) and its
         new score, keeping its last 500 checks."""
-        assert self.conn is not None
-        c, sql = self.conn, self.dialect.sql
+        sql = self.dialect.sql
         r = check
         async with self.lock:
+            c = await self._conn()
             await c.execute(self.dialect.begin_write)
             try:
                 await c.execute(
@@ -231,21 +345,24 @@ class LedgerLink:
                 await c.execute(sql(_CHECK_TRIM), (egress_id, egress_id))
                 await c.execute("COMMIT")
             except BaseException:
-                await c.execute("ROLLBACK")
+                await self._rollback(c)
                 raise
 
     async def prune_receipts(self, days: int) -> int:
-        """Delete receipts of requests older than *days*; returns how many went."""
-        assert self.conn is not None
-        cutoff = request_id_floor(int((time.time() - days * 86400) * 1000))
+        """Delete receipts of requests older than *days* (and the ids of usage batches
+        written more than :data:`BATCH_ID_DAYS` ago); returns how many receipts went."""
+        now = time.time()
+        cutoff = request_id_floor(int((now - days * 86400) * 1000))
         async with self.lock:
-            cur = await self.conn.execute(self.dialect.sql(_PRUNE), (cutoff,))
-        return cur.rowcount
+            c = await self._conn()
+            gone = await c.execute(self.dialect.sql(_PRUNE), (cutoff,))
+            await c.execute(self.dialect.sql(_PRUNE_BATCHES), (int(now) - BATCH_ID_DAYS * 86400,))
+        return gone
 
 
 def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int, int]]:
     """``worker_usage`` increments of a stamped batch: (worker, credential, account,
-    bytes, trial bytes).
+    bytes, trial bytes), by credential.
 
     A batch's credentials all appear in its per-day rows, which name their account and
     carry the trial bytes charged.
@@ -255,4 +372,7 @@ def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int, int
     for (aid, cid, _), row in batch.daily.items():
         owner[cid] = aid
         trial[cid] = trial.get(cid, 0) + row[3]
-    return [(batch.worker, cid, owner[cid], n, trial[cid]) for cid, n in batch.credentials.items()]
+    return [
+        (batch.worker, cid, owner[cid], n, trial[cid])
+        for cid, n in sorted(batch.credentials.items())
+    ]

@@ -52,8 +52,15 @@ def add_balance(
 
 
 def balance_nanocents(db: Ledger, account_id: int) -> int:
-    """The account's balance in nanocents (0 for an account with no money row yet)."""
-    value = db.value("SELECT nanocents FROM balances WHERE account_id = ?", (account_id,))
+    """The account's balance in nanocents (0 for an account with no money row yet).
+
+    Inside a write transaction the balance stays as read until it commits: a usage
+    batch another gateway writes meanwhile waits, so a check made on it (a cap, a
+    correction, a lease's price) holds when the row goes in, on PostgreSQL as on SQLite.
+    """
+    value = db.value(
+        "SELECT nanocents FROM balances WHERE account_id = ? {for_update}", (account_id,)
+    )
     return int(value or 0)
 
 

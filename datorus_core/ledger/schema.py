@@ -9,9 +9,10 @@ Money is stored in *nanocents* (10^9 nanocents = 1 cent). A price of P cents per
 GB (10^9 bytes) is exactly P nanocents per byte, so every charge is an integer
 and a million 1-byte charges cost what one million-byte charge costs.
 
-The migrations are SQLite's own DDL (triggers, partial indexes, ``WITHOUT ROWID``): a
-second backend brings its own list with the same numbers, while the queries in the
-other modules of this package stay shared (see :mod:`.dialect`).
+The migrations are SQLite's own DDL (triggers, partial indexes, ``WITHOUT ROWID``):
+PostgreSQL has its own list with the same numbers (:mod:`.schema_postgres`), while the
+queries in the other modules of this package stay shared (see :mod:`.dialect`). A
+migration added here is added there too.
 """
 
 from __future__ import annotations
@@ -281,6 +282,21 @@ MIGRATIONS: tuple[str, ...] = (
     # what each one flushed of it too, in the same transaction as its usage
     """
     ALTER TABLE worker_usage ADD COLUMN trial_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 8: every usage batch the gateway wrote, by its id, in the same transaction as its
+    # usage: a batch whose write committed but whose answer was lost (the connection
+    # broke at the commit) is recognised when it is written again, and skipped (issue
+    # 16: a batch is written once). Rows older than a week are pruned with the receipts.
+    # And an index for finding an account by its email in any case, the way PostgreSQL
+    # finds it (lower(email) = lower(?) in both).
+    """
+    CREATE TABLE usage_batches (
+        id TEXT PRIMARY KEY,
+        worker TEXT,
+        written_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_batches_written ON usage_batches(written_at);
+    CREATE INDEX accounts_email_lower ON accounts(lower(email));
     """,
 )
 

@@ -78,3 +78,48 @@ def insert_receipts(db: Ledger, rows: Iterable[Sequence[Any]]) -> int:
     """
     with db.transaction():
         return db.execute_many(_RECEIPT_INSERT, rows)
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+_TEXT_COLUMNS = frozenset(
+    i
+    for i, c in enumerate(RECEIPT_COLUMNS)
+    if c in ("request_id", "method", "host") or c.endswith("_at")
+)
+
+
+def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """The receipts of a usage batch that any backend takes, in :data:`RECEIPT_COLUMNS`
+    order: a row no ``receipts`` column could hold is left out, a value that only needs
+    tidying is tidied.
+
+    A receipt goes in with its batch's usage, in one transaction; PostgreSQL refuses a
+    whole transaction over one bad row (a NULL, text where a number goes, a number past
+    64 bits, a NUL character), where SQLite's ``INSERT OR IGNORE`` skipped the row. So
+    no backend is ever handed one: a bad receipt never costs its batch's usage. Numbers
+    are clamped to 64 bits; text loses NUL characters and unencodable ones (replaced).
+
+    >>> clean_receipts([("r1", 1, 2, "GET", "a\\x00.example", 80, 200, 1, 2, 0, 5, "t", "t"),
+    ...                 ("r2", None, 2, "GET", "h", 80, 200, 1, 2, 0, 5, "t", "t"),
+    ...                 ("r3", 1, 2, "GET", "h", "x", 200, 1, 2, 0, 10**30, "t", "t")])
+    [('r1', 1, 2, 'GET', 'a.example', 80, 200, 1, 2, 0, 5, 't', 't')]
+    """
+    out: list[tuple[Any, ...]] = []
+    for row in rows:
+        if len(row) != len(RECEIPT_COLUMNS):
+            continue
+        clean: list[Any] = []
+        for i, value in enumerate(row):
+            if value is None:
+                break
+            if i in _TEXT_COLUMNS:
+                if not isinstance(value, str):
+                    break
+                clean.append(value.replace("\x00", "").encode("utf-8", "replace").decode())
+            else:
+                if not isinstance(value, int):
+                    break
+                clean.append(min(max(int(value), _INT64[0]), _INT64[1]))
+        else:
+            out.append(tuple(clean))
+    return out

@@ -181,3 +181,30 @@ def test_with_workers_a_snapshot_keeps_the_trial_credit_held_and_the_ledgers_apa
     assert (new.trial, new.granted, new.ledger_trial) == (0, 0, 9000)  # claims first
     c = rt.settle(rt.by_username["dtuser"], 1000, 500, 0)
     assert (c.trial_bytes, c.paid_bytes) == (1200, 300)  # only the trial held
+
+
+def test_a_failed_batch_is_kept_whole_with_its_id_and_written_first():
+    # issue 16: the ledger writes a batch id once, so a batch whose write failed (it may
+    # have committed with only the answer lost) must be written again as it was, never
+    # merged with what came since
+    rt = runtime(0, 10 * NANO, 300, True)
+    cred = rt.by_username["dtuser"]
+    rt.settle(cred, 0, 1000, 0)
+    failed = rt.take_batch()
+    assert failed.id and failed.id != rt.batch.id
+    rt.restore_batch(failed)
+    rt.settle(cred, 0, 2000, 0)
+    assert rt.pending_events == 2 and rt.batch.events == 1
+    # a snapshot of the ledger without either batch keeps both pending in memory
+    rt.apply_snapshot(
+        [(1, "active", 300, None, None, None, 0, 10 * NANO, 1)],
+        [(7, 1, "dtuser", "hash", None, 0)],
+        [],
+        version=2,
+    )
+    assert cred.account.nanocents == 10 * NANO - 3000 * 300 and cred.used == 3000
+    again = rt.take_batch()
+    assert again is failed and again.accounts == {1: [-1000 * 300, 0, 1000, 1]}
+    assert rt.unwritten is None and rt.pending_events == 1
+    nxt = rt.take_batch()
+    assert nxt.id != failed.id and nxt.accounts == {1: [-2000 * 300, 0, 2000, 1]}
