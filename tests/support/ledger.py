@@ -11,18 +11,16 @@ are about the SQLite file itself are marked ``sqlite_only`` and skipped then.
 Tests read and write the ledger directly (it is a public interface) only through
 :func:`ledger_rows`, :func:`ledger_row`, :func:`ledger_value` and :func:`ledger_exec`:
 portable SQL with ``?`` placeholders, run by :mod:`sqlite3` on a file and by psycopg,
-in the product's own PostgreSQL dialect, on a URL.
+on a URL, both through the product's own ``Ledger``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -137,39 +135,23 @@ def add_egress(db: LedgerTarget, items: list[tuple[str, str]]) -> None:
 # -- reading and writing the ledger directly ------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """PostgreSQL's SUM of integers is NUMERIC: a whole Decimal comes back as an int."""
-    if isinstance(value, Decimal) and value == value.to_integral_value():
-        return int(value)
-    return value
+def _run(target: LedgerTarget, sql: str, args: Sequence[Any]) -> list[tuple]:
+    """One statement on a connection of its own, through the product's own
+    :class:`~datorus_core.ledger.db.Ledger` (autocommit; the portable SQL rendered in the
+    connection's dialect; a sum of integers an ``int`` on PostgreSQL too)."""
+    from datorus_core.ledger.db import Ledger, connect
 
-
-def _run(target: LedgerTarget, sql: str, args: Sequence[Any], write: bool) -> list[tuple]:
-    """One statement through the product's own :class:`~datorus_core.ledger.db.Ledger`
-    (which renders the portable SQL in its connection's dialect)."""
-    from datorus_core.ledger.db import Ledger
-
-    if not is_url(target):
-        conn = sqlite3.connect(target, timeout=10)
-        try:
-            rows = Ledger(conn).execute(sql, args).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
-    import psycopg
-
-    from datorus_core.ledger.dialect import POSTGRES
-
-    with psycopg.connect(str(target), autocommit=not write, connect_timeout=10) as pc:
-        cur = Ledger(pc, POSTGRES).execute(sql, args)  # type: ignore[arg-type]
-        rows = cur.fetchall() if cur.description else []
-    return [tuple(_plain(v) for v in row) for row in rows]
+    conn = connect(str(target), timeout=10)
+    try:
+        cur = Ledger(conn).execute(sql, args)
+        return [tuple(row) for row in cur.fetchall()] if cur.description else []
+    finally:
+        conn.close()
 
 
 def ledger_rows(target: LedgerTarget, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
     """Every row of one read (portable SQL, ``?`` placeholders) on the ledger *target*."""
-    return _run(target, sql, args, write=False)
+    return _run(target, sql, args)
 
 
 def ledger_row(target: LedgerTarget, sql: str, args: Sequence[Any] = ()) -> tuple | None:
@@ -186,4 +168,4 @@ def ledger_value(target: LedgerTarget, sql: str, args: Sequence[Any] = ()) -> An
 
 def ledger_exec(target: LedgerTarget, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
     """One write, committed; the rows it returned (``RETURNING``), if any."""
-    return _run(target, sql, args, write=True)
+    return _run(target, sql, args)
