@@ -14,6 +14,7 @@ from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support.ledger import ledger_backend  # noqa: E402
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
 from support.postgres import PostgresCluster, postgres_available, shared_cluster  # noqa: E402
@@ -191,7 +192,8 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.create_database()
 
 
-# -- one process or several (issues 15 and 16) ----------------------------------------------
+# -- one process or several (issue 15), one node or several, a SQLite file or PostgreSQL
+# (issue 16) ------------------------------------------------------------------------------
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -203,13 +205,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "one_node: holds for one node only, not behind a balancer (skipped with several nodes)",
     )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: about the SQLite ledger file itself (skipped with"
+        " DATORUS_TEST_LEDGER=postgresql)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    one_process = pytest.mark.skip(reason="holds for one gateway process only")
-    one_node = pytest.mark.skip(reason="holds for one node only (DATORUS_GATEWAY_NODES)")
+    skips = {}
+    if gateway_workers() > 1 or gateway_nodes() > 1:
+        skips["one_process"] = pytest.mark.skip(reason="holds for one gateway process only")
+    if gateway_nodes() > 1:
+        skips["one_node"] = pytest.mark.skip(
+            reason="holds for one node only (DATORUS_GATEWAY_NODES)"
+        )
+    if ledger_backend() == "postgresql":
+        skips["sqlite_only"] = pytest.mark.skip(reason="about the SQLite ledger file itself")
     for item in items:
-        if "one_process" in item.keywords and (gateway_workers() > 1 or gateway_nodes() > 1):
-            item.add_marker(one_process)
-        elif "one_node" in item.keywords and gateway_nodes() > 1:
-            item.add_marker(one_node)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import httpx
-from support.ledger import cli
+from support.ledger import cli, ledger_row
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -49,12 +49,9 @@ def bearer(key: str) -> dict[str, str]:
 
 def token_from_ledger(db, email: str) -> str:
     """Like :func:`token_from_outbox`, reading the ledger's ``outbox`` table directly (fast)."""
-    import sqlite3
-
-    with sqlite3.connect(db) as c:
-        row = c.execute(
-            "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", (email,)
-        ).fetchone()
+    row = ledger_row(
+        db, "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", (email,)
+    )
     assert row, f"no mail to {email}"
     m = TOKEN_RE.search(row[0])
     assert m, row[0]

@@ -8,7 +8,6 @@ token expiry against a standalone ``datorus api`` sharing the ledger.
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 
 import httpx
@@ -21,7 +20,7 @@ from api_helpers import (
     token_from_ledger,
     token_from_outbox,
 )
-from support.ledger import cli
+from support.ledger import cli, ledger_value
 from support.processes import ApiProcess, Gateway, GatewaySetup
 from support.waiting import free_port, wait_http, wait_until
 
@@ -338,21 +337,18 @@ def test_credits_keep_top_ups_and_lease_charges_in_view_of_many_usage_flushes(
     g.cli("balance", "add", str(account_id), "500", "--reason", "first top-up")
 
     def checked() -> bool:  # only an egress whose checks passed can be leased
-        with sqlite3.connect(g.db) as c:
-            return (
-                c.execute("SELECT COUNT(*) FROM egress WHERE status = 'active'").fetchone()[0] == 2
-            )
+        return ledger_value(g.db, "SELECT COUNT(*) FROM egress WHERE status = 'active'") == 2
 
     wait_until(checked, 10, 0.05, "both egress active")
     r = httpx.post(f"{g.api_url}/proxies/acquire", json={}, headers=bearer(key), timeout=30)
     assert r.status_code == 200, r.text
 
     def usage_rows() -> int:
-        with sqlite3.connect(g.db) as c:
-            return c.execute(
-                "SELECT COUNT(*) FROM transactions WHERE account_id = ? AND kind = 'usage'",
-                (account_id,),
-            ).fetchone()[0]
+        return ledger_value(
+            g.db,
+            "SELECT COUNT(*) FROM transactions WHERE account_id = ? AND kind = 'usage'",
+            (account_id,),
+        )
 
     proxies = {"http": g.proxy(user, password)}
 

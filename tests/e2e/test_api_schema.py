@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 from api_helpers import register, token_from_ledger
-from support.ledger import prepare_ledger
+from support.ledger import new_ledger, prepare_ledger
 from support.processes import ApiProcess
 
 ST = str(Path(sys.executable).parent / "schemathesis")
 
 
 def test_schemathesis_finds_no_server_error(tmp_path: Path, localstripe: str) -> None:
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     api = ApiProcess(
         db,

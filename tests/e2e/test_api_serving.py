@@ -6,13 +6,13 @@ import socket
 
 import httpx
 import pytest
-from support.ledger import prepare_ledger
+from support.ledger import new_ledger, prepare_ledger
 from support.processes import Gateway
 from support.waiting import free_port, wait_http
 
 
 def test_gateway_with_api_port_in_use_refuses_to_start(tmp_path) -> None:
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -26,7 +26,7 @@ def test_gateway_with_api_port_in_use_refuses_to_start(tmp_path) -> None:
 
 
 def test_gateway_stops_cleanly_with_its_api(tmp_path) -> None:
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     g = Gateway(db, {"api_port": free_port()}).start()
     wait_http(g.api_url + "/health", proc=g.proc)
@@ -44,7 +44,7 @@ def test_api_docs_load_only_same_origin_assets(tmp_path) -> None:
     OpenAPI document) is served by the API itself, with the right type."""
     import re
 
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     g = Gateway(db, {"api_port": free_port()}).start()
     try:

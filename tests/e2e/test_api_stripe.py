@@ -15,7 +15,6 @@ import functools
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 import requests
 import stripe
 from api_helpers import assert_api_error, bearer, register, token_from_ledger
-from support.ledger import prepare_ledger
+from support.ledger import ledger_rows, ledger_value, new_ledger, prepare_ledger
 from support.processes import ApiProcess, Gateway
 from support.waiting import wait_until
 
@@ -35,7 +34,7 @@ SECRET = "whsec_datorus_test"
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, localstripe: str) -> Iterator[ApiProcess]:
     """A standalone ``datorus api`` wired to localstripe, its webhooks delivered to us."""
-    db = tmp_path_factory.mktemp("stripe") / "ledger.db"
+    db = new_ledger(tmp_path_factory.mktemp("stripe"))
     prepare_ledger(db)
     a = ApiProcess(
         db,
@@ -86,17 +85,13 @@ def _balance(api: ApiProcess, h: dict[str, str]) -> int:
 
 @functools.cache
 def _ledger_id(api: ApiProcess) -> str:
-    with sqlite3.connect(api.db) as c:
-        return c.execute("SELECT value FROM api_secrets WHERE name = 'ledger_id'").fetchone()[0][
-            :16
-        ]
+    return ledger_value(api.db, "SELECT value FROM api_secrets WHERE name = 'ledger_id'")[:16]
 
 
 def _events(api: ApiProcess, external_id: str) -> list[tuple]:
-    with sqlite3.connect(api.db) as c:
-        return c.execute(
-            "SELECT id, type FROM stripe_events WHERE external_id = ?", (external_id,)
-        ).fetchall()
+    return ledger_rows(
+        api.db, "SELECT id, type FROM stripe_events WHERE external_id = ?", (external_id,)
+    )
 
 
 def _signed(payload: bytes, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:

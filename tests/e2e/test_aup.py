@@ -8,21 +8,19 @@ reach it, through a forward request or a CONNECT.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 from checks import assert_envelope
 from support.clients import basic, raw_connection, read_response
-from support.ledger import cli
+from support.ledger import LedgerTarget, cli, ledger_rows
 from support.origins import Origin
 from support.processes import GatewaySetup
 from support.waiting import wait_until
 
 
-def _only_127_0_0_2(db: Path) -> None:
+def _only_127_0_0_2(db: LedgerTarget) -> None:
     cli(db, "init")
     cli(db, "policy", "allow", "127.0.0.2/32")
     cli(db, "policy", "deny", "blocked.example")
@@ -146,10 +144,9 @@ def test_allowed_destination_still_works_and_denials_are_recorded(gw, cust, allo
     assert r.status_code == 403
 
     def recorded() -> list:
-        with sqlite3.connect(gw.db) as c:
-            return c.execute(
-                "SELECT host, port, rule FROM aup_denials WHERE host = '10.1.2.3'"
-            ).fetchall()
+        return ledger_rows(
+            gw.db, "SELECT host, port, rule FROM aup_denials WHERE host = '10.1.2.3'"
+        )
 
     # this test's one denial (no other test asks for 10.1.2.3), recorded once
     assert wait_until(recorded, 5, 0.05, "denial recorded") == [("10.1.2.3", 80, "private")]

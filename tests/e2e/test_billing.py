@@ -11,7 +11,6 @@ import json
 import re
 import signal
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -21,7 +20,7 @@ import requests
 from checks import assert_envelope
 from support.clients import basic, raw_connection, read_response
 from support.counting import CountingRelay, RawOrigin
-from support.ledger import cli
+from support.ledger import cli, is_url, ledger_exec, ledger_row, ledger_rows
 from support.waiting import wait_until
 
 NANO = 10**9
@@ -314,14 +313,10 @@ def test_websocket_through_connect_is_metered_exactly(gateway):
     relay = asyncio.run(run())
 
     def rec():
-        row = (
-            sqlite3.connect(gateway.db)
-            .execute(
-                "SELECT bytes_up, bytes_down, method FROM receipts"
-                " WHERE port = ? AND account_id = ?",
-                (relay.port, acc),
-            )
-            .fetchone()
+        row = ledger_row(
+            gateway.db,
+            "SELECT bytes_up, bytes_down, method FROM receipts WHERE port = ? AND account_id = ?",
+            (relay.port, acc),
         )
         return row if row and row[:2] == (relay.up, relay.down) else None
 
@@ -632,21 +627,16 @@ def test_operator_top_ups_during_traffic_are_neither_lost_nor_doubled(make_gatew
     for t in threads:
         t.join(10)
     assert gw.stop(signal.SIGTERM) == 0
-    with sqlite3.connect(gw.db) as c:
-        charged = c.execute(
-            "SELECT SUM(nanocents) FROM receipts WHERE account_id = ?", (acc,)
-        ).fetchone()[0]
-        cached = c.execute(
-            "SELECT nanocents FROM balances WHERE account_id = ?", (acc,)
-        ).fetchone()[0]
-        summed = c.execute(
-            "SELECT SUM(nanocents) FROM transactions WHERE account_id = ?", (acc,)
-        ).fetchone()[0]
-        moved, served = c.execute(
-            "SELECT SUM(bytes_up + bytes_down), SUM(status = 200) FROM receipts"
-            " WHERE account_id = ?",
-            (acc,),
-        ).fetchone()
+    (charged, moved, served) = ledger_row(
+        gw.db,
+        "SELECT SUM(nanocents), SUM(bytes_up + bytes_down),"
+        " SUM(CASE WHEN status = 200 THEN 1 ELSE 0 END) FROM receipts WHERE account_id = ?",
+        (acc,),
+    )
+    (cached,) = ledger_row(gw.db, "SELECT nanocents FROM balances WHERE account_id = ?", (acc,))
+    (summed,) = ledger_row(
+        gw.db, "SELECT SUM(nanocents) FROM transactions WHERE account_id = ?", (acc,)
+    )
     # every byte at 10^6 nanocents (no trial); every request served has its receipt (and
     # the first probe: +1), at most one per thread was cut mid-body when the money ran out
     assert charged == moved * 10**6
@@ -689,26 +679,25 @@ def test_kill_9_under_load_never_corrupts_or_double_charges(make_gateway, raw_or
     stop.set()
     for t in threads:
         t.join(10)
-    conn = sqlite3.connect(gw.db)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if not is_url(gw.db):
+        assert ledger_row(gw.db, "PRAGMA integrity_check") == ("ok",)
     for acc_id, _, _ in accs:
-        nc, tb = conn.execute(
-            "SELECT nanocents, trial_bytes FROM balances WHERE account_id = ?", (acc_id,)
-        ).fetchone()
-        snc, stb = conn.execute(
+        nc, tb = ledger_row(
+            gw.db, "SELECT nanocents, trial_bytes FROM balances WHERE account_id = ?", (acc_id,)
+        )
+        snc, stb = ledger_row(
+            gw.db,
             "SELECT SUM(nanocents), SUM(trial_bytes) FROM transactions WHERE account_id = ?",
             (acc_id,),
-        ).fetchone()
+        )
         assert (nc, tb) == (snc, stb)
-    billed = (
-        conn.execute("SELECT SUM(requests) FROM transactions WHERE kind = 'usage'").fetchone()[0]
-        or 0
+    (billed,) = ledger_row(
+        gw.db, "SELECT COALESCE(SUM(requests), 0) FROM transactions WHERE kind = 'usage'"
     )
-    receipts = conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+    (receipts,) = ledger_row(gw.db, "SELECT COUNT(*) FROM receipts")
     assert billed == receipts <= len(done)
     print(f"kill -9 lost {len(done) - billed} of {len(done)} requests")  # for the README
     assert billed >= len(done) - 2000  # at most the unflushed window is lost
-    conn.close()
     # a restart picks up where the ledger is and bills on
     gw.start()
     _, u, p = accs[0]
@@ -747,14 +736,11 @@ def test_trial_until_402_then_top_up_and_usage_matches_to_the_byte(gateway, raw_
     for i in paid_ids:  # flushed in order: the last one's receipt means all are in
         receipt(gateway, i)
     usage = gateway.cli("usage", str(acc), "--by", "day")
-    rows = (
-        sqlite3.connect(gateway.db)
-        .execute(
-            "SELECT SUM(bytes_up + bytes_down), SUM(nanocents), SUM(trial_bytes)"
-            " FROM receipts WHERE account_id = ?",
-            (acc,),
-        )
-        .fetchone()
+    rows = ledger_row(
+        gateway.db,
+        "SELECT SUM(bytes_up + bytes_down), SUM(nanocents), SUM(trial_bytes)"
+        " FROM receipts WHERE account_id = ?",
+        (acc,),
     )
     assert usage["bytes"] == rows[0]
     assert usage["chargedNanocents"] == rows[1] == (rows[0] - 5000) * 300
@@ -775,18 +761,19 @@ def test_old_receipts_are_pruned_in_the_background(make_gateway):
     now_ms = int(time.time() * 1000)
     old = str(uuid.UUID(request_id_floor(now_ms - 31 * 86400 * 1000) + "7000-8000-000000000001"))
     new = str(uuid.UUID(request_id_floor(now_ms - 29 * 86400 * 1000) + "7000-8000-000000000001"))
-    with sqlite3.connect(gw.db) as c:
-        for rid in (old, new):
-            c.execute(
-                "INSERT INTO receipts VALUES (?, 1, 1, 'GET', 'h', 80, 200, 1, 1, 2, 0,"
-                " '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
-                (rid,),
-            )
+    for rid in (old, new):
+        ledger_exec(
+            gw.db,
+            "INSERT INTO receipts (request_id, account_id, credential_id, method, host, port,"
+            " status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
+            " VALUES (?, 1, 1, 'GET', 'h', 80, 200, 1, 1, 2, 0,"
+            " '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+            (rid,),
+        )
     gw.start()
 
     def ids():
-        with sqlite3.connect(gw.db) as c:
-            return {r[0] for r in c.execute("SELECT request_id FROM receipts")}
+        return {r[0] for r in ledger_rows(gw.db, "SELECT request_id FROM receipts")}
 
     wait_until(lambda: old not in ids(), timeout=10, what="old receipt pruned")
     assert new in ids()
@@ -838,9 +825,7 @@ def test_clean_stop_bills_a_download_still_running(make_gateway, raw_origin):
     # at least what reached the client, at most what the origin put on the wire
     conn = raw_origin.conns[before]
     assert got <= usage["bytes"] <= conn["in"] + conn["out"] and usage["requests"] == 1
-    with sqlite3.connect(gw.db) as c:
-        (n,) = c.execute("SELECT COUNT(*) FROM receipts WHERE account_id = ?", (acc,)).fetchone()
-    assert n == 1
+    assert ledger_row(gw.db, "SELECT COUNT(*) FROM receipts WHERE account_id = ?", (acc,)) == (1,)
 
 
 def _early_answer_server() -> tuple[socket.socket, dict]:
@@ -961,17 +946,16 @@ def test_sigterm_drains_refuses_new_requests_and_bills_every_one_served(make_gat
     assert gw.proc.wait(15) == 0
     kept.close()
     slow.close()
-    with sqlite3.connect(gw.db) as c:
-        rows = c.execute(
-            "SELECT status, bytes_down FROM receipts WHERE account_id = ? ORDER BY request_id",
-            (acc,),
-        ).fetchall()
+    rows = ledger_rows(
+        gw.db,
+        "SELECT status, bytes_down FROM receipts WHERE account_id = ? ORDER BY request_id",
+        (acc,),
+    )
     assert [r[0] for r in rows] == [200] * served  # every one served, nothing else
     # each carried its body ("hello from origin" or "slow") and one response head
     assert all(4 < r[1] < 17 + 1024 for r in rows)
     usage = cli(gw.db, "usage", str(acc))
-    with sqlite3.connect(gw.db) as c:
-        (moved,) = c.execute(
-            "SELECT SUM(bytes_up + bytes_down) FROM receipts WHERE account_id = ?", (acc,)
-        ).fetchone()
+    (moved,) = ledger_row(
+        gw.db, "SELECT SUM(bytes_up + bytes_down) FROM receipts WHERE account_id = ?", (acc,)
+    )
     assert usage["requests"] == served and usage["bytes"] == moved

@@ -1,6 +1,7 @@
 """The operator CLI as operators and outside scripts use it (CONTRACT section 4).
 
-The real ``datorus`` console script against a real SQLite file: with ``--json`` exactly
+The real ``datorus`` console script against a real ledger (a SQLite file, or a
+PostgreSQL database with ``DATORUS_TEST_LEDGER=postgresql``): with ``--json`` exactly
 one JSON object on stdout with at least the contract's keys, every key camelCase; on
 failure nothing on stdout, the envelope on stderr and a non-zero exit, and without
 ``--json`` a sentence that says what to do next. Each run gets its own settings file
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from support.ledger import LedgerTarget, is_url, ledger_dir, new_ledger
 from support.origins import Origin
 from support.paths import DATORUS
 from support.processes import Gateway
@@ -39,7 +41,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(
-    db: Path | None,
+    db: LedgerTarget | None,
     *args: str,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
@@ -51,12 +53,18 @@ def run(
         capture_output=True,
         text=True,
         timeout=60,
-        env=env if env is not None else clean_env(DATORUS_CONF=str(db.parent / "mitm.conf")),
+        env=env if env is not None else clean_env(DATORUS_CONF=str(conf_of(db))),
         cwd=cwd,
     )
 
 
-def ok(db: Path | None, *args: str, **kw: Any) -> dict:
+def conf_of(db: LedgerTarget | None) -> Path:
+    """The settings file of the test that owns *db*: ``mitm.conf`` in its folder."""
+    assert db is not None, "a run without --db names its environment"
+    return ledger_dir(db) / "mitm.conf"
+
+
+def ok(db: LedgerTarget | None, *args: str, **kw: Any) -> dict:
     """The one JSON object a successful ``--json`` command prints (its keys checked)."""
     p = run(db, *args, "--json", **kw)
     assert p.returncode == 0, p.stderr
@@ -79,7 +87,7 @@ def assert_camel(value: Any, where: str, path: str = "") -> None:
             assert_camel(v, where, path)
 
 
-def table(db: Path, *args: str) -> str:
+def table(db: LedgerTarget, *args: str) -> str:
     """A command's readable output, which never shows Python's None."""
     p = run(db, *args)
     assert p.returncode == 0, p.stderr
@@ -87,7 +95,7 @@ def table(db: Path, *args: str) -> str:
     return p.stdout
 
 
-def error(db: Path | None, *args: str, **kw: Any) -> str:
+def error(db: LedgerTarget | None, *args: str, **kw: Any) -> str:
     """The one sentence a failing command prints without --json."""
     p = run(db, *args, **kw)
     assert p.returncode != 0 and p.stdout == "", (p.stdout, p.stderr)
@@ -97,14 +105,18 @@ def error(db: Path | None, *args: str, **kw: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("cli") / "ledger.db"
-    (d.parent / "mitm.conf").write_text(CONF)
-    assert Path(ok(d, "init")["db"]).resolve() == d.resolve()
+def db(tmp_path_factory) -> LedgerTarget:
+    d = new_ledger(tmp_path_factory.mktemp("cli"))
+    conf_of(d).write_text(CONF)
+    shown = ok(d, "init")["db"]
+    if is_url(d):
+        assert shown == d
+    else:
+        assert Path(shown).resolve() == Path(d).resolve()
     return d
 
 
-def test_every_stable_command_prints_its_keys(db: Path) -> None:
+def test_every_stable_command_prints_its_keys(db: LedgerTarget) -> None:
     assert set(ok(db, "init")) >= {"db"}  # idempotent: a second init is fine
     acc = ok(
         db,
@@ -162,7 +174,7 @@ def test_every_stable_command_prints_its_keys(db: Path) -> None:
     assert p.returncode == 0 and json.loads(p.stdout)["id"] == acc["id"]
 
 
-def test_every_json_object_is_camel_case_with_real_booleans(db: Path) -> None:
+def test_every_json_object_is_camel_case_with_real_booleans(db: LedgerTarget) -> None:
     """Every command a fresh ledger can run: every key at every depth is camelCase."""
     aid = str(ok(db, "account", "create", "cli-camel@example.com", "--trial-bytes", "0")["id"])
     listed = ok(db, "account", "list")["items"]
@@ -199,7 +211,9 @@ def test_every_json_object_is_camel_case_with_real_booleans(db: Path) -> None:
     ok(db, "init")
 
 
-def test_tables_show_values_not_none_and_account_set_prints_what_is_in_effect(db: Path) -> None:
+def test_tables_show_values_not_none_and_account_set_prints_what_is_in_effect(
+    db: LedgerTarget,
+) -> None:
     aid = str(ok(db, "account", "create", "cli-set@example.com")["id"])
     changed = ok(db, "account", "set", aid, "--rps", "1", "--burst", "1")
     # price and tunnels were not touched: the gateway's defaults (CONF) are in effect
@@ -221,7 +235,7 @@ def test_tables_show_values_not_none_and_account_set_prints_what_is_in_effect(db
         table(db, *args)
 
 
-def test_help_is_plain_text_and_flags_take_no_value(db: Path) -> None:
+def test_help_is_plain_text_and_flags_take_no_value(db: LedgerTarget) -> None:
     for args in ((), ("account", "create"), ("balance", "add"), ("quickstart",), ("settings",)):
         p = run(db, *args, "--help")
         assert p.returncode == 0, p.stderr
@@ -266,7 +280,7 @@ def test_help_is_plain_text_and_flags_take_no_value(db: Path) -> None:
         (("balance", "history", "1", "--limit", "-1"), "VALIDATION_ERROR", None),
     ],
 )
-def test_failures_are_the_envelope_on_stderr(db: Path, args, code, field) -> None:
+def test_failures_are_the_envelope_on_stderr(db: LedgerTarget, args, code, field) -> None:
     p = run(db, *args, "--json")
     assert p.returncode != 0
     assert p.stdout == ""
@@ -311,11 +325,13 @@ def test_failures_are_the_envelope_on_stderr(db: Path, args, code, field) -> Non
         ),
     ],
 )
-def test_errors_without_json_are_sentences_with_the_next_step(db: Path, args, expected) -> None:
+def test_errors_without_json_are_sentences_with_the_next_step(
+    db: LedgerTarget, args, expected
+) -> None:
     assert error(db, *args) == expected
 
 
-def test_email_taken_and_readable_output_without_json(db: Path) -> None:
+def test_email_taken_and_readable_output_without_json(db: LedgerTarget) -> None:
     ok(db, "account", "create", "cli-bob@example.com")
     p = run(db, "account", "create", "cli-bob@example.com", "--json")
     assert p.returncode != 0 and json.loads(p.stderr)["error"]["code"] == "EMAIL_TAKEN"
@@ -333,7 +349,7 @@ def test_email_taken_and_readable_output_without_json(db: Path) -> None:
 # -- negative amounts: corrections --------------------------------------------------------
 
 
-def test_a_negative_amount_is_a_correction_with_a_reason(db: Path) -> None:
+def test_a_negative_amount_is_a_correction_with_a_reason(db: LedgerTarget) -> None:
     """`balance add ID -N --reason R` takes N cents off: an adjustment, not a top-up."""
     aid = str(ok(db, "account", "create", "cli-fix@example.com", "--trial-bytes", "0")["id"])
     # without a reason: refused, and said so
@@ -371,7 +387,7 @@ def test_a_negative_amount_is_a_correction_with_a_reason(db: Path) -> None:
     assert len(ok(db, "balance", "history", aid)["items"]) == len(items)
 
 
-def test_a_zero_amount_is_neither_a_top_up_nor_a_correction(db: Path) -> None:
+def test_a_zero_amount_is_neither_a_top_up_nor_a_correction(db: LedgerTarget) -> None:
     aid = str(ok(db, "account", "create", "cli-fix2@example.com", "--trial-bytes", "0")["id"])
     assert "must be > 0" in error(db, "balance", "add", aid, "0")
     assert ok(db, "account", "show", aid)["toppedUp"] is False
@@ -392,6 +408,7 @@ def elsewhere(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     yield conf, folder
 
 
+@pytest.mark.sqlite_only  # the default ./datorus.db file
 def test_no_ledger_names_the_absolute_path_and_how_to_point_at_the_real_one(elsewhere) -> None:
     conf, folder = elsewhere
     env = clean_env(DATORUS_CONF=str(conf))
@@ -410,6 +427,7 @@ def test_no_ledger_names_the_absolute_path_and_how_to_point_at_the_real_one(else
     assert not list(folder.iterdir())  # asking made no second, empty ledger
 
 
+@pytest.mark.sqlite_only  # a file path whose folder is missing
 def test_init_where_no_ledger_can_be_made_names_the_path_and_the_reason(tmp_path: Path) -> None:
     env = clean_env(DATORUS_CONF=str(tmp_path / "none.conf"))
     (tmp_path / "none.conf").write_text("")
@@ -423,6 +441,7 @@ def test_init_where_no_ledger_can_be_made_names_the_path_and_the_reason(tmp_path
     assert "/nonexistent/dir" in err["message"]
 
 
+@pytest.mark.sqlite_only  # a file path relative to the settings file
 def test_a_relative_db_in_the_settings_file_is_one_ledger_for_gateway_and_cli(
     tmp_path: Path,
 ) -> None:
@@ -496,12 +515,10 @@ def test_a_relative_db_in_the_settings_file_is_one_ledger_for_gateway_and_cli(
 # -- datorus settings ---------------------------------------------------------------------
 
 
-def test_settings_name_each_value_and_where_it_came_from(db: Path) -> None:
-    env = clean_env(
-        DATORUS_CONF=str(db.parent / "mitm.conf"), DATORUS_RPS="7", DATORUS_STRIPE_API_KEY="sk_x"
-    )
+def test_settings_name_each_value_and_where_it_came_from(db: LedgerTarget) -> None:
+    env = clean_env(DATORUS_CONF=str(conf_of(db)), DATORUS_RPS="7", DATORUS_STRIPE_API_KEY="sk_x")
     out = ok(db, "settings", env=env)
-    assert out["file"] == str(db.parent / "mitm.conf") and out["fileExists"] is True
+    assert out["file"] == str(conf_of(db)) and out["fileExists"] is True
     items = {i["name"]: i for i in out["items"]}
     assert (items["rps"]["value"], items["rps"]["source"]) == (7, "environment")
     assert (items["burst"]["value"], items["burst"]["source"]) == (9, "mitm.conf")
@@ -519,8 +536,8 @@ def test_settings_name_each_value_and_where_it_came_from(db: Path) -> None:
 
 def test_a_balance_stays_an_exact_integer_at_its_cap(tmp_path: Path) -> None:
     """Top-ups past the cap are refused: the balance never leaves exact integers."""
-    db = tmp_path / "cap.db"
-    (tmp_path / "mitm.conf").write_text(CONF)
+    db = new_ledger(tmp_path, "cap.db")
+    conf_of(db).write_text(CONF)
     ok(db, "init")
     acc = ok(db, "account", "create", "cap@example.com")
     ok(db, "balance", "add", str(acc["id"]), "999999999")

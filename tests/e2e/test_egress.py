@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import json
 import socket
-import sqlite3
 import ssl
 import subprocess
 import time
@@ -21,7 +20,7 @@ import pytest
 import requests
 from checks import assert_envelope
 from support.clients import basic, raw_connection, read_response
-from support.ledger import add_egress, prepare_ledger
+from support.ledger import add_egress, ledger_rows, new_ledger, prepare_ledger
 from support.origins import BlockingOrigin
 from support.paths import MITMDUMP
 from support.processes import Gateway
@@ -73,7 +72,7 @@ def peer_origin():
 def pool_gw(tmp_path_factory, peer_origin):
     """A gateway whose pool is four source addresses (country us); blocks last 1 s."""
     d = tmp_path_factory.mktemp("egress")
-    db = d / "ledger.db"
+    db = new_ledger(d)
     prepare_ledger(db)
     add_egress(db, [(f"direct://{ip}", "us") for ip in SOURCES])
     gw = Gateway(
@@ -295,7 +294,7 @@ _hosts = itertools.count(1)
 @pytest.fixture(scope="module")
 def blocks_gw(tmp_path_factory, peer_origin):
     """Four source addresses, one country each; blocks last 60 s; sessions 2 s."""
-    db = tmp_path_factory.mktemp("blocks") / "ledger.db"
+    db = new_ledger(tmp_path_factory.mktemp("blocks"))
     prepare_ledger(db)
     add_egress(db, [(f"direct://{ip}", country) for ip, country in COUNTRY.items()])
     gw = Gateway(db, {"session_ttl": BLOCKS_TTL, "block_seconds": 60}).start()
@@ -457,8 +456,7 @@ def test_cli_egress_list_disable_enable_remove(pool_gw, peer_origin):
     # checks ran against the judge and recorded the exit address (the ledger is a public
     # interface: read it directly rather than polling the CLI)
     def exits_recorded() -> bool:
-        with sqlite3.connect(gw.db) as c:
-            rows = c.execute("SELECT url, exit_ip FROM egress").fetchall()
+        rows = ledger_rows(gw.db, "SELECT url, exit_ip FROM egress")
         return all(ip == url[9:] for url, ip in rows)
 
     wait_until(exits_recorded, 15, 0.2, "health checks recorded exit IPs")
@@ -519,7 +517,7 @@ def test_ipv6_source_address_serves_ipv6_targets_only(pool_gw, peer_origin):
 @pytest.fixture(scope="module")
 def proxies_gw(tmp_path_factory, peer_origin, ca_file):
     """A gateway whose pool is two authenticated upstream proxies (exits .6 and .7)."""
-    db = tmp_path_factory.mktemp("proxies") / "ledger.db"
+    db = new_ledger(tmp_path_factory.mktemp("proxies"))
     prepare_ledger(db)
     ups = [UpstreamProxy("127.0.0.6", "up1", "s3cret:1"), UpstreamProxy("127.0.0.7", "up2", "pw2")]
     add_egress(db, [(up.url, "de") for up in ups])

@@ -12,15 +12,13 @@ import asyncio
 import contextlib
 import json
 import re
-import sqlite3
 import threading
-from pathlib import Path
 
 import pytest
 import requests
 from api_helpers import assert_api_error
 from checks import assert_envelope
-from support.ledger import add_egress, prepare_ledger
+from support.ledger import LedgerTarget, add_egress, ledger_row, prepare_ledger
 from support.origins import BlockingOrigin
 from support.processes import ApiProcess, Gateway, GatewaySetup
 from support.waiting import free_port, wait_until
@@ -35,7 +33,7 @@ def peer():
     o.close()
 
 
-def _us_and_de(db: Path) -> None:
+def _us_and_de(db: LedgerTarget) -> None:
     prepare_ledger(db)
     add_egress(db, [(f"direct://{US}", "us"), (f"direct://{DE}", "de")])
 
@@ -470,11 +468,11 @@ def test_ws_relay_carries_messages_through_the_gateway(gw, ws_target):
     port = int(ws_target.rsplit(":", 1)[1].split("/")[0])
 
     def billed() -> int | None:
-        with sqlite3.connect(gw.db) as c:
-            row = c.execute(
-                "SELECT SUM(bytes_up + bytes_down) FROM receipts WHERE account_id = ? AND port = ?",
-                (gw.acc, port),
-            ).fetchone()
+        row = ledger_row(
+            gw.db,
+            "SELECT SUM(bytes_up + bytes_down) FROM receipts WHERE account_id = ? AND port = ?",
+            (gw.acc, port),
+        )
         moved = row[0] if row else None
         return moved if moved and gw.cli("usage", str(gw.acc))["bytes"] == used + moved else None
 

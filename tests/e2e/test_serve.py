@@ -21,7 +21,7 @@ import requests
 from checks import assert_envelope
 from support.clients import basic, read_response
 from support.counting import RawOrigin
-from support.ledger import prepare_ledger
+from support.ledger import LedgerTarget, missing_ledger, new_ledger, prepare_ledger
 from support.paths import REPO
 from support.serve import (
     Serve,
@@ -34,8 +34,8 @@ from support.serve import (
 from support.waiting import free_port, wait_until
 
 
-def _ledger(tmp_path: Path) -> Path:
-    db = tmp_path / "ledger.db"
+def _ledger(tmp_path: Path) -> LedgerTarget:
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     return db
 
@@ -547,7 +547,7 @@ def test_a_killed_worker_is_restarted(tmp_path, origin, redis_server):
 def test_a_worker_refusing_its_configuration_stops_serve_at_once_with_exit_2(tmp_path):
     # a ledger that cannot be opened: the worker stops at start with exit status 2, and a
     # restart would refuse it again: serve says why, as one gateway would, and exits 2
-    sv = Serve(tmp_path / "no-such-folder" / "ledger.db", 1, logdir=tmp_path).start(wait=False)
+    sv = Serve(missing_ledger(tmp_path), 1, logdir=tmp_path).start(wait=False)
     rc = sv.wait(120)
     log = sv.log()
     assert rc == 2, log[-3000:]
@@ -561,7 +561,7 @@ def test_workers_that_keep_dying_at_start_stop_serve_with_their_message(tmp_path
     # an extra addon that kills its process as it loads: every worker dies before ready
     crash = tmp_path / "crash.py"
     crash.write_text("import os, sys\nprint('crash addon loading', file=sys.stderr)\nos._exit(3)\n")
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     sv = Serve(db, 1, logdir=tmp_path, extra=["-s", str(crash)]).start(wait=False)
     rc = sv.wait(120)

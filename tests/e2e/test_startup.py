@@ -19,7 +19,13 @@ import pytest
 import requests
 from checks import assert_envelope, raw_request
 from support.clients import basic
-from support.ledger import prepare_ledger
+from support.ledger import (
+    LedgerTarget,
+    ledger_value,
+    missing_ledger,
+    new_ledger,
+    prepare_ledger,
+)
 from support.paths import MITMDUMP, REPO
 from support.processes import Gateway
 from support.waiting import free_port, wait_until
@@ -68,11 +74,11 @@ ONE_NODE_FAULTS = {"API port taken"}
 def test_faulty_start_up_stops_with_a_message_and_relays_nothing(tmp_path, origin, fault):
     settings, env, message = FAULTS[fault]
     settings = dict(settings)
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     held = None
     if settings.get("db") == "missing":
-        db = tmp_path / "no-such-dir" / "ledger.db"
+        db = missing_ledger(tmp_path)
         del settings["db"]
     if settings.get("api_port") == "taken":
         held = socket.socket()
@@ -130,7 +136,7 @@ def test_an_exception_in_any_guarded_hook_stops_the_process(tmp_path, origin):
     assert not [s for s in origin.seen if s["path"] == path]
 
 
-def _customer(db: Path) -> tuple[str, str]:
+def _customer(db: LedgerTarget) -> tuple[str, str]:
     from support.ledger import cli
 
     email = f"s{uuid.uuid4().hex[:8]}@example.com"
@@ -140,9 +146,11 @@ def _customer(db: Path) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _serving(tmp_path: Path, **settings: object) -> Iterator[tuple[Gateway, Path, str, str]]:
+def _serving(
+    tmp_path: Path, **settings: object
+) -> Iterator[tuple[Gateway, LedgerTarget, str, str]]:
     """A running gateway with one customer it already knows: (gateway, db, user, password)."""
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     gw = Gateway(db, settings).start()
     try:
@@ -192,8 +200,9 @@ def _release(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+@pytest.mark.sqlite_only  # the ledger is held unreadable through SQLite's WAL index locks
 def test_requests_that_come_while_the_ledger_loads_wait_and_are_served(tmp_path, origin):
-    db = tmp_path / "ledger.db"
+    db = new_ledger(tmp_path)
     prepare_ledger(db)
     user, pw = _customer(db)
     # a ledger that cannot be read for a moment keeps the gateway loading after its
@@ -238,16 +247,18 @@ def test_requests_that_come_while_the_ledger_loads_wait_and_are_served(tmp_path,
         gw.stop()
 
 
-def _usage_requests(db: Path, account_user: str) -> int:
-    with sqlite3.connect(db) as c:
-        row = c.execute(
+def _usage_requests(db: LedgerTarget, account_user: str) -> int:
+    return int(
+        ledger_value(
+            db,
             "SELECT COUNT(*) FROM receipts r JOIN credentials c ON c.id = r.credential_id"
             " WHERE c.username = ?",
             (account_user,),
-        ).fetchone()
-    return int(row[0])
+        )
+    )
 
 
+@pytest.mark.sqlite_only  # SQLite's own exclusive lock
 def test_traffic_flows_on_while_an_operator_holds_the_ledger_exclusively(tmp_path, origin):
     with _serving(tmp_path) as (gw, db, user, pw):
         proxies = {"http": gw.proxy(user, pw)}
@@ -268,6 +279,7 @@ def test_traffic_flows_on_while_an_operator_holds_the_ledger_exclusively(tmp_pat
 
 
 @pytest.mark.one_process  # it counts one process's log lines (each worker logs its own)
+@pytest.mark.sqlite_only  # the ledger is held unreadable through SQLite's WAL index locks
 def test_a_ledger_that_cannot_be_read_does_not_refuse_traffic(tmp_path, origin):
     with _serving(tmp_path) as (gw, db, user, pw):
         proxies = {"http": gw.proxy(user, pw)}
@@ -289,6 +301,7 @@ def test_a_ledger_that_cannot_be_read_does_not_refuse_traffic(tmp_path, origin):
         assert gw.log.read_text().count("ledger refresh failed") == 1
 
 
+@pytest.mark.sqlite_only  # the ledger is held unreadable through SQLite's WAL index locks
 def test_past_ledger_grace_new_requests_get_503(tmp_path, origin):
     with _serving(tmp_path, ledger_grace=1) as (gw, db, user, pw):
         req = (

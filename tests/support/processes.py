@@ -15,6 +15,9 @@ on the port the tests use, so consecutive connections alternate nodes. The REST 
 process (:class:`NodeGroup`); a test that needs a single node (one process's log, the
 client's own address) is marked ``one_node`` and skipped then, and so is every
 ``one_process`` test.
+
+With ``DATORUS_TEST_LEDGER=postgresql`` every ledger is a PostgreSQL database instead of a
+file (``support.ledger``); it combines with either of the above.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 from .balancer import Balancer, haproxy_available
 from .clients import basic, raw_connection, read_response
-from .ledger import cli, prepare_ledger
+from .ledger import LedgerTarget, cli, ledger_dir, new_ledger, prepare_ledger
 from .paths import DATORUS, MITMDUMP, REPO
 from .redis_server import RedisServer
 from .serve import forget_rate_state, owner_pid
@@ -109,16 +112,17 @@ class Gateway:
 
     def __init__(
         self,
-        db: Path | str,
+        db: LedgerTarget,
         settings: dict[str, Any] | None = None,
         env: dict | None = None,
         set_db: bool = True,
         nodes: int | None = None,
         logdir: Path | None = None,
     ):
-        """*db* is a ledger file or a ``postgresql://`` URL (then *logdir* says where the
-        logs go); *set_db* False leaves ``datorus_db`` to the settings file and
-        environment; *nodes* overrides ``DATORUS_GATEWAY_NODES``."""
+        """*db* is a ledger file or URL (``support.ledger``); the logs go to *logdir*
+        (default: the ledger's folder, ``support.ledger.ledger_dir``); *set_db* False leaves
+        ``datorus_db`` to the settings file and environment; *nodes* overrides
+        ``DATORUS_GATEWAY_NODES``."""
         self.db = db
         self.set_db = set_db
         self.port = free_port()
@@ -132,8 +136,9 @@ class Gateway:
         self.env = env
         self.proc: subprocess.Popen | None = None
         if logdir is None:
-            assert isinstance(db, Path), "a ledger URL needs a logdir"
-            logdir = db.parent if db.parent.exists() else db.parent.parent
+            logdir = ledger_dir(db)
+            if not logdir.exists():  # a ledger in a folder that is not there (a start-up fault)
+                logdir = logdir.parent
         self.log = logdir / f"gateway-{self.port}.log"
         self.workers = gateway_workers()
         self.nodes = gateway_nodes() if nodes is None else nodes
@@ -478,16 +483,17 @@ class GatewaySetup:
     settings: Mapping[str, Any] = field(default_factory=dict)
     # serve the REST API on a free loopback port, and wait until GET /health answers
     api: bool = False
-    # prepares the fresh ledger file before the gateway starts
-    ledger: Callable[[Path], None] = prepare_ledger
+    # prepares the fresh ledger (a file or a URL: ``support.ledger``) before the gateway starts
+    ledger: Callable[[LedgerTarget], None] = prepare_ledger
     # runs once the gateway is up: the accounts and keys the tests use, waits on its state
     ready: Callable[[Gateway], None] | None = None
 
 
 def start_gateway(directory: Path, setup: GatewaySetup | None = None) -> Gateway:
-    """A running gateway on a fresh ledger in *directory*, set up as *setup* says."""
+    """A running gateway on a fresh ledger (``support.ledger.new_ledger``), its log in
+    *directory*, set up as *setup* says."""
     setup = setup or GatewaySetup()
-    db = directory / "ledger.db"
+    db = new_ledger(directory)
     setup.ledger(db)
     settings = dict(setup.settings)
     if setup.api:
@@ -507,14 +513,14 @@ def start_gateway(directory: Path, setup: GatewaySetup | None = None) -> Gateway
 class ApiProcess:
     """A standalone ``datorus api`` on a free loopback port (settings as DATORUS_* env)."""
 
-    def __init__(self, db: Path, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, db: LedgerTarget, settings: dict[str, Any] | None = None) -> None:
         self.db = db
         self.port = free_port()
         self.env = {
             **os.environ,
             **{f"DATORUS_{k.upper()}": str(v) for k, v in (settings or {}).items()},
         }
-        self.log = db.parent / f"api-{self.port}.log"
+        self.log = ledger_dir(db) / f"api-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property

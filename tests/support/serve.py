@@ -14,13 +14,12 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from .clients import basic, raw_connection, read_response
-from .ledger import cli
+from .ledger import LedgerTarget, cli, ledger_dir, ledger_value
 from .paths import DATORUS, REPO
 from .waiting import free_port, wait_until
 
@@ -30,7 +29,7 @@ class Serve:
 
     def __init__(
         self,
-        db: Path,
+        db: LedgerTarget,
         workers: int,
         settings: dict[str, Any] | None = None,
         extra: list[str] | None = None,
@@ -47,7 +46,7 @@ class Serve:
             **(settings or {}),
         }
         self.extra = extra or []
-        self.dir = logdir or db.parent
+        self.dir = logdir or ledger_dir(db)
         self.out = self.dir / f"serve-{self.port}.out"
         self.err = self.dir / f"serve-{self.port}.err"
         self.proc: subprocess.Popen | None = None
@@ -161,7 +160,7 @@ class Serve:
         return acc["id"], user, pw
 
 
-def usage(db: Path, account_id: int) -> dict[str, Any]:
+def usage(db: LedgerTarget, account_id: int) -> dict[str, Any]:
     """``datorus usage ACCOUNT_ID --json`` (the CLI, as an operator runs it)."""
     return cli(db, "usage", str(account_id))
 
@@ -215,20 +214,12 @@ def health_of_each_worker(api_port: int, pids: set[int], timeout: float = 10) ->
     return seen
 
 
-def forget_rate_state(db: Path, redis_port: int, username: str) -> None:
+def forget_rate_state(db: LedgerTarget, redis_port: int, username: str) -> None:
     """Clear the rate state Redis holds for *username*'s credential (what readiness
     probes took from it), so that its bucket is full, as a fresh credential's is."""
     import redis
 
-    sql = "SELECT id FROM credentials WHERE username = ?"
-    if str(db).startswith("postgresql://"):
-        import psycopg
-
-        with psycopg.connect(str(db)) as pg:
-            (cid,) = pg.execute(sql.replace("?", "%s"), (username,)).fetchone()
-    else:
-        with sqlite3.connect(db) as c:
-            (cid,) = c.execute(sql, (username,)).fetchone()
+    cid = ledger_value(db, "SELECT id FROM credentials WHERE username = ?", (username,))
     r = redis.Redis(port=redis_port, socket_timeout=5)
     try:
         r.delete(f"datorus:rl:{cid}")
