@@ -1684,6 +1684,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also start a throwaway PostgreSQL (fsync on): the usage writer on SQLite and on"
         " PostgreSQL, and two gateway nodes sharing it and one Redis against one node",
     )
+    ap.add_argument(
+        "--sources",
+        action="store_true",
+        help="only the sources bench (scripts/bench_sources.py): the gateway idle against the"
+        " same gateway while a 10,000-proxy source is scraped and fully checked",
+    )
     a = ap.parse_args(argv)
     if a.workers < 2:
         ap.error("--workers must be at least 2 (one worker is the gateway itself)")
@@ -1841,7 +1847,12 @@ def bench_main(argv: list[str]) -> int:
     children = Children(tmp)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        doc = execute(args, tmp, children)
+        if args.sources:
+            import bench_sources
+
+            doc = bench_sources.run_sources(args, tmp, children)
+        else:
+            doc = execute(args, tmp, children)
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
             print(f"      json: {args.json}")

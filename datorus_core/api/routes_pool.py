@@ -207,7 +207,9 @@ async def pool_stats(who: AnyKey, st: State) -> Any:
 async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
     (``datorus.checkers``) with the package that registered each (one that failed to
-    load shows ``loaded: false`` and why), and the notifiers.
+    load shows ``loaded: false`` and why), and the notifiers: none yet. Notifiers and
+    the events they subscribe to arrive with issue 18; until then the list is empty
+    rather than a health nobody measures.
 
     A checker's health is its record in the ledger, written with every check by every
     gateway on it: ``runs``, ``failures`` (checks it did not pass), ``errors`` (it
@@ -220,7 +222,6 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
     checkers = await run_in_threadpool(installed_checkers)
     health = await run_in_threadpool(lambda: el.checker_health(st.store.db()))
     judge = default_judge_url(st.settings) is not None
-    mail = bool(st.settings.get("smtp_host"))
     return {
         "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
         "checkers": [
@@ -232,9 +233,7 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
             for p in checkers.plugins
         ]
         + [f.info() for f in checkers.failures],
-        "notifiers": [
-            {"name": "smtp" if mail else "outbox", "healthy": True, "subscribes_to": ["account.*"]}
-        ],
+        "notifiers": [],
     }
 
 

@@ -63,6 +63,11 @@ def test_stats_plugins_lists_the_parsers_found_through_entry_points(gw):
     }
 
 
+def test_stats_plugins_lists_no_notifier_nothing_measures(gw):
+    # notifiers and their events arrive with issue 18: no made-up "smtp", healthy, subscribed
+    assert _plugins(gw, gw.key).json()["notifiers"] == []
+
+
 def test_the_third_party_parser_needs_no_change_to_datorus():
     ours = [*sorted((ROOT / "datorus_core").rglob("*.py")), ROOT / "pyproject.toml"]
     names = ("datorus_parser_example", "datorus-parser-example", "SemicolonParser", '"semicolon"')
