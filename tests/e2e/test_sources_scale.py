@@ -32,7 +32,9 @@ from support.waiting import free_port, wait_until
 
 FARM = Path(__file__).resolve().parents[1] / "support" / "proxy_farm.py"
 TOTAL, LIVE = 10_000, 100
-CHECKED_WITHIN = 75.0  # s from the scrape's answer; measured 47 s (load 1.7, 2 cores)
+CHECKED_WITHIN = 240.0  # s from the scrape's answer: a bound, not a target (measured 47 s at load
+# 1.7 on 2 cores; the whole suite beside it on -n 2 can halve the check rate: the time
+# target is scripts/bench --sources's)
 # RSS growth bound: measured +39 MB (135 -> 174 MB) for 10,000 egress (their records, the pool's
 # weights, the check heap, 10,000 check rows in flight to the ledger). 150 MB leaves room
 # for allocator noise on a busy box and still catches a leak per check or a copy per proxy.
