@@ -515,9 +515,14 @@ def test_page_judged_for_block_markers_is_streamed_when_the_allowance_is_short(
     paid for, not a reset after being charged for a page it never saw."""
     gw = make_gateway()
     gw.cli("egress", "add", "direct://")
-    wait_until(
-        lambda: "egress pool: 1 (1 enabled)" in gw.log.read_text(), timeout=5, what="pool live"
-    )
+    # a new egress carries traffic once its checks pass, in every process that serves the
+    # port (each checks the pool itself): asked of each with a customer of its own
+    _, probe_user, probe_pw = gw.customer(trial_bytes=10**9)
+    probe = (
+        f"GET {raw_origin.url('/html/10')} HTTP/1.1\r\nHost: 127.0.0.1:{raw_origin.port}\r\n"
+        f"Proxy-Authorization: {basic(probe_user, probe_pw)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    gw.each_worker(probe, lambda answer: answer[0] == 200, 30)
     acc, user, pw = gw.customer(trial_bytes=100_000, price_cents_per_gb=BOUND_PRICE)
     proxies = {"http": gw.proxy(user, pw)}
     # a page the allowance covers is held and judged whole (a Content-Length answer)

@@ -414,12 +414,24 @@ class Gateway:
 
         One gateway is one process; ``datorus serve``'s workers each keep their own view
         of what they learn by themselves (the pool's health: README), so a test that
-        needs every worker to have learnt something asks each of them.
+        needs every worker to have learnt something asks each of them (and each node, on
+        its own port, with several nodes).
         """
         assert self.proc is not None
         every = self.worker_pids()
         pending = set(every)
         answers: dict[int, tuple[int, dict[str, str], bytes]] = {}
+        if self.nodes > 1:  # each node asked on its own port, not through the balancer
+            for pid, port in zip([p.pid for p in self.node_procs], self.node_ports, strict=True):
+
+                def answered(port: int = port, pid: int = pid) -> bool:
+                    with raw_connection(port) as s:
+                        s.sendall(request)
+                        answers[pid] = read_response(s)
+                    return until(answers[pid])
+
+                wait_until(answered, timeout, 0.02, f"an answer from the node on {port}")
+            return answers
 
         def all_answered() -> bool:
             with raw_connection(self.port) as s:
