@@ -702,12 +702,15 @@ def test_prefix_gives_each_session_its_own_address_and_socks5_upstream(
             assert r.status_code == 200, r.text
             return r.text
 
-        wait_until(lambda: peer("jp").startswith("127.0.1."), 10, 0.05, "prefix egress live")
+        # live once checked (by every worker for itself)
+        jp = forward(gw, peer_origin.url("/peer"), **{"X-Datorus-Country": "jp"})
+        gw.each_worker(jp, lambda a: a[2].startswith(b"127.0.1."), 20)
         a = {peer("jp", **{"X-Datorus-Session-Id": "pa"}) for _ in range(3)}
         b = {peer("jp", **{"X-Datorus-Session-Id": "pb"}) for _ in range(3)}
         assert len(a) == 1 and len(b) == 1 and a != b  # one address per session
         assert len({peer("jp") for _ in range(6)}) >= 2  # and fresh ones without
-        wait_until(lambda: peer("se") == "127.0.0.1", 10, 0.05, "socks5 egress live")
+        se = forward(gw, peer_origin.url("/peer"), **{"X-Datorus-Country": "se"})
+        gw.each_worker(se, lambda a: a[2] == b"127.0.0.1", 20)
         status, _, body = tunnel_get(
             gw.port,
             basic(gw.user, gw.pw),
