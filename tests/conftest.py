@@ -17,7 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support.ledger import ledger_backend  # noqa: E402
 from support.origins import Origin  # noqa: E402
 from support.paths import REPO  # noqa: E402
-from support.postgres import PostgresCluster, postgres_available, shared_cluster  # noqa: E402
+from support.postgres import (  # noqa: E402
+    PostgresCluster,
+    close_shared_cluster,
+    postgres_available,
+    shared_cluster,
+)
 from support.processes import (  # noqa: E402
     Gateway,
     GatewaySetup,
@@ -226,3 +231,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop this test process's PostgreSQL cluster, if it started one."""
+    close_shared_cluster()

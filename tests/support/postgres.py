@@ -29,7 +29,13 @@ from typing import Any
 
 from .waiting import free_port, wait_until
 
-__all__ = ["PG_BIN", "PostgresCluster", "postgres_available", "shared_cluster"]
+__all__ = [
+    "PG_BIN",
+    "PostgresCluster",
+    "close_shared_cluster",
+    "postgres_available",
+    "shared_cluster",
+]
 
 
 def _bin_dir() -> Path | None:
@@ -227,3 +233,12 @@ def shared_cluster() -> PostgresCluster:
         _shared = PostgresCluster().start()
         atexit.register(_shared.destroy)
     return _shared
+
+
+def close_shared_cluster() -> None:
+    """Stop and delete this process's cluster if it was started (conftest calls it when the
+    session ends: an xdist worker can leave without running ``atexit``)."""
+    global _shared
+    if _shared is not None:
+        _shared.destroy()
+        _shared = None

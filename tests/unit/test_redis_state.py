@@ -643,8 +643,11 @@ def test_idle_credit_goes_back_and_the_other_worker_can_claim_it(redis_server, r
         await a.spend(MiB // 2)
         # a reserved nothing more for idle_seconds: what it holds beyond inflight goes back
         await eventually(lambda: a.cred.account.granted == 0, what="the give-back")
-        assert await b.claim_all() == 3 * MiB - MiB // 2
+        # a lowers its own count first, then tells Redis: b can claim once Redis has it
         r = redis_sync.Redis.from_url(redis_server.url)
+        given = str(MiB // 2).encode()
+        await eventually(lambda: r.hget(f"{p}cr:a:1", "a") == given, what="the give-back in Redis")
+        assert await b.claim_all() == 3 * MiB - MiB // 2
         assert r.hgetall(f"{p}cr:a:1") == {b"a": str(MiB // 2).encode(), b"b": b"2621440"}
         await a.hot.stop()
         await b.hot.stop()
