@@ -10,8 +10,7 @@ no arguments; an instance is used as it is). Datorus's own ``tcp_connect`` and
 ``http_anonymity`` are registered the same way in its ``pyproject.toml``. A plugin that
 fails to load, or is no ``Checker`` (``name``, an int ``stage`` >= 1 and ``priority``,
 an async ``check``), is left out and listed with the reason; it never stops the
-gateway. This mirrors the parsers' registry (``datorus_core.sources.registry``), whose
-``PluginFailure`` it shares.
+gateway. Loading is :func:`datorus_core.plugins.load_group`'s, as for the parsers.
 
     >>> reg = installed_checkers()
     >>> [(p.name, p.stage) for p in reg.plugins][:2]
@@ -23,20 +22,17 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from typing import Any
 
-from ..envelope import has_control
-from ..sources.registry import PluginFailure
+from ..plugins import PluginFailure, load_group
 from .base import Checker
 
 log = logging.getLogger("datorus.checkers")
 
 GROUP = "datorus.checkers"
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_STAGE = 99
 
 
@@ -95,17 +91,6 @@ class CheckerRegistry:
         return max((p.stage for p in self.plugins), default=0)
 
 
-def _origin(ep: EntryPoint) -> tuple[str, str]:
-    dist = ep.dist
-    if dist is None:
-        return "", ""
-    return str(dist.name), str(dist.version)
-
-
-def _safe(text: str) -> str:
-    return "".join(c if not has_control(c) else " " for c in text)[:200]
-
-
 def _load(ep: EntryPoint) -> Checker:
     obj = ep.load()
     if isinstance(obj, type):
@@ -131,30 +116,9 @@ def discover_checkers(eps: Iterable[EntryPoint] | None = None) -> CheckerRegistr
     The first of two with one name wins (distributions in name order); the second is a
     failure. Run order: stage, then priority (lower first), then name.
     """
-    found = list(entry_points(group=GROUP) if eps is None else eps)
-    found.sort(key=lambda ep: (_origin(ep)[0].lower(), ep.name))
-    loaded: dict[str, CheckerPlugin] = {}
-    failures: list[PluginFailure] = []
-    for ep in found:
-        package, version = _origin(ep)
-
-        def fail(why: str, ep: EntryPoint = ep, package: str = package, v: str = version) -> None:
-            log.warning("datorus: checker plugin %r from %s not loaded: %s", ep.name, package, why)
-            failures.append(PluginFailure(_safe(ep.name), package, v, ep.module, why))
-
-        if not _NAME.fullmatch(ep.name):
-            fail("its name must be 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)")
-            continue
-        if ep.name in loaded:
-            fail(f"the name is taken by {loaded[ep.name].package or 'another plugin'}")
-            continue
-        try:
-            checker = _load(ep)
-        except Exception as e:  # a broken plugin is reported, never fatal
-            fail(_safe(f"{type(e).__name__}: {e}"))
-            continue
-        loaded[ep.name] = CheckerPlugin(ep.name, package, version, ep.module, checker)
-    order = sorted(loaded.values(), key=lambda p: (p.stage, p.priority, p.name))
+    found, failures = load_group(GROUP, "checker", _load, eps)
+    loaded = [CheckerPlugin(p.name, p.package, p.version, p.module, p.obj) for p in found]
+    order = sorted(loaded, key=lambda p: (p.stage, p.priority, p.name))
     return CheckerRegistry(tuple(order), tuple(failures))
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from typing import Any
 
-from ..envelope import DatorusError, control_free, has_control, validation_error
+from ..envelope import DatorusError, control_free, validation_error
+from ..plugins import PluginFailure, load_group, safe_text
 from .found import FoundProxy
 from .parsers import Content, ParseDefaults, ParseError, Parser
 
@@ -36,7 +36,6 @@ log = logging.getLogger("datorus.sources")
 
 GROUP = "datorus.parsers"
 MAX_LIST_BYTES = 10 * 1024 * 1024  # the largest list a source may serve
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _DEFAULT_PRIORITY = 50
 
 
@@ -63,28 +62,6 @@ class ParserPlugin:
 
 
 @dataclass(frozen=True, slots=True)
-class PluginFailure:
-    """An entry point that did not give a usable parser, and why."""
-
-    name: str
-    package: str
-    version: str
-    module: str
-    error: str
-
-    def info(self) -> dict[str, Any]:
-        """What ``GET /stats/plugins`` shows of it."""
-        return {
-            "name": self.name,
-            "package": self.package,
-            "version": self.version,
-            "module": self.module,
-            "loaded": False,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class ParserRegistry:
     """The parsers found, in the order ``pick_parser`` tries them, and the failures."""
 
@@ -98,17 +75,6 @@ class ParserRegistry:
     def get(self, name: str) -> ParserPlugin | None:
         """The parser called *name*, if one is loaded."""
         return next((p for p in self.plugins if p.name == name), None)
-
-
-def _origin(ep: EntryPoint) -> tuple[str, str]:
-    dist = ep.dist
-    if dist is None:
-        return "", ""
-    return str(dist.name), str(dist.version)
-
-
-def _safe(text: str) -> str:
-    return "".join(c if not has_control(c) else " " for c in text)[:200]
 
 
 def _load(ep: EntryPoint) -> Parser:
@@ -128,35 +94,14 @@ def discover_parsers(eps: Iterable[EntryPoint] | None = None) -> ParserRegistry:
     The first of two with one name wins (distributions in name order); the second is a
     failure. Pick order: each parser's ``priority`` (default 50, lower first), then name.
     """
-    found = list(entry_points(group=GROUP) if eps is None else eps)
-    found.sort(key=lambda ep: (_origin(ep)[0].lower(), ep.name))
-    loaded: dict[str, ParserPlugin] = {}
-    failures: list[PluginFailure] = []
-    for ep in found:
-        package, version = _origin(ep)
-
-        def fail(why: str, ep: EntryPoint = ep, package: str = package, v: str = version) -> None:
-            log.warning("datorus: parser plugin %r from %s not loaded: %s", ep.name, package, why)
-            failures.append(PluginFailure(_safe(ep.name), package, v, ep.module, why))
-
-        if not _NAME.fullmatch(ep.name):
-            fail("its name must be 1-64 of a-z, 0-9, _ . - (starting with a letter or digit)")
-            continue
-        if ep.name in loaded:
-            fail(f"the name is taken by {loaded[ep.name].package or 'another plugin'}")
-            continue
-        try:
-            parser = _load(ep)
-        except Exception as e:  # a broken plugin is reported, never fatal
-            fail(_safe(f"{type(e).__name__}: {e}"))
-            continue
-        loaded[ep.name] = ParserPlugin(ep.name, package, version, ep.module, parser)
+    found, failures = load_group(GROUP, "parser", _load, eps)
+    loaded = [ParserPlugin(p.name, p.package, p.version, p.module, p.obj) for p in found]
 
     def order(p: ParserPlugin) -> tuple[int, str]:
         prio = getattr(p.parser, "priority", _DEFAULT_PRIORITY)
         return (prio if isinstance(prio, int) else _DEFAULT_PRIORITY, p.name)
 
-    return ParserRegistry(tuple(sorted(loaded.values(), key=order)), tuple(failures))
+    return ParserRegistry(tuple(sorted(loaded, key=order)), tuple(failures))
 
 
 @functools.cache
@@ -237,7 +182,7 @@ def parse_list(parser: Parser, content: Content, defaults: ParseDefaults) -> Par
     except DatorusError:
         raise
     except ParseError as e:
-        why = _safe(str(e))
+        why = safe_text(str(e))
         raise validation_error("content", why, f"Unreadable list: {why}.") from None
     except Exception as e:  # a plugin's bug: its message may hold a line, so not shown
         log.warning("datorus: parser %r failed: %s", parser.name, type(e).__name__)
@@ -259,5 +204,5 @@ def parse_list(parser: Parser, content: Content, defaults: ParseDefaults) -> Par
         tuple(seen.values()),
         skipped,
         duplicates,
-        tuple(_safe(str(x)) for x in problems[:20]) if isinstance(problems, list) else (),
+        tuple(safe_text(str(x)) for x in problems[:20]) if isinstance(problems, list) else (),
     )
