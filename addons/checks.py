@@ -217,7 +217,8 @@ class CheckRunner:
                 self.cached = None
                 self.own_at = time.monotonic()
             else:
-                log.warning("datorus: the judge at %s is not answering: %s", url, out.detail)
+                shown = url.split("?", 1)[0]  # never the check token
+                log.warning("datorus: the judge at %s is not answering: %s", shown, out.detail)
                 self.own_at = time.monotonic() - _OWN_SECONDS + _OWN_RETRY
         finally:
             self.learning = None

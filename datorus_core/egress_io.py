@@ -46,17 +46,37 @@ async def handshake(
     HTTP(S) proxies get ``CONNECT`` with our own ``Proxy-Authorization`` for them
     (never the customer's); SOCKS4 proxies a SOCKS4 request (SOCKS4a for a name) with
     the URL's user as USERID; SOCKS5 proxies the RFC 1928 exchange with RFC 1929
-    username/password when the URL has them. Raises HandshakeError.
+    username/password when the URL has them. Raises HandshakeError, also for what
+    cannot be said to the proxy at all (a user name longer than SOCKS allows, a name IDNA
+    cannot encode): the egress is then failed like any other, never a crash.
     """
-    if spec.kind in ("http", "https"):
-        await proxy_tls(spec, writer)
-        await _http_connect(spec, host, port, reader, writer)
-    elif spec.kind == "socks4":
-        await _socks4_connect(spec, host, port, reader, writer)
-    elif spec.kind == "socks5":
-        await _socks5_connect(spec, host, port, reader, writer)
-    else:
-        raise HandshakeError(f"not a proxy egress: {spec.kind}")
+    try:
+        if spec.kind in ("http", "https"):
+            await proxy_tls(spec, writer)
+            await _http_connect(spec, host, port, reader, writer)
+        elif spec.kind == "socks4":
+            await _socks4_connect(spec, host, port, reader, writer)
+        elif spec.kind == "socks5":
+            await _socks5_connect(spec, host, port, reader, writer)
+        else:
+            raise HandshakeError(f"not a proxy egress: {spec.kind}")
+    except (ValueError, UnicodeError) as e:  # UnicodeError is a ValueError; named for clarity
+        # a target name IDNA cannot encode is the target's fault, not the proxy's
+        raise HandshakeError(
+            f"cannot ask the {spec.kind} proxy: {type(e).__name__}", not _idna_ok(host)
+        ) from e
+
+
+def _idna_ok(host: str) -> bool:
+    """Whether *host* (a name or an address literal) can be put on the wire."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return False
+    return True
 
 
 async def proxy_tls(spec: EgressSpec, writer: asyncio.StreamWriter) -> None:

@@ -57,6 +57,8 @@ def valid_check_token(secret: str, token: str, now: float) -> bool:
     current = int(now // WINDOW_SECONDS)
     if window not in (current, current - 1):
         return False
+    if not mac.isascii():  # compare_digest refuses non-ASCII text (a TypeError, a 500)
+        return False
     return hmac.compare_digest(mac, _mac(secret, window))
 
 

@@ -23,6 +23,7 @@ import psycopg
 from psycopg.adapt import Buffer, Loader
 
 from .errors import PostgresError, PostgresIntegrityError
+from .target import scrubbed
 
 __all__ = ["AsyncPostgres", "NATIVE_ERRORS", "connect", "connect_async", "translate"]
 
@@ -47,11 +48,14 @@ class _IntNumeric(Loader):
         return int(value) if value == value.to_integral_value() else value
 
 
-def translate(e: BaseException) -> PostgresError:
+def translate(e: BaseException, target: str | None = None) -> PostgresError:
     """The :class:`PostgresError` that stands for the driver's error *e* (raise it
-    ``from e``)."""
+    ``from e``); with *target*, the URL's password is masked in its message (libpq
+    quotes parts of a URL it cannot parse)."""
     cls = PostgresIntegrityError if isinstance(e, psycopg.IntegrityError) else PostgresError
     message = " ".join(str(e).split()) or type(e).__name__
+    if target is not None:
+        message = scrubbed(message, target)
     return cls(message, getattr(e, "sqlstate", None))
 
 
@@ -62,7 +66,7 @@ def connect(target: str, timeout: float = 5.0) -> psycopg.Connection[Any]:
             target, autocommit=True, connect_timeout=max(1, int(timeout)), **_OPTIONS
         )
     except psycopg.Error as e:
-        raise translate(e) from e
+        raise translate(e, target) from e
     conn.adapters.register_loader("numeric", _IntNumeric)
     return conn
 
@@ -74,7 +78,7 @@ async def connect_async(target: str, timeout: float = 5.0) -> AsyncPostgres:
             target, autocommit=True, connect_timeout=max(1, int(timeout)), **_OPTIONS
         )
     except psycopg.Error as e:
-        raise translate(e) from e
+        raise translate(e, target) from e
     conn.adapters.register_loader("numeric", _IntNumeric)
     return AsyncPostgres(conn)
 

@@ -29,7 +29,7 @@ from urllib.parse import quote
 from ..egress import COUNTRY_RE
 
 PROTOCOLS = ("http", "https", "socks4", "socks5")
-MAX_CREDENTIAL_CHARS = 255
+MAX_CREDENTIAL_BYTES = 255  # SOCKS5's limit (RFC 1929), in UTF-8 bytes
 # a DNS label (RFC 1123): letters, digits and hyphens, not at either end, 1-63 of them
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _DOTTED_DIGITS = re.compile(r"[0-9.]+")
@@ -81,8 +81,8 @@ def _credential(what: str, value: object) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidEntry(f"the {what} must be text")
-    if len(value) > MAX_CREDENTIAL_CHARS:
-        raise InvalidEntry(f"the {what} is longer than {MAX_CREDENTIAL_CHARS} characters")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_CREDENTIAL_BYTES:
+        raise InvalidEntry(f"the {what} is longer than {MAX_CREDENTIAL_BYTES} bytes")
     if _CONTROL.search(value):  # CR/LF would split a header or a log line
         raise InvalidEntry(f"the {what} holds a control character")
     return value

@@ -302,3 +302,38 @@ def test_the_default_judge_is_our_own():
     assert default_judge_url({**s, "egress_check_url": "http://j.example/ip"}, "t") == (
         "http://j.example/ip"
     )
+
+
+def test_a_check_token_with_a_non_ascii_mac_is_refused_not_an_error():
+    # compare_digest raises TypeError on non-ASCII text: /judge answered 500 for it
+    now = 1_800_000_000.0
+    head = check_token("s", now).split(".")[0]
+    assert not valid_check_token("s", f"{head}.é", now)
+
+
+def test_what_cannot_be_said_to_a_proxy_fails_the_handshake_not_the_caller():
+    import asyncio
+
+    from datorus_core.egress import parse_egress_url
+    from datorus_core.egress_io import HandshakeError, handshake
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            pass
+
+    async def attempt(url: str, host: str) -> HandshakeError:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\x05\x02\x01\x00")  # method user/pass, then "accepted"
+        with pytest.raises(HandshakeError) as e:
+            await handshake(parse_egress_url(url), host, 80, reader, Sink())  # type: ignore[arg-type]
+        return e.value
+
+    # a SOCKS5 user name of 256 bytes: the proxy's fault (taken out of the pool)
+    long_user = asyncio.run(attempt(f"socks5://{'u' * 256}:p@127.0.0.1:1080", "example.com"))
+    assert long_user.target is False
+    # a target name IDNA cannot encode: the target's fault, the proxy stays
+    bad_name = asyncio.run(attempt("socks4://127.0.0.1:1080", "a" * 64 + ".example"))
+    assert bad_name.target is True

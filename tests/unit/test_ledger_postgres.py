@@ -637,3 +637,14 @@ def test_the_api_store_opens_a_new_connection_after_the_server_dropped_its_own(
     fresh = store.db()  # the thread's next request
     assert fresh is not db and fresh.value("SELECT 1") == 1
     assert Store(postgres_url).ledger_id == store.ledger_id
+
+
+def test_a_url_libpq_cannot_parse_never_shows_its_password() -> None:
+    # libpq quotes the bad part of a URL in its message: here, the password
+    from datorus_core.ledger import postgres
+    from datorus_core.ledger.errors import PostgresError
+
+    url = "postgresql://u:p%zzs3cret@127.0.0.1:1/x"
+    with pytest.raises(PostgresError) as e:
+        postgres.connect(url, timeout=1)
+    assert "s3cret" not in str(e.value) and "zz" not in str(e.value)

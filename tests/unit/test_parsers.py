@@ -428,3 +428,9 @@ def test_credentials_refuse_exactly_the_envelopes_control_characters():
         except InvalidEntry:
             refused = True
         assert refused == has_control(c), hex(code)
+
+
+def test_credentials_are_capped_in_bytes_as_socks5_counts_them():
+    FoundProxy("socks5", "10.0.0.1", 1080, "é" * 127, "p")  # 254 bytes
+    with pytest.raises(InvalidEntry, match="255 bytes"):
+        FoundProxy("socks5", "10.0.0.1", 1080, "é" * 128, "p")  # 128 characters, 256 bytes
