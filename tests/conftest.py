@@ -197,6 +197,15 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.create_database()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh ledger location on each backend in turn: a SQLite path, then a fresh
+    PostgreSQL database's URL (for tests of the ledger package on both)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
 # -- one process or several (issue 15), one node or several, a SQLite file or PostgreSQL
 # (issue 16) ------------------------------------------------------------------------------
 

@@ -3,22 +3,17 @@ the same rows, on a SQLite file and on a PostgreSQL database."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from support.ledger import ledger_dir, ledger_exec, ledger_row, ledger_rows, ledger_value
-from support.postgres import PostgresCluster
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    if request.param == "sqlite":
-        return tmp_path / "ledger.db"
-    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-    return cluster.create_database()
+@pytest.fixture
+def target(ledger_target: str) -> str:
+    """A fresh ledger on each backend in turn (conftest's ``ledger_target``)."""
+    return ledger_target
 
 
-def test_portable_sql_gives_the_same_rows_on_both(target: Path | str) -> None:
+def test_portable_sql_gives_the_same_rows_on_both(target: str) -> None:
     ledger_exec(target, "CREATE TABLE t (id INTEGER PRIMARY KEY, n BIGINT, s TEXT)")
     for i, (n, s) in enumerate([(2**61, "a%"), (2**61, "b?"), (1, None)], start=1):
         ledger_exec(target, "INSERT INTO t (id, n, s) VALUES (?, ?, ?)", (i, n, s))

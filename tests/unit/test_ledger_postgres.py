@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,12 +48,10 @@ NANO = 10**9
 DAY = "2026-01-02"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh ledger location: a SQLite path, or a fresh PostgreSQL database's URL."""
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return str(request.getfixturevalue("postgres_url"))
+@pytest.fixture
+def target(ledger_target: str) -> str:
+    """A fresh ledger on each backend in turn (conftest's ``ledger_target``)."""
+    return ledger_target
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,12 +26,10 @@ from datorus_core.sources.found import FoundProxy
 NOW = 1_800_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh ledger location: a SQLite path, or a fresh PostgreSQL database's URL."""
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return str(request.getfixturevalue("postgres_url"))
+@pytest.fixture
+def target(ledger_target: str) -> str:
+    """A fresh ledger on each backend in turn (conftest's ``ledger_target``)."""
+    return ledger_target
 
 
 @pytest.fixture
