@@ -544,12 +544,14 @@ def test_page_judged_for_block_markers_is_streamed_when_the_allowance_is_short(
 def test_parallel_tunnels_of_one_account_cannot_overspend(gateway, tls_origin, ca):
     acc, user, pw = gateway.customer(trial_bytes=3_000_000, price_cents_per_gb=BOUND_PRICE)
     results: list[int] = []
+    # all four are open before any spends: a tunnel opened once the money is gone is
+    # rightly refused 402, and on a loaded box a late thread would find it gone
+    socks = [open_tunnel(gateway, user, pw, tls_origin.port)[0] for _ in range(4)]
 
-    def one():
-        s, _ = open_tunnel(gateway, user, pw, tls_origin.port)
+    def one(s: socket.socket) -> None:
         results.append(tls_download(s, ca, "/bytes/20000000"))
 
-    threads = [threading.Thread(target=one) for _ in range(4)]
+    threads = [threading.Thread(target=one, args=(s,)) for s in socks]
     for t in threads:
         t.start()
     for t in threads:
