@@ -49,6 +49,7 @@ class FlowCtx:
         "pend_up",
         "rl_headers",
         "session_id",
+        "session_pin",
         "settled_at",
         "started",
         "status",
@@ -86,6 +87,9 @@ class FlowCtx:
         self.head_sent = False  # the response head is on its way to the client
         self.timed_out = False
         self.timeout: int | None = None  # seconds the upstream timer ran (504's timeoutSeconds)
+        # shared hot state: (session id, its egress or None, when) as the rate limit's
+        # round trip read it, for routing to use instead of asking again
+        self.session_pin: tuple[str, int | None, float] | None = None
         self.timer: Any = None
         self.rl_headers: tuple[tuple[str, str], ...] = ()
         self.session_id: str | None = None
@@ -97,6 +101,7 @@ class FlowCtx:
 
 
 KEY = "datorus"
+ROUTE = "datorus_route"  # flow.metadata: the egress.Route the client asked for
 
 
 def flow_ctx(flow: http.HTTPFlow) -> FlowCtx | None:

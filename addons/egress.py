@@ -53,13 +53,16 @@ from datorus_core.workers import serve_secret
 from . import patches
 from .auth import parse_basic
 from .checks import CheckRunner
-from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
+from .context import ROUTE, TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
 
 _SEEN_SESSIONS = 10_000  # sessions a worker remembers for previews (shared hot state)
 
-ROUTE = "datorus_route"
+# how old a sticky session's pin read by the rate limit's round trip may be for routing to
+# use it: older means the request waited in between (a claim, a DNS answer), and another
+# worker may have re-pinned the session meanwhile, so it is read again
+PIN_FRESH_SECONDS = 0.005
 _SNIFF = 65536  # bytes of a body searched for block-page markers
 _BUFFER_MAX = 262144  # small text bodies are held back so the verdict can be a header
 
@@ -301,6 +304,13 @@ class EgressRouter:
         if isinstance(hot, LocalHotState):
             self._go(flow, fc, ask, tunnel, now, hot.sessions.get)
             return None
+        hint, fc.session_pin = fc.session_pin, None
+        if ask.session_id and hint is not None:
+            sid, pinned, at = hint
+            if sid == ask.session_id and now - at <= PIN_FRESH_SECONDS:
+                # the rate limit's round trip read the pin just now: no second one
+                self._go_pinned(flow, fc, ask, tunnel, now, pinned)
+                return None
         return self._route_shared(flow, fc, ask, tunnel, now)
 
     async def _route_shared(
@@ -312,6 +322,23 @@ class EgressRouter:
             pinned = await self.gw.hot.session(ask.account_id, ask.session_id, now)
             if pinned is not None:
                 self.seen.put(ask.account_id, ask.session_id, pinned, now)
+        self._go(flow, fc, ask, tunnel, now, lambda _a, _s, _n: pinned)
+
+    def _go_pinned(
+        self,
+        flow: http.HTTPFlow,
+        fc: FlowCtx,
+        ask: Ask,
+        tunnel: bool,
+        now: float,
+        pinned: int | None,
+    ) -> None:
+        """Routing with the sticky session's pin the rate limit's take read (not yet kept
+        alive: it is once the pin is used or replaced, as ``hot.session`` would have)."""
+        assert ask.session_id is not None
+        if pinned is not None:
+            self.seen.put(ask.account_id, ask.session_id, pinned, now)
+            self.gw.hot.touch_session(ask.account_id, ask.session_id, now)
         self._go(flow, fc, ask, tunnel, now, lambda _a, _s, _n: pinned)
 
     def _go(

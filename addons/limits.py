@@ -19,7 +19,7 @@ from datorus_core.hotstate.base import Take
 from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import CredentialState
 
-from .context import FlowCtx, Gateway, flow_ctx
+from .context import ROUTE, FlowCtx, Gateway, flow_ctx
 
 
 def rate_headers(cred: CredentialState, v: Any) -> tuple[tuple[str, str], ...]:
@@ -63,8 +63,15 @@ class RateLimits:
         return self._take_shared(flow, fc, key)
 
     async def _take_shared(self, flow: http.HTTPFlow, fc: FlowCtx, key: str | None) -> None:
+        """The shared state's take, which also reads the request's sticky session in the
+        same round trip: routing (``addons/egress.py``) uses it if nothing waited between."""
         assert fc.cred is not None
-        self._judge(flow, fc, await self.gw.hot.take(fc.cred, key, time.monotonic()))
+        route = flow.metadata.get(ROUTE)
+        sid = None if route is None else route.session_id
+        t = await self.gw.hot.take(fc.cred, key, time.monotonic(), sid)
+        if t.session_read and sid is not None:
+            fc.session_pin = (sid, t.session, time.monotonic())
+        self._judge(flow, fc, t)
 
     def _judge(self, flow: http.HTTPFlow, fc: FlowCtx, t: Take) -> None:
         """Answer 429 if the hot state's count says so; else note the slot taken."""

@@ -40,12 +40,17 @@ class Take:
     *verdict* is the rate limiter's; *open_tunnels* is how many tunnels the account
     had open before this one (None when no tunnel was asked for); *tunnel* is True when
     a tunnel slot was taken for this request (it must be given back with
-    :meth:`HotState.tunnel_closed`).
+    :meth:`HotState.tunnel_closed`). When a sticky session was named and read in the
+    same step (a shared state, the request allowed), *session_read* is True and
+    *session* is the egress it is pinned to (None: not pinned), not yet kept alive
+    (:meth:`HotState.touch_session` does that once the route uses it).
     """
 
     verdict: Verdict
     open_tunnels: int | None = None
     tunnel: bool = False
+    session: int | None = None
+    session_read: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +144,20 @@ class HotState(Protocol):
         """Give back what this process holds (credit, tunnel slots) and disconnect."""
         ...
 
-    async def take(self, cred: CredentialState, tunnel_key: str | None, now: float) -> Take:
+    async def take(
+        self,
+        cred: CredentialState,
+        tunnel_key: str | None,
+        now: float,
+        session_id: str | None = None,
+    ) -> Take:
         """Count one request of *cred* against its rate limit, at *now* (monotonic).
 
         With *tunnel_key* (a CONNECT or an upgrade), also take one of the account's
         open-tunnel slots under that key, but only if the rate allows the request and
-        fewer than ``max_tunnels`` are open: the two are decided together.
+        fewer than ``max_tunnels`` are open: the two are decided together. With
+        *session_id*, a shared state may also read the sticky session's egress in the
+        same round trip (``Take.session_read``), so routing need not ask again.
         """
         ...
 
@@ -187,6 +200,10 @@ class HotState(Protocol):
 
     def pin_session(self, account_id: int, session_id: str, egress_id: int, now: float) -> None:
         """Pin (or re-pin) a sticky session to *egress_id*."""
+        ...
+
+    def touch_session(self, account_id: int, session_id: str, now: float) -> None:
+        """Keep alive a session whose pin ``Take.session`` read and the route used."""
         ...
 
     def announce_block(self, news: BlockNews) -> None:

@@ -95,8 +95,15 @@ class LocalHotState:
     async def stop(self) -> None:
         """Nothing to give back."""
 
-    async def take(self, cred: CredentialState, tunnel_key: str | None, now: float) -> Take:
-        """The credential's own limiter, and the account's open tunnels."""
+    async def take(
+        self,
+        cred: CredentialState,
+        tunnel_key: str | None,
+        now: float,
+        session_id: str | None = None,
+    ) -> Take:
+        """The credential's own limiter, and the account's open tunnels (the session is
+        routing's to read: the table is at hand)."""
         return self.take_now(cred, tunnel_key, now)
 
     def take_now(self, cred: CredentialState, tunnel_key: str | None, now: float) -> Take:
@@ -151,6 +158,10 @@ class LocalHotState:
     def pin_session(self, account_id: int, session_id: str, egress_id: int, now: float) -> None:
         """Pin in the session table."""
         self.sessions.put(account_id, session_id, egress_id, now)
+
+    def touch_session(self, account_id: int, session_id: str, now: float) -> None:
+        """Keep the session alive in the table (routing reads it with ``get``, which does)."""
+        self.sessions.get(account_id, session_id, now)
 
     def announce_block(self, news: BlockNews) -> None:
         """No one else to tell."""

@@ -17,11 +17,16 @@ local _t = redis.call('TIME')
 local now = (tonumber(_t[1]) - {ORIGIN}) + tonumber(_t[2]) / 1000000
 """
 
-# KEYS: 1 the credential's GCRA hash, [2 the account's open-tunnel zset]
-# ARGV: 1 rate, 2 burst, 3 expiry ms, [4 tunnel member, 5 max tunnels, 6 lease seconds]
+# KEYS: 1 the credential's GCRA hash, [2 a sticky session's key], [then the account's
+# open-tunnel zset]
+# ARGV: 1 rate, 2 burst, 3 expiry ms, 4 1 when KEYS[2] is a session (else 0),
+# [5 tunnel member, 6 max tunnels, 7 lease seconds]
 # The arithmetic is ratelimit.Gcra.take's (debt formulation, _EPS slack), line for line.
-# Returns {allowed, debt before, at before, now, open tunnels before (-1: none asked), taken};
-# the caller replays Gcra.take from the state before to build the verdict's fields.
+# Returns {allowed, debt before, at before, now, open tunnels before (-1: none asked), taken,
+# the session's egress (nil: not pinned, or the request refused)}; the caller replays
+# Gcra.take from the state before to build the verdict's fields. The session is read, not
+# kept alive: the request may still be refused before it is routed (the caller touches it
+# when its route uses the pin).
 TAKE = (
     _NOW
     + """
@@ -41,18 +46,22 @@ if debt + 1 <= burst + 0.001 then
 end
 local count = -1
 local taken = 0
-if KEYS[2] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.17g', now))
-  count = redis.call('ZCARD', KEYS[2])
-  if allowed == 1 and count < tonumber(ARGV[5]) then
-    local lease = tonumber(ARGV[6])
-    redis.call('ZADD', KEYS[2], string.format('%.17g', now + lease), ARGV[4])
-    redis.call('PEXPIRE', KEYS[2], string.format('%d', (lease + 1) * 1000))
+local session = tonumber(ARGV[4])
+local tun = KEYS[2 + session]
+if tun then
+  redis.call('ZREMRANGEBYSCORE', tun, '-inf', string.format('%.17g', now))
+  count = redis.call('ZCARD', tun)
+  if allowed == 1 and count < tonumber(ARGV[6]) then
+    local lease = tonumber(ARGV[7])
+    redis.call('ZADD', tun, string.format('%.17g', now + lease), ARGV[5])
+    redis.call('PEXPIRE', tun, string.format('%d', (lease + 1) * 1000))
     taken = 1
   end
 end
+local pinned = false
+if session == 1 and allowed == 1 then pinned = redis.call('GET', KEYS[2]) end
 return {allowed, string.format('%.17g', debt0), string.format('%.17g', at0),
-        string.format('%.17g', now), count, taken}
+        string.format('%.17g', now), count, taken, pinned}
 """
 )
 

@@ -170,6 +170,7 @@ from ..sessions import SessionTable
 from . import redis_lua
 from .base import BlockNews, HotState, LeaseNews, Listener, Take
 from .local import LoginFailures
+from .redis_link import RedisLink, resolve
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ IDLE_SECONDS = 2.0  # credit of an account that reserved nothing for this long g
 SETTLE_SECONDS = HEARTBEAT_SECONDS + 1.0  # no grants this long after a Redis restart
 WAIT_SECONDS = 1.0  # a claim waits this long for a usable snapshot or a re-assert
 PULL_SECONDS = 0.5  # a short claim waits this long for the other workers to give back
+TOUCH_SECONDS = 0.005  # a session's keep-alive waits at most this long for a batch to join
 VERSION_MS = 600_000  # the newest configuration version read is kept this long
 WINDOW = 60.0  # failed logins are counted per minute (as in .local)
 _MAX_LUA = 1 << 52  # Lua numbers are doubles: keep every sum exact
@@ -281,6 +283,8 @@ class RedisHotState:
             socket_connect_timeout=TIMEOUT,
             retry=Retry(NoBackoff(), 0),  # a script is never sent twice
         )
+        # the request path's batches (:meth:`_command`): one pipelined connection
+        self.link = RedisLink(url, TIMEOUT, self._resolve)
         r = self.redis
         self._take = r.register_script(redis_lua.TAKE)
         self._renew = r.register_script(redis_lua.RENEW)
@@ -347,7 +351,11 @@ class RedisHotState:
         self._pull_seq = 0
         self._answers: set[asyncio.Task[None]] = set()  # give-backs other workers asked for
         # the request path's commands waiting for this loop turn's pipeline
-        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] = []
+        # sessions to keep alive (key -> TTL ms), sent with the next batch
+        self._touches: dict[str, int] = {}
+        self._touch_timer: asyncio.TimerHandle | None = None
+        self._retried: set[asyncio.Future[Any]] = set()  # sent again after a script load
         self._sending: set[asyncio.Task[None]] = set()
         self._scripts: dict[str, AsyncScript] = {}
         self.logins = LoginFailures()
@@ -421,6 +429,8 @@ class RedisHotState:
             await asyncio.wait([*self._sending, *self._answers], timeout=TIMEOUT * 2)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+        with contextlib.suppress(Exception):
+            await self.link.aclose()
 
     def reachable(self) -> bool:
         """Whether a claim's answer is about money: False while Redis is out of reach,
@@ -532,42 +542,61 @@ class RedisHotState:
             loop.call_soon(self._send_batch)
         return fut
 
+    def _touch_later(self, key: str, ttl_ms: int) -> None:
+        """Renew *key*'s expiry to *ttl_ms* with the next batch of the request path, or
+        within :data:`TOUCH_SECONDS` by itself (nobody waits for the answer). Touches of one
+        key in between go as one: each sets the expiry from when it runs, so a touch sent
+        late keeps the key alive a little longer, never shorter."""
+        if not self._touches:
+            self._touch_timer = asyncio.get_running_loop().call_later(
+                TOUCH_SECONDS, self._flush_touches
+            )
+        self._touches[key] = ttl_ms
+
+    def _flush_touches(self) -> None:
+        self._touch_timer = None
+        if self._touches and not self._batch:  # else the batch due this turn takes them
+            self._send_batch()
+
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
-        t = asyncio.get_running_loop().create_task(self._pipeline(batch))
-        self._sending.add(t)
-        t.add_done_callback(self._sending.discard)
+        if self._touches:
+            touches, self._touches = self._touches, {}
+            if self._touch_timer is not None:
+                self._touch_timer.cancel()
+                self._touch_timer = None
+            batch += [(("PEXPIRE", k, ttl), None) for k, ttl in touches.items()]
+        t = asyncio.get_running_loop().create_task(self.link.send(batch))
+        if not t.done():  # written at once unless connecting or the socket is full
+            self._sending.add(t)
+            t.add_done_callback(self._sending.discard)
 
-    async def _pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        try:
-            replies = await self._execute([c for c, _ in batch])
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:  # a Redis that restarted lost the scripts: load them, send again
-                for sha in {batch[i][0][1] for i in missing}:
-                    await self.redis.script_load(self._scripts[sha].script)
-                again = await self._execute([batch[i][0] for i in missing])
-                for i, r in zip(missing, again, strict=True):
-                    replies[i] = r
-        except BaseException as e:
-            err = e if isinstance(e, Exception) else RedisError(f"batch interrupted: {e!r}")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            if not isinstance(e, Exception):
-                raise
+    def _resolve(
+        self, command: tuple[Any, ...], fut: asyncio.Future[Any] | None, reply: Any
+    ) -> None:
+        """A reply of the link: to the command's future; a script Redis lost (it
+        restarted) is loaded again and the command sent again, once."""
+        if fut is None or fut.done():
             return
-        for (_, fut), r in zip(batch, replies, strict=True):
-            if not fut.done():
-                if isinstance(r, Exception):
-                    fut.set_exception(r)
-                else:
-                    fut.set_result(r)
+        if isinstance(reply, NoScriptError) and fut not in self._retried:
+            t = asyncio.get_running_loop().create_task(self._reload(command, fut))
+            self._sending.add(t)
+            t.add_done_callback(self._sending.discard)
+        else:
+            resolve(command, fut, reply)
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for c in commands:
-                pipe.execute_command(*c)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _reload(self, command: tuple[Any, ...], fut: asyncio.Future[Any]) -> None:
+        try:
+            await self.redis.script_load(self._scripts[command[1]].script)
+            again = self._command(*command)
+            self._retried.add(again)
+            try:
+                reply = await again
+            finally:
+                self._retried.discard(again)
+        except Exception as e:
+            reply = e
+        resolve(command, fut, reply)
 
     def _send_later(self, *command: Any) -> None:
         """Queue a write nobody waits for (dropped while Redis is unreachable)."""
@@ -607,9 +636,16 @@ class RedisHotState:
 
     # -- rate and tunnels ------------------------------------------------------------------
 
-    async def take(self, cred: CredentialState, tunnel_key: str | None, now: float) -> Take:
+    async def take(
+        self,
+        cred: CredentialState,
+        tunnel_key: str | None,
+        now: float,
+        session_id: str | None = None,
+    ) -> Take:
         """GCRA and the tunnel cap in one script on Redis's clock (*now*, monotonic, is
-        used only by the fallback)."""
+        used only by the fallback), and the sticky session's pin read in the same step
+        (not kept alive: :meth:`touch_session`)."""
         acc = cred.account
         if self.up:
             keys = [f"{self.prefix}rl:{cred.id}"]
@@ -617,7 +653,10 @@ class RedisHotState:
                 acc.rps,
                 acc.burst,
                 math.ceil((acc.burst + 1) / acc.rps * 1000) + 1000,
+                0 if session_id is None else 1,
             ]
+            if session_id is not None:
+                keys.append(self._session_key(acc.id, session_id))
             if tunnel_key is not None:
                 keys.append(self._tun_key(acc.id))
                 args += [self._member(tunnel_key), acc.max_tunnels, self.lease_seconds]
@@ -626,7 +665,7 @@ class RedisHotState:
             except _ERRORS as e:
                 self._failed(e)
             else:
-                _, debt0, at0, rnow, count, taken = res
+                allowed, debt0, at0, rnow, count, taken, pinned = res
                 g = self._mirror.get(cred.id)
                 if g is None or g.burst != acc.burst or g.rate != float(acc.rps):
                     g = self._mirror[cred.id] = Gcra(acc.rps, acc.burst)
@@ -634,11 +673,13 @@ class RedisHotState:
                 self.clock = float(rnow)
                 v = g.take(self.clock)  # the script's decision, replayed for its fields
                 self._offset = self.clock - time.monotonic()
+                read = session_id is not None and bool(allowed)
+                egress = None if pinned is None else int(pinned)
                 if tunnel_key is None:
-                    return Take(v)
+                    return Take(v, session=egress, session_read=read)
                 if taken:
                     self._opened(acc, tunnel_key)
-                return Take(v, int(count), bool(taken))
+                return Take(v, int(count), bool(taken), egress, read)
         return self._take_locally(cred, tunnel_key, now)
 
     def _take_locally(self, cred: CredentialState, tunnel_key: str | None, now: float) -> Take:
@@ -1058,6 +1099,15 @@ class RedisHotState:
                 return None if raw is None else int(raw)
         t = self.sessions
         return t.get(account_id, session_id, now) if touch else t.peek(account_id, session_id, now)
+
+    def touch_session(self, account_id: int, session_id: str, now: float) -> None:
+        """Keep alive in Redis (with the next batch, nobody waits) a session whose pin
+        :meth:`take` read and the route used; in the local table while Redis is down."""
+        if self.up and not self._stopping:
+            ttl_ms = int(self.sessions.ttl * 1000)
+            self._touch_later(self._session_key(account_id, session_id), ttl_ms)
+        else:
+            self.sessions.get(account_id, session_id, now)
 
     def pin_session(self, account_id: int, session_id: str, egress_id: int, now: float) -> None:
         """Pin in Redis (in the background) and in the local table."""
