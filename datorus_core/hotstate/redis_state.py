@@ -10,7 +10,12 @@ per decision (:mod:`.redis_lua`):
   every 20 s, so the slots of a killed worker lapse by themselves.
 - **failed logins** per client address (:meth:`~RedisHotState.login_failed`).
 - **sticky sessions**: ``{p}s:{account}:{session}`` -> egress id, expiring after the
-  session TTL; **news** (blocks, leases): ``PUBLISH`` on ``{p}news``.
+  session TTL. The rate limit's script also reads the request's session (so a forward
+  request makes one round trip, not two); routing keeps it alive when it uses the pin
+  (``PEXPIRE`` with the next batch, within :data:`TOUCH_SECONDS`, one per session).
+  **News** (blocks, leases): ``PUBLISH`` on ``{p}news``.
+- **the request path's commands** of one event-loop turn go as one batch on one
+  pipelined connection (:class:`~.redis_link.RedisLink`).
 - **byte credit** (:meth:`~RedisHotState.claim`), the part that bounds money.
 
 Byte credit

@@ -316,6 +316,51 @@ def test_sticky_sessions_are_shared_and_expire_after_the_ttl(redis_server, reque
     run(main())
 
 
+def test_the_rate_limit_round_trip_reads_the_session_and_a_used_pin_is_kept_alive(
+    redis_server, request
+):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a", account_row(rps=1, burst=1)).start()
+        t = await a.hot.take(a.cred, None, 0.0, "s1")
+        assert t.verdict.allowed and t.session_read and t.session is None  # not pinned yet
+        a.hot.pin_session(1, "s1", 42, 0.0)
+        r = redis_sync.Redis.from_url(redis_server.url)
+        key = f"{p}s:1:s1"
+        await eventually(lambda: r.get(key) == b"42", what="the pin")
+        r.pexpire(key, 100_000)
+        a.rt.accounts[1].rps = a.rt.accounts[1].burst = 1000
+        t = await a.hot.take(a.cred, "c1", 0.0, "s1")  # a tunnel's take reads it too
+        assert (t.tunnel, t.session_read, t.session) == (True, True, 42)
+        assert r.pttl(key) <= 100_000  # read, not kept alive: the request may be refused yet
+        a.hot.touch_session(1, "s1", 0.0)  # the route used the pin
+        await eventually(lambda: r.pttl(key) > 599_000, what="the touch, with a batch or alone")
+        a.rt.accounts[1].rps, a.rt.accounts[1].burst = 1, 1
+        t = await a.hot.take(a.cred, None, 0.0, "s1")
+        assert not t.verdict.allowed and not t.session_read  # refused: routing never asks
+        await a.hot.stop()
+
+    run(main())
+
+
+def test_commands_in_flight_fail_fast_when_redis_goes_and_come_back_with_it(redis_server, request):
+    async def main() -> None:
+        p = prefix_of(request)
+        a = await Worker(redis_server.url, p, "a").start()
+        assert (await a.hot.take(a.cred, None, 0.0, "s1")).session_read
+        redis_server.stop()
+        t0 = time.monotonic()
+        takes = await asyncio.gather(*(a.hot.take(a.cred, None, 0.0, "s1") for _ in range(5)))
+        assert time.monotonic() - t0 < 0.6 and not a.hot.up
+        assert all(t.verdict.allowed and not t.session_read for t in takes)  # local shares
+        redis_server.start()
+        await eventually(lambda: a.hot.synced, what="recovery")
+        assert (await a.hot.take(a.cred, None, 0.0, "s1")).session_read  # a new connection
+        await a.hot.stop()
+
+    run(main())
+
+
 async def _is(coro: Any, want: Any) -> bool:
     return await coro == want
 
