@@ -35,6 +35,7 @@ def _assemble() -> list:
     from addons.policy import AcceptableUse
     from addons.relay import Relay
     from addons.shared import SharedState
+    from addons.socks import Socks5Entry
     from addons.sources import SourceScheduler
 
     gateway = Gateway()
@@ -58,6 +59,7 @@ def _assemble() -> list:
         policy,
         metering,
         Relay(gateway),
+        Socks5Entry(gateway),  # SOCKS5 requests judged as the CONNECTs they stand for
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)

@@ -383,6 +383,27 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     );
     """,
+    # 11: reserved for another branch's migration (issue 18's); this placeholder does
+    # nothing and is replaced by it when the branches are merged
+    """
+    SELECT 1;
+    """,
+    # 12: allow-listed client addresses (issue 19): a request without credentials from
+    # one of a credential's CIDRs runs as that credential. A CIDR is kept in one spelling
+    # (datorus_core.allowlist.normalize_cidr) and belongs to one credential only: the most
+    # specific CIDR wins where two overlap, and an exact duplicate is refused. A change
+    # reaches running gateways like every operator change (config_version).
+    f"""
+    CREATE TABLE credential_allowed_ips (
+        id INTEGER PRIMARY KEY,
+        credential_id INTEGER NOT NULL REFERENCES credentials(id),
+        cidr TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    """,
 )
 
 
