@@ -39,7 +39,7 @@ def normalize_cidr(text: str) -> str:
     except ValueError as e:
         if "host bits set" in str(e):
             loose = ipaddress.ip_network(raw, strict=False)
-            raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
+            raise ValueError(f"{text!r} has host bits set (its network is {loose})") from None
         raise ValueError(
             f"{text!r} is not a CIDR (write it as 203.0.113.0/24 or 2001:db8::/48)"
         ) from None

@@ -84,7 +84,7 @@ def deny_ip(db: Ledger, ident: str, cidr: str, account_id: int | None = None) ->
         )
     if cur.rowcount == 0:
         raise DatorusError(
-            "RESOURCE_NOT_FOUND", details={"credential": cred["username"], "cidr": net}
+            "RESOURCE_NOT_FOUND", details={"allowedIp": net, "credential": cred["username"]}
         )
     return {"username": cred["username"], "cidr": net, "removed": True}
 
