@@ -235,6 +235,8 @@ class Gateway:
         api_port = self.settings.get("api_port")
         moved = i > 0 and isinstance(api_port, int) and api_port > 0
         settings = {**self.settings, "api_port": 0} if moved else self.settings
+        if i > 0 and self.settings.get("socks5_port"):
+            settings = {**settings, "socks5_port": 0}  # the SOCKS5 entry is the first node's
         return subprocess.Popen(
             self._command(self.node_ports[i], settings),
             cwd=REPO,
@@ -351,6 +353,14 @@ class Gateway:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def socks_port(self) -> int:
+        """The SOCKS5 entry's port (started with ``settings={"socks5_port": free_port()}``)."""
+        port = self.settings.get("socks5_port")
+        if not port:
+            raise AssertionError("this gateway runs without its SOCKS5 entry (socks5_port=0)")
+        return int(port)
 
     @property
     def api_url(self) -> str:
