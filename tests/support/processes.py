@@ -418,9 +418,11 @@ class Gateway:
         request: bytes,
         until: Callable[[tuple[int, dict[str, str], bytes]], bool] = lambda _: True,
         timeout: float = 15.0,
+        source: str | None = None,
     ) -> dict[int, tuple[int, dict[str, str], bytes]]:
         """Send *request* (one raw request) on new connections until every process that
         serves the proxy port has answered it as *until* wants: process -> that answer.
+        *source* is the client address the connections come from (default 127.0.0.1).
 
         One gateway is one process; ``datorus serve``'s workers each keep their own view
         of what they learn by themselves (the pool's health: README), so a test that
@@ -435,7 +437,7 @@ class Gateway:
             for pid, port in zip([p.pid for p in self.node_procs], self.node_ports, strict=True):
 
                 def answered(port: int = port, pid: int = pid) -> bool:
-                    with raw_connection(port) as s:
+                    with raw_connection(port, source=source) as s:
                         s.sendall(request)
                         answers[pid] = read_response(s)
                     return until(answers[pid])
@@ -444,7 +446,7 @@ class Gateway:
             return answers
 
         def all_answered() -> bool:
-            with raw_connection(self.port) as s:
+            with raw_connection(self.port, source=source) as s:
                 # which worker accepted it, before the answer can close it
                 worker = (
                     wait_until(lambda: owner_pid(s, every), 5, 0.005, "the connection accepted")
