@@ -1049,7 +1049,8 @@ def serve_socks5(gate: SocksGate) -> Undo:
     turning the request into the CONNECT it means keeps every decision in one home.
 
     **Guarded by:** ``tests/unit/test_patches.py::
-    test_socks5_internals_have_the_shape_the_entry_needs`` and ``tests/e2e/test_socks5.py``.
+    test_socks5_internals_have_the_shape_the_entry_needs`` and ``tests/e2e/test_socks5.py::
+    test_refused_upstream_is_0x05_unresolvable_is_0x04`` (and the rest of that file).
     """
     from mitmproxy.proxy import mode_servers
 
