@@ -23,12 +23,13 @@ import logging
 import time
 from typing import Any
 
-from mitmproxy import ctx
+from mitmproxy import ctx, http
 
 from datorus_core import socks
+from datorus_core.envelope import utc_timestamp
 
 from . import patches
-from .context import Gateway
+from .context import Gateway, flow_ctx
 from .failclosed import fatal
 
 log = logging.getLogger("datorus")
@@ -114,6 +115,36 @@ class Socks5Entry(patches.SocksGate):
 
     def reply(self, code: int) -> bytes:
         return socks.reply(code)
+
+    # -- the receipt of a refusal --------------------------------------------------------
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        """A refused SOCKS5 request of a known credential leaves a receipt with its Datorus
+        code (its client only sees the reply byte): nothing moved, nothing is charged."""
+        if getattr(flow.client_conn.proxy_mode, "type_name", "") != "socks5":
+            return
+        fc = flow_ctx(flow)
+        if fc is None or fc.cred is None or fc.account is None or flow.response is None:
+            return
+        code = _envelope(flow.response.content or b"")[0] or "UPSTREAM_FAILED"
+        self.gw.runtime.record_receipt(
+            (
+                fc.request_id,
+                fc.account.id,
+                fc.cred.id,
+                fc.method,
+                fc.host,
+                fc.port,
+                flow.response.status_code,
+                0,
+                0,
+                0,
+                0,
+                utc_timestamp(fc.started),
+                utc_timestamp(time.time()),
+                code,
+            )
+        )
 
 
 def _envelope(body: bytes) -> tuple[str, str, str]:

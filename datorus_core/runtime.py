@@ -485,6 +485,15 @@ class Runtime:
         b.events += 1
         return c
 
+    def record_receipt(self, receipt: tuple[Any, ...]) -> None:
+        """Add the receipt of a request that moved nothing (a refused SOCKS5 request, with
+        its Datorus code) to the pending batch: no usage, no charge."""
+        b = self.batch
+        if not b.events:
+            b.started = time.monotonic()
+        b.receipts.append(receipt)
+        b.events += 1
+
     @property
     def pending_events(self) -> int:
         """Usage events not yet written: the batch under way and an unwritten one."""

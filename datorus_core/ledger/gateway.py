@@ -124,8 +124,8 @@ _CREDENTIAL_BYTES = Rows(
 _RECEIPTS = Rows(
     "receipts",
     ("request_id", "account_id", "credential_id", "method", "host", "port", "status", "bytes_up",
-     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at"),
-    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T),
+     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at", "code"),
+    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T, _T),
     " {on_conflict_ignore}",
     "INSERT {or_ignore} INTO",
 )  # fmt: skip

@@ -392,7 +392,9 @@ MIGRATIONS: tuple[str, ...] = (
     # one of a credential's CIDRs runs as that credential. A CIDR is kept in one spelling
     # (datorus_core.allowlist.normalize_cidr) and belongs to one credential only: the most
     # specific CIDR wins where two overlap, and an exact duplicate is refused. A change
-    # reaches running gateways like every operator change (config_version).
+    # reaches running gateways like every operator change (config_version). And a receipt's
+    # code: the Datorus code of a refused SOCKS5 request, whose client sees one reply byte
+    # (NULL for a served request).
     f"""
     CREATE TABLE credential_allowed_ips (
         id INTEGER PRIMARY KEY,
@@ -401,6 +403,7 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
     );
     CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    ALTER TABLE receipts ADD COLUMN code TEXT;
     CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
     CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
     """,

@@ -393,6 +393,7 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL DEFAULT {NOW}
     );
     CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    ALTER TABLE receipts ADD COLUMN code TEXT;
     {_touch("allowed_ips_touch", "INSERT OR DELETE", "credential_allowed_ips")}
     """,
 )

@@ -47,7 +47,16 @@ def receipts(gw, account_id: int) -> list[tuple]:
     return ledger_rows(
         gw.db,
         "SELECT method, host, port, status, bytes_up, bytes_down FROM receipts"
-        " WHERE account_id = ? ORDER BY started_at",
+        " WHERE account_id = ? AND code IS NULL ORDER BY started_at",
+        (account_id,),
+    )
+
+
+def refusals(gw, account_id: int) -> list[tuple]:
+    return ledger_rows(
+        gw.db,
+        "SELECT method, host, port, status, bytes_up, bytes_down, nanocents, code FROM receipts"
+        " WHERE account_id = ? AND code IS NOT NULL ORDER BY started_at, finished_at",
         (account_id,),
     )
 
@@ -124,8 +133,8 @@ def test_no_auth_offer_from_an_unlisted_address_gets_0xff(gw):
     assert r.returncode == 97 and "No authentication method was acceptable" in r.stderr
 
 
-def test_acceptable_use_refusal_is_0x02_and_the_log_names_the_code(gw, cust):
-    _, user, pw = cust
+def test_acceptable_use_refusal_is_0x02_and_the_log_names_the_code(gw):
+    acc, user, pw = gw.customer(trial_bytes=10**12)
     start = gw.log.stat().st_size
     a = socks5_connect(gw.socks_port, "169.254.169.254", 80, user, pw)
     assert a.reply == socks.NOT_ALLOWED
@@ -137,6 +146,13 @@ def test_acceptable_use_refusal_is_0x02_and_the_log_names_the_code(gw, cust):
         0.05,
         "the log line naming AUP_VIOLATION",
     )
+    # each refusal leaves a receipt with its Datorus code (nothing moved, nothing charged)
+    rows = wait_until(
+        lambda: len(refusals(gw, acc)) == 2 and refusals(gw, acc), 5, 0.05, "the receipts"
+    )
+    assert rows == [("CONNECT", "169.254.169.254", 80, 403, 0, 0, 0, "AUP_VIOLATION"),
+                    ("CONNECT", "127.0.0.1", 25, 403, 0, 0, 0, "AUP_VIOLATION")]  # fmt: skip
+    assert gw.cli("usage", str(acc))["requests"] == 0
 
 
 def test_the_gateways_own_socks_port_is_denied(gw, cust):
@@ -225,6 +241,8 @@ def test_trial_exhausted_is_0x02(gw, origin):
     acc, user, pw = gw.customer(trial_bytes=0)
     a = socks5_connect(gw.socks_port, "127.0.0.1", origin.port, user, pw)
     assert (a.auth_status, a.reply) == (0, socks.NOT_ALLOWED)
+    rows = wait_until(lambda: refusals(gw, acc), 5, 0.05, "the receipt")
+    assert [(r[3], r[7]) for r in rows] == [(402, "TRIAL_EXHAUSTED")]
 
 
 def test_suspension_closes_the_socks_tunnel_and_refuses_new_ones(gw, origin):
