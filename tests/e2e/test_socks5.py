@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import subprocess
 import time
 
@@ -95,6 +96,21 @@ def test_curl_socks5_ip_literal_and_tls_passthrough(gw, tls_origin, ca_file):
         f"https://127.0.0.1:{tls_origin.port}/",
     )
     assert r.returncode == 0 and r.stdout == "hello from origin", r.stderr
+
+
+def test_httpx_through_the_socks5_entry(gw, cust, tls_origin, ca_file):
+    """A Python client with SOCKS5 support (httpx with socksio), as scrapers use it."""
+    import httpx
+
+    _, user, pw = cust
+    proxy = f"socks5://{user}:{pw}@127.0.0.1:{gw.socks_port}"
+    verify = ssl.create_default_context(cafile=ca_file)
+    with httpx.Client(proxy=proxy, verify=verify, timeout=20) as c:
+        r = c.get(f"https://localhost:{tls_origin.port}/")
+        assert (r.status_code, r.text) == (200, "hello from origin")
+    wrong = f"socks5://{user}:wrong@127.0.0.1:{gw.socks_port}"
+    with httpx.Client(proxy=wrong) as c, pytest.raises(httpx.ProxyError):
+        c.get(f"https://localhost:{tls_origin.port}/")
 
 
 def test_ipv6_literal_target_is_judged_like_a_connect(gw, cust):
@@ -274,8 +290,6 @@ def test_unsupported_command_is_0x07(gw, cust):
 
 
 def _tls_download(sock: socket.socket, ca, path: str) -> int:
-    import ssl
-
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     got = 0
