@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
+from ..envelope import request_id_floor
 from ..ledger import accounts, leases
 from ..ledger import usage as ledger_usage
 from . import store
@@ -147,3 +148,58 @@ async def get_usage(acc: Account, st: State) -> Any:
             "credentials": per_cred,
         },
     }
+
+
+@router.get("/account/receipts", tags=["account"])
+def get_receipts(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
+    """The receipts of the account's most recent requests, newest first (kept
+    ``receipt_days``): request id, method, host, port, status, bytes and charge."""
+    rows = ledger_usage.recent_receipts(st.store.db(), acc["id"], limit)
+    return {"items": [receipt_view(r) for r in rows]}
+
+
+def receipt_view(r: dict[str, Any]) -> dict[str, Any]:
+    """One receipt as the API shows it."""
+    return {
+        "request_id": r["request_id"],
+        "credential_id": r["credential_id"],
+        "method": r["method"],
+        "host": r["host"],
+        "port": r["port"],
+        "status": r["status"],
+        "bytes_up": r["bytes_up"],
+        "bytes_down": r["bytes_down"],
+        "trial_bytes": r["trial_bytes"],
+        "charged_nanocents": r["nanocents"],
+        "started_at": r["started_at"],
+        "finished_at": r["finished_at"],
+    }
+
+
+def domain_usage(st: Any, account_id: int, days: int, limit: int) -> list[dict[str, Any]]:
+    """The account's usage by destination host over the last *days* days, most bytes first."""
+    since = request_id_floor(int((time.time() - days * 86400) * 1000))
+    return [
+        {
+            "host": d["host"],
+            "requests": d["requests"],
+            "bytes_up": d["bytesUp"],
+            "bytes_down": d["bytesDown"],
+            "bytes": d["bytes"],
+            "trial_bytes": d["trialBytes"],
+            "charged_nanocents": d["chargedNanocents"],
+        }
+        for d in ledger_usage.by_domain(st.store.db(), account_id, since, limit)
+    ]
+
+
+@router.get("/usage/domains", tags=["account"])
+def get_usage_by_domain(
+    acc: Account,
+    st: State,
+    days: Annotated[int, Query(ge=1, le=366, description="How many days back.")] = 30,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Any:
+    """Usage by destination host over the last *days* days, most bytes first (from the
+    receipts, which are kept ``receipt_days``)."""
+    return {"days": days, "items": domain_usage(st, acc["id"], days, limit)}
