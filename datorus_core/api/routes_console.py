@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
@@ -205,9 +205,14 @@ def _put_cookie(request: Request, response: Response) -> None:
 
 
 def _same_origin(request: Request) -> bool:
+    """Whether a form came from the console's own pages, as far as the browser says
+    (``Sec-Fetch-Site``, else ``Origin``); the form token is the check that always holds."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
@@ -253,8 +258,8 @@ def _operator(request: Request) -> ApiState:
 
 def security_headers(request: Request, response: Response) -> None:
     """The console's headers: a strict CSP (no inline code, nothing from elsewhere but
-    Stripe Checkout as a form's destination), no framing, no referrer (a sign-in link's
-    token must not leak), and no caching (a password is shown once)."""
+    Stripe Checkout as a form's destination), no framing, no referrer to other sites (a
+    sign-in link's token must not leak), and no caching (a password is shown once)."""
     st = _state(request)
     checkout = "https://checkout.stripe.com"
     base = str(st.settings.get("stripe_api_base") or "")
@@ -268,7 +273,7 @@ def security_headers(request: Request, response: Response) -> None:
     )
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Referrer-Policy"] = "same-origin"
     if not request.url.path.startswith(f"{PREFIX}/static/"):
         response.headers["Cache-Control"] = "no-store"
 
@@ -392,6 +397,26 @@ def _today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
+def chart_days(days: list[dict[str, Any]], today: date) -> dict[str, Any]:
+    """The chart's series: bytes and charges on each of the last :data:`CHART_DAYS` days
+    (days without usage are zero), and whether there is any usage at all.
+
+    >>> c = chart_days([{"day": "2026-01-02", "bytes": 5, "chargedNanocents": 10**9}],
+    ...                date(2026, 1, 3))
+    >>> c["days"][-2:], c["bytes"][-2:], c["cents"][-2:], c["empty"]
+    (['2026-01-02', '2026-01-03'], [5, 0], [1.0, 0.0], False)
+    """
+    by_day = {d["day"]: d for d in days}
+    span = [(today - timedelta(days=n)).isoformat() for n in range(CHART_DAYS - 1, -1, -1)]
+    rows = [by_day.get(d, {"bytes": 0, "chargedNanocents": 0}) for d in span]
+    return {
+        "days": span,
+        "bytes": [r["bytes"] for r in rows],
+        "cents": [r["chargedNanocents"] / pricing.NANOCENTS_PER_CENT for r in rows],
+        "empty": not days,
+    }
+
+
 def customer_page(
     request: Request,
     notice: str | None = None,
@@ -414,11 +439,7 @@ def customer_page(
         acc=view,
         usage=usage,
         today=today,
-        chart={
-            "days": [d["day"] for d in days],
-            "bytes": [d["bytes"] for d in days],
-            "cents": [d["chargedNanocents"] / pricing.NANOCENTS_PER_CENT for d in days],
-        },
+        chart=chart_days(usage["days"], datetime.now(UTC).date()),
         domains=domains,
         top_domain=max(domains, key=lambda d: d["charged_nanocents"], default=None),
         receipts=[receipt_view(r) for r in ledger_usage.recent_receipts(db, acc["id"], 20)],

@@ -7,32 +7,37 @@ function usageChart() {
   const box = document.getElementById("usage-chart");
   if (!data || !box || typeof uPlot === "undefined") return;
   const d = JSON.parse(data.textContent);
-  if (!d.days.length) {
+  if (d.empty) {
     box.textContent = "No usage yet: the chart fills in as you use the proxy.";
     box.classList.add("muted");
     return;
   }
+  // one unit for the whole chart, the largest that keeps the biggest day at 1 or more
+  const top = Math.max(...d.bytes);
+  const [unit, scale] = [["GB", 1e9], ["MB", 1e6], ["kB", 1e3], ["B", 1]].find(
+    ([, s]) => top >= s
+  ) || ["B", 1];
   const xs = d.days.map((day) => Date.parse(day + "T00:00:00Z") / 1000);
-  const mb = d.bytes.map((b) => b / 1e6);
+  const ys = d.bytes.map((b) => b / scale);
   const opts = {
     width: box.clientWidth || 300,
     height: 200,
-    scales: { x: { time: true } },
-    axes: [{}, { label: "MB", size: 60 }],
+    scales: { x: { time: true, range: (u, lo, hi) => [lo - 43200, hi + 43200] } },
+    axes: [{}, { label: unit, size: 60 }],
     legend: { show: true },
     series: [
-      {},
+      { value: (u, v) => (v == null ? "-" : new Date(v * 1000).toISOString().slice(0, 10)) },
       {
-        label: "MB",
+        label: unit,
         stroke: "#1f5fbf",
         fill: "rgba(31,95,191,0.25)",
-        paths: uPlot.paths.bars({ size: [0.6, 40] }),
+        paths: uPlot.paths.bars({ size: [0.7, 40] }),
         points: { show: false },
-        value: (u, v) => (v == null ? "-" : v.toFixed(3) + " MB"),
+        value: (u, v) => (v == null ? "-" : v.toFixed(2) + " " + unit),
       },
     ],
   };
-  const plot = new uPlot(opts, [xs, mb], box);
+  const plot = new uPlot(opts, [xs, ys], box);
   window.addEventListener("resize", () => plot.setSize({ width: box.clientWidth || 300, height: 200 }));
 }
 
