@@ -9,12 +9,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from ..envelope import request_id_floor
 from ..ledger import accounts, leases
 from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import CredentialIn
+from .views import domain_usage, receipt_view
 
 router = APIRouter()
 
@@ -156,41 +156,6 @@ def get_receipts(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=2
     ``receipt_days``): request id, method, host, port, status, bytes and charge."""
     rows = ledger_usage.recent_receipts(st.store.db(), acc["id"], limit)
     return {"items": [receipt_view(r) for r in rows]}
-
-
-def receipt_view(r: dict[str, Any]) -> dict[str, Any]:
-    """One receipt as the API shows it."""
-    return {
-        "request_id": r["request_id"],
-        "credential_id": r["credential_id"],
-        "method": r["method"],
-        "host": r["host"],
-        "port": r["port"],
-        "status": r["status"],
-        "bytes_up": r["bytes_up"],
-        "bytes_down": r["bytes_down"],
-        "trial_bytes": r["trial_bytes"],
-        "charged_nanocents": r["nanocents"],
-        "started_at": r["started_at"],
-        "finished_at": r["finished_at"],
-    }
-
-
-def domain_usage(st: Any, account_id: int, days: int, limit: int) -> list[dict[str, Any]]:
-    """The account's usage by destination host over the last *days* days, most bytes first."""
-    since = request_id_floor(int((time.time() - days * 86400) * 1000))
-    return [
-        {
-            "host": d["host"],
-            "requests": d["requests"],
-            "bytes_up": d["bytesUp"],
-            "bytes_down": d["bytesDown"],
-            "bytes": d["bytes"],
-            "trial_bytes": d["trialBytes"],
-            "charged_nanocents": d["chargedNanocents"],
-        }
-        for d in ledger_usage.by_domain(st.store.db(), account_id, since, limit)
-    ]
 
 
 @router.get("/usage/domains", tags=["account"])

@@ -45,9 +45,8 @@ from . import console_session as cs
 from . import store
 from .deps import client_address, no_such_route, require_active, throttle
 from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS, CheckoutIn, CredentialIn, KeyIn
-from .routes_account import domain_usage, receipt_view
-from .routes_pool import proxy_view
 from .state import ApiState
+from .views import blocks_by_domain, domain_usage, proxy_view, receipt_view
 
 HERE = Path(__file__).parent / "console"
 STATIC = HERE / "static"
@@ -562,33 +561,6 @@ def topup(request: Request, form: Form) -> Response:
 
 
 # -- the operator's pages -----------------------------------------------------------------
-
-
-def blocks_by_domain(st: ApiState, limit: int = 50) -> dict[str, Any]:
-    """Which destination domains have egress limited or unavailable now, most first.
-
-    Block states live in the gateway (``/network/health/{domain}`` reads the same
-    ones); a standalone ``datorus api`` has none to show (``live: false``).
-    """
-    router_state = st.router
-    if router_state is None:
-        return {"live": False, "items": []}
-    now = time.monotonic()
-    found: dict[str, dict[str, Any]] = {}
-    for e in list(router_state.pool.by_id.values()):
-        for domain, h in list(e.domains.items()):
-            state = h.state(now)
-            if state == "ok":
-                continue
-            row = found.setdefault(
-                domain, {"domain": domain, "limited": 0, "unavailable": 0, "egress": []}
-            )
-            row[state] = row.get(state, 0) + 1
-            row["egress"].append(e.id)
-            wait = max(0.0, h.until - now)
-            row["recovers_in"] = min(row.get("recovers_in", wait), wait)
-    items = sorted(found.values(), key=lambda r: (-len(r["egress"]), r["domain"]))
-    return {"live": True, "items": items[:limit], "total": len(items)}
 
 
 def operator_page(
