@@ -334,11 +334,12 @@ async def home(request: Request) -> Response:
 @router.post("/signin/mail")
 def signin_mail(request: Request, form: Form) -> Response:
     """Mail a one-time sign-in link (the page says the same whether the address has an
-    account or not); at most ``api_resends_per_hour`` per client address."""
+    account or not); at most ``api_resends_per_hour`` per client address and per email."""
     email = form.get("email", "").strip()[:254]
     if not accounts.EMAIL_RE.fullmatch(email):
         raise validation_error("email", "must be an email address")
     throttle(request, "resend", f"console:{client_address(request)}")
+    throttle(request, "resend", f"console-to:{email.lower()}")  # nobody's inbox flooded
     st = _state(request)
     store.send_signin_link(st.store, st.settings, email)
     return render(request, "signin_sent.html", email=email)
