@@ -152,6 +152,7 @@ def test_customer_signs_in_by_mailed_link_makes_uses_and_revokes_a_credential_an
     with page.expect_navigation():
         page.click("#mail-form button")
     assert who in page.inner_text("#sent")
+    page.screenshot(path=shots / "01b-mail-sent.png", full_page=True)
 
     link = _mailed_link(smtp_server, who)
     page.goto(link)
@@ -211,9 +212,11 @@ def test_customer_signs_in_by_mailed_link_makes_uses_and_revokes_a_credential_an
     with page.expect_navigation():
         page.click("#topup-form button")
     assert "/checkout/cs_test_" in page.url
+    page.screenshot(path=shots / "03b-stripe-checkout.png", full_page=True)
     with page.expect_navigation(url=re.compile(r".*/console\?topup=success$")):
         page.click("#pay")
     assert "top-up" in page.inner_text("#notice")
+    page.screenshot(path=shots / "03c-topped-up.png", full_page=True)
     balance = float(page.inner_text("#balance").lstrip("$"))
     assert balance == pytest.approx(float(before.lstrip("$")) + 15, abs=0.01)
     assert page.errors == []  # no CSP violation, no script error
