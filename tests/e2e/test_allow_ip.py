@@ -14,8 +14,10 @@ The gateway tells clients apart by their address: behind the test balancer
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -271,3 +273,35 @@ def test_api_allowed_ips_crud(gw, origin):
     r = httpx.delete(byname, params={"cidr": "2001:db8::/48"}, headers=h, timeout=30)
     assert r.status_code == 200 and r.json()["removed"] is True
     assert httpx.get(byname, headers=h, timeout=30).json()["items"] == []
+
+
+# -- a browser: Chromium sends no SOCKS5 credentials ---------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="chromium is not installed (scripts/test installs it)"
+)
+def test_chromium_through_the_socks5_entry_from_an_allow_listed_address(make_gateway, origin):
+    from playwright.sync_api import sync_playwright
+
+    g = make_gateway(socks5_port=free_port())
+    acc, user, _ = g.customer(trial_bytes=10**12)
+    g.cli("credential", "allow-ip", user, "127.0.0.1/32")  # the browser's address
+    g.each_worker(_PROBE, lambda answer: answer[0] == 403, 10)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            # Chromium never sends loopback through a proxy unless told to
+            proxy={"server": f"socks5://127.0.0.1:{g.socks_port}", "bypass": "<-loopback>"},
+        )
+        try:
+            page = browser.new_page()
+            r = page.goto(origin.url("/through-chromium"), timeout=20_000)
+            assert r is not None and r.status == 200
+            assert "hello from origin" in page.content()
+        finally:
+            browser.close()
+    assert any(s["path"] == "/through-chromium" for s in origin.seen)
+    wait_until(lambda: g.cli("usage", str(acc))["requests"] >= 1, 5, 0.05, "billed to it")
