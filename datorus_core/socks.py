@@ -148,6 +148,6 @@ def reply_for(status: int, code: str, reason: str = "") -> int:
     if code == "UPSTREAM_FAILED" or status == 502:
         refused = "refused" in reason.lower() or "errno 111]" in reason.lower()  # ECONNREFUSED
         return CONNECTION_REFUSED if refused else HOST_UNREACHABLE
-    if status == 400 or status >= 500:
-        return GENERAL_FAILURE
-    return NOT_ALLOWED
+    if 400 < status < 500:
+        return NOT_ALLOWED
+    return GENERAL_FAILURE  # 400, 503, or no answer at all
