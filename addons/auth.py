@@ -255,14 +255,18 @@ class ProxyAuth:
             cached = gw.runtime.verified.get(key)
             found = cached if cached is not None else await self._login((base, password), key)
         if isinstance(found, dict):
+            # counted like a 407; logged, as for HTTP, once an address is throttled
             peer = data.client_conn.peername[0] if data.client_conn.peername else "?"
             blocked = await gw.hot.login_failed(peer, time.monotonic())
-            log.info(
-                "datorus: SOCKS5 login from %s refused (INVALID_CREDENTIAL, %s%s)",
-                peer,
-                found.get("reason"),
-                ", throttled" if blocked > 0 else "",
-            )
+            if blocked > 0 and peer not in self.throttled:
+                if len(self.throttled) > _MAX_TRACKED:
+                    self.throttled.clear()
+                self.throttled.add(peer)
+                log.warning(
+                    "datorus: throttling %s after %d failed logins in a minute (SOCKS5)",
+                    peer,
+                    gw.settings["auth_fail_limit"],
+                )
             return
         data.valid = True
 
