@@ -401,3 +401,25 @@ def test_a_socks_session_keeps_one_egress_and_matches_the_http_session(pool_gw, 
     # without a session the tunnels spread over the pool
     spread = {_exit(g, peer_origin, g.user) for _ in range(30)}
     assert len(spread) >= 2
+
+
+# -- failed logins --------------------------------------------------------------------------
+
+
+def test_failed_socks5_logins_count_against_the_address_like_407s(make_gateway, origin):
+    """Wrong SOCKS5 passwords throttle the address on both entries; a right one still works."""
+    g = make_gateway(socks5_port=free_port(), auth_fail_limit=3)
+    acc, user, pw = g.customer(trial_bytes=10**12)
+    for _ in range(4):
+        a = socks5_connect(g.socks_port, "127.0.0.1", origin.port, user, "wrong")
+        assert a.auth_status == 0x01
+    with raw_connection(g.port) as s:
+        s.sendall(
+            f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, 'wrong')}\r\n\r\n".encode()
+        )
+        status, _, body = read_response(s)
+    assert status == 429 and b"auth_failures" in body
+    a = socks5_connect(g.socks_port, "127.0.0.1", origin.port, user, pw)
+    assert a.reply == socks.SUCCEEDED  # a correct credential is never refused for them
+    a.close()
