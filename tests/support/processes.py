@@ -128,6 +128,7 @@ class Gateway:
         self.port = free_port()
         self.settings = {
             "api_port": 0,
+            "metrics_port": 0,  # a test that reads /metrics gives it a free port
             "refresh_ms": 200,
             "auth_fail_limit": 100_000,
             "router_seed": 1,  # a failing run's egress picks repeat when it is run again
