@@ -236,6 +236,8 @@ class Gateway:
         api_port = self.settings.get("api_port")
         moved = i > 0 and isinstance(api_port, int) and api_port > 0
         settings = {**self.settings, "api_port": 0} if moved else self.settings
+        if i > 0 and self.settings.get("metrics_port"):  # each node is its own target
+            settings = {**settings, "metrics_port": 0}
         return subprocess.Popen(
             self._command(self.node_ports[i], settings),
             cwd=REPO,
