@@ -553,8 +553,8 @@ class Metering:
         """End *fc*: settle or release its bytes as ``billing.bill`` decides, with its receipt."""
         b: Bill = bill(flow_outcome(fc, ending, flow))
         fc.done = True
-        if fc.kind == FORWARD:  # a tunnel's bytes are counted as they are settled
-            self.gw.metrics.moved(FORWARD_KIND, fc.up, fc.down)
+        if fc.kind == FORWARD:  # the bytes billed; a tunnel's are counted as they are settled
+            self.gw.metrics.moved(FORWARD_KIND, b.up, b.down)
         rt = self.gw.runtime
         if self.current.get(fc.client_id) is fc:
             del self.current[fc.client_id]

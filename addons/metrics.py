@@ -36,13 +36,12 @@ log = logging.getLogger("datorus")
 STATE_SECONDS = 1.0  # how often the state gauges are read
 
 
-def request_kind(flow: http.HTTPFlow) -> str:
-    """forward, tunnel (CONNECT) or websocket (an upgrade)."""
-    if flow.request.method == "CONNECT":
-        return m.TUNNEL
-    if "upgrade" in flow.request.headers:
-        return m.WEBSOCKET
-    return m.FORWARD
+def answer_kind(status: int) -> str:
+    """What the ``response`` hook's flow was: a WebSocket (101) or a forward request.
+
+    CONNECT flows never reach ``response``; an upgrade refused is a forward answer.
+    """
+    return m.WEBSOCKET if status == 101 else m.FORWARD
 
 
 class MetricsAddon:
@@ -106,13 +105,14 @@ class MetricsAddon:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         if fc is not None and not fc.answered and flow.response is not None:
-            self.gw.metrics.first_byte(request_kind(flow), time.time() - fc.started)
+            kind = answer_kind(flow.response.status_code)
+            self.gw.metrics.first_byte(kind, time.time() - fc.started)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
         fc = flow_ctx(flow)
-        kind = request_kind(flow)
+        kind = answer_kind(flow.response.status_code)
         metrics = self.gw.metrics
         metrics.answered(kind, flow.response.status_code, fc.code if fc is not None else "")
         if fc is not None:

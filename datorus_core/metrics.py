@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 # no `_created` series: a start time per label set is noise on a dashboard (and the
 # multiprocess mode has none, so one gateway and several workers expose the same names)
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: prometheus_client's own switch for its multiprocess mode (read when it is imported).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -431,7 +431,7 @@ def forget_worker(directory: str | Path, pid: int) -> None:
     with contextlib.suppress(OSError):
         state_file(directory, pid).unlink()
     with contextlib.suppress(OSError):
-        multiprocess.mark_process_dead(pid, str(directory))
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 def multiprocess_registry(directory: str | Path) -> CollectorRegistry:
@@ -440,7 +440,7 @@ def multiprocess_registry(directory: str | Path) -> CollectorRegistry:
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(directory))
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     registry.register(MultiProcessState(directory))
     return registry
 

@@ -84,6 +84,15 @@ def test_counters_equal_the_requests_sent(gw, origin, tls_origin, ca_file):
     assert bad.status_code == 407 and bad.json()["error"]["code"] == "INVALID_CREDENTIAL"
     denied = requests.get("http://127.0.0.1:25/", proxies=px, timeout=10)
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "AUP_VIOLATION"
+    closed = free_port()  # nothing listens there: the upstream refuses
+    failed = requests.get(f"http://127.0.0.1:{closed}/", proxies=px, timeout=10)
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "UPSTREAM_FAILED"
+    with raw_connection(gw.port) as s:
+        s.sendall(
+            f"CONNECT 127.0.0.1:{tls_origin.port} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic(user, 'wrong')}\r\n\r\n".encode()
+        )
+        assert read_response(s)[0] == 407
     out = subprocess.run(
         ["curl", "-sS", "--cacert", ca_file, "-x", gw.proxy(user, pw),
          f"https://localhost:{tls_origin.port}/"],
@@ -91,24 +100,26 @@ def test_counters_equal_the_requests_sent(gw, origin, tls_origin, ca_file):
     )  # fmt: skip
     assert out.returncode == 0 and out.stdout == "hello from origin", out.stderr
 
-    # billed: 3 + 1 + 1 forward requests and 1 tunnel (the 407 and 403 are not)
-    wait_until(lambda: usage(gw.db, acc)["requests"] - used0["requests"] == 6, 15, 0.1, "usage")
-    used = usage(gw.db, acc)["bytes"] - used0["bytes"]
+    # billed: 3 + 1 + 1 forward requests and 1 tunnel (the 407s and the 403 are not)
+    wait_until(lambda: usage(gw.db, acc)["requests"] - used0["requests"] >= 6, 15, 0.1, "usage")
 
     def tunnel_bytes_in() -> bool:
+        used = usage(gw.db, acc)["bytes"] - used0["bytes"]
         after = scrape(gw)
         moved = total(after, "datorus_bytes_total") - total(before, "datorus_bytes_total")
         return moved == used
 
-    wait_until(tunnel_bytes_in, 15, 0.1, "every byte billed counted")
+    wait_until(tunnel_bytes_in, 15, 0.1, "every byte billed counted, and only those")
     after = scrape(gw)
     r = "datorus_requests_total"
     assert delta(before, after, r, kind="forward", status="200", code="") == 4
     assert delta(before, after, r, kind="forward", status="404", code="") == 1
     assert delta(before, after, r, kind="forward", status="407", code="INVALID_CREDENTIAL") == 1
     assert delta(before, after, r, kind="forward", status="403", code="AUP_VIOLATION") == 1
+    assert delta(before, after, r, kind="forward", status="502", code="UPSTREAM_FAILED") == 1
     assert delta(before, after, r, kind="tunnel", status="200", code="") == 1
-    assert total(after, r) - total(before, r) == 8  # nothing else counted
+    assert delta(before, after, r, kind="tunnel", status="407", code="INVALID_CREDENTIAL") == 1
+    assert total(after, r) - total(before, r) == 10  # nothing else counted
     b = "datorus_bytes_total"
     fwd_down = delta(before, after, b, kind="forward", direction="down")
     assert fwd_down > 200_000  # the 200,000-byte body and every head
@@ -116,7 +127,7 @@ def test_counters_equal_the_requests_sent(gw, origin, tls_origin, ca_file):
     assert delta(before, after, b, kind="tunnel", direction="down") > 0
     # every forward answer is timed; time to first byte for relayed answers only
     d, t = "datorus_request_duration_seconds_count", "datorus_time_to_first_byte_seconds_count"
-    assert delta(before, after, d, kind="forward") == 7
+    assert delta(before, after, d, kind="forward") == 8
     assert delta(before, after, t, kind="forward") == 5
     assert delta(before, after, d, kind="tunnel") == 1
 
