@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from support.clients import basic, raw_connection, read_response
 from support.ledger import new_ledger, prepare_ledger
 from support.paths import REPO
 from support.processes import Gateway, GatewaySetup
-from support.serve import usage
+from support.serve import Serve, usage
 from support.waiting import free_port, wait_until
 
 pytestmark = pytest.mark.one_node
@@ -283,3 +284,44 @@ def test_a_metrics_port_in_use_is_reported_once(tmp_path):
     finally:
         gw.stop()
         held.close()
+
+
+def test_serve_sums_its_workers_and_a_reload_keeps_the_totals(tmp_path, origin, redis_server):
+    """`datorus serve --workers 2` (whatever DATORUS_GATEWAY_WORKERS says): one port for
+    both workers' counts, and replacing every worker (SIGHUP) takes nothing back."""
+    db = new_ledger(tmp_path)
+    prepare_ledger(db)
+    mport = free_port()
+    sv = Serve(db, 2, {"redis_url": redis_server.url, "metrics_port": mport}).start()
+    try:
+        _, user, pw = sv.customer(trial_bytes=10**9)
+        px = {"http": sv.proxy(user, pw)}
+        url = f"http://127.0.0.1:{mport}/metrics"
+
+        def ok200() -> float:
+            got = _parse(requests.get(url, timeout=10).text)
+            return value(got, "datorus_requests_total", kind="forward", status="200", code="")
+
+        before = ok200()
+        for _ in range(10):  # new connections: the kernel spreads them over the workers
+            r = requests.get(origin.url("/"), proxies=px, timeout=10)
+            assert r.status_code == 200
+        served_by = sv.worker_pids()
+        assert ok200() - before == 10
+        sv.signal(signal.SIGHUP)
+        sv.wait_log("reload done", 120)
+        assert sv.worker_pids().isdisjoint(served_by)  # every worker replaced
+        assert ok200() - before == 10  # the old workers' counts stay
+        for _ in range(5):
+            assert requests.get(origin.url("/"), proxies=px, timeout=10).status_code == 200
+        assert ok200() - before == 15
+    finally:
+        assert sv.stop() == 0
+
+
+def _parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
