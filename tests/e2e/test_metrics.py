@@ -3,7 +3,8 @@ scrape parsed with prometheus_client's own parser; counters move by exactly what
 
 With ``DATORUS_GATEWAY_WORKERS=2`` the gateway is ``datorus serve`` and its launcher serves
 every worker's metrics on the one port: the same counts must hold. Several nodes are
-several gateways, each with its own ``/metrics`` (scraped as separate targets): one node.
+several gateways, each with its own ``/metrics`` (scraped as separate targets): the tests
+of the shared gateway are ``one_node``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from support.paths import REPO
 from support.processes import Gateway, GatewaySetup
 from support.serve import Serve, usage
 from support.waiting import free_port, wait_until
-
-pytestmark = pytest.mark.one_node
 
 Samples = dict[tuple[str, frozenset], float]
 DASHBOARD = REPO / "deploy" / "grafana" / "datorus.json"
@@ -71,6 +70,7 @@ def proxies(gw: Gateway, user: str, pw: str) -> dict[str, str]:
     return {"http": gw.proxy(user, pw), "https": gw.proxy(user, pw)}
 
 
+@pytest.mark.one_node
 def test_counters_equal_the_requests_sent(gw, origin, tls_origin, ca_file):
     acc, user, pw = gw.customer(trial_bytes=10**9)
     used0 = usage(gw.db, acc)
@@ -133,6 +133,7 @@ def test_counters_equal_the_requests_sent(gw, origin, tls_origin, ca_file):
     assert delta(before, after, d, kind="tunnel") == 1
 
 
+@pytest.mark.one_node
 def test_refusals_for_money_are_counted_by_code(gw, origin):
     _, user, pw = gw.customer(trial_bytes=0)
     before = scrape(gw)
@@ -146,6 +147,7 @@ def test_refusals_for_money_are_counted_by_code(gw, origin):
     assert total(after, "datorus_requests_total") - total(before, "datorus_requests_total") == 1
 
 
+@pytest.mark.one_node
 def test_open_tunnels_and_state_gauges(gw, tls_origin):
     _, user, pw = gw.customer(trial_bytes=10**9)
     name = "datorus_open_tunnels"
@@ -194,6 +196,7 @@ def dashboard_metrics() -> set[str]:
     return {m for e in exprs for m in re.findall(r"\bdatorus_[a-z0-9_]+", e)}
 
 
+@pytest.mark.one_node
 def test_every_metric_the_dashboard_queries_is_on_metrics(gw, origin):
     _, user, pw = gw.customer(trial_bytes=10**9)
     requests.get(origin.url("/"), proxies=proxies(gw, user, pw), timeout=10)
@@ -252,6 +255,7 @@ def plain_gateway(tmp_path: Path) -> Iterator[Gateway]:
     g.stop()
 
 
+@pytest.mark.one_node
 def test_metrics_port_0_listens_on_nothing_but_the_proxy(plain_gateway):
     gw = plain_gateway
     assert gw.proc is not None
@@ -266,6 +270,7 @@ def test_the_default_port_is_9464_on_loopback():
     assert BY_NAME["metrics_host"].default == "127.0.0.1"
 
 
+@pytest.mark.one_node
 def test_a_metrics_port_in_use_is_reported_once(tmp_path):
     """Every worker of `datorus serve` counts into the launcher's port: no worker binds it."""
     held = socket.socket()
@@ -325,3 +330,16 @@ def _parse(text: str) -> Samples:
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
+
+
+@pytest.mark.one_node
+def test_an_unparseable_request_is_counted_with_its_code(gw):
+    before = scrape(gw)
+    with raw_connection(gw.port) as s:
+        s.sendall(b"NOT A REQUEST\r\n\r\n")
+        status, _, body = read_response(s)
+    assert status == 400 and json.loads(body)["error"]["code"] == "VALIDATION_ERROR"
+    after = scrape(gw)
+    r = "datorus_requests_total"
+    assert delta(before, after, r, kind="forward", status="400", code="VALIDATION_ERROR") == 1
+    assert total(after, r) - total(before, r) == 1
