@@ -179,6 +179,7 @@ class MetricsAddon:
 
     async def _keep_state(self) -> None:
         pid = os.getpid()
+        failing = False
         while True:
             try:
                 snap = self.snapshot()
@@ -189,5 +190,11 @@ class MetricsAddon:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # metrics must never take the gateway down
-                log.warning("datorus: metrics state not read: %s", e)
+                if not failing:  # once per episode, not once a second
+                    log.warning("datorus: metrics state not read: %s", e)
+                failing = True
+            else:
+                if failing:
+                    log.warning("datorus: metrics state read again")
+                failing = False
             await asyncio.sleep(STATE_SECONDS)

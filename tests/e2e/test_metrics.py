@@ -320,6 +320,9 @@ def test_serve_sums_its_workers_and_a_reload_keeps_the_totals(tmp_path, origin, 
         for _ in range(5):
             assert requests.get(origin.url("/"), proxies=px, timeout=10).status_code == 200
         assert ok200() - before == 15
+        # the workers' hot state is Redis: its round trips are timed
+        got = _parse(requests.get(url, timeout=10).text)
+        assert value(got, "datorus_redis_rtt_seconds_count") > 0
     finally:
         assert sv.stop() == 0
 
