@@ -89,8 +89,11 @@ class ErrorPages:
             resp = gw.error_response(fc, err)
             resp.headers["Connection"] = "close"
             # no response hook sees this page: count it here
-            gw.metrics.answered(FORWARD, err.status, err.code)
-            if fc is not None:
+            if fc is None:
+                gw.metrics.answered(FORWARD, err.status, err.code)
+            else:
+                account = fc.account.id if fc.account is not None else None
+                gw.metrics.answered(FORWARD, err.status, err.code, account)
                 gw.metrics.took(FORWARD, time.time() - fc.started)
             return resp
 

@@ -114,7 +114,11 @@ class MetricsAddon:
         fc = flow_ctx(flow)
         kind = answer_kind(flow.response.status_code)
         metrics = self.gw.metrics
-        metrics.answered(kind, flow.response.status_code, fc.code if fc is not None else "")
+        if fc is None:
+            metrics.answered(kind, flow.response.status_code)
+        else:
+            account = fc.account.id if fc.account is not None else None
+            metrics.answered(kind, flow.response.status_code, fc.code, account)
         if fc is not None:
             metrics.took(kind, time.time() - fc.started)
 
@@ -130,7 +134,11 @@ class MetricsAddon:
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         status = flow.response.status_code if flow.response is not None else 502
-        self.gw.metrics.answered(m.TUNNEL, status, fc.code if fc is not None else "")
+        if fc is None:
+            self.gw.metrics.answered(m.TUNNEL, status)
+        else:
+            account = fc.account.id if fc.account is not None else None
+            self.gw.metrics.answered(m.TUNNEL, status, fc.code, account)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -165,6 +173,9 @@ class MetricsAddon:
                 snap.set("datorus_egress", n, state)
             for domain, n in m.top_domains(blocked):
                 snap.set("datorus_blocked_domains", n, domain)
+        if self.metrics is not None:
+            for account in self.metrics.accounts_refused(time.monotonic()):
+                snap.set("datorus_accounts_refused_for_money", 1, str(account))
         rt = gw.runtime
         pending = rt.pending_events
         snap.set("datorus_ledger_events_pending", pending)

@@ -52,6 +52,9 @@ OTHER = "(other)"
 #: The kinds of traffic bytes and requests are counted by (a label: SOCKS5 adds "socks5").
 FORWARD, TUNNEL, WEBSOCKET = "forward", "tunnel", "websocket"
 
+#: How long an account refused for money counts in ``datorus_accounts_refused_for_money``.
+REFUSED_WINDOW = 300.0
+
 #: The codes of a request refused because its account has no money left.
 MONEY_CODES = frozenset({"INSUFFICIENT_BALANCE", "TRIAL_EXHAUSTED"})
 
@@ -130,23 +133,34 @@ class Metrics:
             registry=r,
         )
         self._answers: dict[tuple[str, int, str], Any] = {}
+        self.refused_accounts: dict[int, float] = {}  # account -> when last refused for money
         self._bytes: dict[str, tuple[Any, Any]] = {}
         self._duration: dict[str, Any] = {}
         self._ttfb: dict[str, Any] = {}
 
     # -- the hot path: increments only ------------------------------------------------
 
-    def answered(self, kind: str, status: int, code: str = "") -> None:
-        """Count one answer (a response, a CONNECT's 200 or refusal, an error page)."""
+    def answered(self, kind: str, status: int, code: str = "", account: int | None = None) -> None:
+        """Count one answer (a response, a CONNECT's 200 or refusal, an error page);
+        *account* is the account it was for, when known (refusals for money remember it)."""
         key = (kind, status, code)
         child = self._answers.get(key)
         if child is None:
             child = self._answers[key] = self.requests.labels(kind, str(status), code)
-            if code in MONEY_CODES:
-                self.money_refusals.labels(code)
         child.inc()
         if code in MONEY_CODES:
             self.money_refusals.labels(code).inc()
+            if account is not None:
+                self.refused_accounts[account] = time.monotonic()
+
+    def accounts_refused(self, now: float) -> list[int]:
+        """Accounts refused for money within ``REFUSED_WINDOW`` seconds of *now*
+        (monotonic); older ones are forgotten."""
+        cutoff = now - REFUSED_WINDOW
+        gone = [a for a, t in self.refused_accounts.items() if t < cutoff]
+        for a in gone:
+            del self.refused_accounts[a]
+        return sorted(self.refused_accounts)
 
     def moved(self, kind: str, up: int, down: int) -> None:
         """Count bytes relayed."""
@@ -204,7 +218,7 @@ class Metrics:
 class NullMetrics:
     """What the gateway counts with when metrics are off: nothing at all."""
 
-    def answered(self, kind: str, status: int, code: str = "") -> None:
+    def answered(self, kind: str, status: int, code: str = "", account: int | None = None) -> None:
         """Count nothing."""
 
     def moved(self, kind: str, up: int, down: int) -> None:
@@ -237,7 +251,8 @@ class StateGauge:
     help: str
     labels: tuple[str, ...] = ()
     # "sum": each worker holds its own share (open tunnels); "latest": every worker sees
-    # the same thing (the pool, the ledger), the freshest view is taken
+    # the same thing (the pool, the ledger), the freshest view is taken; "max": the
+    # worst; "distinct": samples name keys, the value is how many different ones
     combine: str = "sum"
 
 
@@ -256,6 +271,15 @@ STATE_GAUGES: tuple[StateGauge, ...] = (
         f" with the most, the rest summed as {OTHER}.",
         ("domain",),
         "latest",
+    ),
+    StateGauge(
+        "datorus_accounts_refused_for_money",
+        f"Accounts refused (402) for want of money at least once in the last"
+        f" {REFUSED_WINDOW:.0f} s.",
+        (),
+        # each worker lists the accounts it refused (as a label, never exposed): the
+        # gateway's value is how many different ones all the workers refused
+        "distinct",
     ),
     StateGauge("datorus_ledger_events_pending", "Usage events not yet written to the ledger."),
     StateGauge(
@@ -346,7 +370,9 @@ def combine(snapshots: Iterable[StateSnapshot]) -> StateSnapshot:
         merged: dict[tuple[str, ...], float] = {}
         for s in snaps:
             for labels, v in s.values.get(g.name, []):
-                if g.combine == "max":
+                if g.combine == "distinct":
+                    merged[labels] = 1.0
+                elif g.combine == "max":
                     merged[labels] = max(merged.get(labels, v), v)
                 else:
                     merged[labels] = merged.get(labels, 0.0) + v
@@ -358,8 +384,12 @@ def combine(snapshots: Iterable[StateSnapshot]) -> StateSnapshot:
 def families(snapshot: StateSnapshot) -> Iterator[GaugeMetricFamily]:
     """The snapshot as metric families (every state gauge, with no samples if unknown)."""
     for g in STATE_GAUGES:
+        samples = snapshot.values.get(g.name, [])
+        if g.combine == "distinct":
+            yield GaugeMetricFamily(g.name, g.help, value=len({lb for lb, _ in samples}))
+            continue
         fam = GaugeMetricFamily(g.name, g.help, labels=list(g.labels))
-        for labels, v in snapshot.values.get(g.name, []):
+        for labels, v in samples:
             fam.add_metric(list(labels), v)
         yield fam
 

@@ -145,6 +145,14 @@ def test_refusals_for_money_are_counted_by_code(gw, origin):
     assert delta(before, after, "datorus_requests_total", kind="forward", status="402", code=code)
     assert delta(before, after, "datorus_money_refusals_total", code=code) == 1
     assert total(after, "datorus_requests_total") - total(before, "datorus_requests_total") == 1
+    # a second refusal of the same account is the same account
+    assert (
+        requests.get(origin.url("/"), proxies=proxies(gw, user, pw), timeout=10).status_code == 402
+    )
+    gauge = "datorus_accounts_refused_for_money"
+    wait_until(
+        lambda: value(scrape(gw), gauge) == value(before, gauge) + 1, 15, 0.1, "one account more"
+    )
 
 
 @pytest.mark.one_node

@@ -47,6 +47,26 @@ def test_workers_snapshots_merge_by_each_gauges_rule() -> None:
     assert m.combine([]).values == {}
 
 
+def test_accounts_refused_on_several_workers_count_once() -> None:
+    a, b = m.StateSnapshot(at=1.0), m.StateSnapshot(at=2.0)
+    for acc in ("1", "2"):
+        a.set("datorus_accounts_refused_for_money", 1, acc)
+    for acc in ("2", "3"):
+        b.set("datorus_accounts_refused_for_money", 1, acc)
+    fams = {f.name: f for f in m.families(m.combine([a, b]))}
+    [sample] = fams["datorus_accounts_refused_for_money"].samples
+    assert sample.value == 3 and sample.labels == {}
+
+
+def test_refused_accounts_are_forgotten_after_the_window() -> None:
+    x = m.Metrics()
+    x.answered("forward", 402, "TRIAL_EXHAUSTED", account=7)
+    x.answered("forward", 200, "", account=8)  # not a refusal
+    now = x.refused_accounts[7]
+    assert x.accounts_refused(now) == [7]
+    assert x.accounts_refused(now + m.REFUSED_WINDOW + 1) == []
+
+
 def test_blocked_domains_are_bounded() -> None:
     counts = {f"d{i}.example": i for i in range(50)}
     top = m.top_domains(counts)
@@ -56,7 +76,11 @@ def test_blocked_domains_are_bounded() -> None:
 
 
 def test_null_metrics_has_every_counting_method() -> None:
-    counting = {n for n in vars(m.Metrics) if not n.startswith("_") and n not in ("prime",)}
+    counting = {
+        n
+        for n in vars(m.Metrics)
+        if not n.startswith("_") and n not in ("prime", "accounts_refused")
+    }
     assert counting <= set(vars(m.NullMetrics))
 
 
