@@ -270,6 +270,12 @@ def test_suspension_closes_the_socks_tunnel_and_refuses_new_ones(gw, origin):
     with contextlib.suppress(ConnectionResetError):
         assert a.sock.recv(1) == b""  # closed by the gateway
     a.close()
+    # every process serving the port has read the suspension (each reads the ledger itself)
+    probe = (
+        f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n"
+    ).encode()
+    gw.each_worker(probe, lambda answer: b"ACCOUNT_SUSPENDED" in answer[2], 10)
     b = socks5_connect(gw.socks_port, "127.0.0.1", origin.port, user, pw)
     assert b.reply == socks.NOT_ALLOWED
 
