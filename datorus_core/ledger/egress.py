@@ -37,8 +37,9 @@ POOL_SQL = (
 class CheckRun:
     """One checker's run on one egress, as ``egress_checks`` and ``checker_runs`` keep it.
 
-    *error* is set when the checker itself raised (a plugin's bug): it counts against the
-    checker's health, not the egress (``passed`` is then False and the run was skipped).
+    *error* is set when the checker itself raised (a plugin's bug): it counts in the
+    checker's ``errors`` (not its ``failures``) and as a failed run of the egress
+    (``passed`` is then False: what was not verified never passes).
     """
 
     checker: str
