@@ -33,9 +33,9 @@ def _assemble() -> list:
     from addons.metering import Metering
     from addons.options import LedgerTask, Options
     from addons.policy import AcceptableUse
+    from addons.pool_worker import PoolWorkerProcess
     from addons.relay import Relay
     from addons.shared import SharedState
-    from addons.sources import SourceScheduler
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -60,7 +60,7 @@ def _assemble() -> list:
         Relay(gateway),
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
-        SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
+        PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through
