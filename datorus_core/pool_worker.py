@@ -18,7 +18,7 @@ It is started as ``python -m datorus_core.pool_worker`` with the gateway's setti
 one JSON line on its standard input, which then stays open: when the gateway goes (its
 end of the pipe closes, even if it was killed), the worker stops, writes the checks it
 holds and gives its claim back. SIGTERM and SIGINT stop it the same way. Its log lines
-go to the standard error it inherits (the gateway's log).
+go to the standard output it inherits, as the gateway's own do (the gateway's log).
 """
 
 from __future__ import annotations
@@ -256,8 +256,11 @@ async def _main(settings: Mapping[str, Any]) -> None:
 
 def main() -> int:
     """``python -m datorus_core.pool_worker``: settings as one JSON line on stdin."""
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s] pool worker: %(message)s", stream=sys.stderr
+    logging.basicConfig(  # where and how mitmdump writes the gateway's own lines
+        level=logging.INFO,
+        format="[%(asctime)s.%(msecs)03d] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
     )
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
