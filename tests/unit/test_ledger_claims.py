@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from datorus_core.ledger import open_ledger
 from datorus_core.ledger import claims as ledger_claims
 from datorus_core.ledger import egress as ledger_egress
+from datorus_core.ledger import open_ledger
 from datorus_core.ledger.gateway import LedgerLink
 
 
