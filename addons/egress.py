@@ -44,7 +44,7 @@ from mitmproxy import http
 from datorus_core import egress as eg
 from datorus_core.billing import allowance_covers
 from datorus_core.egress_io import HandshakeError, handshake
-from datorus_core.egress_status import Health
+from datorus_core.egress_status import ACTIVE, Health
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.base import BlockNews, LeaseNews
 from datorus_core.hotstate.local import LocalHotState
@@ -59,6 +59,7 @@ from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
 
+_REBUILD_ON_LOOP = 500  # a bigger pool is rebuilt off the event loop (~25-50 us an egress)
 CHECKED_SECONDS = 0.5  # how often the results of the pool worker's checks are read
 _REWEIGH_SECONDS = 2.0  # scores alone moved: the weights are rebuilt at most this often
 _SEEN_SESSIONS = 10_000  # sessions a worker remembers for previews (shared hot state)
@@ -102,6 +103,17 @@ def _basic(user: str, password: str) -> str:
 def _family(flow: http.HTTPFlow) -> int:
     """4 or 6: the family of the target address the acceptable-use check pinned."""
     return 6 if ":" in flow.request.host else 4
+
+
+def _from_rows(rows: list[tuple[Any, ...]], known: dict[str, eg.EgressSpec]) -> list[eg.Egress]:
+    """The egress of pool rows, reusing the parsed URLs of *known* (a bad one is skipped)."""
+    items = []
+    for row in rows:
+        try:
+            items.append(eg.egress_from_row(row, known.get(row[1])))
+        except ValueError as e:
+            log.warning("datorus: egress %s has a bad URL (%s): skipped", row[0], e)
+    return items
 
 
 class RouteOptions:
@@ -240,22 +252,28 @@ class EgressRouter:
         seq = await link.check_seq()  # read first: the rows are at least this new
         rows, live = await link.pool(int(time.time()))
         self.leases.replace(Lease.from_row(row) for row in live)
-        items = []
-        for row in rows:
-            try:
-                items.append(eg.egress_from_row(row))
-            except ValueError as e:
-                log.warning("datorus: egress %s has a bad URL (%s): skipped", row[0], e)
-        before = {
-            (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
-        }
-        self.pool.replace(items)
+        if len(rows) > _REBUILD_ON_LOOP:
+            # a pool of thousands (a source's) is rebuilt in a thread: the loop goes on
+            # routing with the old pool's records until the new ones are swapped in
+            changed, items = await asyncio.to_thread(self._rebuild, rows)
+        else:
+            changed, items = self._rebuild(rows)
         self.check_seq = max(self.check_seq, seq)
         self.weighed_at = time.monotonic()
-        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
-        if after != before:
+        if changed:
             enabled = sum(e.enabled for e in items)
             log.info("datorus: egress pool: %d (%d enabled)", len(items), enabled)
+
+    def _rebuild(self, rows: list[tuple[Any, ...]]) -> tuple[bool, list[eg.Egress]]:
+        """Replace the pool's records by *rows* (URLs parsed once); whether the operator's
+        part of it (URL, country, weight, enabled) changed, and the new records."""
+        old = list(self.pool.by_id.values())
+        known = {e.spec.url: e.spec for e in old}
+        items = _from_rows(rows, known)
+        self.pool.replace(items)  # each swap (records, then weights) is one assignment
+        before = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in old}
+        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
+        return before != after, items
 
     # -- the checks' results ------------------------------------------------------------
 
@@ -289,8 +307,12 @@ class EgressRouter:
                 health = Health(status, int(streak))
             except ValueError:
                 continue
-            if health.status != e.health.status or (country and country != e.country):
+            was, now_active = e.health.status == ACTIVE, health.status == ACTIVE
+            # only active egress are weighed: unchecked -> dead moves no weight
+            if was != now_active or (now_active and country and country != e.country):
                 moved = True
+            elif now_active and score != e.score:
+                self.rescored = True
             if health.streak > e.health.streak:
                 e.failed(now)
             elif health.streak == 0:
@@ -301,7 +323,6 @@ class EgressRouter:
             e.exit_ip = exit_ip or e.exit_ip
             if country:
                 e.country = country
-            self.rescored = True
         return moved
 
     # -- choosing ----------------------------------------------------------------------

@@ -17,7 +17,9 @@ or several gateways on one PostgreSQL ledger nothing is checked twice.
 It is started as ``python -m datorus_core.pool_worker`` with the gateway's settings as
 one JSON line on its standard input, which then stays open: when the gateway goes (its
 end of the pipe closes, even if it was killed), the worker stops, writes the checks it
-holds and gives its claim back. SIGTERM and SIGINT stop it the same way. Its log lines
+holds and gives its claim back. SIGTERM and SIGINT stop it the same way. It runs at a
+lower CPU priority (nice :data:`NICENESS`): on a busy box the proxy's processes come
+first and the checks take longer. Its log lines
 go to the standard output it inherits, as the gateway's own do (the gateway's log).
 """
 
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -254,8 +257,13 @@ async def _main(settings: Mapping[str, Any]) -> None:
         watcher.cancel()
 
 
+NICENESS = 10  # the pool worker yields the CPU to the gateway's processes
+
+
 def main() -> int:
     """``python -m datorus_core.pool_worker``: settings as one JSON line on stdin."""
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)  # checks may wait; requests may not
     logging.basicConfig(  # where and how mitmdump writes the gateway's own lines
         level=logging.INFO,
         format="[%(asctime)s.%(msecs)03d] %(message)s",

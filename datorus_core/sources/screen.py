@@ -66,9 +66,12 @@ async def _resolved_denial(policy: Policy, host: str, port: int, gate: asyncio.S
     return not addresses or policy.check_addresses(addresses, port) is not None
 
 
-async def screen(proxies: Sequence[FoundProxy], policy: Policy) -> tuple[list[FoundProxy], int]:
-    """The proxies the pool may take, in their order, and how many were denied."""
-    verdict: dict[int, bool] = {}  # index -> denied
+def _judge_literals(
+    proxies: Sequence[FoundProxy], policy: Policy
+) -> tuple[dict[int, bool], list[int]]:
+    """Denied or not (by index) for every proxy the policy can judge before resolving;
+    the indexes of the names left to resolve."""
+    verdict: dict[int, bool] = {}
     names: list[int] = []
     for i, p in enumerate(proxies):
         h = classify_host(p.host)
@@ -79,6 +82,13 @@ async def screen(proxies: Sequence[FoundProxy], policy: Policy) -> tuple[list[Fo
                 names.append(i)
         else:
             verdict[i] = policy.check_address(h, p.port) is not None
+    return verdict, names
+
+
+async def screen(proxies: Sequence[FoundProxy], policy: Policy) -> tuple[list[FoundProxy], int]:
+    """The proxies the pool may take, in their order, and how many were denied (the
+    addresses judged in a worker thread: a list of 10,000 keeps the event loop free)."""
+    verdict, names = await asyncio.to_thread(_judge_literals, proxies, policy)
     if names:
         gate = asyncio.Semaphore(RESOLVE_AT_ONCE)
         found = await asyncio.gather(
