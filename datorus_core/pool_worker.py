@@ -123,6 +123,8 @@ class PoolWorker:
                 self.holding = True
                 self.runner = CheckRunner(self.settings, self.link)
                 self.version = None  # load the pool now
+                with contextlib.suppress(Exception):
+                    await self.runner.context()  # the judge's secret made, its URL logged
         elif self.holding:
             log.warning("datorus: pool worker %s lost its claim: it stops checking", self.owner)
             await self._stand_down()
