@@ -209,6 +209,7 @@ def test_the_judge_answers_anyone_within_its_limit(gw):
     err = assert_api_error(r, 429, "RATE_LIMITED")
     assert err["details"]["setting"] == "api_judge_per_minute"
     assert int(r.headers["retry-after"]) >= 1
+
     # the gateway's own checks carry a signature made with the ledger's judge secret (the
     # pool worker makes it when it claims the pool, a moment after the gateway starts)
     def judge_secret() -> tuple | None:
