@@ -12,7 +12,9 @@ while it runs :class:`~.checking.CheckRunner` over the egress pool (reloaded whe
 ledger's ``config_version`` moves) and the sources' schedules (``source_concurrency``
 scrapes at once, each claimed per source: ``scraping.Scraper``). The others wait and
 take the claim when it lapses or is given back, so with ``datorus serve --workers N``
-or several gateways on one PostgreSQL ledger nothing is checked twice.
+or several gateways on one PostgreSQL ledger nothing is checked twice. A worker whose
+gateway has no judge waits :data:`NO_JUDGE_DEFER_SECONDS` before its first try, so
+one that grades anonymity gets the pool when both start together.
 
 It is started as ``python -m datorus_core.pool_worker`` with the gateway's settings as
 one JSON line on its standard input, which then stays open: when the gateway goes (its
@@ -40,6 +42,7 @@ from typing import Any, TypeVar
 
 from .checking import CheckRunner
 from .egress import Pool, egress_from_row
+from .judge import default_judge_url
 from .ledger import Ledger, connect
 from .ledger import claims as ledger_claims
 from .ledger import sources as ledger_sources
@@ -53,6 +56,10 @@ T = TypeVar("T")
 CLAIM_TTL = 15  # seconds a claim lasts unless renewed
 RENEW_SECONDS = 5.0  # how often the holder renews it
 RETRY_SECONDS = 2.0  # how often a waiting worker tries to take it
+# a worker whose gateway has no judge (no REST API, public_url or egress_check_url: a
+# node behind a balancer, say) tries only after this long, so one that can grade
+# anonymity and find exit IPs gets the pool first; it takes over when none holds it
+NO_JUDGE_DEFER_SECONDS = 10.0
 TICK_SECONDS = 0.2  # the checks' tick
 VERSION_SECONDS = 0.5  # how often the pool is looked at for operator changes
 SOURCES_SECONDS = 1.0  # how often due sources are looked for
@@ -102,6 +109,7 @@ class PoolWorker:
         self.version: int | None = None
         self.rng = random.Random()
         self.scrapes: dict[int, asyncio.Task] = {}
+        self.judged = default_judge_url(settings) is not None
 
     # -- the claim ---------------------------------------------------------------------------
 
@@ -120,6 +128,11 @@ class PoolWorker:
             self.held_until = now + CLAIM_TTL
             if not self.holding:
                 log.info("datorus: pool worker %s checks the pool of this ledger", self.owner)
+                if not self.judged:
+                    log.warning(
+                        "datorus: this gateway has no judge (no REST API, public_url or"
+                        " egress_check_url): its checks are TCP only, with no exit IP"
+                    )
                 self.holding = True
                 self.runner = CheckRunner(self.settings, self.link)
                 self.version = None  # load the pool now
@@ -205,7 +218,8 @@ class PoolWorker:
         """Work until :attr:`stopping` is set; then write what is held, give the claim back."""
         self.link = LedgerLink(self.settings["db"])
         await self.link.open()
-        next_claim = next_version = next_sources = 0.0
+        next_version = next_sources = 0.0
+        next_claim = 0.0 if self.judged else time.monotonic() + NO_JUDGE_DEFER_SECONDS
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
