@@ -48,6 +48,7 @@ from datorus_core.egress_status import ACTIVE, Health
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.base import BlockNews, LeaseNews
 from datorus_core.hotstate.local import LocalHotState
+from datorus_core.ledger.gateway import CHECKED_ROWS_MAX
 from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
@@ -287,6 +288,8 @@ class EgressRouter:
         self.checked_at = now
         rows = await link.checked_since(self.check_seq)
         moved = self.apply_checked(rows, now)
+        if len(rows) >= CHECKED_ROWS_MAX:  # cut short, maybe inside a batch: read it again
+            self.check_seq = int(rows[-1][7]) - 1
         if moved or (self.rescored and now - self.weighed_at >= _REWEIGH_SECONDS):
             self.rescored = False
             self.weighed_at = now
