@@ -31,6 +31,7 @@ def _assemble() -> list:
     from addons.lean import Lean
     from addons.limits import RateLimits
     from addons.metering import Metering
+    from addons.metrics import MetricsAddon
     from addons.options import LedgerTask, Options
     from addons.policy import AcceptableUse
     from addons.pool_worker import PoolWorkerProcess
@@ -61,6 +62,8 @@ def _assemble() -> list:
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process
+        # Prometheus (issue 20): after the traffic addons, so it counts the final answers
+        MetricsAddon(gateway, metering),
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through

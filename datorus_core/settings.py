@@ -41,6 +41,14 @@ def _port(v: int) -> None:
         raise SettingsError("must be a port number 0-65535 (0 disables)")
 
 
+def _address(v: str) -> None:
+    """An IP address to listen on (a name would be resolved at every start)."""
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise SettingsError(f"{v!r} is not an IP address, e.g. 127.0.0.1") from None
+
+
 def _cidrs(values: Sequence[str]) -> None:
     for v in values:
         net = v.rsplit(":", 1)[0] if v.count(":") == 1 or "]:" in v else v
@@ -480,6 +488,26 @@ SETTINGS += (
         "FOR TESTS ONLY: when > 0, every source with a cron schedule runs every this many"
         " seconds instead (0: the cron schedules as written).",
         _non_negative,
+    ),
+)
+
+# -- watching it: Prometheus metrics (issue 20) ----------------------------------------------
+
+SETTINGS += (
+    Setting(
+        "metrics_host",
+        str,
+        "127.0.0.1",
+        "Address GET /metrics (Prometheus) listens on.",
+        _address,
+    ),
+    Setting(
+        "metrics_port",
+        int,
+        9464,
+        "Port of GET /metrics, the Prometheus text format (0: off); under 'datorus serve'"
+        " the launcher serves every worker's metrics on it.",
+        _port,
     ),
 )
 

@@ -180,6 +180,7 @@ _WORKER_BYTES = Rows(
 _FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
+_MAIL_WAITING = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
 _BATCH = (
     "INSERT INTO usage_batches (id, worker, written_at) VALUES (?, ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
@@ -517,6 +518,13 @@ class LedgerLink:
         async with self.lock:
             c = await self._conn()
             return await c.fetchall(self.dialect.sql(_CHECKED_SINCE), (seq, CHECKED_ROWS_MAX))
+
+    async def waiting_events(self) -> dict[str, int]:
+        """Events waiting for delivery, by queue: ``mail`` is the outbox's messages not
+        sent (queued, failed, or kept for the operator when no SMTP server is set)."""
+        async with self.lock:
+            rows = await (await self._conn()).fetchall(self.dialect.sql(_MAIL_WAITING))
+        return {"mail": int(rows[0][0]) if rows else 0}
 
     async def prune_receipts(self, days: int) -> int:
         """Delete receipts of requests older than *days* (and the ids of usage batches

@@ -54,6 +54,26 @@ FAULTS = {
     "bad mitm.conf": ({}, "conf", "not valid YAML"),
     "ledger cannot be opened": ({"db": "missing"}, None, "datorus_db: cannot open the ledger"),
     "API port taken": ({"api_port": "taken"}, None, "REST API cannot listen"),
+    "bad metrics port": (
+        {"metrics_port": "70000"},
+        None,
+        "datorus_metrics_port: must be a port number 0-65535",
+    ),
+    "metrics port not a number": (
+        {"metrics_port": "many"},
+        None,
+        "datorus_metrics_port: 'many' is not a whole number",
+    ),
+    "bad metrics host": (
+        {"metrics_host": "localhost"},
+        None,
+        "datorus_metrics_host: 'localhost' is not an IP address",
+    ),
+    "bad metrics port in the environment": (
+        {},
+        {"DATORUS_METRICS_PORT": "-1"},
+        "datorus_metrics_port: must be a port number 0-65535",
+    ),
 }
 
 
