@@ -34,10 +34,10 @@ def _assemble() -> list:
     from addons.metrics import MetricsAddon
     from addons.options import LedgerTask, Options
     from addons.policy import AcceptableUse
+    from addons.pool_worker import PoolWorkerProcess
     from addons.relay import Relay
     from addons.shared import SharedState
     from addons.socks import Socks5Entry
-    from addons.sources import SourceScheduler
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -63,7 +63,7 @@ def _assemble() -> list:
         Socks5Entry(gateway),  # SOCKS5 requests judged as the CONNECTs they stand for
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
-        SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
+        PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process
         # Prometheus (issue 20): after the traffic addons, so it counts the final answers
         MetricsAddon(gateway, metering),
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`

@@ -58,6 +58,17 @@ def _cidrs(values: Sequence[str]) -> None:
             raise SettingsError(f"{v!r} is not a CIDR[:PORT]") from e
 
 
+def _proxy_cidrs(values: Sequence[str]) -> None:
+    """Each a CIDR[:PORT] as the found proxies' policy reads it (``sources.screen``)."""
+    from .sources.screen import allow_rules
+
+    for v in values:
+        try:
+            allow_rules([v])
+        except ValueError as e:
+            raise SettingsError(f"{v!r} is not a CIDR[:PORT] ({e})") from e
+
+
 def _ports(values: Sequence[str]) -> None:
     for v in values:
         if not v.isdigit() or not 0 < int(v) < 65536:
@@ -467,6 +478,16 @@ SETTINGS += (
         "Scheduled scrapes one gateway process runs at once (in the background, off the"
         " request path).",
         _positive,
+    ),
+    Setting(
+        "source_proxy_allow",
+        Sequence[str],
+        [],
+        "CIDR[:PORT] ranges where a proxy found by a source may be despite the built-in"
+        " denials (loopback, private, link-local and metadata addresses): found proxies"
+        " elsewhere in those ranges are skipped and counted in the scrape result. Empty:"
+        " none allowed. The destination 'allow' rules do not apply to found proxies.",
+        _proxy_cidrs,
     ),
     Setting(
         "test_schedule_seconds",

@@ -49,7 +49,7 @@ __all__ = ["BALANCE_COLUMNS", "copy_ledger", "refuse_source", "refuse_target"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables a fresh ledger fills on its own: replaced by the source's, never a refusal.
-REPLACED = ("config_version", "api_secrets")
+REPLACED = ("config_version", "api_secrets", "check_sequence")
 #: PostgreSQL's record of the migrations applied (SQLite keeps it in ``user_version``).
 BOOKKEEPING = ("schema_version",)
 BALANCE_COLUMNS = (

@@ -383,11 +383,8 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     );
     """,
-    # 11: reserved for another branch's migration (issue 18's); this placeholder does
-    # nothing and is replaced by it when the branches are merged
-    """
-    SELECT 1;
-    """,
+    # 11: taken by another branch (the lead fills it in at merge)
+    "",
     # 12: allow-listed client addresses (issue 19): a request without credentials from
     # one of a credential's CIDRs runs as that credential. A CIDR is kept in one spelling
     # (datorus_core.allowlist.normalize_cidr) and belongs to one credential only: the most
@@ -406,6 +403,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE receipts ADD COLUMN code TEXT;
     CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
     CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    """,
+    # 13 (pool worker): service_claims, a named claim with an expiry, so only one process
+    # per ledger runs a background service (the pool worker: checks and scheduled
+    # scrapes) at a time; egress.check_seq, the number of the check batch that last
+    # wrote the egress (from check_sequence's one row), so gateways read only what the
+    # checks changed since they last looked (no config_version touch: no full reload).
+    """
+    CREATE TABLE service_claims (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        claimed_at INTEGER NOT NULL
+    );
+    CREATE TABLE check_sequence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL
+    );
+    INSERT INTO check_sequence (id, seq) VALUES (1, 0);
+    ALTER TABLE egress ADD COLUMN check_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX egress_check_seq ON egress(check_seq);
     """,
 )
 
