@@ -119,6 +119,7 @@ class ProxyAuth:
         req = flow.request
         fc = FlowCtx(new_request_id(), flow.client_conn.id, req.method, req.host, req.port)
         flow.metadata["datorus"] = fc
+        fc.socks = getattr(flow.client_conn.proxy_mode, "type_name", "") == "socks5"
         rt = gw.runtime
         bad = malformed(req)
         if bad is not None:

@@ -52,6 +52,7 @@ class FlowCtx:
         "rl_headers",
         "session_id",
         "settled_at",
+        "socks",
         "started",
         "status",
         "timed_out",
@@ -97,6 +98,7 @@ class FlowCtx:
         self.status = 0
         self.upload_open = False  # answered while the upload goes on
         self.tunnel_slot = False  # holds one of its account's open-tunnel slots (hot state)
+        self.socks = False  # came in through the SOCKS5 entry (a CONNECT it stands for)
 
 
 KEY = "datorus"

@@ -53,6 +53,7 @@ from datorus_core.billing import (
 )
 from datorus_core.envelope import DatorusError, utc_timestamp
 from datorus_core.metrics import FORWARD as FORWARD_KIND
+from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
 from datorus_core.metrics import TUNNEL as TUNNEL_KIND
 from datorus_core.metrics import WEBSOCKET as WEBSOCKET_KIND
 from datorus_core.runtime import state_unavailable
@@ -445,9 +446,8 @@ class Metering:
         used = fc.pend_up + fc.pend_down
         fc.settled_at = time.monotonic()
         if used:
-            self.gw.metrics.moved(
-                TUNNEL_KIND if fc.method == "CONNECT" else WEBSOCKET_KIND, fc.pend_up, fc.pend_down
-            )
+            kind = WEBSOCKET_KIND if fc.method != "CONNECT" else TUNNEL_KIND
+            self.gw.metrics.moved(SOCKS5_KIND if fc.socks else kind, fc.pend_up, fc.pend_down)
         if not used and not (release and fc.reserved):
             return
         reserved = fc.reserved if release else used

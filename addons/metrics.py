@@ -28,7 +28,7 @@ from datorus_core import egress as eg
 from datorus_core import metrics as m
 from datorus_core.workers import LAUNCHER_ENV
 
-from .context import TUNNEL, Gateway, flow_ctx
+from .context import TUNNEL, FlowCtx, Gateway, flow_ctx
 from .failclosed import fatal
 
 log = logging.getLogger("datorus")
@@ -126,11 +126,12 @@ class MetricsAddon:
     def http_connected(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
         metrics = self.gw.metrics
-        metrics.answered(m.TUNNEL, 200)
+        kind = tunnel_kind(fc)
+        metrics.answered(kind, 200)
         if fc is not None:
             seconds = time.time() - fc.started
-            metrics.took(m.TUNNEL, seconds)
-            metrics.first_byte(m.TUNNEL, seconds)
+            metrics.took(kind, seconds)
+            metrics.first_byte(kind, seconds)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         fc = flow_ctx(flow)
@@ -139,7 +140,7 @@ class MetricsAddon:
             self.gw.metrics.answered(m.TUNNEL, status)
         else:
             account = fc.account.id if fc.account is not None else None
-            self.gw.metrics.answered(m.TUNNEL, status, fc.code, account)
+            self.gw.metrics.answered(tunnel_kind(fc), status, fc.code, account)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -151,10 +152,10 @@ class MetricsAddon:
         """
         snap = m.StateSnapshot(at=m.now())
         gw = self.gw
-        open_by_kind: Counter[str] = Counter({m.TUNNEL: 0, m.WEBSOCKET: 0})
+        open_by_kind: Counter[str] = Counter({m.TUNNEL: 0, m.WEBSOCKET: 0, m.SOCKS5: 0})
         for fc in list(self.metering.current.values()):
             if fc.kind == TUNNEL and not fc.done:
-                open_by_kind[m.TUNNEL if fc.method == "CONNECT" else m.WEBSOCKET] += 1
+                open_by_kind[tunnel_kind(fc) if fc.method == "CONNECT" else m.WEBSOCKET] += 1
         for kind, n in sorted(open_by_kind.items()):
             snap.set("datorus_open_tunnels", n, kind)
         router = gw.router
@@ -216,3 +217,8 @@ class MetricsAddon:
                     log.warning("datorus: metrics state read again")
                 failing = False
             await asyncio.sleep(STATE_SECONDS)
+
+
+def tunnel_kind(fc: FlowCtx | None) -> str:
+    """The metrics kind of a CONNECT: ``socks5`` when it came through the SOCKS5 entry."""
+    return m.SOCKS5 if fc is not None and fc.socks else m.TUNNEL

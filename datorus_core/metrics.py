@@ -49,8 +49,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TOP_DOMAINS = 10
 OTHER = "(other)"
 
-#: The kinds of traffic bytes and requests are counted by (a label: SOCKS5 adds "socks5").
-FORWARD, TUNNEL, WEBSOCKET = "forward", "tunnel", "websocket"
+#: The kinds of traffic bytes and requests are counted by (a label): a SOCKS5 tunnel is
+#: "socks5", a CONNECT tunnel "tunnel".
+FORWARD, TUNNEL, WEBSOCKET, SOCKS5 = "forward", "tunnel", "websocket", "socks5"
 
 #: How long an account refused for money counts in ``datorus_accounts_refused_for_money``.
 REFUSED_WINDOW = 300.0
@@ -204,7 +205,7 @@ class Metrics:
         """One Redis pipeline took *seconds*."""
         self.redis_rtt.observe(seconds)
 
-    def prime(self, kinds: Sequence[str] = (FORWARD, TUNNEL, WEBSOCKET)) -> None:
+    def prime(self, kinds: Sequence[str] = (FORWARD, TUNNEL, WEBSOCKET, SOCKS5)) -> None:
         """Create the per-kind series at zero, so dashboards and rate() see them from
         the start rather than from the first request of each kind."""
         for kind in kinds:

@@ -26,6 +26,7 @@ from support.ledger import new_ledger, prepare_ledger
 from support.paths import REPO
 from support.processes import Gateway, GatewaySetup
 from support.serve import Serve, usage
+from support.socks5 import http_get_through, socks5_connect
 from support.waiting import free_port, wait_until
 
 Samples = dict[tuple[str, frozenset], float]
@@ -35,7 +36,7 @@ SCRAPE_CONFIG = REPO / "deploy" / "prometheus.yml"
 
 @pytest.fixture(scope="module")
 def gw_setup() -> GatewaySetup:
-    return GatewaySetup({"metrics_port": free_port()})
+    return GatewaySetup({"metrics_port": free_port(), "socks5_port": free_port()})
 
 
 def scrape(gw: Gateway) -> Samples:
@@ -354,3 +355,38 @@ def test_an_unparseable_request_is_counted_with_its_code(gw):
     r = "datorus_requests_total"
     assert delta(before, after, r, kind="forward", status="400", code="VALIDATION_ERROR") == 1
     assert total(after, r) - total(before, r) == 1
+
+
+@pytest.mark.one_node
+def test_a_socks5_tunnel_is_counted_as_its_own_kind(gw, origin):
+    """Bytes through the SOCKS5 entry are kind ``socks5`` (not ``tunnel``), equal to the
+    bytes the ledger bills, and its admission is counted as a ``socks5`` 200."""
+    acc, user, pw = gw.customer(trial_bytes=10**9)
+    before = scrape(gw)
+    used0 = usage(gw.db, acc)["bytes"]
+    answer = socks5_connect(gw.socks_port, "127.0.0.1", origin.port, user, pw)
+    assert answer.reply == 0
+    try:
+        status, body = http_get_through(answer, "127.0.0.1", "/bytes/30000")
+    finally:
+        assert answer.sock is not None
+        answer.sock.close()
+    assert status == 200 and len(body) == 30000
+    wait_until(lambda: usage(gw.db, acc)["bytes"] > used0, 15, 0.1, "usage flushed")
+    billed = usage(gw.db, acc)["bytes"] - used0
+
+    def moved() -> float:
+        a = scrape(gw)
+        return sum(
+            delta(before, a, "datorus_bytes_total", kind="socks5", direction=d)
+            for d in ("up", "down")
+        )
+
+    wait_until(lambda: moved() == billed, 15, 0.1, "socks5 bytes counted")
+    after = scrape(gw)
+    assert delta(before, after, "datorus_bytes_total", kind="tunnel", direction="down") == 0
+    assert (
+        total(after, "datorus_requests_total", kind="socks5", status="200")
+        - total(before, "datorus_requests_total", kind="socks5", status="200")
+        == 1
+    )
