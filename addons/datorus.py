@@ -25,6 +25,7 @@ def _assemble() -> list:
     from addons.context import Gateway
     from addons.egress import EgressRouter, RouteOptions
     from addons.errors import ErrorPages
+    from addons.events import EventDelivery
     from addons.failclosed import StartCheck, guard
     from addons.handoff import WorkerLifecycle
     from addons.hardening import Hardening
@@ -61,6 +62,7 @@ def _assemble() -> list:
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
+        EventDelivery(gateway, policy),  # webhooks and notifiers from the outbox (issue 18)
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through

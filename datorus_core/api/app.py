@@ -25,6 +25,7 @@ from ..live import LiveRouting
 from . import (
     routes_account,
     routes_auth,
+    routes_events,
     routes_fetch,
     routes_judge,
     routes_payments,
@@ -165,6 +166,7 @@ def create_app(
 
     app.include_router(routes_auth.router)
     app.include_router(routes_account.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)

@@ -1,0 +1,200 @@
+"""Event delivery in the background of the gateway (issue 18): the durable outbox sent.
+
+:class:`EventDelivery` ticks every ``TICK_SECONDS``: it fans new events out to the
+subscriptions matching them (``ledger.events.dispatch``), claims due deliveries and sends
+each one with its notifier plugin (``webhook``, ``smtp``: ``datorus_core.notifiers``) as a
+task of its own, at most ``MAX_IN_FLIGHT`` at once and one at a time per subscription, so
+a slow or dead receiver delays only its own deliveries. A failure is retried with
+exponential back-off and jitter for ``event_retry_hours``, then marked failed (``datorus
+notifier list``, ``GET /account/webhooks``, ``/stats/plugins``). It also writes
+``lease.expired`` for leases that ran out, and prunes events after ``event_days``.
+
+Nothing here is on the request path: the ledger is reached from a thread of its own (its
+own connection), and the event loop only awaits it and the receivers. With several
+workers or gateways on one ledger each runs this loop; a delivery is claimed in the
+ledger by one of them at a time (``claim_until``), so it is sent once per attempt.
+
+Webhook receivers are destinations like any other: the acceptable-use policy of the
+gateway judges every address the receiver's name resolves to, and the connection goes to
+the address it allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from datorus_core import events as ev
+from datorus_core.ledger import Ledger, connect
+from datorus_core.ledger import events as ledger_events
+from datorus_core.notifiers import Delivery, DeliveryError, load_notifiers
+from datorus_core.policy import normalize_hostname, parse_ip_literal
+
+from .context import Gateway
+from .options import Trouble
+from .policy import AcceptableUse
+
+log = logging.getLogger("datorus")
+
+T = TypeVar("T")
+TICK_SECONDS = 0.5
+MAX_IN_FLIGHT = 32
+HOUSEKEEPING_SECONDS = 5.0
+
+
+def _expire(db: Ledger, now: int) -> int:
+    return ledger_events.expire_leases(db, now)
+
+
+class EventDelivery:
+    """Send the outbox's due deliveries; sweep expired leases; prune old events."""
+
+    name = "datorus_events"
+
+    def __init__(self, gw: Gateway, policy: AcceptableUse) -> None:
+        self.gw = gw
+        self.policy = policy
+        self.notifiers, self.failures = load_notifiers()
+        self.task: asyncio.Task | None = None
+        self.sending: set[asyncio.Task] = set()
+        self.trouble = Trouble("event delivery")
+        self._pool: ThreadPoolExecutor | None = None
+        self._db: Ledger | None = None
+
+    def running(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="datorus-events")
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus events")
+
+    async def done(self) -> None:
+        tasks = [t for t in (self.task, *self.sending) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._pool is not None:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    await self.db(lambda d: d.close())
+            self._pool.shutdown(wait=False)
+
+    def _call(self, fn: Callable[[Ledger], T]) -> T:
+        if self._db is None or self._db.broken:
+            self._db = Ledger(connect(self.gw.settings["db"]))
+        return fn(self._db)
+
+    async def db(self, fn: Callable[[Ledger], T]) -> T:
+        """Run *fn* on this addon's ledger connection, in its thread."""
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+
+    async def _loop(self) -> None:
+        await self.gw.ready.wait()
+        next_housekeeping = 0.0
+        next_prune = time.monotonic() + 60
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                await self.tick()
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_SECONDS
+                    await self.db(partial(_expire, now=int(time.time())))
+                if now >= next_prune:
+                    next_prune = now + 3600
+                    days = int(self.gw.settings.get("event_days", 30))
+                    await self.db(partial(ledger_events.prune, days=days))
+            except Exception as e:  # never let the loop die: the next tick tries again
+                self.trouble.failed(str(e))
+            else:
+                self.trouble.ok()
+
+    async def tick(self) -> None:
+        """Dispatch new events, then start the due deliveries there is room for."""
+        now_ms = int(time.time() * 1000)
+        await self.db(lambda d: ledger_events.dispatch(d, now_ms))
+        free = MAX_IN_FLIGHT - len(self.sending)
+        if free <= 0:
+            return
+        lease_ms = (int(self.gw.settings.get("webhook_timeout", 10)) + 30) * 1000
+        due = await self.db(lambda d: ledger_events.claim_due(d, now_ms, lease_ms, free))
+        loop = asyncio.get_running_loop()
+        for row in due:
+            task = loop.create_task(self._deliver(row), name=f"datorus delivery {row['id']}")
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        sub, event = row["subscription"], row["event"]
+        s = self.gw.settings
+        status: int | None = None
+        error: str | None = None
+        plugin = self.notifiers.get(sub["kind"])
+        try:
+            if plugin is None:
+                raise DeliveryError(f"no notifier plugin {sub['kind']!r} is loaded")
+            await plugin.obj.send(
+                Delivery(
+                    target=sub["target"],
+                    event=event,
+                    body=ev.body(event),
+                    secret=sub["secret"],
+                    timeout=float(s.get("webhook_timeout", 10)),
+                    resolve=self.resolve,
+                    settings=s,
+                )
+            )
+        except DeliveryError as e:
+            error, status = e.reason, e.status
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a plugin's own bug is that delivery's failure
+            error = f"{type(e).__name__}: {e}"[:300]
+        now_ms = int(time.time() * 1000)
+        retry_at: int | None = None
+        if error is not None:
+            retry_at = now_ms + int(ev.backoff_seconds(row["attempts"] + 1) * 1000)
+            if retry_at - row["first_at"] > int(s.get("event_retry_hours", 24)) * 3_600_000:
+                retry_at = None  # retried long enough: failed, and shown
+        ok = error is None
+        await self.db(
+            lambda d: ledger_events.record(
+                d, row["id"], row["subscription_id"], ok, status, error, retry_at
+            )
+        )
+
+    async def resolve(self, host: str, port: int) -> str:
+        """The address to reach *host*:*port* at, if the acceptable-use policy allows every
+        address it has (DeliveryError naming the rule otherwise)."""
+        policy = self.policy.policy
+        ip = parse_ip_literal(host)
+        if ip is not None:
+            addresses = [str(ip)]
+        else:
+            try:
+                name = normalize_hostname(host)
+            except ValueError as e:
+                raise DeliveryError(f"bad host name: {e}") from None
+            denial = policy.check_name(name, port)
+            if denial is not None:
+                raise DeliveryError(f"refused by the acceptable-use policy ({denial.rule})")
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    name, port, type=socket.SOCK_STREAM
+                )
+            except OSError as e:
+                raise DeliveryError(f"cannot resolve {name}: {e}") from None
+            addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
+        denial = policy.check_addresses(addresses, port)
+        if denial is not None:
+            raise DeliveryError(f"refused by the acceptable-use policy ({denial.rule})")
+        if not addresses:
+            raise DeliveryError(f"{host} has no address")
+        return addresses[0]

@@ -1,0 +1,379 @@
+"""Events, subscriptions and the delivery outbox in the ledger (issue 18).
+
+An event is written by :func:`emit` inside the transaction of the change it describes
+(a top-up, a lease, a suspension), so it exists exactly when the change committed. On
+PostgreSQL every writer of events takes the events lock just before its first event
+insert and holds it to its commit: ids then commit in id order, and a reader that saw
+id *n* never later finds a smaller one (``GET /account/events`` and the dispatcher read
+"after *n*"). On SQLite one writer at a time gives the same.
+
+Delivery is an outbox: :func:`dispatch` fans new events out to the subscriptions that
+match them (``deliveries`` rows, pending), :func:`claim_due` hands due rows to one
+sender among every process on the ledger, :func:`record` keeps the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as _secrets
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .. import events as ev
+from ..envelope import DatorusError, validation_error
+from .db import Ledger
+from .dialect import POSTGRES, Dialect
+
+EVENT_COLUMNS = "id, type, account_id, data, created_at"
+MAX_SUBSCRIPTIONS = 20  # per account
+# an event insert that may name a dedupe key (ON CONFLICT: a second writer skips it)
+INSERT_SQL = (
+    "INSERT INTO events (type, account_id, data, dedupe) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (dedupe) DO NOTHING"
+)
+
+
+def lock_sql(dialect: Dialect) -> str | None:
+    """The statement that orders event commits (PostgreSQL), or None (SQLite)."""
+    if dialect is not POSTGRES:
+        return None
+    from .schema_postgres import EVENTS_LOCK
+
+    return f"SELECT pg_advisory_xact_lock({EVENTS_LOCK})"
+
+
+def encode(data: dict[str, Any]) -> str:
+    """An event's data as stored."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def emit(
+    db: Ledger,
+    event_type: str,
+    account_id: int | None,
+    data: dict[str, Any],
+    dedupe: str | None = None,
+) -> None:
+    """Append an event inside the caller's write transaction, as its last statements."""
+    assert event_type in ev.TYPES, event_type
+    lock = lock_sql(db.dialect)
+    if lock is not None:
+        db.execute(lock)
+    db.execute(INSERT_SQL, (event_type, account_id, encode(data), dedupe))
+
+
+def emit_now(
+    db: Ledger,
+    event_type: str,
+    account_id: int | None,
+    data: dict[str, Any],
+    dedupe: str | None = None,
+) -> None:
+    """:func:`emit` in a transaction of its own (an event that describes no ledger change)."""
+    with db.transaction():
+        emit(db, event_type, account_id, data, dedupe)
+
+
+def last_topup_id(db: Ledger, account_id: int) -> int:
+    """The id of the account's newest top-up (0: none): a crossing's key, so that an event
+    or a charge made "once per crossing" happens again only after money came in."""
+    return int(
+        db.value(
+            "SELECT MAX(id) FROM transactions WHERE account_id = ? AND kind = 'topup'",
+            (account_id,),
+        )
+        or 0
+    )
+
+
+def after(db: Ledger, account_id: int | None, after_id: int, limit: int) -> list[dict[str, Any]]:
+    """The events after *after_id*, oldest first: the account's own, or (``None``) all."""
+    if account_id is None:
+        rows = db.query(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
+    else:
+        rows = db.query(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
+            (account_id, after_id, limit),
+        )
+    return [ev.view(r) for r in rows]
+
+
+def prune(db: Ledger, days: int) -> int:
+    """Delete events older than *days* days and their deliveries; how many events went."""
+    with db.transaction():
+        cutoff = db.value("SELECT MAX(id) FROM events WHERE created_at < ?", (_days_ago(db, days),))
+        if cutoff is None:
+            return 0
+        db.execute("DELETE FROM deliveries WHERE event_id <= ?", (cutoff,))
+        return db.execute("DELETE FROM events WHERE id <= ?", (cutoff,)).rowcount
+
+
+def _days_ago(db: Ledger, days: int) -> str:
+    import datetime as dt
+
+    t = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- subscriptions ------------------------------------------------------------------------
+
+SUB_COLUMNS = (
+    "id, account_id, kind, target, events, created_at, last_success_at, last_failure_at,"
+    " last_failure"
+)
+
+
+def subscription_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A subscription as the API and the CLI show it (never its secret)."""
+    return {
+        "id": str(row["id"]),
+        "kind": row["kind"],
+        "url" if row["kind"] == "webhook" else "target": row["target"],
+        "events": row["events"].split(","),
+        "created_at": row["created_at"],
+        "last_success_at": row["last_success_at"],
+        "last_failure_at": row["last_failure_at"],
+        "last_failure": row["last_failure"],
+    }
+
+
+def add_subscription(
+    db: Ledger, account_id: int | None, kind: str, target: str, patterns: Sequence[str]
+) -> dict[str, Any]:
+    """A new subscription; its signing secret is in the answer (``secret``) this once."""
+    secret = "whsec_" + _secrets.token_urlsafe(32) if kind == "webhook" else None
+    with db.transaction():
+        if account_id is not None:
+            n = db.value(
+                "SELECT COUNT(*) FROM subscriptions WHERE account_id = ? AND deleted_at IS NULL",
+                (account_id,),
+            )
+            if int(n or 0) >= MAX_SUBSCRIPTIONS:
+                raise validation_error(
+                    "url", f"an account may have at most {MAX_SUBSCRIPTIONS} webhooks"
+                )
+        sid = db.insert(
+            "INSERT INTO subscriptions (account_id, kind, target, events, secret)"
+            " VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (account_id, kind, target, ",".join(patterns), secret),
+        )
+    row = db.one(f"SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = ?", (sid,))
+    assert row is not None
+    out = subscription_view(row)
+    if secret is not None:
+        out["secret"] = secret
+    return out
+
+
+def subscriptions(db: Ledger, account_id: int | None) -> list[dict[str, Any]]:
+    """The live subscriptions of an account, or (``None``) the operator's notifiers."""
+    where = "account_id = ?" if account_id is not None else "account_id IS NULL"
+    args = (account_id,) if account_id is not None else ()
+    return [
+        subscription_view(r)
+        for r in db.query(
+            f"SELECT {SUB_COLUMNS} FROM subscriptions WHERE {where} AND deleted_at IS NULL"
+            " ORDER BY id",
+            args,
+        )
+    ]
+
+
+def get_subscription(db: Ledger, account_id: int | None, sub_id: int) -> dict[str, Any]:
+    """One live subscription of the account (or operator); 404 otherwise. Has ``secret``."""
+    where = "account_id = ?" if account_id is not None else "account_id IS NULL"
+    args: tuple[Any, ...] = (sub_id, account_id) if account_id is not None else (sub_id,)
+    row = db.one(
+        f"SELECT {SUB_COLUMNS}, secret FROM subscriptions WHERE id = ? AND {where}"
+        " AND deleted_at IS NULL",
+        args,
+    )
+    if row is None:
+        raise DatorusError("RESOURCE_NOT_FOUND", details={"webhook": str(sub_id)})
+    return row
+
+
+def remove_subscription(db: Ledger, account_id: int | None, sub_id: int) -> dict[str, Any]:
+    """Delete a subscription (its pending deliveries are dropped); 404 if not live."""
+    get_subscription(db, account_id, sub_id)
+    with db.transaction():
+        db.execute("UPDATE subscriptions SET deleted_at = {now} WHERE id = ?", (sub_id,))
+        db.execute(
+            "UPDATE deliveries SET status = 'failed', last_error = 'subscription removed',"
+            " done_at = {now} WHERE subscription_id = ? AND status = 'pending'",
+            (sub_id,),
+        )
+    return {"id": str(sub_id), "deleted": True}
+
+
+# -- the outbox ---------------------------------------------------------------------------
+
+_DISPATCH = "dispatch"
+
+
+def dispatch(db: Ledger, now_ms: int, batch: int = 500) -> int:
+    """Fan the events not yet dispatched out to the subscriptions matching them: one
+    pending delivery each. Once among every process (the cursor is read and moved in
+    one write transaction). Returns how many events were looked at."""
+    with db.transaction():
+        db.execute(
+            "INSERT {or_ignore} INTO event_cursor (name, last_id) VALUES (?, 0)"
+            " {on_conflict_ignore}",
+            (_DISPATCH,),
+        )
+        last = int(
+            db.value("SELECT last_id FROM event_cursor WHERE name = ? {for_update}", (_DISPATCH,))
+        )
+        rows = db.query(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (last, batch),
+        )
+        if not rows:
+            return 0
+        subs = db.query("SELECT id, account_id, events FROM subscriptions WHERE deleted_at IS NULL")
+        out: list[tuple[int, int, int, int]] = []
+        for r in rows:
+            for s in subs:
+                mine = s["account_id"] is None or s["account_id"] == r["account_id"]
+                if mine and ev.matches(s["events"].split(","), r["type"]):
+                    out.append((s["id"], r["id"], now_ms, now_ms))
+        if out:
+            db.execute_many(
+                "INSERT INTO deliveries (subscription_id, event_id, next_at, first_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (subscription_id, event_id) DO NOTHING",
+                out,
+            )
+        db.execute(
+            "UPDATE event_cursor SET last_id = ? WHERE name = ?", (rows[-1]["id"], _DISPATCH)
+        )
+    return len(rows)
+
+
+def claim_due(db: Ledger, now_ms: int, lease_ms: int, limit: int) -> list[dict[str, Any]]:
+    """Claim up to *limit* due pending deliveries for *lease_ms* (another process skips
+    them meanwhile), oldest due first, at most one per subscription (a subscription's
+    deliveries go one at a time), with their event and subscription."""
+    with db.transaction():
+        rows = db.query(
+            "SELECT d.id, d.subscription_id, d.event_id, d.attempts, d.first_at"
+            " FROM deliveries d WHERE d.status = 'pending' AND d.next_at <= ?"
+            " AND d.claim_until <= ? ORDER BY d.next_at, d.id LIMIT ?",
+            (now_ms, now_ms, limit * 4),
+        )
+        seen: set[int] = set()
+        picked: list[dict[str, Any]] = []
+        for r in rows:
+            if r["subscription_id"] not in seen and len(picked) < limit:
+                seen.add(r["subscription_id"])
+                picked.append(r)
+        if picked:
+            db.execute_many(
+                "UPDATE deliveries SET claim_until = ? WHERE id = ?",
+                [(now_ms + lease_ms, r["id"]) for r in picked],
+            )
+    out = []
+    for r in picked:
+        event = db.one(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (r["event_id"],))
+        sub = db.one(
+            "SELECT id, account_id, kind, target, secret, deleted_at FROM subscriptions"
+            " WHERE id = ?",
+            (r["subscription_id"],),
+        )
+        if event is None or sub is None or sub["deleted_at"] is not None:
+            record(db, r["id"], r["subscription_id"], False, None, "gone", None)
+            continue
+        out.append({**r, "event": ev.view(event), "subscription": sub})
+    return out
+
+
+def record(
+    db: Ledger,
+    delivery_id: int,
+    subscription_id: int,
+    ok: bool,
+    status: int | None,
+    error: str | None,
+    retry_at_ms: int | None,
+) -> None:
+    """The outcome of one attempt: delivered; failed for good (*retry_at_ms* None); or
+    pending again at *retry_at_ms*. The subscription's health follows."""
+    with db.transaction():
+        if ok:
+            db.execute(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+                " last_status = ?, last_error = NULL, done_at = {now}, claim_until = 0"
+                " WHERE id = ?",
+                (status, delivery_id),
+            )
+            db.execute(
+                "UPDATE subscriptions SET last_success_at = {now} WHERE id = ?",
+                (subscription_id,),
+            )
+            return
+        if retry_at_ms is None:
+            db.execute(
+                "UPDATE deliveries SET status = 'failed', attempts = attempts + 1,"
+                " last_status = ?, last_error = ?, done_at = {now}, claim_until = 0"
+                " WHERE id = ?",
+                (status, error, delivery_id),
+            )
+        else:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
+                " last_error = ?, next_at = ?, claim_until = 0 WHERE id = ?",
+                (status, error, retry_at_ms, delivery_id),
+            )
+        db.execute(
+            "UPDATE subscriptions SET last_failure_at = {now}, last_failure = ? WHERE id = ?",
+            (error, subscription_id),
+        )
+
+
+def deliveries(
+    db: Ledger, account_id: int | None, sub_id: int, limit: int = 50
+) -> list[dict[str, Any]]:
+    """The newest deliveries of one subscription (pending, delivered, failed)."""
+    get_subscription(db, account_id, sub_id)
+    return db.query(
+        "SELECT id, event_id, status, attempts, last_status, last_error, done_at"
+        " FROM deliveries WHERE subscription_id = ? ORDER BY id DESC LIMIT ?",
+        (sub_id, limit),
+    )
+
+
+# -- events swept from time ---------------------------------------------------------------
+
+
+def expire_leases(db: Ledger, now: int) -> int:
+    """Write ``lease.expired`` for each lease that ran out unreleased and has none yet."""
+    with db.transaction():
+        rows = db.query(
+            "SELECT id, account_id, egress_id, expires_at FROM leases"
+            " WHERE announced = 0 AND released_at IS NULL AND expires_at <= ?"
+            " ORDER BY expires_at, id LIMIT 500 {for_update}",
+            (now,),
+        )
+        if not rows:
+            return 0
+        db.execute_many("UPDATE leases SET announced = 1 WHERE id = ?", [(r["id"],) for r in rows])
+        for r in rows:
+            emit(
+                db,
+                "lease.expired",
+                r["account_id"],
+                {"lease_id": r["id"], "proxy_id": str(r["egress_id"]),
+                 "expired_at": r["expires_at"]},
+                dedupe=f"lease.expired:{r['id']}",
+            )  # fmt: skip
+    return len(rows)
+
+
+def rows_for(
+    items: Iterable[tuple[str, int | None, dict[str, Any], str | None]],
+) -> list[tuple[str, int | None, str, str | None]]:
+    """Parameter rows of :data:`INSERT_SQL` for ``(type, account_id, data, dedupe)``."""
+    return [(t, a, encode(d), k) for t, a, d, k in items]
