@@ -5,7 +5,7 @@ subscriptions matching them (``ledger.events.dispatch``), claims due deliveries 
 each one with its notifier plugin (``webhook``, ``smtp``: ``datorus_core.notifiers``) as a
 task of its own, at most ``MAX_IN_FLIGHT`` at once and one at a time per subscription, so
 a slow or dead receiver delays only its own deliveries. A failure is retried with
-exponential back-off and jitter for ``event_retry_hours``, then marked failed (``datorus
+exponential back-off and jitter for ``event_retry_seconds`` (a day), then marked failed (``datorus
 notifier list``, ``GET /account/webhooks``, ``/stats/plugins``). It also writes
 ``lease.expired`` for leases that ran out, and prunes events after ``event_days``.
 
@@ -160,8 +160,10 @@ class EventDelivery:
         now_ms = int(time.time() * 1000)
         retry_at: int | None = None
         if error is not None:
-            retry_at = now_ms + int(ev.backoff_seconds(row["attempts"] + 1) * 1000)
-            if retry_at - row["first_at"] > int(s.get("event_retry_hours", 24)) * 3_600_000:
+            first = float(s.get("event_retry_first_ms", 5000)) / 1000
+            wait = ev.backoff_seconds(row["attempts"] + 1, first=first)
+            retry_at = now_ms + int(wait * 1000)
+            if retry_at - row["first_at"] > int(s.get("event_retry_seconds", 86400)) * 1000:
                 retry_at = None  # retried long enough: failed, and shown
         ok = error is None
         await self.db(

@@ -145,15 +145,17 @@ def verify_signature(
     return any(hmac.compare_digest(want, v) for v in fields.get("v1", []))
 
 
-def backoff_seconds(attempts: int, rng: random.Random | None = None, cap: float = 3600.0) -> float:
-    """How long to wait after the *attempts*-th failed delivery: exponential from 5 s,
+def backoff_seconds(
+    attempts: int, rng: random.Random | None = None, cap: float = 3600.0, first: float = 5.0
+) -> float:
+    """How long to wait after the *attempts*-th failed delivery: exponential from *first*,
     capped at *cap*, with full jitter on the upper half (so a crowd of retries spreads).
 
     >>> r = random.Random(1)
     >>> [round(backoff_seconds(n, r)) for n in (1, 2, 3, 10)]
     [3, 9, 18, 1606]
     """
-    base = min(cap, 5.0 * 2 ** max(0, attempts - 1))
+    base = min(cap, first * 2 ** max(0, attempts - 1))
     return base / 2 + (rng or random).random() * base / 2
 
 

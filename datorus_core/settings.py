@@ -214,11 +214,19 @@ SETTINGS: tuple[Setting, ...] = (
         _positive,
     ),
     Setting(
-        "event_retry_hours",
+        "event_retry_seconds",
         int,
-        24,
+        86400,
         "How long a webhook or notifier delivery is retried (with exponential back-off"
         " and jitter) before it is marked failed.",
+        _positive,
+    ),
+    Setting(
+        "event_retry_first_ms",
+        int,
+        5000,
+        "The first retry's back-off in milliseconds; each next one doubles it (up to an"
+        " hour), with jitter.",
         _positive,
     ),
     Setting(

@@ -255,14 +255,17 @@ def dispatch(db: Ledger, now_ms: int, batch: int = 500) -> int:
 
 def claim_due(db: Ledger, now_ms: int, lease_ms: int, limit: int) -> list[dict[str, Any]]:
     """Claim up to *limit* due pending deliveries for *lease_ms* (another process skips
-    them meanwhile), oldest due first, at most one per subscription (a subscription's
-    deliveries go one at a time), with their event and subscription."""
+    them meanwhile), oldest due first, at most one per subscription and none of one whose
+    delivery is under way (a subscription's deliveries go one at a time, so a dead
+    receiver holds up only itself), with their event and subscription."""
     with db.transaction():
         rows = db.query(
             "SELECT d.id, d.subscription_id, d.event_id, d.attempts, d.first_at"
             " FROM deliveries d WHERE d.status = 'pending' AND d.next_at <= ?"
-            " AND d.claim_until <= ? ORDER BY d.next_at, d.id LIMIT ?",
-            (now_ms, now_ms, limit * 4),
+            " AND d.claim_until <= ? AND d.subscription_id NOT IN ("
+            "SELECT subscription_id FROM deliveries WHERE status = 'pending'"
+            " AND claim_until > ?) ORDER BY d.next_at, d.id LIMIT ?",
+            (now_ms, now_ms, now_ms, limit * 4),
         )
         seen: set[int] = set()
         picked: list[dict[str, Any]] = []

@@ -391,7 +391,7 @@ MIGRATIONS: tuple[str, ...] = (
     # NULL) and the customers' webhooks; the signing secret is kept as it is (a signature
     # needs it). deliveries is the durable outbox: one row per (subscription, event),
     # next_at/claim_until in Unix milliseconds, pending until delivered or, after
-    # retrying for event_retry_hours, failed. event_cursor is how far the dispatcher has
+    # retrying for event_retry_seconds, failed. event_cursor is how far the dispatcher has
     # fanned events out; event_marks holds the one-per-crossing state (the pool low).
     # account_alerts: a customer's low-balance mark and auto-recharge. leases.announced:
     # lease.expired was written for it.
