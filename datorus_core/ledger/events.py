@@ -336,6 +336,44 @@ def record(
         )
 
 
+def plugin_health(db: Ledger) -> dict[str, dict[str, Any]]:
+    """Per notifier kind: its live subscriptions and the outbox's record of them (the
+    last success, the last failure and why, deliveries pending and failed)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in db.query(
+        "SELECT kind, COUNT(*) AS subscriptions, MAX(last_success_at) AS last_success_at,"
+        " MAX(last_failure_at) AS last_failure_at FROM subscriptions"
+        " WHERE deleted_at IS NULL GROUP BY kind"
+    ):
+        why = db.value(
+            "SELECT last_failure FROM subscriptions WHERE kind = ? AND deleted_at IS NULL"
+            " AND last_failure_at IS NOT NULL ORDER BY last_failure_at DESC, id DESC LIMIT 1",
+            (r["kind"],),
+        )
+        counts = {
+            s: int(n)
+            for s, n in db.execute(
+                "SELECT d.status, COUNT(*) FROM deliveries d JOIN subscriptions s"
+                " ON s.id = d.subscription_id WHERE s.kind = ? GROUP BY d.status",
+                (r["kind"],),
+            ).fetchall()
+        }
+        out[r["kind"]] = {**r, "last_failure": why, "deliveries": counts}
+    return out
+
+
+def note_health(db: Ledger, sub_id: int, ok: bool, error: str | None) -> None:
+    """Record a delivery made outside the outbox (``datorus notifier test``)."""
+    with db.transaction():
+        if ok:
+            db.execute("UPDATE subscriptions SET last_success_at = {now} WHERE id = ?", (sub_id,))
+        else:
+            db.execute(
+                "UPDATE subscriptions SET last_failure_at = {now}, last_failure = ? WHERE id = ?",
+                (error, sub_id),
+            )
+
+
 def deliveries(
     db: Ledger, account_id: int | None, sub_id: int, limit: int = 50
 ) -> list[dict[str, Any]]:
