@@ -7,7 +7,8 @@ task of its own, at most ``MAX_IN_FLIGHT`` at once and one at a time per subscri
 a slow or dead receiver delays only its own deliveries. A failure is retried with
 exponential back-off and jitter for ``event_retry_seconds`` (a day), then marked failed (``datorus
 notifier list``, ``GET /account/webhooks``, ``/stats/plugins``). It also writes
-``lease.expired`` for leases that ran out, and prunes events after ``event_days``.
+``lease.expired`` for leases that ran out, prunes events after ``event_days``, and
+checks low balances and auto-recharges (``datorus_core.api.alerts``) every second.
 
 Nothing here is on the request path: the ledger is reached from a thread of its own (its
 own connection), and the event loop only awaits it and the receivers. With several
@@ -32,6 +33,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from datorus_core import events as ev
+from datorus_core.api.alerts import Alerts
 from datorus_core.ledger import Ledger, connect
 from datorus_core.ledger import events as ledger_events
 from datorus_core.notifiers import Delivery, DeliveryError, load_notifiers
@@ -47,6 +49,7 @@ T = TypeVar("T")
 TICK_SECONDS = 0.5
 MAX_IN_FLIGHT = 32
 HOUSEKEEPING_SECONDS = 5.0
+ALERT_SECONDS = 1.0
 
 
 def _expire(db: Ledger, now: int) -> int:
@@ -67,6 +70,7 @@ class EventDelivery:
         self.trouble = Trouble("event delivery")
         self._pool: ThreadPoolExecutor | None = None
         self._db: Ledger | None = None
+        self.alerts: Alerts | None = None
 
     def running(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="datorus-events")
@@ -97,13 +101,16 @@ class EventDelivery:
 
     async def _loop(self) -> None:
         await self.gw.ready.wait()
-        next_housekeeping = 0.0
+        next_housekeeping = next_alerts = 0.0
         next_prune = time.monotonic() + 60
         while True:
             await asyncio.sleep(TICK_SECONDS)
             try:
                 await self.tick()
                 now = time.monotonic()
+                if now >= next_alerts:
+                    next_alerts = now + ALERT_SECONDS
+                    await asyncio.to_thread(self._alerts)
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_SECONDS
                     await self.db(partial(_expire, now=int(time.time())))
@@ -115,6 +122,12 @@ class EventDelivery:
                 self.trouble.failed(str(e))
             else:
                 self.trouble.ok()
+
+    def _alerts(self) -> None:
+        """Low-balance events and auto-recharges (blocking: Stripe, SMTP; in a thread)."""
+        if self.alerts is None:
+            self.alerts = Alerts(self.gw.settings)
+        self.alerts.check()
 
     async def tick(self) -> None:
         """Dispatch new events, then start the due deliveries there is room for."""

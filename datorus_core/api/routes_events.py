@@ -23,10 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from .. import events as ev
 from ..envelope import DatorusError, validation_error
 from ..ledger import events as ledger_events
+from ..ledger.accounts import MAX_BALANCE_CENTS
 from ..notifiers.targets import check_target, policy_for
 from ..notifiers.webhook import check_url
 from . import store
 from .deps import Account, ActiveAccount, State
+from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS
 
 router = APIRouter()
 POLL_SECONDS = 0.5
@@ -169,3 +171,87 @@ async def get_events(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+# -- money comforts: low-balance alerts and auto-recharge ---------------------------------
+
+
+class AlertsIn(BaseModel):
+    """``PUT /account/alerts``: ``credits.low`` below this balance (mailed unless ``email``
+    is false)."""
+
+    low_balance_cents: int = Field(ge=1, le=MAX_BALANCE_CENTS)
+    email: bool = True
+
+
+class AutoRechargeIn(BaseModel):
+    """``PUT /account/autorecharge``: charge the saved card ``amount_cents`` when the
+    balance falls below ``threshold_cents``, once per crossing."""
+
+    threshold_cents: int = Field(ge=1, le=MAX_BALANCE_CENTS)
+    amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)
+
+
+def _alerts_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {"low_balance_cents": row["low_cents"], "email": bool(row["mail_low"])}
+
+
+def _recharge_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "enabled": row["recharge_threshold_cents"] is not None,
+        "threshold_cents": row["recharge_threshold_cents"],
+        "amount_cents": row["recharge_amount_cents"],
+    }
+
+
+@router.get("/account/alerts", tags=["events"])
+def get_alerts(acc: Account, st: State) -> Any:
+    """The account's low-balance mark (null: none)."""
+    return _alerts_view(ledger_events.alerts(st.store.db(), acc["id"]))
+
+
+@router.put("/account/alerts", tags=["events"])
+def put_alerts(body: AlertsIn, acc: Account, st: State) -> Any:
+    """Announce ``credits.low`` (to webhooks, the stream, and by mail unless ``email`` is
+    false) when the balance falls below ``low_balance_cents``, once per top-up."""
+    row = ledger_events.set_alerts(
+        st.store.db(), acc["id"], low_cents=body.low_balance_cents, mail_low=int(body.email)
+    )
+    return _alerts_view(row)
+
+
+@router.delete("/account/alerts", tags=["events"])
+def delete_alerts(acc: Account, st: State) -> Any:
+    """No more low-balance alerts."""
+    return _alerts_view(ledger_events.set_alerts(st.store.db(), acc["id"], low_cents=None))
+
+
+@router.get("/account/autorecharge", tags=["events"])
+def get_autorecharge(acc: Account, st: State) -> Any:
+    """The account's auto-recharge (``enabled`` false: none)."""
+    return _recharge_view(ledger_events.alerts(st.store.db(), acc["id"]))
+
+
+@router.put("/account/autorecharge", tags=["events"])
+def put_autorecharge(body: AutoRechargeIn, acc: ActiveAccount, st: State) -> Any:
+    """Charge the saved card (``POST /account/cards``) ``amount_cents`` whenever the
+    balance falls below ``threshold_cents``: once per crossing (the next after a top-up),
+    with ``credits.purchased``, or ``credits.recharge_failed`` when the card is declined."""
+    if not acc.get("stripe_payment_method"):
+        raise validation_error("payment_method", "no saved card: POST /account/cards first")
+    row = ledger_events.set_alerts(
+        st.store.db(),
+        acc["id"],
+        recharge_threshold_cents=body.threshold_cents,
+        recharge_amount_cents=body.amount_cents,
+    )
+    return _recharge_view(row)
+
+
+@router.delete("/account/autorecharge", tags=["events"])
+def delete_autorecharge(acc: Account, st: State) -> Any:
+    """Stop automatic recharges."""
+    row = ledger_events.set_alerts(
+        st.store.db(), acc["id"], recharge_threshold_cents=None, recharge_amount_cents=None
+    )
+    return _recharge_view(row)

@@ -53,13 +53,14 @@ def emit(
     account_id: int | None,
     data: dict[str, Any],
     dedupe: str | None = None,
-) -> None:
-    """Append an event inside the caller's write transaction, as its last statements."""
+) -> bool:
+    """Append an event inside the caller's write transaction, as its last statements;
+    False when its *dedupe* key was written before (nothing is then written)."""
     assert event_type in ev.TYPES, event_type
     lock = lock_sql(db.dialect)
     if lock is not None:
         db.execute(lock)
-    db.execute(INSERT_SQL, (event_type, account_id, encode(data), dedupe))
+    return db.execute(INSERT_SQL, (event_type, account_id, encode(data), dedupe)).rowcount == 1
 
 
 def emit_now(
@@ -68,10 +69,10 @@ def emit_now(
     account_id: int | None,
     data: dict[str, Any],
     dedupe: str | None = None,
-) -> None:
+) -> bool:
     """:func:`emit` in a transaction of its own (an event that describes no ledger change)."""
     with db.transaction():
-        emit(db, event_type, account_id, data, dedupe)
+        return emit(db, event_type, account_id, data, dedupe)
 
 
 def last_topup_id(db: Ledger, account_id: int) -> int:
@@ -418,3 +419,107 @@ def rows_for(
 ) -> list[tuple[str, int | None, str, str | None]]:
     """Parameter rows of :data:`INSERT_SQL` for ``(type, account_id, data, dedupe)``."""
     return [(t, a, encode(d), k) for t, a, d, k in items]
+
+
+# -- low-balance alerts and auto-recharge -------------------------------------------------
+
+NANO = 10**9  # nanocents per cent
+ALERT_COLUMNS = "low_cents, mail_low, recharge_threshold_cents, recharge_amount_cents"
+
+
+def alerts(db: Ledger, account_id: int) -> dict[str, Any]:
+    """The account's low-balance mark and auto-recharge (nulls: none set)."""
+    row = db.one(f"SELECT {ALERT_COLUMNS} FROM account_alerts WHERE account_id = ?", (account_id,))
+    return row or dict.fromkeys(ALERT_COLUMNS.split(", ")) | {"mail_low": 1}
+
+
+def set_alerts(db: Ledger, account_id: int, **values: Any) -> dict[str, Any]:
+    """Set some of the account's alert columns (the others stay)."""
+    cols = [c for c in ALERT_COLUMNS.split(", ") if c in values]
+    with db.transaction():
+        db.execute(
+            "INSERT INTO account_alerts (account_id) VALUES (?)"
+            " ON CONFLICT (account_id) DO NOTHING",
+            (account_id,),
+        )
+        if cols:
+            db.execute(
+                f"UPDATE account_alerts SET {', '.join(f'{c} = ?' for c in cols)}"
+                " WHERE account_id = ?",
+                [*(values[c] for c in cols), account_id],
+            )
+    return alerts(db, account_id)
+
+
+def low_balances(db: Ledger) -> list[dict[str, Any]]:
+    """Topped-up accounts whose balance is below their low mark, with their email."""
+    return db.query(
+        "SELECT a.id AS account_id, a.email, b.nanocents, l.low_cents, l.mail_low"
+        " FROM account_alerts l JOIN accounts a ON a.id = l.account_id"
+        " JOIN balances b ON b.account_id = l.account_id"
+        " WHERE l.low_cents IS NOT NULL AND b.topped_up = 1"
+        " AND b.nanocents < l.low_cents * ?",
+        (NANO,),
+    )
+
+
+def emit_low(db: Ledger, row: dict[str, Any]) -> bool:
+    """``credits.low`` for *row* (of :func:`low_balances`), once per top-up; True if this
+    call wrote it (the caller then mails it)."""
+    aid = row["account_id"]
+    with db.transaction():
+        key = f"credits.low:{aid}:{last_topup_id(db, aid)}"
+        return emit(
+            db,
+            "credits.low",
+            aid,
+            {
+                "account_id": aid,
+                "balance_cents": row["nanocents"] // NANO,
+                "threshold_cents": row["low_cents"],
+            },
+            dedupe=key,
+        )
+
+
+def due_recharges(db: Ledger) -> list[dict[str, Any]]:
+    """Accounts with auto-recharge, a saved card and a balance below the threshold."""
+    return db.query(
+        "SELECT l.account_id, b.nanocents, l.recharge_threshold_cents,"
+        " l.recharge_amount_cents FROM account_alerts l"
+        " JOIN accounts a ON a.id = l.account_id JOIN balances b ON b.account_id = a.id"
+        " WHERE l.recharge_threshold_cents IS NOT NULL AND l.recharge_amount_cents IS NOT NULL"
+        " AND a.stripe_payment_method IS NOT NULL AND a.status = 'active'"
+        " AND b.nanocents < l.recharge_threshold_cents * ?",
+        (NANO,),
+    )
+
+
+def claim_recharge(db: Ledger, account_id: int, now: int, retry_after: int = 300) -> str | None:
+    """The crossing's key if this process is to charge it now, else None.
+
+    A crossing is the balance below the threshold since the account's newest top-up: its
+    key names that top-up, so one dip is charged once, however many gateways see it. The
+    mark is taken in the ledger (the first writer wins); one left ``claimed`` longer than
+    *retry_after* seconds (its process died mid-charge) is taken again, and the charge
+    repeated with the same idempotency key, which Stripe answers without a second charge.
+    """
+    with db.transaction():
+        key = f"autorecharge:{account_id}:{last_topup_id(db, account_id)}"
+        cur = db.execute(
+            "INSERT INTO event_marks (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (key, f"claimed:{now}"),
+        )
+        if cur.rowcount == 1:
+            return key
+        value = str(db.value("SELECT value FROM event_marks WHERE name = ? {for_update}", (key,)))
+        if value.startswith("claimed:") and int(value.split(":")[1]) < now - retry_after:
+            db.execute("UPDATE event_marks SET value = ? WHERE name = ?", (f"claimed:{now}", key))
+            return key
+    return None
+
+
+def finish_recharge(db: Ledger, key: str, outcome: str) -> None:
+    """Mark a crossing's charge done (``charged``, ``declined``...): never tried again."""
+    with db.transaction():
+        db.execute("UPDATE event_marks SET value = ? WHERE name = ?", (outcome, key))

@@ -280,3 +280,34 @@ def _take_until_comment(lines: Any) -> Any:
         if line.startswith(":"):
             yield ""
             return
+
+
+def _events(gw: Gateway, h: dict[str, str], event_type: str) -> list[dict[str, Any]]:
+    items = httpx.get(f"{gw.api_url}/account/events", params={"limit": 500}, headers=h).json()
+    return [e for e in items["items"] if e["type"] == event_type]
+
+
+def test_the_first_refusal_for_money_is_one_credits_exhausted(gw: Gateway, origin) -> None:
+    aid, user, pw = gw.customer(trial_bytes=0)
+    h = bearer(cli(gw.db, "key", "create", str(aid))["key"])
+    proxies = {"http": gw.proxy(user, pw)}
+    for _ in range(3):
+        r = httpx.get(origin.url("/"), proxy=proxies["http"], timeout=10)
+        assert r.status_code == 402 and r.json()["error"]["code"] == "TRIAL_EXHAUSTED"
+    (first,) = wait_until(lambda: _events(gw, h, "credits.exhausted"), what="credits.exhausted")
+    assert first["data"] == {"account_id": aid, "code": "TRIAL_EXHAUSTED", "balance_cents": 0}
+
+    # money in, then taken back: the next refusal is news again, once
+    cli(gw.db, "balance", "add", str(aid), "100")
+    cli(gw.db, "balance", "add", str(aid), "-100", "--reason", "mistaken top-up")
+
+    def refused_for_balance() -> bool:
+        r = httpx.get(origin.url("/"), proxy=proxies["http"], timeout=10)
+        return r.status_code == 402 and r.json()["error"]["code"] == "INSUFFICIENT_BALANCE"
+
+    wait_until(refused_for_balance, what="the correction reaching the gateway")
+    refused_for_balance()
+    got = wait_until(lambda: len(_events(gw, h, "credits.exhausted")) >= 2 and _events(
+        gw, h, "credits.exhausted"
+    ))  # fmt: skip
+    assert [e["data"]["code"] for e in got] == ["TRIAL_EXHAUSTED", "INSUFFICIENT_BALANCE"]
