@@ -142,7 +142,7 @@ def all_ints(rows: Any) -> bool:
 
 
 def test_both_backends_have_the_same_numbered_migrations() -> None:
-    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 10
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 11
 
 
 def test_a_new_ledger_is_at_the_newest_schema_and_migrating_again_changes_nothing(
