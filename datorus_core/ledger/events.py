@@ -219,7 +219,12 @@ _DISPATCH = "dispatch"
 def dispatch(db: Ledger, now_ms: int, batch: int = 500) -> int:
     """Fan the events not yet dispatched out to the subscriptions matching them: one
     pending delivery each. Once among every process (the cursor is read and moved in
-    one write transaction). Returns how many events were looked at."""
+    one write transaction). Returns how many events were looked at. Opens no write
+    transaction while there is nothing new (it runs twice a second in every gateway)."""
+    cursor = db.value("SELECT last_id FROM event_cursor WHERE name = ?", (_DISPATCH,))
+    newest = db.value("SELECT MAX(id) FROM events")
+    if newest is None or (cursor is not None and int(cursor) >= int(newest)):
+        return 0
     with db.transaction():
         db.execute(
             "INSERT {or_ignore} INTO event_cursor (name, last_id) VALUES (?, 0)"
@@ -258,7 +263,14 @@ def claim_due(db: Ledger, now_ms: int, lease_ms: int, limit: int) -> list[dict[s
     """Claim up to *limit* due pending deliveries for *lease_ms* (another process skips
     them meanwhile), oldest due first, at most one per subscription and none of one whose
     delivery is under way (a subscription's deliveries go one at a time, so a dead
-    receiver holds up only itself), with their event and subscription."""
+    receiver holds up only itself), with their event and subscription. Opens no write
+    transaction while nothing is due."""
+    if not db.value(
+        "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_at <= ?"
+        " AND claim_until <= ? LIMIT 1",
+        (now_ms, now_ms),
+    ):
+        return []
     with db.transaction():
         rows = db.query(
             "SELECT d.id, d.subscription_id, d.event_id, d.attempts, d.first_at"
@@ -391,7 +403,14 @@ def deliveries(
 
 
 def expire_leases(db: Ledger, now: int) -> int:
-    """Write ``lease.expired`` for each lease that ran out unreleased and has none yet."""
+    """Write ``lease.expired`` for each lease that ran out unreleased and has none yet
+    (no write transaction while there is none)."""
+    if not db.value(
+        "SELECT 1 FROM leases WHERE announced = 0 AND released_at IS NULL AND expires_at <= ?"
+        " LIMIT 1",
+        (now,),
+    ):
+        return 0
     with db.transaction():
         rows = db.query(
             "SELECT id, account_id, egress_id, expires_at FROM leases"

@@ -453,6 +453,8 @@ MIGRATIONS: tuple[str, ...] = (
         recharge_amount_cents INTEGER
     );
     ALTER TABLE leases ADD COLUMN announced INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX leases_unannounced ON leases(expires_at)
+        WHERE announced = 0 AND released_at IS NULL;
     """,
 )
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..envelope import DatorusError
+from ..envelope import DatorusError, validation_error
 from ..ledger import Ledger
 from ..ledger.policy_rules import list_policy_rules
 from ..policy import Denial, Policy, normalize_hostname, parse_ip_literal, parse_rule
@@ -39,13 +39,19 @@ def policy_for(db: Ledger, settings: dict[str, Any], own: Iterable[tuple[str, in
 
 def denial_of(policy: Policy, url: str) -> tuple[Denial | None, str]:
     """Why *url*'s host is denied (None: allowed), and the host."""
-    u = urlsplit(url)
-    host = u.hostname or ""
-    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        raise validation_error("url", str(e)) from None
     ip = parse_ip_literal(host)
     if ip is not None:
         return policy.check_address(str(ip), port), host
-    name = normalize_hostname(host)
+    try:
+        name = normalize_hostname(host)
+    except ValueError as e:
+        raise validation_error("url", f"bad host name: {e}") from None
     denial = policy.check_name(name, port)
     if denial is not None:
         return denial, host
