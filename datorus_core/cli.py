@@ -538,31 +538,12 @@ def balance_history(
 def usage(
     account_id: str,
     by: Annotated[
-        str | None,
-        typer.Option(
-            "--by", metavar="day|domain", help="'day' per day; 'domain' per registrable domain."
-        ),
+        str | None, typer.Option("--by", metavar="day", help="'day' for a daily breakdown.")
     ] = None,
-    days: Annotated[int, typer.Option(help="With --by domain: the last N days.")] = 30,
 ) -> None:
     """Requests, bytes and charges of an account."""
-    if by not in (None, "day", "domain"):
-        raise validation_error("by", "must be day or domain")
-    if by == "domain":
-        import time
-
-        from .clock import iso_utc
-
-        if not 1 <= days <= 366:
-            raise validation_error("days", "must be 1 to 366")
-        since = iso_utc(time.time() - days * 86400)
-        rows = ledger_usage.by_domain(_db(), _int("account_id", account_id), since)
-        for r in rows:
-            r["chargedNanocents"] = r.pop("nanocents")
-            r["chargedCents"] = pricing.whole_cents(r["chargedNanocents"])
-        out = {"id": int(account_id), "since": since, "domains": rows}
-        emit(out, lambda r: _kv(r) + "\n\n" + _rows(r["domains"]))
-        return
+    if by not in (None, "day"):
+        raise validation_error("by", "must be day")
     result = ledger_usage.usage(_db(), _int("account_id", account_id), by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from .. import pricing
-from ..clock import iso_utc
 from ..ledger import accounts, leases
 from ..ledger import usage as ledger_usage
 from . import store
@@ -89,31 +87,12 @@ def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 @router.get("/usage", tags=["account"])
-async def get_usage(
-    acc: Account,
-    st: State,
-    by: Annotated[
-        Literal["day", "domain"] | None,
-        Query(description="'domain': requests, bytes and charges per registrable domain."),
-    ] = None,
-    days: Annotated[int, Query(ge=1, le=366, description="With by=domain: the last N days.")] = 30,
-) -> Any:
+async def get_usage(acc: Account, st: State) -> Any:
     """Requests, bytes and charges (in total and per day) and the current rate-limit state.
 
     Served by the gateway, ``rate_limit.credentials`` shows each credential's live
-    bucket; standalone (``datorus api``) it shows the full burst. With ``by=domain`` it
-    is, instead, the usage of the last *days* days (from the receipts, kept
-    ``receipt_days``) per registrable domain, costliest first.
+    bucket; standalone (``datorus api``) it shows the full burst.
     """
-    if by == "domain":
-        since = iso_utc(time.time() - days * 86400)
-        rows = await run_in_threadpool(
-            lambda: ledger_usage.by_domain(st.store.db(), acc["id"], since)
-        )
-        for r in rows:
-            r["charged_nanocents"] = r.pop("nanocents")
-            r["charged_cents"] = pricing.whole_cents(r["charged_nanocents"])
-        return {"account_id": acc["id"], "since": since, "domains": rows}
     u, creds, view = await run_in_threadpool(_usage, st, acc["id"])
     rps = view["rate_limit"]["requests_per_second"]
     burst = view["rate_limit"]["burst"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .. import domains, pricing
+from .. import pricing
 from ..envelope import DatorusError
 from .accounts import account_row, overview
 from .db import Ledger
@@ -123,18 +123,3 @@ def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         else:
             out.append(tuple(clean))
     return out
-
-
-def by_domain(db: Ledger, account_id: int, since: str) -> list[dict[str, Any]]:
-    """The account's usage since *since* (``YYYY-MM-DDTHH:MM:SSZ``) per registrable
-    domain, from its receipts (kept ``receipt_days``): requests, bytes up and down, trial
-    bytes and nanocents, the costliest first."""
-    account_row(db, account_id)
-    rows = db.query(
-        "SELECT host, COUNT(*) AS requests, SUM(bytes_up) AS bytes_up,"
-        " SUM(bytes_down) AS bytes_down, SUM(trial_bytes) AS trial_bytes,"
-        " SUM(nanocents) AS nanocents FROM receipts"
-        " WHERE account_id = ? AND started_at >= ? GROUP BY host",
-        (account_id, since),
-    )
-    return domains.fold(rows)
