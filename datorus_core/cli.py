@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
@@ -21,7 +22,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import pricing
-from .envelope import DatorusError, envelope, validation_error
+from .envelope import DatorusError, envelope, request_id_floor, validation_error
 from .ledger import DatabaseError, Ledger, accounts, connect, money, open_ledger, policy_rules
 from .ledger import usage as ledger_usage
 from .ledger.target import is_postgres, scrubbed, shown
@@ -538,17 +539,46 @@ def balance_history(
 def usage(
     account_id: str,
     by: Annotated[
-        str | None, typer.Option("--by", metavar="day", help="'day' for a daily breakdown.")
+        str | None,
+        typer.Option(
+            "--by",
+            metavar="day|domain",
+            help="'day' for a daily breakdown, 'domain' for one by destination host.",
+        ),
     ] = None,
+    days: Annotated[
+        int, typer.Option(help="With --by domain: how many days back.", min=1, max=366)
+    ] = 30,
 ) -> None:
-    """Requests, bytes and charges of an account."""
-    if by not in (None, "day"):
-        raise validation_error("by", "must be day")
-    result = ledger_usage.usage(_db(), _int("account_id", account_id), by_day=by == "day")
+    """Requests, bytes and charges of an account (per day, or per destination host)."""
+    if by not in (None, "day", "domain"):
+        raise validation_error("by", "must be day or domain")
+    db, aid = _db(), _int("account_id", account_id)
+    if by == "domain":
+        accounts.account_row(db, aid)
+        since = request_id_floor(int((time.time() - days * 86400) * 1000))
+        items = ledger_usage.by_domain(db, aid, since, 200)
+        emit({"id": aid, "days": days, "items": items}, _items())
+        return
+    result = ledger_usage.usage(db, aid, by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
     else:
         emit(result)
+
+
+@app.command()
+def receipts(
+    account_id: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.", min=1, max=1000)] = 20,
+) -> None:
+    """An account's most recent receipts, newest first (one: ``datorus receipt ID``)."""
+    db, aid = _db(), _int("account_id", account_id)
+    accounts.account_row(db, aid)
+    emit(
+        {"id": aid, "items": ledger_usage.recent_receipts(db, aid, limit)},
+        _items(("requestId", "method", "host", "port", "status", "bytesUp", "bytesDown")),
+    )
 
 
 @app.command()

@@ -14,6 +14,7 @@ from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import CredentialIn
+from .views import domain_usage, receipt_view
 
 router = APIRouter()
 
@@ -147,3 +148,23 @@ async def get_usage(acc: Account, st: State) -> Any:
             "credentials": per_cred,
         },
     }
+
+
+@router.get("/account/receipts", tags=["account"])
+def get_receipts(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
+    """The receipts of the account's most recent requests, newest first (kept
+    ``receipt_days``): request id, method, host, port, status, bytes and charge."""
+    rows = ledger_usage.recent_receipts(st.store.db(), acc["id"], limit)
+    return {"items": [receipt_view(r) for r in rows]}
+
+
+@router.get("/usage/domains", tags=["account"])
+def get_usage_by_domain(
+    acc: Account,
+    st: State,
+    days: Annotated[int, Query(ge=1, le=366, description="How many days back.")] = 30,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Any:
+    """Usage by destination host over the last *days* days, most bytes first (from the
+    receipts, which are kept ``receipt_days``)."""
+    return {"days": days, "items": domain_usage(st, acc["id"], days, limit)}

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..checkers.registry import installed_checkers
-from ..egress import COUNTRY_PATTERN, parse_egress_url
+from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError
 from ..judge import default_judge_url
 from ..ledger import egress as el
@@ -41,6 +41,7 @@ from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
 from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
+from .views import proxy_view
 
 router = APIRouter(tags=["pool"])
 
@@ -51,33 +52,6 @@ _SORTS = {
     "uptime": ("uptime_pct", "desc"),
     "last_checked": ("last_checked_at", "desc"),
 }
-
-
-def _status(r: dict[str, Any]) -> str:
-    return str(r["status"]) if r["enabled"] else "disabled"
-
-
-def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
-    """One egress (a ``ledger.egress`` row view) in seed 002's proxy shape."""
-    spec = parse_egress_url(r["url"])
-    return {
-        "id": r["id"],
-        "ip": spec.address,
-        "port": spec.port if spec.is_proxy else None,
-        "protocol": spec.kind,
-        "url": spec.customer_url(),
-        "status": _status(r),
-        "anonymity": r["anonymity"],
-        "exit_ip": r["exitIp"],
-        "country": r["country"].upper() if r["country"] else None,
-        "score": round(r["score"], 3),
-        "avg_latency_ms": r["avgLatencyMs"],
-        "uptime_pct": r["uptimePct"],
-        "last_checked_at": r["lastCheckedAt"],
-        "first_seen_at": r["createdAt"],
-        "tags": {**r.get("tags", {}), "kind": r["kind"], "weight": r["weight"]},
-        "source_id": r.get("sourceId"),
-    }
 
 
 def _checked_since(stamp: str | None, minutes: int, now: float) -> bool:

@@ -123,3 +123,50 @@ def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         else:
             out.append(tuple(clean))
     return out
+
+
+def by_domain(db: Ledger, account_id: int, since_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The account's usage per destination host since request id *since_id* (a
+    :func:`~datorus_core.envelope.request_id_floor`), most bytes first, from its receipts
+    (kept ``receipt_days``): ``host``, ``requests``, ``bytesUp``, ``bytesDown``,
+    ``bytes``, ``trialBytes`` and ``chargedNanocents``."""
+    rows = db.query(
+        "SELECT host, COUNT(*) AS requests, SUM(bytes_up) AS up, SUM(bytes_down) AS down,"
+        " SUM(trial_bytes) AS trial, SUM(nanocents) AS nc FROM receipts"
+        " WHERE account_id = ? AND request_id >= ? GROUP BY host"
+        " ORDER BY SUM(bytes_up) + SUM(bytes_down) DESC, host LIMIT ?",
+        (account_id, since_id, limit),
+    )
+    return [
+        {
+            "host": r["host"],
+            "requests": int(r["requests"]),
+            "bytesUp": int(r["up"]),
+            "bytesDown": int(r["down"]),
+            "bytes": int(r["up"]) + int(r["down"]),
+            "trialBytes": int(r["trial"]),
+            "chargedNanocents": int(r["nc"]),
+        }
+        for r in rows
+    ]
+
+
+def recent_receipts(db: Ledger, account_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The account's newest receipts, newest first (every :data:`RECEIPT_COLUMNS`)."""
+    return db.query(
+        f"SELECT {', '.join(RECEIPT_COLUMNS)} FROM receipts WHERE account_id = ?"
+        " ORDER BY request_id DESC LIMIT ?",
+        (account_id, limit),
+    )
+
+
+def bytes_by_account(db: Ledger, day: str) -> dict[int, int]:
+    """Bytes each account moved on UTC *day* (``YYYY-MM-DD``), from ``usage_daily``."""
+    return {
+        int(r["account_id"]): int(r["b"])
+        for r in db.query(
+            "SELECT account_id, SUM(bytes_up) + SUM(bytes_down) AS b FROM usage_daily"
+            " WHERE day = ? GROUP BY account_id",
+            (day,),
+        )
+    }

@@ -513,3 +513,64 @@ def test_free_text_with_control_characters_is_refused_everywhere(gw: Gateway, te
         err = gw.cli(*args, check=False)["error"]
         assert err["code"] == "VALIDATION_ERROR" and err["details"]["field"] in ("label", "reason")
     assert len(gw.cli("credential", "list", str(account_id))["items"]) == before
+
+
+# -- receipts, usage by destination, blocks (what the web console shows) ------------------
+
+
+def test_receipts_and_usage_by_domain_show_the_accounts_requests(gw: Gateway, origin) -> None:
+    account_id, _, key = _verified(gw)
+    h = bearer(key)
+    r = httpx.post(f"{gw.api_url}/account/credentials", json={}, headers=h, timeout=30)
+    cred = r.json()
+    gw.wait_for_credential(cred["username"], cred["password"])
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+    resp = requests.get(origin.url("/bytes/700"), proxies=proxies, timeout=30)
+    assert resp.status_code == 200
+    rid = resp.headers["X-Datorus-Request-Id"]
+
+    def receipts() -> list | None:
+        items = httpx.get(f"{gw.api_url}/account/receipts", headers=h, timeout=30).json()["items"]
+        return items if any(i["request_id"] == rid for i in items) else None
+
+    items = wait_until(receipts, 10, 0.1, "the receipt in GET /account/receipts")
+    mine = next(i for i in items if i["request_id"] == rid)
+    assert mine["host"] == "127.0.0.1" and mine["status"] == 200 and mine["method"] == "GET"
+    assert mine["bytes_down"] > 700 and mine["trial_bytes"] == mine["bytes_up"] + mine["bytes_down"]
+    assert [i["request_id"] for i in items] == sorted(
+        (i["request_id"] for i in items), reverse=True
+    )
+
+    by = httpx.get(f"{gw.api_url}/usage/domains", headers=h, timeout=30).json()
+    assert by["days"] == 30
+    (local,) = [d for d in by["items"] if d["host"] == "127.0.0.1"]
+    assert local["requests"] == len(items) and local["bytes"] >= mine["bytes_up"] + 700
+    # the CLI shows the same
+    assert gw.cli("usage", str(account_id), "--by", "domain")["items"][0]["host"] == "127.0.0.1"
+    listed = gw.cli("receipts", str(account_id))["items"]
+    assert [i["requestId"] for i in listed] == [i["request_id"] for i in items]
+
+
+def test_receipts_usage_by_domain_and_blocks_refuse_bad_input_and_the_wrong_key(
+    gw: Gateway,
+) -> None:
+    _, _, key = _verified(gw)
+    h = bearer(key)
+    for path, field in (
+        ("/account/receipts?limit=0", "limit"),
+        ("/usage/domains?days=0", "days"),
+        ("/usage/domains?limit=201", "limit"),
+    ):
+        r = httpx.get(f"{gw.api_url}{path}", headers=h, timeout=30)
+        assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == field, path
+    for path in ("/account/receipts", "/usage/domains", "/network/blocks"):
+        r = httpx.get(f"{gw.api_url}{path}", timeout=30)
+        assert_api_error(r, 401, "INVALID_CREDENTIAL")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    # blocks are the operator's: a customer's key finds no such route
+    assert_api_error(
+        httpx.get(f"{gw.api_url}/network/blocks", headers=h, timeout=30), 404, "RESOURCE_NOT_FOUND"
+    )
+    op = gw.cli("key", "create", "--operator")["key"]
+    r = httpx.get(f"{gw.api_url}/network/blocks", headers=bearer(op), timeout=30)
+    assert r.status_code == 200 and r.json() == {"live": True, "items": [], "total": 0}
