@@ -313,3 +313,22 @@ def test_the_first_refusal_for_money_is_one_credits_exhausted(gw: Gateway, origi
         gw, h, "credits.exhausted"
     ))  # fmt: skip
     assert [e["data"]["code"] for e in got] == ["TRIAL_EXHAUSTED", "INSUFFICIENT_BALANCE"]
+
+
+def test_the_console_shows_webhooks_alerts_and_recent_events(gw: Gateway) -> None:
+    aid, h = _customer(gw)
+    _subscribe(gw, h, "http://127.0.0.1:9/hook", ["credits.*"])
+    httpx.put(f"{gw.api_url}/account/alerts", json={"low_balance_cents": 250}, headers=h)
+    cli(gw.db, "balance", "add", str(aid), "100")
+    key = h["Authorization"].removeprefix("Bearer ")
+    with httpx.Client(base_url=gw.api_url, timeout=10) as c:
+        page = c.get("/console").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        r = c.post("/console/signin/key", data={"key": key, "csrf": csrf})
+        assert r.status_code == 303
+        page = c.get("/console").text
+    section = page[page.index('id="events"') :]
+    assert "Events and alerts" in section
+    assert "below $2.50, mailed to you" in section
+    assert "http://127.0.0.1:9/hook" in section and "credits.*" in section
+    assert "credits.purchased" in section
