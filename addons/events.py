@@ -10,8 +10,10 @@ notifier list``, ``GET /account/webhooks``, ``/stats/plugins``). It also writes
 ``lease.expired`` for leases that ran out, prunes events after ``event_days``, and
 checks low balances and auto-recharges (``datorus_core.api.alerts``) every second.
 
-Nothing here is on the request path: the ledger is reached from a thread of its own (its
-own connection), and the event loop only awaits it and the receivers. With several
+Nothing here is on the request path: it runs on a thread of its own with an event loop of
+its own (the proxy's loop never waits for a receiver or a delivery's bookkeeping), the
+ledger reached from one more thread (its own connection), the outcomes of a tick written
+in one transaction. With several
 workers or gateways on one ledger each runs this loop; a delivery is claimed in the
 ledger by one of them at a time (``claim_until``), so it is sent once per attempt.
 
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,29 +68,46 @@ class EventDelivery:
         self.gw = gw
         self.policy = policy
         self.notifiers, self.failures = load_notifiers()
-        self.task: asyncio.Task | None = None
+        self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
         self.sending: set[asyncio.Task] = set()
+        self.outcomes: list[ledger_events.Outcome] = []
         self.trouble = Trouble("event delivery")
         self._pool: ThreadPoolExecutor | None = None
         self._db: Ledger | None = None
         self.alerts: Alerts | None = None
 
     def running(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="datorus-events")
-        self.task = asyncio.get_running_loop().create_task(self._loop(), name="datorus events")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="datorus-events-db")
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self._main()), name="datorus-events", daemon=True
+        )
+        self.thread.start()
 
     async def done(self) -> None:
-        tasks = [t for t in (self.task, *self.sending) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        self.stop.set()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 15)
         if self._pool is not None:
             if self._db is not None:
                 with contextlib.suppress(Exception):
-                    await self.db(lambda d: d.close())
+                    self._pool.submit(self._db.close).result(5)
             self._pool.shutdown(wait=False)
+
+    async def _main(self) -> None:
+        """The delivery thread's event loop: the loop until the gateway stops, then the
+        deliveries under way are cancelled (their claims lapse: sent again later) and the
+        outcomes known written."""
+        try:
+            await self._loop()
+        finally:
+            for t in list(self.sending):
+                t.cancel()
+            for t in list(self.sending):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            with contextlib.suppress(Exception):
+                await self._record()
 
     def _call(self, fn: Callable[[Ledger], T]) -> T:
         if self._db is None or self._db.broken:
@@ -100,12 +120,16 @@ class EventDelivery:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
 
     async def _loop(self) -> None:
-        await self.gw.ready.wait()
+        while not self.gw.ready.is_set():  # the ledger is open and migrated
+            if self.stop.is_set():
+                return
+            await asyncio.sleep(0.1)
         next_housekeeping = next_alerts = 0.0
         next_prune = time.monotonic() + 60
-        while True:
+        while not self.stop.is_set():
             await asyncio.sleep(TICK_SECONDS)
             try:
+                await self._record()
                 await self.tick()
                 now = time.monotonic()
                 if now >= next_alerts:
@@ -128,6 +152,16 @@ class EventDelivery:
         if self.alerts is None:
             self.alerts = Alerts(self.gw.settings)
         self.alerts.check()
+
+    async def _record(self) -> None:
+        """Write the outcomes of the deliveries that ended since the last tick."""
+        if self.outcomes:
+            done, self.outcomes = self.outcomes, []
+            try:
+                await self.db(lambda d: ledger_events.record_many(d, done))
+            except Exception:
+                self.outcomes[:0] = done
+                raise
 
     async def tick(self) -> None:
         """Dispatch new events, then start the due deliveries there is room for."""
@@ -178,10 +212,9 @@ class EventDelivery:
             retry_at = now_ms + int(wait * 1000)
             if retry_at - row["first_at"] > int(s.get("event_retry_seconds", 86400)) * 1000:
                 retry_at = None  # retried long enough: failed, and shown
-        ok = error is None
-        await self.db(
-            lambda d: ledger_events.record(
-                d, row["id"], row["subscription_id"], ok, status, error, retry_at
+        self.outcomes.append(
+            ledger_events.Outcome(
+                row["id"], row["subscription_id"], error is None, status, error, retry_at
             )
         )
 

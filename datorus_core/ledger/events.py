@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets as _secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import events as ev
@@ -291,19 +292,88 @@ def claim_due(db: Ledger, now_ms: int, lease_ms: int, limit: int) -> list[dict[s
                 "UPDATE deliveries SET claim_until = ? WHERE id = ?",
                 [(now_ms + lease_ms, r["id"]) for r in picked],
             )
-    out = []
-    for r in picked:
-        event = db.one(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (r["event_id"],))
-        sub = db.one(
-            "SELECT id, account_id, kind, target, secret, deleted_at FROM subscriptions"
-            " WHERE id = ?",
-            (r["subscription_id"],),
+    if not picked:
+        return []
+    marks = ",".join("?" * len(picked))
+    events = {
+        int(e["id"]): e
+        for e in db.query(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE id IN ({marks})",
+            [r["event_id"] for r in picked],
         )
+    }
+    subs = {
+        int(x["id"]): x
+        for x in db.query(
+            "SELECT id, account_id, kind, target, secret, deleted_at FROM subscriptions"
+            f" WHERE id IN ({marks})",
+            [r["subscription_id"] for r in picked],
+        )
+    }
+    out, gone = [], []
+    for r in picked:
+        event, sub = events.get(r["event_id"]), subs.get(r["subscription_id"])
         if event is None or sub is None or sub["deleted_at"] is not None:
-            record(db, r["id"], r["subscription_id"], False, None, "gone", None)
+            gone.append(Outcome(r["id"], r["subscription_id"], False, None, "gone", None))
             continue
         out.append({**r, "event": ev.view(event), "subscription": sub})
+    if gone:
+        record_many(db, gone)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One delivery attempt's outcome (see :func:`record`)."""
+
+    delivery_id: int
+    subscription_id: int
+    ok: bool
+    status: int | None
+    error: str | None
+    retry_at_ms: int | None
+
+
+def record_many(db: Ledger, outcomes: Sequence[Outcome]) -> None:
+    """Several attempts' outcomes in one transaction (as :func:`record` each)."""
+    done = [(o.status, o.delivery_id) for o in outcomes if o.ok]
+    failed = [(o.status, o.error, o.delivery_id) for o in outcomes
+              if not o.ok and o.retry_at_ms is None]  # fmt: skip
+    retry = [(o.status, o.error, o.retry_at_ms, o.delivery_id) for o in outcomes
+             if not o.ok and o.retry_at_ms is not None]  # fmt: skip
+    with db.transaction():
+        if done:
+            db.execute_many(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+                " last_status = ?, last_error = NULL, done_at = {now}, claim_until = 0"
+                " WHERE id = ?",
+                done,
+            )
+        if failed:
+            db.execute_many(
+                "UPDATE deliveries SET status = 'failed', attempts = attempts + 1,"
+                " last_status = ?, last_error = ?, done_at = {now}, claim_until = 0"
+                " WHERE id = ?",
+                failed,
+            )
+        if retry:
+            db.execute_many(
+                "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
+                " last_error = ?, next_at = ?, claim_until = 0 WHERE id = ?",
+                retry,
+            )
+        ok_subs = sorted({o.subscription_id for o in outcomes if o.ok})
+        if ok_subs:
+            db.execute_many(
+                "UPDATE subscriptions SET last_success_at = {now} WHERE id = ?",
+                [(i,) for i in ok_subs],
+            )
+        bad = {o.subscription_id: o.error for o in outcomes if not o.ok}
+        if bad:
+            db.execute_many(
+                "UPDATE subscriptions SET last_failure_at = {now}, last_failure = ? WHERE id = ?",
+                [(e, i) for i, e in sorted(bad.items())],
+            )
 
 
 def record(
@@ -317,36 +387,7 @@ def record(
 ) -> None:
     """The outcome of one attempt: delivered; failed for good (*retry_at_ms* None); or
     pending again at *retry_at_ms*. The subscription's health follows."""
-    with db.transaction():
-        if ok:
-            db.execute(
-                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
-                " last_status = ?, last_error = NULL, done_at = {now}, claim_until = 0"
-                " WHERE id = ?",
-                (status, delivery_id),
-            )
-            db.execute(
-                "UPDATE subscriptions SET last_success_at = {now} WHERE id = ?",
-                (subscription_id,),
-            )
-            return
-        if retry_at_ms is None:
-            db.execute(
-                "UPDATE deliveries SET status = 'failed', attempts = attempts + 1,"
-                " last_status = ?, last_error = ?, done_at = {now}, claim_until = 0"
-                " WHERE id = ?",
-                (status, error, delivery_id),
-            )
-        else:
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
-                " last_error = ?, next_at = ?, claim_until = 0 WHERE id = ?",
-                (status, error, retry_at_ms, delivery_id),
-            )
-        db.execute(
-            "UPDATE subscriptions SET last_failure_at = {now}, last_failure = ? WHERE id = ?",
-            (error, subscription_id),
-        )
+    record_many(db, [Outcome(delivery_id, subscription_id, ok, status, error, retry_at_ms)])
 
 
 def plugin_health(db: Ledger) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,9 @@ second lookup of the name).
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from urllib.parse import urlsplit
 
 import httpx
@@ -39,6 +41,24 @@ class WebhookNotifier:
 
     name = "webhook"
 
+    def __init__(self) -> None:
+        # one client (its connection pool, its TLS context) per event loop: making one per
+        # delivery costs milliseconds of CPU (the CA bundle is read each time)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
+        self._clients = weakref.WeakKeyDictionary()
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = httpx.AsyncClient(
+                follow_redirects=False,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            )
+            self._clients[loop] = client
+        return client
+
     def check(self, target: str) -> str:
         """*target* as stored (an http(s) URL); ValueError otherwise."""
         return check_url(target)
@@ -64,10 +84,13 @@ class WebhookNotifier:
             )
         ext = {"sni_hostname": host} if u.scheme == "https" else {}
         try:
-            async with httpx.AsyncClient(
-                timeout=delivery.timeout, follow_redirects=False, trust_env=False
-            ) as client:
-                r = await client.post(url, content=delivery.body, headers=headers, extensions=ext)
+            r = await self._client().post(
+                url,
+                content=delivery.body,
+                headers=headers,
+                extensions=ext,
+                timeout=delivery.timeout,
+            )
         except httpx.TimeoutException:
             raise DeliveryError(f"no answer within {delivery.timeout:g} s") from None
         except httpx.HTTPError as e:
