@@ -62,7 +62,7 @@ def _assemble() -> list:
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
-        EventDelivery(gateway, policy),  # webhooks and notifiers from the outbox (issue 18)
+        EventDelivery(gateway),  # webhooks and notifiers from the outbox, a process (issue 18)
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through
