@@ -11,7 +11,9 @@ alternating round by round:
   gateway's delivery task fans out and sends 100 deliveries a second (and retries the
   failing ones) while ab measures.
 
-Prints each round and the medians of forward req/s and p99 at c1 (and c50 req/s).
+Prints each round and the medians of forward req/s and p99 at c1, c50 req/s, and the CPU
+the gateway's own process spent per forward request at c50 (its delivery process apart:
+what the proxy itself pays, whatever else the box's cores are busy with).
 Usage: ``.venv/bin/python scripts/bench_events.py [--rounds 3] [--seconds 3]``.
 """
 
@@ -70,9 +72,14 @@ def feed(db: Path, stop: threading.Event) -> None:
 
 
 def ab(proxy: B.Proxy, origin: B.Origin, conc: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    """One ab run, and the CPU the gateway's own process (not its delivery process) spent
+    per request meanwhile."""
     csv = tmp / f"ab-{proxy.key}-{conc}.csv"
+    before = B.cpu_seconds(proxy.pid)
     out = B.run(B.ab_cmd(proxy, origin, conc, seconds, 10**7, csv), seconds + 60)
-    return B.parse_ab(out.stdout, csv)
+    res = B.parse_ab(out.stdout, csv)
+    res["cpu_ms"] = (B.cpu_seconds(proxy.pid) - before) * 1000 / max(1, res["requests"])
+    return res
 
 
 def main() -> None:
@@ -110,9 +117,11 @@ def main() -> None:
                 row.setdefault("rps_c1", []).append(c1["rps"])
                 row.setdefault("p99_c1", []).append(c1["p99"])
                 row.setdefault("rps_c50", []).append(c50["rps"])
+                row.setdefault("cpu_c50", []).append(c50["cpu_ms"])
                 print(
                     f"round {r + 1} {key:>6}: c1 {c1['rps']:.0f} req/s p99 {c1['p99']:.2f} ms,"
-                    f" c50 {c50['rps']:.0f} req/s (failed {c1.get('failed')}/{c50.get('failed')})",
+                    f" c50 {c50['rps']:.0f} req/s, {c50['cpu_ms']:.3f} gateway CPU ms/request"
+                    f" (failed {c1.get('failed')}/{c50.get('failed')})",
                     flush=True,
                 )
         d = open_ledger(tmp / "events.db")
@@ -125,7 +134,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in got[key].items()}
             print(
                 f"median {key:>6}: c1 {med['rps_c1']:.0f} req/s, p99 {med['p99_c1']:.2f} ms,"
-                f" c50 {med['rps_c50']:.0f} req/s"
+                f" c50 {med['rps_c50']:.0f} req/s, {med['cpu_c50']:.3f} gateway CPU ms/request"
             )
     finally:
         stop.set()
