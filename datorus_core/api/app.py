@@ -184,6 +184,11 @@ def create_app(
     # the web console: pages at /console, its script, styles and vendored chart library
     # from the repository (never a CDN)
     app.include_router(routes_console.router)
+    routes_console.add_customer_panel(  # issue 18's section of the customer's page
+        routes_console.Panel(
+            "events", "Events and alerts", "events_panel.html", routes_events.console_data
+        )
+    )
     app.mount(
         routes_console.PREFIX + "/static",
         StaticFiles(directory=routes_console.STATIC),

@@ -26,7 +26,7 @@ from ..ledger import events as ledger_events
 from ..ledger.accounts import MAX_BALANCE_CENTS
 from ..notifiers.targets import check_target, policy_for
 from ..notifiers.webhook import check_url
-from . import routes_console, store
+from . import store
 from .deps import Account, ActiveAccount, State
 from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS
 
@@ -260,8 +260,9 @@ def delete_autorecharge(acc: Account, st: State) -> Any:
 # -- the console's section ----------------------------------------------------------------
 
 
-def _console_data(st: Any, account_id: int) -> dict[str, Any]:
-    """What the console's "Events and alerts" section shows (read-only)."""
+def console_data(st: Any, account_id: int) -> dict[str, Any]:
+    """What the console's "Events and alerts" section shows (read-only; ``app.py``
+    registers the section: routes never import each other)."""
     db = st.store.db()
     rows = db.query(  # the ten newest, newest first
         f"SELECT {ledger_events.EVENT_COLUMNS} FROM events WHERE account_id = ?"
@@ -273,8 +274,3 @@ def _console_data(st: Any, account_id: int) -> dict[str, Any]:
         "webhooks": ledger_events.subscriptions(db, account_id),
         "events": [ev.view(r) for r in rows],
     }
-
-
-routes_console.add_customer_panel(
-    routes_console.Panel("events", "Events and alerts", "events_panel.html", _console_data)
-)
