@@ -823,6 +823,22 @@ def api_serve(
     )
 
 
+@app.command("deliver")
+def deliver_cmd() -> None:
+    """Send the event outbox (webhooks, notifiers), expire leases and check low balances
+    and auto-recharges, in the foreground, without a gateway: what each gateway's delivery
+    process does (several may run on one ledger: each delivery is claimed by one)."""
+    import asyncio
+
+    from .delivery import Deliverer
+
+    settings = _defaults()
+    settings["db"] = db_path()
+    _db().close()  # a ledger must be there (and migrated)
+    print("datorus: delivering events (Ctrl-C stops)", file=sys.stderr, flush=True)
+    asyncio.run(Deliverer(settings, []).main())
+
+
 @app.command(
     "serve",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -144,3 +144,31 @@ def test_notifier_add_refusals(gw: Gateway, args: tuple[str, ...], code: str, fi
         assert err["details"]["field"] == field
     else:
         assert err["details"]["rule"] == "link_local"
+
+
+def test_datorus_deliver_sends_the_outbox_without_a_gateway(tmp_path) -> None:
+    import signal
+    import subprocess
+
+    from support.ledger import DATORUS, new_ledger, prepare_ledger
+
+    db = new_ledger(tmp_path)
+    prepare_ledger(db)
+    rcv = Receiver()
+    proc = None
+    try:
+        cli(db, "notifier", "add", "webhook", rcv.url, "--events", "credits.*")
+        aid = cli(db, "account", "create", "d@example.com")["id"]
+        cli(db, "balance", "add", str(aid), "42")
+        proc = subprocess.Popen(
+            [DATORUS, "--db", str(db), "deliver"], stderr=subprocess.PIPE, text=True
+        )
+        (got,) = wait_until(lambda: rcv.of_type("credits.purchased"), timeout=20)
+        assert json.loads(got["body"])["data"]["amount_cents"] == 42
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        wait_until(lambda: cli(db, "notifier", "list")["items"][0]["lastSuccessAt"])
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        rcv.close()
