@@ -77,6 +77,15 @@ def _crawl(proxy: str, origin, nbytes: int) -> None:
     assert r.status_code == 200, r.text
 
 
+def _seen_top_up(proxy: str, origin) -> None:
+    """Wait until the gateway (every worker) knows the top-up: a small request passes."""
+
+    def passes() -> bool:
+        return httpx.get(origin.url("/bytes/1"), proxy=proxy, timeout=10).status_code == 200
+
+    wait_until(passes, what="the top-up reaching the gateway")
+
+
 def _charges(localstripe: str, aid: int) -> list[dict[str, Any]]:
     seen = httpx.get(f"{localstripe}/_config/requests", timeout=30).json()
     return [
@@ -91,6 +100,7 @@ def test_autorecharge_charges_once_per_crossing(gw: Gateway, client, localstripe
     aid, _, h, proxy = _customer(gw)
     _save_card(gw, client, h, "4242424242424242")
     cli(gw.db, "balance", "add", str(aid), "300")
+    _seen_top_up(proxy, origin)
     r = httpx.put(
         f"{gw.api_url}/account/autorecharge",
         json={"threshold_cents": 200, "amount_cents": 500},
@@ -160,6 +170,7 @@ def test_low_balance_alert_is_announced_and_mailed_once(gw: Gateway, origin, smt
     r = httpx.put(f"{gw.api_url}/account/alerts", json={"low_balance_cents": 200}, headers=h)
     assert r.json() == {"low_balance_cents": 200, "email": True}
     cli(gw.db, "balance", "add", str(aid), "300")
+    _seen_top_up(proxy, origin)
     _crawl(proxy, origin, 15_000)
     (low,) = wait_until(lambda: _events(gw, h, "credits.low"), timeout=20, what="credits.low")
     assert low["data"]["threshold_cents"] == 200 and low["data"]["balance_cents"] < 200
