@@ -38,6 +38,8 @@ from .failclosed import fatal
 
 log = logging.getLogger("datorus")
 
+WAITING_SECONDS = 5.0  # how often the events waiting for delivery are counted (metrics)
+
 
 class Options:
     """Declare and validate the ``datorus_*`` options."""
@@ -238,6 +240,7 @@ class LedgerTask:
             try:
                 await link.write(batch)
             except Exception as e:
+                self.gw.metrics.flush_failed()
                 rt.restore_batch(batch)
                 self.write_trouble.failed(f"{e}; {rt.pending_events} usage events kept in memory")
                 if final:
@@ -247,6 +250,7 @@ class LedgerTask:
                     )
                 return
             self.write_trouble.ok()
+            self.gw.metrics.flushed(batch.events, time.monotonic() - batch.started)
             if not again:
                 return  # the batch under way: what came meanwhile waits for its turn
 
@@ -257,6 +261,7 @@ class LedgerTask:
         tick = min(s["flush_ms"], s["refresh_ms"], 100) / 1000
         next_refresh = 0.0
         next_prune = 0.0  # housekeeping runs at start, then hourly
+        next_count = 0.0  # events waiting for delivery, for the metrics (every 5 s)
         while not self.stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -279,6 +284,12 @@ class LedgerTask:
                     self.read_trouble.ok()
             if rt.notices:
                 await self._write_notices()
+            if now >= next_count and self.gw.settings.get("metrics_port"):
+                next_count = now + WAITING_SECONDS
+                try:
+                    self.gw.waiting_events = await self.gw.ledger.waiting_events()
+                except Exception as e:  # the gauge goes stale; the next tick tries again
+                    log.debug("datorus: events waiting not counted: %s", e)
             if now >= next_prune:
                 next_prune = now + 3600
                 with contextlib.suppress(Exception):

@@ -1446,6 +1446,7 @@ def source_scrape(id: str) -> None:
     import asyncio
 
     from .scraping import Scraper, new_owner
+    from .sources.screen import found_proxy_policy
 
     db = _db()
     settings = _defaults()
@@ -1455,7 +1456,11 @@ def source_scrape(id: str) -> None:
         return fn(db)
 
     scraper = Scraper(
-        run, new_owner(), float(settings["source_timeout"]), settings["test_schedule_seconds"]
+        run,
+        new_owner(),
+        float(settings["source_timeout"]),
+        settings["test_schedule_seconds"],
+        found_proxy_policy(settings),
     )
     result = asyncio.run(scraper.scrape(sid))
     assert result is not None

@@ -40,6 +40,10 @@ hypothesis_settings.register_profile("datorus", deadline=None, derandomize=True)
 hypothesis_settings.register_profile("explore", deadline=None, max_examples=2000)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "datorus"))
 
+# The tests' proxy lists name proxies on loopback: every gateway, API and CLI the tests
+# start may take them (a test of the denial starts its gateway without this).
+os.environ.setdefault("DATORUS_SOURCE_PROXY_ALLOW", "127.0.0.0/8,::1/128")
+
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:

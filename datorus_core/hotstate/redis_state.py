@@ -153,7 +153,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -336,6 +336,8 @@ class RedisHotState:
         # by one task, batched in a pipeline: a re-pin never overtakes its pin
         self._outbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._stopping = False
+        # told each pipeline's round trip in seconds (the metrics' Redis RTT), if set
+        self.rtt_observer: Callable[[float], None] | None = None
         self._held: dict[str, _Held] = {}
         self._tunnels: dict[int, dict[str, None]] = {}  # account -> this worker's tunnel keys
         self._mirror: dict[int, Gcra] = {}  # credential -> its limiter as Redis last said
@@ -564,10 +566,14 @@ class RedisHotState:
                     fut.set_result(r)
 
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        t0 = time.perf_counter()
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in commands:
                 pipe.execute_command(*c)
-            return list(await pipe.execute(raise_on_error=False))
+            replies = list(await pipe.execute(raise_on_error=False))
+        if self.rtt_observer is not None:
+            self.rtt_observer(time.perf_counter() - t0)
+        return replies
 
     def _send_later(self, *command: Any) -> None:
         """Queue a write nobody waits for (dropped while Redis is unreachable)."""

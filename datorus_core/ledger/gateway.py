@@ -142,8 +142,19 @@ _CHECK_EGRESS = (
     "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
     " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
     " found_country = COALESCE(?, found_country),"
-    " status = ?, fail_streak = ?, last_checked_at = ? WHERE id = ?"
+    " status = ?, fail_streak = ?, last_checked_at = ?, check_seq = ? WHERE id = ?"
 )
+# each batch of checks takes the next number; the egress it wrote carry it (check_seq),
+# so a gateway reads only the egress checked since the number it last saw
+_CHECK_SEQ_NEXT = "UPDATE check_sequence SET seq = seq + 1 WHERE id = 1 RETURNING seq"
+_CHECK_SEQ = "SELECT seq FROM check_sequence WHERE id = 1"
+# what the checks change of an egress, as a gateway applies it (``CheckedRow``)
+_CHECKED_SINCE = (
+    "SELECT id, status, fail_streak, score, avg_latency_ms, exit_ip,"
+    " COALESCE(country, found_country), check_seq FROM egress"
+    " WHERE check_seq > ? ORDER BY check_seq LIMIT ?"
+)
+CHECKED_ROWS_MAX = 50_000  # egress rows one read of checked_since returns at most
 _CHECKER_RUN = (
     "INSERT INTO checker_runs (name, runs, failures, errors, last_run_at, last_failure_at,"
     " last_failure, last_error_at, last_error) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)"
@@ -173,6 +184,8 @@ _WORKER_BYTES = Rows(
 _FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
+_MAIL_WAITING = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+_DELIVERIES_WAITING = "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'"
 _BATCH = (
     "INSERT INTO usage_batches (id, worker, written_at) VALUES (?, ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
@@ -451,19 +464,18 @@ class LedgerLink:
         for w in checks:
             at = w.at or now
             for r in w.runs:
-                if r.error is None:
-                    rows.append(
-                        (
-                            r.checker,
-                            r.stage,
-                            int(r.passed),
-                            r.latency_ms,
-                            r.exit_ip,
-                            r.detail,
-                            at,
-                            w.egress_id,
-                        )
+                rows.append(  # a checker that raised shows as a failed run of the egress
+                    (
+                        r.checker,
+                        r.stage,
+                        int(r.passed and r.error is None),
+                        r.latency_ms,
+                        r.exit_ip,
+                        r.detail or r.error,
+                        at,
+                        w.egress_id,
                     )
+                )
                 failed = r.error is None and not r.passed
                 runs.append(
                     (
@@ -488,6 +500,7 @@ class LedgerLink:
                     w.status,
                     w.fail_streak,
                     at,
+                    0,  # the batch's number, set below inside the transaction
                     w.egress_id,
                 )
             )
@@ -506,6 +519,8 @@ class LedgerLink:
                         ids,
                     )
                 }  # fmt: skip
+                seq = int((await c.fetchall(sql(_CHECK_SEQ_NEXT)))[0][0])
+                egress = [(*e[:-2], seq, e[-1]) for e in egress]
                 for statement, params in (
                     (_CHECK_ROW, rows),
                     (_CHECKER_RUN, runs),
@@ -568,6 +583,33 @@ class LedgerLink:
             except BaseException:
                 await self._rollback(c)
                 raise
+
+    async def check_seq(self) -> int:
+        """The number of the last batch of checks written (0: none yet)."""
+        async with self.lock:
+            rows = await (await self._conn()).fetchall(self.dialect.sql(_CHECK_SEQ))
+        return int(rows[0][0]) if rows else 0
+
+    async def checked_since(self, seq: int) -> list[tuple[Any, ...]]:
+        """The egress that checks wrote after batch *seq*, oldest batch first: rows
+        ``(id, status, fail_streak, score, avg_latency_ms, exit_ip, country, check_seq)``
+        (at most :data:`CHECKED_ROWS_MAX`; the last row's ``check_seq`` is where to go on)."""
+        async with self.lock:
+            c = await self._conn()
+            return await c.fetchall(self.dialect.sql(_CHECKED_SINCE), (seq, CHECKED_ROWS_MAX))
+
+    async def waiting_events(self) -> dict[str, int]:
+        """Events waiting for delivery, by queue: ``mail`` is the outbox's messages not
+        sent (queued, failed, or kept for the operator when no SMTP server is set);
+        ``deliveries`` the webhook and notifier deliveries pending (issue 18's outbox)."""
+        async with self.lock:
+            c = await self._conn()
+            rows = await c.fetchall(self.dialect.sql(_MAIL_WAITING))
+            hooks = await c.fetchall(self.dialect.sql(_DELIVERIES_WAITING))
+        return {
+            "mail": int(rows[0][0]) if rows else 0,
+            "deliveries": int(hooks[0][0]) if hooks else 0,
+        }
 
     async def prune_receipts(self, days: int) -> int:
         """Delete receipts of requests older than *days* (and the ids of usage batches

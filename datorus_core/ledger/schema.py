@@ -456,6 +456,28 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX leases_unannounced ON leases(expires_at)
         WHERE announced = 0 AND released_at IS NULL;
     """,
+    # 12: taken by another branch (the lead fills it in at merge)
+    "",
+    # 13 (pool worker): service_claims, a named claim with an expiry, so only one process
+    # per ledger runs a background service (the pool worker: checks and scheduled
+    # scrapes) at a time; egress.check_seq, the number of the check batch that last
+    # wrote the egress (from check_sequence's one row), so gateways read only what the
+    # checks changed since they last looked (no config_version touch: no full reload).
+    """
+    CREATE TABLE service_claims (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        claimed_at INTEGER NOT NULL
+    );
+    CREATE TABLE check_sequence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL
+    );
+    INSERT INTO check_sequence (id, seq) VALUES (1, 0);
+    ALTER TABLE egress ADD COLUMN check_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX egress_check_seq ON egress(check_seq);
+    """,
 )
 
 

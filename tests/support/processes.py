@@ -128,6 +128,9 @@ class Gateway:
         self.port = free_port()
         self.settings = {
             "api_port": 0,
+            # a test that reads /metrics gives it a free port; DATORUS_TEST_METRICS=1 gives
+            # every test gateway one, so the whole suite runs with the counting on
+            "metrics_port": free_port() if os.environ.get("DATORUS_TEST_METRICS") else 0,
             "refresh_ms": 200,
             "auth_fail_limit": 100_000,
             "router_seed": 1,  # a failing run's egress picks repeat when it is run again
@@ -235,6 +238,8 @@ class Gateway:
         api_port = self.settings.get("api_port")
         moved = i > 0 and isinstance(api_port, int) and api_port > 0
         settings = {**self.settings, "api_port": 0} if moved else self.settings
+        if i > 0 and self.settings.get("metrics_port"):  # each node is its own target
+            settings = {**settings, "metrics_port": 0}
         return subprocess.Popen(
             self._command(self.node_ports[i], settings),
             cwd=REPO,
