@@ -38,6 +38,7 @@ def _assemble() -> list:
     from addons.pool_worker import PoolWorkerProcess
     from addons.relay import Relay
     from addons.shared import SharedState
+    from addons.socks import Socks5Entry
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -60,6 +61,7 @@ def _assemble() -> list:
         policy,
         metering,
         Relay(gateway),
+        Socks5Entry(gateway),  # SOCKS5 requests judged as the CONNECTs they stand for
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process

@@ -221,6 +221,7 @@ class LedgerTask:
             else:
                 accounts, creds, rules, version = await link.snapshot()
                 rt.apply_snapshot(accounts, creds, rules, version)
+            rt.apply_allowed_ips(await link.allowed_ips())
             for cb in self.on_snapshot:
                 cb(rt)
         rt.fresh_at = time.monotonic()

@@ -23,7 +23,16 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import pricing
 from .envelope import DatorusError, envelope, request_id_floor, validation_error
-from .ledger import DatabaseError, Ledger, accounts, connect, money, open_ledger, policy_rules
+from .ledger import (
+    DatabaseError,
+    Ledger,
+    accounts,
+    allowed_ips,
+    connect,
+    money,
+    open_ledger,
+    policy_rules,
+)
 from .ledger import usage as ledger_usage
 from .ledger.target import is_postgres, scrubbed, shown
 from .settings import (
@@ -482,9 +491,31 @@ def credential_create(
 
 @credential_app.command("list")
 def credential_list(account_id: str) -> None:
-    """An account's credentials (never their passwords)."""
-    rows = accounts.list_credentials(_db(), _int("account_id", account_id))
+    """An account's credentials (never their passwords), each with its allow-listed CIDRs."""
+    db, aid = _db(), _int("account_id", account_id)
+    rows = accounts.list_credentials(db, aid)
+    cidrs: dict[int, list[str]] = {}
+    for entry in allowed_ips.list_allowed_ips(db, aid):
+        cidrs.setdefault(entry["credentialId"], []).append(entry["cidr"])
+    for row in rows:
+        row["allowedIps"] = cidrs.get(row["id"], [])
     emit({"items": rows}, _items())
+
+
+@credential_app.command("allow-ip")
+def credential_allow_ip(username: str, cidr: str) -> None:
+    """Let requests from CIDR in without credentials, as USERNAME (within 2 s).
+
+    A request that carries credentials is still judged by them; where two credentials'
+    CIDRs overlap, the most specific wins; a CIDR belongs to one credential only.
+    """
+    emit(allowed_ips.allow_ip(_db(), username, cidr))
+
+
+@credential_app.command("deny-ip")
+def credential_deny_ip(username: str, cidr: str) -> None:
+    """Remove CIDR from USERNAME's allow-listed client addresses (within 2 s)."""
+    emit(allowed_ips.deny_ip(_db(), username, cidr))
 
 
 @credential_app.command("revoke")
@@ -1042,6 +1073,7 @@ _ARGUMENTS = {
     "key_id": "KEY_ID",
     "egress_id": "EGRESS_ID",
     "username": "USERNAME",
+    "cidr": "CIDR",
     "request_id": "REQUEST_ID",
     # a source's fields, as the API body names them, are these options here
     "parser_name": "--parser",
@@ -1061,6 +1093,10 @@ _NOT_FOUND = {
     "rule": "No policy rule '{}'. List the rules with 'datorus policy list'.",
     "key": "No API key {}. List an account's keys with 'datorus key list ACCOUNT_ID'.",
     "egress": "No egress {}. List the pool with 'datorus egress list'.",
+    "allowedIp": "{} is not allow-listed for that credential. See its CIDRs with"
+    " 'datorus credential list ACCOUNT_ID'.",
+    "credential": "No live credential {}. List an account's credentials with"
+    " 'datorus credential list ACCOUNT_ID'.",
     "source": "No source {}. List the sources with 'datorus source list'.",
 }
 

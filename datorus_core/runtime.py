@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import pricing
+from .allowlist import AllowList
 from .envelope import DatorusError
 from .ratelimit import Gcra
 
@@ -202,6 +203,9 @@ class Runtime:
         self.by_username: dict[str, CredentialState] = {}
         self.verified: dict[bytes, CredentialState] = {}
         self.policy_rules: list[tuple[str, str, int | None]] = []
+        # allow-listed client addresses and the live credentials they run as
+        self.allowlist = AllowList()
+        self.allowed_creds: dict[int, CredentialState] = {}
         self.batch = UsageBatch()
         # a batch whose write failed, kept whole with its id until a write of it succeeds
         # (the ledger then either takes it or knows it already)
@@ -315,6 +319,23 @@ class Runtime:
         self.policy_rules = policy_rules
         self.version = version
         self.loaded = True
+
+    def apply_allowed_ips(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Take the ledger's allow-listed client addresses ``(credential_id, cidr)``.
+
+        Called after :meth:`apply_snapshot`: an entry of a revoked credential (or one not
+        in the view) lets nobody in.
+        """
+        by_id = {c.id: c for c in self.by_username.values()}
+        live = [(cid, cidr) for cid, cidr in rows if cid in by_id]
+        self.allowlist = AllowList(live)
+        self.allowed_creds = {cid: by_id[cid] for cid, _ in live}
+
+    def allowed_credential(self, address: str | None) -> CredentialState | None:
+        """The credential a request without credentials from client *address* runs as,
+        or None when the address is not allow-listed (the most specific CIDR wins)."""
+        cid = self.allowlist.match(address)
+        return None if cid is None else self.allowed_creds.get(cid)
 
     # -- admission ----------------------------------------------------------------------
 
@@ -511,6 +532,15 @@ class Runtime:
             b.receipts.append(receipt)
         b.events += 1
         return c
+
+    def record_receipt(self, receipt: tuple[Any, ...]) -> None:
+        """Add the receipt of a request that moved nothing (a refused SOCKS5 request, with
+        its Datorus code) to the pending batch: no usage, no charge."""
+        b = self.batch
+        if not b.events:
+            b.started = time.monotonic()
+        b.receipts.append(receipt)
+        b.events += 1
 
     @property
     def pending_events(self) -> int:

@@ -2,10 +2,10 @@
 
 Each worker is mitmdump loading ``addons/datorus.py`` with the operator's arguments
 (``addons/serve_worker.py`` puts the shared-port patch in first). The launcher opens,
-for each worker slot, a listening socket on the proxy port and one on the REST API port,
-all with ``SO_REUSEPORT`` (``datorus_core.listeners``), and hands them down: the kernel
-balances connections over the slots, client addresses arrive unchanged, and a slot's
-socket outlives its worker.
+for each worker slot, a listening socket on the proxy port, the SOCKS5 entry's port
+(``socks5_port``) and the REST API port, all with ``SO_REUSEPORT``
+(``datorus_core.listeners``), and hands them down: the kernel balances connections over
+the slots, client addresses arrive unchanged, and a slot's socket outlives its worker.
 
 Signals (what systemd's ``KillSignal`` and ``ExecReload`` send):
 
@@ -134,7 +134,9 @@ def make_plan(
             port = int(sets["listen_port"][-1])
         except ValueError:
             raise ServeError(f"listen_port: {sets['listen_port'][-1]!r} is not a port") from None
-    modes = ns.mode or sets.get("mode") or ["regular"]
+    modes = list(ns.mode or sets.get("mode") or ["regular"])
+    if settings.get("socks5_port") and f"socks5@{settings['socks5_port']}" not in modes:
+        modes.append(f"socks5@{settings['socks5_port']}")  # what each worker adds (addons/socks.py)
     proxy: list[tuple[str, int]] = []
     for spec in modes:
         try:

@@ -131,6 +131,14 @@ SETTINGS: tuple[Setting, ...] = (
         " tables are created and migrated at start).",
         _ledger,
     ),
+    Setting(
+        "socks5_port",
+        int,
+        1080,
+        "Port of the SOCKS5 entry (RFC 1928, username/password per RFC 1929) on the proxy's"
+        " listen host, beside the HTTP proxy port (0: off).",
+        _port,
+    ),
     Setting("api_host", str, "127.0.0.1", "Address the REST API listens on."),
     Setting("api_port", int, 8002, "Port of the REST API served by the gateway (0: off).", _port),
     Setting(

@@ -1957,6 +1957,8 @@ async def tunnel_client(
 def main() -> None:
     """Dispatch: the ``_tunnels`` client, or the benchmark itself."""
     argv = sys.argv[1:]
+    # the gateways it starts (often several at once) leave the SOCKS5 entry's port alone
+    os.environ.setdefault("DATORUS_SOCKS5_PORT", "0")
     if argv[:1] == ["_ledger"]:  # with the baseline's tree first on sys.path
         sys.path.insert(0, argv[1])
         import datorus_core

@@ -33,6 +33,10 @@ from support.processes import (  # noqa: E402
 from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
 
+# No test gateway listens on the SOCKS5 entry's default port 1080 (parallel gateways would
+# fight over it): a test that wants the entry gives its gateway a free port of its own.
+os.environ.setdefault("DATORUS_SOCKS5_PORT", "0")
+
 # Property tests draw the same examples on every run (a run's result does not depend on
 # the draw) and have no per-example deadline (a busy shared box is not a failure).
 # HYPOTHESIS_PROFILE=explore draws fresh, and more, examples to hunt for new failures.

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from ..ledger import accounts, leases
+from ..ledger import accounts, allowed_ips, leases
 from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, Cursor, Limit, State
-from .models import CredentialIn
+from .models import AllowedIpIn, CredentialIn
 from .views import domain_usage, receipt_view
 
 router = APIRouter()
@@ -78,6 +78,57 @@ def create_credential(acc: ActiveAccount, st: State, body: CredentialIn | None =
 def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
     """Revoke a credential (by id or username); the gateway refuses it within 2 seconds."""
     return store.revoke_credential(st.store.db(), acc["id"], credential_id)
+
+
+def _allowed_view(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": entry["id"],
+        "cidr": entry["cidr"],
+        "credential_id": entry["credentialId"],
+        "username": entry["username"],
+        "created_at": entry["createdAt"],
+    }
+
+
+@router.post(
+    "/account/credentials/{credential_id}/allowed-ips", status_code=201, tags=["credentials"]
+)
+def add_allowed_ip(credential_id: str, body: AllowedIpIn, acc: ActiveAccount, st: State) -> Any:
+    """Let requests from ``cidr`` in without credentials, as this credential (by id or
+    username), within 2 seconds; on the SOCKS5 entry too (the "no authentication"
+    method). A request that carries credentials is judged by them; where two CIDRs
+    overlap, the most specific wins. A CIDR listed already (by anyone) is
+    ``400 VALIDATION_ERROR`` with ``details.field = "cidr"``."""
+    entry = allowed_ips.allow_ip(st.store.db(), credential_id, body.cidr, account_id=acc["id"])
+    return _allowed_view(entry)
+
+
+@router.get("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
+def list_allowed_ips(credential_id: str, acc: Account, st: State) -> Any:
+    """The credential's allow-listed client CIDRs."""
+    rows = allowed_ips.list_allowed_ips(st.store.db(), acc["id"], credential_id)
+    return {
+        "items": [_allowed_view(r) for r in rows],
+        "next_cursor": None,
+        "total_count": len(rows),
+    }
+
+
+@router.delete("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
+def remove_allowed_ip(
+    credential_id: str, acc: Account, st: State, cidr: Annotated[str, Query(max_length=64)]
+) -> Any:
+    """Remove ``?cidr=`` from the credential's allow-listed client addresses (within 2 s)."""
+    return allowed_ips.deny_ip(st.store.db(), credential_id, cidr, account_id=acc["id"])
+
+
+@router.delete(
+    "/account/credentials/{credential_id}/allowed-ips/{allowed_id}", tags=["credentials"]
+)
+def remove_allowed_ip_by_id(credential_id: str, allowed_id: int, acc: Account, st: State) -> Any:
+    """Remove one allow-list entry by its id (within 2 s)."""
+    allowed_ips.delete_entry(st.store.db(), acc["id"], credential_id, allowed_id)
+    return {"id": allowed_id, "removed": True}
 
 
 def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:

@@ -32,6 +32,8 @@ def receipt_view(r: dict[str, Any]) -> dict[str, Any]:
         "charged_nanocents": r["nanocents"],
         "started_at": r["started_at"],
         "finished_at": r["finished_at"],
+        # the Datorus code of a refused SOCKS5 request (its client saw only a reply byte)
+        "code": r.get("code"),
     }
 
 

@@ -51,6 +51,7 @@ _CREDENTIALS = """
     WHERE c.revoked_at IS NULL
 """
 _RULES = "SELECT action, target, port FROM policy_rules ORDER BY id"
+_ALLOWED_IPS = "SELECT credential_id, cidr FROM credential_allowed_ips ORDER BY id"
 _VERSION = "SELECT version FROM config_version WHERE id = 1"
 
 
@@ -127,8 +128,8 @@ _CREDENTIAL_BYTES = Rows(
 _RECEIPTS = Rows(
     "receipts",
     ("request_id", "account_id", "credential_id", "method", "host", "port", "status", "bytes_up",
-     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at"),
-    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T),
+     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at", "code"),
+    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T, _T),
     " {on_conflict_ignore}",
     "INSERT {or_ignore} INTO",
 )  # fmt: skip
@@ -332,6 +333,15 @@ class LedgerLink:
         """Accounts, live credentials, policy rules and the version they belong to."""
         accounts, creds, rules, version, _ = await self._read(workers=False)
         return accounts, creds, rules, version
+
+    async def allowed_ips(self) -> list[tuple[int, str]]:
+        """The allow-listed client addresses, ``(credential_id, cidr)`` (for
+        ``Runtime.apply_allowed_ips``; read after each snapshot: a change between the two
+        reads bumps the version, and the next refresh reads both again)."""
+        async with self.lock:
+            c = await self._conn()
+            rows = await c.fetchall(self.dialect.sql(_ALLOWED_IPS))
+        return [(int(r[0]), str(r[1])) for r in rows]
 
     async def snapshot_shared(self) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
         """:meth:`snapshot` and, read in the same transaction, the ``worker_usage`` rows

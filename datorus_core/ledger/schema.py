@@ -456,8 +456,25 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX leases_unannounced ON leases(expires_at)
         WHERE announced = 0 AND released_at IS NULL;
     """,
-    # 12: taken by another branch (the lead fills it in at merge)
-    "",
+    # 12: allow-listed client addresses (issue 19): a request without credentials from
+    # one of a credential's CIDRs runs as that credential. A CIDR is kept in one spelling
+    # (datorus_core.allowlist.normalize_cidr) and belongs to one credential only: the most
+    # specific CIDR wins where two overlap, and an exact duplicate is refused. A change
+    # reaches running gateways like every operator change (config_version). And a receipt's
+    # code: the Datorus code of a refused SOCKS5 request, whose client sees one reply byte
+    # (NULL for a served request).
+    f"""
+    CREATE TABLE credential_allowed_ips (
+        id INTEGER PRIMARY KEY,
+        credential_id INTEGER NOT NULL REFERENCES credentials(id),
+        cidr TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    ALTER TABLE receipts ADD COLUMN code TEXT;
+    CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    """,
     # 13 (pool worker): service_claims, a named claim with an expiry, so only one process
     # per ledger runs a background service (the pool worker: checks and scheduled
     # scrapes) at a time; egress.check_seq, the number of the check batch that last

@@ -113,6 +113,7 @@ def receipt_row(aid: int, cid: int, **over: Any) -> tuple[Any, ...]:
         "nanocents": 0,
         "started_at": "2026-01-02T03:04:05.000Z",
         "finished_at": "2026-01-02T03:04:06.000Z",
+        "code": None,
     }
     row.update(over)
     return tuple(row[c] for c in usage.RECEIPT_COLUMNS)
