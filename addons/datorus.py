@@ -25,6 +25,7 @@ def _assemble() -> list:
     from addons.context import Gateway
     from addons.egress import EgressRouter, RouteOptions
     from addons.errors import ErrorPages
+    from addons.events import EventDelivery
     from addons.failclosed import StartCheck, guard
     from addons.handoff import WorkerLifecycle
     from addons.hardening import Hardening
@@ -64,6 +65,7 @@ def _assemble() -> list:
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
         PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process
+        EventDelivery(gateway),  # webhooks and notifiers from the outbox, a process (issue 18)
         # Prometheus (issue 20): after the traffic addons, so it counts the final answers
         MetricsAddon(gateway, metering),
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`

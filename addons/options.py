@@ -22,6 +22,7 @@ from mitmproxy import ctx
 
 from datorus_core.ledger.gateway import LedgerLink
 from datorus_core.ledger.target import shown
+from datorus_core.runtime import MAX_NOTICES
 from datorus_core.settings import (
     BY_OPTION,
     SETTINGS,
@@ -167,6 +168,8 @@ class LedgerTask:
         for cb in self.on_stop:
             cb()
         await self._flush(final=True)
+        with contextlib.suppress(Exception):
+            await self._write_notices()
         # after the final flush, before the ledger closes: a shared hot state gives back
         # the credit this worker holds and removes its fields (and ledger rows)
         with contextlib.suppress(Exception):
@@ -195,6 +198,7 @@ class LedgerTask:
                 log.warning("datorus: ledger %s busy at start (%s); retrying", where, e)
                 await asyncio.sleep(0.2)
                 continue
+            link.pool_low = self.gw.settings.get("event_pool_low", 0)
             self.gw.ledger = link
             self.gw.hot.ledger = link
             self.gw.ready.set()
@@ -279,6 +283,8 @@ class LedgerTask:
                     )
                 else:
                     self.read_trouble.ok()
+            if rt.notices:
+                await self._write_notices()
             if now >= next_count and self.gw.settings.get("metrics_port"):
                 next_count = now + WAITING_SECONDS
                 try:
@@ -289,6 +295,19 @@ class LedgerTask:
                 next_prune = now + 3600
                 with contextlib.suppress(Exception):
                     await self.gw.ledger.prune_receipts(s["receipt_days"])
+
+    async def _write_notices(self) -> None:
+        """Write the events the proxy path noticed; kept for the next tick on failure."""
+        rt, link = self.gw.runtime, self.gw.ledger
+        if link is None:
+            return
+        link.pool_low = self.gw.settings.get("event_pool_low", 0)
+        notices, rt.notices = rt.notices, []
+        try:
+            await link.write_events(notices)
+        except Exception as e:
+            rt.notices[:0] = notices[: max(0, MAX_NOTICES - len(rt.notices))]
+            self.write_trouble.failed(f"{e}; {len(notices)} events kept in memory")
 
 
 # PostgreSQL's codes for what passes by itself: a serialization failure, a deadlock

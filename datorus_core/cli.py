@@ -854,6 +854,22 @@ def api_serve(
     )
 
 
+@app.command("deliver")
+def deliver_cmd() -> None:
+    """Send the event outbox (webhooks, notifiers), expire leases and check low balances
+    and auto-recharges, in the foreground, without a gateway: what each gateway's delivery
+    process does (several may run on one ledger: each delivery is claimed by one)."""
+    import asyncio
+
+    from .delivery import Deliverer
+
+    settings = _defaults()
+    settings["db"] = db_path()
+    _db().close()  # a ledger must be there (and migrated)
+    print("datorus: delivering events (Ctrl-C stops)", file=sys.stderr, flush=True)
+    asyncio.run(Deliverer(settings, []).main())
+
+
 @app.command(
     "serve",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -1499,3 +1515,140 @@ def source_remove(id: str) -> None:
     from .ledger import sources as ledger_sources
 
     emit(ledger_sources.delete_source(_db(), _int("id", id)))
+
+
+# -- notifiers (issue 18) -------------------------------------------------------------------
+
+notifier_app = _Typer(help="Operator notifiers: events mailed or posted as they happen.")
+app.add_typer(notifier_app, name="notifier")
+
+_NOTIFIER_COLUMNS = ("id", "kind", "target", "events", "lastSuccessAt", "lastFailureAt",
+                     "lastFailure")  # fmt: skip
+
+
+def _notifier_out(row: dict[str, Any]) -> dict[str, Any]:
+    """A subscription as the notifier commands show it (``target`` for every kind)."""
+    out = dict(row)
+    if "url" in out:
+        out["target"] = out.pop("url")
+    return out
+
+
+def _plugin(kind: str) -> Any:
+    from .notifiers import load_notifiers
+
+    found, _ = load_notifiers()
+    if kind not in found:
+        raise validation_error(
+            "kind", f"no notifier plugin {kind!r} (loaded: {', '.join(sorted(found)) or 'none'})"
+        )
+    return found[kind].obj
+
+
+@notifier_app.command("add")
+def notifier_add(
+    kind: str,
+    target: str,
+    events: Annotated[
+        str, typer.Option(help="Comma-separated glob patterns, e.g. 'proxy.*,credits.*'.")
+    ] = "*",
+) -> None:
+    """Subscribe a notifier (KIND: webhook or smtp; TARGET: a URL or an email address) to
+    every event matching --events. A webhook's signing secret is printed this once."""
+    from . import events as ev
+    from .ledger import events as ledger_events
+    from .notifiers.targets import check_target, policy_for
+
+    plugin = _plugin(kind)
+    try:
+        target = plugin.check(target)
+    except ValueError as e:
+        raise validation_error("target", str(e)) from None
+    try:
+        patterns = ev.parse_patterns(events)
+    except ValueError as e:
+        raise validation_error("events", str(e)) from None
+    db = _db()
+    if kind == "webhook":
+        check_target(policy_for(db, _defaults()), target)
+    emit(_notifier_out(ledger_events.add_subscription(db, None, kind, target, patterns)))
+
+
+@notifier_app.command("list")
+def notifier_list() -> None:
+    """Every notifier with its health: last success, last failure and why."""
+    from .ledger import events as ledger_events
+
+    rows = [_notifier_out(r) for r in ledger_events.subscriptions(_db(), None)]
+    emit({"items": rows}, _items(_NOTIFIER_COLUMNS))
+
+
+@notifier_app.command("remove")
+def notifier_remove(id: str) -> None:
+    """Unsubscribe a notifier; deliveries not yet made are dropped."""
+    from .ledger import events as ledger_events
+
+    emit(ledger_events.remove_subscription(_db(), None, _int("id", id)))
+
+
+@notifier_app.command("test")
+def notifier_test(id: str) -> None:
+    """Deliver a test event to a notifier now, from this machine, and say how it went
+    (its health records the outcome)."""
+    import asyncio
+    import secrets
+    import time
+
+    from . import events as ev
+    from .clock import iso_utc
+    from .ledger import events as ledger_events
+    from .notifiers import Delivery, DeliveryError
+    from .notifiers.targets import denial_of, policy_for
+
+    db = _db()
+    settings = _defaults()
+    row = ledger_events.get_subscription(db, None, _int("id", id))
+    plugin = _plugin(row["kind"])
+    policy = policy_for(db, settings)
+    event = {
+        "id": f"test_{secrets.token_hex(8)}",
+        "type": "notifier.test",
+        "created_at": iso_utc(),
+        "data": {"notifier_id": str(row["id"]), "message": "A test from 'datorus notifier test'."},
+    }
+
+    async def resolve(host: str, port: int) -> str:
+        scheme = "https" if port == 443 else "http"
+        denial, _ = denial_of(policy, f"{scheme}://{host}:{port}/")
+        if denial is not None:
+            raise DeliveryError(f"refused by the acceptable-use policy ({denial.rule})")
+        return host
+
+    delivery = Delivery(
+        target=row["target"],
+        event=event,
+        body=ev.body(event),
+        secret=row["secret"],
+        timeout=float(settings["webhook_timeout"]),
+        resolve=resolve,
+        settings=settings,
+    )
+    started = time.monotonic()
+    try:
+        asyncio.run(plugin.send(delivery))
+    except DeliveryError as e:
+        ledger_events.note_health(db, row["id"], False, e.reason)
+        raise DatorusError(
+            "UPSTREAM_FAILED",
+            message=f"Notifier {row['id']} ({row['kind']} {row['target']}): {e.reason}.",
+            details={"id": str(row["id"]), "reason": e.reason, "status": e.status},
+        ) from None
+    ledger_events.note_health(db, row["id"], True, None)
+    emit(
+        {
+            "id": str(row["id"]),
+            "delivered": True,
+            "eventId": event["id"],
+            "ms": round((time.monotonic() - started) * 1000),
+        }
+    )

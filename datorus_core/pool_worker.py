@@ -217,6 +217,7 @@ class PoolWorker:
     async def run(self) -> None:
         """Work until :attr:`stopping` is set; then write what is held, give the claim back."""
         self.link = LedgerLink(self.settings["db"])
+        self.link.pool_low = int(self.settings.get("event_pool_low", 0))  # proxy.pool_low
         await self.link.open()
         next_version = next_sources = 0.0
         next_claim = 0.0 if self.judged else time.monotonic() + NO_JUDGE_DEFER_SECONDS

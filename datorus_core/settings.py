@@ -225,6 +225,44 @@ SETTINGS: tuple[Setting, ...] = (
         "max_sessions", int, 200_000, "Most live sticky sessions (oldest idle evicted).", _positive
     ),
     Setting("receipt_days", int, 30, "Days receipts are kept.", _positive),
+    Setting("event_days", int, 30, "Days events (and their deliveries) are kept.", _positive),
+    Setting(
+        "event_pool_low",
+        int,
+        1,
+        "proxy.pool_low is announced when fewer egress than this are active (0: never).",
+        _non_negative,
+    ),
+    Setting(
+        "event_keepalive_seconds",
+        int,
+        15,
+        "How often GET /account/events sends a keep-alive comment on an idle stream.",
+        _positive,
+    ),
+    Setting(
+        "event_retry_seconds",
+        int,
+        86400,
+        "How long a webhook or notifier delivery is retried (with exponential back-off"
+        " and jitter) before it is marked failed.",
+        _positive,
+    ),
+    Setting(
+        "event_retry_first_ms",
+        int,
+        5000,
+        "The first retry's back-off in milliseconds; each next one doubles it (up to an"
+        " hour), with jitter.",
+        _positive,
+    ),
+    Setting(
+        "webhook_timeout",
+        int,
+        10,
+        "Seconds one webhook delivery may take (a slow receiver delays only itself).",
+        _positive,
+    ),
     Setting(
         "lease_price_cents",
         int,

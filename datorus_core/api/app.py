@@ -27,6 +27,7 @@ from . import (
     routes_account,
     routes_auth,
     routes_console,
+    routes_events,
     routes_fetch,
     routes_judge,
     routes_payments,
@@ -172,6 +173,7 @@ def create_app(
 
     app.include_router(routes_auth.router)
     app.include_router(routes_account.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
@@ -182,6 +184,11 @@ def create_app(
     # the web console: pages at /console, its script, styles and vendored chart library
     # from the repository (never a CDN)
     app.include_router(routes_console.router)
+    routes_console.add_customer_panel(  # issue 18's section of the customer's page
+        routes_console.Panel(
+            "events", "Events and alerts", "events_panel.html", routes_events.console_data
+        )
+    )
     app.mount(
         routes_console.PREFIX + "/static",
         StaticFiles(directory=routes_console.STATIC),

@@ -31,9 +31,11 @@ from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError
 from ..judge import default_judge_url
 from ..ledger import egress as el
+from ..ledger import events as ledger_events
 from ..ledger import leases
 from ..ledger import sources as ledger_sources
 from ..live import Lease
+from ..notifiers import load_notifiers
 from ..sources.registry import installed_parsers
 from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
 from .models import AcquireIn
@@ -172,9 +174,11 @@ async def pool_stats(who: AnyKey, st: State) -> Any:
 async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
     (``datorus.checkers``) with the package that registered each (one that failed to
-    load shows ``loaded: false`` and why), and the notifiers: none yet. Notifiers and
-    the events they subscribe to arrive with issue 18; until then the list is empty
-    rather than a health nobody measures.
+    load shows ``loaded: false`` and why), and the notifiers (``datorus.notifiers``):
+    each with its subscriptions (the operator's notifiers and the customers' webhooks
+    of that kind) and the outbox's record of their deliveries: ``last_success_at``,
+    ``last_failure_at`` and ``last_failure`` (why), ``deliveries`` by status;
+    ``healthy`` is null before any delivery, else whether the last one succeeded.
 
     A checker's health is its record in the ledger, written with every check by every
     gateway on it: ``runs``, ``failures`` (checks it did not pass), ``errors`` (it
@@ -186,6 +190,8 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
     parsers = await run_in_threadpool(installed_parsers)
     checkers = await run_in_threadpool(installed_checkers)
     health = await run_in_threadpool(lambda: el.checker_health(st.store.db()))
+    notifiers, broken = await run_in_threadpool(load_notifiers)
+    sent = await run_in_threadpool(lambda: ledger_events.plugin_health(st.store.db()))
     judge = default_judge_url(st.settings) is not None
     return {
         "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
@@ -198,8 +204,35 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
             for p in checkers.plugins
         ]
         + [f.info() for f in checkers.failures],
-        "notifiers": [],
+        "notifiers": [
+            {
+                "name": p.name,
+                "type": type(p.obj).__name__,
+                "package": p.package,
+                "version": p.version,
+                "module": p.module,
+                "loaded": True,
+                **notifier_view(sent.get(p.name)),
+            }
+            for p in notifiers.values()
+        ]
+        + [f.info() for f in broken],
     }
+
+
+def notifier_view(h: dict[str, Any] | None) -> dict[str, Any]:
+    """A notifier's health as ``/stats/plugins`` shows it (nulls before any delivery)."""
+    h = h or {}
+    ok, bad = h.get("last_success_at"), h.get("last_failure_at")
+    return {
+        "healthy": None if ok is None and bad is None else bad is None or (ok or "") >= bad,
+        "subscriptions": h.get("subscriptions", 0),
+        "last_success_at": ok,
+        "last_failure_at": bad,
+        "last_failure": h.get("last_failure"),
+        "deliveries": {k: (h.get("deliveries") or {}).get(k, 0)
+                       for k in ("pending", "delivered", "failed")},
+    }  # fmt: skip
 
 
 def checker_view(h: dict[str, Any] | None) -> dict[str, Any]:
