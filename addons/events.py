@@ -5,7 +5,9 @@ datorus_core.delivery`` (see that module for what it does), hands it the gateway
 settings and listening sockets on stdin, restarts it a second after it dies, and stops
 it (SIGTERM, then SIGKILL after 5 s) when the gateway stops. Deliveries never share the
 proxy's interpreter or event loop; the process leaves by itself when the gateway is
-killed.
+killed. Under ``datorus serve`` only worker 0 starts one, as with the pool worker: one
+delivery process per box, and the ledger's per-subscription claims keep several boxes
+from delivering the same event twice at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 import sys
 
 from mitmproxy import ctx
+
+from datorus_core.workers import worker_info
 
 from .context import Gateway
 from .failclosed import fatal
@@ -38,6 +42,8 @@ class EventDelivery:
         self.stopping = False
 
     def running(self) -> None:
+        if worker_info().index != 0:
+            return  # worker 0 of `datorus serve` runs it for the box (claims keep boxes apart)
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name="datorus events")
 
     def _own(self) -> list[tuple[str, int]]:

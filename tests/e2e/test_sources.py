@@ -439,9 +439,7 @@ def test_with_two_workers_a_scheduled_scrape_happens_once(tmp_path, lists, redis
 
         # the pool worker may start late (it waits for a gateway with a judge), and then
         # runs both, the slow one last: wait for both, whichever order they end in
-        wait_until(
-            lambda: scraped(first["id"]) and scraped(second["id"]), 40, 0.2, "both scraped"
-        )
+        wait_until(lambda: scraped(first["id"]) and scraped(second["id"]), 40, 0.2, "both scraped")
         assert (lists.hits("/once.txt"), lists.hits("/later.txt")) == (1, 1)
         shown = cli(db, "source", "show", str(first["id"]))
         assert shown["lastFound"] == 1 and shown["scraping"] is False
