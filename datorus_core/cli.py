@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import pricing
+from .domains import HOSTS_FOLDED, by_registrable
 from .envelope import DatorusError, envelope, request_id_floor, validation_error
 from .ledger import (
     DatabaseError,
@@ -574,21 +575,22 @@ def usage(
         typer.Option(
             "--by",
             metavar="day|domain",
-            help="'day' for a daily breakdown, 'domain' for one by destination host.",
+            help="'day' for a daily breakdown, 'domain' for one by registrable destination domain.",
         ),
     ] = None,
     days: Annotated[
         int, typer.Option(help="With --by domain: how many days back.", min=1, max=366)
     ] = 30,
 ) -> None:
-    """Requests, bytes and charges of an account (per day, or per destination host)."""
+    """Requests, bytes and charges of an account (per day, or per registrable destination
+    domain: ``www.example.co.uk`` and ``img.example.co.uk`` are ``example.co.uk``)."""
     if by not in (None, "day", "domain"):
         raise validation_error("by", "must be day or domain")
     db, aid = _db(), _int("account_id", account_id)
     if by == "domain":
         accounts.account_row(db, aid)
         since = request_id_floor(int((time.time() - days * 86400) * 1000))
-        items = ledger_usage.by_domain(db, aid, since, 200)
+        items = by_registrable(ledger_usage.by_host(db, aid, since, HOSTS_FOLDED), 200)
         emit({"id": aid, "days": days, "items": items}, _items())
         return
     result = ledger_usage.usage(db, aid, by_day=by == "day")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
@@ -139,12 +139,27 @@ def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 @router.get("/usage", tags=["account"])
-async def get_usage(acc: Account, st: State) -> Any:
-    """Requests, bytes and charges (in total and per day) and the current rate-limit state.
+async def get_usage(
+    acc: Account,
+    st: State,
+    by: Annotated[
+        Literal["day", "domain"] | None,
+        Query(description="'domain': usage by registrable destination domain instead."),
+    ] = None,
+    days: Annotated[int, Query(ge=1, le=366, description="With by=domain: days back.")] = 30,
+    limit: Annotated[int, Query(ge=1, le=200, description="With by=domain: rows.")] = 50,
+) -> Any:
+    """Requests, bytes and charges (in total and per day) and the current rate-limit state;
+    with ``by=domain``, requests, bytes and charges per registrable destination domain
+    over the last *days* days, from the receipts (``www.example.co.uk`` and
+    ``img.example.co.uk`` are ``example.co.uk``), most bytes first.
 
     Served by the gateway, ``rate_limit.credentials`` shows each credential's live
     bucket; standalone (``datorus api``) it shows the full burst.
     """
+    if by == "domain":
+        items = await run_in_threadpool(domain_usage, st, acc["id"], days, limit)
+        return {"by": "domain", "days": days, "items": items}
     u, creds, view = await run_in_threadpool(_usage, st, acc["id"])
     rps = view["rate_limit"]["requests_per_second"]
     burst = view["rate_limit"]["burst"]
@@ -216,6 +231,7 @@ def get_usage_by_domain(
     days: Annotated[int, Query(ge=1, le=366, description="How many days back.")] = 30,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Any:
-    """Usage by destination host over the last *days* days, most bytes first (from the
-    receipts, which are kept ``receipt_days``)."""
+    """Usage by registrable destination domain over the last *days* days, most bytes
+    first (from the receipts, which are kept ``receipt_days``); the same as
+    ``GET /usage?by=domain``."""
     return {"days": days, "items": domain_usage(st, acc["id"], days, limit)}

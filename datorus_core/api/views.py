@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .. import egress as eg
+from ..domains import HOSTS_FOLDED, by_registrable
 from ..egress import parse_egress_url
 from ..envelope import request_id_floor
 from ..ledger import usage as ledger_usage
@@ -38,11 +39,14 @@ def receipt_view(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def domain_usage(st: ApiState, account_id: int, days: int, limit: int) -> list[dict[str, Any]]:
-    """The account's usage by destination host over the last *days* days, most bytes first."""
+    """The account's usage by registrable destination domain over the last *days* days,
+    most bytes first (``hosts``: how many host names it covers)."""
     since = request_id_floor(int((time.time() - days * 86400) * 1000))
+    hosts = ledger_usage.by_host(st.store.db(), account_id, since, HOSTS_FOLDED)
     return [
         {
-            "host": d["host"],
+            "domain": d["domain"],
+            "hosts": d["hosts"],
             "requests": d["requests"],
             "bytes_up": d["bytesUp"],
             "bytes_down": d["bytesDown"],
@@ -50,7 +54,7 @@ def domain_usage(st: ApiState, account_id: int, days: int, limit: int) -> list[d
             "trial_bytes": d["trialBytes"],
             "charged_nanocents": d["chargedNanocents"],
         }
-        for d in ledger_usage.by_domain(st.store.db(), account_id, since, limit)
+        for d in by_registrable(hosts, limit)
     ]
 
 

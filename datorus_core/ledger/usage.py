@@ -134,7 +134,7 @@ def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     return out
 
 
-def by_domain(db: Ledger, account_id: int, since_id: str, limit: int = 50) -> list[dict[str, Any]]:
+def by_host(db: Ledger, account_id: int, since_id: str, limit: int = 50) -> list[dict[str, Any]]:
     """The account's usage per destination host since request id *since_id* (a
     :func:`~datorus_core.envelope.request_id_floor`), most bytes first, from its receipts
     (kept ``receipt_days``; refusals' receipts, which carry a code, left out): ``host``,

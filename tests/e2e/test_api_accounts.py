@@ -20,9 +20,11 @@ from api_helpers import (
     token_from_ledger,
     token_from_outbox,
 )
-from support.ledger import cli, ledger_value
+from support.ledger import cli, ledger_exec, ledger_value
 from support.processes import ApiProcess, Gateway, GatewaySetup
 from support.waiting import free_port, wait_http, wait_until
+
+from datorus_core.envelope import new_request_id
 
 
 @pytest.fixture(scope="module")
@@ -543,12 +545,39 @@ def test_receipts_and_usage_by_domain_show_the_accounts_requests(gw: Gateway, or
 
     by = httpx.get(f"{gw.api_url}/usage/domains", headers=h, timeout=30).json()
     assert by["days"] == 30
-    (local,) = [d for d in by["items"] if d["host"] == "127.0.0.1"]
+    (local,) = [d for d in by["items"] if d["domain"] == "127.0.0.1"]
     assert local["requests"] == len(items) and local["bytes"] >= mine["bytes_up"] + 700
-    # the CLI shows the same
-    assert gw.cli("usage", str(account_id), "--by", "domain")["items"][0]["host"] == "127.0.0.1"
+    # the CLI lists the same receipts
     listed = gw.cli("receipts", str(account_id))["items"]
     assert [i["requestId"] for i in listed] == [i["request_id"] for i in items]
+    # two hosts of one registrable domain (receipts as the gateway writes them: loopback
+    # has no names to resolve) are one row, with their sums
+    for host, down, nc in (
+        ("www.shop.example.co.uk", 5_000_000, 700),
+        ("IMG.example.co.uk.", 3, 11),
+    ):
+        ledger_exec(
+            gw.db,
+            "INSERT INTO receipts (request_id, account_id, credential_id, method, host, port,"
+            " status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
+            " VALUES (?, ?, ?, 'CONNECT', ?, 443, 200, 100, ?, 0, ?, 0, 0)",
+            (new_request_id(), account_id, cred["id"], host, down, nc),
+        )
+    by = httpx.get(f"{gw.api_url}/usage?by=domain", headers=h, timeout=30).json()
+    assert by["by"] == "domain" and by["days"] == 30
+    top = by["items"][0]
+    assert (top["domain"], top["hosts"], top["requests"]) == ("example.co.uk", 2, 2)
+    assert (top["bytes_up"], top["bytes_down"], top["charged_nanocents"]) == (200, 5_000_003, 711)
+    assert [d["domain"] for d in by["items"]][1:] == ["127.0.0.1"]
+    assert (
+        httpx.get(f"{gw.api_url}/usage/domains", headers=h, timeout=30).json()["items"]
+        == (by["items"])
+    )
+    # the CLI shows the same
+    shown = gw.cli("usage", str(account_id), "--by", "domain")["items"]
+    assert [(d["domain"], d["hosts"], d["bytes"]) for d in shown] == [
+        (d["domain"], d["hosts"], d["bytes"]) for d in by["items"]
+    ]
 
 
 def test_receipts_usage_by_domain_and_blocks_refuse_bad_input_and_the_wrong_key(
@@ -560,6 +589,8 @@ def test_receipts_usage_by_domain_and_blocks_refuse_bad_input_and_the_wrong_key(
         ("/account/receipts?limit=0", "limit"),
         ("/usage/domains?days=0", "days"),
         ("/usage/domains?limit=201", "limit"),
+        ("/usage?by=host", "by"),
+        ("/usage?by=domain&days=367", "days"),
     ):
         r = httpx.get(f"{gw.api_url}{path}", headers=h, timeout=30)
         assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == field, path
