@@ -34,7 +34,7 @@ from datorus_core.envelope import DatorusError, new_request_id
 from datorus_core.hashing import cache_key, hash_secret, verify_secret
 from datorus_core.hotstate.local import LocalHotState
 from datorus_core.runtime import CredentialState
-from datorus_core.sessions import username_problem
+from datorus_core.sessions import parse_username, username_problem
 
 from .context import FlowCtx, Gateway
 from .hardening import malformed
@@ -119,6 +119,7 @@ class ProxyAuth:
         req = flow.request
         fc = FlowCtx(new_request_id(), flow.client_conn.id, req.method, req.host, req.port)
         flow.metadata["datorus"] = fc
+        fc.socks = getattr(flow.client_conn.proxy_mode, "type_name", "") == "socks5"
         rt = gw.runtime
         bad = malformed(req)
         if bad is not None:
@@ -173,6 +174,12 @@ class ProxyAuth:
         if creds is None:
             if "proxy-authorization" in req.headers:
                 return self._fail(flow, fc, MALFORMED)
+            if rt.allowlist:
+                # an allow-listed client address runs as its credential
+                peer = flow.client_conn.peername
+                allowed = rt.allowed_credential(peer[0] if peer else None)
+                if allowed is not None:
+                    return self._accept(flow, fc, allowed)
             # a stopping gateway says so before it asks for credentials: a balancer's
             # health check (a request without them) takes the node out while it drains
             missing = DatorusError("INVALID_CREDENTIAL", details=MISSING)
@@ -185,17 +192,24 @@ class ProxyAuth:
         return self._verify(flow, fc, creds, key)
 
     async def _verify(self, flow: http.HTTPFlow, fc: FlowCtx, creds: tuple[str, str], key: bytes):
+        found = await self._login(creds, key)
+        if isinstance(found, dict):
+            await _done(self._fail(flow, fc, found))
+            return
+        self._accept(flow, fc, found)
+
+    async def _login(self, creds: tuple[str, str], key: bytes) -> CredentialState | dict[str, str]:
+        """The live credential *creds* (username, password) name, or why not (``details``
+        of the 407): the slow check, for a login the cache does not know."""
         rt = self.gw.runtime
         username, password = creds
         cred = rt.by_username.get(username)
         now, seen = time.monotonic(), rt.version
         until, version = self.negative.get(key, (0.0, -1))
         if until > now and version == seen:
-            await _done(self._fail(flow, fc, username_problem(username) or INVALID))
-            return
+            return username_problem(username) or INVALID
         if cred is None and (problem := username_problem(username)) is not None:
-            await _done(self._fail(flow, fc, problem))  # decided by the spelling alone
-            return
+            return problem  # decided by the spelling alone
         if self.sem is None:
             self.sem = asyncio.Semaphore(2)
         async with self.sem:
@@ -206,15 +220,56 @@ class ProxyAuth:
             if len(self.negative) > _MAX_TRACKED:
                 self.negative.clear()
             self.negative[key] = (time.monotonic() + _NEGATIVE_TTL, seen)
-            await _done(self._fail(flow, fc, INVALID))
-            return
+            return INVALID
         # the snapshot may have changed while we hashed: only a live credential counts
         live = rt.by_username.get(username)
         if live is None or live.password_hash != cred.password_hash:
-            await _done(self._fail(flow, fc, INVALID))
-            return
+            return INVALID
         rt.verified[key] = live
-        self._accept(flow, fc, live)
+        return live
+
+    # -- the SOCKS5 entry (RFC 1929) ---------------------------------------------------
+
+    async def socks5_auth(self, data) -> None:
+        """A SOCKS5 client's username and password: the same credentials, the same
+        username options, the same cache, slow check and failed-login count as
+        ``Proxy-Authorization``. Valid or not is all RFC 1929 can say (status 0x01 on a
+        failure); the CONNECT the entry then makes carries the same credentials and is
+        judged like any other (``addons/socks.py``)."""
+        gw = self.gw
+        if not gw.runtime.loaded:
+            try:
+                await asyncio.wait_for(gw.ready.wait(), gw.settings["startup_wait"])
+            except TimeoutError:
+                return  # not valid: the client may retry once the gateway runs
+        username, password = data.username, data.password
+        problem = username_problem(username) if username else MALFORMED
+        base = username
+        if problem is None and "-" in username:
+            opts = parse_username(username)  # parses: username_problem said so
+            base = opts.username if opts is not None else username
+        found: CredentialState | dict[str, str]
+        if problem is not None:
+            found = problem
+        else:
+            key = cache_key(base, password)
+            cached = gw.runtime.verified.get(key)
+            found = cached if cached is not None else await self._login((base, password), key)
+        if isinstance(found, dict):
+            # counted like a 407; logged, as for HTTP, once an address is throttled
+            peer = data.client_conn.peername[0] if data.client_conn.peername else "?"
+            blocked = await gw.hot.login_failed(peer, time.monotonic())
+            if blocked > 0 and peer not in self.throttled:
+                if len(self.throttled) > _MAX_TRACKED:
+                    self.throttled.clear()
+                self.throttled.add(peer)
+                log.warning(
+                    "datorus: throttling %s after %d failed logins in a minute (SOCKS5)",
+                    peer,
+                    gw.settings["auth_fail_limit"],
+                )
+            return
+        data.valid = True
 
     def _accept(self, flow: http.HTTPFlow, fc: FlowCtx, cred: CredentialState) -> None:
         fc.cred = cred

@@ -16,6 +16,7 @@ from mitmproxy import http
 from datorus_core.envelope import DatorusError, envelope_json, proxy_status
 from datorus_core.hotstate.base import HotState
 from datorus_core.hotstate.local import LocalHotState
+from datorus_core.metrics import NullMetrics
 from datorus_core.runtime import AccountState, CredentialState, Runtime
 
 from . import patches
@@ -31,6 +32,7 @@ class FlowCtx:
     __slots__ = (
         "account",
         "client_id",
+        "code",
         "cred",
         "cut",
         "done",
@@ -51,6 +53,7 @@ class FlowCtx:
         "session_id",
         "session_pin",
         "settled_at",
+        "socks",
         "started",
         "status",
         "timed_out",
@@ -84,6 +87,7 @@ class FlowCtx:
         self.answered = False  # the gateway answered itself (an envelope): never billed
         self.done = False
         self.cut = ""
+        self.code = ""  # the Datorus error code the gateway answered with, if it did
         self.head_sent = False  # the response head is on its way to the client
         self.timed_out = False
         self.timeout: int | None = None  # seconds the upstream timer ran (504's timeoutSeconds)
@@ -98,6 +102,7 @@ class FlowCtx:
         self.status = 0
         self.upload_open = False  # answered while the upload goes on
         self.tunnel_slot = False  # holds one of its account's open-tunnel slots (hot state)
+        self.socks = False  # came in through the SOCKS5 entry (a CONNECT it stands for)
 
 
 KEY = "datorus"
@@ -127,6 +132,11 @@ class Gateway:
         # handed off by `datorus serve` (addons/handoff.py): answers say Connection: close
         self.handing_off = False
         self.drain_deadline: float | None = None  # monotonic end of a drain under way
+        # Prometheus counters (addons/metrics.py puts the real ones in when metrics_port
+        # is set); every addon counts through this one attribute
+        self.metrics: Any = NullMetrics()
+        # events waiting for delivery, by queue, as the ledger task last read them
+        self.waiting_events: dict[str, int] = {}
 
     # -- responses ---------------------------------------------------------------------
 
@@ -162,6 +172,7 @@ class Gateway:
                 headers.append((b"X-Datorus-Session-Id", fc.session_id.encode()))
             fc.answered = True
             fc.status = err.status
+            fc.code = err.code
         resp = http.Response.make(err.status, body, headers)
         if request_id is None:
             # no flow context: make the header agree with the body's fresh id

@@ -25,17 +25,20 @@ def _assemble() -> list:
     from addons.context import Gateway
     from addons.egress import EgressRouter, RouteOptions
     from addons.errors import ErrorPages
+    from addons.events import EventDelivery
     from addons.failclosed import StartCheck, guard
     from addons.handoff import WorkerLifecycle
     from addons.hardening import Hardening
     from addons.lean import Lean
     from addons.limits import RateLimits
     from addons.metering import Metering
+    from addons.metrics import MetricsAddon
     from addons.options import LedgerTask, Options
     from addons.policy import AcceptableUse
+    from addons.pool_worker import PoolWorkerProcess
     from addons.relay import Relay
     from addons.shared import SharedState
-    from addons.sources import SourceScheduler
+    from addons.socks import Socks5Entry
 
     gateway = Gateway()
     ledger = LedgerTask(gateway)
@@ -58,9 +61,13 @@ def _assemble() -> list:
         policy,
         metering,
         Relay(gateway),
+        Socks5Entry(gateway),  # SOCKS5 requests judged as the CONNECTs they stand for
         ApiServer(gateway),
         egress,  # last of the traffic addons: the account is known and the request vetted
-        SourceScheduler(gateway),  # scheduled scrapes of proxy-list sources (issue 17)
+        PoolWorkerProcess(gateway),  # egress checks and scheduled scrapes, in a process
+        EventDelivery(gateway),  # webhooks and notifiers from the outbox, a process (issue 18)
+        # Prometheus (issue 20): after the traffic addons, so it counts the final answers
+        MetricsAddon(gateway, metering),
         WorkerLifecycle(gateway, ledger.open_flows),  # ready/hand-off under `datorus serve`
         Lean(gateway),  # it acts once, when the gateway runs, and must see every addon above
         check,  # last: it sees load and configure only if every addon above got through

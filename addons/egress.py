@@ -10,8 +10,10 @@ Two addons:
   egress (the session's, or a healthy one weighted by score: the decision is
   ``datorus_core.routing.choose``, the same the API's preview makes), binds the source
   address or opens the tunnel through the upstream proxy when mitmproxy opens the
-  server connection, and judges responses for blocks. Its tick drives the background
-  checks of every egress (``addons/checks.py``).
+  server connection, and judges responses for blocks. The egress checks run in the pool
+  worker, a process of its own (``datorus_core.pool_worker``); the router's tick reads
+  what they changed from the ledger (``LedgerLink.checked_since``, every
+  :data:`CHECKED_SECONDS`) and applies it to the live pool.
 
 Mechanism (*internal*, mitmproxy 12.2.3): ``server_connect`` gets no flow, so the
 choice is kept per client connection (one request at a time on HTTP/1). A source
@@ -42,9 +44,11 @@ from mitmproxy import http
 from datorus_core import egress as eg
 from datorus_core.billing import allowance_covers
 from datorus_core.egress_io import HandshakeError, handshake
+from datorus_core.egress_status import ACTIVE, Health
 from datorus_core.envelope import DatorusError
 from datorus_core.hotstate.base import BlockNews, LeaseNews
 from datorus_core.hotstate.local import LocalHotState
+from datorus_core.ledger.gateway import CHECKED_ROWS_MAX
 from datorus_core.live import Lease, LeaseBook, SessionLookup
 from datorus_core.routing import Ask, choose, vouch, vouched
 from datorus_core.sessions import SessionTable, parse_username, valid_session_id
@@ -52,11 +56,13 @@ from datorus_core.workers import serve_secret
 
 from . import patches
 from .auth import parse_basic
-from .checks import CheckRunner
 from .context import ROUTE, TUNNEL, FlowCtx, Gateway, flow_ctx
 
 log = logging.getLogger("datorus")
 
+_REBUILD_ON_LOOP = 500  # a bigger pool is rebuilt off the event loop (~25-50 us an egress)
+CHECKED_SECONDS = 0.5  # how often the results of the pool worker's checks are read
+_REWEIGH_SECONDS = 2.0  # scores alone moved: the weights are rebuilt at most this often
 _SEEN_SESSIONS = 10_000  # sessions a worker remembers for previews (shared hot state)
 
 # how old a sticky session's pin read by the rate limit's round trip may be for routing to
@@ -101,6 +107,17 @@ def _basic(user: str, password: str) -> str:
 def _family(flow: http.HTTPFlow) -> int:
     """4 or 6: the family of the target address the acceptable-use check pinned."""
     return 6 if ":" in flow.request.host else 4
+
+
+def _from_rows(rows: list[tuple[Any, ...]], known: dict[str, eg.EgressSpec]) -> list[eg.Egress]:
+    """The egress of pool rows, reusing the parsed URLs of *known* (a bad one is skipped)."""
+    items = []
+    for row in rows:
+        try:
+            items.append(eg.egress_from_row(row, known.get(row[1])))
+        except ValueError as e:
+            log.warning("datorus: egress %s has a bad URL (%s): skipped", row[0], e)
+    return items
 
 
 class RouteOptions:
@@ -177,9 +194,11 @@ class EgressRouter:
         self.via: dict[str, tuple[Choice, tuple[str, int]]] = {}  # server conn id -> target
         self.dirty = True
         self.task: asyncio.Task | None = None
-        self.checks = CheckRunner(gw)  # the background checks (checker plugins)
+        self.check_seq = 0  # the last batch of checks applied (``ledger.gateway``)
+        self.checked_at = 0.0  # when the checks' results were last read
+        self.rescored = False  # scores moved since the weights were built
+        self.weighed_at = 0.0
         self.rng = random.Random()  # picks and per-request prefix addresses (router_seed)
-        self.check_rng = random.Random()  # health-check spreading, apart from the picks
         self.leases = LeaseBook()
         self.block_statuses: frozenset[int] = frozenset({403, 429})
         self.markers: tuple[bytes, ...] = ()
@@ -199,13 +218,8 @@ class EgressRouter:
             self.markers = tuple(m.lower().encode() for m in s["block_markers"] if m)
 
     def reseed(self, seed: int) -> None:
-        """Seed the random choices: 0 draws from the system, any other value repeats a run.
-
-        Health checks draw from their own generator, so when they happen (which depends
-        on the clock) does not shift the sequence the requests' picks draw from.
-        """
+        """Seed the random choices: 0 draws from the system, any other value repeats a run."""
         self.rng = random.Random(seed) if seed else random.Random()
-        self.check_rng = random.Random(f"checks/{seed}") if seed else random.Random()
 
     def on_snapshot(self, rt: Any) -> None:
         """The ledger changed: reload the pool at the next tick."""
@@ -219,7 +233,6 @@ class EgressRouter:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
-        await self.checks.stop()
 
     async def _loop(self) -> None:
         while True:
@@ -228,7 +241,7 @@ class EgressRouter:
                 if self.dirty and self.gw.runtime.loaded:
                     self.dirty = False
                     await self._load()
-                self.checks.tick(self.pool, self.check_rng)
+                await self._read_checks()
                 self.gw.hot.sweep(time.monotonic())
                 self.seen.sweep(time.monotonic())
             except Exception as e:  # never let the loop die: routing depends on it
@@ -240,23 +253,83 @@ class EgressRouter:
         if link is None:
             self.dirty = True
             return
+        seq = await link.check_seq()  # read first: the rows are at least this new
         rows, live = await link.pool(int(time.time()))
         self.leases.replace(Lease.from_row(row) for row in live)
-        items = []
-        for row in rows:
-            try:
-                items.append(eg.egress_from_row(row))
-            except ValueError as e:
-                log.warning("datorus: egress %s has a bad URL (%s): skipped", row[0], e)
-        before = {
-            (e.id, e.spec.url, e.country, e.weight, e.enabled) for e in self.pool.by_id.values()
-        }
-        self.pool.replace(items)
-        self.checks.sync(self.pool, self.check_rng)
-        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
-        if after != before:
+        if len(rows) > _REBUILD_ON_LOOP:
+            # a pool of thousands (a source's) is rebuilt in a thread: the loop goes on
+            # routing with the old pool's records until the new ones are swapped in
+            changed, items = await asyncio.to_thread(self._rebuild, rows)
+        else:
+            changed, items = self._rebuild(rows)
+        self.check_seq = max(self.check_seq, seq)
+        self.weighed_at = time.monotonic()
+        if changed:
             enabled = sum(e.enabled for e in items)
             log.info("datorus: egress pool: %d (%d enabled)", len(items), enabled)
+
+    def _rebuild(self, rows: list[tuple[Any, ...]]) -> tuple[bool, list[eg.Egress]]:
+        """Replace the pool's records by *rows* (URLs parsed once); whether the operator's
+        part of it (URL, country, weight, enabled) changed, and the new records."""
+        old = list(self.pool.by_id.values())
+        known = {e.spec.url: e.spec for e in old}
+        items = _from_rows(rows, known)
+        self.pool.replace(items)  # each swap (records, then weights) is one assignment
+        before = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in old}
+        after = {(e.id, e.spec.url, e.country, e.weight, e.enabled) for e in items}
+        return before != after, items
+
+    # -- the checks' results ------------------------------------------------------------
+
+    async def _read_checks(self) -> None:
+        """Apply what the pool worker's checks changed since the last read; reweigh at
+        once when a status or country moved, else at most every few seconds."""
+        now = time.monotonic()
+        link = self.gw.ledger
+        if link is None or now - self.checked_at < CHECKED_SECONDS:
+            return
+        self.checked_at = now
+        rows = await link.checked_since(self.check_seq)
+        moved = self.apply_checked(rows, now)
+        if len(rows) >= CHECKED_ROWS_MAX:  # cut short, maybe inside a batch: read it again
+            self.check_seq = int(rows[-1][7]) - 1
+        if moved or (self.rescored and now - self.weighed_at >= _REWEIGH_SECONDS):
+            self.rescored = False
+            self.weighed_at = now
+            self.pool.reweigh()
+
+    def apply_checked(self, rows: list[tuple[Any, ...]], now: float) -> bool:
+        """Apply checked rows ``(id, status, fail_streak, score, latency_ms, exit_ip,
+        country, check_seq)`` to the live pool; whether a status or country moved (the
+        weights must be rebuilt now). A failed check takes an egress out of the choice
+        for a short, doubling back-off, as it did when each gateway checked."""
+        moved = False
+        for eid, status, streak, score, latency, exit_ip, country, seq in rows:
+            self.check_seq = max(self.check_seq, int(seq))
+            e = self.pool.by_id.get(eid)
+            if e is None:
+                continue  # new since the last reload: the next reload brings it
+            try:
+                health = Health(status, int(streak))
+            except ValueError:
+                continue
+            was, now_active = e.health.status == ACTIVE, health.status == ACTIVE
+            # only active egress are weighed: unchecked -> dead moves no weight
+            if was != now_active or (now_active and country and country != e.country):
+                moved = True
+            elif now_active and score != e.score:
+                self.rescored = True
+            if health.streak > e.health.streak:
+                e.failed(now)
+            elif health.streak == 0:
+                e.succeeded()
+            e.health = health
+            e.score = float(score) if score is not None else e.score
+            e.latency_ms = latency
+            e.exit_ip = exit_ip or e.exit_ip
+            if country:
+                e.country = country
+        return moved
 
     # -- choosing ----------------------------------------------------------------------
 

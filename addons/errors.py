@@ -13,10 +13,12 @@ the right code (504 when our timer fired, 502 otherwise).
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
 from datorus_core.envelope import DatorusError
+from datorus_core.metrics import FORWARD
 from datorus_core.runtime import Runtime, state_unavailable
 
 from . import patches
@@ -74,6 +76,7 @@ class ErrorPages:
             err = error_for(status, message, None, None)
             resp = gw.error_response(None, err)
             resp.headers["Connection"] = "close"
+            gw.metrics.answered(FORWARD, err.status, err.code)
             return resp
 
         def upstream_error_page(
@@ -85,6 +88,13 @@ class ErrorPages:
             err = error_for(status, message, fc, code, gw.runtime)
             resp = gw.error_response(fc, err)
             resp.headers["Connection"] = "close"
+            # no response hook sees this page: count it here
+            if fc is None:
+                gw.metrics.answered(FORWARD, err.status, err.code)
+            else:
+                account = fc.account.id if fc.account is not None else None
+                gw.metrics.answered(FORWARD, err.status, err.code, account)
+                gw.metrics.took(FORWARD, time.time() - fc.started)
             return resp
 
         # deliberate patches of mitmproxy's error pages (see the module docstring)

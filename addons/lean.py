@@ -76,7 +76,9 @@ log = logging.getLogger("datorus")
 
 
 def _http_modes_only(o: Any) -> bool:
-    return all(m.split(":", 1)[0].split("@", 1)[0] in ("regular", "upstream") for m in o.mode)
+    # the SOCKS5 entry's requests become CONNECTs: no DNS mode, no reverse mode
+    kinds = ("regular", "upstream", "socks5")
+    return all(m.split(":", 1)[0].split("@", 1)[0] in kinds for m in o.mode)
 
 
 # addon class -> "idle with these options" (safe to leave out of the chain)

@@ -52,6 +52,10 @@ from datorus_core.billing import (
     bill,
 )
 from datorus_core.envelope import DatorusError, utc_timestamp
+from datorus_core.metrics import FORWARD as FORWARD_KIND
+from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
+from datorus_core.metrics import TUNNEL as TUNNEL_KIND
+from datorus_core.metrics import WEBSOCKET as WEBSOCKET_KIND
 from datorus_core.runtime import state_unavailable
 
 from . import patches
@@ -441,6 +445,9 @@ class Metering:
         """Charge a tunnel's used bytes; with *release*, give back the unused block too."""
         used = fc.pend_up + fc.pend_down
         fc.settled_at = time.monotonic()
+        if used:
+            kind = WEBSOCKET_KIND if fc.method != "CONNECT" else TUNNEL_KIND
+            self.gw.metrics.moved(SOCKS5_KIND if fc.socks else kind, fc.pend_up, fc.pend_down)
         if not used and not (release and fc.reserved):
             return
         reserved = fc.reserved if release else used
@@ -476,6 +483,7 @@ class Metering:
         fc.head_sent = True  # a response held whole leaves after this hook
         if flow.response.status_code == 101:
             # a WebSocket (or other upgrade): from here on it is metered like a tunnel
+            self.gw.metrics.moved(WEBSOCKET_KIND, fc.up, fc.down)
             self._settle_forward(fc, fc.up, fc.down)
             fc.kind = TUNNEL
             # an open tunnel of its account: counted against max_tunnels, closed on suspension
@@ -545,6 +553,8 @@ class Metering:
         """End *fc*: settle or release its bytes as ``billing.bill`` decides, with its receipt."""
         b: Bill = bill(flow_outcome(fc, ending, flow))
         fc.done = True
+        if fc.kind == FORWARD:  # the bytes billed; a tunnel's are counted as they are settled
+            self.gw.metrics.moved(FORWARD_KIND, b.up, b.down)
         rt = self.gw.runtime
         if self.current.get(fc.client_id) is fc:
             del self.current[fc.client_id]

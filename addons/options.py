@@ -22,6 +22,7 @@ from mitmproxy import ctx
 
 from datorus_core.ledger.gateway import LedgerLink
 from datorus_core.ledger.target import shown
+from datorus_core.runtime import MAX_NOTICES
 from datorus_core.settings import (
     BY_OPTION,
     SETTINGS,
@@ -36,6 +37,8 @@ from .context import Gateway
 from .failclosed import fatal
 
 log = logging.getLogger("datorus")
+
+WAITING_SECONDS = 5.0  # how often the events waiting for delivery are counted (metrics)
 
 
 class Options:
@@ -165,6 +168,8 @@ class LedgerTask:
         for cb in self.on_stop:
             cb()
         await self._flush(final=True)
+        with contextlib.suppress(Exception):
+            await self._write_notices()
         # after the final flush, before the ledger closes: a shared hot state gives back
         # the credit this worker holds and removes its fields (and ledger rows)
         with contextlib.suppress(Exception):
@@ -193,6 +198,7 @@ class LedgerTask:
                 log.warning("datorus: ledger %s busy at start (%s); retrying", where, e)
                 await asyncio.sleep(0.2)
                 continue
+            link.pool_low = self.gw.settings.get("event_pool_low", 0)
             self.gw.ledger = link
             self.gw.hot.ledger = link
             self.gw.ready.set()
@@ -215,6 +221,7 @@ class LedgerTask:
             else:
                 accounts, creds, rules, version = await link.snapshot()
                 rt.apply_snapshot(accounts, creds, rules, version)
+            rt.apply_allowed_ips(await link.allowed_ips())
             for cb in self.on_snapshot:
                 cb(rt)
         rt.fresh_at = time.monotonic()
@@ -234,6 +241,7 @@ class LedgerTask:
             try:
                 await link.write(batch)
             except Exception as e:
+                self.gw.metrics.flush_failed()
                 rt.restore_batch(batch)
                 self.write_trouble.failed(f"{e}; {rt.pending_events} usage events kept in memory")
                 if final:
@@ -243,6 +251,7 @@ class LedgerTask:
                     )
                 return
             self.write_trouble.ok()
+            self.gw.metrics.flushed(batch.events, time.monotonic() - batch.started)
             if not again:
                 return  # the batch under way: what came meanwhile waits for its turn
 
@@ -253,6 +262,7 @@ class LedgerTask:
         tick = min(s["flush_ms"], s["refresh_ms"], 100) / 1000
         next_refresh = 0.0
         next_prune = 0.0  # housekeeping runs at start, then hourly
+        next_count = 0.0  # events waiting for delivery, for the metrics (every 5 s)
         while not self.stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -273,10 +283,31 @@ class LedgerTask:
                     )
                 else:
                     self.read_trouble.ok()
+            if rt.notices:
+                await self._write_notices()
+            if now >= next_count and self.gw.settings.get("metrics_port"):
+                next_count = now + WAITING_SECONDS
+                try:
+                    self.gw.waiting_events = await self.gw.ledger.waiting_events()
+                except Exception as e:  # the gauge goes stale; the next tick tries again
+                    log.debug("datorus: events waiting not counted: %s", e)
             if now >= next_prune:
                 next_prune = now + 3600
                 with contextlib.suppress(Exception):
                     await self.gw.ledger.prune_receipts(s["receipt_days"])
+
+    async def _write_notices(self) -> None:
+        """Write the events the proxy path noticed; kept for the next tick on failure."""
+        rt, link = self.gw.runtime, self.gw.ledger
+        if link is None:
+            return
+        link.pool_low = self.gw.settings.get("event_pool_low", 0)
+        notices, rt.notices = rt.notices, []
+        try:
+            await link.write_events(notices)
+        except Exception as e:
+            rt.notices[:0] = notices[: max(0, MAX_NOTICES - len(rt.notices))]
+            self.write_trouble.failed(f"{e}; {len(notices)} events kept in memory")
 
 
 # PostgreSQL's codes for what passes by itself: a serialization failure, a deadlock

@@ -67,6 +67,9 @@ The tests that guard each one are named in its function's docstring.
 21    optmanager.OptManager.deferred                read, set   deferred_options (options)
 22    context.Context.layers                        read        inside_connect_tunnel (relay)
 23    layers.TCPLayer(context, ignore=True)         built       relay_raw_tcp (relay)
+24    mode_servers.Socks5Instance.make_top_layer,   replaced,   serve_socks5 (socks)
+      layers.modes.Socks5Proxy (subclassed),        built
+      layers.HttpLayer(context, HTTPMode.regular)
 ====  ============================================  ==========  =================================
 
 Patches of a class or module attribute are made with :func:`_replace`: installing twice
@@ -80,6 +83,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import socket
 from collections.abc import Callable, Generator
 from typing import Any, cast
 
@@ -812,3 +816,251 @@ def relay_raw_tcp(nextlayer: Any) -> None:
     ``tests/e2e/test_billing.py::test_websocket_through_connect_is_metered_exactly``.
     """
     nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+
+
+# -- 24. the SOCKS5 entry as a CONNECT (socks) ----------------------------------------
+
+
+class SocksGate:
+    """What the SOCKS5 entry asks the Datorus addon (``addons/socks.py``): the decisions."""
+
+    def method(self, client: Any, offered: bytes) -> int:
+        """The method to select among those *offered* (0xFF: none is acceptable)."""
+        raise NotImplementedError
+
+    def connect_head(
+        self, client: Any, atyp: int, host: str, port: int, user: str | None, password: str | None
+    ) -> bytes | int:
+        """The CONNECT request the SOCKS5 request stands for, or a SOCKS5 reply code."""
+        raise NotImplementedError
+
+    def answered(self, client: Any, status: int, body: bytes) -> int:
+        """The SOCKS5 reply code for the gateway's answer to that CONNECT."""
+        raise NotImplementedError
+
+    def reply(self, code: int) -> bytes:
+        """The SOCKS5 reply bytes for *code*."""
+        raise NotImplementedError
+
+
+def _socks5_layer_class() -> type:
+    """The SOCKS5 top layer: mitmproxy's ``Socks5Proxy``, its request made a CONNECT."""
+    from mitmproxy.proxy.layers import modes
+    from mitmproxy.proxy.layers.http import HTTPMode
+
+    class Socks5AsConnect(modes.Socks5Proxy):
+        """RFC 1928 greeting and RFC 1929 auth as mitmproxy's own layer does them (its
+        ``socks5_auth`` hook decides), except that the method is the gate's choice; then
+        the request is fed, as the CONNECT it stands for, to mitmproxy's regular HTTP
+        layer, whose answer becomes the SOCKS5 reply. After a success the HTTP layer
+        carries the tunnel exactly as it carries a CONNECT's."""
+
+        gate: SocksGate
+
+        def __init__(self, context: Any) -> None:
+            super().__init__(context)
+            self.user: str | None = None
+            self.password: str | None = None
+            self.answer = b""  # the HTTP answer to the CONNECT, until it is complete
+            self.early = b""  # client bytes that came before the reply
+            self.outcome: int | None = None  # the reply code sent
+            self.child: Any = None
+
+        def state_greet(self) -> Generator[commands.Command, Any, None]:
+            if len(self.buf) < 2:
+                return
+            if self.buf[0] != modes.SOCKS5_VERSION:
+                yield from self.socks_err(f"Invalid SOCKS version 0x{self.buf[0]:x}")
+                return
+            n = self.buf[1]
+            if len(self.buf) < 2 + n:
+                return
+            method = self.gate.method(self.context.client, bytes(self.buf[2 : 2 + n]))
+            yield commands.SendData(self.context.client, bytes((modes.SOCKS5_VERSION, method)))
+            if method == modes.SOCKS5_METHOD_NO_ACCEPTABLE_METHODS:
+                yield commands.CloseConnection(self.context.client)
+                self._handle_event = self.done  # type: ignore[method-assign]
+                return
+            self.buf = self.buf[2 + n :]
+            self.state = (  # type: ignore[method-assign]
+                self.state_auth
+                if method == modes.SOCKS5_METHOD_USER_PASSWORD_AUTHENTICATION
+                else self.state_connect
+            )
+            yield from self.state()
+
+        state = state_greet  # the parent's points at its own greeting
+
+        def state_auth(self) -> Generator[commands.Command, Any, None]:
+            if len(self.buf) < 3:
+                return
+            user_len = self.buf[1]
+            if len(self.buf) < 3 + user_len:
+                return
+            pass_len = self.buf[2 + user_len]
+            if len(self.buf) < 3 + user_len + pass_len:
+                return
+            if self.buf[0] != 0x01:
+                yield commands.SendData(self.context.client, b"\x01\x01")
+                yield from self.socks_err("unknown RFC 1929 version")
+                return
+            user = self.buf[2 : 2 + user_len].decode("utf-8", "backslashreplace")
+            password = self.buf[3 + user_len : 3 + user_len + pass_len].decode(
+                "utf-8", "backslashreplace"
+            )
+            data = modes.Socks5AuthData(self.context.client, user, password)
+            yield modes.Socks5AuthHook(data)
+            if not data.valid:
+                yield commands.SendData(self.context.client, b"\x01\x01")
+                yield from self.socks_err("authentication failed")
+                return
+            yield commands.SendData(self.context.client, b"\x01\x00")
+            self.user, self.password = user, password
+            self.buf = self.buf[3 + user_len + pass_len :]
+            self.state = self.state_connect  # type: ignore[method-assign]
+            yield from self.state()
+
+        def state_connect(self) -> Generator[commands.Command, Any, None]:
+            if len(self.buf) < 5:
+                return
+            if self.buf[:3] != b"\x05\x01\x00":
+                yield from self.socks_err(
+                    "unsupported SOCKS5 command", modes.SOCKS5_REP_COMMAND_NOT_SUPPORTED
+                )
+                return
+            atyp = self.buf[3]
+            if atyp == modes.SOCKS5_ATYP_IPV4_ADDRESS:
+                size = 4 + 4 + 2
+            elif atyp == modes.SOCKS5_ATYP_IPV6_ADDRESS:
+                size = 4 + 16 + 2
+            elif atyp == modes.SOCKS5_ATYP_DOMAINNAME:
+                size = 4 + 1 + self.buf[4] + 2
+            else:
+                yield from self.socks_err(
+                    f"unknown address type {atyp}", modes.SOCKS5_REP_ADDRESS_TYPE_NOT_SUPPORTED
+                )
+                return
+            if len(self.buf) < size:
+                return
+            msg, self.early, self.buf = self.buf[:size], self.buf[size:], b""
+            if atyp == modes.SOCKS5_ATYP_IPV4_ADDRESS:
+                host = socket.inet_ntop(socket.AF_INET, msg[4:-2])
+            elif atyp == modes.SOCKS5_ATYP_IPV6_ADDRESS:
+                host = socket.inet_ntop(socket.AF_INET6, msg[4:-2])
+            else:
+                host = msg[5:-2].decode("ascii", "replace")
+            port = int.from_bytes(msg[-2:], "big")
+            head = self.gate.connect_head(
+                self.context.client, atyp, host, port, self.user, self.password
+            )
+            self.password = None
+            if isinstance(head, int):
+                yield from self.socks_err(f"refused SOCKS5 target {host!r}", head)
+                return
+            self.child = layers.HttpLayer(self.context, HTTPMode.regular)
+            self._handle_event = self.relay  # type: ignore[method-assign]
+            yield from self.to_http(events.Start())
+            yield from self.to_http(events.DataReceived(self.context.client, head))
+
+        def relay(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+            """An event while the CONNECT is judged: the client's bytes wait for the reply."""
+            if (
+                self.outcome is None
+                and isinstance(event, events.DataReceived)
+                and event.connection == self.context.client
+            ):
+                self.early += event.data
+                return
+            yield from self.to_http(event)
+
+        def to_http(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+            """*event* to the HTTP layer; its answer to the client made a SOCKS5 reply."""
+            client = self.context.client
+            succeeded = False
+            for cmd in self.child.handle_event(event):
+                to_client = (
+                    isinstance(cmd, commands.SendData | commands.CloseConnection)
+                    and cmd.connection == client
+                )
+                if self.outcome is None and to_client:
+                    code = None
+                    if isinstance(cmd, commands.SendData):
+                        self.answer += cmd.data
+                        code = self._settle()
+                    else:  # closed without a (whole) answer: a general failure
+                        code = self.outcome = self.gate.answered(client, 0, b"")
+                    if code is not None:
+                        yield commands.SendData(client, self.gate.reply(code))
+                        if code:
+                            yield commands.CloseConnection(client)
+                        else:
+                            succeeded = True
+                    continue  # the HTTP answer itself never reaches the client
+                if self.outcome and to_client:
+                    continue  # refused: the client is closed already
+                yield cmd
+            if succeeded:
+                # the tunnel: from here the HTTP layer gets every event directly
+                self.handle_event = self.child.handle_event  # type: ignore[method-assign]
+                if self.early:
+                    early, self.early = self.early, b""
+                    yield from self.child.handle_event(events.DataReceived(client, early))
+
+        def _settle(self) -> int | None:
+            """The reply code once the CONNECT's answer is complete (head and body)."""
+            head, sep, body = self.answer.partition(b"\r\n\r\n")
+            if not sep:
+                return None
+            lines = head.split(b"\r\n")
+            try:
+                status = int(lines[0].split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                status = 502
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                    length = int(value.strip())
+            if len(body) < length:
+                return None
+            self.outcome = self.gate.answered(self.context.client, status, body[:length])
+            self.answer = b""
+            return self.outcome
+
+    return Socks5AsConnect
+
+
+def serve_socks5(gate: SocksGate) -> Undo:
+    """mitmproxy's SOCKS5 mode serves Datorus's SOCKS5 entry: each request a CONNECT.
+
+    **Internal:** ``mode_servers.Socks5Instance.make_top_layer(self, context)``, which
+    builds the top layer of a SOCKS5 connection, replaced: it builds a subclass of
+    ``layers.modes.Socks5Proxy`` (its constants, ``Socks5AuthData``/``Socks5AuthHook``,
+    ``socks_err``, ``done``, ``buf`` and ``state`` used) whose request feeds a
+    ``layers.HttpLayer(context, HTTPMode.regular)`` it builds, filtering that layer's
+    commands to the client (``SendData``/``CloseConnection``) until its answer is in.
+
+    **Why:** mitmproxy's SOCKS5 layer asks for username/password only when its own
+    ``proxyauth`` option is set (which also turns on its proxyauth for HTTP: mitmproxy
+    issue 5028), never accepts "no authentication" per client address, and always
+    replies 0x04 when the connection fails. Datorus needs the method chosen per client
+    (allow-listed addresses), and everything a CONNECT gets (auth, acceptable use,
+    limits, billing, egress, sessions, timeouts) with each refusal as its SOCKS5 reply:
+    turning the request into the CONNECT it means keeps every decision in one home.
+
+    **Guarded by:** ``tests/unit/test_patches.py::
+    test_socks5_internals_have_the_shape_the_entry_needs`` and ``tests/e2e/test_socks5.py::
+    test_refused_upstream_is_0x05_unresolvable_is_0x04`` (and the rest of that file).
+    """
+    from mitmproxy.proxy import mode_servers
+
+    cls: Any = _socks5_layer_class()
+    cls.gate = gate
+
+    def make(_orig: Any) -> Any:
+        def make_top_layer(self: Any, context: Any) -> Any:
+            return cls(context)
+
+        return make_top_layer
+
+    return _replace(mode_servers.Socks5Instance, "make_top_layer", make)

@@ -60,6 +60,7 @@ class AcceptableUse:
             "listen_port",
             "datorus_api_port",
             "datorus_api_host",
+            "datorus_socks5_port",
         }:
             self.rebuild(self.gw.runtime)
 
@@ -80,6 +81,9 @@ class AcceptableUse:
             own.append((ctx.options.listen_host or "", ctx.options.listen_port or 8080))
         if s.get("api_port"):
             own.append((s.get("api_host", ""), s["api_port"]))
+        if s.get("socks5_port"):
+            with contextlib.suppress(Exception):
+                own.append((ctx.options.listen_host or "", s["socks5_port"]))
         local: list[str] = []
         with contextlib.suppress(OSError):
             # an IPv4/IPv6 sockaddr's first item is the address string

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
@@ -21,8 +22,18 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import pricing
-from .envelope import DatorusError, envelope, validation_error
-from .ledger import DatabaseError, Ledger, accounts, connect, money, open_ledger, policy_rules
+from .domains import HOSTS_FOLDED, by_registrable
+from .envelope import DatorusError, envelope, request_id_floor, validation_error
+from .ledger import (
+    DatabaseError,
+    Ledger,
+    accounts,
+    allowed_ips,
+    connect,
+    money,
+    open_ledger,
+    policy_rules,
+)
 from .ledger import usage as ledger_usage
 from .ledger.target import is_postgres, scrubbed, shown
 from .settings import (
@@ -481,9 +492,31 @@ def credential_create(
 
 @credential_app.command("list")
 def credential_list(account_id: str) -> None:
-    """An account's credentials (never their passwords)."""
-    rows = accounts.list_credentials(_db(), _int("account_id", account_id))
+    """An account's credentials (never their passwords), each with its allow-listed CIDRs."""
+    db, aid = _db(), _int("account_id", account_id)
+    rows = accounts.list_credentials(db, aid)
+    cidrs: dict[int, list[str]] = {}
+    for entry in allowed_ips.list_allowed_ips(db, aid):
+        cidrs.setdefault(entry["credentialId"], []).append(entry["cidr"])
+    for row in rows:
+        row["allowedIps"] = cidrs.get(row["id"], [])
     emit({"items": rows}, _items())
+
+
+@credential_app.command("allow-ip")
+def credential_allow_ip(username: str, cidr: str) -> None:
+    """Let requests from CIDR in without credentials, as USERNAME (within 2 s).
+
+    A request that carries credentials is still judged by them; where two credentials'
+    CIDRs overlap, the most specific wins; a CIDR belongs to one credential only.
+    """
+    emit(allowed_ips.allow_ip(_db(), username, cidr))
+
+
+@credential_app.command("deny-ip")
+def credential_deny_ip(username: str, cidr: str) -> None:
+    """Remove CIDR from USERNAME's allow-listed client addresses (within 2 s)."""
+    emit(allowed_ips.deny_ip(_db(), username, cidr))
 
 
 @credential_app.command("revoke")
@@ -538,17 +571,47 @@ def balance_history(
 def usage(
     account_id: str,
     by: Annotated[
-        str | None, typer.Option("--by", metavar="day", help="'day' for a daily breakdown.")
+        str | None,
+        typer.Option(
+            "--by",
+            metavar="day|domain",
+            help="'day' for a daily breakdown, 'domain' for one by registrable destination domain.",
+        ),
     ] = None,
+    days: Annotated[
+        int, typer.Option(help="With --by domain: how many days back.", min=1, max=366)
+    ] = 30,
 ) -> None:
-    """Requests, bytes and charges of an account."""
-    if by not in (None, "day"):
-        raise validation_error("by", "must be day")
-    result = ledger_usage.usage(_db(), _int("account_id", account_id), by_day=by == "day")
+    """Requests, bytes and charges of an account (per day, or per registrable destination
+    domain: ``www.example.co.uk`` and ``img.example.co.uk`` are ``example.co.uk``)."""
+    if by not in (None, "day", "domain"):
+        raise validation_error("by", "must be day or domain")
+    db, aid = _db(), _int("account_id", account_id)
+    if by == "domain":
+        accounts.account_row(db, aid)
+        since = request_id_floor(int((time.time() - days * 86400) * 1000))
+        items = by_registrable(ledger_usage.by_host(db, aid, since, HOSTS_FOLDED), 200)
+        emit({"id": aid, "days": days, "items": items}, _items())
+        return
+    result = ledger_usage.usage(db, aid, by_day=by == "day")
     if by == "day":
         emit(result, lambda r: _kv(r) + "\n\n" + _rows(r["days"]))
     else:
         emit(result)
+
+
+@app.command()
+def receipts(
+    account_id: str,
+    limit: Annotated[int, typer.Option(help="How many, newest first.", min=1, max=1000)] = 20,
+) -> None:
+    """An account's most recent receipts, newest first (one: ``datorus receipt ID``)."""
+    db, aid = _db(), _int("account_id", account_id)
+    accounts.account_row(db, aid)
+    emit(
+        {"id": aid, "items": ledger_usage.recent_receipts(db, aid, limit)},
+        _items(("requestId", "method", "host", "port", "status", "bytesUp", "bytesDown")),
+    )
 
 
 @app.command()
@@ -793,6 +856,22 @@ def api_serve(
     )
 
 
+@app.command("deliver")
+def deliver_cmd() -> None:
+    """Send the event outbox (webhooks, notifiers), expire leases and check low balances
+    and auto-recharges, in the foreground, without a gateway: what each gateway's delivery
+    process does (several may run on one ledger: each delivery is claimed by one)."""
+    import asyncio
+
+    from .delivery import Deliverer
+
+    settings = _defaults()
+    settings["db"] = db_path()
+    _db().close()  # a ledger must be there (and migrated)
+    print("datorus: delivering events (Ctrl-C stops)", file=sys.stderr, flush=True)
+    asyncio.run(Deliverer(settings, []).main())
+
+
 @app.command(
     "serve",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -996,6 +1075,7 @@ _ARGUMENTS = {
     "key_id": "KEY_ID",
     "egress_id": "EGRESS_ID",
     "username": "USERNAME",
+    "cidr": "CIDR",
     "request_id": "REQUEST_ID",
     # a source's fields, as the API body names them, are these options here
     "parser_name": "--parser",
@@ -1015,6 +1095,10 @@ _NOT_FOUND = {
     "rule": "No policy rule '{}'. List the rules with 'datorus policy list'.",
     "key": "No API key {}. List an account's keys with 'datorus key list ACCOUNT_ID'.",
     "egress": "No egress {}. List the pool with 'datorus egress list'.",
+    "allowedIp": "{} is not allow-listed for that credential. See its CIDRs with"
+    " 'datorus credential list ACCOUNT_ID'.",
+    "credential": "No live credential {}. List an account's credentials with"
+    " 'datorus credential list ACCOUNT_ID'.",
     "source": "No source {}. List the sources with 'datorus source list'.",
 }
 
@@ -1400,6 +1484,7 @@ def source_scrape(id: str) -> None:
     import asyncio
 
     from .scraping import Scraper, new_owner
+    from .sources.screen import found_proxy_policy
 
     db = _db()
     settings = _defaults()
@@ -1409,7 +1494,11 @@ def source_scrape(id: str) -> None:
         return fn(db)
 
     scraper = Scraper(
-        run, new_owner(), float(settings["source_timeout"]), settings["test_schedule_seconds"]
+        run,
+        new_owner(),
+        float(settings["source_timeout"]),
+        settings["test_schedule_seconds"],
+        found_proxy_policy(settings),
     )
     result = asyncio.run(scraper.scrape(sid))
     assert result is not None
@@ -1428,3 +1517,140 @@ def source_remove(id: str) -> None:
     from .ledger import sources as ledger_sources
 
     emit(ledger_sources.delete_source(_db(), _int("id", id)))
+
+
+# -- notifiers (issue 18) -------------------------------------------------------------------
+
+notifier_app = _Typer(help="Operator notifiers: events mailed or posted as they happen.")
+app.add_typer(notifier_app, name="notifier")
+
+_NOTIFIER_COLUMNS = ("id", "kind", "target", "events", "lastSuccessAt", "lastFailureAt",
+                     "lastFailure")  # fmt: skip
+
+
+def _notifier_out(row: dict[str, Any]) -> dict[str, Any]:
+    """A subscription as the notifier commands show it (``target`` for every kind)."""
+    out = dict(row)
+    if "url" in out:
+        out["target"] = out.pop("url")
+    return out
+
+
+def _plugin(kind: str) -> Any:
+    from .notifiers import load_notifiers
+
+    found, _ = load_notifiers()
+    if kind not in found:
+        raise validation_error(
+            "kind", f"no notifier plugin {kind!r} (loaded: {', '.join(sorted(found)) or 'none'})"
+        )
+    return found[kind].obj
+
+
+@notifier_app.command("add")
+def notifier_add(
+    kind: str,
+    target: str,
+    events: Annotated[
+        str, typer.Option(help="Comma-separated glob patterns, e.g. 'proxy.*,credits.*'.")
+    ] = "*",
+) -> None:
+    """Subscribe a notifier (KIND: webhook or smtp; TARGET: a URL or an email address) to
+    every event matching --events. A webhook's signing secret is printed this once."""
+    from . import events as ev
+    from .ledger import events as ledger_events
+    from .notifiers.targets import check_target, policy_for
+
+    plugin = _plugin(kind)
+    try:
+        target = plugin.check(target)
+    except ValueError as e:
+        raise validation_error("target", str(e)) from None
+    try:
+        patterns = ev.parse_patterns(events)
+    except ValueError as e:
+        raise validation_error("events", str(e)) from None
+    db = _db()
+    if kind == "webhook":
+        check_target(policy_for(db, _defaults()), target)
+    emit(_notifier_out(ledger_events.add_subscription(db, None, kind, target, patterns)))
+
+
+@notifier_app.command("list")
+def notifier_list() -> None:
+    """Every notifier with its health: last success, last failure and why."""
+    from .ledger import events as ledger_events
+
+    rows = [_notifier_out(r) for r in ledger_events.subscriptions(_db(), None)]
+    emit({"items": rows}, _items(_NOTIFIER_COLUMNS))
+
+
+@notifier_app.command("remove")
+def notifier_remove(id: str) -> None:
+    """Unsubscribe a notifier; deliveries not yet made are dropped."""
+    from .ledger import events as ledger_events
+
+    emit(ledger_events.remove_subscription(_db(), None, _int("id", id)))
+
+
+@notifier_app.command("test")
+def notifier_test(id: str) -> None:
+    """Deliver a test event to a notifier now, from this machine, and say how it went
+    (its health records the outcome)."""
+    import asyncio
+    import secrets
+    import time
+
+    from . import events as ev
+    from .clock import iso_utc
+    from .ledger import events as ledger_events
+    from .notifiers import Delivery, DeliveryError
+    from .notifiers.targets import denial_of, policy_for
+
+    db = _db()
+    settings = _defaults()
+    row = ledger_events.get_subscription(db, None, _int("id", id))
+    plugin = _plugin(row["kind"])
+    policy = policy_for(db, settings)
+    event = {
+        "id": f"test_{secrets.token_hex(8)}",
+        "type": "notifier.test",
+        "created_at": iso_utc(),
+        "data": {"notifier_id": str(row["id"]), "message": "A test from 'datorus notifier test'."},
+    }
+
+    async def resolve(host: str, port: int) -> str:
+        scheme = "https" if port == 443 else "http"
+        denial, _ = denial_of(policy, f"{scheme}://{host}:{port}/")
+        if denial is not None:
+            raise DeliveryError(f"refused by the acceptable-use policy ({denial.rule})")
+        return host
+
+    delivery = Delivery(
+        target=row["target"],
+        event=event,
+        body=ev.body(event),
+        secret=row["secret"],
+        timeout=float(settings["webhook_timeout"]),
+        resolve=resolve,
+        settings=settings,
+    )
+    started = time.monotonic()
+    try:
+        asyncio.run(plugin.send(delivery))
+    except DeliveryError as e:
+        ledger_events.note_health(db, row["id"], False, e.reason)
+        raise DatorusError(
+            "UPSTREAM_FAILED",
+            message=f"Notifier {row['id']} ({row['kind']} {row['target']}): {e.reason}.",
+            details={"id": str(row["id"]), "reason": e.reason, "status": e.status},
+        ) from None
+    ledger_events.note_health(db, row["id"], True, None)
+    emit(
+        {
+            "id": str(row["id"]),
+            "delivered": True,
+            "eventId": event["id"],
+            "ms": round((time.monotonic() - started) * 1000),
+        }
+    )

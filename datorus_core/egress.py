@@ -308,11 +308,13 @@ class Egress:
             self.domains.clear()
 
 
-def egress_from_row(row: tuple[Any, ...]) -> Egress:
+def egress_from_row(row: tuple[Any, ...], spec: EgressSpec | None = None) -> Egress:
     """An :class:`Egress` from a ledger row ``(id, url, country, weight, enabled, score,
-    status, streak)``; raises ValueError for a bad URL or status."""
+    status, streak)``; raises ValueError for a bad URL or status. *spec*: the row's URL
+    already parsed (a reload of a big pool parses only the URLs it has not seen)."""
     eid, url, country, weight, enabled, score, status, streak = row
-    spec = parse_egress_url(url)
+    if spec is None or spec.url != url:
+        spec = parse_egress_url(url)
     return Egress(
         eid,
         spec,

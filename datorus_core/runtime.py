@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import pricing
+from .allowlist import AllowList
 from .envelope import DatorusError
 from .ratelimit import Gcra
 
@@ -137,6 +138,23 @@ def new_batch_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An event noticed on the proxy path, to be written to the ledger in the background.
+
+    *dedupe* makes it happen once among every gateway; with *per_topup* the account's
+    newest top-up id is appended to it in the ledger (once per top-up)."""
+
+    type: str
+    account_id: int | None
+    data: dict[str, Any]
+    dedupe: str | None = None
+    per_topup: bool = False
+
+
+MAX_NOTICES = 10_000
+
+
 @dataclass(slots=True)
 class UsageBatch:
     """Usage waiting to be written in one ledger transaction.
@@ -185,6 +203,9 @@ class Runtime:
         self.by_username: dict[str, CredentialState] = {}
         self.verified: dict[bytes, CredentialState] = {}
         self.policy_rules: list[tuple[str, str, int | None]] = []
+        # allow-listed client addresses and the live credentials they run as
+        self.allowlist = AllowList()
+        self.allowed_creds: dict[int, CredentialState] = {}
         self.batch = UsageBatch()
         # a batch whose write failed, kept whole with its id until a write of it succeeds
         # (the ledger then either takes it or knows it already)
@@ -194,6 +215,10 @@ class Runtime:
         self.draining = False  # a clean stop is under way: no new request starts
         self.version = -1
         self.worker: str | None = None  # stamped on every batch (set by a shared hot state)
+        # events the proxy path noticed, written by the ledger task (never on a request)
+        self.notices: list[Notice] = []
+        # accounts whose credits.exhausted this process noticed since the last change
+        self.exhausted: set[int] = set()
 
     # -- settings -----------------------------------------------------------------------
 
@@ -285,6 +310,8 @@ class Runtime:
             ):
                 cred.limiter.reconfigure(owner.rps, owner.burst)
             creds[username] = cred
+        if version != self.version:
+            self.exhausted.clear()  # a top-up (or any change): the next refusal is news
         live_ids = {id(c) for c in creds.values()}
         self.verified = {k: c for k, c in self.verified.items() if id(c) in live_ids}
         self.accounts = fresh
@@ -292,6 +319,23 @@ class Runtime:
         self.policy_rules = policy_rules
         self.version = version
         self.loaded = True
+
+    def apply_allowed_ips(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Take the ledger's allow-listed client addresses ``(credential_id, cidr)``.
+
+        Called after :meth:`apply_snapshot`: an entry of a revoked credential (or one not
+        in the view) lets nobody in.
+        """
+        by_id = {c.id: c for c in self.by_username.values()}
+        live = [(cid, cidr) for cid, cidr in rows if cid in by_id]
+        self.allowlist = AllowList(live)
+        self.allowed_creds = {cid: by_id[cid] for cid, _ in live}
+
+    def allowed_credential(self, address: str | None) -> CredentialState | None:
+        """The credential a request without credentials from client *address* runs as,
+        or None when the address is not allow-listed (the most specific CIDR wins)."""
+        cid = self.allowlist.match(address)
+        return None if cid is None else self.allowed_creds.get(cid)
 
     # -- admission ----------------------------------------------------------------------
 
@@ -381,9 +425,34 @@ class Runtime:
                 },
                 headers=headers,
             )
+        code = "INSUFFICIENT_BALANCE" if acc.topped_up else "TRIAL_EXHAUSTED"
+        if acc.id not in self.exhausted:
+            self.note_exhausted(acc.id, code, balance["currentBalanceCents"])
         if not acc.topped_up:
             return DatorusError("TRIAL_EXHAUSTED", headers=headers)
         return DatorusError("INSUFFICIENT_BALANCE", details=balance, headers=headers)
+
+    def note_exhausted(self, account_id: int, code: str, balance_cents: int) -> None:
+        """Queue ``credits.exhausted`` for the account's first refusal for money: once per
+        process until the ledger changes, once in the ledger per top-up (its dedupe key
+        names the account's newest top-up)."""
+        self.exhausted.add(account_id)
+        if len(self.notices) < MAX_NOTICES:
+            self.notices.append(
+                Notice(
+                    "credits.exhausted",
+                    account_id,
+                    {"account_id": account_id, "code": code, "balance_cents": balance_cents},
+                    f"credits.exhausted:{account_id}:",
+                    per_topup=True,
+                )
+            )
+
+    def notice(self, notice: Notice) -> None:
+        """Queue an event the gateway noticed for the ledger task to write (bounded: past
+        :data:`MAX_NOTICES` unwritten, new ones are dropped)."""
+        if len(self.notices) < MAX_NOTICES:
+            self.notices.append(notice)
 
     # -- metering -----------------------------------------------------------------------
 
@@ -463,6 +532,15 @@ class Runtime:
             b.receipts.append(receipt)
         b.events += 1
         return c
+
+    def record_receipt(self, receipt: tuple[Any, ...]) -> None:
+        """Add the receipt of a request that moved nothing (a refused SOCKS5 request, with
+        its Datorus code) to the pending batch: no usage, no charge."""
+        b = self.batch
+        if not b.events:
+            b.started = time.monotonic()
+        b.receipts.append(receipt)
+        b.events += 1
 
     @property
     def pending_events(self) -> int:

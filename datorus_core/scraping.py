@@ -2,7 +2,7 @@
 
 One pipeline for every caller: ``POST /sources/{id}/scrape`` (the API's worker threads
 reach the ledger), ``datorus source scrape`` (the CLI's own connection) and the
-gateway's schedule (``addons/sources.py``, a thread of its own). Each passes a
+pool worker's schedule (``datorus_core.pool_worker``, a thread of its own). Each passes a
 :data:`DbRun`, how it runs a ledger call without blocking an event loop.
 
 - **Fetch** (:func:`fetch_list`): ``GET`` with httpx, at most :data:`MAX_REDIRECTS`
@@ -13,6 +13,10 @@ gateway's schedule (``addons/sources.py``, a thread of its own). Each passes a
   :mod:`.sources.fields`).
 - **Read** (:func:`read_list`): the parser (the source's, else the first whose
   ``supports()`` fits) and ``parse_list`` run in a worker thread.
+- **Screen** (:func:`.sources.screen.screen`): a found proxy at an address the
+  acceptable-use policy's built-in denials cover (loopback, private, link-local,
+  metadata), unless the operator's ``source_proxy_allow`` opens it, is skipped and
+  counted (``proxies_denied``); a host name is resolved first.
 - **Store**: :func:`.ledger.sources.import_found` in one transaction.
 
 A scrape holds the source's claim from start to end (:func:`.ledger.sources.claim`),
@@ -31,7 +35,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -40,9 +44,11 @@ from .clock import iso_utc
 from .envelope import DatorusError
 from .ledger import Ledger
 from .ledger import sources as ledger_sources
+from .policy import Policy
 from .sources.fields import next_run_at
 from .sources.parsers import ParseDefaults
 from .sources.registry import MAX_LIST_BYTES, ParseOutcome, parse_list, pick_parser
+from .sources.screen import found_proxy_policy, screen
 
 log = logging.getLogger("datorus.sources")
 # the gateway's log handlers show what is logged here; a CLI run, which has none, stays
@@ -178,6 +184,8 @@ class Scraper:
     owner: str
     timeout: float = 30.0
     test_seconds: int = 0  # the test-only test_schedule_seconds setting
+    # what found proxies are judged by (``source_proxy_allow``); the built-in denials
+    policy: Policy = field(default_factory=lambda: found_proxy_policy({}))
 
     @property
     def hold(self) -> int:
@@ -223,10 +231,11 @@ class Scraper:
         outcome: ParseOutcome | None = None
         imported: ledger_sources.Imported | None = None
         error: ListError | None = None
+        denied = 0
         try:
             fetched = await fetch_list(src["url"], self.timeout)
             parser_name, outcome = await read_list(fetched, parser_name, defaults)
-            proxies = outcome.proxies
+            proxies, denied = await screen(outcome.proxies, self.policy)
             tags = _tags(src["tags"])
             imported = await self.db(
                 lambda d: ledger_sources.import_found(
@@ -252,7 +261,7 @@ class Scraper:
                 d, source_id, self.owner, record, next_run if scheduled else None
             )
         )
-        out = result(source_id, parser_name, outcome, imported, ms, error)
+        out = result(source_id, parser_name, outcome, imported, ms, error, denied)
         _log(out, scheduled)
         return out
 
@@ -269,12 +278,14 @@ def result(
     imported: ledger_sources.Imported | None,
     duration_ms: int,
     error: ListError | None,
+    denied: int = 0,
 ) -> dict[str, Any]:
     """Seed 002's scrape result and more: counts, the parser, problems, the error.
 
     ``proxies_discovered`` = ``proxies_new`` + ``proxies_updated`` (distinct proxies the
-    pool can carry); ``proxies_skipped`` counts entries that are no proxy and proxies of
-    a protocol the pool does not carry; ``proxies_duplicate`` repeated entries.
+    pool can carry); ``proxies_skipped`` counts entries that are no proxy, proxies of
+    a protocol the pool does not carry and proxies at denied addresses, the last also
+    alone in ``proxies_denied``; ``proxies_duplicate`` repeated entries.
     """
     new = imported.new if imported else 0
     updated = imported.updated if imported else 0
@@ -282,13 +293,19 @@ def result(
     problems = list(outcome.problems) if outcome else []
     if unsupported:
         problems.append(f"{unsupported} proxies of a protocol the pool does not carry yet")
+    if denied:
+        problems.append(
+            f"{denied} proxies at addresses the acceptable-use policy denies (loopback,"
+            " private, link-local or metadata; see the source_proxy_allow setting)"
+        )
     return {
         "source_id": source_id,
         "parser_name": parser_name,
         "proxies_discovered": new + updated,
         "proxies_new": new,
         "proxies_updated": updated,
-        "proxies_skipped": (outcome.skipped if outcome else 0) + unsupported,
+        "proxies_skipped": (outcome.skipped if outcome else 0) + unsupported + denied,
+        "proxies_denied": denied,
         "proxies_duplicate": outcome.duplicates if outcome else 0,
         "duration_ms": duration_ms,
         "scraped_at": iso_utc(),

@@ -2,10 +2,10 @@
 
 Each worker is mitmdump loading ``addons/datorus.py`` with the operator's arguments
 (``addons/serve_worker.py`` puts the shared-port patch in first). The launcher opens,
-for each worker slot, a listening socket on the proxy port and one on the REST API port,
-all with ``SO_REUSEPORT`` (``datorus_core.listeners``), and hands them down: the kernel
-balances connections over the slots, client addresses arrive unchanged, and a slot's
-socket outlives its worker.
+for each worker slot, a listening socket on the proxy port, the SOCKS5 entry's port
+(``socks5_port``) and the REST API port, all with ``SO_REUSEPORT``
+(``datorus_core.listeners``), and hands them down: the kernel balances connections over
+the slots, client addresses arrive unchanged, and a slot's socket outlives its worker.
 
 Signals (what systemd's ``KillSignal`` and ``ExecReload`` send):
 
@@ -30,9 +30,11 @@ import collections
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,7 +134,9 @@ def make_plan(
             port = int(sets["listen_port"][-1])
         except ValueError:
             raise ServeError(f"listen_port: {sets['listen_port'][-1]!r} is not a port") from None
-    modes = ns.mode or sets.get("mode") or ["regular"]
+    modes = list(ns.mode or sets.get("mode") or ["regular"])
+    if settings.get("socks5_port") and f"socks5@{settings['socks5_port']}" not in modes:
+        modes.append(f"socks5@{settings['socks5_port']}")  # what each worker adds (addons/socks.py)
     proxy: list[tuple[str, int]] = []
     for spec in modes:
         try:
@@ -209,6 +213,9 @@ class Launcher:
         self.secret = secrets.token_hex(16)
         self.reload_wanted = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
+        # GET /metrics: every worker's, summed from this run's directory (issue 20)
+        self.metrics_dir: str | None = None
+        self.metrics_server: Any = None
 
     def say(self, message: str) -> None:
         """One line on the launcher's log (stderr)."""
@@ -235,6 +242,37 @@ class Launcher:
                     raise ServeError(f"{what} on {host or '*'}:{port}: {e}") from None
             self.slots.append(Slot(i, shared))
 
+    def open_metrics(self) -> None:
+        """Serve ``/metrics`` for the whole gateway on ``metrics_port`` (0: off).
+
+        The workers count into prometheus_client's multiprocess files in a directory of
+        this run's own (``PROMETHEUS_MULTIPROC_DIR``); the launcher, which outlives every
+        worker, sums them on each scrape. A port in use refuses the start (exit 2).
+        """
+        s = self.plan.settings
+        port = s.get("metrics_port") or 0
+        if not port:
+            return
+        from . import metrics
+
+        self.metrics_dir = tempfile.mkdtemp(prefix="datorus-metrics-")
+        try:
+            self.metrics_server = metrics.MetricsServer(
+                s["metrics_host"], port, metrics.multiprocess_registry(self.metrics_dir)
+            )
+        except OSError as e:
+            self.close_metrics()
+            raise ServeError(f"metrics cannot listen on {s['metrics_host']}:{port}: {e}") from None
+
+    def close_metrics(self) -> None:
+        """Stop serving ``/metrics`` and remove this run's directory."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
+
     def close_sockets(self) -> None:
         """Close the launcher's copies of the listening sockets."""
         for slot in self.slots:
@@ -257,6 +295,10 @@ class Launcher:
             LISTEN_FDS_ENV: listeners.encode(slot.shared),
             SECRET_ENV: self.secret,
         }
+        if self.metrics_dir is not None:
+            from .metrics import MULTIPROC_ENV
+
+            env[MULTIPROC_ENV] = self.metrics_dir
         cmd = [sys.executable, str(WORKER_SCRIPT), "-s", str(ADDON_SCRIPT), *self.plan.args]
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -311,6 +353,10 @@ class Launcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(w.stderr_done.wait(), 2)
         self.workers.discard(w)
+        if self.metrics_dir is not None:
+            from .metrics import forget_worker
+
+            forget_worker(self.metrics_dir, w.pid)
         what = _signame(rc)
         if self.stopping:
             self.say(f"{w.name} stopped ({what})")
@@ -373,6 +419,8 @@ class Launcher:
         loop.add_signal_handler(signal.SIGHUP, self.reload_wanted.set)
         where = ", ".join(f"{h or '*'}:{p}" for h, p in self.plan.proxy) or "(no TCP port)"
         api = f"; REST API on {self.plan.api[0]}:{self.plan.api[1]}" if self.plan.api else ""
+        if self.metrics_server is not None:
+            api += f"; metrics on {self.plan.settings['metrics_host']}:{self.metrics_server.port}"
         self.say(f"starting {self.plan.workers} workers on {where}{api}")
         for slot in self.slots:
             slot.current = await self.spawn(slot, "current")
@@ -382,6 +430,7 @@ class Launcher:
         for t in list(self.tasks):
             t.cancel()
         self.close_sockets()
+        await asyncio.to_thread(self.close_metrics)
         if self.failure is not None:
             # the same words as one gateway's fatal start-up error
             print(f"datorus: fatal: {self.failure}", file=self.out, flush=True)
@@ -480,6 +529,11 @@ def serve(workers: int | None, args: Sequence[str]) -> int:
         plan = make_plan(workers, args)
         launcher = Launcher(plan)
         launcher.open_sockets()
+        try:
+            launcher.open_metrics()
+        except ServeError:
+            launcher.close_sockets()
+            raise
     except ServeError as e:
         print(f"datorus: fatal: {e}", file=sys.stderr, flush=True)
         return e.code

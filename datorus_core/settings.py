@@ -41,6 +41,14 @@ def _port(v: int) -> None:
         raise SettingsError("must be a port number 0-65535 (0 disables)")
 
 
+def _address(v: str) -> None:
+    """An IP address to listen on (a name would be resolved at every start)."""
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise SettingsError(f"{v!r} is not an IP address, e.g. 127.0.0.1") from None
+
+
 def _cidrs(values: Sequence[str]) -> None:
     for v in values:
         net = v.rsplit(":", 1)[0] if v.count(":") == 1 or "]:" in v else v
@@ -48,6 +56,17 @@ def _cidrs(values: Sequence[str]) -> None:
             ipaddress.ip_network(net.strip("[]"), strict=False)
         except ValueError as e:
             raise SettingsError(f"{v!r} is not a CIDR[:PORT]") from e
+
+
+def _proxy_cidrs(values: Sequence[str]) -> None:
+    """Each a CIDR[:PORT] as the found proxies' policy reads it (``sources.screen``)."""
+    from .sources.screen import allow_rules
+
+    for v in values:
+        try:
+            allow_rules([v])
+        except ValueError as e:
+            raise SettingsError(f"{v!r} is not a CIDR[:PORT] ({e})") from e
 
 
 def _ports(values: Sequence[str]) -> None:
@@ -111,6 +130,14 @@ SETTINGS: tuple[Setting, ...] = (
         " postgresql://user:password@host:port/dbname URL (the database must exist; its"
         " tables are created and migrated at start).",
         _ledger,
+    ),
+    Setting(
+        "socks5_port",
+        int,
+        1080,
+        "Port of the SOCKS5 entry (RFC 1928, username/password per RFC 1929) on the proxy's"
+        " listen host, beside the HTTP proxy port (0: off).",
+        _port,
     ),
     Setting("api_host", str, "127.0.0.1", "Address the REST API listens on."),
     Setting("api_port", int, 8002, "Port of the REST API served by the gateway (0: off).", _port),
@@ -198,6 +225,44 @@ SETTINGS: tuple[Setting, ...] = (
         "max_sessions", int, 200_000, "Most live sticky sessions (oldest idle evicted).", _positive
     ),
     Setting("receipt_days", int, 30, "Days receipts are kept.", _positive),
+    Setting("event_days", int, 30, "Days events (and their deliveries) are kept.", _positive),
+    Setting(
+        "event_pool_low",
+        int,
+        1,
+        "proxy.pool_low is announced when fewer egress than this are active (0: never).",
+        _non_negative,
+    ),
+    Setting(
+        "event_keepalive_seconds",
+        int,
+        15,
+        "How often GET /account/events sends a keep-alive comment on an idle stream.",
+        _positive,
+    ),
+    Setting(
+        "event_retry_seconds",
+        int,
+        86400,
+        "How long a webhook or notifier delivery is retried (with exponential back-off"
+        " and jitter) before it is marked failed.",
+        _positive,
+    ),
+    Setting(
+        "event_retry_first_ms",
+        int,
+        5000,
+        "The first retry's back-off in milliseconds; each next one doubles it (up to an"
+        " hour), with jitter.",
+        _positive,
+    ),
+    Setting(
+        "webhook_timeout",
+        int,
+        10,
+        "Seconds one webhook delivery may take (a slow receiver delays only itself).",
+        _positive,
+    ),
     Setting(
         "lease_price_cents",
         int,
@@ -453,12 +518,42 @@ SETTINGS += (
         _positive,
     ),
     Setting(
+        "source_proxy_allow",
+        Sequence[str],
+        [],
+        "CIDR[:PORT] ranges where a proxy found by a source may be despite the built-in"
+        " denials (loopback, private, link-local and metadata addresses): found proxies"
+        " elsewhere in those ranges are skipped and counted in the scrape result. Empty:"
+        " none allowed. The destination 'allow' rules do not apply to found proxies.",
+        _proxy_cidrs,
+    ),
+    Setting(
         "test_schedule_seconds",
         int,
         0,
         "FOR TESTS ONLY: when > 0, every source with a cron schedule runs every this many"
         " seconds instead (0: the cron schedules as written).",
         _non_negative,
+    ),
+)
+
+# -- watching it: Prometheus metrics (issue 20) ----------------------------------------------
+
+SETTINGS += (
+    Setting(
+        "metrics_host",
+        str,
+        "127.0.0.1",
+        "Address GET /metrics (Prometheus) listens on.",
+        _address,
+    ),
+    Setting(
+        "metrics_port",
+        int,
+        9464,
+        "Port of GET /metrics, the Prometheus text format (0: off); under 'datorus serve'"
+        " the launcher serves every worker's metrics on it.",
+        _port,
     ),
 )
 

@@ -100,7 +100,11 @@ def tool(name: str) -> str | None:
 
 def clean_env() -> dict[str, str]:
     """The environment without proxy variables, so no client is sent anywhere else."""
-    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # no gateway binds the default metrics port (9464) unless the bench gives it one: two
+    # gateways of a run would collide on it (start_proxy(..., metrics=True) gives a port)
+    env.setdefault("DATORUS_METRICS_PORT", "0")
+    return env
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -408,12 +412,14 @@ def gateway_args(tmp: Path, key: str, port: int, db: Path | str) -> list[str]:
 
 def start_proxy(
     children: Children, tmp: Path, key: str, script: str | None = None, db: Path | None = None,
-    creds: tuple[str, str] | None = None, tree: Path = REPO,
+    creds: tuple[str, str] | None = None, tree: Path = REPO, metrics: bool = False,
 ) -> Proxy:  # fmt: skip
     """``mitmdump -q`` on a free port; with *script*, the Datorus gateway on ledger *db*.
 
     *tree* is the checkout the gateway runs from (the baseline's for ``--baseline``):
-    its directory is the working directory and comes first on ``PYTHONPATH``.
+    its directory is the working directory and comes first on ``PYTHONPATH``. With
+    *metrics* it serves ``/metrics`` on a free port (as a gateway does by default);
+    else ``metrics_port`` is 0 (an older tree ignores the variable).
     """
     port = free_port()
     mitmdump = tool("mitmdump") or "mitmdump"
@@ -423,7 +429,9 @@ def start_proxy(
         cmd += ["--ignore-hosts", ".*"]  # TLS passes through, as Datorus passes it
     else:
         cmd = [mitmdump, "-s", str(tree / script), *gateway_args(tmp, key, port, db)]
-    env = {"PYTHONPATH": str(tree)} if tree != REPO else None
+    env = {"PYTHONPATH": str(tree)} if tree != REPO else {}
+    if metrics:
+        env["DATORUS_METRICS_PORT"] = str(free_port())
     return Proxy(key, port, children.spawn(key, cmd, cwd=tree, env=env), creds)
 
 
@@ -1517,7 +1525,7 @@ def report(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     x = bench.extra
     if "baseline" in bench.proxies:
         rows, x["baseline"] = baseline_table(bench)
-        sha = bench.args.baseline_sha
+        sha = bench.args.baseline_sha or "(metrics off)"
         print(f"against the baseline {bench.args.baseline_label}, same rounds:")
         print(render(rows, ["figure (median of rounds)", f"baseline {sha}", "current",
                             "current/baseline", "each round", "target", ""]))  # fmt: skip
@@ -1670,6 +1678,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " and print current/baseline ratios",
     )
     ap.add_argument(
+        "--metrics-compare",
+        action="store_true",
+        help="in the baseline's place, the same gateway with metrics off (metrics_port=0),"
+        " interleaved: the ratios are metrics on / metrics off",
+    )
+    ap.add_argument(
         "--workers-compare",
         action="store_true",
         help="also run 'datorus serve --workers N' with Redis and proxy.py 2.4 (a throwaway"
@@ -1695,6 +1709,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--workers must be at least 2 (one worker is the gateway itself)")
     if a.baseline is not None and not a.baseline.strip():
         ap.error("--baseline needs a git ref")
+    if a.baseline is not None and a.metrics_compare:
+        ap.error("--metrics-compare takes the baseline's place: give one or the other")
     a.baseline_sha = None
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
@@ -1748,13 +1764,26 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
     db = tmp / "bench.db"
     creds = prepare_ledger(db)
     bench.proxies["bare"] = start_proxy(children, tmp, "bare")
-    bench.proxies["datorus"] = start_proxy(children, tmp, "datorus", "addons/datorus.py", db, creds)
+    bench.proxies["datorus"] = start_proxy(
+        children, tmp, "datorus", "addons/datorus.py", db, creds, metrics=True
+    )
     if not args.no_metering_run:
         nm_db = tmp / "nometer.db"
         copy_db(db, nm_db)
         nm_script = "scripts/bench_no_metering.py"
         bench.proxies["nometer"] = start_proxy(children, tmp, "nometer", nm_script, nm_db, creds)
-    if args.baseline:
+    if args.metrics_compare:
+        # the same tree with metrics_port 0, in the baseline's place: the ratios printed
+        # are then metrics on / metrics off, interleaved round by round
+        args.baseline_sha = None
+        args.baseline_label = "this tree with metrics off (metrics_port=0)"
+        log(f"baseline: {args.baseline_label}")
+        mo_db = tmp / "metrics-off.db"
+        copy_db(db, mo_db)
+        bench.proxies["baseline"] = start_proxy(
+            children, tmp, "baseline", "addons/datorus.py", mo_db, creds, metrics=False
+        )
+    elif args.baseline:
         tree, sha = add_baseline_tree(args.baseline, tmp)
         args.baseline_sha = sha
         args.baseline_label = args.baseline if args.baseline == sha else f"{args.baseline} ({sha})"
@@ -1823,6 +1852,8 @@ def execute(args: argparse.Namespace, tmp: Path, children: Children) -> dict[str
     }
     if args.baseline:
         meta["baseline"] = f"{args.baseline_label}, a throwaway worktree of its commit"
+    if args.metrics_compare:
+        meta["baseline"] = args.baseline_label
     if "workers" in bench.proxies:
         redis = run(["redis-server", "--version"], 30).stdout.split()
         meta["workers"] = (
@@ -1926,6 +1957,8 @@ async def tunnel_client(
 def main() -> None:
     """Dispatch: the ``_tunnels`` client, or the benchmark itself."""
     argv = sys.argv[1:]
+    # the gateways it starts (often several at once) leave the SOCKS5 entry's port alone
+    os.environ.setdefault("DATORUS_SOCKS5_PORT", "0")
     if argv[:1] == ["_ledger"]:  # with the baseline's tree first on sys.path
         sys.path.insert(0, argv[1])
         import datorus_core

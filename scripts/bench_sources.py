@@ -68,6 +68,7 @@ def run_sources(args: Any, tmp: Path, children: b.Children) -> dict[str, Any]:
     del gw_args[at - 1 : at + 1]  # the API on: the scrape and the judge live there
     cmd += [*gw_args, "--set", f"datorus_api_port={api_port}"]
     cmd += ["--set", "datorus_egress_dead_after=1"]
+    cmd += ["--set", "datorus_source_proxy_allow=127.0.0.0/8"]  # the farm is on loopback
     p = b.Proxy("gw", port, children.spawn("gw", cmd), creds)
     children.spawn(
         "farm",

@@ -33,12 +33,20 @@ from support.processes import (  # noqa: E402
 from support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 from support.waiting import free_port, wait_http  # noqa: E402
 
+# No test gateway listens on the SOCKS5 entry's default port 1080 (parallel gateways would
+# fight over it): a test that wants the entry gives its gateway a free port of its own.
+os.environ.setdefault("DATORUS_SOCKS5_PORT", "0")
+
 # Property tests draw the same examples on every run (a run's result does not depend on
 # the draw) and have no per-example deadline (a busy shared box is not a failure).
 # HYPOTHESIS_PROFILE=explore draws fresh, and more, examples to hunt for new failures.
 hypothesis_settings.register_profile("datorus", deadline=None, derandomize=True)
 hypothesis_settings.register_profile("explore", deadline=None, max_examples=2000)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "datorus"))
+
+# The tests' proxy lists name proxies on loopback: every gateway, API and CLI the tests
+# start may take them (a test of the denial starts its gateway without this).
+os.environ.setdefault("DATORUS_SOURCE_PROXY_ALLOW", "127.0.0.0/8,::1/128")
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,28 @@
 Its own launcher listens on every interface and pickles its store to /tmp on every
 write; the tests need neither, so this one binds loopback and keeps state in memory.
 Two additions for the tests: localstripe has no Checkout Sessions, so a minimal
-``POST /v1/checkout/sessions`` answers with a session and its URL; and every request
+``POST /v1/checkout/sessions`` answers with a session and its URL, whose page
+(``GET /checkout/{id}``) has a Pay button that marks it paid, delivers a signed
+``checkout.session.completed`` to the webhooks configured with ``/_config/webhooks``
+(as Stripe would) and sends the payer to the session's ``success_url``; and every request
 is recorded (method, path, Idempotency-Key) for ``GET /_config/requests``, so a test can
 check that each write Datorus sends carries an idempotency key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import html
+import json
+import re
 import secrets
 import sys
 import time
 
+import aiohttp
 from aiohttp import web
-from localstripe import resources
+from localstripe import resources, webhooks
 from localstripe.server import app
 
 resources.Store.dump_to_disk = lambda self: None  # type: ignore[method-assign]
@@ -68,13 +77,80 @@ async def create_checkout_session(request: web.Request) -> web.Response:
         "payment_status": "unpaid",
         "status": "open",
         "url": f"http://{host}/checkout/{sid}",
+        "success_url": str(form["success_url"]),
+        "cancel_url": str(form.get("cancel_url", form["success_url"])),
         "created": int(time.time()),
     }
     SESSIONS[sid] = session
     return web.json_response(session)
 
 
+async def checkout_page(sid: str) -> web.Response:
+    """The hosted payment page: the amount, a Pay button and a way back."""
+    session = SESSIONS.get(sid)
+    if session is None:
+        raise web.HTTPNotFound()
+    amount = f"{session['amount_total'] / 100:.2f} {str(session['currency']).upper()}"
+    page = (
+        '<!doctype html><html><head><meta name="viewport" content="width=device-width">'
+        f"<title>Checkout</title></head><body><h1>Pay {html.escape(amount)}</h1>"
+        f'<form method="post" action="/checkout/{session["id"]}/pay">'
+        '<button id="pay" type="submit">Pay</button></form>'
+        f'<p><a id="cancel" href="{html.escape(session["cancel_url"])}">Cancel</a></p>'
+        "</body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+async def checkout_pay(sid: str) -> web.Response:
+    """Pay the session: deliver ``checkout.session.completed``, then back to the shop."""
+    session = SESSIONS.get(sid)
+    if session is None:
+        raise web.HTTPNotFound()
+    if session["payment_status"] != "paid":
+        session.update(
+            payment_status="paid", status="complete", payment_intent="pi_" + secrets.token_hex(12)
+        )
+        event = {
+            "id": "evt_" + secrets.token_hex(12),
+            "object": "event",
+            "type": "checkout.session.completed",
+            "created": int(time.time()),
+            "data": {"object": session},
+        }
+        payload = json.dumps(event).encode()
+        async with aiohttp.ClientSession() as client:
+            for hook in list(webhooks._webhooks.values()):
+                signed = f"{event['created']}.".encode() + payload
+                sig = hmac.new(hook.secret.encode(), signed, hashlib.sha256).hexdigest()
+                headers = {
+                    "Content-Type": "application/json",
+                    "Stripe-Signature": f"t={event['created']},v1={sig}",
+                }
+                try:
+                    async with client.post(hook.url, data=payload, headers=headers) as r:
+                        await r.read()
+                except aiohttp.ClientError:
+                    pass  # another test's API, gone: Stripe would retry; we need not
+    raise web.HTTPSeeOther(session["success_url"])
+
+
+@web.middleware
+async def hosted_checkout(request: web.Request, handler):
+    """Stripe's hosted Checkout pages need no API key (localstripe's own middleware
+    would ask for one), so they are answered here, before it."""
+    m = re.fullmatch(r"/checkout/(cs_test_[0-9a-f]+)(/pay)?", request.path)
+    if m is None:
+        return await handler(request)
+    if m.group(2) and request.method == "POST":
+        return await checkout_pay(m.group(1))
+    if not m.group(2) and request.method == "GET":
+        return await checkout_page(m.group(1))
+    raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+
+
 app.middlewares.insert(0, record)
+app.middlewares.insert(0, hosted_checkout)
 app.router.add_get("/_config/requests", seen)
 app.router.add_post("/v1/checkout/sessions", create_checkout_session)
 

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from ..envelope import DatorusError, envelope, new_request_id
 from ..ledger import DatabaseError
@@ -25,6 +26,8 @@ from ..live import LiveRouting
 from . import (
     routes_account,
     routes_auth,
+    routes_console,
+    routes_events,
     routes_fetch,
     routes_judge,
     routes_payments,
@@ -42,9 +45,12 @@ from .throttle import ApiThrottle, rules_from
 log = logging.getLogger("datorus.api")
 
 
-def error_response(request: Request, err: DatorusError) -> JSONResponse:
-    """The envelope for *err*, with its status and headers."""
+def error_response(request: Request, err: DatorusError) -> Response:
+    """The envelope for *err*, with its status and headers (under ``/console``, the
+    web console's error page with the same status)."""
     rid = getattr(request.state, "request_id", None) or new_request_id()
+    if routes_console.is_console(request.url.path):
+        return routes_console.error_page(request, err, rid)
     headers = {**err.headers, "X-Datorus-Request-Id": rid}
     return JSONResponse(
         envelope(err.code, rid, err.details, err.message), status_code=err.status, headers=headers
@@ -161,10 +167,13 @@ def create_app(
         # the limit that applied to this request (routes and dependencies note it)
         for name, value in getattr(request.state, "rate_headers", {}).items():
             response.headers[name] = value
+        if routes_console.is_console(request.url.path):
+            routes_console.security_headers(request, response)
         return response
 
     app.include_router(routes_auth.router)
     app.include_router(routes_account.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_payments.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_pool.router)
@@ -172,4 +181,17 @@ def create_app(
     app.include_router(routes_judge.router)
     app.include_router(routes_fetch.router)
     app.include_router(routes_ws.router)
+    # the web console: pages at /console, its script, styles and vendored chart library
+    # from the repository (never a CDN)
+    app.include_router(routes_console.router)
+    routes_console.add_customer_panel(  # issue 18's section of the customer's page
+        routes_console.Panel(
+            "events", "Events and alerts", "events_panel.html", routes_events.console_data
+        )
+    )
+    app.mount(
+        routes_console.PREFIX + "/static",
+        StaticFiles(directory=routes_console.STATIC),
+        name="console-static",
+    )
     return app

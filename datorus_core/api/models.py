@@ -69,6 +69,13 @@ class CredentialIn(BaseModel):
     max_bytes: int | None = Field(default=None, ge=1, le=2**62, description="Byte cap.")
 
 
+class AllowedIpIn(BaseModel):
+    """``POST /account/credentials/{id}/allowed-ips``: a client CIDR that may connect
+    without credentials, as this credential."""
+
+    cidr: str = Field(max_length=64, examples=["203.0.113.0/24", "2001:db8::/48"])
+
+
 class CardIn(BaseModel):
     """``POST /account/cards``: a PaymentMethod id made client-side with Stripe.js."""
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from ..ledger import accounts, leases
+from ..ledger import accounts, allowed_ips, leases
 from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, Cursor, Limit, State
-from .models import CredentialIn
+from .models import AllowedIpIn, CredentialIn
+from .views import domain_usage, receipt_view
 
 router = APIRouter()
 
@@ -79,6 +80,57 @@ def revoke_credential(credential_id: str, acc: Account, st: State) -> Any:
     return store.revoke_credential(st.store.db(), acc["id"], credential_id)
 
 
+def _allowed_view(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": entry["id"],
+        "cidr": entry["cidr"],
+        "credential_id": entry["credentialId"],
+        "username": entry["username"],
+        "created_at": entry["createdAt"],
+    }
+
+
+@router.post(
+    "/account/credentials/{credential_id}/allowed-ips", status_code=201, tags=["credentials"]
+)
+def add_allowed_ip(credential_id: str, body: AllowedIpIn, acc: ActiveAccount, st: State) -> Any:
+    """Let requests from ``cidr`` in without credentials, as this credential (by id or
+    username), within 2 seconds; on the SOCKS5 entry too (the "no authentication"
+    method). A request that carries credentials is judged by them; where two CIDRs
+    overlap, the most specific wins. A CIDR listed already (by anyone) is
+    ``400 VALIDATION_ERROR`` with ``details.field = "cidr"``."""
+    entry = allowed_ips.allow_ip(st.store.db(), credential_id, body.cidr, account_id=acc["id"])
+    return _allowed_view(entry)
+
+
+@router.get("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
+def list_allowed_ips(credential_id: str, acc: Account, st: State) -> Any:
+    """The credential's allow-listed client CIDRs."""
+    rows = allowed_ips.list_allowed_ips(st.store.db(), acc["id"], credential_id)
+    return {
+        "items": [_allowed_view(r) for r in rows],
+        "next_cursor": None,
+        "total_count": len(rows),
+    }
+
+
+@router.delete("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
+def remove_allowed_ip(
+    credential_id: str, acc: Account, st: State, cidr: Annotated[str, Query(max_length=64)]
+) -> Any:
+    """Remove ``?cidr=`` from the credential's allow-listed client addresses (within 2 s)."""
+    return allowed_ips.deny_ip(st.store.db(), credential_id, cidr, account_id=acc["id"])
+
+
+@router.delete(
+    "/account/credentials/{credential_id}/allowed-ips/{allowed_id}", tags=["credentials"]
+)
+def remove_allowed_ip_by_id(credential_id: str, allowed_id: int, acc: Account, st: State) -> Any:
+    """Remove one allow-list entry by its id (within 2 s)."""
+    allowed_ips.delete_entry(st.store.db(), acc["id"], credential_id, allowed_id)
+    return {"id": allowed_id, "removed": True}
+
+
 def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
     db = st.store.db()
     u = ledger_usage.usage(db, account_id, by_day=True)
@@ -87,12 +139,27 @@ def _usage(st: Any, account_id: int) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 @router.get("/usage", tags=["account"])
-async def get_usage(acc: Account, st: State) -> Any:
-    """Requests, bytes and charges (in total and per day) and the current rate-limit state.
+async def get_usage(
+    acc: Account,
+    st: State,
+    by: Annotated[
+        Literal["day", "domain"] | None,
+        Query(description="'domain': usage by registrable destination domain instead."),
+    ] = None,
+    days: Annotated[int, Query(ge=1, le=366, description="With by=domain: days back.")] = 30,
+    limit: Annotated[int, Query(ge=1, le=200, description="With by=domain: rows.")] = 50,
+) -> Any:
+    """Requests, bytes and charges (in total and per day) and the current rate-limit state;
+    with ``by=domain``, requests, bytes and charges per registrable destination domain
+    over the last *days* days, from the receipts (``www.example.co.uk`` and
+    ``img.example.co.uk`` are ``example.co.uk``), most bytes first.
 
     Served by the gateway, ``rate_limit.credentials`` shows each credential's live
     bucket; standalone (``datorus api``) it shows the full burst.
     """
+    if by == "domain":
+        items = await run_in_threadpool(domain_usage, st, acc["id"], days, limit)
+        return {"by": "domain", "days": days, "items": items}
     u, creds, view = await run_in_threadpool(_usage, st, acc["id"])
     rps = view["rate_limit"]["requests_per_second"]
     burst = view["rate_limit"]["burst"]
@@ -147,3 +214,24 @@ async def get_usage(acc: Account, st: State) -> Any:
             "credentials": per_cred,
         },
     }
+
+
+@router.get("/account/receipts", tags=["account"])
+def get_receipts(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
+    """The receipts of the account's most recent requests, newest first (kept
+    ``receipt_days``): request id, method, host, port, status, bytes and charge."""
+    rows = ledger_usage.recent_receipts(st.store.db(), acc["id"], limit)
+    return {"items": [receipt_view(r) for r in rows]}
+
+
+@router.get("/usage/domains", tags=["account"])
+def get_usage_by_domain(
+    acc: Account,
+    st: State,
+    days: Annotated[int, Query(ge=1, le=366, description="How many days back.")] = 30,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> Any:
+    """Usage by registrable destination domain over the last *days* days, most bytes
+    first (from the receipts, which are kept ``receipt_days``); the same as
+    ``GET /usage?by=domain``."""
+    return {"days": days, "items": domain_usage(st, acc["id"], days, limit)}

@@ -27,18 +27,21 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..checkers.registry import installed_checkers
-from ..egress import COUNTRY_PATTERN, parse_egress_url
+from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError
 from ..judge import default_judge_url
 from ..ledger import egress as el
+from ..ledger import events as ledger_events
 from ..ledger import leases
 from ..ledger import sources as ledger_sources
 from ..live import Lease
+from ..notifiers import load_notifiers
 from ..sources.registry import installed_parsers
 from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
 from .models import AcquireIn
 from .store import decode_cursor, encode_cursor
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
+from .views import proxy_view
 
 router = APIRouter(tags=["pool"])
 
@@ -49,33 +52,6 @@ _SORTS = {
     "uptime": ("uptime_pct", "desc"),
     "last_checked": ("last_checked_at", "desc"),
 }
-
-
-def _status(r: dict[str, Any]) -> str:
-    return str(r["status"]) if r["enabled"] else "disabled"
-
-
-def proxy_view(r: dict[str, Any]) -> dict[str, Any]:
-    """One egress (a ``ledger.egress`` row view) in seed 002's proxy shape."""
-    spec = parse_egress_url(r["url"])
-    return {
-        "id": r["id"],
-        "ip": spec.address,
-        "port": spec.port if spec.is_proxy else None,
-        "protocol": spec.kind,
-        "url": spec.customer_url(),
-        "status": _status(r),
-        "anonymity": r["anonymity"],
-        "exit_ip": r["exitIp"],
-        "country": r["country"].upper() if r["country"] else None,
-        "score": round(r["score"], 3),
-        "avg_latency_ms": r["avgLatencyMs"],
-        "uptime_pct": r["uptimePct"],
-        "last_checked_at": r["lastCheckedAt"],
-        "first_seen_at": r["createdAt"],
-        "tags": {**r.get("tags", {}), "kind": r["kind"], "weight": r["weight"]},
-        "source_id": r.get("sourceId"),
-    }
 
 
 def _checked_since(stamp: str | None, minutes: int, now: float) -> bool:
@@ -173,33 +149,24 @@ async def get_proxy(who: AnyKey, st: State, proxy_id: Annotated[int, Path(ge=1, 
 
 @router.get("/stats/pool")
 async def pool_stats(who: AnyKey, st: State) -> Any:
-    """Pool health overview (seed 002): counts by status, protocol and anonymity."""
+    """Pool health overview (seed 002): counts by status, protocol and anonymity (summed
+    by the ledger: a pool of thousands costs the gateway no per-proxy work)."""
 
-    def read() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def read() -> tuple[dict[str, Any], dict[str, Any]]:
         db = st.store.db()
-        return el.list_egress(db), ledger_sources.source_stats(db)
+        return el.pool_counts(db), ledger_sources.source_stats(db)
 
-    rows, sources = await run_in_threadpool(read)
-    items = [proxy_view(r) for r in rows]
-
-    def count(key: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for p in items:
-            if p[key] is not None:
-                out[p[key]] = out.get(p[key], 0) + 1
-        return out
-
-    lat = [p["avg_latency_ms"] for p in items if p["avg_latency_ms"] is not None]
-    checked = [p["last_checked_at"] for p in items if p["last_checked_at"]]
+    counts, sources = await run_in_threadpool(read)
+    score, lat = counts["avg_score"], counts["avg_latency_ms"]
     return {
-        "total_proxies": len(items),
-        "by_status": count("status"),
-        "by_protocol": count("protocol"),
-        "by_anonymity": count("anonymity"),
-        "avg_score": round(sum(p["score"] for p in items) / len(items), 3) if items else None,
-        "avg_latency_ms": round(sum(lat) / len(lat), 1) if lat else None,
+        "total_proxies": counts["total"],
+        "by_status": counts["by_status"],
+        "by_protocol": counts["by_protocol"],
+        "by_anonymity": counts["by_anonymity"],
+        "avg_score": round(score, 3) if score is not None else None,
+        "avg_latency_ms": round(lat, 1) if lat is not None else None,
         **sources,  # sources_total, sources_active, last_scrape_at
-        "last_validation_at": max(checked) if checked else None,
+        "last_validation_at": counts["last_checked_at"],
     }
 
 
@@ -207,9 +174,11 @@ async def pool_stats(who: AnyKey, st: State) -> Any:
 async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
     (``datorus.checkers``) with the package that registered each (one that failed to
-    load shows ``loaded: false`` and why), and the notifiers: none yet. Notifiers and
-    the events they subscribe to arrive with issue 18; until then the list is empty
-    rather than a health nobody measures.
+    load shows ``loaded: false`` and why), and the notifiers (``datorus.notifiers``):
+    each with its subscriptions (the operator's notifiers and the customers' webhooks
+    of that kind) and the outbox's record of their deliveries: ``last_success_at``,
+    ``last_failure_at`` and ``last_failure`` (why), ``deliveries`` by status;
+    ``healthy`` is null before any delivery, else whether the last one succeeded.
 
     A checker's health is its record in the ledger, written with every check by every
     gateway on it: ``runs``, ``failures`` (checks it did not pass), ``errors`` (it
@@ -221,6 +190,8 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
     parsers = await run_in_threadpool(installed_parsers)
     checkers = await run_in_threadpool(installed_checkers)
     health = await run_in_threadpool(lambda: el.checker_health(st.store.db()))
+    notifiers, broken = await run_in_threadpool(load_notifiers)
+    sent = await run_in_threadpool(lambda: ledger_events.plugin_health(st.store.db()))
     judge = default_judge_url(st.settings) is not None
     return {
         "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
@@ -233,8 +204,35 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
             for p in checkers.plugins
         ]
         + [f.info() for f in checkers.failures],
-        "notifiers": [],
+        "notifiers": [
+            {
+                "name": p.name,
+                "type": type(p.obj).__name__,
+                "package": p.package,
+                "version": p.version,
+                "module": p.module,
+                "loaded": True,
+                **notifier_view(sent.get(p.name)),
+            }
+            for p in notifiers.values()
+        ]
+        + [f.info() for f in broken],
     }
+
+
+def notifier_view(h: dict[str, Any] | None) -> dict[str, Any]:
+    """A notifier's health as ``/stats/plugins`` shows it (nulls before any delivery)."""
+    h = h or {}
+    ok, bad = h.get("last_success_at"), h.get("last_failure_at")
+    return {
+        "healthy": None if ok is None and bad is None else bad is None or (ok or "") >= bad,
+        "subscriptions": h.get("subscriptions", 0),
+        "last_success_at": ok,
+        "last_failure_at": bad,
+        "last_failure": h.get("last_failure"),
+        "deliveries": {k: (h.get("deliveries") or {}).get(k, 0)
+                       for k in ("pending", "delivered", "failed")},
+    }  # fmt: skip
 
 
 def checker_view(h: dict[str, Any] | None) -> dict[str, Any]:

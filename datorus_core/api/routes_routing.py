@@ -34,8 +34,9 @@ from ..ledger import leases as ledger_leases
 from ..live import Lease, LeaseBook, LeaseView, SessionLookup
 from ..routing import Ask, chances, choose
 from ..sessions import valid_session_id
-from .deps import Account, State
+from .deps import OPERATOR_ONLY, Account, Operator, State
 from .state import ApiState
+from .views import blocks_by_domain
 
 router = APIRouter(tags=["routing"])
 
@@ -193,3 +194,14 @@ async def network_health(
     leased = view.leases.leased_now(time.time())
     health = eg.domain_health(view.pool, _domain(domain), time.monotonic(), leased)
     return {**health, "live": view.live}
+
+
+@router.get("/network/blocks", openapi_extra=OPERATOR_ONLY)
+async def network_blocks(
+    op: Operator, st: State, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> Any:
+    """Operator only: the destination domains that have egress ``limited`` or
+    ``unavailable`` now, most egress first, with the egress ids and when the first one
+    recovers (``live: false`` from a standalone ``datorus api``: blocks live in the
+    gateway)."""
+    return blocks_by_domain(st, limit)

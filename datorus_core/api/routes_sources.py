@@ -7,8 +7,8 @@ OpenAPI document marks them with the ``OperatorKey`` security scheme and
 
 ``POST /sources`` fetches the list only to pick its parser when ``parser_name`` is
 omitted, and imports nothing: proxies arrive with a scrape, on request
-(``POST /sources/{id}/scrape``) or at the source's next scheduled time (the gateway's
-background task, ``addons/sources.py``).
+(``POST /sources/{id}/scrape``) or at the source's next scheduled time (the pool
+worker's schedule, ``datorus_core.pool_worker``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..ledger import sources as ledger_sources
 from ..scraping import ListError, Scraper, fetch_list, new_owner
 from ..sources.fields import check_fields, next_run_at
 from ..sources.registry import installed_parsers, pick_parser
+from ..sources.screen import found_proxy_policy
 from . import store
 from .deps import OPERATOR_ONLY, Cursor, Limit, Operator, State
 from .state import ApiState
@@ -91,7 +92,7 @@ def scraper(st: ApiState) -> Scraper:
         return await run_in_threadpool(lambda: fn(st.store.db()))
 
     owner = st.extra.setdefault("scrape_owner", new_owner())
-    return Scraper(db, owner, _timeout(st), _test_seconds(st))
+    return Scraper(db, owner, _timeout(st), _test_seconds(st), found_proxy_policy(st.settings))
 
 
 async def _pick(st: ApiState, url: str) -> str:
@@ -190,13 +191,16 @@ def delete_source(op: Operator, st: State, source_id: SourceId) -> Any:
 @router.post("/sources/{source_id}/scrape", openapi_extra=OPERATOR_ONLY)
 async def scrape_source(op: Operator, st: State, source_id: SourceId) -> Any:
     """Scrape now, whatever the schedule: ``{"source_id", "proxies_discovered",
-    "proxies_new", "proxies_updated", "proxies_skipped", "proxies_duplicate",
-    "duration_ms", "parser_name", "error", "error_reason", "problems", "scraped_at"}``.
+    "proxies_new", "proxies_updated", "proxies_skipped", "proxies_denied",
+    "proxies_duplicate", "duration_ms", "parser_name", "error", "error_reason",
+    "problems", "scraped_at"}``.
 
     A list that fails (unreachable, an HTTP error, over 10 MiB, unreadable, empty) is
     still a 200: ``error`` says why, the source's ``last_error`` keeps it, and the
     proxies it found before stay as they were. 429 ``RATE_LIMITED`` while another scrape
-    of this source runs (on request or scheduled, on any gateway).
+    of this source runs (on request or scheduled, on any gateway). A found proxy at a
+    loopback, private, link-local or metadata address is skipped and counted in
+    ``proxies_denied`` unless the ``source_proxy_allow`` setting opens its range.
     """
     return await scraper(st).scrape(source_id)
 

@@ -146,6 +146,55 @@ def verify(store: Store, settings: dict[str, Any], token: str) -> dict[str, Any]
     return {"verified": True, "account": account_view(db, account_id, settings)}
 
 
+SIGNIN = "console"
+SIGNIN_SECONDS = 900  # a console sign-in link lives 15 minutes
+
+
+def send_signin_link(store: Store, settings: dict[str, Any], email: str) -> bool:
+    """Mail the console's one-time sign-in link to *email* if an account has it.
+
+    Returns whether a mail went out; callers say the same thing either way, so the
+    page never tells who has an account.
+    """
+    db = store.db()
+    acc = accounts.find_account_by_email(db, email.strip())
+    if acc is None:
+        return False
+    expires = int(time.time()) + SIGNIN_SECONDS
+    token_id = ledger_api.add_email_token(db, acc["id"], SIGNIN, expires)
+    token = tokens.sign(store.token_secret, SIGNIN, token_id, expires)
+    base = public_base(settings)
+    body = (
+        "Sign in to the Datorus console with this link:\n"
+        f"{base}/console/signin?token={token}\n\n"
+        f"It works once and expires in {SIGNIN_SECONDS // 60} minutes. If you did not ask"
+        " for it, ignore this mail.\n"
+    )
+    mail.send(db, settings, acc["email"], "Your Datorus console sign-in link", body)
+    return True
+
+
+def signin_account(store: Store, token: str) -> int:
+    """The account a console sign-in *token* is for, using the token up.
+
+    400 ``TOKEN_INVALID``, 409 ``TOKEN_USED``, 410 ``TOKEN_EXPIRED``.
+    """
+    purpose, token_id, expires = tokens.parse(store.token_secret, token)
+    db = store.db()
+    row = ledger_api.email_token(db, token_id)
+    if row is None or purpose != SIGNIN or row["purpose"] != SIGNIN:
+        raise DatorusError("TOKEN_INVALID")
+    if row["expires_at"] != expires:
+        raise DatorusError("TOKEN_INVALID")
+    if row["used_at"] is not None:
+        raise DatorusError("TOKEN_USED")
+    if time.time() >= expires:
+        raise DatorusError("TOKEN_EXPIRED", details={"expiredAt": iso_utc(expires)})
+    if not ledger_api.use_email_token(db, token_id):
+        raise DatorusError("TOKEN_USED")
+    return int(row["account_id"])
+
+
 def account_view(db: Ledger, account_id: int, settings: dict[str, Any]) -> dict:
     """``GET /account``: who, status, trial, balance, price and limits."""
     row = accounts.account_row(db, account_id)

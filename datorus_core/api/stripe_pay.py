@@ -214,8 +214,19 @@ class Payments:
             ledger_api.store_response(db, account["id"], client_key, json.dumps(result))
         return {**result, "replayed": False}
 
-    def checkout(self, account: dict[str, Any], cents: int, client_key: str | None) -> dict:
-        """A Checkout Session for *cents*; the webhook credits the balance when it is paid."""
+    def checkout(
+        self,
+        account: dict[str, Any],
+        cents: int,
+        client_key: str | None,
+        success_url: str | None = None,
+        cancel_url: str | None = None,
+    ) -> dict:
+        """A Checkout Session for *cents*; the webhook credits the balance when it is paid.
+
+        Stripe sends the payer back to *success_url* or *cancel_url* (the web console
+        names its own pages; the API's default is ``/account/credits``).
+        """
         db = self.store.db()
         customer = self._customer(db, account)
         base = public_base(self.settings)
@@ -238,8 +249,8 @@ class Payments:
                 ],
                 "metadata": meta,
                 "payment_intent_data": {"metadata": meta},
-                "success_url": f"{base}/account/credits?checkout=success",
-                "cancel_url": f"{base}/account/credits?checkout=cancel",
+                "success_url": success_url or f"{base}/account/credits?checkout=success",
+                "cancel_url": cancel_url or f"{base}/account/credits?checkout=cancel",
             },
             self._idem(account["id"], client_key, "checkout"),
         )

@@ -9,7 +9,7 @@
   through the egress, grading anonymity (:mod:`.anonymity`) and finding the exit's
   country (:mod:`.geo`).
 
-No database and no mitmproxy: the gateway schedules the checks and stores what they
-find (``addons/checks.py``); what a result does to an egress's status is
+No database and no mitmproxy: the pool worker schedules the checks and stores what
+they find (``datorus_core.checking``); what a result does to an egress's status is
 ``datorus_core.egress_status``.
 """

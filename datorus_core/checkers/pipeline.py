@@ -3,10 +3,12 @@
 Stages run in order (1, 2, ...), the checkers of a stage by priority. The first
 checker that fails ends the check: later ones do not run (a proxy that refuses TCP is
 not fetched through). A checker that does not apply is skipped and counts neither
-way. A checker that raises (a plugin's bug) or does not answer a ``CheckOutcome`` is
-skipped too and the error is kept for its health (``GET /stats/plugins``): a broken
-plugin never marks the pool dead. A checker that overruns the timeout by a second is
-stopped and failed.
+way. A checker that raises (a plugin's bug) or does not answer a ``CheckOutcome``
+fails the check, and the error is kept for its health (``GET /stats/plugins``): what a
+stage could not verify is never taken as verified, so a proxy that makes the judge's
+checker raise never carries traffic on the strength of its TCP check alone (a broken
+plugin shows in its ``errors``, and the pool's dead proxies point at it). A checker
+that overruns the timeout by a second is stopped and failed.
 
 The check passes when at least one checker ran and every one that ran passed; what
 that does to the egress's status is ``datorus_core.egress_status``.
@@ -38,8 +40,8 @@ class Ran:
 
     @property
     def counted(self) -> bool:
-        """Whether it counts for the check (it applied and did not break)."""
-        return not self.outcome.skipped and self.error is None
+        """Whether it counts for the check: it applied (an error counts, as a failure)."""
+        return not self.outcome.skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +117,13 @@ async def run_check(
                 raise TypeError(f"check() answered a {type(outcome).__name__}, no CheckOutcome")
         except TimeoutError:
             outcome = CheckOutcome(False, f"no answer within {ctx.timeout:g} s")
-        except Exception as e:  # a plugin's bug: skipped, kept for its health
+        except Exception as e:  # a plugin's bug: a failure, kept for its health too
             error = f"{type(e).__name__}: {e}"[:_DETAIL_CHARS]
             log.warning(
                 "datorus: checker %s raised on %s: %s", plugin.name, egress.public_url(), error
             )
-            ran.append(Ran(plugin.name, plugin.stage, CheckOutcome.skip("checker error"), error))
+            outcome = CheckOutcome(False, f"checker error: {error}"[:_DETAIL_CHARS])
+            ran.append(Ran(plugin.name, plugin.stage, outcome, error))
             continue
         outcome = replace(outcome, detail=str(outcome.detail)[:_DETAIL_CHARS])
         ran.append(Ran(plugin.name, plugin.stage, outcome))

@@ -51,16 +51,25 @@ class RedisLink:
 
     *timeout* bounds connecting and each command's wait for its reply; *on_reply* is
     called with each command, its future (None: nobody waits) and its reply, an error
-    reply as a :class:`~redis.exceptions.ResponseError` (default: :func:`resolve`).
+    reply as a :class:`~redis.exceptions.ResponseError` (default: :func:`resolve`);
+    *on_round_trip*, if given, with the seconds each batch took from its write to its
+    last reply.
     """
 
-    def __init__(self, url: str, timeout: float, on_reply: Resolve = resolve) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        on_reply: Resolve = resolve,
+        on_round_trip: Callable[[float], None] | None = None,
+    ) -> None:
         # no socket timeout on the connection: the link's own timer bounds every wait
         self.pool = aredis.ConnectionPool.from_url(
             url, socket_timeout=None, socket_connect_timeout=timeout
         )
         self.timeout = timeout
         self.on_reply = on_reply
+        self.on_round_trip = on_round_trip
         self.conn: Any = None  # the connection in use (redis.asyncio.Connection)
         self._reader: asyncio.Task[None] | None = None
         # the commands written and not yet answered, in order, each with when it was sent
@@ -132,8 +141,10 @@ class RedisLink:
                     return
                 if not pending:
                     raise RedisConnectionError("Redis sent a reply nobody asked for")
-                command, fut, _ = pending.popleft()
+                command, fut, sent = pending.popleft()
                 self.on_reply(command, fut, reply)
+                if self.on_round_trip is not None and (not pending or pending[0][2] != sent):
+                    self.on_round_trip(asyncio.get_running_loop().time() - sent)  # batch done
         except asyncio.CancelledError:
             raise
         except BaseException as e:

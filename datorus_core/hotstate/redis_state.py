@@ -158,7 +158,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -289,7 +289,7 @@ class RedisHotState:
             retry=Retry(NoBackoff(), 0),  # a script is never sent twice
         )
         # the request path's batches (:meth:`_command`): one pipelined connection
-        self.link = RedisLink(url, TIMEOUT, self._resolve)
+        self.link = RedisLink(url, TIMEOUT, self._resolve, self._round_trip)
         r = self.redis
         self._take = r.register_script(redis_lua.TAKE)
         self._renew = r.register_script(redis_lua.RENEW)
@@ -345,6 +345,8 @@ class RedisHotState:
         # by one task, batched in a pipeline: a re-pin never overtakes its pin
         self._outbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._stopping = False
+        # told each batch's round trip in seconds (the metrics' Redis RTT), if set
+        self.rtt_observer: Callable[[float], None] | None = None
         self._held: dict[str, _Held] = {}
         self._tunnels: dict[int, dict[str, None]] = {}  # account -> this worker's tunnel keys
         self._mirror: dict[int, Gcra] = {}  # credential -> its limiter as Redis last said
@@ -589,6 +591,10 @@ class RedisHotState:
             t.add_done_callback(self._sending.discard)
         else:
             resolve(command, fut, reply)
+
+    def _round_trip(self, seconds: float) -> None:
+        if self.rtt_observer is not None:
+            self.rtt_observer(seconds)
 
     async def _reload(self, command: tuple[Any, ...], fut: asyncio.Future[Any]) -> None:
         try:

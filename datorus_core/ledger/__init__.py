@@ -26,6 +26,8 @@ written only through this package:
     usage totals and receipts;
 ``policy_rules``
     the operator's allow and deny rules;
+``allowed_ips``
+    allow-listed client addresses of proxy credentials;
 ``egress``, ``leases``
     the egress pool and exclusive leases on it;
 ``sources``

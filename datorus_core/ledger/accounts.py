@@ -15,6 +15,7 @@ from typing import Any
 from .. import pricing
 from ..envelope import DatorusError, control_free, validation_error
 from ..hashing import hash_secret, new_password, new_username
+from . import events
 from .db import Ledger
 
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}")  # fullmatch only
@@ -169,7 +170,10 @@ def set_status(db: Ledger, account_id: int, status: str) -> dict[str, Any]:
     """Suspend or reactivate an account."""
     account_row(db, account_id)
     with db.transaction():
+        was = db.value("SELECT status FROM accounts WHERE id = ? {for_update}", (account_id,))
         db.execute("UPDATE accounts SET status = ? WHERE id = ?", (status, account_id))
+        if status == "suspended" and was != "suspended":
+            events.emit(db, "account.suspended", account_id, {"account_id": account_id})
     return {"id": account_id, "status": status}
 
 

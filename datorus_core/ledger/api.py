@@ -83,6 +83,16 @@ def consume_verification(db: Ledger, token_id: int, account_id: int, trial_bytes
     return True
 
 
+def use_email_token(db: Ledger, token_id: int) -> bool:
+    """Mark an e-mail token used (a console sign-in link); False when it was used already."""
+    with db.transaction():
+        cur = db.execute(
+            "UPDATE email_tokens SET used_at = {now} WHERE id = ? AND used_at IS NULL",
+            (token_id,),
+        )
+    return cur.rowcount == 1
+
+
 # -- API keys -----------------------------------------------------------------------------
 
 

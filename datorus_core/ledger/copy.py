@@ -8,9 +8,10 @@ ONE PostgreSQL transaction that also verifies what it wrote before it commits:
 1. the destination's migrations, the migration and write advisory locks, and
    ``LOCK TABLE ... IN EXCLUSIVE MODE`` on every table (readers still read the empty
    ledger; writers wait for the commit);
-2. a refusal when any table holds a row, other than the two a fresh ledger fills on
-   its own (``config_version``'s one row and the REST API's ``api_secrets``, both
-   replaced by the source's);
+2. a refusal when any table holds a row, other than those a fresh ledger fills on
+   its own (``config_version``'s and ``check_sequence``'s one row, the REST API's
+   ``api_secrets`` and the event dispatcher's ``event_cursor``, all replaced by the
+   source's);
 3. ``ALTER TABLE ... DISABLE TRIGGER USER`` on every table, then ``COPY`` of every
    table, parents before children (the foreign keys stay checked: they are not user
    triggers), from ONE read transaction of the SQLite file (one state of it, even with
@@ -49,7 +50,7 @@ __all__ = ["BALANCE_COLUMNS", "copy_ledger", "refuse_source", "refuse_target"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables a fresh ledger fills on its own: replaced by the source's, never a refusal.
-REPLACED = ("config_version", "api_secrets")
+REPLACED = ("config_version", "api_secrets", "check_sequence", "event_cursor")
 #: PostgreSQL's record of the migrations applied (SQLite keeps it in ``user_version``).
 BOOKKEEPING = ("schema_version",)
 BALANCE_COLUMNS = (

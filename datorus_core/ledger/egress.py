@@ -37,8 +37,9 @@ POOL_SQL = (
 class CheckRun:
     """One checker's run on one egress, as ``egress_checks`` and ``checker_runs`` keep it.
 
-    *error* is set when the checker itself raised (a plugin's bug): it counts against the
-    checker's health, not the egress (``passed`` is then False and the run was skipped).
+    *error* is set when the checker itself raised (a plugin's bug): it counts in the
+    checker's ``errors`` (not its ``failures``) and as a failed run of the egress
+    (``passed`` is then False: what was not verified never passes).
     """
 
     checker: str
@@ -180,3 +181,27 @@ def checker_health(db: Ledger) -> dict[str, dict[str, Any]]:
         " last_error_at, last_error FROM checker_runs ORDER BY name"
     )
     return {r["name"]: r for r in rows}
+
+
+def pool_counts(db: Ledger) -> dict[str, Any]:
+    """The pool in numbers, computed by the database (a pool of 10,000 costs the caller
+    no per-row work): ``total``, ``by_status`` (``disabled`` for a disabled egress),
+    ``by_protocol`` (``direct`` for the box's own addresses), ``by_anonymity``,
+    ``avg_score``, ``avg_latency_ms`` and ``last_checked_at``."""
+
+    def grouped(expr: str, where: str = "") -> dict[str, int]:
+        rows = db.execute(f"SELECT {expr} AS k, COUNT(*) FROM egress {where} GROUP BY k").fetchall()
+        return {str(k): int(n) for k, n in rows if k is not None}
+
+    total, avg_score, avg_latency, last = db.execute(
+        "SELECT COUNT(*), AVG(score), AVG(avg_latency_ms), MAX(last_checked_at) FROM egress"
+    ).fetchone()
+    return {
+        "total": int(total),
+        "by_status": grouped("CASE WHEN enabled = 0 THEN 'disabled' ELSE status END"),
+        "by_protocol": grouped("CASE WHEN kind = 'source' THEN 'direct' ELSE kind END"),
+        "by_anonymity": grouped("anonymity", "WHERE anonymity IS NOT NULL"),
+        "avg_score": None if avg_score is None else float(avg_score),
+        "avg_latency_ms": None if avg_latency is None else float(avg_latency),
+        "last_checked_at": last,
+    }

@@ -27,11 +27,15 @@ from typing import Any, Protocol
 import aiosqlite
 
 from ..clock import iso_utc
+from ..egress import parse_egress_url
 from ..envelope import request_id_floor
-from ..runtime import UsageBatch
+from ..runtime import Notice, UsageBatch
 from .db import migrate_file
 from .dialect import POSTGRES, SQLITE, Dialect
 from .egress import POOL_SQL, CheckWrite
+from .events import INSERT_SQL as EVENT_INSERT
+from .events import encode as encode_event
+from .events import lock_sql as events_lock_sql
 from .leases import ACTIVE_SQL
 from .target import is_postgres
 from .usage import clean_receipts
@@ -47,6 +51,7 @@ _CREDENTIALS = """
     WHERE c.revoked_at IS NULL
 """
 _RULES = "SELECT action, target, port FROM policy_rules ORDER BY id"
+_ALLOWED_IPS = "SELECT credential_id, cidr FROM credential_allowed_ips ORDER BY id"
 _VERSION = "SELECT version FROM config_version WHERE id = 1"
 
 
@@ -123,8 +128,8 @@ _CREDENTIAL_BYTES = Rows(
 _RECEIPTS = Rows(
     "receipts",
     ("request_id", "account_id", "credential_id", "method", "host", "port", "status", "bytes_up",
-     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at"),
-    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T),
+     "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at", "code"),
+    (_T, _B, _B, _T, _T, _B, _B, _B, _B, _B, _B, _T, _T, _T),
     " {on_conflict_ignore}",
     "INSERT {or_ignore} INTO",
 )  # fmt: skip
@@ -138,8 +143,19 @@ _CHECK_EGRESS = (
     "UPDATE egress SET score = ?, uptime_pct = ?, avg_latency_ms = ?,"
     " exit_ip = COALESCE(?, exit_ip), anonymity = COALESCE(?, anonymity),"
     " found_country = COALESCE(?, found_country),"
-    " status = ?, fail_streak = ?, last_checked_at = ? WHERE id = ?"
+    " status = ?, fail_streak = ?, last_checked_at = ?, check_seq = ? WHERE id = ?"
 )
+# each batch of checks takes the next number; the egress it wrote carry it (check_seq),
+# so a gateway reads only the egress checked since the number it last saw
+_CHECK_SEQ_NEXT = "UPDATE check_sequence SET seq = seq + 1 WHERE id = 1 RETURNING seq"
+_CHECK_SEQ = "SELECT seq FROM check_sequence WHERE id = 1"
+# what the checks change of an egress, as a gateway applies it (``CheckedRow``)
+_CHECKED_SINCE = (
+    "SELECT id, status, fail_streak, score, avg_latency_ms, exit_ip,"
+    " COALESCE(country, found_country), check_seq FROM egress"
+    " WHERE check_seq > ? ORDER BY check_seq LIMIT ?"
+)
+CHECKED_ROWS_MAX = 50_000  # egress rows one read of checked_since returns at most
 _CHECKER_RUN = (
     "INSERT INTO checker_runs (name, runs, failures, errors, last_run_at, last_failure_at,"
     " last_failure, last_error_at, last_error) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)"
@@ -169,6 +185,8 @@ _WORKER_BYTES = Rows(
 _FORGET_WORKER = "DELETE FROM worker_usage WHERE worker = ?"
 _DENIALS = "INSERT INTO aup_denials (account_id, host, port, rule) VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM receipts WHERE request_id < ?"
+_MAIL_WAITING = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+_DELIVERIES_WAITING = "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'"
 _BATCH = (
     "INSERT INTO usage_batches (id, worker, written_at) VALUES (?, ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
@@ -176,6 +194,18 @@ _BATCH = (
 _PRUNE_BATCHES = "DELETE FROM usage_batches WHERE written_at < ?"
 _SECRET_ADD = "INSERT INTO api_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 _SECRET = "SELECT value FROM api_secrets WHERE name = ?"
+_ACTIVE_COUNT = "SELECT COUNT(*) FROM egress WHERE enabled = 1 AND status = 'active'"
+_MARK = "SELECT value FROM event_marks WHERE name = ?"
+_SET_MARK = (
+    "INSERT INTO event_marks (name, value) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+# an event once per top-up of its account: the dedupe key ends with the newest top-up's id
+_INSERT_PER_TOPUP = (
+    "INSERT INTO events (type, account_id, data, dedupe)"
+    " SELECT ?, ?, ?, ? || CAST(COALESCE(MAX(id), 0) AS TEXT) FROM transactions"
+    " WHERE account_id = ? AND kind = 'topup' ON CONFLICT (dedupe) DO NOTHING"
+)
 # how long a written batch's id is kept: a batch is written again within seconds of
 # its lost answer (the next write after the ledger is back), never days later
 BATCH_ID_DAYS = 7
@@ -251,6 +281,8 @@ class LedgerLink:
         # one transaction at a time on the one connection: the ledger task and the
         # egress router both use it, and their statements must not interleave
         self.lock = asyncio.Lock()
+        # proxy.pool_low when fewer egress than this are active (0: never)
+        self.pool_low = 0
 
     async def open(self) -> None:
         """Create or migrate the ledger, then open the gateway's connection."""
@@ -301,6 +333,15 @@ class LedgerLink:
         """Accounts, live credentials, policy rules and the version they belong to."""
         accounts, creds, rules, version, _ = await self._read(workers=False)
         return accounts, creds, rules, version
+
+    async def allowed_ips(self) -> list[tuple[int, str]]:
+        """The allow-listed client addresses, ``(credential_id, cidr)`` (for
+        ``Runtime.apply_allowed_ips``; read after each snapshot: a change between the two
+        reads bumps the version, and the next refresh reads both again)."""
+        async with self.lock:
+            c = await self._conn()
+            rows = await c.fetchall(self.dialect.sql(_ALLOWED_IPS))
+        return [(int(r[0]), str(r[1])) for r in rows]
 
     async def snapshot_shared(self) -> tuple[list[Any], list[Any], list[Any], int, list[Any]]:
         """:meth:`snapshot` and, read in the same transaction, the ``worker_usage`` rows
@@ -433,19 +474,18 @@ class LedgerLink:
         for w in checks:
             at = w.at or now
             for r in w.runs:
-                if r.error is None:
-                    rows.append(
-                        (
-                            r.checker,
-                            r.stage,
-                            int(r.passed),
-                            r.latency_ms,
-                            r.exit_ip,
-                            r.detail,
-                            at,
-                            w.egress_id,
-                        )
+                rows.append(  # a checker that raised shows as a failed run of the egress
+                    (
+                        r.checker,
+                        r.stage,
+                        int(r.passed and r.error is None),
+                        r.latency_ms,
+                        r.exit_ip,
+                        r.detail or r.error,
+                        at,
+                        w.egress_id,
                     )
+                )
                 failed = r.error is None and not r.passed
                 runs.append(
                     (
@@ -470,14 +510,27 @@ class LedgerLink:
                     w.status,
                     w.fail_streak,
                     at,
+                    0,  # the batch's number, set below inside the transaction
                     w.egress_id,
                 )
             )
-        trims = [(eid, eid) for eid in sorted({w.egress_id for w in checks})]
+        ids = sorted({w.egress_id for w in checks})
+        trims = [(eid, eid) for eid in ids]
         async with self.lock:
             c = await self._conn()
             await c.execute(self.dialect.begin_write)
             try:
+                marks = ",".join("?" * len(ids))
+                before = {
+                    r[0]: (r[1], r[2])
+                    for r in await c.fetchall(
+                        sql(f"SELECT id, status, url FROM egress WHERE id IN ({marks})"
+                            " ORDER BY id {for_update}"),
+                        ids,
+                    )
+                }  # fmt: skip
+                seq = int((await c.fetchall(sql(_CHECK_SEQ_NEXT)))[0][0])
+                egress = [(*e[:-2], seq, e[-1]) for e in egress]
                 for statement, params in (
                     (_CHECK_ROW, rows),
                     (_CHECKER_RUN, runs),
@@ -486,10 +539,87 @@ class LedgerLink:
                 ):
                     if params:
                         await c.executemany(sql(statement), params)
+                news = _status_events(before, checks)
+                news += await self._pool_mark(c)
+                await self._events(c, news)
                 await c.execute("COMMIT")
             except BaseException:
                 await self._rollback(c)
                 raise
+
+    async def _pool_mark(self, c: AsyncConnection) -> list[Notice]:
+        """``proxy.pool_low`` when the active egress just fell below the threshold (its mark
+        in ``event_marks`` says it was not low); the mark follows the pool both ways."""
+        if self.pool_low <= 0:
+            return []
+        sql = self.dialect.sql
+        active = int((await c.fetchall(sql(_ACTIVE_COUNT)))[0][0])
+        low = active < self.pool_low
+        rows = await c.fetchall(sql(_MARK), ("pool_low",))
+        was = bool(rows) and rows[0][0] == "low"
+        if low == was:
+            return []
+        await c.execute(sql(_SET_MARK), ("pool_low", "low" if low else "ok"))
+        if not low:
+            return []
+        return [Notice("proxy.pool_low", None, {"active": active, "threshold": self.pool_low})]
+
+    async def _events(self, c: AsyncConnection, notices: Sequence[Notice]) -> None:
+        """Insert *notices* as events, the last statements of the caller's transaction
+        (on PostgreSQL under the events lock, so ids commit in order)."""
+        if not notices:
+            return
+        lock = events_lock_sql(self.dialect)
+        if lock is not None:
+            await c.execute(lock)
+        sql = self.dialect.sql
+        for n in notices:
+            data = encode_event(n.data)
+            if n.per_topup:
+                await c.execute(sql(_INSERT_PER_TOPUP), (n.type, n.account_id, data, n.dedupe,
+                                                         n.account_id))  # fmt: skip
+            else:
+                await c.execute(sql(EVENT_INSERT), (n.type, n.account_id, data, n.dedupe))
+
+    async def write_events(self, notices: Sequence[Notice]) -> None:
+        """Write events the gateway noticed (the proxy path's: ``credits.exhausted``...) in
+        one transaction; one with a dedupe key already in the ledger is skipped."""
+        async with self.lock:
+            c = await self._conn()
+            await c.execute(self.dialect.begin_write)
+            try:
+                await self._events(c, notices)
+                await c.execute("COMMIT")
+            except BaseException:
+                await self._rollback(c)
+                raise
+
+    async def check_seq(self) -> int:
+        """The number of the last batch of checks written (0: none yet)."""
+        async with self.lock:
+            rows = await (await self._conn()).fetchall(self.dialect.sql(_CHECK_SEQ))
+        return int(rows[0][0]) if rows else 0
+
+    async def checked_since(self, seq: int) -> list[tuple[Any, ...]]:
+        """The egress that checks wrote after batch *seq*, oldest batch first: rows
+        ``(id, status, fail_streak, score, avg_latency_ms, exit_ip, country, check_seq)``
+        (at most :data:`CHECKED_ROWS_MAX`; the last row's ``check_seq`` is where to go on)."""
+        async with self.lock:
+            c = await self._conn()
+            return await c.fetchall(self.dialect.sql(_CHECKED_SINCE), (seq, CHECKED_ROWS_MAX))
+
+    async def waiting_events(self) -> dict[str, int]:
+        """Events waiting for delivery, by queue: ``mail`` is the outbox's messages not
+        sent (queued, failed, or kept for the operator when no SMTP server is set);
+        ``deliveries`` the webhook and notifier deliveries pending (issue 18's outbox)."""
+        async with self.lock:
+            c = await self._conn()
+            rows = await c.fetchall(self.dialect.sql(_MAIL_WAITING))
+            hooks = await c.fetchall(self.dialect.sql(_DELIVERIES_WAITING))
+        return {
+            "mail": int(rows[0][0]) if rows else 0,
+            "deliveries": int(hooks[0][0]) if hooks else 0,
+        }
 
     async def prune_receipts(self, days: int) -> int:
         """Delete receipts of requests older than *days* (and the ids of usage batches
@@ -501,6 +631,37 @@ class LedgerLink:
             gone = await c.execute(self.dialect.sql(_PRUNE), (cutoff,))
             await c.execute(self.dialect.sql(_PRUNE_BATCHES), (int(now) - BATCH_ID_DAYS * 86400,))
         return gone
+
+
+def _status_events(
+    before: dict[int, tuple[str, str]], checks: Sequence[CheckWrite]
+) -> list[Notice]:
+    """``proxy.dead`` for an active egress its checks left dead, ``proxy.recovered`` for a
+    dead one they left active (a new proxy failing its first checks is no news)."""
+    out: list[Notice] = []
+    for w in checks:
+        old = before.get(w.egress_id)
+        if old is None or old[0] == w.status:
+            continue
+        kind = {("active", "dead"): "proxy.dead", ("dead", "active"): "proxy.recovered"}.get(
+            (old[0], w.status)
+        )
+        if kind is not None:
+            detail = next((r.detail or r.error for r in w.runs if not r.passed), None)
+            out.append(
+                Notice(kind, None, {"proxy_id": str(w.egress_id), "url": _shown_url(old[1]),
+                                    "detail": detail})
+            )  # fmt: skip
+            before[w.egress_id] = (w.status, old[1])
+    return out
+
+
+def _shown_url(url: str) -> str:
+    """An egress URL without its credentials."""
+    try:
+        return parse_egress_url(url).customer_url()
+    except ValueError:
+        return "?"
 
 
 def _worker_rows(batch: UsageBatch) -> list[tuple[str | None, int, int, int, int]]:

@@ -12,6 +12,7 @@ from .. import pricing
 from ..egress import parse_egress_url
 from ..envelope import DatorusError
 from ..leases import leasable, matches, new_lease_id, view
+from . import events
 from .db import Ledger
 from .money import balance_nanocents
 
@@ -129,6 +130,18 @@ def acquire(
         lease = db.one("SELECT * FROM leases WHERE id = ?", (lease_id,))
         assert lease is not None
         left = balance_nanocents(db, account_id)
+        events.emit(
+            db,
+            "lease.acquired",
+            account_id,
+            {
+                "account_id": account_id,
+                "lease_id": lease_id,
+                "proxy_id": str(egress["id"]),
+                "cents": cents,
+                "expires_at": now + seconds,
+            },
+        )
     return {
         **view(lease, egress),
         "credits_remaining": pricing.whole_cents(left),

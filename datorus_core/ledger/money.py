@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import pricing
 from ..envelope import DatorusError, control_free, validation_error
+from . import events
 from .accounts import MAX_BALANCE_CENTS, account_row, bounded, show_account
 from .db import Ledger
 
@@ -48,6 +49,8 @@ def add_balance(
             (account_id, kind, cents * pricing.NANOCENTS_PER_CENT, reason, external_id),
         )
         applied = cur.rowcount == 1
+        if applied and kind == "topup":
+            _purchased(db, account_id, cents, "operator", reason)
     return _balance_answer(db, account_id, applied, kind)
 
 
@@ -124,6 +127,7 @@ def credit_payment(
     reason: str,
     event_id: str | None = None,
     event_type: str | None = None,
+    source: str = "stripe",
 ) -> bool:
     """Credit *cents* for card payment *payment_id* at most once; True if this call did.
 
@@ -142,7 +146,30 @@ def credit_payment(
             " VALUES (?, 'topup', ?, ?, ?) ON CONFLICT (external_id) DO NOTHING",
             (account_id, cents * pricing.NANOCENTS_PER_CENT, reason, external),
         )
+        if cur.rowcount == 1:
+            _purchased(db, account_id, cents, source, reason, payment_id)
     return cur.rowcount == 1
+
+
+def _purchased(
+    db: Ledger,
+    account_id: int,
+    cents: int,
+    source: str,
+    reason: str | None,
+    payment_id: str | None = None,
+) -> None:
+    """``credits.purchased`` for a credit just inserted (in the caller's transaction)."""
+    data: dict[str, Any] = {
+        "account_id": account_id,
+        "amount_cents": cents,
+        "balance_cents": pricing.whole_cents(balance_nanocents(db, account_id)),
+        "source": source,
+        "reason": reason,
+    }
+    if payment_id is not None:
+        data["payment_id"] = payment_id
+    events.emit(db, "credits.purchased", account_id, data)
 
 
 def transactions(db: Ledger, account_id: int, limit: int = 50) -> list[dict[str, Any]]:

@@ -383,6 +383,118 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     );
     """,
+    # 11: events (issue 18). One log of named events, ids in commit order (AUTOINCREMENT:
+    # never reused, even once the newest rows are pruned), written in the same transaction
+    # as the change each describes; dedupe names an event that happens once (the first
+    # refusal for money since the last top-up, a pool crossing its low mark), so every
+    # gateway may try to write it. Subscriptions are the operator's notifiers (account_id
+    # NULL) and the customers' webhooks; the signing secret is kept as it is (a signature
+    # needs it). deliveries is the durable outbox: one row per (subscription, event),
+    # next_at/claim_until in Unix milliseconds, pending until delivered or, after
+    # retrying for event_retry_seconds, failed. event_cursor is how far the dispatcher has
+    # fanned events out; event_marks holds the one-per-crossing state (the pool low).
+    # account_alerts: a customer's low-balance mark and auto-recharge. leases.announced:
+    # lease.expired was written for it.
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        account_id INTEGER,
+        data TEXT NOT NULL DEFAULT '{}',
+        dedupe TEXT UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX events_account ON events(account_id, id);
+    CREATE TABLE subscriptions (
+        id INTEGER PRIMARY KEY,
+        account_id INTEGER REFERENCES accounts(id),
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret TEXT,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        deleted_at TEXT,
+        last_success_at TEXT,
+        last_failure_at TEXT,
+        last_failure TEXT
+    );
+    CREATE INDEX subscriptions_account ON subscriptions(account_id, id);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        subscription_id INTEGER NOT NULL,
+        event_id INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at INTEGER NOT NULL,
+        first_at INTEGER NOT NULL,
+        claim_until INTEGER NOT NULL DEFAULT 0,
+        last_status INTEGER,
+        last_error TEXT,
+        done_at TEXT,
+        UNIQUE (subscription_id, event_id)
+    );
+    CREATE INDEX deliveries_due ON deliveries(next_at) WHERE status = 'pending';
+    CREATE INDEX deliveries_event ON deliveries(event_id);
+    CREATE TABLE event_cursor (
+        name TEXT PRIMARY KEY,
+        last_id INTEGER NOT NULL
+    );
+    INSERT INTO event_cursor (name, last_id) VALUES ('dispatch', 0);
+    CREATE TABLE event_marks (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE account_alerts (
+        account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+        low_cents INTEGER,
+        mail_low INTEGER NOT NULL DEFAULT 1,
+        recharge_threshold_cents INTEGER,
+        recharge_amount_cents INTEGER
+    );
+    ALTER TABLE leases ADD COLUMN announced INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX leases_unannounced ON leases(expires_at)
+        WHERE announced = 0 AND released_at IS NULL;
+    """,
+    # 12: allow-listed client addresses (issue 19): a request without credentials from
+    # one of a credential's CIDRs runs as that credential. A CIDR is kept in one spelling
+    # (datorus_core.allowlist.normalize_cidr) and belongs to one credential only: the most
+    # specific CIDR wins where two overlap, and an exact duplicate is refused. A change
+    # reaches running gateways like every operator change (config_version). And a receipt's
+    # code: the Datorus code of a refused SOCKS5 request, whose client sees one reply byte
+    # (NULL for a served request).
+    f"""
+    CREATE TABLE credential_allowed_ips (
+        id INTEGER PRIMARY KEY,
+        credential_id INTEGER NOT NULL REFERENCES credentials(id),
+        cidr TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    ALTER TABLE receipts ADD COLUMN code TEXT;
+    CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    """,
+    # 13 (pool worker): service_claims, a named claim with an expiry, so only one process
+    # per ledger runs a background service (the pool worker: checks and scheduled
+    # scrapes) at a time; egress.check_seq, the number of the check batch that last
+    # wrote the egress (from check_sequence's one row), so gateways read only what the
+    # checks changed since they last looked (no config_version touch: no full reload).
+    """
+    CREATE TABLE service_claims (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        claimed_at INTEGER NOT NULL
+    );
+    CREATE TABLE check_sequence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL
+    );
+    INSERT INTO check_sequence (id, seq) VALUES (1, 0);
+    ALTER TABLE egress ADD COLUMN check_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX egress_check_seq ON egress(check_seq);
+    """,
 )
 
 

@@ -32,6 +32,7 @@ from ..clock import iso_utc
 from ..egress import EgressSpec, parse_egress_url
 from ..envelope import DatorusError
 from ..sources.found import FoundProxy, InvalidEntry, normalize_host
+from . import events
 from .db import Ledger
 
 _COLUMNS = (
@@ -259,6 +260,14 @@ def finish(
             f"UPDATE sources SET {sets} WHERE id = ? AND claimed_by = ?",
             [*args, source_id, owner],
         )
+        if cur.rowcount == 1:
+            data: dict[str, Any] = {"source_id": str(source_id), "duration_ms": outcome.duration_ms}
+            if outcome.error is None:
+                data.update(proxies_discovered=outcome.found, proxies_new=outcome.new)
+            else:
+                data["error"] = outcome.error
+            kind = "source.scraped" if outcome.error is None else "source.failed"
+            events.emit(db, kind, None, data)
     return cur.rowcount == 1
 
 

@@ -60,8 +60,10 @@ def receipt(db: Ledger, request_id: str) -> dict[str, Any]:
 
 RECEIPT_COLUMNS = (
     "request_id", "account_id", "credential_id", "method", "host", "port", "status",
-    "bytes_up", "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at",
+    "bytes_up", "bytes_down", "trial_bytes", "nanocents", "started_at", "finished_at", "code",
 )  # fmt: skip
+"""A receipt's values in order. ``code`` (the Datorus code of a refusal, issue 19: a
+SOCKS5 client sees only a reply byte) may be left off: a row one value short has none."""
 _RECEIPT_INSERT = (
     f"INSERT INTO receipts ({', '.join(RECEIPT_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(RECEIPT_COLUMNS))})"
@@ -76,16 +78,18 @@ def insert_receipts(db: Ledger, rows: Iterable[Sequence[Any]]) -> int:
     writes receipts with its usage batches (:mod:`.gateway`). A duplicate request id is
     an error. Returns how many rows went in.
     """
+    full = [tuple(r) + (None,) * (len(RECEIPT_COLUMNS) - len(r)) for r in rows]
     with db.transaction():
-        return db.execute_many(_RECEIPT_INSERT, rows)
+        return db.execute_many(_RECEIPT_INSERT, full)
 
 
 _INT64 = (-(2**63), 2**63 - 1)
 _TEXT_COLUMNS = frozenset(
     i
     for i, c in enumerate(RECEIPT_COLUMNS)
-    if c in ("request_id", "method", "host") or c.endswith("_at")
+    if c in ("request_id", "method", "host", "code") or c.endswith("_at")
 )
+_OPTIONAL = frozenset({RECEIPT_COLUMNS.index("code")})
 
 
 def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -102,15 +106,20 @@ def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     >>> clean_receipts([("r1", 1, 2, "GET", "a\\x00.example", 80, 200, 1, 2, 0, 5, "t", "t"),
     ...                 ("r2", None, 2, "GET", "h", 80, 200, 1, 2, 0, 5, "t", "t"),
     ...                 ("r3", 1, 2, "GET", "h", "x", 200, 1, 2, 0, 10**30, "t", "t")])
-    [('r1', 1, 2, 'GET', 'a.example', 80, 200, 1, 2, 0, 5, 't', 't')]
+    [('r1', 1, 2, 'GET', 'a.example', 80, 200, 1, 2, 0, 5, 't', 't', None)]
     """
     out: list[tuple[Any, ...]] = []
     for row in rows:
+        if len(row) == len(RECEIPT_COLUMNS) - 1:
+            row = (*row, None)  # no code: a served request
         if len(row) != len(RECEIPT_COLUMNS):
             continue
         clean: list[Any] = []
         for i, value in enumerate(row):
             if value is None:
+                if i in _OPTIONAL:
+                    clean.append(None)
+                    continue
                 break
             if i in _TEXT_COLUMNS:
                 if not isinstance(value, str):
@@ -123,3 +132,51 @@ def clean_receipts(rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         else:
             out.append(tuple(clean))
     return out
+
+
+def by_host(db: Ledger, account_id: int, since_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The account's usage per destination host since request id *since_id* (a
+    :func:`~datorus_core.envelope.request_id_floor`), most bytes first, from its receipts
+    (kept ``receipt_days``; refusals' receipts, which carry a code, left out): ``host``,
+    ``requests``, ``bytesUp``, ``bytesDown``, ``bytes``, ``trialBytes`` and
+    ``chargedNanocents``."""
+    rows = db.query(
+        "SELECT host, COUNT(*) AS requests, SUM(bytes_up) AS up, SUM(bytes_down) AS down,"
+        " SUM(trial_bytes) AS trial, SUM(nanocents) AS nc FROM receipts"
+        " WHERE account_id = ? AND request_id >= ? AND code IS NULL GROUP BY host"
+        " ORDER BY SUM(bytes_up) + SUM(bytes_down) DESC, host LIMIT ?",
+        (account_id, since_id, limit),
+    )
+    return [
+        {
+            "host": r["host"],
+            "requests": int(r["requests"]),
+            "bytesUp": int(r["up"]),
+            "bytesDown": int(r["down"]),
+            "bytes": int(r["up"]) + int(r["down"]),
+            "trialBytes": int(r["trial"]),
+            "chargedNanocents": int(r["nc"]),
+        }
+        for r in rows
+    ]
+
+
+def recent_receipts(db: Ledger, account_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The account's newest receipts, newest first (every :data:`RECEIPT_COLUMNS`)."""
+    return db.query(
+        f"SELECT {', '.join(RECEIPT_COLUMNS)} FROM receipts WHERE account_id = ?"
+        " ORDER BY request_id DESC LIMIT ?",
+        (account_id, limit),
+    )
+
+
+def bytes_by_account(db: Ledger, day: str) -> dict[int, int]:
+    """Bytes each account moved on UTC *day* (``YYYY-MM-DD``), from ``usage_daily``."""
+    return {
+        int(r["account_id"]): int(r["b"])
+        for r in db.query(
+            "SELECT account_id, SUM(bytes_up) + SUM(bytes_down) AS b FROM usage_daily"
+            " WHERE day = ? GROUP BY account_id",
+            (day,),
+        )
+    }

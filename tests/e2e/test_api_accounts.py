@@ -20,9 +20,11 @@ from api_helpers import (
     token_from_ledger,
     token_from_outbox,
 )
-from support.ledger import cli, ledger_value
+from support.ledger import cli, ledger_exec, ledger_value
 from support.processes import ApiProcess, Gateway, GatewaySetup
 from support.waiting import free_port, wait_http, wait_until
+
+from datorus_core.envelope import new_request_id
 
 
 @pytest.fixture(scope="module")
@@ -513,3 +515,93 @@ def test_free_text_with_control_characters_is_refused_everywhere(gw: Gateway, te
         err = gw.cli(*args, check=False)["error"]
         assert err["code"] == "VALIDATION_ERROR" and err["details"]["field"] in ("label", "reason")
     assert len(gw.cli("credential", "list", str(account_id))["items"]) == before
+
+
+# -- receipts, usage by destination, blocks (what the web console shows) ------------------
+
+
+def test_receipts_and_usage_by_domain_show_the_accounts_requests(gw: Gateway, origin) -> None:
+    account_id, _, key = _verified(gw)
+    h = bearer(key)
+    r = httpx.post(f"{gw.api_url}/account/credentials", json={}, headers=h, timeout=30)
+    cred = r.json()
+    gw.wait_for_credential(cred["username"], cred["password"])
+    proxies = {"http": gw.proxy(cred["username"], cred["password"])}
+    resp = requests.get(origin.url("/bytes/700"), proxies=proxies, timeout=30)
+    assert resp.status_code == 200
+    rid = resp.headers["X-Datorus-Request-Id"]
+
+    def receipts() -> list | None:
+        items = httpx.get(f"{gw.api_url}/account/receipts", headers=h, timeout=30).json()["items"]
+        return items if any(i["request_id"] == rid for i in items) else None
+
+    items = wait_until(receipts, 10, 0.1, "the receipt in GET /account/receipts")
+    mine = next(i for i in items if i["request_id"] == rid)
+    assert mine["host"] == "127.0.0.1" and mine["status"] == 200 and mine["method"] == "GET"
+    assert mine["bytes_down"] > 700 and mine["trial_bytes"] == mine["bytes_up"] + mine["bytes_down"]
+    assert [i["request_id"] for i in items] == sorted(
+        (i["request_id"] for i in items), reverse=True
+    )
+
+    by = httpx.get(f"{gw.api_url}/usage/domains", headers=h, timeout=30).json()
+    assert by["days"] == 30
+    (local,) = [d for d in by["items"] if d["domain"] == "127.0.0.1"]
+    assert local["requests"] == len(items) and local["bytes"] >= mine["bytes_up"] + 700
+    # the CLI lists the same receipts
+    listed = gw.cli("receipts", str(account_id))["items"]
+    assert [i["requestId"] for i in listed] == [i["request_id"] for i in items]
+    # two hosts of one registrable domain (receipts as the gateway writes them: loopback
+    # has no names to resolve) are one row, with their sums
+    for host, down, nc in (
+        ("www.shop.example.co.uk", 5_000_000, 700),
+        ("IMG.example.co.uk.", 3, 11),
+    ):
+        ledger_exec(
+            gw.db,
+            "INSERT INTO receipts (request_id, account_id, credential_id, method, host, port,"
+            " status, bytes_up, bytes_down, trial_bytes, nanocents, started_at, finished_at)"
+            " VALUES (?, ?, ?, 'CONNECT', ?, 443, 200, 100, ?, 0, ?, 0, 0)",
+            (new_request_id(), account_id, cred["id"], host, down, nc),
+        )
+    by = httpx.get(f"{gw.api_url}/usage?by=domain", headers=h, timeout=30).json()
+    assert by["by"] == "domain" and by["days"] == 30
+    top = by["items"][0]
+    assert (top["domain"], top["hosts"], top["requests"]) == ("example.co.uk", 2, 2)
+    assert (top["bytes_up"], top["bytes_down"], top["charged_nanocents"]) == (200, 5_000_003, 711)
+    assert [d["domain"] for d in by["items"]][1:] == ["127.0.0.1"]
+    assert (
+        httpx.get(f"{gw.api_url}/usage/domains", headers=h, timeout=30).json()["items"]
+        == (by["items"])
+    )
+    # the CLI shows the same
+    shown = gw.cli("usage", str(account_id), "--by", "domain")["items"]
+    assert [(d["domain"], d["hosts"], d["bytes"]) for d in shown] == [
+        (d["domain"], d["hosts"], d["bytes"]) for d in by["items"]
+    ]
+
+
+def test_receipts_usage_by_domain_and_blocks_refuse_bad_input_and_the_wrong_key(
+    gw: Gateway,
+) -> None:
+    _, _, key = _verified(gw)
+    h = bearer(key)
+    for path, field in (
+        ("/account/receipts?limit=0", "limit"),
+        ("/usage/domains?days=0", "days"),
+        ("/usage/domains?limit=201", "limit"),
+        ("/usage?by=host", "by"),
+        ("/usage?by=domain&days=367", "days"),
+    ):
+        r = httpx.get(f"{gw.api_url}{path}", headers=h, timeout=30)
+        assert assert_api_error(r, 400, "VALIDATION_ERROR")["details"]["field"] == field, path
+    for path in ("/account/receipts", "/usage/domains", "/network/blocks"):
+        r = httpx.get(f"{gw.api_url}{path}", timeout=30)
+        assert_api_error(r, 401, "INVALID_CREDENTIAL")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    # blocks are the operator's: a customer's key finds no such route
+    assert_api_error(
+        httpx.get(f"{gw.api_url}/network/blocks", headers=h, timeout=30), 404, "RESOURCE_NOT_FOUND"
+    )
+    op = gw.cli("key", "create", "--operator")["key"]
+    r = httpx.get(f"{gw.api_url}/network/blocks", headers=bearer(op), timeout=30)
+    assert r.status_code == 200 and r.json() == {"live": True, "items": [], "total": 0}

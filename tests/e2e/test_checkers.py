@@ -209,9 +209,15 @@ def test_the_judge_answers_anyone_within_its_limit(gw):
     err = assert_api_error(r, 429, "RATE_LIMITED")
     assert err["details"]["setting"] == "api_judge_per_minute"
     assert int(r.headers["retry-after"]) >= 1
-    # the gateway's own checks carry a signature made with the ledger's judge secret
-    with sqlite3.connect(gw.db) as c:
-        (secret,) = c.execute("SELECT value FROM api_secrets WHERE name = 'judge'").fetchone()
+
+    # the gateway's own checks carry a signature made with the ledger's judge secret (the
+    # pool worker makes it when it claims the pool, a moment after the gateway starts)
+    def judge_secret() -> tuple | None:
+        with sqlite3.connect(gw.db) as c:
+            return c.execute("SELECT value FROM api_secrets WHERE name = 'judge'").fetchone()
+
+    wait_until(lambda: judge_secret() is not None, 10, 0.05, "the judge's secret")
+    (secret,) = judge_secret()
     signed = httpx.get(
         f"{gw.api_url}/judge", params={"check": check_token(secret, time.time())}, timeout=10
     )

@@ -63,9 +63,14 @@ def test_stats_plugins_lists_the_parsers_found_through_entry_points(gw):
     }
 
 
-def test_stats_plugins_lists_no_notifier_nothing_measures(gw):
-    # notifiers and their events arrive with issue 18: no made-up "smtp", healthy, subscribed
-    assert _plugins(gw, gw.key).json()["notifiers"] == []
+def test_stats_plugins_lists_the_notifiers_with_no_health_before_any_delivery(gw):
+    notifiers = {n["name"]: n for n in _plugins(gw, gw.key).json()["notifiers"]}
+    assert set(notifiers) == {"smtp", "webhook"}
+    for name, n in notifiers.items():
+        assert n["package"] == "datorus" and n["module"] == f"datorus_core.notifiers.{name}"
+        assert n["loaded"] is True and n["healthy"] is None  # nothing measured it yet
+        assert n["subscriptions"] == 0 and n["last_success_at"] is None
+        assert n["deliveries"] == {"pending": 0, "delivered": 0, "failed": 0}
 
 
 def test_the_third_party_parser_needs_no_change_to_datorus():

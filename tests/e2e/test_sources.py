@@ -437,8 +437,9 @@ def test_with_two_workers_a_scheduled_scrape_happens_once(tmp_path, lists, redis
         def scraped(sid: int) -> bool:
             return bool(cli(db, "source", "show", str(sid))["lastScrapedAt"])
 
-        wait_until(lambda: scraped(second["id"]), 30, 0.2, "the second source scraped")
-        assert scraped(first["id"])
+        # the pool worker may start late (it waits for a gateway with a judge), and then
+        # runs both, the slow one last: wait for both, whichever order they end in
+        wait_until(lambda: scraped(first["id"]) and scraped(second["id"]), 40, 0.2, "both scraped")
         assert (lists.hits("/once.txt"), lists.hits("/later.txt")) == (1, 1)
         shown = cli(db, "source", "show", str(first["id"]))
         assert shown["lastFound"] == 1 and shown["scraping"] is False
@@ -477,5 +478,53 @@ def test_a_gateway_on_postgresql_runs_the_schedule(postgres_cluster, lists, tmp_
         assert shown["lastFound"] == 3 and shown["proxies"] == 3 and shown["nextRunAt"]
         items = cli(url, "egress", "list")["items"]
         assert {e["sourceId"] for e in items} == {src["id"]} and len(items) == 3
+    finally:
+        g.stop()
+
+
+# -- found proxies and the acceptable-use policy ---------------------------------------------
+
+# loopback, private, link-local (cloud metadata) and a name for loopback: denied by default;
+# one documentation address (nothing listens there: it stays unchecked) is taken
+DENIED = (
+    "127.0.0.1:3128\n10.1.2.3:8080\n169.254.169.254:80\n[::1]:3128\nlocalhost:8080\n"
+    "192.168.7.7:1080\n192.0.2.10:3128\n"
+)
+
+
+def test_found_proxies_at_denied_addresses_are_skipped_and_counted(tmp_path, lists):
+    """Without ``source_proxy_allow`` a list cannot point the gateway inside its own
+    network: a found proxy at a loopback, private or metadata address (or a name that
+    resolves to one) is skipped, counted in ``proxies_denied`` and never enters the
+    pool; with the range allowed, the same list imports it."""
+    db = tmp_path / "ledger.db"
+    prepare_ledger(db)
+    url = lists.serve("/ssrf.txt", DENIED)
+    g = Gateway(db, {"api_port": free_port()}, env={"DATORUS_SOURCE_PROXY_ALLOW": ""}).start()
+    try:
+        wait_http(g.api_url + "/health", proc=g.proc)
+        g.op = g.cli("key", "create", "--operator")["key"]
+        src = add(g, url, parser_name="plaintext")
+        r = api(g, "POST", f"/sources/{src['id']}/scrape", g.op)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert (out["proxies_new"], out["proxies_denied"], out["proxies_skipped"]) == (1, 6, 6)
+        assert out["error"] is None
+        assert any("acceptable-use policy denies" in p for p in out["problems"])
+        hosts = [p["url"] for p in api(g, "GET", "/proxies", g.op).json()["items"]]
+        assert hosts == ["http://192.0.2.10:3128"]
+        # the CLI judges with the same setting from its environment
+        env = {**os.environ, "DATORUS_SOURCE_PROXY_ALLOW": "127.0.0.0/8,::1/128,10.0.0.0/8"}
+        p = subprocess.run(
+            [DATORUS, "--db", str(db), "source", "scrape", str(src["id"]), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert p.returncode == 0, p.stderr
+        again = json.loads(p.stdout)
+        # loopback (localhost too) and 10.1.2.3 allowed now; link-local, 192.168/16 not
+        assert (again["proxiesNew"], again["proxiesDenied"]) == (4, 2)
     finally:
         g.stop()

@@ -40,10 +40,40 @@ FAULTS = {
     "given twice": ({"api_port": ["0", "0"]}, None, "datorus_api_port: given 2 times"),
     "unknown name": ({"bogus": "1"}, None, "unknown setting datorus_bogus"),
     "bad value": ({"allow": "not-a-cidr"}, None, "datorus_allow: 'not-a-cidr' is not a CIDR"),
+    "bad found-proxy range": (
+        {"source_proxy_allow": "10.0.0.0/33"},
+        None,
+        "datorus_source_proxy_allow: '10.0.0.0/33' is not a CIDR[:PORT]",
+    ),
+    "bad found-proxy range (environment)": (
+        {},
+        {"DATORUS_SOURCE_PROXY_ALLOW": "example.com"},
+        "datorus_source_proxy_allow: 'example.com' is not a CIDR[:PORT]",
+    ),
     "bad environment": ({}, {"DATORUS_RPS": "many"}, "datorus_rps: 'many' is not a whole number"),
     "bad mitm.conf": ({}, "conf", "not valid YAML"),
     "ledger cannot be opened": ({"db": "missing"}, None, "datorus_db: cannot open the ledger"),
     "API port taken": ({"api_port": "taken"}, None, "REST API cannot listen"),
+    "bad metrics port": (
+        {"metrics_port": "70000"},
+        None,
+        "datorus_metrics_port: must be a port number 0-65535",
+    ),
+    "metrics port not a number": (
+        {"metrics_port": "many"},
+        None,
+        "datorus_metrics_port: 'many' is not a whole number",
+    ),
+    "bad metrics host": (
+        {"metrics_host": "localhost"},
+        None,
+        "datorus_metrics_host: 'localhost' is not an IP address",
+    ),
+    "bad metrics port in the environment": (
+        {},
+        {"DATORUS_METRICS_PORT": "-1"},
+        "datorus_metrics_port: must be a port number 0-65535",
+    ),
 }
 
 

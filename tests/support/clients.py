@@ -14,9 +14,13 @@ def basic(user: str, password: str) -> str:
 
 
 @contextlib.contextmanager
-def raw_connection(port: int, timeout: float = 10.0) -> Iterator[socket.socket]:
-    """A plain socket to the gateway."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def raw_connection(
+    port: int, timeout: float = 10.0, source: str | None = None
+) -> Iterator[socket.socket]:
+    """A plain socket to the gateway (from the client address *source*, if given)."""
+    s = socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         yield s
     finally:

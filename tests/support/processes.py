@@ -128,6 +128,9 @@ class Gateway:
         self.port = free_port()
         self.settings = {
             "api_port": 0,
+            # a test that reads /metrics gives it a free port; DATORUS_TEST_METRICS=1 gives
+            # every test gateway one, so the whole suite runs with the counting on
+            "metrics_port": free_port() if os.environ.get("DATORUS_TEST_METRICS") else 0,
             "refresh_ms": 200,
             "auth_fail_limit": 100_000,
             "router_seed": 1,  # a failing run's egress picks repeat when it is run again
@@ -235,6 +238,10 @@ class Gateway:
         api_port = self.settings.get("api_port")
         moved = i > 0 and isinstance(api_port, int) and api_port > 0
         settings = {**self.settings, "api_port": 0} if moved else self.settings
+        if i > 0 and self.settings.get("socks5_port"):
+            settings = {**settings, "socks5_port": 0}  # the SOCKS5 entry is the first node's
+        if i > 0 and self.settings.get("metrics_port"):  # each node is its own target
+            settings = {**settings, "metrics_port": 0}
         return subprocess.Popen(
             self._command(self.node_ports[i], settings),
             cwd=REPO,
@@ -353,6 +360,14 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def socks_port(self) -> int:
+        """The SOCKS5 entry's port (started with ``settings={"socks5_port": free_port()}``)."""
+        port = self.settings.get("socks5_port")
+        if not port:
+            raise AssertionError("this gateway runs without its SOCKS5 entry (socks5_port=0)")
+        return int(port)
+
+    @property
     def api_url(self) -> str:
         """The REST API the gateway serves (started with ``settings={"api_port": free_port()}``)."""
         port = self.settings.get("api_port")
@@ -408,9 +423,11 @@ class Gateway:
         request: bytes,
         until: Callable[[tuple[int, dict[str, str], bytes]], bool] = lambda _: True,
         timeout: float = 15.0,
+        source: str | None = None,
     ) -> dict[int, tuple[int, dict[str, str], bytes]]:
         """Send *request* (one raw request) on new connections until every process that
         serves the proxy port has answered it as *until* wants: process -> that answer.
+        *source* is the client address the connections come from (default 127.0.0.1).
 
         One gateway is one process; ``datorus serve``'s workers each keep their own view
         of what they learn by themselves (the pool's health: README), so a test that
@@ -425,7 +442,7 @@ class Gateway:
             for pid, port in zip([p.pid for p in self.node_procs], self.node_ports, strict=True):
 
                 def answered(port: int = port, pid: int = pid) -> bool:
-                    with raw_connection(port) as s:
+                    with raw_connection(port, source=source) as s:
                         s.sendall(request)
                         answers[pid] = read_response(s)
                     return until(answers[pid])
@@ -434,7 +451,7 @@ class Gateway:
             return answers
 
         def all_answered() -> bool:
-            with raw_connection(self.port) as s:
+            with raw_connection(self.port, source=source) as s:
                 # which worker accepted it, before the answer can close it
                 worker = (
                     wait_until(lambda: owner_pid(s, every), 5, 0.005, "the connection accepted")

@@ -43,6 +43,7 @@ class Serve:
             "auth_fail_limit": 100_000,
             "router_seed": 1,
             "api_port": 0,
+            "metrics_port": 0,  # a test that reads /metrics gives it a free port
             **(settings or {}),
         }
         self.extra = extra or []

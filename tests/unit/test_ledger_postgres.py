@@ -113,6 +113,7 @@ def receipt_row(aid: int, cid: int, **over: Any) -> tuple[Any, ...]:
         "nanocents": 0,
         "started_at": "2026-01-02T03:04:05.000Z",
         "finished_at": "2026-01-02T03:04:06.000Z",
+        "code": None,
     }
     row.update(over)
     return tuple(row[c] for c in usage.RECEIPT_COLUMNS)
@@ -142,7 +143,7 @@ def all_ints(rows: Any) -> bool:
 
 
 def test_both_backends_have_the_same_numbered_migrations() -> None:
-    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 10
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 13
 
 
 def test_a_new_ledger_is_at_the_newest_schema_and_migrating_again_changes_nothing(
@@ -452,7 +453,13 @@ def test_leases_and_the_pool_are_seen_by_the_gateway(db: Ledger, target: str) ->
     assert shown["country"] == "us"  # the operator's country wins over the one found
     assert shown["foundCountry"] == "de"
     checks = ledger_egress.recent_checks(db, e["id"])
-    assert [c["checker_name"] for c in checks] == ["http_anonymity", "tcp_connect", "tcp_connect"]
+    assert [c["checker_name"] for c in checks] == [
+        "broken",  # a checker that raised shows as a failed run
+        "http_anonymity",
+        "tcp_connect",
+        "tcp_connect",
+    ]
+    assert checks[0]["passed"] == 0 and checks[0]["detail"] == "TypeError: oops"
     assert checks[-1]["latency_ms"] is None and checks[-1]["passed"] == 0
     health = ledger_egress.checker_health(db)
     tcp = health["tcp_connect"]

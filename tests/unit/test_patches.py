@@ -172,6 +172,21 @@ SHAPES = [
     Shape(22, f"{PROXY}.context", "Context", "inside_connect_tunnel", attrs=("layers",)),
     Shape(23, f"{PROXY}.layers", "TCPLayer.__init__", "relay_raw_tcp",
           ("self", "context", "ignore")),
+    Shape(24, f"{PROXY}.mode_servers", "Socks5Instance.make_top_layer", "serve_socks5",
+          ("self", "context")),
+    Shape(24, f"{PROXY}.layers.modes", "Socks5Proxy", "serve_socks5",
+          attrs=("buf", "state", "state_greet", "state_auth", "state_connect", "socks_err",
+                 "done", "_handle_event")),
+    Shape(24, f"{PROXY}.layers.modes", "Socks5AuthData", "serve_socks5",
+          attrs=("client_conn", "username", "password", "valid")),
+    Shape(24, f"{PROXY}.layers.modes", "Socks5AuthHook", "serve_socks5", attrs=("data",)),
+    Shape(24, f"{PROXY}.layers", "modes", "serve_socks5",
+          attrs=("SOCKS5_VERSION", "SOCKS5_METHOD_NO_ACCEPTABLE_METHODS",
+                 "SOCKS5_METHOD_USER_PASSWORD_AUTHENTICATION", "SOCKS5_ATYP_IPV4_ADDRESS",
+                 "SOCKS5_ATYP_IPV6_ADDRESS", "SOCKS5_ATYP_DOMAINNAME",
+                 "SOCKS5_REP_COMMAND_NOT_SUPPORTED", "SOCKS5_REP_ADDRESS_TYPE_NOT_SUPPORTED")),
+    Shape(24, f"{PROXY}.layers", "HttpLayer.__init__", "serve_socks5",
+          ("self", "context", "mode")),
 ]  # fmt: skip
 
 
@@ -329,3 +344,61 @@ def test_installing_twice_wraps_once_and_undo_restores_mitmproxy() -> None:
     assert _http1.Http1Server.wait is original
     undo()  # twice: nothing left to restore
     assert _http1.Http1Server.wait is original
+
+
+# -- 24. the SOCKS5 entry ------------------------------------------------------------------
+
+
+class _Gate(patches.SocksGate):
+    """A gate that refuses "no authentication" and accepts username/password."""
+
+    def method(self, client, offered: bytes) -> int:  # noqa: ANN001
+        return 0x02 if 0x02 in offered else 0xFF
+
+    def reply(self, code: int) -> bytes:
+        return bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
+
+
+def _socks_layer():
+    from mitmproxy import options
+    from mitmproxy.proxy import context
+    from mitmproxy.test import tflow
+
+    made = []
+
+    class Instance:
+        pass
+
+    undo = patches.serve_socks5(_Gate())
+    try:
+        ctx = context.Context(tflow.tclient_conn(), options.Options())
+        layer = mode_servers.Socks5Instance.make_top_layer(Instance(), ctx)
+        made.append(layer)
+    finally:
+        undo()
+    return made[0], ctx
+
+
+def test_socks5_internals_have_the_shape_the_entry_needs() -> None:
+    """The patched SOCKS5 mode builds Datorus's layer (a ``Socks5Proxy``), which picks the
+    method the gate chooses, asks the ``socks5_auth`` hook, and closes on 0xFF."""
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers import modes
+
+    original = mode_servers.Socks5Instance.make_top_layer
+    layer, ctx = _socks_layer()
+    assert mode_servers.Socks5Instance.make_top_layer is original  # undone
+    assert isinstance(layer, modes.Socks5Proxy) and type(layer) is not modes.Socks5Proxy
+    assert layer.state.__func__ is type(layer).state_greet  # not the parent's greeting
+    list(layer.handle_event(events.Start()))
+    cmds = list(layer.handle_event(events.DataReceived(ctx.client, b"\x05\x01\x00")))
+    sent = [c.data for c in cmds if isinstance(c, commands.SendData)]
+    assert sent == [b"\x05\xff"]
+    assert any(isinstance(c, commands.CloseConnection) for c in cmds)
+    layer, ctx = _socks_layer()
+    list(layer.handle_event(events.Start()))
+    cmds = list(layer.handle_event(events.DataReceived(ctx.client, b"\x05\x02\x00\x02")))
+    assert [c.data for c in cmds if isinstance(c, commands.SendData)] == [b"\x05\x02"]
+    cmds = list(layer.handle_event(events.DataReceived(ctx.client, b"\x01\x01u\x01p")))
+    hooks = [c for c in cmds if isinstance(c, modes.Socks5AuthHook)]
+    assert len(hooks) == 1 and (hooks[0].data.username, hooks[0].data.password) == ("u", "p")

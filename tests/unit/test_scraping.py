@@ -25,6 +25,10 @@ from datorus_core.ledger import sources as ls
 from datorus_core.scraping import ListError, Scraper, fetch_list
 from datorus_core.sources.fields import check_fields, next_run_at
 from datorus_core.sources.registry import MAX_LIST_BYTES
+from datorus_core.sources.screen import found_proxy_policy
+
+# the lists here name proxies in 10/8 (and loopback): the operator allowed them
+ALLOWED = found_proxy_policy({"source_proxy_allow": ["10.0.0.0/8", "127.0.0.0/8", "::1/128"]})
 
 PLAIN = "# three proxies\n10.0.0.1:3128\nsocks5://u:p@10.0.0.2:1080\n10.0.0.3:8080:bob:pw\n"
 JSON = json.dumps(
@@ -54,7 +58,7 @@ def scraper(db: Ledger, timeout: float = 10.0) -> Scraper:
     async def run(fn: Any) -> Any:
         return fn(db)
 
-    return Scraper(run, "test-owner", timeout)
+    return Scraper(run, "test-owner", timeout, policy=ALLOWED)
 
 
 def add(db: Ledger, url: str, parser: str | None = None, **over: Any) -> int:
@@ -243,7 +247,7 @@ def test_reading_a_big_list_leaves_the_event_loop_free(db: Ledger, lists: ListSe
 
         t = asyncio.create_task(ticker())
         started = time.monotonic()
-        out = await Scraper(threaded, "big", 30).scrape(sid)
+        out = await Scraper(threaded, "big", 30, policy=ALLOWED).scrape(sid)
         took = time.monotonic() - started
         done.set()
         await t
@@ -255,3 +259,26 @@ def test_reading_a_big_list_leaves_the_event_loop_free(db: Ledger, lists: ListSe
     # on the loop, the parse (most of *took*) would be one pause; a busy box stretches
     # both alike, so the bound is relative
     assert worst < took / 3, (took, worst)
+
+
+def test_found_proxies_at_denied_addresses_are_skipped_by_default(
+    db: Ledger, lists: ListServer
+) -> None:
+    body = (
+        "10.0.9.1:3128\n127.0.0.1:3128\n169.254.169.254:80\n[fd00::1]:3128\n"
+        "192.0.2.1:3128\n[2001:db8::1]:8080\nlocalhost:8080\n"
+    )
+    sid = add(db, lists.serve("/mixed.txt", body), "plaintext")
+
+    async def run(fn: Any) -> Any:
+        return fn(db)
+
+    out = asyncio.run(Scraper(run, "default-policy", 10).scrape(sid))
+    assert out is not None and out["error"] is None
+    assert (out["proxies_new"], out["proxies_denied"], out["proxies_skipped"]) == (2, 5, 5)
+    assert {r["url"] for r in ledger_egress.list_egress(db)} == {
+        "http://192.0.2.1:3128",
+        "http://[2001:db8::1]:8080",
+    }
+    out = scrape(db, sid)  # 10/8 and loopback (localhost too) allowed: those join
+    assert out is not None and (out["proxies_new"], out["proxies_denied"]) == (3, 2)

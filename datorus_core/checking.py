@@ -1,14 +1,15 @@
-"""Background checks of the egress pool: the checker plugins, off the request path.
+"""Background checks of the egress pool: the checker plugins, in the pool worker.
 
-:class:`CheckRunner` is driven by the egress router's tick (every 0.2 s): it starts
-the checks that are due (every ``egress_check_seconds`` per egress, at most
-``egress_check_concurrency`` at once, each a task of its own), applies each result to
-the live egress (its status: ``datorus_core.egress_status``; score, latency, exit IP,
-a country when it had none), rebuilds the pool's weights once per tick when anything
-changed (at once when a status moved, else at most every few seconds), and writes
-results to the ledger in batches (one transaction for up to 500 checks). Due checks
-come off a heap, so a tick costs what is due, not the size of the pool: a pool of
-thousands costs the proxy's event loop little.
+:class:`CheckRunner` runs in the pool worker process (``datorus_core.pool_worker``),
+never on a gateway's event loop. Its tick (every 0.2 s) starts the checks that are
+due (every ``egress_check_seconds`` per egress, at most ``egress_check_concurrency``
+at once, each a task of its own), applies each result to its copy of the egress (the
+status: ``datorus_core.egress_status``; score, latency, exit IP, a country when it had
+none) and writes results to the ledger in batches (one transaction for up to 500
+checks, each batch numbered: ``LedgerLink.store_checks``); the gateways read what a
+batch changed from there (``addons/egress.py``). Due checks come off a heap, so a tick
+costs what is due, not the size of the pool; results waiting for the ledger are capped
+(the oldest go first).
 
 What a check runs is ``datorus_core.checkers.pipeline.run_check`` over the installed
 checkers; its judge is ``egress_check_url``, by default the gateway's own ``GET
@@ -25,18 +26,19 @@ import heapq
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from datorus_core.checkers.base import CheckContext
-from datorus_core.checkers.judge_check import HttpAnonymity
-from datorus_core.checkers.pipeline import CheckReport, run_check
-from datorus_core.checkers.registry import installed_checkers
-from datorus_core.egress import Egress, Pool, parse_egress_url
-from datorus_core.egress_status import change
-from datorus_core.judge import check_token, default_judge_url
-from datorus_core.ledger.egress import CheckRun, CheckWrite
-
-from .context import Gateway
+from .checkers.base import CheckContext
+from .checkers.judge_check import HttpAnonymity
+from .checkers.pipeline import CheckReport, run_check
+from .checkers.registry import installed_checkers
+from .egress import Egress, Pool, parse_egress_url
+from .egress_status import change
+from .judge import check_token, default_judge_url
+from .ledger.egress import CheckRun, CheckWrite
+from .ledger.gateway import LedgerLink
 
 log = logging.getLogger("datorus")
 
@@ -45,7 +47,6 @@ _PENDING_MAX = 50_000  # results waiting for the ledger at most (the oldest go f
 _OWN_SECONDS = 300.0  # how often the gateway's own address is learnt again
 _CTX_SECONDS = 5.0  # how long one check context (judge URL, token) is reused
 _OWN_RETRY = 10.0  # seconds before the gateway's own address is asked for again after a miss
-_REWEIGH_SECONDS = 2.0  # scores alone moved: the weights are rebuilt at most this often
 
 
 @dataclass(slots=True)
@@ -55,10 +56,12 @@ class _Ctx:
 
 
 class CheckRunner:
-    """Schedules, runs and records the egress checks of one gateway process."""
+    """Schedules, runs and records the egress checks (one runner per ledger: the pool
+    worker that holds the claim)."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, settings: Mapping[str, Any], link: LedgerLink | None) -> None:
+        self.settings = settings
+        self.link = link
         self.registry = installed_checkers()
         self.checking: set[int] = set()
         self.next_check: dict[int, float] = {}  # egress id -> when its next check is due
@@ -66,9 +69,6 @@ class CheckRunner:
         self.pending: list[CheckWrite] = []
         self.tasks: set[asyncio.Task] = set()
         self.flushing: asyncio.Task | None = None
-        self.changed = False  # a score moved since the weights were built
-        self.moved = False  # a status moved since the weights were built
-        self.weighed_at = 0.0
         self.own: frozenset[str] = frozenset()
         self.own_at = -_OWN_SECONDS
         self.learning: asyncio.Task | None = None
@@ -78,13 +78,8 @@ class CheckRunner:
     # -- the tick ----------------------------------------------------------------------
 
     def tick(self, pool: Pool, rng: random.Random) -> None:
-        """Reweigh the pool if checks moved it, start due checks, write results."""
-        now = time.monotonic()
-        if self.moved or (self.changed and now - self.weighed_at >= _REWEIGH_SECONDS):
-            self.moved = self.changed = False
-            self.weighed_at = now
-            pool.reweigh()
-        self._schedule(pool, now, rng)
+        """Start due checks, write results."""
+        self._schedule(pool, time.monotonic(), rng)
         self._flush_soon()
 
     def sync(self, pool: Pool, rng: random.Random) -> None:
@@ -102,7 +97,7 @@ class CheckRunner:
         heapq.heappush(self.due, (due, eid))
 
     def _schedule(self, pool: Pool, now: float, rng: random.Random) -> None:
-        s = self.gw.settings
+        s = self.settings
         period = s.get("egress_check_seconds", 30)
         limit = s.get("egress_check_concurrency", 50)
         while self.due and self.due[0][0] <= now and len(self.checking) < limit:
@@ -134,7 +129,7 @@ class CheckRunner:
             self.checking.discard(e.id)
 
     def _apply(self, e: Egress, report: CheckReport) -> None:
-        s = self.gw.settings
+        s = self.settings
         before = e.record_check(
             report.passed, report.latency_ms, time.monotonic(), s.get("egress_dead_after", 3)
         )
@@ -142,12 +137,9 @@ class CheckRunner:
             e.exit_ip = report.exit_ip
         country = report.country.lower() if report.country else None
         if country and not e.country:
-            e.country = country  # targeting finds it from the next tick's weights on
-            self.moved = True
-        self.changed = True
+            e.country = country
         event = change(before, e.health)
         if event is not None:
-            self.moved = True
             log.info(
                 "datorus: egress %s %s -> %s (%s)", e.id, before.status, e.status, report.detail
             )
@@ -188,10 +180,10 @@ class CheckRunner:
         now = time.monotonic()
         if self.cached is not None and now - self.cached.at < _CTX_SECONDS:
             return self.cached.ctx
-        s = self.gw.settings
+        s = self.settings
         token = None
         if not s.get("egress_check_url"):  # our own judge: sign the checks
-            link = self.gw.ledger
+            link = self.link
             if self.secret is None and link is not None:
                 self.secret = await link.secret("judge")
             if self.secret is not None:
@@ -228,14 +220,14 @@ class CheckRunner:
     def _flush_soon(self) -> None:
         if not self.pending or (self.flushing is not None and not self.flushing.done()):
             return
-        link = self.gw.ledger
+        link = self.link
         if link is None:
             return
         batch, self.pending = self.pending[:_BATCH], self.pending[_BATCH:]
         self.flushing = asyncio.get_running_loop().create_task(self._flush(link, batch))
 
     @staticmethod
-    async def _flush(link, batch: list[CheckWrite]) -> None:
+    async def _flush(link: LedgerLink, batch: list[CheckWrite]) -> None:
         try:
             await link.store_checks(batch)
         except Exception as x:  # results are not money: the next checks write again
@@ -248,6 +240,6 @@ class CheckRunner:
         with contextlib.suppress(Exception):
             if self.flushing is not None:
                 await asyncio.wait_for(self.flushing, 2)
-            link = self.gw.ledger
+            link = self.link
             if self.pending and link is not None:
                 await asyncio.wait_for(link.store_checks(self.pending[:_BATCH]), 2)

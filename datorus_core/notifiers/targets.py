@@ -1,0 +1,73 @@
+"""Whether a webhook's URL may be a delivery target: the acceptable-use policy, as for
+any destination the gateway reaches (the operator's rules and settings, the built-in
+ranges, the gateway's own sockets). Checked when a webhook or notifier is added; the
+delivery checks again, against the live policy, at each attempt.
+
+Blocking (it resolves the name): from a worker thread or the CLI, never an event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..envelope import DatorusError, validation_error
+from ..ledger import Ledger
+from ..ledger.policy_rules import list_policy_rules
+from ..policy import Denial, Policy, normalize_hostname, parse_ip_literal, parse_rule
+
+
+def policy_for(db: Ledger, settings: dict[str, Any], own: Iterable[tuple[str, int]] = ()) -> Policy:
+    """The acceptable-use policy from *settings* and the ledger's rules; *own* sockets are
+    the gateway's (always denied), besides the API's own port."""
+    allow = [parse_rule(s, allow_domains=False) for s in settings.get("allow") or ()]
+    deny = [parse_rule(s, allow_domains=True) for s in settings.get("deny") or ()]
+    for r in list_policy_rules(db):
+        (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
+    sockets = list(own)
+    if settings.get("api_port"):
+        sockets.append((settings.get("api_host") or "", int(settings["api_port"])))
+    return Policy(
+        allow=allow,
+        deny=deny,
+        deny_ports=[int(p) for p in settings.get("deny_ports") or (25,)],
+        own_sockets=sockets,
+    )
+
+
+def denial_of(policy: Policy, url: str) -> tuple[Denial | None, str]:
+    """Why *url*'s host is denied (None: allowed), and the host."""
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        raise validation_error("url", str(e)) from None
+    ip = parse_ip_literal(host)
+    if ip is not None:
+        return policy.check_address(str(ip), port), host
+    try:
+        name = normalize_hostname(host)
+    except ValueError as e:
+        raise validation_error("url", f"bad host name: {e}") from None
+    denial = policy.check_name(name, port)
+    if denial is not None:
+        return denial, host
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None, host  # not resolvable now: each delivery resolves and checks again
+    return policy.check_addresses([str(i[4][0]) for i in infos], port), host
+
+
+def check_target(policy: Policy, url: str) -> None:
+    """403 ``AUP_VIOLATION`` (``details.rule``, ``details.host``) if *url* is denied."""
+    denial, host = denial_of(policy, url)
+    if denial is not None:
+        raise DatorusError(
+            "AUP_VIOLATION",
+            message="This webhook URL is not an allowed destination.",
+            details={"rule": denial.rule, "host": host, "field": "url"},
+        )
