@@ -33,6 +33,7 @@ from mitmproxy import http
 from datorus_core.envelope import DatorusError, new_request_id
 from datorus_core.hashing import cache_key, hash_secret, verify_secret
 from datorus_core.hotstate.local import LocalHotState
+from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
 from datorus_core.runtime import CredentialState
 from datorus_core.sessions import parse_username, username_problem
 
@@ -259,6 +260,11 @@ class ProxyAuth:
             # counted like a 407; logged, as for HTTP, once an address is throttled
             peer = data.client_conn.peername[0] if data.client_conn.peername else "?"
             blocked = await gw.hot.login_failed(peer, time.monotonic())
+            # the answer a CONNECT would get (RFC 1929 can only say 0x01), counted as one
+            if blocked > 0:
+                gw.metrics.answered(SOCKS5_KIND, 429, "RATE_LIMITED")
+            else:
+                gw.metrics.answered(SOCKS5_KIND, 407, "INVALID_CREDENTIAL")
             if blocked > 0 and peer not in self.throttled:
                 if len(self.throttled) > _MAX_TRACKED:
                     self.throttled.clear()

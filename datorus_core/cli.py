@@ -1508,7 +1508,14 @@ def source_scrape(id: str) -> None:
             message=f"Source {sid} could not be scraped: {result['error']}. No proxy changed.",
             details=camel(result),
         )
-    emit(result)
+    emit(result, _scrape_text)
+
+
+def _scrape_text(result: dict[str, Any]) -> str:
+    """A scrape's counts, then each problem it met on its own line (why proxies were
+    skipped or denied: the counts alone do not say)."""
+    problems = result.get("problems") or []
+    return _kv(result) + "".join(f"\nproblem: {p}" for p in problems)
 
 
 @source_app.command("remove")

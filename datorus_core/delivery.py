@@ -18,12 +18,12 @@ exponential back-off and jitter for ``event_retry_seconds`` (a day), then marked
 ``lease.expired`` for leases that ran out, prunes events after ``event_days``, and checks
 low balances and auto-recharges (:mod:`datorus_core.api.alerts`) every second.
 
-With several workers or gateways on one ledger each has its delivery process; a delivery
-is claimed in the ledger by one of them at a time (``claim_until``), so it is sent once
+Under ``datorus serve`` worker 0 runs it; several gateways on one ledger each have one;
+a delivery is claimed in the ledger by one of them at a time (``claim_until``), so it is sent once
 per attempt. Webhook receivers are destinations like any other: the acceptable-use
-policy (the operator's rules and settings, the gateway's own sockets, read again every
-``POLICY_SECONDS``) judges every address the receiver's name resolves to, and the
-connection goes to the address it allowed.
+policy (the operator's rules and settings, the gateway's own sockets, read again when an
+operator change bumps the ledger's configuration version) judges every address the
+receiver's name resolves to, and the connection goes to the address it allowed.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class Deliverer:
         self.own = own  # the gateway's listening sockets: never a delivery's target
         self.policy = Policy()
         self.policy_at = 0.0
+        self.policy_version = -1  # the ledger's config_version the policy was read at
         self.parent = os.getppid()
         self.notifiers, self.failures = load_notifiers()
         self.stop = asyncio.Event()
@@ -134,6 +135,18 @@ class Deliverer:
         """Run *fn* on this process's ledger connection, in its thread."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
 
+    async def _read_policy(self) -> None:
+        """Re-read the acceptable-use policy when an operator change bumped the ledger's
+        configuration version (checked every tick, so a ``datorus policy allow`` reaches
+        deliveries within a second, as it reaches the gateway), and every
+        ``POLICY_SECONDS`` whatever the version says."""
+        version = await self.db(lambda d: d.config_version())
+        if version == self.policy_version and time.monotonic() < self.policy_at:
+            return
+        self.policy = await self.db(lambda d: policy_for(d, self.settings, self.own))
+        self.policy_version = version
+        self.policy_at = time.monotonic() + POLICY_SECONDS
+
     async def _loop(self) -> None:
         next_housekeeping = next_alerts = 0.0
         next_prune = time.monotonic() + 60
@@ -146,9 +159,7 @@ class Deliverer:
                 return  # the gateway died (kill -9): so does its delivery process
             try:
                 await self._record()
-                if time.monotonic() >= self.policy_at:
-                    self.policy_at = time.monotonic() + POLICY_SECONDS
-                    self.policy = await self.db(lambda d: policy_for(d, self.settings, self.own))
+                await self._read_policy()
                 await self.tick()
                 now = time.monotonic()
                 if now >= next_alerts:

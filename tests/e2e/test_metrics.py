@@ -390,3 +390,10 @@ def test_a_socks5_tunnel_is_counted_as_its_own_kind(gw, origin):
         - total(before, "datorus_requests_total", kind="socks5", status="200")
         == 1
     )
+    # a failed RFC 1929 login is counted as the 407 a CONNECT would get
+    bad = socks5_connect(gw.socks_port, "127.0.0.1", origin.port, user, pw + "x")
+    assert (bad.auth_status, bad.reply) == (1, None)
+    code = {"kind": "socks5", "status": "407", "code": "INVALID_CREDENTIAL"}
+    wait_until(
+        lambda: delta(after, scrape(gw), "datorus_requests_total", **code) == 1, 15, 0.1, "407"
+    )

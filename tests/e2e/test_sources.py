@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -526,5 +527,16 @@ def test_found_proxies_at_denied_addresses_are_skipped_and_counted(tmp_path, lis
         again = json.loads(p.stdout)
         # loopback (localhost too) and 10.1.2.3 allowed now; link-local, 192.168/16 not
         assert (again["proxiesNew"], again["proxiesDenied"]) == (4, 2)
+        # the readable output says why, not only how many
+        p = subprocess.run(
+            [DATORUS, "--db", str(db), "source", "scrape", str(src["id"])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert p.returncode == 0, p.stderr
+        assert re.search(r"^proxiesDenied\s+2$", p.stdout, re.M), p.stdout
+        assert "\nproblem: 2 proxies at addresses the acceptable-use policy denies" in p.stdout
     finally:
         g.stop()
