@@ -91,7 +91,7 @@ def pool_gw(tmp_path_factory, peer_origin):
         seen.add(get(gw, user, pw, peer_origin.url("/peer")).text)
         return seen >= set(SOURCES)
 
-    wait_until(all_live, 10, 0.01, "four source addresses in use")
+    wait_until(all_live, 40, 0.01, "four source addresses in use")
     yield gw
     gw.stop()
 
@@ -305,7 +305,9 @@ def blocks_gw(tmp_path_factory, peer_origin):
             via(gw, peer_origin.url("/peer"), country=c).text == ip for ip, c in COUNTRY.items()
         )
 
-    wait_until(live, 10, 0.05, "each country's source address in use")
+    # egress added by hand start unchecked: the pool worker (its own process, at a lower
+    # priority, and 10 s late on a gateway without a judge) makes them active
+    wait_until(live, 40, 0.05, "each country's source address in use")
     yield gw
     gw.stop()
 
@@ -617,7 +619,7 @@ def test_killed_upstream_proxy_is_routed_around(proxies_gw, peer_origin):
     dead.start()
     wait_until(
         lambda: get(gw, gw.user, gw.pw, peer_origin.url("/peer")).text == dead.source,
-        20,
+        40,
         0.05,
         "restarted upstream proxy back in the pool",
     )

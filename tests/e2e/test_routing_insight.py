@@ -49,7 +49,7 @@ def gw_setup(peer) -> GatewaySetup:
                 _via(g, peer, "/peer", **{"X-Datorus-Country": c}).text for c in ("us", "de")
             } == {US, DE}
 
-        wait_until(both_live, 10, 0.05, "both source addresses in use")
+        wait_until(both_live, 40, 0.05, "both source addresses in use")
 
     settings = {
         "block_seconds": 60,

@@ -375,7 +375,7 @@ def pool_gw(tmp_path_factory, peer_origin):
             a.close()
         return seen >= set(SOURCES)
 
-    wait_until(all_live, 20, 0.01, "every source address in use")
+    wait_until(all_live, 40, 0.01, "every source address in use")
     yield g
     g.stop()
 
