@@ -291,7 +291,11 @@ def test_a_flood_from_many_connections_is_limited_exactly_as_one_process_limits_
             f" longest pause between requests {pause:.3f} s"
         )
         assert pause < burst / rate  # demand never let the bucket refill to idle
-        assert least <= n <= most + 1
+        # a Redis answer later than 0.25 s (a loaded box) sends a worker to its local 1/N
+        # share until Redis answers again (README, "When Redis fails"): the shares
+        # together admit at most one more burst than the gateway's own bucket, no more
+        hiccup = f"redis {redis_server.url} unreachable" in sv.out.read_text(errors="replace")
+        assert least <= n <= most + 1 + (burst if hiccup else 0), f"redis hiccup: {hiccup}"
         # both workers let requests through: one limit for the gateway, not one each
         assert set(by_worker) == pids, by_worker
         assert all(body == b"hello from origin" for *_, body, _ in passed)
