@@ -430,6 +430,8 @@ def start_proxy(
     else:
         cmd = [mitmdump, "-s", str(tree / script), *gateway_args(tmp, key, port, db)]
     env = {"PYTHONPATH": str(tree)} if tree != REPO else {}
+    # several gateways run at once here: none takes the SOCKS5 entry's default port
+    env["DATORUS_SOCKS5_PORT"] = os.environ.get("DATORUS_SOCKS5_PORT", "0")
     if metrics:
         env["DATORUS_METRICS_PORT"] = str(free_port())
     return Proxy(key, port, children.spawn(key, cmd, cwd=tree, env=env), creds)

@@ -78,6 +78,8 @@ def ab(proxy: B.Proxy, origin: B.Origin, conc: int, seconds: float, tmp: Path) -
     before = B.cpu_seconds(proxy.pid)
     out = B.run(B.ab_cmd(proxy, origin, conc, seconds, 10**7, csv), seconds + 60)
     res = B.parse_ab(out.stdout, csv)
+    if "rps" not in res:
+        raise SystemExit(f"bench: {proxy.key} at c{conc}: {res.get('error')} {out.stderr[-300:]}")
     res["cpu_ms"] = (B.cpu_seconds(proxy.pid) - before) * 1000 / max(1, res["requests"])
     return res
 

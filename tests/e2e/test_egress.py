@@ -91,9 +91,11 @@ def pool_gw(tmp_path_factory, peer_origin):
         seen.add(get(gw, user, pw, peer_origin.url("/peer")).text)
         return seen >= set(SOURCES)
 
-    wait_until(all_live, 40, 0.01, "four source addresses in use")
-    yield gw
-    gw.stop()
+    try:  # a gateway that never gets ready is stopped too, not left running
+        wait_until(all_live, 40, 0.01, "four source addresses in use")
+        yield gw
+    finally:
+        gw.stop()
 
 
 # -- sticky sessions ----------------------------------------------------------------------
@@ -307,9 +309,11 @@ def blocks_gw(tmp_path_factory, peer_origin):
 
     # egress added by hand start unchecked: the pool worker (its own process, at a lower
     # priority, and 10 s late on a gateway without a judge) makes them active
-    wait_until(live, 40, 0.05, "each country's source address in use")
-    yield gw
-    gw.stop()
+    try:  # a gateway that never gets ready is stopped too, not left running
+        wait_until(live, 40, 0.05, "each country's source address in use")
+        yield gw
+    finally:
+        gw.stop()
 
 
 @pytest.fixture

@@ -375,9 +375,11 @@ def pool_gw(tmp_path_factory, peer_origin):
             a.close()
         return seen >= set(SOURCES)
 
-    wait_until(all_live, 40, 0.01, "every source address in use")
-    yield g
-    g.stop()
+    try:  # a gateway that never gets ready is stopped too, not left running
+        wait_until(all_live, 40, 0.01, "every source address in use")
+        yield g
+    finally:
+        g.stop()
 
 
 def _exit(g, peer_origin, user: str) -> str:
