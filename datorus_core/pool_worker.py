@@ -13,8 +13,9 @@ ledger's ``config_version`` moves) and the sources' schedules (``source_concurre
 scrapes at once, each claimed per source: ``scraping.Scraper``). The others wait and
 take the claim when it lapses or is given back, so with ``datorus serve --workers N``
 or several gateways on one PostgreSQL ledger nothing is checked twice. A worker whose
-gateway has no judge waits :data:`NO_JUDGE_DEFER_SECONDS` before its first try, so
-one that grades anonymity gets the pool when both start together.
+gateway has no judge waits :data:`NO_JUDGE_DEFER_SECONDS` before its first try on a
+PostgreSQL ledger, so a node that grades anonymity gets the pool when both start
+together (a SQLite ledger is one box's: its worker checks at once).
 
 It is started as ``python -m datorus_core.pool_worker`` with the gateway's settings as
 one JSON line on its standard input, which then stays open: when the gateway goes (its
@@ -47,6 +48,7 @@ from .ledger import Ledger, connect
 from .ledger import claims as ledger_claims
 from .ledger import sources as ledger_sources
 from .ledger.gateway import LedgerLink
+from .ledger.target import is_postgres
 from .scraping import Scraper, new_owner
 from .sources.screen import found_proxy_policy
 
@@ -220,7 +222,10 @@ class PoolWorker:
         self.link.pool_low = int(self.settings.get("event_pool_low", 0))  # proxy.pool_low
         await self.link.open()
         next_version = next_sources = 0.0
-        next_claim = 0.0 if self.judged else time.monotonic() + NO_JUDGE_DEFER_SECONDS
+        # only a PostgreSQL ledger has gateways on other boxes, with other judges, to
+        # defer to; on a SQLite file every gateway is on this box: check at once
+        defer = not self.judged and is_postgres(str(self.settings["db"]))
+        next_claim = time.monotonic() + NO_JUDGE_DEFER_SECONDS if defer else 0.0
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()

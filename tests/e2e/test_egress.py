@@ -308,7 +308,7 @@ def blocks_gw(tmp_path_factory, peer_origin):
         )
 
     # egress added by hand start unchecked: the pool worker (its own process, at a lower
-    # priority, and 10 s late on a gateway without a judge) makes them active
+    # priority; on PostgreSQL 10 s late when the gateway has no judge) makes them active
     try:  # a gateway that never gets ready is stopped too, not left running
         wait_until(live, 40, 0.05, "each country's source address in use")
         yield gw
@@ -791,7 +791,7 @@ def test_a_request_the_gateway_cuts_for_money_marks_no_block(make_gateway, origi
             "X-Datorus-Egress-Id"
             in requests.get(origin.url("/"), proxies=proxies, headers=report, timeout=10).headers
         ),
-        10,
+        40,
         0.1,
         "the egress live",
     )

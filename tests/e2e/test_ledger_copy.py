@@ -165,6 +165,17 @@ def busy_ledger(db: Path, raw_origin: RawOrigin) -> dict[str, Any]:
             return got.status_code == 200 and got.json()["total_count"] == 2
 
         wait_until(both_active, 20, 0.05, "both egress checked and active")
+
+        def both_routed() -> bool:  # the gateway reads the checks' results every 0.5 s
+            got = httpx.get(
+                f"{gw.api_url}/debug/pick",
+                params={"url": raw_origin.url("/")},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            return got.status_code == 200 and len(got.json()["candidates"]) == 2
+
+        wait_until(both_routed, 10, 0.05, "both egress in the gateway's pool")
         lease = httpx.post(
             f"{gw.api_url}/proxies/acquire",
             json={"lease_duration_seconds": 600},

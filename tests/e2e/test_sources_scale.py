@@ -95,7 +95,13 @@ def test_10000_listed_proxies_imported_and_checked_with_bounded_memory(gw, farm,
     assert gw.proc is not None
     proxies = {"http": gw.proxy(gw.user, gw.pw)}
     wait_until(lambda: by_status(gw).get("active") == 1, 30, 0.2, "the direct egress checked")
-    assert requests.get(origin.url("/x"), proxies=proxies, timeout=20).status_code == 200
+    # the gateway reads what the pool worker's checks changed every 0.5 s
+    wait_until(
+        lambda: requests.get(origin.url("/x"), proxies=proxies, timeout=20).status_code == 200,
+        10,
+        0.1,
+        "the direct egress in the gateway's pool",
+    )
     before = rss_mb(gw.proc.pid)
 
     answered: list[int] = []
