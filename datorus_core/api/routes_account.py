@@ -14,7 +14,7 @@ from ..ledger import usage as ledger_usage
 from . import store
 from .deps import Account, ActiveAccount, Cursor, Limit, State
 from .models import AllowedIpIn, CredentialIn
-from .views import domain_usage, receipt_view
+from .views import domain_usage, receipt_view, usage_counters
 
 router = APIRouter()
 
@@ -195,18 +195,7 @@ async def get_usage(
         "balance_cents": u["balanceCents"],
         "balance_nanocents": u["balanceNanocents"],
         "price_cents_per_gb": view["price_cents_per_gb"],
-        "days": [
-            {
-                "day": d["day"],
-                "requests": d["requests"],
-                "bytes_up": d["bytesUp"],
-                "bytes_down": d["bytesDown"],
-                "bytes": d["bytes"],
-                "trial_bytes": d["trialBytes"],
-                "charged_nanocents": d["chargedNanocents"],
-            }
-            for d in u["days"]
-        ],
+        "days": [{"day": d["day"], **usage_counters(d)} for d in u["days"]],
         "rate_limit": {
             "requests_per_second": rps,
             "burst": burst,

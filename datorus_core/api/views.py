@@ -44,18 +44,21 @@ def domain_usage(st: ApiState, account_id: int, days: int, limit: int) -> list[d
     since = request_id_floor(int((time.time() - days * 86400) * 1000))
     hosts = ledger_usage.by_host(st.store.db(), account_id, since, HOSTS_FOLDED)
     return [
-        {
-            "domain": d["domain"],
-            "hosts": d["hosts"],
-            "requests": d["requests"],
-            "bytes_up": d["bytesUp"],
-            "bytes_down": d["bytesDown"],
-            "bytes": d["bytes"],
-            "trial_bytes": d["trialBytes"],
-            "charged_nanocents": d["chargedNanocents"],
-        }
+        {"domain": d["domain"], "hosts": d["hosts"], **usage_counters(d)}
         for d in by_registrable(hosts, limit)
     ]
+
+
+def usage_counters(d: dict[str, Any]) -> dict[str, Any]:
+    """A usage row's counters (the ledger's camelCase) as the API spells them."""
+    return {
+        "requests": d["requests"],
+        "bytes_up": d["bytesUp"],
+        "bytes_down": d["bytesDown"],
+        "bytes": d["bytes"],
+        "trial_bytes": d["trialBytes"],
+        "charged_nanocents": d["chargedNanocents"],
+    }
 
 
 def _status(r: dict[str, Any]) -> str:
