@@ -613,8 +613,9 @@ def test_killed_upstream_proxy_is_routed_around(proxies_gw, peer_origin):
             failures += 1
         else:
             outs.append(r.text)
-    # at most the requests that found it dead before the gateway knew; then all avoid it
-    assert failures <= 2
+    # at most the requests that found it dead before the gateway knew (each gateway
+    # process finds out for itself: README), then all avoid it
+    assert failures <= 2 * gw.workers
     assert outs[-10:] == [alive.source] * 10
     # a session pinned there moves to the live one
     r = get(gw, gw.user, gw.pw, peer_origin.url("/peer"), **{"X-Datorus-Session-Id": "moves"})
