@@ -591,7 +591,7 @@ def usage(
         accounts.account_row(db, aid)
         since = request_id_floor(int((time.time() - days * 86400) * 1000))
         items = by_registrable(ledger_usage.by_host(db, aid, since, HOSTS_FOLDED), 200)
-        emit({"id": aid, "days": days, "items": items}, _items())
+        emit({"id": aid, "by": "domain", "days": days, "items": items}, _items())
         return
     result = ledger_usage.usage(db, aid, by_day=by == "day")
     if by == "day":

@@ -217,7 +217,7 @@ class Deliverer:
         try:
             if plugin is None:
                 raise DeliveryError(f"no notifier plugin {sub['kind']!r} is loaded")
-            await plugin.obj.send(
+            answered = await plugin.obj.send(
                 Delivery(
                     target=sub["target"],
                     event=event,
@@ -228,6 +228,7 @@ class Deliverer:
                     settings=s,
                 )
             )
+            status = answered if isinstance(answered, int) else None
         except DeliveryError as e:
             error, status = e.reason, e.status
         except asyncio.CancelledError:

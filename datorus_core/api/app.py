@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from ..envelope import DatorusError, envelope, new_request_id
@@ -75,15 +76,43 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(request, DatorusError("VALIDATION_ERROR", details=details))
 
 
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on this request's path, in a fixed
+    order.
+
+    Starlette's 405 names only the methods of the first route whose path matched; a
+    path served by several routes (``GET`` and ``POST /account/webhooks`` are two) has
+    them all. The router itself is asked, method by method, so included routers count.
+    """
+    # a mount (the static files) matches every method; it serves GET and HEAD
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    static = any(
+        r.matches(request.scope)[0] == Match.FULL
+        for r in request.app.router.routes
+        if isinstance(r, Mount)
+    )
+    found = []
+    for method in _METHOD_ORDER:
+        scope = {**request.scope, "method": method}
+        if (static and method in ("GET", "HEAD")) or any(
+            route.matches(scope)[0] == Match.FULL for route in routes
+        ):
+            found.append(method)
+    return found
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     if status == 405:
-        allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        allowed = allowed_methods(request)
         err = DatorusError(
             "RESOURCE_NOT_FOUND",
             message=f"{request.method} is not supported on {request.url.path}.",
-            details={"method": request.method, "allowed": allow.replace(" ", "").split(",")},
-            headers={"Allow": allow} if allow else None,
+            details={"method": request.method, "allowed": allowed},
+            headers={"Allow": ", ".join(allowed)} if allowed else None,
         )
     elif status == 400:
         err = DatorusError("VALIDATION_ERROR", details={"field": "body", "reason": "bad request"})

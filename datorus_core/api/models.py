@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .. import leases
 from ..egress import COUNTRY_PATTERN
@@ -21,11 +21,20 @@ def _control_free(v: str | None) -> str | None:
 # free text a customer types: shown in the operator's tables and terminals, and in mail
 Label = Annotated[str | None, Field(default=None, max_length=100), AfterValidator(_control_free)]
 
+
+class Body(BaseModel):
+    """A request body: a field of the wrong JSON type (``"no"`` for a boolean, ``"5"``
+    for a number) or one the route does not know is 400 ``VALIDATION_ERROR`` with
+    ``details.field``, never coerced or silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 MIN_TOPUP_CENTS = 50  # Stripe's smallest USD charge
 MAX_TOPUP_CENTS = 1_000_000
 
 
-class RegisterIn(BaseModel):
+class RegisterIn(Body):
     """``POST /auth/register``."""
 
     email: str = Field(max_length=254, examples=["user@example.com"])
@@ -40,19 +49,19 @@ class RegisterIn(BaseModel):
         return v
 
 
-class VerifyIn(BaseModel):
+class VerifyIn(Body):
     """``POST /auth/verify``: the token from the verification mail."""
 
     token: str = Field(min_length=1, max_length=1000)
 
 
-class KeyIn(BaseModel):
+class KeyIn(Body):
     """``POST /auth/keys``."""
 
     label: Label = None
 
 
-class AcquireIn(BaseModel):
+class AcquireIn(Body):
     """``POST /proxies/acquire``: which egress to lease, and for how long (seed 002)."""
 
     protocol: Literal["direct", "http", "https", "socks4", "socks5"] | None = None
@@ -62,34 +71,34 @@ class AcquireIn(BaseModel):
     lease_duration_seconds: int = Field(default=leases.DEFAULT_SECONDS, ge=1, le=leases.MAX_SECONDS)
 
 
-class CredentialIn(BaseModel):
+class CredentialIn(Body):
     """``POST /account/credentials``."""
 
     label: Label = None
     max_bytes: int | None = Field(default=None, ge=1, le=2**62, description="Byte cap.")
 
 
-class AllowedIpIn(BaseModel):
+class AllowedIpIn(Body):
     """``POST /account/credentials/{id}/allowed-ips``: a client CIDR that may connect
     without credentials, as this credential."""
 
     cidr: str = Field(max_length=64, examples=["203.0.113.0/24", "2001:db8::/48"])
 
 
-class CardIn(BaseModel):
+class CardIn(Body):
     """``POST /account/cards``: a PaymentMethod id made client-side with Stripe.js."""
 
     payment_method: str = Field(pattern=r"^pm_[A-Za-z0-9_]{1,250}$", examples=["pm_card_visa"])
 
 
-class TopupIn(BaseModel):
+class TopupIn(Body):
     """``POST /account/topups``: charge the saved card (or the given PaymentMethod)."""
 
     amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)
     payment_method: str | None = Field(default=None, pattern=r"^pm_[A-Za-z0-9_]{1,250}$")
 
 
-class CheckoutIn(BaseModel):
+class CheckoutIn(Body):
     """``POST /account/topups/checkout``: a Stripe Checkout Session for this amount."""
 
     amount_cents: int = Field(ge=MIN_TOPUP_CENTS, le=MAX_TOPUP_CENTS)

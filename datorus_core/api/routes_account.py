@@ -34,14 +34,8 @@ def get_credits(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=20
 @router.get("/account/leases", tags=["account"])
 def get_leases(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
     """The account's live egress leases (``POST /proxies/acquire``), oldest first."""
-    start = store.decode_cursor(cursor)
     items = leases.for_account(st.store.db(), acc["id"], int(time.time()))
-    more = start + limit < len(items)
-    return {
-        "items": items[start : start + limit],
-        "next_cursor": store.encode_cursor(start + limit) if more else None,
-        "total_count": len(items),
-    }
+    return store.listing(*store.page_items(items, limit, cursor, by_id=False))
 
 
 @router.get("/account/credentials", tags=["credentials"])
@@ -50,11 +44,7 @@ def list_credentials(acc: Account, st: State, limit: Limit = 50, cursor: Cursor 
     rows, nxt, total = store.page(
         st.store.db(), accounts.CREDENTIALS_SQL, [acc["id"]], limit, cursor
     )
-    return {
-        "items": [store.credential_view(r) for r in rows],
-        "next_cursor": nxt,
-        "total_count": total,
-    }
+    return store.listing([store.credential_view(r) for r in rows], nxt, total)
 
 
 @router.post("/account/credentials", status_code=201, tags=["credentials"])
@@ -104,14 +94,13 @@ def add_allowed_ip(credential_id: str, body: AllowedIpIn, acc: ActiveAccount, st
 
 
 @router.get("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
-def list_allowed_ips(credential_id: str, acc: Account, st: State) -> Any:
-    """The credential's allow-listed client CIDRs."""
+def list_allowed_ips(
+    credential_id: str, acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None
+) -> Any:
+    """The credential's allow-listed client CIDRs, in cursor pages by entry id."""
     rows = allowed_ips.list_allowed_ips(st.store.db(), acc["id"], credential_id)
-    return {
-        "items": [_allowed_view(r) for r in rows],
-        "next_cursor": None,
-        "total_count": len(rows),
-    }
+    page, nxt, total = store.page_items(rows, limit, cursor)
+    return store.listing([_allowed_view(r) for r in page], nxt, total)
 
 
 @router.delete("/account/credentials/{credential_id}/allowed-ips", tags=["credentials"])
@@ -206,11 +195,19 @@ async def get_usage(
 
 
 @router.get("/account/receipts", tags=["account"])
-def get_receipts(acc: Account, st: State, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> Any:
-    """The receipts of the account's most recent requests, newest first (kept
+def get_receipts(acc: Account, st: State, limit: Limit = 20, cursor: Cursor = None) -> Any:
+    """The receipts of the account's requests, newest first, in cursor pages (kept
     ``receipt_days``): request id, method, host, port, status, bytes and charge."""
-    rows = ledger_usage.recent_receipts(st.store.db(), acc["id"], limit)
-    return {"items": [receipt_view(r) for r in rows]}
+    db, aid = st.store.db(), acc["id"]
+    rows, nxt, total = store.page_newest(
+        lambda before, n: ledger_usage.recent_receipts(db, aid, n, before),
+        ledger_usage.receipt_count(db, aid),
+        limit,
+        cursor,
+        key="request_id",
+        kind=str,
+    )
+    return store.listing([receipt_view(r) for r in rows], nxt, total)
 
 
 @router.get("/usage/domains", tags=["account"])
@@ -223,4 +220,4 @@ def get_usage_by_domain(
     """Usage by registrable destination domain over the last *days* days, most bytes
     first (from the receipts, which are kept ``receipt_days``); the same as
     ``GET /usage?by=domain``."""
-    return {"days": days, "items": domain_usage(st, acc["id"], days, limit)}
+    return {"by": "domain", "days": days, "items": domain_usage(st, acc["id"], days, limit)}

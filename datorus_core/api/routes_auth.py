@@ -93,7 +93,7 @@ def create_key(acc: ActiveAccount, st: State, body: KeyIn | None = None) -> Any:
 def list_keys(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
     """The account's keys by prefix and metadata, never the keys themselves."""
     rows, nxt, total = store.page(st.store.db(), ledger_api.KEYS_SQL, [acc["id"]], limit, cursor)
-    return {"items": [store.key_view(r) for r in rows], "next_cursor": nxt, "total_count": total}
+    return store.listing([store.key_view(r) for r in rows], nxt, total)
 
 
 @router.delete("/auth/keys/{key_id}", tags=["auth"])

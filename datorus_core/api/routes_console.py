@@ -488,7 +488,8 @@ def create_credential(request: Request, form: Form) -> Response:
     if cap:
         fields["max_bytes"] = cap  # pydantic reads the digits (and refuses anything else)
     try:
-        body = CredentialIn.model_validate(fields)
+        # a form's fields are text: read as such here, unlike the API's JSON (strict)
+        body = CredentialIn.model_validate(fields, strict=False)
     except ValidationError as e:
         raise _field_error(e, {}) from None
     c = accounts.create_credential(st.store.db(), acc["id"], body.max_bytes, body.label)

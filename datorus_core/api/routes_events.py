@@ -17,25 +17,27 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import events as ev
 from ..envelope import DatorusError, validation_error
+from ..ledger import api as ledger_api
 from ..ledger import events as ledger_events
 from ..ledger.accounts import MAX_BALANCE_CENTS
 from ..notifiers.targets import check_target, policy_for
 from ..notifiers.webhook import check_url
 from . import store
-from .deps import Account, ActiveAccount, State
-from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS
+from .deps import Account, ActiveAccount, Cursor, Limit, State
+from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS, Body
 
 router = APIRouter()
 POLL_SECONDS = 0.5
 PAGE = 100
+DELIVERIES_SHOWN = 50  # in GET /account/webhooks/{id}
 
 
-class WebhookIn(BaseModel):
+class WebhookIn(Body):
     """``POST /account/webhooks``."""
 
     url: str = Field(max_length=2000, examples=["https://example.com/datorus-hook"])
@@ -82,24 +84,49 @@ def add_webhook(body: WebhookIn, acc: ActiveAccount, st: State) -> Any:
 
 
 @router.get("/account/webhooks", tags=["events"])
-def list_webhooks(acc: Account, st: State) -> Any:
-    """The account's webhooks with their health (never their secrets)."""
+def list_webhooks(acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    """The account's webhooks with their health (never their secrets), in cursor pages
+    by id."""
     items = ledger_events.subscriptions(st.store.db(), acc["id"])
-    return {"items": items, "next_cursor": None, "total_count": len(items)}
+    return store.listing(*store.page_items(items, limit, cursor))
+
+
+def _delivery_view(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "event_id": str(d["event_id"]), "id": str(d["id"])}
 
 
 @router.get("/account/webhooks/{webhook_id}", tags=["events"])
 def get_webhook(webhook_id: str, acc: Account, st: State) -> Any:
-    """One webhook and its newest deliveries."""
+    """One webhook and its newest deliveries (up to ``DELIVERIES_SHOWN``; all of them,
+    paged: ``GET /account/webhooks/{id}/deliveries``)."""
     wid = store.parse_id(webhook_id, "webhook")
     db = st.store.db()
     row = ledger_events.get_subscription(db, acc["id"], wid)
     out = ledger_events.subscription_view(row)
     out["deliveries"] = [
-        {**d, "event_id": str(d["event_id"]), "id": str(d["id"])}
-        for d in ledger_events.deliveries(db, acc["id"], wid)
+        _delivery_view(d) for d in ledger_events.deliveries(db, acc["id"], wid, DELIVERIES_SHOWN)
     ]
     return out
+
+
+@router.get("/account/webhooks/{webhook_id}/deliveries", tags=["events"])
+def list_deliveries(
+    webhook_id: str, acc: Account, st: State, limit: Limit = 50, cursor: Cursor = None
+) -> Any:
+    """The webhook's deliveries, newest first, in cursor pages: each with its event,
+    ``status`` (``pending``, ``delivered``, ``failed``), ``attempts``, the receiver's
+    ``last_status`` and ``last_error``."""
+    wid = store.parse_id(webhook_id, "webhook")
+    db, aid = st.store.db(), acc["id"]
+    ledger_events.get_subscription(db, aid, wid)  # 404 before anything else
+    rows, nxt, total = store.page_newest(
+        lambda before, n: ledger_events.deliveries(db, aid, wid, n, before),
+        ledger_events.delivery_count(db, wid),
+        limit,
+        cursor,
+        key="id",
+    )
+    return store.listing([_delivery_view(d) for d in rows], nxt, total)
 
 
 @router.delete("/account/webhooks/{webhook_id}", tags=["events"])
@@ -131,18 +158,36 @@ async def get_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Any:
     """The account's events, oldest first: a Server-Sent Events stream when the client
-    accepts ``text/event-stream``, else one JSON page (``items``, ``next_after``)."""
+    accepts ``text/event-stream``, else one JSON page (``items``, ``next_after``, and
+    ``total_count``: how many events the account has in the log).
+
+    The stream lives while its API key does: once the key is revoked it ends within a
+    poll (``POLL_SECONDS``), as a new request with the key would get 401.
+    """
     start = _after(last_event_id, "Last-Event-ID") if last_event_id else _after(after, "after")
     aid = acc["id"]
     db_of = st.store.db
     if "text/event-stream" not in request.headers.get("accept", ""):
-        items = await run_in_threadpool(lambda: ledger_events.after(db_of(), aid, start, limit))
+
+        def page() -> tuple[list[dict[str, Any]], int]:
+            db = db_of()
+            return ledger_events.after(db, aid, start, limit), ledger_events.count(db, aid)
+
+        items, total = await run_in_threadpool(page)
         return {
             "items": items,
             "next_after": items[-1]["id"] if items else str(start),
-            "total_count": len(items),
+            "total_count": total,
         }
     keepalive = float(st.settings.get("event_keepalive_seconds", 15))
+    key_id = int(acc["api_key_id"])
+
+    def tick(last: int) -> list[dict[str, Any]] | None:
+        """The events after *last*, or None once the stream's key is revoked."""
+        db = db_of()
+        if not ledger_api.key_is_live(db, key_id):
+            return None
+        return ledger_events.after(db, aid, last, PAGE)
 
     async def stream() -> AsyncIterator[str]:
         last = start
@@ -150,9 +195,13 @@ async def get_events(
         yield ": stream of account events\nretry: 2000\n\n"
         while True:
             try:
-                items = await run_in_threadpool(ledger_events.after, db_of(), aid, last, PAGE)
+                got = await run_in_threadpool(tick, last)
             except DatorusError:
-                items = []
+                got = []
+            if got is None:
+                yield ": the API key was revoked; the stream ends\n\n"
+                return
+            items = got
             for item in items:
                 yield ev.sse_frame(item)
                 last = int(item["id"])
@@ -176,7 +225,7 @@ async def get_events(
 # -- money comforts: low-balance alerts and auto-recharge ---------------------------------
 
 
-class AlertsIn(BaseModel):
+class AlertsIn(Body):
     """``PUT /account/alerts``: ``credits.low`` below this balance (mailed unless ``email``
     is false)."""
 
@@ -184,7 +233,7 @@ class AlertsIn(BaseModel):
     email: bool = True
 
 
-class AutoRechargeIn(BaseModel):
+class AutoRechargeIn(Body):
     """``PUT /account/autorecharge``: charge the saved card ``amount_cents`` when the
     balance falls below ``threshold_cents``, once per crossing."""
 

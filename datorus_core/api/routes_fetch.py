@@ -33,12 +33,13 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ..egress import COUNTRY_PATTERN
 from ..envelope import DatorusError, validation_error
 from ..sessions import valid_session_id
 from .deps import KeyAccount, State, require_active
+from .models import Body
 from .state import ApiState
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
 
@@ -48,7 +49,7 @@ _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive
 _TEXT = ("text/", "json", "xml", "javascript", "html")
 
 
-class FetchIn(BaseModel):
+class FetchIn(Body):
     """``POST /fetch``: what to fetch, and how to route it."""
 
     url: str = Field(max_length=4096, examples=["https://example.com/"])

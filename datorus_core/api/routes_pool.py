@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..checkers.registry import installed_checkers
@@ -38,8 +38,8 @@ from ..live import Lease
 from ..notifiers import load_notifiers
 from ..sources.registry import installed_parsers
 from .deps import Account, ActiveAccount, AnyKey, Cursor, Limit, State
-from .models import AcquireIn
-from .store import decode_cursor, encode_cursor
+from .models import AcquireIn, Body
+from .store import decode_cursor, listing, page_items
 from .via_gateway import check_url, gateway_error, require_gateway, through_gateway
 from .views import proxy_view
 
@@ -82,7 +82,7 @@ async def list_proxies(
 
     Proxies without a value for the sort field (never checked) come last either way.
     """
-    start = decode_cursor(cursor)
+    decode_cursor(cursor)  # a bad cursor is refused before any work
     rows = await run_in_threadpool(lambda: el.list_egress(st.store.db()))
     now = time.time()
     items = [proxy_view(r) for r in rows]
@@ -107,14 +107,7 @@ async def list_proxies(
     absent = [p for p in keep if p[field] is None]
     present.sort(key=lambda p: p["id"])
     present.sort(key=lambda p: p[field], reverse=desc)
-    ordered = present + absent
-    window = ordered[start : start + limit]
-    more = start + limit < len(ordered)
-    return {
-        "items": window,
-        "next_cursor": encode_cursor(start + limit) if more else None,
-        "total_count": len(ordered),
-    }
+    return listing(*page_items(present + absent, limit, cursor, by_id=False))
 
 
 @router.get("/proxies/{proxy_id}")
@@ -175,10 +168,12 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
     """The plugins, from their registries: parsers (``datorus.parsers``) and checkers
     (``datorus.checkers``) with the package that registered each (one that failed to
     load shows ``loaded: false`` and why), and the notifiers (``datorus.notifiers``):
-    each with its subscriptions (the operator's notifiers and the customers' webhooks
-    of that kind) and the outbox's record of their deliveries: ``last_success_at``,
+    each with its subscriptions (the operator's notifiers of that kind) and the outbox's
+    record of their deliveries: ``last_success_at``,
     ``last_failure_at`` and ``last_failure`` (why), ``deliveries`` by status;
     ``healthy`` is null before any delivery, else whether the last one succeeded.
+    ``customer_webhooks`` counts the customers' webhooks and their deliveries by status,
+    apart: one customer's failing receiver is not the operator's plugin health.
 
     A checker's health is its record in the ledger, written with every check by every
     gateway on it: ``runs``, ``failures`` (checks it did not pass), ``errors`` (it
@@ -192,6 +187,9 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
     health = await run_in_threadpool(lambda: el.checker_health(st.store.db()))
     notifiers, broken = await run_in_threadpool(load_notifiers)
     sent = await run_in_threadpool(lambda: ledger_events.plugin_health(st.store.db()))
+    hooks = await run_in_threadpool(
+        lambda: ledger_events.plugin_health(st.store.db(), customers=True)
+    )
     judge = default_judge_url(st.settings) is not None
     return {
         "parsers": [p.info() for p in parsers.plugins] + [f.info() for f in parsers.failures],
@@ -217,7 +215,15 @@ async def plugin_stats(who: AnyKey, st: State) -> Any:
             for p in notifiers.values()
         ]
         + [f.info() for f in broken],
+        # the customers' webhooks, apart from the operator's notifiers: how many and how
+        # their deliveries went (a customer's dead receiver is not the plugin's health)
+        "customer_webhooks": _counts(hooks.get("webhook")),
     }
+
+
+def _counts(h: dict[str, Any] | None) -> dict[str, Any]:
+    view = notifier_view(h)
+    return {"subscriptions": view["subscriptions"], "deliveries": view["deliveries"]}
 
 
 def notifier_view(h: dict[str, Any] | None) -> dict[str, Any]:
@@ -300,7 +306,7 @@ async def release(acc: Account, st: State, lease_id: Annotated[str, Path(max_len
 # -- testing the pool against a URL ---------------------------------------------------------
 
 
-class ProxyTestIn(BaseModel):
+class ProxyTestIn(Body):
     """``POST /proxies/test`` (seed 002)."""
 
     url: str = Field(max_length=4096, examples=["https://example.com/"])

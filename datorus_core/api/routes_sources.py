@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..egress import COUNTRY_PATTERN
@@ -31,6 +31,7 @@ from ..sources.registry import installed_parsers, pick_parser
 from ..sources.screen import found_proxy_policy
 from . import store
 from .deps import OPERATOR_ONLY, Cursor, Limit, Operator, State
+from .models import Body
 from .state import ApiState
 
 router = APIRouter(tags=["sources"])
@@ -44,7 +45,7 @@ Tags = Annotated[
 ]
 
 
-class SourceIn(BaseModel):
+class SourceIn(Body):
     """``POST /sources``: a list URL, how to read it, when to fetch it, and defaults."""
 
     url: str = Field(max_length=2048, examples=["https://example.com/proxies.txt"])
@@ -62,7 +63,7 @@ class SourceIn(BaseModel):
     is_active: bool = True
 
 
-class SourcePatch(BaseModel):
+class SourcePatch(Body):
     """``PATCH /sources/{id}``: only the fields given change (``null`` clears
     ``parser_name``, then picked from each scrape's content, or ``cron_schedule``)."""
 
@@ -132,11 +133,7 @@ def list_sources(
         sql, args = ledger_sources.SOURCES_BY_STATE_SQL, [1 if is_active else 0]
     rows, nxt, total = store.page(st.store.db(), sql, args, limit, cursor)
     now = time.time()
-    return {
-        "items": [ledger_sources.source_view(r, now) for r in rows],
-        "next_cursor": nxt,
-        "total_count": total,
-    }
+    return store.listing([ledger_sources.source_view(r, now) for r in rows], nxt, total)
 
 
 @router.post("/sources", status_code=201, openapi_extra=OPERATOR_ONLY)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import pricing
@@ -309,9 +310,29 @@ def parse_id(value: str, kind: str) -> int:
 # -- pagination ---------------------------------------------------------------------------
 
 
-def encode_cursor(last_id: int) -> str:
-    """An opaque cursor that resumes after *last_id*."""
-    return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode().rstrip("=")
+def encode_cursor(last: int | str, field: str = "after") -> str:
+    """An opaque cursor that resumes after *last* (*field* ``before``: a newest-first
+    list, resuming with what is older than *last*)."""
+    return base64.urlsafe_b64encode(json.dumps({field: last}).encode()).decode().rstrip("=")
+
+
+def decode_before(cursor: str | None, kind: type) -> Any:
+    """The key a newest-first list's cursor resumes before (None for none: the newest);
+    VALIDATION_ERROR when it is not ours.
+
+    >>> decode_before(encode_cursor("0190f8c2", "before"), str)
+    '0190f8c2'
+    """
+    if not cursor:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        before = data["before"]
+        if type(before) is not kind or (isinstance(before, str) and not 0 < len(before) <= 100):
+            raise ValueError
+        return before
+    except (ValueError, TypeError, KeyError, UnicodeError):
+        raise validation_error("cursor", "not a cursor this API returned") from None
 
 
 def decode_cursor(cursor: str | None) -> int:
@@ -340,6 +361,56 @@ def page(
     rows, total = ledger_api.page(db, source_sql, args, decode_cursor(cursor), limit)
     nxt = encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
     return rows[:limit], nxt, total
+
+
+def page_items(
+    items: list[dict[str, Any]], limit: int, cursor: str | None, by_id: bool = True
+) -> tuple[list[dict[str, Any]], str | None, int]:
+    """One page of a list already read whole, as :func:`page` pages the ledger: rows,
+    next cursor, total.
+
+    *by_id*: *items* are in ascending ``id`` order and a cursor resumes after an id (a
+    row added or removed meanwhile moves nothing); else the cursor is a position in
+    *items* (lists sorted by something else: ``GET /proxies`` by score).
+
+    >>> rows = [{"id": 2}, {"id": 5}, {"id": 9}]
+    >>> first, nxt, total = page_items(rows, 2, None)
+    >>> [r["id"] for r in first], total
+    ([2, 5], 3)
+    >>> [r["id"] for r in page_items(rows, 2, nxt)[0]], page_items(rows, 2, nxt)[1]
+    ([9], None)
+    """
+    start = decode_cursor(cursor)
+    if by_id:
+        rest = [r for r in items if int(r["id"]) > start]
+        nxt = encode_cursor(int(rest[limit - 1]["id"])) if len(rest) > limit else None
+        return rest[:limit], nxt, len(items)
+    more = start + limit < len(items)
+    return items[start : start + limit], encode_cursor(start + limit) if more else None, len(items)
+
+
+def page_newest(
+    fetch: Callable[[Any, int], list[dict[str, Any]]],
+    total: int,
+    limit: int,
+    cursor: str | None,
+    key: str,
+    kind: type = int,
+) -> tuple[list[dict[str, Any]], str | None, int]:
+    """One page of a newest-first list (receipts, deliveries): rows, next cursor, total.
+
+    ``fetch(before, n)`` gives up to *n* rows newest first whose *key* is below
+    *before* (None: from the newest); the cursor names the last row shown, so rows
+    added meanwhile shift nothing.
+    """
+    rows = fetch(decode_before(cursor, kind), limit + 1)
+    nxt = encode_cursor(rows[limit - 1][key], "before") if len(rows) > limit else None
+    return rows[:limit], nxt, total
+
+
+def listing(rows: list[dict[str, Any]], nxt: str | None, total: int) -> dict[str, Any]:
+    """A list as every list route answers it (seed 002's shape)."""
+    return {"items": rows, "next_cursor": nxt, "total_count": total}
 
 
 # -- credentials, credits, usage ----------------------------------------------------------

@@ -122,6 +122,15 @@ def live_api_key(db: Ledger, key_hash: str) -> dict[str, Any] | None:
     )
 
 
+def key_is_live(db: Ledger, key_id: int) -> bool:
+    """Whether key *key_id* exists unrevoked (one primary-key lookup: an open event
+    stream asks on each poll)."""
+    return (
+        db.value("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,))
+        is not None
+    )
+
+
 def touch_api_key(db: Ledger, key_id: int, now: str) -> None:
     """Record that the key was used at *now*."""
     db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))

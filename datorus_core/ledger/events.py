@@ -104,6 +104,11 @@ def after(db: Ledger, account_id: int | None, after_id: int, limit: int) -> list
     return [ev.view(r) for r in rows]
 
 
+def count(db: Ledger, account_id: int) -> int:
+    """How many events the account has in the log (``events_account`` counts them)."""
+    return int(db.value("SELECT COUNT(*) FROM events WHERE account_id = ?", (account_id,)) or 0)
+
+
 def prune(db: Ledger, days: int) -> int:
     """Delete events older than *days* days and their deliveries; how many events went."""
     with db.transaction():
@@ -390,25 +395,30 @@ def record(
     record_many(db, [Outcome(delivery_id, subscription_id, ok, status, error, retry_at_ms)])
 
 
-def plugin_health(db: Ledger) -> dict[str, dict[str, Any]]:
-    """Per notifier kind: its live subscriptions and the outbox's record of them (the
-    last success, the last failure and why, deliveries pending and failed)."""
+def plugin_health(db: Ledger, customers: bool = False) -> dict[str, dict[str, Any]]:
+    """Per notifier kind: the operator's live notifiers (*customers*: the customers'
+    webhooks instead) and the outbox's record of them (the last success, the last
+    failure and why, deliveries by status). The two are never mixed: one customer's
+    failing receiver says nothing about the operator's notifiers."""
+    whose = "account_id IS NOT NULL" if customers else "account_id IS NULL"
     out: dict[str, dict[str, Any]] = {}
     for r in db.query(
         "SELECT kind, COUNT(*) AS subscriptions, MAX(last_success_at) AS last_success_at,"
-        " MAX(last_failure_at) AS last_failure_at FROM subscriptions"
-        " WHERE deleted_at IS NULL GROUP BY kind"
+        f" MAX(last_failure_at) AS last_failure_at FROM subscriptions"
+        f" WHERE deleted_at IS NULL AND {whose} GROUP BY kind"
     ):
         why = db.value(
             "SELECT last_failure FROM subscriptions WHERE kind = ? AND deleted_at IS NULL"
-            " AND last_failure_at IS NOT NULL ORDER BY last_failure_at DESC, id DESC LIMIT 1",
+            f" AND {whose} AND last_failure_at IS NOT NULL"
+            " ORDER BY last_failure_at DESC, id DESC LIMIT 1",
             (r["kind"],),
         )
         counts = {
             s: int(n)
             for s, n in db.execute(
                 "SELECT d.status, COUNT(*) FROM deliveries d JOIN subscriptions s"
-                " ON s.id = d.subscription_id WHERE s.kind = ? GROUP BY d.status",
+                f" ON s.id = d.subscription_id WHERE s.kind = ? AND s.{whose}"
+                " GROUP BY d.status",
                 (r["kind"],),
             ).fetchall()
         }
@@ -429,15 +439,24 @@ def note_health(db: Ledger, sub_id: int, ok: bool, error: str | None) -> None:
 
 
 def deliveries(
-    db: Ledger, account_id: int | None, sub_id: int, limit: int = 50
+    db: Ledger, account_id: int | None, sub_id: int, limit: int = 50, before: int | None = None
 ) -> list[dict[str, Any]]:
-    """The newest deliveries of one subscription (pending, delivered, failed)."""
+    """The newest deliveries of one subscription (pending, delivered, failed), those
+    with ids below *before* if given."""
     get_subscription(db, account_id, sub_id)
+    older = "" if before is None else " AND id < ?"
+    args = (sub_id, limit) if before is None else (sub_id, before, limit)
     return db.query(
         "SELECT id, event_id, status, attempts, last_status, last_error, done_at"
-        " FROM deliveries WHERE subscription_id = ? ORDER BY id DESC LIMIT ?",
-        (sub_id, limit),
+        f" FROM deliveries WHERE subscription_id = ?{older} ORDER BY id DESC LIMIT ?",
+        args,
     )
+
+
+def delivery_count(db: Ledger, sub_id: int) -> int:
+    """How many deliveries one subscription has on record."""
+    n = db.value("SELECT COUNT(*) FROM deliveries WHERE subscription_id = ?", (sub_id,))
+    return int(n or 0)
 
 
 # -- events swept from time ---------------------------------------------------------------

@@ -161,13 +161,23 @@ def by_host(db: Ledger, account_id: int, since_id: str, limit: int = 50) -> list
     ]
 
 
-def recent_receipts(db: Ledger, account_id: int, limit: int = 20) -> list[dict[str, Any]]:
-    """The account's newest receipts, newest first (every :data:`RECEIPT_COLUMNS`)."""
+def recent_receipts(
+    db: Ledger, account_id: int, limit: int = 20, before: str | None = None
+) -> list[dict[str, Any]]:
+    """The account's newest receipts (older than request id *before*, if given), newest
+    first (every :data:`RECEIPT_COLUMNS`)."""
+    older = "" if before is None else " AND request_id < ?"
+    args = (account_id, limit) if before is None else (account_id, before, limit)
     return db.query(
-        f"SELECT {', '.join(RECEIPT_COLUMNS)} FROM receipts WHERE account_id = ?"
+        f"SELECT {', '.join(RECEIPT_COLUMNS)} FROM receipts WHERE account_id = ?{older}"
         " ORDER BY request_id DESC LIMIT ?",
-        (account_id, limit),
+        args,
     )
+
+
+def receipt_count(db: Ledger, account_id: int) -> int:
+    """How many receipts the account has (kept ``receipt_days``)."""
+    return int(db.value("SELECT COUNT(*) FROM receipts WHERE account_id = ?", (account_id,)) or 0)
 
 
 def bytes_by_account(db: Ledger, day: str) -> dict[int, int]:

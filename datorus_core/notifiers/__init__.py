@@ -57,8 +57,10 @@ class Notifier(Protocol):
     def check(self, target: str) -> str:
         """*target* as it will be stored; ValueError if it cannot be one."""
 
-    async def send(self, delivery: Delivery) -> None:
-        """Deliver one event; raise DeliveryError when it did not arrive."""
+    async def send(self, delivery: Delivery) -> int | None:
+        """Deliver one event; raise DeliveryError when it did not arrive. The receiver's
+        status when it has one (an HTTP status: shown as the delivery's ``last_status``),
+        else None."""
 
 
 def _load(ep: EntryPoint) -> Notifier:

@@ -63,8 +63,9 @@ class WebhookNotifier:
         """*target* as stored (an http(s) URL); ValueError otherwise."""
         return check_url(target)
 
-    async def send(self, delivery: Delivery) -> None:
-        """POST the event to the URL, at the address the policy allowed."""
+    async def send(self, delivery: Delivery) -> int:
+        """POST the event to the URL, at the address the policy allowed; the receiver's
+        (2xx) status."""
         u = urlsplit(delivery.target)
         host = u.hostname or ""
         port = u.port or (443 if u.scheme == "https" else 80)
@@ -98,3 +99,4 @@ class WebhookNotifier:
         if not 200 <= r.status_code < 300:
             what = "redirect (not followed)" if 300 <= r.status_code < 400 else "answered"
             raise DeliveryError(f"{what} {r.status_code}", r.status_code)
+        return r.status_code

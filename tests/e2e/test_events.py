@@ -108,6 +108,9 @@ def test_failed_deliveries_are_retried_with_the_same_event_id(gw: Gateway) -> No
 
         w = wait_until(delivered, what="delivered")
         assert w["deliveries"][0]["attempts"] == 3
+        # the receiver's answer is on record on success as on failure
+        assert w["deliveries"][0]["last_status"] == 204
+        assert w["deliveries"][0]["last_error"] is None
         assert w["last_failure"] == "answered 500"
         time.sleep(0.5)  # nothing more arrives once delivered (retries were 0.2-0.8 s apart)
         assert len(rcv.seen) == 3
@@ -274,6 +277,45 @@ def test_events_stream_resumes_without_repeats_or_gaps(gw: Gateway) -> None:
     assert httpx.get(url, params={"after": page["next_after"]}, headers=h).json()["items"] == []
     assert httpx.get(url, headers=other).json()["items"] == []
     assert_api_error(httpx.get(url, params={"after": "x"}, headers=h), 400, "VALIDATION_ERROR")
+
+
+def test_events_page_counts_every_event_and_ends_empty(gw: Gateway) -> None:
+    aid, h = _customer(gw)
+    for cents in (1, 2, 3, 4):
+        cli(gw.db, "balance", "add", str(aid), str(cents))
+    url = f"{gw.api_url}/account/events"
+    first = httpx.get(url, params={"limit": 2}, headers=h).json()
+    assert len(first["items"]) == 2 and first["total_count"] == 4  # all of them, not the page
+    rest = httpx.get(url, params={"limit": 2, "after": first["next_after"]}, headers=h).json()
+    assert len(rest["items"]) == 2 and rest["total_count"] == 4
+    # the end: an empty page, the cursor kept where it was
+    end = httpx.get(url, params={"after": rest["next_after"]}, headers=h).json()
+    assert end == {"items": [], "next_after": rest["next_after"], "total_count": 4}
+
+
+def test_a_revoked_key_ends_its_open_stream(gw: Gateway) -> None:
+    aid, h = _customer(gw)
+    key = httpx.post(f"{gw.api_url}/auth/keys", json={"label": "leaky"}, headers=h).json()
+    sse = {**bearer(key["key"]), "Accept": "text/event-stream"}
+    with httpx.stream("GET", f"{gw.api_url}/account/events", headers=sse, timeout=10) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        cli(gw.db, "balance", "add", str(aid), "100")
+        (got,), _ = _sse(lines, 1)
+        assert got["event"] == "credits.purchased"  # it streams while the key lives
+        revoked = httpx.delete(f"{gw.api_url}/auth/keys/{key['id']}", headers=h)
+        assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+        at = time.monotonic()
+        rest = list(lines)  # the stream ends (the read timeout, 10 s, would fail it)
+        took = time.monotonic() - at
+    assert took < 2.0, f"the stream ended {took:.2f} s after the key was revoked"
+    assert not any(line.startswith(("id:", "data:")) for line in rest), rest
+    assert ": the API key was revoked; the stream ends" in rest
+    # nothing of what came after the revocation reached it, and the key is refused
+    cli(gw.db, "balance", "add", str(aid), "200")
+    r = httpx.get(f"{gw.api_url}/account/events", headers=bearer(key["key"]))
+    assert_api_error(r, 401, "INVALID_CREDENTIAL")
+    assert r.headers["www-authenticate"].startswith("Bearer")
 
 
 def _take_until_comment(lines: Any) -> Any:

@@ -102,6 +102,43 @@ def test_webhook_notifier_gets_every_accounts_events_by_glob(gw: Gateway) -> Non
         rcv.close()
 
 
+def test_a_customers_failing_webhook_is_not_the_operators_plugin_health(gw: Gateway) -> None:
+    ours, theirs = Receiver(), Receiver(fail_first=10**6)  # theirs answers 500, always
+    try:
+        n = cli(gw.db, "notifier", "add", "webhook", ours.url, "--events", "credits.*")
+        aid = _account(gw)
+        h = {"Authorization": f"Bearer {cli(gw.db, 'key', 'create', str(aid))['key']}"}
+        r = httpx.post(
+            f"{gw.api_url}/account/webhooks",
+            json={"url": theirs.url, "events": ["credits.*"]},
+            headers=h,
+        )
+        assert r.status_code == 201, r.text
+        cli(gw.db, "balance", "add", str(aid), "100")
+        wait_until(lambda: _notifier(gw, n["id"])["lastSuccessAt"], what="ours delivered")
+        wait_until(lambda: len(theirs.seen) >= 2, what="theirs failing twice")
+
+        def failed_since() -> Any:
+            hooks = httpx.get(f"{gw.api_url}/account/webhooks", headers=h).json()["items"]
+            return hooks[0]["last_failure"]
+
+        assert wait_until(failed_since, what="theirs recorded") == "answered 500"
+        stats = _stats(gw)
+        webhook = next(p for p in stats["notifiers"] if p["name"] == "webhook")
+        live = [x for x in cli(gw.db, "notifier", "list")["items"] if x["kind"] == "webhook"]
+        assert webhook["subscriptions"] == len(live)  # the operator's, not the customer's
+        assert webhook["healthy"] is True
+        assert webhook["last_failure"] is None and webhook["last_failure_at"] is None
+        # the customers' webhooks are counted apart
+        hooks = stats["customer_webhooks"]
+        assert hooks["subscriptions"] == 1
+        assert hooks["deliveries"]["pending"] + hooks["deliveries"]["failed"] >= 1
+        cli(gw.db, "notifier", "remove", n["id"])
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_notifier_test_reports_a_dead_target_and_records_it(gw: Gateway) -> None:
     dead = f"http://127.0.0.1:{free_port()}/hook"
     n = cli(gw.db, "notifier", "add", "webhook", dead, "--events", "proxy.*")

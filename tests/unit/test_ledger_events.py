@@ -187,9 +187,14 @@ def test_outbox_fans_out_claims_one_at_a_time_and_records(db: Ledger) -> None:
     le.record(db, retry["id"], retry["subscription_id"], False, None, "gave up", None)
     rows = {d["status"] for d in le.deliveries(db, a, int(hook["id"]))}
     assert rows == {"failed", "delivered"}
-    health = le.plugin_health(db)
+    health = le.plugin_health(db, customers=True)
     assert health["webhook"]["deliveries"] == {"failed": 1, "delivered": 1}
     assert health["webhook"]["last_failure"] == "gave up"
+    # the operator's notifier is apart: the customer's failures are not its health
+    ops_health = le.plugin_health(db)
+    assert "webhook" not in ops_health  # the operator has no webhook notifier
+    assert ops_health["smtp"]["subscriptions"] == 1 and ops_health["smtp"]["last_failure"] is None
+    assert ops_health["smtp"]["deliveries"] == {"pending": 1}
 
 
 def test_patterns() -> None:
