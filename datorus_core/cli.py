@@ -724,6 +724,7 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
     from ipaddress import IPv4Address
     from urllib.parse import urlsplit
 
+    from .listeners import gateway_sockets
     from .policy import Policy, classify_host, parse_rule
 
     try:
@@ -740,7 +741,8 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
         deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
         for r in policy_rules.list_policy_rules(db):
             (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
-        policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], [(host, port)])
+        own = gateway_sockets(s, [(host, port)])
+        policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], own)
         denial = policy.check_address(ip, tport)
     except ValueError:
         return None

@@ -103,8 +103,6 @@ def make_plan(
     workers: int | None, args: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> Plan:
     """Check the command line and the settings; raise ServeError (exit 2) to refuse."""
-    from mitmproxy.proxy import mode_specs
-
     n = workers if workers is not None else (os.cpu_count() or 1)
     if n < 1:
         raise ServeError("--workers must be at least 1")
@@ -140,12 +138,9 @@ def make_plan(
     proxy: list[tuple[str, int]] = []
     for spec in modes:
         try:
-            mode = mode_specs.ProxyMode.parse(spec)
+            proxy += listeners.proxy_addresses([spec], host, port)
         except ValueError as e:
             raise ServeError(f"--mode {spec}: {e}") from None
-        mode_port = mode.listen_port(port)
-        if mode.transport_protocol == "tcp" and mode_port:
-            proxy.append((mode.listen_host(host), mode_port))
     api = (settings["api_host"], settings["api_port"]) if settings.get("api_port") else None
     return Plan(n, list(args), proxy, api, settings)
 

@@ -16,19 +16,19 @@ from urllib.parse import urlsplit
 from ..envelope import DatorusError, validation_error
 from ..ledger import Ledger
 from ..ledger.policy_rules import list_policy_rules
+from ..listeners import gateway_sockets
 from ..policy import Denial, Policy, normalize_hostname, parse_ip_literal, parse_rule
 
 
 def policy_for(db: Ledger, settings: dict[str, Any], own: Iterable[tuple[str, int]] = ()) -> Policy:
-    """The acceptable-use policy from *settings* and the ledger's rules; *own* sockets are
-    the gateway's (always denied), besides the API's own port."""
+    """The acceptable-use policy from *settings* and the ledger's rules; *own* are the
+    gateway's proxy sockets where known, to which the settings add its other listeners
+    (``listeners.gateway_sockets``): all always denied."""
     allow = [parse_rule(s, allow_domains=False) for s in settings.get("allow") or ()]
     deny = [parse_rule(s, allow_domains=True) for s in settings.get("deny") or ()]
     for r in list_policy_rules(db):
         (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
-    sockets = list(own)
-    if settings.get("api_port"):
-        sockets.append((settings.get("api_host") or "", int(settings["api_port"])))
+    sockets = gateway_sockets(settings, own)
     return Policy(
         allow=allow,
         deny=deny,

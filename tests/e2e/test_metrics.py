@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from checks import assert_envelope
 from prometheus_client.parser import text_string_to_metric_families
 from support.clients import basic, raw_connection, read_response
 from support.ledger import new_ledger, prepare_ledger
@@ -403,3 +404,59 @@ def test_a_socks5_tunnel_is_counted_as_its_own_kind(gw, origin):
     wait_until(
         lambda: delta(after, scrape(gw), "datorus_requests_total", **code) == 1, 15, 0.1, "407"
     )
+
+
+def _family(pid: int) -> set[int]:
+    """*pid* and every process below it (workers, the delivery and pool processes)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.one_node
+def test_every_port_the_gateway_listens_on_is_refused_through_it(make_gateway):
+    """CONTRACT section 2: a request to the gateway's own sockets is always denied, even
+    with loopback allowed (as it is here): its proxy port, SOCKS5 entry, REST API and
+    ``/metrics`` (which a customer must not read through the proxy), found by asking the
+    kernel which ports the gateway's processes listen on (under ``datorus serve`` the
+    launcher serves ``/metrics``), by forward request, CONNECT and SOCKS5 alike."""
+    g = make_gateway(metrics_port=free_port(), socks5_port=free_port(), api_port=free_port())
+    assert g.proc is not None
+    expected = {g.port, g.socks_port, g.settings["api_port"], g.settings["metrics_port"]}
+    ports = wait_until(
+        lambda: p if expected <= (p := listening_ports(_family(g.proc.pid))) else None,
+        15,
+        0.1,
+        "every listener up",
+    )
+    assert ports == expected  # a new listener must be added to the gateway_self rule too
+    _, user, pw = g.customer(trial_bytes=10**9)
+    for port in sorted(ports):
+        authority = f"127.0.0.1:{port}"
+        with raw_connection(g.port) as s:
+            s.sendall(
+                f"GET http://{authority}/metrics HTTP/1.1\r\nHost: {authority}\r\n"
+                f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+            )
+            status, headers, body = read_response(s)
+        err = assert_envelope(status, headers, body, "AUP_VIOLATION", 403)
+        assert err["details"] == {"rule": "gateway_self", "host": "127.0.0.1", "port": port}
+        with raw_connection(g.port) as s:
+            s.sendall(
+                f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                f"Proxy-Authorization: {basic(user, pw)}\r\n\r\n".encode()
+            )
+            status, headers, body = read_response(s)
+        err = assert_envelope(status, headers, body, "AUP_VIOLATION", 403)
+        assert err["details"]["rule"] == "gateway_self", authority
+        answer = socks5_connect(g.socks_port, "localhost", port, user, pw)
+        assert (answer.auth_status, answer.reply) == (0, 0x02), authority
+    # /metrics itself still answers its scraper directly
+    assert requests.get(f"http://127.0.0.1:{g.settings['metrics_port']}/metrics", timeout=10).ok
