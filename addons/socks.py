@@ -27,6 +27,7 @@ from mitmproxy import ctx, http
 
 from datorus_core import socks
 from datorus_core.envelope import utc_timestamp
+from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
 
 from . import patches
 from .context import Gateway, flow_ctx
@@ -86,7 +87,17 @@ class Socks5Entry(patches.SocksGate):
         # before the ledger is loaded nobody is known: a no-auth client goes on, and its
         # CONNECT (which waits for the ledger) decides
         listed = not rt.loaded or rt.allowed_credential(peer) is not None
-        return socks.choose_method(offered, listed)
+        method = socks.choose_method(offered, listed)
+        if method == socks.NO_ACCEPTABLE:
+            # no credentials from an address not allow-listed: what a CONNECT without
+            # Proxy-Authorization gets, counted as that 407
+            self.gw.metrics.answered(SOCKS5_KIND, 407, "INVALID_CREDENTIAL")
+        return method
+
+    def unsupported(self, client: Any, reply: int) -> None:
+        # a command other than CONNECT (0x07) or an unknown address type (0x08): a request
+        # the gateway does not serve, counted as the 400 an unparseable request gets
+        self.gw.metrics.answered(SOCKS5_KIND, 400, "VALIDATION_ERROR")
 
     def connect_head(
         self, client: Any, atyp: int, host: str, port: int, user: str | None, password: str | None
@@ -94,6 +105,7 @@ class Socks5Entry(patches.SocksGate):
         target = socks.authority(atyp, host, port)
         if target is None:
             log.info("datorus: SOCKS5 request for %r:%d refused: not a host name", host[:80], port)
+            self.gw.metrics.answered(SOCKS5_KIND, 400, "VALIDATION_ERROR")  # as a bad CONNECT host
             return socks.HOST_UNREACHABLE
         return socks.connect_head(target, user, password)
 

@@ -460,3 +460,28 @@ def test_every_port_the_gateway_listens_on_is_refused_through_it(make_gateway):
         assert (answer.auth_status, answer.reply) == (0, 0x02), authority
     # /metrics itself still answers its scraper directly
     assert requests.get(f"http://127.0.0.1:{g.settings['metrics_port']}/metrics", timeout=10).ok
+
+
+@pytest.mark.one_node
+def test_socks5_refusals_before_the_connect_are_counted(gw, origin):
+    """Every SOCKS5 answer is counted (probe 8, item 15), also those before a CONNECT
+    exists: "no authentication" from an address not allow-listed (method 0xFF) as the 407
+    a CONNECT without credentials gets, BIND and UDP ASSOCIATE (reply 0x07) as the 400 of a
+    request the gateway does not serve."""
+    _, user, pw = gw.customer(trial_bytes=10**9)
+    r = "datorus_requests_total"
+    before = scrape(gw)
+    noauth = socks5_connect(gw.socks_port, "127.0.0.1", origin.port)
+    assert (noauth.method, noauth.reply) == (0xFF, None)
+    for command in (0x02, 0x03):  # BIND, UDP ASSOCIATE
+        answer = socks5_connect(gw.socks_port, "127.0.0.1", origin.port, user, pw, command=command)
+        assert (answer.auth_status, answer.reply) == (0, 0x07)
+    missing = {"kind": "socks5", "status": "407", "code": "INVALID_CREDENTIAL"}
+    unsupported = {"kind": "socks5", "status": "400", "code": "VALIDATION_ERROR"}
+
+    def counted() -> bool:
+        a = scrape(gw)
+        return delta(before, a, r, **missing) == 1 and delta(before, a, r, **unsupported) == 2
+
+    wait_until(counted, 15, 0.1, "the refusals counted")
+    assert total(scrape(gw), r) - total(before, r) == 3  # and nothing else
