@@ -309,7 +309,8 @@ def test_a_metrics_port_in_use_is_reported_once(tmp_path):
 
 def test_serve_sums_its_workers_and_a_reload_keeps_the_totals(tmp_path, origin, redis_server):
     """`datorus serve --workers 2` (whatever DATORUS_GATEWAY_WORKERS says): one port for
-    both workers' counts, and replacing every worker (SIGHUP) takes nothing back."""
+    both workers' counts, and replacing every worker (SIGHUP) takes nothing back, not even
+    the accounts refused for money in the gauge's window."""
     db = new_ledger(tmp_path)
     prepare_ledger(db)
     mport = free_port()
@@ -323,6 +324,17 @@ def test_serve_sums_its_workers_and_a_reload_keeps_the_totals(tmp_path, origin, 
             got = _parse(requests.get(url, timeout=10).text)
             return value(got, "datorus_requests_total", kind="forward", status="200", code="")
 
+        def refused_accounts() -> float:
+            got = _parse(requests.get(url, timeout=10).text)
+            return value(got, "datorus_accounts_refused_for_money")
+
+        _, broke, broke_pw = sv.customer(trial_bytes=0)
+        for _ in range(4):  # new connections: 402s on both workers, very likely
+            r = requests.get(
+                origin.url("/"), proxies={"http": sv.proxy(broke, broke_pw)}, timeout=10
+            )
+            assert r.status_code == 402
+        wait_until(lambda: refused_accounts() == 1, 15, 0.1, "the refused account counted")
         before = ok200()
         for _ in range(10):  # new connections: the kernel spreads them over the workers
             r = requests.get(origin.url("/"), proxies=px, timeout=10)
@@ -333,6 +345,7 @@ def test_serve_sums_its_workers_and_a_reload_keeps_the_totals(tmp_path, origin, 
         sv.wait_log("reload done", 120)
         assert sv.worker_pids().isdisjoint(served_by)  # every worker replaced
         assert ok200() - before == 10  # the old workers' counts stay
+        assert refused_accounts() == 1  # and so do the accounts they refused (300 s)
         for _ in range(5):
             assert requests.get(origin.url("/"), proxies=px, timeout=10).status_code == 200
         assert ok200() - before == 15
