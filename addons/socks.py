@@ -25,7 +25,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from datorus_core import socks
+from datorus_core import listeners, socks
 from datorus_core.envelope import utc_timestamp
 from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
 
@@ -64,6 +64,17 @@ class Socks5Entry(patches.SocksGate):
             return
         spec = f"socks5@{port}"
         if spec not in ctx.options.mode:
+            host = ctx.options.listen_host
+            # a port taken by another program: mitmproxy would log its own bind error and
+            # exit 1 without naming the setting (a serve worker's launcher bound it already)
+            if not listeners.shared_by_launcher():
+                why = listeners.cannot_listen(host, port)
+                if why is not None:
+                    fatal(
+                        f"datorus_socks5_port: cannot listen on {host or '*'}:{port}:"
+                        f" {why.strerror or why}"
+                    )
+                    return
             # mitmproxy binds the modes it was started with before scripts load: a mode
             # added now is started by its proxy server at once
             ctx.options.update(mode=[*ctx.options.mode, spec])

@@ -1570,7 +1570,7 @@ def notifier_add(
     kind: str,
     target: str,
     events: Annotated[
-        str, typer.Option(help="Comma-separated glob patterns, e.g. 'proxy.*,credits.*'.")
+        str, typer.Option(help="Comma-separated glob patterns, e.g. `'proxy.*,credits.*'`.")
     ] = "*",
 ) -> None:
     """Subscribe a notifier (KIND: webhook or smtp; TARGET: a URL or an email address) to

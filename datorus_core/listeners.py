@@ -13,6 +13,7 @@ The sockets travel in ``DATORUS_LISTEN_FDS`` as JSON: ``[[host, port, [fd, ...]]
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -50,6 +51,43 @@ def open_shared(host: str, port: int, backlog: int = socket.SOMAXCONN) -> list[s
             s.close()
         raise
     return out
+
+
+def cannot_listen(host: str, port: int) -> OSError | None:
+    """Why a listener on *host*:*port* could not be opened now (``None``: it could).
+
+    A probe, bound and closed at once, as asyncio's servers bind (``SO_REUSEADDR``, one
+    socket per address family): it lets a caller that hands the port to someone else
+    (mitmproxy's proxy modes) refuse to start with a message of its own.
+
+    >>> held = socket.create_server(("127.0.0.1", 0))
+    >>> port = held.getsockname()[1]
+    >>> cannot_listen("127.0.0.1", port).strerror
+    'Address already in use'
+    >>> held.close()
+    >>> cannot_listen("127.0.0.1", port) is None
+    True
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        for family, type_, proto, _, sockaddr in infos:
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT:
+                    continue  # that family is off on this box: asyncio skips it too
+                raise
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(1)
+    except OSError as e:
+        return e
+    return None
 
 
 def encode(shared: Iterable[tuple[str, int, list[socket.socket]]]) -> str:

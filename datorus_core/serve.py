@@ -228,12 +228,12 @@ class Launcher:
                     shared.append((host, port, listeners.open_shared(host, port)))
                 except OSError as e:
                     self.close_sockets()
-                    # the words one gateway uses for its API port
-                    what = (
-                        "REST API cannot listen"
-                        if (host, port) == self.plan.api
-                        else "cannot listen"
-                    )
+                    # the words one gateway uses for its API and SOCKS5 ports
+                    what = "cannot listen"
+                    if (host, port) == self.plan.api:
+                        what = "REST API cannot listen"
+                    elif port == self.plan.settings.get("socks5_port"):
+                        what = "datorus_socks5_port: cannot listen"
                     raise ServeError(f"{what} on {host or '*'}:{port}: {e}") from None
             self.slots.append(Slot(i, shared))
 

@@ -243,6 +243,10 @@ def test_help_is_plain_text_and_flags_take_no_value(db: LedgerTarget) -> None:
     top = run(db, "--help").stdout
     assert re.search(r"--json +Print one JSON object", top), top
     assert "ACCOUNT_ID" in run(db, "balance", "add", "--help").stdout
+    # examples with glob stars survive the help's markdown (a probe copied 'proxy.,credits.')
+    wide = clean_env(DATORUS_CONF=str(conf_of(db)), COLUMNS="200")
+    assert "'proxy.*,credits.*'" in run(db, "notifier", "add", "--help", env=wide).stdout
+    assert "'*/30 * * * *'" in run(db, "source", "add", "--help", env=wide).stdout
 
 
 # -- errors -------------------------------------------------------------------------------
