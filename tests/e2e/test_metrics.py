@@ -451,7 +451,8 @@ def test_every_port_the_gateway_listens_on_is_refused_through_it(make_gateway):
         "every listener up",
     )
     assert ports == expected  # a new listener must be added to the gateway_self rule too
-    _, user, pw = g.customer(trial_bytes=10**9)
+    acc, user, pw = g.customer(trial_bytes=10**9)
+    key = g.cli("key", "create", str(acc))["key"]
     for port in sorted(ports):
         authority = f"127.0.0.1:{port}"
         with raw_connection(g.port) as s:
@@ -472,6 +473,15 @@ def test_every_port_the_gateway_listens_on_is_refused_through_it(make_gateway):
         assert err["details"]["rule"] == "gateway_self", authority
         answer = socks5_connect(g.socks_port, "localhost", port, user, pw)
         assert (answer.auth_status, answer.reply) == (0, 0x02), authority
+        # nor a webhook: the API judges its URL by the same list
+        r = requests.post(
+            f"{g.api_url}/account/webhooks",
+            json={"url": f"http://{authority}/hook"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["details"]["rule"] == "gateway_self", authority
     # /metrics itself still answers its scraper directly
     assert requests.get(f"http://127.0.0.1:{g.settings['metrics_port']}/metrics", timeout=10).ok
 
