@@ -18,12 +18,11 @@ import json
 import logging
 import sys
 
-from mitmproxy import ctx
-
 from datorus_core.workers import worker_info
 
 from .context import Gateway
 from .failclosed import fatal
+from .policy import own_sockets
 
 log = logging.getLogger("datorus")
 
@@ -46,18 +45,11 @@ class EventDelivery:
             return  # worker 0 of `datorus serve` runs it for the box (claims keep boxes apart)
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name="datorus events")
 
-    def _own(self) -> list[tuple[str, int]]:
-        s = self.gw.settings
-        own: list[tuple[str, int]] = []
-        with contextlib.suppress(Exception):
-            own.append((ctx.options.listen_host or "", int(ctx.options.listen_port or 8080)))
-        if s.get("api_port"):
-            own.append((s.get("api_host", ""), int(s["api_port"])))
-        return own
-
     async def _supervise(self) -> None:
         await self.gw.ready.wait()
-        given = json.dumps({"settings": self.gw.settings, "own": self._own()}, default=str).encode()
+        given = json.dumps(
+            {"settings": self.gw.settings, "own": own_sockets(self.gw.settings)}, default=str
+        ).encode()
         while not self.stopping:
             try:
                 self.proc = await asyncio.create_subprocess_exec(

@@ -97,6 +97,12 @@ class MetricsAddon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
             self.task = None
+            if self.directory is not None:
+                # the last word of a worker going (a reload, a stop): what it refused in
+                # its last second outlives it too (datorus_core.metrics.forget_worker)
+                with contextlib.suppress(Exception):
+                    snap = await self.snapshot()
+                    await asyncio.to_thread(m.write_state, self.directory, os.getpid(), snap)
         if self.server is not None:
             await asyncio.to_thread(self.server.close)
             self.server = None
@@ -182,8 +188,9 @@ class MetricsAddon:
             for domain, n in m.top_domains(blocked):
                 snap.set("datorus_blocked_domains", n, domain)
         if self.metrics is not None:
-            for account in self.metrics.accounts_refused(time.monotonic()):
-                snap.set("datorus_accounts_refused_for_money", 1, str(account))
+            refused = self.metrics.accounts_refused_at(time.monotonic(), snap.at)
+            for account, when in refused:
+                snap.set("datorus_accounts_refused_for_money", when, str(account))
         rt = gw.runtime
         pending = rt.pending_events
         snap.set("datorus_ledger_events_pending", pending)

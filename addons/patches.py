@@ -842,6 +842,11 @@ class SocksGate:
         """The SOCKS5 reply bytes for *code*."""
         raise NotImplementedError
 
+    def unsupported(self, client: Any, reply: int) -> None:
+        """A request refused with *reply* before it became a CONNECT (a command other than
+        CONNECT, an unknown address type): the gate counts it."""
+        raise NotImplementedError
+
 
 def _socks5_layer_class() -> type:
     """The SOCKS5 top layer: mitmproxy's ``Socks5Proxy``, its request made a CONNECT."""
@@ -924,6 +929,7 @@ def _socks5_layer_class() -> type:
             if len(self.buf) < 5:
                 return
             if self.buf[:3] != b"\x05\x01\x00":
+                self.gate.unsupported(self.context.client, modes.SOCKS5_REP_COMMAND_NOT_SUPPORTED)
                 yield from self.socks_err(
                     "unsupported SOCKS5 command", modes.SOCKS5_REP_COMMAND_NOT_SUPPORTED
                 )
@@ -936,6 +942,9 @@ def _socks5_layer_class() -> type:
             elif atyp == modes.SOCKS5_ATYP_DOMAINNAME:
                 size = 4 + 1 + self.buf[4] + 2
             else:
+                self.gate.unsupported(
+                    self.context.client, modes.SOCKS5_REP_ADDRESS_TYPE_NOT_SUPPORTED
+                )
                 yield from self.socks_err(
                     f"unknown address type {atyp}", modes.SOCKS5_REP_ADDRESS_TYPE_NOT_SUPPORTED
                 )

@@ -20,6 +20,7 @@ from typing import cast
 from mitmproxy import ctx, http
 
 from datorus_core.envelope import DatorusError
+from datorus_core.listeners import gateway_sockets, proxy_addresses
 from datorus_core.policy import (
     Denial,
     Policy,
@@ -35,6 +36,21 @@ log = logging.getLogger("datorus")
 
 _DNS_TTL = 30.0
 _DNS_MAX = 10_000
+
+
+def own_sockets(settings: dict) -> list[tuple[str, int]]:
+    """Every socket this gateway listens on (``datorus_core.listeners.gateway_sockets``):
+    its proxy modes as mitmproxy's options give them, and the settings' SOCKS5 entry,
+    REST API and ``/metrics``."""
+    host, port, modes = "", None, ["regular"]
+    with contextlib.suppress(Exception):  # outside a running mitmproxy (unit tests)
+        host, port = ctx.options.listen_host or "", ctx.options.listen_port
+        modes = list(ctx.options.mode)
+    try:
+        proxy = proxy_addresses(modes, host, port)
+    except ValueError:  # mitmproxy refuses such a mode itself
+        proxy = [(host, port or 8080)]
+    return gateway_sockets(settings, proxy, host)
 
 
 class AcceptableUse:
@@ -61,6 +77,9 @@ class AcceptableUse:
             "datorus_api_port",
             "datorus_api_host",
             "datorus_socks5_port",
+            "datorus_metrics_port",
+            "datorus_metrics_host",
+            "mode",
         }:
             self.rebuild(self.gw.runtime)
 
@@ -76,14 +95,7 @@ class AcceptableUse:
             deny.append(parse_rule(spec, allow_domains=True))
         for action, target, port in rt.policy_rules:
             (allow if action == "allow" else deny).append((target, port))
-        own = []
-        with contextlib.suppress(Exception):
-            own.append((ctx.options.listen_host or "", ctx.options.listen_port or 8080))
-        if s.get("api_port"):
-            own.append((s.get("api_host", ""), s["api_port"]))
-        if s.get("socks5_port"):
-            with contextlib.suppress(Exception):
-                own.append((ctx.options.listen_host or "", s["socks5_port"]))
+        own = own_sockets(s)
         local: list[str] = []
         with contextlib.suppress(OSError):
             # an IPv4/IPv6 sockaddr's first item is the address string

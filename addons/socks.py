@@ -25,8 +25,9 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from datorus_core import socks
+from datorus_core import listeners, socks
 from datorus_core.envelope import utc_timestamp
+from datorus_core.metrics import SOCKS5 as SOCKS5_KIND
 
 from . import patches
 from .context import Gateway, flow_ctx
@@ -63,6 +64,17 @@ class Socks5Entry(patches.SocksGate):
             return
         spec = f"socks5@{port}"
         if spec not in ctx.options.mode:
+            host = ctx.options.listen_host
+            # a port taken by another program: mitmproxy would log its own bind error and
+            # exit 1 without naming the setting (a serve worker's launcher bound it already)
+            if not listeners.shared_by_launcher():
+                why = listeners.cannot_listen(host, port)
+                if why is not None:
+                    fatal(
+                        f"datorus_socks5_port: cannot listen on {host or '*'}:{port}:"
+                        f" {why.strerror or why}"
+                    )
+                    return
             # mitmproxy binds the modes it was started with before scripts load: a mode
             # added now is started by its proxy server at once
             ctx.options.update(mode=[*ctx.options.mode, spec])
@@ -86,7 +98,17 @@ class Socks5Entry(patches.SocksGate):
         # before the ledger is loaded nobody is known: a no-auth client goes on, and its
         # CONNECT (which waits for the ledger) decides
         listed = not rt.loaded or rt.allowed_credential(peer) is not None
-        return socks.choose_method(offered, listed)
+        method = socks.choose_method(offered, listed)
+        if method == socks.NO_ACCEPTABLE:
+            # no credentials from an address not allow-listed: what a CONNECT without
+            # Proxy-Authorization gets, counted as that 407
+            self.gw.metrics.answered(SOCKS5_KIND, 407, "INVALID_CREDENTIAL")
+        return method
+
+    def unsupported(self, client: Any, reply: int) -> None:
+        # a command other than CONNECT (0x07) or an unknown address type (0x08): a request
+        # the gateway does not serve, counted as the 400 an unparseable request gets
+        self.gw.metrics.answered(SOCKS5_KIND, 400, "VALIDATION_ERROR")
 
     def connect_head(
         self, client: Any, atyp: int, host: str, port: int, user: str | None, password: str | None
@@ -94,6 +116,7 @@ class Socks5Entry(patches.SocksGate):
         target = socks.authority(atyp, host, port)
         if target is None:
             log.info("datorus: SOCKS5 request for %r:%d refused: not a host name", host[:80], port)
+            self.gw.metrics.answered(SOCKS5_KIND, 400, "VALIDATION_ERROR")  # as a bad CONNECT host
             return socks.HOST_UNREACHABLE
         return socks.connect_head(target, user, password)
 

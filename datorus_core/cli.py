@@ -620,16 +620,24 @@ def receipt(request_id: str) -> None:
     emit(ledger_usage.receipt(_db(), request_id))
 
 
+def _emit_rule(result: dict[str, Any]) -> None:
+    """The added rule; a CIDR widened to its network is said on stderr too (``warning``)."""
+    if result["warning"] and not RUN.json:
+        print(result["warning"], file=sys.stderr)
+    emit(result, lambda r: _kv({k: v for k, v in r.items() if k != "warning"}))
+
+
 @policy_app.command("allow")
 def policy_allow(rule: str) -> None:
-    """Allow a destination CIDR[:PORT] despite the built-in denials."""
-    emit(policy_rules.add_policy_rule(_db(), "allow", rule))
+    """Allow a destination CIDR[:PORT] despite the built-in denials (a CIDR with host
+    bits set allows its whole network, and says so)."""
+    _emit_rule(policy_rules.add_policy_rule(_db(), "allow", rule))
 
 
 @policy_app.command("deny")
 def policy_deny(rule: str) -> None:
     """Deny a destination DOMAIN_OR_CIDR[:PORT]."""
-    emit(policy_rules.add_policy_rule(_db(), "deny", rule))
+    _emit_rule(policy_rules.add_policy_rule(_db(), "deny", rule))
 
 
 @policy_app.command("remove")
@@ -724,6 +732,7 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
     from ipaddress import IPv4Address
     from urllib.parse import urlsplit
 
+    from .listeners import gateway_sockets
     from .policy import Policy, classify_host, parse_rule
 
     try:
@@ -740,7 +749,8 @@ def _policy_note(db, target: str, host: str, port: int) -> str | None:
         deny = [parse_rule(x, allow_domains=True) for x in s["deny"]]
         for r in policy_rules.list_policy_rules(db):
             (allow if r["action"] == "allow" else deny).append((r["target"], r["port"]))
-        policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], [(host, port)])
+        own = gateway_sockets(s, [(host, port)])
+        policy = Policy(allow, deny, [int(p) for p in s["deny_ports"]], own)
         denial = policy.check_address(ip, tport)
     except ValueError:
         return None
@@ -1100,6 +1110,7 @@ _NOT_FOUND = {
     "credential": "No live credential {}. List an account's credentials with"
     " 'datorus credential list ACCOUNT_ID'.",
     "source": "No source {}. List the sources with 'datorus source list'.",
+    "notifier": "No notifier {}. List the notifiers with 'datorus notifier list'.",
 }
 
 
@@ -1559,7 +1570,7 @@ def notifier_add(
     kind: str,
     target: str,
     events: Annotated[
-        str, typer.Option(help="Comma-separated glob patterns, e.g. 'proxy.*,credits.*'.")
+        str, typer.Option(help="Comma-separated glob patterns, e.g. `'proxy.*,credits.*'`.")
     ] = "*",
 ) -> None:
     """Subscribe a notifier (KIND: webhook or smtp; TARGET: a URL or an email address) to
@@ -1578,9 +1589,24 @@ def notifier_add(
     except ValueError as e:
         raise validation_error("events", str(e)) from None
     db = _db()
+    settings = _defaults()
     if kind == "webhook":
-        check_target(policy_for(db, _defaults()), target)
-    emit(_notifier_out(ledger_events.add_subscription(db, None, kind, target, patterns)))
+        check_target(policy_for(db, settings), target)
+    out = _notifier_out(ledger_events.add_subscription(db, None, kind, target, patterns))
+    out["warning"] = None
+    if kind == "smtp" and not settings.get("smtp_host"):
+        # accepted (the host may be set later), but said: nothing would tell otherwise
+        keep = int(settings.get("event_retry_seconds") or 86400)
+        within = "a day" if keep == 86400 else f"{keep} s"
+        out["warning"] = (
+            f"No smtp_host is set: mail to {target} waits in the delivery queue (retried"
+            f" for up to {within}) until it is. Set smtp_host in the settings file"
+            " (see 'datorus settings') or DATORUS_SMTP_HOST, restart the gateway, then"
+            f" check with 'datorus notifier test {out['id']}'."
+        )
+        if not RUN.json:
+            print(out["warning"], file=sys.stderr)
+    emit(out, lambda r: _kv({k: v for k, v in r.items() if k != "warning"}))
 
 
 @notifier_app.command("list")

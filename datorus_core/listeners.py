@@ -13,10 +13,12 @@ The sockets travel in ``DATORUS_LISTEN_FDS`` as JSON: ``[[host, port, [fd, ...]]
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .workers import LISTEN_FDS_ENV
 
@@ -51,6 +53,43 @@ def open_shared(host: str, port: int, backlog: int = socket.SOMAXCONN) -> list[s
     return out
 
 
+def cannot_listen(host: str, port: int) -> OSError | None:
+    """Why a listener on *host*:*port* could not be opened now (``None``: it could).
+
+    A probe, bound and closed at once, as asyncio's servers bind (``SO_REUSEADDR``, one
+    socket per address family): it lets a caller that hands the port to someone else
+    (mitmproxy's proxy modes) refuse to start with a message of its own.
+
+    >>> held = socket.create_server(("127.0.0.1", 0))
+    >>> port = held.getsockname()[1]
+    >>> cannot_listen("127.0.0.1", port).strerror
+    'Address already in use'
+    >>> held.close()
+    >>> cannot_listen("127.0.0.1", port) is None
+    True
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        for family, type_, proto, _, sockaddr in infos:
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT:
+                    continue  # that family is off on this box: asyncio skips it too
+                raise
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(1)
+    except OSError as e:
+        return e
+    return None
+
+
 def encode(shared: Iterable[tuple[str, int, list[socket.socket]]]) -> str:
     """The ``DATORUS_LISTEN_FDS`` value for *shared* ``(host, port, sockets)``."""
     return json.dumps([[h, p, [s.fileno() for s in socks]] for h, p, socks in shared])
@@ -79,3 +118,49 @@ def take(host: str, port: int, environ: Mapping[str, str] | None = None) -> list
         return []
     _taken.add((host, port))
     return [socket.socket(fileno=fd) for fd in fds]
+
+
+def proxy_addresses(modes: Iterable[str], host: str | None, port: int | None) -> list[Address]:
+    """The TCP addresses mitmproxy's proxy *modes* (``--mode`` specs) listen on, with
+    *host* and *port* the ``--listen-host`` / ``--listen-port`` they default to. Raise
+    ValueError for a mode mitmproxy cannot parse."""
+    from mitmproxy.proxy import mode_specs
+
+    out: list[Address] = []
+    for spec in modes:
+        mode = mode_specs.ProxyMode.parse(spec)
+        mode_port = mode.listen_port(port)
+        if mode.transport_protocol == "tcp" and mode_port:
+            out.append((mode.listen_host(host), mode_port))
+    return out
+
+
+def gateway_sockets(
+    settings: Mapping[str, Any], proxy: Iterable[Address] = (), listen_host: str = ""
+) -> list[Address]:
+    """Every socket the gateway listens on: the one list the acceptable-use rule
+    ``gateway_self`` denies as a destination (no proxy loops, and no customer reads the
+    operator's ``/metrics`` through the proxy), for the proxy, the webhook checks and the
+    deliveries alike.
+
+    *proxy* are the proxy modes' addresses (:func:`proxy_addresses`); the settings add the
+    SOCKS5 entry (``socks5_port``, on *listen_host* as mitmproxy's modes are), the REST API
+    (``api_host:api_port``) and ``GET /metrics`` (``metrics_host:metrics_port``, served by
+    the gateway, or under ``datorus serve`` by its launcher). A port 0 is off. Host ``""``
+    means every local address.
+
+    >>> gateway_sockets({"socks5_port": 1080, "api_host": "127.0.0.1", "api_port": 8002,
+    ...                  "metrics_host": "127.0.0.1", "metrics_port": 9464}, [("", 8001)])
+    [('', 8001), ('', 1080), ('127.0.0.1', 8002), ('127.0.0.1', 9464)]
+    >>> gateway_sockets({"socks5_port": 0, "api_port": 0, "metrics_port": 0}, [("", 8001)])
+    [('', 8001)]
+    """
+    own = list(proxy)
+    for host, port in (
+        (listen_host, settings.get("socks5_port")),
+        (settings.get("api_host"), settings.get("api_port")),
+        (settings.get("metrics_host"), settings.get("metrics_port")),
+    ):
+        if port:
+            own.append((str(host or ""), int(port)))
+    return list(dict.fromkeys(own))

@@ -19,8 +19,11 @@ prometheus_client's memory-mapped files there (its multiprocess mode: an increme
 write to shared memory), and each worker writes its state snapshot beside them as
 ``state_<pid>.json``. A scrape of the launcher sums the counters of every worker that
 ever ran in this run (those of replaced workers too, so totals never go back) and
-merges the snapshots of the living ones (:class:`MultiProcessState`). One port, one
-scrape job, whatever the number of workers.
+merges the snapshots of the living ones (:class:`MultiProcessState`). A gauge that
+remembers a window (the accounts refused for money in the last ``REFUSED_WINDOW``
+seconds) keeps a gone worker's samples until they leave the window
+(``gone_<pid>.json``): a reload or a crash forgets none of them. One port, one scrape
+job, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -163,6 +166,11 @@ class Metrics:
             del self.refused_accounts[a]
         return sorted(self.refused_accounts)
 
+    def accounts_refused_at(self, now: float, wall: float) -> list[tuple[int, float]]:
+        """:meth:`accounts_refused`, each with when it was last refused in wall-clock
+        seconds (*wall* is *now* on that clock): what outlives this process."""
+        return [(a, wall - (now - self.refused_accounts[a])) for a in self.accounts_refused(now)]
+
     def moved(self, kind: str, up: int, down: int) -> None:
         """Count bytes relayed."""
         pair = self._bytes.get(kind)
@@ -255,6 +263,9 @@ class StateGauge:
     # the same thing (the pool, the ledger), the freshest view is taken; "max": the
     # worst; "distinct": samples name keys, the value is how many different ones
     combine: str = "sum"
+    # > 0: a sample's value is when (wall clock) it was last true, and a gone worker's
+    # samples count that many seconds after it (a window the gauge reports on)
+    outlives: float = 0.0
 
 
 STATE_GAUGES: tuple[StateGauge, ...] = (
@@ -278,9 +289,11 @@ STATE_GAUGES: tuple[StateGauge, ...] = (
         f"Accounts refused (402) for want of money at least once in the last"
         f" {REFUSED_WINDOW:.0f} s.",
         (),
-        # each worker lists the accounts it refused (as a label, never exposed): the
-        # gateway's value is how many different ones all the workers refused
+        # each worker lists the accounts it refused (as a label, never exposed) with
+        # when: the gateway's value is how many different ones all the workers refused,
+        # those of a worker since replaced included, while in the window
         "distinct",
+        REFUSED_WINDOW,
     ),
     StateGauge("datorus_ledger_events_pending", "Usage events not yet written to the ledger."),
     StateGauge(
@@ -371,9 +384,7 @@ def combine(snapshots: Iterable[StateSnapshot]) -> StateSnapshot:
         merged: dict[tuple[str, ...], float] = {}
         for s in snaps:
             for labels, v in s.values.get(g.name, []):
-                if g.combine == "distinct":
-                    merged[labels] = 1.0
-                elif g.combine == "max":
+                if g.combine in ("max", "distinct"):  # distinct: the latest "when"
                     merged[labels] = max(merged.get(labels, v), v)
                 else:
                     merged[labels] = merged.get(labels, 0.0) + v
@@ -414,6 +425,7 @@ class StateCollector(Collector):
 
 
 STATE_PREFIX = "state_"
+GONE_PREFIX = "gone_"  # what a gone worker's state leaves: its gauges that outlive it
 
 
 def state_file(directory: str | Path, pid: int) -> Path:
@@ -429,8 +441,30 @@ def write_state(directory: str | Path, pid: int, snapshot: StateSnapshot) -> Non
     os.replace(tmp, path)
 
 
+def outliving(snapshot: StateSnapshot, now: float) -> StateSnapshot:
+    """What of a gone worker's *snapshot* still counts at *now* (wall clock): the
+    samples of gauges that outlive it (``StateGauge.outlives``) still in their window.
+
+    >>> s = StateSnapshot(at=100.0)
+    >>> s.set("datorus_open_tunnels", 2, "tunnel")
+    >>> s.set("datorus_accounts_refused_for_money", 90.0, "7")
+    >>> outliving(s, 120.0).values
+    {'datorus_accounts_refused_for_money': [(('7',), 90.0)]}
+    >>> outliving(s, 90.0 + REFUSED_WINDOW + 1).values
+    {}
+    """
+    out = StateSnapshot(at=snapshot.at)
+    for g in STATE_GAUGES:
+        if g.outlives > 0:
+            kept = [(lb, v) for lb, v in snapshot.values.get(g.name, []) if now - v <= g.outlives]
+            if kept:
+                out.values[g.name] = kept
+    return out
+
+
 class MultiProcessState(Collector):
-    """The launcher's view of its workers' state files (those of living workers)."""
+    """The launcher's view of its workers' state files: those of living workers, and
+    what outlives the gone ones (``gone_<pid>.json``, dropped once out of its window)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -441,6 +475,14 @@ class MultiProcessState(Collector):
         for path in self.directory.glob(f"{STATE_PREFIX}*.json"):
             with contextlib.suppress(OSError, ValueError):
                 out.append(StateSnapshot.from_json(path.read_text()))
+        wall = now()
+        for path in self.directory.glob(f"{GONE_PREFIX}*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                kept = outliving(StateSnapshot.from_json(path.read_text()), wall)
+                if kept.values:
+                    out.append(kept)
+                else:
+                    path.unlink()
         return out
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -455,12 +497,21 @@ class MultiProcessState(Collector):
 def forget_worker(directory: str | Path, pid: int) -> None:
     """A worker is gone: drop its state file and its live gauges' files.
 
-    Its counters and histograms stay, so the run's totals never go back.
+    Its counters and histograms stay, so the run's totals never go back, and so do the
+    samples of the gauges that outlive it, while in their window (``gone_<pid>.json``).
     """
     from prometheus_client import multiprocess
 
+    path = state_file(directory, pid)
+    with contextlib.suppress(OSError, ValueError):
+        kept = outliving(StateSnapshot.from_json(path.read_text()), now())
+        if kept.values:
+            gone = Path(directory) / f"{GONE_PREFIX}{pid}.json"
+            tmp = gone.with_suffix(".tmp")
+            tmp.write_text(kept.to_json())
+            os.replace(tmp, gone)
     with contextlib.suppress(OSError):
-        state_file(directory, pid).unlink()
+        path.unlink()
     with contextlib.suppress(OSError):
         multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 

@@ -219,6 +219,33 @@ def _parse_network(text: str) -> IPNetwork | None:
         return None
 
 
+def host_bits_set(spec: str) -> tuple[str, str] | None:
+    """``(cidr_as_given, network)`` when the CIDR of the rule *spec* has host bits set, which
+    :func:`parse_rule` accepts and widens to the network (a host's address with the prefix
+    of a range is often a slip for one host, so the caller says so); else None.
+
+    >>> host_bits_set("10.0.0.1/8:443")
+    ('10.0.0.1/8', '10.0.0.0/8')
+    >>> host_bits_set("10.0.0.0/8") is None and host_bits_set("example.com:443") is None
+    True
+    """
+    text = spec.strip()
+    if text.startswith("["):
+        token = text[1:].partition("]")[0]
+    elif _parse_network(text) is not None:
+        token = text
+    else:
+        token = text.rpartition(":")[0]
+    net = _parse_network(token) if "/" in token else None
+    if net is None:
+        return None
+    try:
+        ipaddress.ip_network(token, strict=True)
+    except ValueError:
+        return token, str(net)
+    return None
+
+
 def parse_rule(spec: str, allow_domains: bool) -> tuple[str, int | None]:
     """Parse an operator rule into ``(canonical_target, port_or_None)``.
 

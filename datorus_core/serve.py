@@ -103,8 +103,6 @@ def make_plan(
     workers: int | None, args: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> Plan:
     """Check the command line and the settings; raise ServeError (exit 2) to refuse."""
-    from mitmproxy.proxy import mode_specs
-
     n = workers if workers is not None else (os.cpu_count() or 1)
     if n < 1:
         raise ServeError("--workers must be at least 1")
@@ -140,12 +138,9 @@ def make_plan(
     proxy: list[tuple[str, int]] = []
     for spec in modes:
         try:
-            mode = mode_specs.ProxyMode.parse(spec)
+            proxy += listeners.proxy_addresses([spec], host, port)
         except ValueError as e:
             raise ServeError(f"--mode {spec}: {e}") from None
-        mode_port = mode.listen_port(port)
-        if mode.transport_protocol == "tcp" and mode_port:
-            proxy.append((mode.listen_host(host), mode_port))
     api = (settings["api_host"], settings["api_port"]) if settings.get("api_port") else None
     return Plan(n, list(args), proxy, api, settings)
 
@@ -233,12 +228,12 @@ class Launcher:
                     shared.append((host, port, listeners.open_shared(host, port)))
                 except OSError as e:
                     self.close_sockets()
-                    # the words one gateway uses for its API port
-                    what = (
-                        "REST API cannot listen"
-                        if (host, port) == self.plan.api
-                        else "cannot listen"
-                    )
+                    # the words one gateway uses for its API and SOCKS5 ports
+                    what = "cannot listen"
+                    if (host, port) == self.plan.api:
+                        what = "REST API cannot listen"
+                    elif port == self.plan.settings.get("socks5_port"):
+                        what = "datorus_socks5_port: cannot listen"
                     raise ServeError(f"{what} on {host or '*'}:{port}: {e}") from None
             self.slots.append(Slot(i, shared))
 

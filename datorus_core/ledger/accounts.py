@@ -370,4 +370,7 @@ def revoke_credential(db: Ledger, username: str, account_id: int | None = None) 
             "UPDATE credentials SET revoked_at = {now} WHERE id = ? AND revoked_at IS NULL",
             (credential_id,),
         )
+        # its allow-listed addresses go with it: a CIDR belongs to one credential, so a
+        # revoked one's entries would keep the range from every other credential for good
+        db.execute("DELETE FROM credential_allowed_ips WHERE credential_id = ?", (credential_id,))
     return {"username": username, "revoked": True}

@@ -1,8 +1,10 @@
 """Allow-listed client addresses of proxy credentials (``credential_allowed_ips``).
 
-A CIDR belongs to one credential: adding one that is listed already (for any
+A CIDR belongs to one credential: adding one that is listed already (for any live
 credential) is ``400 VALIDATION_ERROR`` with ``details.field = "cidr"`` (the 18 codes
-have no conflict code for this). The gateway reads the table with every snapshot
+have no conflict code for this). Revoking a credential removes its entries in the same
+transaction. Entry ids are never reused (migration 14): a replayed ``DELETE`` by id
+cannot remove another range. The gateway reads the table with every snapshot
 (:mod:`.gateway`); a change bumps ``config_version`` (a trigger).
 """
 
@@ -56,6 +58,13 @@ def allow_ip(db: Ledger, ident: str, cidr: str, account_id: int | None = None) -
     cred = _credential(db, ident, account_id)
     try:
         with db.transaction():
+            # an entry of a revoked credential holds no CIDR (revoking removes them; this
+            # clears one a ledger from before migration 14 or an older process left)
+            db.execute(
+                "DELETE FROM credential_allowed_ips WHERE cidr = ? AND credential_id IN"
+                " (SELECT id FROM credentials WHERE revoked_at IS NOT NULL)",
+                (net,),
+            )
             db.execute(
                 "INSERT INTO credential_allowed_ips (credential_id, cidr) VALUES (?, ?)",
                 (cred["id"], net),

@@ -200,7 +200,9 @@ def get_subscription(db: Ledger, account_id: int | None, sub_id: int) -> dict[st
         args,
     )
     if row is None:
-        raise DatorusError("RESOURCE_NOT_FOUND", details={"webhook": str(sub_id)})
+        # an account's subscriptions are its webhooks; the operator's (no account) notifiers
+        what = "webhook" if account_id is not None else "notifier"
+        raise DatorusError("RESOURCE_NOT_FOUND", details={what: str(sub_id)})
     return row
 
 

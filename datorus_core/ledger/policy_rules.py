@@ -23,8 +23,16 @@ def parse_rule_target(spec: str, action: str) -> tuple[str, int | None]:
 
 
 def add_policy_rule(db: Ledger, action: str, spec: str) -> dict[str, Any]:
-    """Record an allow or deny rule; idempotent."""
+    """Record an allow or deny rule; idempotent. A CIDR with host bits set is taken as its
+    network (scripts rely on it), and ``warning`` says so (else None)."""
+    from ..policy import host_bits_set
+
     target, port = parse_rule_target(spec, action)
+    widened = host_bits_set(spec)
+    warning = None
+    if widened is not None:
+        verb = "allowed" if action == "allow" else "denied"
+        warning = f"{widened[0]} has host bits set: {verb} {widened[1]}"
     with db.transaction():
         db.execute(
             "INSERT INTO policy_rules (action, target, port) VALUES (?, ?, ?)"
@@ -32,7 +40,7 @@ def add_policy_rule(db: Ledger, action: str, spec: str) -> dict[str, Any]:
             (action, target, port),
         )
     rule = f"{action} {target}" + (f":{port}" if port is not None else "")
-    return {"rule": rule, "action": action, "target": target, "port": port}
+    return {"rule": rule, "action": action, "target": target, "port": port, "warning": warning}
 
 
 def remove_policy_rule(db: Ledger, action: str, spec: str) -> dict[str, Any]:

@@ -495,6 +495,61 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE egress ADD COLUMN check_seq INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX egress_check_seq ON egress(check_seq);
     """,
+    # 14: ids an API client deletes by are never reused. SQLite gives a new row the
+    # largest id + 1 unless the table is AUTOINCREMENT, so deleting the newest
+    # allow-listed address (or source) handed its id to the next one, and a replayed
+    # DELETE by id removed another range: both tables are rebuilt AUTOINCREMENT, rows and
+    # ids kept. (Credentials, API keys and webhooks are revoked or marked deleted, never
+    # deleted; accounts are never deleted; events are AUTOINCREMENT since 11; leases have
+    # text ids.) And a revoked credential's allow-listed addresses are removed (revoking
+    # now removes them): they held their CIDRs, unique across credentials, for good.
+    f"""
+    DELETE FROM credential_allowed_ips
+        WHERE credential_id IN (SELECT id FROM credentials WHERE revoked_at IS NOT NULL);
+    CREATE TABLE credential_allowed_ips_v14 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        credential_id INTEGER NOT NULL REFERENCES credentials(id),
+        cidr TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    INSERT INTO credential_allowed_ips_v14 (id, credential_id, cidr, created_at)
+        SELECT id, credential_id, cidr, created_at FROM credential_allowed_ips;
+    DROP TABLE credential_allowed_ips;
+    ALTER TABLE credential_allowed_ips_v14 RENAME TO credential_allowed_ips;
+    CREATE INDEX credential_allowed_ips_credential ON credential_allowed_ips(credential_id);
+    CREATE TRIGGER allowed_ips_touch_i AFTER INSERT ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    CREATE TRIGGER allowed_ips_touch_d AFTER DELETE ON credential_allowed_ips BEGIN {_TOUCH}; END;
+    CREATE TABLE sources_v14 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT,
+        url TEXT NOT NULL,
+        parser_name TEXT,
+        cron_schedule TEXT,
+        default_protocol TEXT NOT NULL DEFAULT 'http'
+            CHECK (default_protocol IN ('http', 'https', 'socks4', 'socks5')),
+        default_country TEXT,
+        default_weight INTEGER NOT NULL DEFAULT 1 CHECK (default_weight > 0),
+        tags TEXT NOT NULL DEFAULT '{{}}',
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        updated_at TEXT,
+        last_scraped_at TEXT,
+        last_error TEXT,
+        last_found INTEGER,
+        last_new INTEGER,
+        last_duration_ms INTEGER,
+        next_run_at INTEGER,
+        claimed_by TEXT,
+        claim_until INTEGER
+    );
+    INSERT INTO sources_v14 SELECT id, name, url, parser_name, cron_schedule,
+        default_protocol, default_country, default_weight, tags, enabled, created_at,
+        updated_at, last_scraped_at, last_error, last_found, last_new, last_duration_ms,
+        next_run_at, claimed_by, claim_until FROM sources;
+    DROP TABLE sources;
+    ALTER TABLE sources_v14 RENAME TO sources;
+    CREATE INDEX sources_due ON sources(next_run_at) WHERE enabled = 1;
+    """,
 )
 
 

@@ -475,6 +475,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE egress ADD COLUMN check_seq BIGINT NOT NULL DEFAULT 0;
     CREATE INDEX egress_check_seq ON egress(check_seq);
     """,
+    # 14: a revoked credential's allow-listed addresses are removed (see .schema). Ids are
+    # never reused here already: an identity column's sequence only moves forward (and
+    # the ledger copy sets each past its column's largest id).
+    """
+    DELETE FROM credential_allowed_ips
+        WHERE credential_id IN (SELECT id FROM credentials WHERE revoked_at IS NOT NULL);
+    """,
 )
 
 _VERSION_TABLE = (

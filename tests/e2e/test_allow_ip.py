@@ -275,6 +275,67 @@ def test_api_allowed_ips_crud(gw, origin):
     assert httpx.get(byname, headers=h, timeout=30).json()["items"] == []
 
 
+def test_a_revoked_credentials_cidr_is_free_again(gw, origin):
+    """Revoking a credential removes its allow-listed addresses with it: the CIDR (unique
+    across credentials) can be listed for another credential at once, by the CLI and by
+    the API of another account (probe 8, item 2)."""
+    acc, user, _ = gw.customer(trial_bytes=10**12)
+    gw.cli("credential", "allow-ip", user, "127.0.1.20/32")
+    wait_listed(gw, "127.0.1.20")
+    out = gw.cli("credential", "revoke", user)
+    assert out == {"username": user, "revoked": True}
+    wait_listed(gw, "127.0.1.20", listed=False)
+    # deny-ip on the revoked credential: there is nothing left to remove
+    p = subprocess.run(
+        [*_cli_base(gw), "credential", "deny-ip", user, "127.0.1.20/32"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 1 and json.loads(p.stderr)["error"]["code"] == "RESOURCE_NOT_FOUND"
+    other = gw.cli("credential", "create", str(acc))["username"]
+    entry = gw.cli("credential", "allow-ip", other, "127.0.1.20/32")
+    assert entry["username"] == other and entry["cidr"] == "127.0.1.20/32"
+    wait_listed(gw, "127.0.1.20")
+    assert forward_from(gw, "127.0.1.20", origin.url("/freed"))[2] == b"hello from origin"
+    gw.cli("credential", "deny-ip", other, "127.0.1.20/32")
+    wait_listed(gw, "127.0.1.20", listed=False)
+    # the API's revocation frees a CIDR for another account's credential the same way
+    key = cli(gw.db, "key", "create", str(acc))["key"]
+    r = httpx.post(
+        f"{gw.api_url}/account/credentials/{other}/allowed-ips",
+        json={"cidr": "198.51.100.64/26"},
+        headers=bearer(key),
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    r = httpx.delete(f"{gw.api_url}/account/credentials/{other}", headers=bearer(key), timeout=30)
+    assert r.status_code == 200 and r.json()["revoked"] is True
+    _, third, _ = gw.customer(trial_bytes=10**9)
+    assert gw.cli("credential", "allow-ip", third, "198.51.100.64/26")["username"] == third
+
+
+def test_allowed_ip_entry_ids_are_never_reused(gw):
+    """Deleting the newest entry does not hand its id to the next one: a replayed DELETE by
+    id is a 404, not the removal of another range (probe 8, item 18)."""
+    acc, user, _ = gw.customer(trial_bytes=10**9)
+    key = cli(gw.db, "key", "create", str(acc))["key"]
+    base = f"{gw.api_url}/account/credentials/{user}/allowed-ips"
+    h = bearer(key)
+    first = httpx.post(base, json={"cidr": "203.0.113.8/29"}, headers=h, timeout=30).json()
+    newest = httpx.post(base, json={"cidr": "203.0.113.16/29"}, headers=h, timeout=30).json()
+    r = httpx.delete(f"{base}/{newest['id']}", headers=h, timeout=30)
+    assert r.status_code == 200 and r.json() == {"id": newest["id"], "removed": True}
+    r = httpx.post(base, json={"cidr": "203.0.113.24/29"}, headers=h, timeout=30)
+    assert r.status_code == 201 and r.json()["id"] > newest["id"] > first["id"]
+    err = assert_api_error(
+        httpx.delete(f"{base}/{newest['id']}", headers=h, timeout=30), 404, "RESOURCE_NOT_FOUND"
+    )
+    assert err["details"] == {"allowedIpId": newest["id"]}
+    listed = httpx.get(base, headers=h, timeout=30).json()["items"]
+    assert [i["cidr"] for i in listed] == ["203.0.113.8/29", "203.0.113.24/29"]
+
+
 # -- a browser: Chromium sends no SOCKS5 credentials ---------------------------------------
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

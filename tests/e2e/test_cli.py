@@ -243,6 +243,10 @@ def test_help_is_plain_text_and_flags_take_no_value(db: LedgerTarget) -> None:
     top = run(db, "--help").stdout
     assert re.search(r"--json +Print one JSON object", top), top
     assert "ACCOUNT_ID" in run(db, "balance", "add", "--help").stdout
+    # examples with glob stars survive the help's markdown (a probe copied 'proxy.,credits.')
+    wide = clean_env(DATORUS_CONF=str(conf_of(db)), COLUMNS="200")
+    assert "'proxy.*,credits.*'" in run(db, "notifier", "add", "--help", env=wide).stdout
+    assert "'*/30 * * * *'" in run(db, "source", "add", "--help", env=wide).stdout
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -320,6 +324,14 @@ def test_failures_are_the_envelope_on_stderr(db: LedgerTarget, args, code, field
         ),
         (("no-such-command",), "No such command 'no-such-command'. See 'datorus --help'."),
         (
+            ("notifier", "test", "999"),
+            "No notifier 999. List the notifiers with 'datorus notifier list'.",
+        ),
+        (
+            ("notifier", "remove", "999"),
+            "No notifier 999. List the notifiers with 'datorus notifier list'.",
+        ),
+        (
             ("quickstart", "cli-qs0@example.com", "--target", "ftp://x"),
             "Invalid --target: must be an http(s) URL. See 'datorus quickstart --help'.",
         ),
@@ -329,6 +341,60 @@ def test_errors_without_json_are_sentences_with_the_next_step(
     db: LedgerTarget, args, expected
 ) -> None:
     assert error(db, *args) == expected
+
+
+def test_an_unknown_notifier_is_named_a_notifier_under_json(db: LedgerTarget) -> None:
+    p = run(db, "notifier", "test", "999", "--json")
+    assert p.returncode == 1 and p.stdout == ""
+    err = json.loads(p.stderr)["error"]
+    assert set(err) == ENVELOPE_KEYS
+    assert (err["code"], err["details"]) == ("RESOURCE_NOT_FOUND", {"notifier": "999"})
+
+
+def test_a_policy_cidr_with_host_bits_is_widened_and_says_so(db: LedgerTarget) -> None:
+    """Scripts keep working (exit 0, the network is the rule), but the widening is said:
+    on stderr for a person, as ``warning`` under --json (probe 8, item 12)."""
+    p = run(db, "policy", "allow", "10.77.0.1/16")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "10.77.0.1/16 has host bits set: allowed 10.77.0.0/16\n"
+    assert "allow 10.77.0.0/16" in p.stdout and "host bits" not in p.stdout
+    out = ok(db, "policy", "deny", "10.78.0.1/16:443")
+    assert out["rule"] == "deny 10.78.0.0/16:443"
+    assert out["warning"] == "10.78.0.1/16 has host bits set: denied 10.78.0.0/16"
+    exact = run(db, "policy", "allow", "10.79.0.0/16")
+    assert exact.returncode == 0 and exact.stderr == ""
+    assert ok(db, "policy", "allow", "10.79.0.0/16")["warning"] is None
+    rules = {(r["action"], r["target"]) for r in ok(db, "policy", "list")["items"]}
+    assert {("allow", "10.77.0.0/16"), ("deny", "10.78.0.0/16")} <= rules
+    for spec in ("allow 10.77.0.0/16", "deny 10.78.0.0/16:443", "allow 10.79.0.0/16"):
+        ok(db, "policy", "remove", *spec.split())
+
+
+def test_an_smtp_notifier_without_smtp_host_is_added_with_a_warning(db: LedgerTarget) -> None:
+    """Accepted (exit 0: the host may be set later), but the operator is told the mail
+    will wait and how to set the host (probe 8, item 19)."""
+    p = run(db, "notifier", "add", "smtp", "cli-ops@example.com", "--events", "proxy.*")
+    assert p.returncode == 0, p.stderr
+    nid = re.search(r"^id\s+(\d+)$", p.stdout, re.M)
+    assert nid is not None, p.stdout
+    assert p.stderr == (
+        "No smtp_host is set: mail to cli-ops@example.com waits in the delivery queue"
+        " (retried for up to a day) until it is. Set smtp_host in the settings file (see"
+        " 'datorus settings') or DATORUS_SMTP_HOST, restart the gateway, then check with"
+        f" 'datorus notifier test {nid.group(1)}'.\n"
+    )
+    out = ok(db, "notifier", "add", "smtp", "cli-ops2@example.com")
+    assert out["warning"].startswith("No smtp_host is set: mail to cli-ops2@example.com")
+    with_host = conf_of(db).read_text() + "smtp_host: 127.0.0.1\n"
+    conf = ledger_dir(db) / "with-smtp.conf"
+    conf.write_text(with_host)
+    p = run(
+        db, "notifier", "add", "smtp", "cli-ops3@example.com", env=clean_env(DATORUS_CONF=str(conf))
+    )
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    for n in ok(db, "notifier", "list")["items"]:
+        if n["target"].startswith("cli-ops"):
+            ok(db, "notifier", "remove", n["id"])
 
 
 def test_email_taken_and_readable_output_without_json(db: LedgerTarget) -> None:

@@ -534,16 +534,14 @@ def proxies_gw(tmp_path_factory, peer_origin, ca_file):
     ).start()
     acc, user, pw = gw.customer(trial_bytes=10**12)
     gw.user, gw.pw = user, pw
-    seen: set[str] = set()
-    wait_until(
-        lambda: (
-            seen.add(get(gw, user, pw, peer_origin.url("/peer")).text)
-            or seen >= {"127.0.0.6", "127.0.0.7"}
-        ),
-        10,
-        0.01,
-        "both upstream proxies in use",
-    )
+    # both upstream proxies in use by every worker of datorus serve: each reads the pool
+    # worker's checks for itself (every 0.5 s), so one can still have none active while
+    # the other already carries traffic through both
+    for up in ups:
+        gw.each_worker(
+            forward(gw, peer_origin.url("/peer")),
+            lambda a, exit_ip=up.source: a[0] == 200 and a[2] == exit_ip.encode(),
+        )
     yield gw, ups
     gw.stop()
     for up in ups:

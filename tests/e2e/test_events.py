@@ -173,6 +173,9 @@ def test_webhook_to_an_internal_address_is_refused(gw: Gateway, url: str, rule: 
     r = httpx.post(f"{gw.api_url}/account/webhooks", json={"url": url}, headers=h)
     err = assert_api_error(r, 403, "AUP_VIOLATION")
     assert err["details"]["rule"] == rule
+    # the customer is told what may be a target instead
+    assert err["details"]["hint"].startswith("Webhooks go to public http(s) destinations only")
+    assert "link-local (cloud metadata)" in err["details"]["hint"]
 
 
 @pytest.mark.one_node
@@ -184,6 +187,10 @@ def test_webhook_to_the_gateway_itself_is_refused(gw: Gateway) -> None:
         r = httpx.post(f"{gw.api_url}/account/webhooks", json={"url": url}, headers=h)
         err = assert_api_error(r, 403, "AUP_VIOLATION")
         assert err["details"]["rule"] == "gateway_self"
+        assert err["details"]["hint"] == (
+            "A webhook cannot point at the gateway's own ports;"
+            " use a public http(s) URL that the acceptable-use policy allows."
+        )
 
 
 @pytest.mark.parametrize(

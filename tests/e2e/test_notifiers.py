@@ -181,6 +181,7 @@ def test_notifier_add_refusals(gw: Gateway, args: tuple[str, ...], code: str, fi
         assert err["details"]["field"] == field
     else:
         assert err["details"]["rule"] == "link_local"
+        assert err["details"]["hint"].startswith("Webhooks go to public http(s) destinations")
 
 
 def test_datorus_deliver_sends_the_outbox_without_a_gateway(tmp_path) -> None:

@@ -217,6 +217,21 @@ def test_a_source_is_added_read_paged_changed_and_removed(gw, lists):
     assert {p["ip"] for p in kept} == {"127.0.28.1", "127.0.28.2"}  # DELETE kept them
 
 
+def test_a_deleted_sources_id_is_never_given_to_a_new_one(gw, lists):
+    """Deleting the newest source does not hand its id to the next: a replayed DELETE by id
+    is a 404, and the proxies the deleted one found (kept, with its id) are not the new
+    source's (probe 8, item 18; migration 14)."""
+    older = add(gw, lists.url("/reuse-a.txt"), parser_name="plaintext", cron_schedule=NEVER)
+    newest = add(gw, lists.url("/reuse-b.txt"), parser_name="plaintext", cron_schedule=NEVER)
+    gone = api(gw, "DELETE", f"/sources/{newest['id']}", gw.op).json()
+    assert gone == {"id": newest["id"], "removed": True, "proxies_kept": 0}
+    fresh = add(gw, lists.url("/reuse-c.txt"), parser_name="plaintext", cron_schedule=NEVER)
+    assert fresh["id"] > newest["id"] > older["id"]
+    r = api(gw, "DELETE", f"/sources/{newest['id']}", gw.op)
+    assert assert_api_error(r, 404, "RESOURCE_NOT_FOUND")["details"] == {"source": newest["id"]}
+    assert api(gw, "GET", f"/sources/{fresh['id']}", gw.op).json()["url"].endswith("/reuse-c.txt")
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

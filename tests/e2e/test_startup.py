@@ -74,6 +74,64 @@ FAULTS = {
         {"DATORUS_METRICS_PORT": "-1"},
         "datorus_metrics_port: must be a port number 0-65535",
     ),
+    "negative SOCKS5 port": (
+        {"socks5_port": "-1"},
+        None,
+        "datorus_socks5_port: must be a port number 0-65535",
+    ),
+    "SOCKS5 port too large": (
+        {"socks5_port": "70000"},
+        None,
+        "datorus_socks5_port: must be a port number 0-65535",
+    ),
+    "SOCKS5 port not a number": (
+        {"socks5_port": "abc"},
+        None,
+        "datorus_socks5_port: 'abc' is not a whole number",
+    ),
+    "SOCKS5 port taken": ({"socks5_port": "taken"}, None, "datorus_socks5_port: cannot listen"),
+    "no event days": ({"event_days": "0"}, None, "datorus_event_days: must be > 0"),
+    "event days not a number": (
+        {},
+        {"DATORUS_EVENT_DAYS": "a month"},
+        "datorus_event_days: 'a month' is not a whole number",
+    ),
+    "negative pool-low threshold": (
+        {"event_pool_low": "-1"},
+        None,
+        "datorus_event_pool_low: must be >= 0",
+    ),
+    "no event keep-alive": (
+        {"event_keepalive_seconds": "0"},
+        None,
+        "datorus_event_keepalive_seconds: must be > 0",
+    ),
+    "event retry not a number": (
+        {"event_retry_seconds": "1d"},
+        None,
+        "datorus_event_retry_seconds: '1d' is not a whole number",
+    ),
+    "negative first event retry": (
+        {"event_retry_first_ms": "-5000"},
+        None,
+        "datorus_event_retry_first_ms: must be > 0",
+    ),
+    "no webhook timeout": ({"webhook_timeout": "0"}, None, "datorus_webhook_timeout: must be > 0"),
+    "negative webhook timeout": (
+        {"webhook_timeout": "-10"},
+        None,
+        "datorus_webhook_timeout: must be > 0",
+    ),
+    "webhook timeout not a number": (
+        {"webhook_timeout": "2.5"},
+        None,
+        "datorus_webhook_timeout: '2.5' is not a whole number",
+    ),
+    "webhook timeout not a number (environment)": (
+        {},
+        {"DATORUS_WEBHOOK_TIMEOUT": "slow"},
+        "datorus_webhook_timeout: 'slow' is not a whole number",
+    ),
 }
 
 
@@ -94,8 +152,16 @@ def _probe_until_exit(proc: subprocess.Popen, port: int, origin, path: str) -> N
 
 # with several nodes only the first serves the API: a taken API port stops that node alone
 # faults in a setting the two-node harness sets per node (a second node gets its own API
-# port and no metrics port): only the first node would see them
-ONE_NODE_FAULTS = {"API port taken", "bad metrics port", "metrics port not a number"}
+# port, no metrics port and no SOCKS5 entry): only the first node would see them
+ONE_NODE_FAULTS = {
+    "API port taken",
+    "bad metrics port",
+    "metrics port not a number",
+    "negative SOCKS5 port",
+    "SOCKS5 port too large",
+    "SOCKS5 port not a number",
+    "SOCKS5 port taken",
+}
 
 
 @pytest.mark.parametrize(
@@ -112,11 +178,12 @@ def test_faulty_start_up_stops_with_a_message_and_relays_nothing(tmp_path, origi
     if settings.get("db") == "missing":
         db = missing_ledger(tmp_path)
         del settings["db"]
-    if settings.get("api_port") == "taken":
+    taken = [name for name in ("api_port", "socks5_port") if settings.get(name) == "taken"]
+    if taken:  # another program listens on the port the setting names
         held = socket.socket()
         held.bind(("127.0.0.1", 0))
         held.listen()
-        settings["api_port"] = held.getsockname()[1]
+        settings[taken[0]] = held.getsockname()[1]
     if env == "conf":
         conf = tmp_path / "broken.conf"
         conf.write_text("rps: [unclosed\n")

@@ -49,12 +49,14 @@ def socks5_connect(
     domain: bool | None = None,
     source: str | None = None,
     timeout: float = 15.0,
+    command: int = 0x01,
 ) -> Socks5Answer:
     """Ask the gateway's SOCKS5 port for a tunnel to *host*:*target_port*.
 
     *methods* defaults to username/password with credentials, "no authentication"
     without; *domain* sends *host* as a name (ATYP 3; default: when it is not an IP
-    literal); *source* binds the client's own address (e.g. ``127.0.0.2``). On success
+    literal); *source* binds the client's own address (e.g. ``127.0.0.2``); *command*
+    is CONNECT (1) unless given (2 BIND, 3 UDP ASSOCIATE). On success
     the socket is left open in the answer (the caller closes it); else it is closed.
     """
     s = socket.create_connection(
@@ -90,7 +92,7 @@ def socks5_connect(
             addr = b"\x01" + ip.packed
         else:
             addr = b"\x04" + ip.packed
-        s.sendall(b"\x05\x01\x00" + addr + struct.pack("!H", target_port))
+        s.sendall(bytes((5, command, 0)) + addr + struct.pack("!H", target_port))
         head = _recv_exactly(s, 4)
         if head is None:
             return answer

@@ -143,7 +143,7 @@ def all_ints(rows: Any) -> bool:
 
 
 def test_both_backends_have_the_same_numbered_migrations() -> None:
-    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 13
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS) == 14
 
 
 def test_a_new_ledger_is_at_the_newest_schema_and_migrating_again_changes_nothing(

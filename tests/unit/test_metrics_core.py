@@ -79,7 +79,7 @@ def test_null_metrics_has_every_counting_method() -> None:
     counting = {
         n
         for n in vars(m.Metrics)
-        if not n.startswith("_") and n not in ("prime", "accounts_refused")
+        if not n.startswith("_") and n not in ("prime", "accounts_refused", "accounts_refused_at")
     }
     assert counting <= set(vars(m.NullMetrics))
 
@@ -128,3 +128,38 @@ def test_the_launcher_sums_its_workers_and_keeps_the_totals_of_gone_ones(tmp_pat
     got = _samples(generate_latest(registry).decode())
     assert got[("datorus_requests_total", ok)] == 7
     assert got[("datorus_open_tunnels", frozenset({("kind", "tunnel")}))] == 5
+
+
+def test_a_gone_workers_refused_accounts_count_until_out_of_their_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gauge, t0 = "datorus_accounts_refused_for_money", m.now()
+    for pid, account in ((111, "7"), (222, "8")):
+        s = m.StateSnapshot(at=t0)
+        s.set(gauge, t0 - 10, account)  # refused 10 s ago
+        s.set("datorus_open_tunnels", 1, "tunnel")
+        m.write_state(tmp_path, pid, s)
+    registry = m.multiprocess_registry(tmp_path)
+
+    def scraped() -> tuple[float, float]:
+        got = _samples(generate_latest(registry).decode())
+        return got[(gauge, frozenset())], got.get(
+            ("datorus_open_tunnels", frozenset({("kind", "tunnel")})), 0.0
+        )
+
+    assert scraped() == (2, 2)
+    m.forget_worker(tmp_path, 111)  # replaced (a reload): its tunnels go, its refusals stay
+    assert not m.state_file(tmp_path, 111).exists()
+    assert scraped() == (2, 1)
+    # past the window the gone worker's account is forgotten, and so is its file (a
+    # living worker forgets its own: Metrics.accounts_refused)
+    monkeypatch.setattr(m, "now", lambda: t0 - 10 + m.REFUSED_WINDOW + 1)
+    assert scraped() == (1, 1)
+    assert not list(tmp_path.glob(f"{m.GONE_PREFIX}*"))
+
+
+def test_refused_accounts_carry_when_on_the_wall_clock() -> None:
+    x = m.Metrics()
+    x.answered("forward", 402, "INSUFFICIENT_BALANCE", account=5)
+    mono = x.refused_accounts[5]
+    assert x.accounts_refused_at(mono + 2.0, 1000.0) == [(5, 998.0)]
