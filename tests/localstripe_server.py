@@ -6,7 +6,11 @@ Two additions for the tests: localstripe has no Checkout Sessions, so a minimal
 ``POST /v1/checkout/sessions`` answers with a session and its URL, whose page
 (``GET /checkout/{id}``) has a Pay button that marks it paid, delivers a signed
 ``checkout.session.completed`` to the webhooks configured with ``/_config/webhooks``
-(as Stripe would) and sends the payer to the session's ``success_url``; and every request
+(as Stripe would) and sends the payer to the session's ``success_url`` (with
+``{CHECKOUT_SESSION_ID}`` filled in, as Stripe does), and ``GET
+/v1/checkout/sessions/{id}`` retrieves a session; ``POST /_config/hold`` keeps Checkout's
+webhook deliveries back until ``POST /_config/release`` (a webhook that comes late);
+and every request
 is recorded (method, path, Idempotency-Key) for ``GET /_config/requests``, so a test can
 check that each write Datorus sends carries an idempotency key.
 """
@@ -31,6 +35,7 @@ resources.Store.dump_to_disk = lambda self: None  # type: ignore[method-assign]
 
 SEEN: list[dict[str, str | None]] = []
 SESSIONS: dict[str, dict] = {}
+HELD: list[bytes] | None = None  # Checkout's deliveries kept back (None: deliver at once)
 
 
 @web.middleware
@@ -85,6 +90,48 @@ async def create_checkout_session(request: web.Request) -> web.Response:
     return web.json_response(session)
 
 
+async def retrieve_checkout_session(request: web.Request) -> web.Response:
+    session = SESSIONS.get(request.match_info["id"])
+    if session is None:
+        return web.json_response(
+            {"error": {"type": "invalid_request_error", "message": "No such checkout.session"}},
+            status=404,
+        )
+    return web.json_response(session)
+
+
+async def deliver(payload: bytes, created: int) -> None:
+    """One event to every webhook configured with ``/_config/webhooks``, signed."""
+    async with aiohttp.ClientSession() as client:
+        for hook in list(webhooks._webhooks.values()):
+            signed = f"{created}.".encode() + payload
+            sig = hmac.new(hook.secret.encode(), signed, hashlib.sha256).hexdigest()
+            headers = {
+                "Content-Type": "application/json",
+                "Stripe-Signature": f"t={created},v1={sig}",
+            }
+            try:
+                async with client.post(hook.url, data=payload, headers=headers) as r:
+                    await r.read()
+            except aiohttp.ClientError:
+                pass  # another test's API, gone: Stripe would retry; we need not
+
+
+async def hold(request: web.Request) -> web.Response:
+    global HELD
+    HELD = HELD if HELD is not None else []
+    return web.json_response({"held": len(HELD)})
+
+
+async def release(request: web.Request) -> web.Response:
+    """Deliver what was held (signed now: Stripe signs each attempt) and stop holding."""
+    global HELD
+    held, HELD = HELD or [], None
+    for payload in held:
+        await deliver(payload, int(time.time()))
+    return web.json_response({"delivered": len(held)})
+
+
 async def checkout_page(sid: str) -> web.Response:
     """The hosted payment page: the amount, a Pay button and a way back."""
     session = SESSIONS.get(sid)
@@ -119,20 +166,11 @@ async def checkout_pay(sid: str) -> web.Response:
             "data": {"object": session},
         }
         payload = json.dumps(event).encode()
-        async with aiohttp.ClientSession() as client:
-            for hook in list(webhooks._webhooks.values()):
-                signed = f"{event['created']}.".encode() + payload
-                sig = hmac.new(hook.secret.encode(), signed, hashlib.sha256).hexdigest()
-                headers = {
-                    "Content-Type": "application/json",
-                    "Stripe-Signature": f"t={event['created']},v1={sig}",
-                }
-                try:
-                    async with client.post(hook.url, data=payload, headers=headers) as r:
-                        await r.read()
-                except aiohttp.ClientError:
-                    pass  # another test's API, gone: Stripe would retry; we need not
-    raise web.HTTPSeeOther(session["success_url"])
+        if HELD is not None:
+            HELD.append(payload)
+        else:
+            await deliver(payload, event["created"])
+    raise web.HTTPSeeOther(session["success_url"].replace("{CHECKOUT_SESSION_ID}", sid))
 
 
 @web.middleware
@@ -152,7 +190,10 @@ async def hosted_checkout(request: web.Request, handler):
 app.middlewares.insert(0, record)
 app.middlewares.insert(0, hosted_checkout)
 app.router.add_get("/_config/requests", seen)
+app.router.add_post("/_config/hold", hold)
+app.router.add_post("/_config/release", release)
 app.router.add_post("/v1/checkout/sessions", create_checkout_session)
+app.router.add_get("/v1/checkout/sessions/{id}", retrieve_checkout_session)
 
 if __name__ == "__main__":
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)

@@ -39,13 +39,15 @@ from ..envelope import DatorusError, validation_error
 from ..ledger import accounts, money
 from ..ledger import api as ledger_api
 from ..ledger import egress as ledger_egress
+from ..ledger import events as ledger_events
 from ..ledger import sources as ledger_sources
 from ..ledger import usage as ledger_usage
 from . import console_session as cs
 from . import store
 from .deps import client_address, no_such_route, require_active, throttle
-from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS, CheckoutIn, CredentialIn, KeyIn
+from .models import MAX_TOPUP_CENTS, MIN_TOPUP_CENTS, CredentialIn, KeyIn
 from .state import ApiState
+from .stripe_pay import SESSION_PLACEHOLDER
 from .views import blocks_by_domain, domain_usage, proxy_view, receipt_view
 
 HERE = Path(__file__).parent / "console"
@@ -319,16 +321,36 @@ def is_console(path: str) -> bool:
 async def home(request: Request) -> Response:
     """The signed-in customer's or operator's page, or the sign-in page."""
     sess = await run_in_threadpool(current, request)
+    back = request.query_params.get("topup", "")
+    session_id = request.query_params.get("session_id", "")[:300]
+    confirmed = None
+    if back == "success" and session_id and sess["kind"] in ("customer", "anon"):
+        account_id = int(sess["account"]) if sess["kind"] == "customer" else None
+        confirmed = await run_in_threadpool(confirm_topup, _state(request), session_id, account_id)
     if sess["kind"] == "customer":
-        notice = {"success": "topup_success", "cancel": "topup_cancel"}.get(
-            request.query_params.get("topup", "")
-        )
-        return await run_in_threadpool(customer_page, request, notice)
+        notice = {"success": "topup_success", "cancel": "topup_cancel"}.get(back)
+        return await run_in_threadpool(customer_page, request, notice, confirmed=confirmed)
     if sess["kind"] == "operator":
         blocks = blocks_by_domain(_state(request))  # the live pool: read in the event loop
         q = request.query_params.get("q", "")[:200]
         return await run_in_threadpool(operator_page, request, q, blocks)
-    return render(request, "signin.html")
+    return render(request, "signin.html", confirmed=confirmed)
+
+
+def confirm_topup(st: ApiState, session_id: str, account_id: int | None) -> dict[str, Any]:
+    """The payer is back from Stripe Checkout: ask Stripe about the session (the browser
+    gives only its id) and credit it if paid, once whichever of this and the webhook is
+    first. What the page says about it: ``state`` is ``paid`` (credited, now or before),
+    ``pending`` (Stripe has not confirmed it yet), ``unknown`` (not this account's) or
+    ``unreachable`` (Stripe did not answer). A visitor not signed in (a session that
+    expired while paying) gets the payment credited to the account that opened it."""
+    try:
+        found = st.payments.confirm_checkout(session_id, account_id)
+    except DatorusError as e:
+        if e.code in ("UPSTREAM_FAILED", "SERVICE_UNAVAILABLE"):
+            return {"state": "unreachable"}
+        return {"state": "unknown"}
+    return {"state": "paid" if found["paid"] else "pending", "amount": found["amount_cents"]}
 
 
 @router.post("/signin/mail")
@@ -422,8 +444,10 @@ def customer_page(
     notice: str | None = None,
     shown: dict[str, Any] | None = None,
     status: int = 200,
+    confirmed: dict[str, Any] | None = None,
 ) -> Response:
-    """Balance and trial, usage by day and by domain, receipts, credentials, keys, top-up."""
+    """Balance and trial, usage by day and by domain, receipts, credentials, keys, top-up,
+    payments."""
     st, acc = _customer(request)
     db = st.store.db()
     view = store.account_view(db, acc["id"], st.settings)
@@ -447,9 +471,9 @@ def customer_page(
         keys=[store.key_view(r) for r in ledger_api.api_keys(db, acc["id"])],
         session_key=current(request)["key"],
         payments=bool(st.settings.get("stripe_api_key")),
-        min_topup=MIN_TOPUP_CENTS,
-        max_topup=MAX_TOPUP_CENTS,
+        history=payment_history(db, acc["id"]),
         notice=notice,
+        confirmed=confirmed,
         shown=shown,
         panels=panels,
     )
@@ -469,6 +493,42 @@ def live(request: Request) -> JSONResponse:
         },
         headers={"Cache-Control": "no-store"},
     )
+
+
+#: What a payment row's ``tx_type`` in ``/account/credits`` is called on the page.
+PAYMENT_KINDS = {"purchase": "Top-up", "adjustment": "Correction", "acquire": "Lease"}
+
+
+def payment_history(db: Any, account_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The account's money in and out other than usage, newest first, as
+    ``GET /account/credits`` lists it (top-ups by card, Checkout, auto-recharge or the
+    operator; corrections; lease charges), and the auto-recharges Stripe declined
+    (``credits.recharge_failed`` events, which move no money)."""
+    rows = store.credits(db, account_id, 60)["recent_transactions"]
+    items = [
+        {
+            "at": r["created_at"],
+            "what": PAYMENT_KINDS.get(r["tx_type"], r["tx_type"]),
+            "description": r["description"] or "",
+            "amount": r["amount"],
+            "declined": False,
+        }
+        for r in rows
+        if r["tx_type"] in PAYMENT_KINDS
+    ]
+    for e in ledger_events.newest_of_type(db, account_id, "credits.recharge_failed", limit):
+        data = e["data"]
+        items.append(
+            {
+                "at": e["created_at"],
+                "what": "Auto-recharge declined",
+                "description": str(data.get("declineCode") or data.get("code") or ""),
+                "amount": int(data.get("amount_cents") or 0),
+                "declined": True,
+            }
+        )
+    items.sort(key=lambda i: str(i["at"]), reverse=True)
+    return items[:limit]
 
 
 def _field_error(e: ValidationError, names: dict[str, str]) -> DatorusError:
@@ -546,17 +606,25 @@ def parse_dollars(field: str, text: str) -> int:
 def topup(request: Request, form: Form) -> Response:
     """Top up through Stripe Checkout: off to Stripe's page, back to the console after."""
     st, acc = _customer(request)
+    if not st.settings.get("stripe_api_key"):
+        raise DatorusError(
+            "SERVICE_UNAVAILABLE",
+            message="Top-ups are not available on this Datorus: card payments are not"
+            " configured. Ask the operator to top up your balance.",
+            details={"reason": "stripe_api_key is not set"},
+            headers={"Retry-After": "3600"},
+        )
     cents = parse_dollars("amount", form.get("amount", ""))
-    try:
-        CheckoutIn(amount_cents=cents)
-    except ValidationError as e:
-        raise _field_error(e, {"amount_cents": "amount"}) from None
+    if cents < MIN_TOPUP_CENTS:
+        raise validation_error("amount", f"must be at least {dollars(MIN_TOPUP_CENTS)}")
+    if cents > MAX_TOPUP_CENTS:
+        raise validation_error("amount", f"must be at most {dollars(MAX_TOPUP_CENTS)}")
     base = str(request.base_url).rstrip("/")
     session = st.payments.checkout(
         acc,
         cents,
         None,
-        success_url=f"{base}{PREFIX}?topup=success",
+        success_url=f"{base}{PREFIX}?topup=success&session_id={SESSION_PLACEHOLDER}",
         cancel_url=f"{base}{PREFIX}?topup=cancel",
     )
     return _redirect(request, str(session["url"]))
@@ -582,6 +650,8 @@ def operator_page(
     pool = [proxy_view(r) for r in ledger_egress.list_egress(db)]
     order = {"dead": 0, "unchecked": 1, "disabled": 2, "active": 3}
     pool.sort(key=lambda p: (order.get(p["status"], 9), -p["score"], p["id"]))
+    failures = ledger_egress.last_failures(db, [p["id"] for p in pool if p["status"] != "active"])
+    pool = [{**p, "failure": failures.get(p["id"])} for p in pool]
     by_status: dict[str, int] = {}
     for p in pool:
         by_status[p["status"]] = by_status.get(p["status"], 0) + 1

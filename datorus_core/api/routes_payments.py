@@ -41,8 +41,19 @@ def topup(body: TopupIn, acc: Account, st: State, idempotency_key: IdemKey = Non
 
 @router.post("/account/topups/checkout", status_code=201, tags=["payments"])
 def checkout(body: CheckoutIn, acc: Account, st: State, idempotency_key: IdemKey = None) -> Any:
-    """A Stripe Checkout Session for the amount: pay at ``url``; the webhook credits it."""
+    """A Stripe Checkout Session for the amount: pay at ``url``; credited when Stripe's
+    webhook arrives or the payer comes back (``GET /account/topups/checkout/{id}``)."""
     return st.payments.checkout(acc, body.amount_cents, idempotency_key)
+
+
+@router.get("/account/topups/checkout/{session_id}", tags=["payments"])
+def confirm_checkout(session_id: str, acc: Account, st: State) -> Any:
+    """Ask Stripe about one of your Checkout Sessions and credit it now if it is paid.
+
+    Credited once whichever of this and the webhook comes first (``credited`` says
+    whether this call did); 404 ``RESOURCE_NOT_FOUND`` for another account's session.
+    """
+    return st.payments.confirm_checkout(session_id, acc["id"])
 
 
 @router.post("/stripe/webhook", tags=["payments"], include_in_schema=True)

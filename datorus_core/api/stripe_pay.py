@@ -3,7 +3,8 @@
 Money is credited exactly once per payment: the ledger transaction's ``external_id``
 is ``stripe:<payment intent id>``, whichever path (the synchronous charge, a
 ``payment_intent.succeeded`` or a ``checkout.session.completed`` delivery, however
-often repeated) gets there first. Each webhook event id is also recorded in
+often repeated, or the payer's return from Checkout, :meth:`Payments.confirm_checkout`)
+gets there first. Each webhook event id is also recorded in
 ``stripe_events`` in the same transaction as the credit. Every outbound write
 carries an idempotency key. Blocking (HTTP to Stripe): call from worker threads.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -24,6 +26,10 @@ from ..settings import public_base
 from .store import Store
 
 log = logging.getLogger("datorus.stripe")
+
+#: Stripe puts the Checkout Session's id in a return URL in place of this.
+SESSION_PLACEHOLDER = "{CHECKOUT_SESSION_ID}"
+SESSION_ID_RE = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
 
 
 class Payments:
@@ -222,10 +228,12 @@ class Payments:
         success_url: str | None = None,
         cancel_url: str | None = None,
     ) -> dict:
-        """A Checkout Session for *cents*; the webhook credits the balance when it is paid.
+        """A Checkout Session for *cents*, credited when it is paid: by the webhook or
+        when the payer comes back (:meth:`confirm_checkout`), whichever is first.
 
-        Stripe sends the payer back to *success_url* or *cancel_url* (the web console
-        names its own pages; the API's default is ``/account/credits``).
+        Stripe sends the payer back to *success_url* (with ``{CHECKOUT_SESSION_ID}``
+        filled in) or *cancel_url*; the default is the web console, which confirms
+        the session on return.
         """
         db = self.store.db()
         customer = self._customer(db, account)
@@ -249,12 +257,58 @@ class Payments:
                 ],
                 "metadata": meta,
                 "payment_intent_data": {"metadata": meta},
-                "success_url": success_url or f"{base}/account/credits?checkout=success",
-                "cancel_url": cancel_url or f"{base}/account/credits?checkout=cancel",
+                "success_url": success_url
+                or f"{base}/console?topup=success&session_id={SESSION_PLACEHOLDER}",
+                "cancel_url": cancel_url or f"{base}/console?topup=cancel",
             },
             self._idem(account["id"], client_key, "checkout"),
         )
         return {"id": session.id, "url": session.url, "amount_cents": cents}
+
+    def confirm_checkout(self, session_id: str, account_id: int | None) -> dict[str, Any]:
+        """Ask Stripe (with the secret key) about Checkout Session *session_id* and, if
+        it is paid, credit it to the account that opened it, once.
+
+        Only the id comes from the payer's browser; whether it is paid, how much and
+        for whom come from Stripe. The credit has the webhook's key (``stripe:`` and the
+        PaymentIntent), so the two paths credit a payment once between them, on any
+        number of workers and nodes. With *account_id*, a session another account
+        opened (or another ledger) is 404 ``RESOURCE_NOT_FOUND``.
+        """
+        if not SESSION_ID_RE.fullmatch(session_id or ""):
+            raise validation_error("session_id", "must be a Checkout Session id, cs_...")
+        client = self.client  # SERVICE_UNAVAILABLE first when Stripe is off
+        session = self._call(
+            lambda params: client.v1.checkout.sessions.retrieve(session_id, params=params),
+            {},
+            missing_field="session_id",
+        )
+        obj = session.to_dict()
+        meta = obj.get("metadata") or {}
+        owner = str(meta.get("datorus_account", ""))
+        if (
+            meta.get("datorus_ledger") != self.store.ledger_id
+            or not owner.isdigit()
+            or (account_id is not None and int(owner) != account_id)
+        ):
+            raise DatorusError("RESOURCE_NOT_FOUND", details={"session_id": session_id})
+        owner_id = int(owner)
+        found = _payment_of("checkout.session.completed", obj)
+        applied = False
+        db = self.store.db()
+        if found is not None:
+            _, external, cents = found
+            applied = credit(db, owner_id, cents, external, "Stripe Checkout (confirmed on return)")
+        acc = accounts.show_account(db, owner_id)
+        return {
+            "id": obj["id"],
+            "account_id": owner_id,
+            "paid": found is not None,
+            "payment_status": obj.get("payment_status"),
+            "amount_cents": int(obj.get("amount_total") or 0),
+            "credited": applied,
+            "balance_cents": acc["balanceCents"],
+        }
 
     # -- the webhook ----------------------------------------------------------------------
 

@@ -173,6 +173,21 @@ def recent_checks(db: Ledger, egress_id: int, limit: int = 20) -> list[dict[str,
     )
 
 
+def last_failures(db: Ledger, egress_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each egress's newest failed check (``detail``, e.g. ``connect failed: ...``, and
+    ``created_at``), for those of *egress_ids* that have one: why it is dead."""
+    out: dict[int, dict[str, Any]] = {}
+    for egress_id in egress_ids:  # one probe of egress_checks_egress each
+        row = db.execute(
+            "SELECT detail, created_at FROM egress_checks WHERE egress_id = ? AND passed = 0"
+            " ORDER BY id DESC LIMIT 1",
+            (egress_id,),
+        ).fetchone()
+        if row is not None:
+            out[egress_id] = {"detail": row[0] or "check failed", "created_at": row[1]}
+    return out
+
+
 def checker_health(db: Ledger) -> dict[str, dict[str, Any]]:
     """Each checker's record (``checker_runs``) by name: runs, failures (checks it did
     not pass), errors (it raised), and the time and detail of the last of each."""

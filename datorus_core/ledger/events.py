@@ -104,6 +104,16 @@ def after(db: Ledger, account_id: int | None, after_id: int, limit: int) -> list
     return [ev.view(r) for r in rows]
 
 
+def newest_of_type(db: Ledger, account_id: int, type_: str, limit: int) -> list[dict[str, Any]]:
+    """The account's newest *limit* events of one type, newest first."""
+    rows = db.query(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? AND type = ?"
+        " ORDER BY id DESC LIMIT ?",
+        (account_id, type_, limit),
+    )
+    return [ev.view(r) for r in rows]
+
+
 def count(db: Ledger, account_id: int) -> int:
     """How many events the account has in the log (``events_account`` counts them)."""
     return int(db.value("SELECT COUNT(*) FROM events WHERE account_id = ?", (account_id,)) or 0)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.ledger import cli
-from support.processes import Gateway, GatewaySetup
+from support.ledger import cli, ledger_rows
+from support.processes import Gateway, GatewaySetup, start_gateway
 from support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SECRET = "whsec_datorus_console"
 LINK_RE = re.compile(r"(http://\S+/console/signin\?token=\S+)")
+RETURN_RE = re.compile(r".*/console\?topup=success&session_id=(cs_test_[0-9a-f]+)$")
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="chromium is not installed (scripts/test installs it)"
@@ -60,6 +61,17 @@ def api(gw: Gateway, localstripe: str) -> str:
     )
     assert r.status_code == 200, r.text
     return gw.api_url
+
+
+@pytest.fixture(scope="module")
+def nohook(localstripe: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway with Stripe but no webhook secret, as in the README's local recipe."""
+    setup = GatewaySetup(
+        {"stripe_api_key": "sk_test_datorus", "stripe_api_base": localstripe}, api=True
+    )
+    g = start_gateway(tmp_path_factory.mktemp("gw-nohook"), setup)
+    yield g
+    g.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +136,29 @@ def _curl(gw: Gateway, user: str, password: str, url: str) -> int:
         timeout=30,
     )
     return int(out.stdout or 0)
+
+
+def _credits(db, account_id: int) -> list[tuple]:
+    """The account's Stripe credits in the ledger: (external id, nanocents)."""
+    return ledger_rows(
+        db,
+        "SELECT external_id, nanocents FROM transactions"
+        " WHERE account_id = ? AND external_id LIKE 'stripe:%'",
+        (account_id,),
+    )
+
+
+def _pay(page, amount: str) -> str:
+    """Top up *amount* dollars from the console through (fake) Checkout; the session id."""
+    page.fill("#amount", amount)
+    with page.expect_navigation():
+        page.click("#topup-form button")
+    assert "/checkout/cs_test_" in page.url
+    with page.expect_navigation(url=RETURN_RE):
+        page.click("#pay")
+    found = RETURN_RE.match(page.url)
+    assert found is not None
+    return found.group(1)
 
 
 def _no_horizontal_overflow(page) -> None:
@@ -213,13 +248,171 @@ def test_customer_signs_in_by_mailed_link_makes_uses_and_revokes_a_credential_an
         page.click("#topup-form button")
     assert "/checkout/cs_test_" in page.url
     page.screenshot(path=shots / "03b-stripe-checkout.png", full_page=True)
-    with page.expect_navigation(url=re.compile(r".*/console\?topup=success$")):
+    with page.expect_navigation(url=RETURN_RE):
         page.click("#pay")
-    assert "top-up" in page.inner_text("#notice")
+    assert "top-up of $15.00 is paid and credited" in page.inner_text("#notice")
     page.screenshot(path=shots / "03c-topped-up.png", full_page=True)
     balance = float(page.inner_text("#balance").lstrip("$"))
     assert balance == pytest.approx(float(before.lstrip("$")) + 15, abs=0.01)
     assert page.errors == []  # no CSP violation, no script error
+
+
+def test_checkout_without_a_webhook_secret_is_credited_when_the_payer_comes_back(
+    nohook: Gateway, page, shots: Path
+) -> None:
+    api = nohook.api_url
+    acc = nohook.cli("account", "create", _email())
+    key = nohook.cli("key", "create", str(acc["id"]))["key"]
+    r = httpx.post(f"{api}/stripe/webhook", content=b"{}", timeout=30)
+    assert r.status_code == 503  # no webhook will ever credit this Datorus
+    _sign_in_by_key(page, api, key)
+    assert page.inner_text("#balance") == "$0.00"
+    _pay(page, "7")
+    assert "top-up of $7.00 is paid and credited" in page.inner_text("#notice")
+    assert page.inner_text("#balance") == "$7.00"
+    assert "Top-up" in page.inner_text("#payments") and "$7.00" in page.inner_text("#payments")
+    page.screenshot(path=shots / "03d-credited-on-return.png", full_page=True)
+    page.reload()  # the return page again: Stripe is asked again, nothing credited twice
+    assert page.inner_text("#balance") == "$7.00"
+    assert [n for _, n in _credits(nohook.db, acc["id"])] == [700 * 10**9]
+    assert page.errors == []
+
+
+def test_api_checkout_is_credited_when_the_payer_returns_signed_out(
+    nohook: Gateway, localstripe: str
+) -> None:
+    """The API's Checkout returns the payer to the console: credited even without a
+    console session (the account is the one that opened the session, as Stripe says)."""
+    api = nohook.api_url
+    acc = nohook.cli("account", "create", _email())
+    h = {"Authorization": f"Bearer {nohook.cli('key', 'create', str(acc['id']))['key']}"}
+    r = httpx.post(f"{api}/account/topups/checkout", json={"amount_cents": 250}, headers=h)
+    assert r.status_code == 201, r.text
+    paid = httpx.post(f"{localstripe}/checkout/{r.json()['id']}/pay", timeout=30)
+    back = paid.headers["location"]
+    assert back == f"{api}/console?topup=success&session_id={r.json()['id']}"
+    assert httpx.get(f"{api}/account/credits", headers=h, timeout=30).json()["balance"] == 0
+    page = httpx.get(back, timeout=30)  # a browser without the console's cookie
+    assert page.status_code == 200 and "$2.50 is paid and credited" in page.text
+    for _ in range(2):
+        assert httpx.get(back, timeout=30).status_code == 200
+    assert httpx.get(f"{api}/account/credits", headers=h, timeout=30).json()["balance"] == 250
+    # a session id Stripe does not know, or not an id at all: nothing credited, no error
+    for sid in ("cs_test_nosuch", "x' OR 1=1"):
+        r = httpx.get(f"{api}/console", params={"topup": "success", "session_id": sid})
+        assert r.status_code == 200 and "credited" not in r.text
+
+
+def test_checkout_is_credited_once_whether_the_webhook_or_the_return_comes_first(
+    gw: Gateway, api: str, localstripe: str, page
+) -> None:
+    acc = gw.cli("account", "create", _email())
+    key = gw.cli("key", "create", str(acc["id"]))["key"]
+    _sign_in_by_key(page, api, key)
+    # the return first, the webhook later
+    httpx.post(f"{localstripe}/_config/hold", timeout=30).raise_for_status()
+    try:
+        late = _pay(page, "9")
+        assert page.inner_text("#balance") == "$9.00"
+    finally:
+        released = httpx.post(f"{localstripe}/_config/release", timeout=30).json()
+    assert released["delivered"] == 1
+    # the webhook arrived (its event is recorded) and credited nothing more
+    assert (
+        len(ledger_rows(gw.db, "SELECT id FROM stripe_events WHERE account_id = ?", (acc["id"],)))
+        == 1
+    )
+    # the webhook first (delivered before the payer is sent back), then the return
+    first = _pay(page, "4")
+    assert "top-up of $4.00 is paid and credited" in page.inner_text("#notice")
+    assert page.inner_text("#balance") == "$13.00"
+    # the API's own confirmation, many at once: nothing more
+    h = {"Authorization": f"Bearer {key}"}
+    for sid in (late, first):
+        r = httpx.get(f"{api}/account/topups/checkout/{sid}", headers=h, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["paid"] is True and r.json()["credited"] is False
+    assert sorted(n for _, n in _credits(gw.db, acc["id"])) == [400 * 10**9, 900 * 10**9]
+    # another account's session: as if it did not exist, in the API and on the page
+    other = gw.cli("account", "create", _email())
+    other_key = gw.cli("key", "create", str(other["id"]))["key"]
+    r = httpx.get(
+        f"{api}/account/topups/checkout/{late}",
+        headers={"Authorization": f"Bearer {other_key}"},
+        timeout=30,
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "RESOURCE_NOT_FOUND"
+    assert page.errors == []
+
+
+def test_api_checkout_confirmed_concurrently_is_credited_once(
+    gw: Gateway, api: str, localstripe: str
+) -> None:
+    """Paid with the webhook held back: eight confirmations and the webhook at once."""
+    import concurrent.futures
+
+    acc = gw.cli("account", "create", _email())
+    h = {"Authorization": f"Bearer {gw.cli('key', 'create', str(acc['id']))['key']}"}
+    r = httpx.post(f"{api}/account/topups/checkout", json={"amount_cents": 1100}, headers=h)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    httpx.post(f"{localstripe}/_config/hold", timeout=30).raise_for_status()
+    try:
+        paid = httpx.post(f"{localstripe}/checkout/{sid}/pay", timeout=30)
+        assert paid.status_code == 303
+        # the API's default return URL is the console's, with the session's id
+        assert paid.headers["location"].endswith(f"/console?topup=success&session_id={sid}")
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            confirms = [
+                pool.submit(
+                    httpx.get, f"{api}/account/topups/checkout/{sid}", headers=h, timeout=30
+                )
+                for _ in range(8)
+            ]
+            hook = pool.submit(httpx.post, f"{localstripe}/_config/release", timeout=30)
+            answers = [f.result() for f in confirms]
+            assert hook.result().json()["delivered"] == 1
+    finally:
+        httpx.post(f"{localstripe}/_config/release", timeout=30)
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert sum(a.json()["credited"] for a in answers) <= 1
+    assert [n for _, n in _credits(gw.db, acc["id"])] == [1100 * 10**9]
+    r = httpx.get(f"{api}/account/credits", headers=h, timeout=30)
+    assert r.json()["balance"] == 1100
+
+
+def test_without_a_stripe_key_top_ups_are_not_offered(
+    tmp_path_factory: pytest.TempPathFactory, page
+) -> None:
+    g = start_gateway(tmp_path_factory.mktemp("gw-nostripe"), GatewaySetup({}, api=True))
+    try:
+        acc = g.cli("account", "create", _email())
+        _sign_in_by_key(page, g.api_url, g.cli("key", "create", str(acc["id"]))["key"])
+        assert "Top-ups are not available" in page.inner_text("#topup-off")
+        assert page.locator("#topup-form button").is_disabled()
+        token = page.get_attribute("#topup-form input[name=csrf]", "value")
+        r = page.request.post(f"{g.api_url}/console/topup", form={"csrf": token, "amount": "5"})
+        assert r.status == 503 and "Top-ups are not available" in r.text()
+        assert "/checkout/" not in r.url
+    finally:
+        g.stop()
+
+
+def test_topup_amounts_out_of_range_are_refused_in_dollars(gw: Gateway, api: str, page) -> None:
+    acc = gw.cli("account", "create", _email())
+    _sign_in_by_key(page, api, gw.cli("key", "create", str(acc["id"]))["key"])
+    token = page.get_attribute("#topup-form input[name=csrf]", "value")
+    for amount, says in (
+        ("0", "at least $0.50"),
+        ("-5", "at least $0.50"),
+        ("0.49", "at least $0.50"),
+        ("1000000", "at most $10,000.00"),
+        ("10000.01", "at most $10,000.00"),
+    ):
+        r = page.request.post(f"{api}/console/topup", form={"csrf": token, "amount": amount})
+        assert r.status == 400, (amount, r.status)
+        assert says in r.text(), (amount, r.text())
+        assert "cents" not in r.text() and "greater than" not in r.text()
 
 
 def test_forms_without_their_token_are_refused_and_customers_reach_only_their_own(

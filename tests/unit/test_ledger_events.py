@@ -159,6 +159,36 @@ def test_checks_announce_dead_recovered_and_pool_low_once_per_crossing(target: s
     dead = next(g for g in got if g["type"] == "proxy.dead")
     assert dead["data"] == {"proxy_id": str(eid), "url": "http://127.0.0.9:3128",
                             "detail": "refused"}  # fmt: skip
+    # the operator's pool view says why an egress died: its newest failed check
+    db = open_ledger(target)
+    assert ledger_egress.last_failures(db, [eid])[eid]["detail"] == "refused"
+    assert ledger_egress.last_failures(db, [eid + 1]) == {}
+    db.close()
+
+
+def test_payment_history_lists_top_ups_and_declined_recharges_newest_first(db: Ledger) -> None:
+    from datorus_core.api.routes_console import payment_history
+
+    a = _account(db)
+    money.credit_payment(db, a, 700, "pi_one", "Stripe Checkout (confirmed on return)")
+    le.emit_now(
+        db,
+        "credits.recharge_failed",
+        a,
+        {"account_id": a, "amount_cents": 2000, "code": "STRIPE_DECLINED", "declineCode": "x"},
+    )
+    money.add_balance(db, a, 300, "operator top-up")
+    got = payment_history(db, a)
+    # newest first (the three may share a second: then money rows keep the ledger's order)
+    assert [(h["what"], h["amount"]) for h in got if not h["declined"]] == [
+        ("Top-up", 300),
+        ("Top-up", 700),
+    ]
+    assert [h["at"] for h in got] == sorted((h["at"] for h in got), reverse=True)
+    declined = [h for h in got if h["declined"]]
+    assert [(h["what"], h["amount"], h["description"]) for h in declined] == [
+        ("Auto-recharge declined", 2000, "x")
+    ]
 
 
 def test_outbox_fans_out_claims_one_at_a_time_and_records(db: Ledger) -> None:
