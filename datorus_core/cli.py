@@ -1124,7 +1124,8 @@ def sentence(err: DatorusError, command: str = "datorus") -> str:
     """*err* as a sentence for a person, with the next step where there is one."""
     details = err.details or {}
     if err.message != err.entry.message:  # raised with a message written for this case
-        return err.message
+        hint = details.get("hint")  # what to do instead, where the error knows it
+        return f"{err.message} {hint}" if hint else err.message
     if err.code == "RESOURCE_NOT_FOUND":
         for key, text in _NOT_FOUND.items():
             if key in details:

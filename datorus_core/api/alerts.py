@@ -68,11 +68,36 @@ class Alerts:
                 log.warning("datorus: auto-recharge of account %s not made: %s", account_id, e)
                 return
             details = {"account_id": account_id, "amount_cents": cents, "code": e.code}
-            if e.details:
-                details.update(e.details)
-            ledger_events.emit_now(
+            # event data is snake_case throughout (the envelope's details are camelCase)
+            details.update({snake_case(k): v for k, v in (e.details or {}).items()})
+            if ledger_events.emit_now(
                 db, "credits.recharge_failed", account_id, details, dedupe=f"failed:{key}"
-            )
+            ):
+                self._mail_declined(account, cents, e)
             ledger_events.finish_recharge(db, key, "declined")
             return
         ledger_events.finish_recharge(db, key, "charged")
+
+    def _mail_declined(self, account: dict[str, Any], cents: int, err: DatorusError) -> None:
+        """Tell the account's owner the recharge failed (a payment notice: sent whatever the
+        low-balance mail choice, as a card issuer's would be)."""
+        why = (err.details or {}).get("declineCode") or err.message
+        mail.send(
+            self.store.db(),
+            self.settings,
+            account["email"],
+            "Your Datorus auto-recharge was declined",
+            f"We tried to charge your saved card {cents} cents because your balance fell"
+            f" below your auto-recharge threshold, and the charge failed ({why}). Your"
+            " traffic stops when the balance runs out: update the card or top up in the"
+            " console. We try again after your next top-up.\n",
+        )
+
+
+def snake_case(key: str) -> str:
+    """*key* in snake_case.
+
+    >>> snake_case("declineCode"), snake_case("amount_cents")
+    ('decline_code', 'amount_cents')
+    """
+    return "".join("_" + c.lower() if c.isupper() else c for c in key).lstrip("_")

@@ -34,11 +34,18 @@ def add_policy_rule(db: Ledger, action: str, spec: str) -> dict[str, Any]:
         verb = "allowed" if action == "allow" else "denied"
         warning = f"{widened[0]} has host bits set: {verb} {widened[1]}"
     with db.transaction():
-        db.execute(
-            "INSERT INTO policy_rules (action, target, port) VALUES (?, ?, ?)"
-            " ON CONFLICT DO NOTHING",
+        # the table's UNIQUE (action, target, port) lets rows without a port repeat (NULLs
+        # differ in SQL), so the rule is looked for null-safely first
+        same = db.execute(
+            "SELECT 1 FROM policy_rules WHERE action = ? AND target = ? AND port {is} ?",
             (action, target, port),
-        )
+        ).fetchone()
+        if same is None:
+            db.execute(
+                "INSERT INTO policy_rules (action, target, port) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (action, target, port),
+            )
     rule = f"{action} {target}" + (f":{port}" if port is not None else "")
     return {"rule": rule, "action": action, "target": target, "port": port, "warning": warning}
 

@@ -129,9 +129,9 @@ def test_autorecharge_charges_once_per_crossing(gw: Gateway, client, localstripe
 
 
 def test_a_declined_recharge_is_an_event_and_not_retried(
-    gw: Gateway, client, localstripe, origin
+    gw: Gateway, client, localstripe, origin, smtp_server
 ) -> None:
-    aid, _, h, proxy = _customer(gw)
+    aid, email, h, proxy = _customer(gw)
     _save_card(gw, client, h, "4000000000000341")  # saved fine, declined when charged
     cli(gw.db, "balance", "add", str(aid), "100")
     r = httpx.put(
@@ -142,10 +142,15 @@ def test_a_declined_recharge_is_an_event_and_not_retried(
     assert r.status_code == 200
     (failed,) = wait_until(lambda: _events(gw, h, "credits.recharge_failed"), timeout=20)
     assert failed["data"]["code"] == "STRIPE_DECLINED"
-    assert failed["data"]["declineCode"]
+    assert failed["data"]["decline_code"] == "card_declined"  # snake_case, as all event data
+    # the owner is told by mail, once (probe 8b: a decline was an event row only)
+    mail = wait_until(lambda: [m for m in smtp_server.messages if email in m["to"]])
+    assert "Your Datorus auto-recharge was declined" in mail[0]["data"]
+    assert "card_declined" in mail[0]["data"]
     time.sleep(2.5)
     assert len(_charges(localstripe, aid)) == 1
     assert len(_events(gw, h, "credits.recharge_failed")) == 1
+    assert len([m for m in smtp_server.messages if email in m["to"]]) == 1
 
 
 def test_autorecharge_needs_a_saved_card(gw: Gateway) -> None:

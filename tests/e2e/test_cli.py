@@ -364,8 +364,14 @@ def test_a_policy_cidr_with_host_bits_is_widened_and_says_so(db: LedgerTarget) -
     exact = run(db, "policy", "allow", "10.79.0.0/16")
     assert exact.returncode == 0 and exact.stderr == ""
     assert ok(db, "policy", "allow", "10.79.0.0/16")["warning"] is None
-    rules = {(r["action"], r["target"]) for r in ok(db, "policy", "list")["items"]}
+    ok(db, "policy", "deny", "10.78.0.0/16:443")
+    items = ok(db, "policy", "list")["items"]
+    rules = {(r["action"], r["target"]) for r in items}
     assert {("allow", "10.77.0.0/16"), ("deny", "10.78.0.0/16")} <= rules
+    # each rule given twice above is one rule, with a port or without (rows without one
+    # used to repeat: NULL ports differ to a UNIQUE constraint; probe 8b)
+    for target in ("10.78.0.0/16", "10.79.0.0/16"):
+        assert sum(r["target"] == target for r in items) == 1, items
     for spec in ("allow 10.77.0.0/16", "deny 10.78.0.0/16:443", "allow 10.79.0.0/16"):
         ok(db, "policy", "remove", *spec.split())
 

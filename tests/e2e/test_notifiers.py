@@ -184,6 +184,24 @@ def test_notifier_add_refusals(gw: Gateway, args: tuple[str, ...], code: str, fi
         assert err["details"]["hint"].startswith("Webhooks go to public http(s) destinations")
 
 
+def test_a_refused_webhook_tells_a_person_what_may_be_one(gw: Gateway) -> None:
+    """Without --json the one sentence carries the hint too (probe 8b: it said only that
+    the URL is not allowed)."""
+    import subprocess
+
+    from support.ledger import DATORUS
+
+    args = ["notifier", "add", "webhook", "http://169.254.169.254/", "--events", "proxy.*"]
+    p = subprocess.run(
+        [DATORUS, "--db", str(gw.db), *args], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith(
+        "This webhook URL is not an allowed destination. Webhooks go to public http(s)"
+    ), p.stderr
+    assert "datorus policy allow CIDR" in p.stderr
+
+
 def test_datorus_deliver_sends_the_outbox_without_a_gateway(tmp_path) -> None:
     import signal
     import subprocess
