@@ -518,11 +518,12 @@ def payment_history(db: Any, account_id: int, limit: int = 20) -> list[dict[str,
     ]
     for e in ledger_events.newest_of_type(db, account_id, "credits.recharge_failed", limit):
         data = e["data"]
+        why = data.get("decline_code") or data.get("declineCode")  # older events: camelCase
         items.append(
             {
                 "at": e["created_at"],
                 "what": "Auto-recharge declined",
-                "description": str(data.get("declineCode") or data.get("code") or ""),
+                "description": str(why or data.get("code") or ""),
                 "amount": int(data.get("amount_cents") or 0),
                 "declined": True,
             }

@@ -175,7 +175,7 @@ def test_payment_history_lists_top_ups_and_declined_recharges_newest_first(db: L
         db,
         "credits.recharge_failed",
         a,
-        {"account_id": a, "amount_cents": 2000, "code": "STRIPE_DECLINED", "declineCode": "x"},
+        {"account_id": a, "amount_cents": 2000, "code": "STRIPE_DECLINED", "decline_code": "x"},
     )
     money.add_balance(db, a, 300, "operator top-up")
     got = payment_history(db, a)
