@@ -84,7 +84,8 @@ class WorkerLifecycle:
         if gw.handing_off or gw.runtime.draining:
             return
         gw.handing_off = True
-        gw.drain_deadline = time.monotonic() + gw.settings.get("drain_seconds", 5)
+        started = time.monotonic()
+        gw.drain_deadline = started + gw.settings.get("drain_seconds", 5)
         await gw.stop_listening()
         api = ctx.master.addons.get("datorus_api")
         if api is not None and getattr(api, "server", None) is not None:
@@ -95,5 +96,10 @@ class WorkerLifecycle:
             patches.open_client_connections() or any(n() for n in self.open_flows)
         ):
             await asyncio.sleep(0.05)
-        log.info("datorus: handed off; stopping")
+        log.info(
+            "datorus: handed off in %.2f s; stopping (%d client connections, %d flows open)",
+            time.monotonic() - started,
+            patches.open_client_connections(),
+            sum(n() for n in self.open_flows),
+        )
         ctx.master.shutdown()

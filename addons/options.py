@@ -209,19 +209,25 @@ class LedgerTask:
         rt, hot = self.gw.runtime, self.gw.hot
         wanted = hot.snapshot_wanted or hot.refresh_wanted
         if force or wanted or await link.version() != rt.version:
+            # everything is read before anything is applied, and applied with no await in
+            # between: a request decided meanwhile must never see a half-applied view (a
+            # first snapshot marks the runtime loaded; until fresh_at is stamped too, its
+            # age counts from 0 and ledger_error answers 503 ledger_stale)
             if hot.shared:
                 # the credit shared between workers needs the bytes each one flushed,
                 # read with the balances, and what Redis held just before
                 hot.refresh_wanted = False
                 token = await hot.before_snapshot()
                 accounts, creds, rules, version, flushed = await link.snapshot_shared()
+                allowed = await link.allowed_ips()
                 await hot.seen_version(version)  # before any request is decided on it
                 rt.apply_snapshot(accounts, creds, rules, version, worker_usage=flushed)
                 hot.adopt(rt, token)
             else:
                 accounts, creds, rules, version = await link.snapshot()
+                allowed = await link.allowed_ips()
                 rt.apply_snapshot(accounts, creds, rules, version)
-            rt.apply_allowed_ips(await link.allowed_ips())
+            rt.apply_allowed_ips(allowed)
             for cb in self.on_snapshot:
                 cb(rt)
         rt.fresh_at = time.monotonic()

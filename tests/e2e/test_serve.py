@@ -208,8 +208,13 @@ def test_sighup_under_load_refuses_nothing_and_bills_every_request(
             f"\nSIGHUP rolling restart of 2 workers: {took:.2f} s; requests {load.total},"
             f" statuses {dict(load.statuses)}, errors {len(load.errors)}"
         )
-        assert not load.errors, load.errors[:5]
-        assert set(load.statuses) == {200}, load.statuses
+        # a refusal says why (draining, ledger, ...) and the launcher's log says when
+        refused = [f"{r.status_code} {r.text[:300]}" for r in load.others]
+        said = sv.log() + "".join(  # the launcher's log, then the workers' own lines
+            ln for ln in sv.out.read_text(errors="replace").splitlines(True) if "datorus:" in ln
+        )
+        assert not load.errors, (load.errors[:5], said[-4000:])
+        assert set(load.statuses) == {200}, (load.statuses, refused[:5], said[-4000:])
         assert not before & after and len(after) == 2
         assert "reload: 2 workers ready" in sv.log()
         # every request made is billed: the CLI's usage counts them all
