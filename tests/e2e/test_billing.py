@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -594,6 +595,15 @@ def test_paid_account_overdraft_is_bounded_exactly(make_gateway, tls_origin, ca)
 # -- durability -----------------------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    """Whether process *pid* still runs (a zombie waiting for its parent does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def _load(gw, user, pw, url, stop: threading.Event, done: list) -> None:
     with requests.Session() as s:
         while not stop.is_set():
@@ -681,11 +691,16 @@ def test_kill_9_under_load_never_corrupts_or_double_charges(make_gateway, raw_or
     for t in threads:
         t.start()
     wait_until(lambda: len(done) > 200, timeout=30, what="load running")
+    serving = gw.worker_pids()
     gw.proc.kill()
     gw.proc.wait(10)
     stop.set()
     for t in threads:
         t.join(10)
+    # under datorus serve the workers outlive the launcher for their drain (SIGTERM from
+    # PR_SET_PDEATHSIG) and write their last batch meanwhile: the ledger is read once they
+    # are gone, not between two of their writes
+    wait_until(lambda: not any(_alive(pid) for pid in serving), 30, 0.05, "workers gone")
     if not is_url(gw.db):
         assert ledger_row(gw.db, "PRAGMA integrity_check") == ("ok",)
     for acc_id, _, _ in accs:

@@ -302,15 +302,17 @@ def blocks_gw(tmp_path_factory, peer_origin):
     gw = Gateway(db, {"session_ttl": BLOCKS_TTL, "block_seconds": 60}).start()
     gw.acc, gw.user, gw.pw = gw.customer(trial_bytes=10**12)
 
-    def live() -> bool:
-        return all(
-            via(gw, peer_origin.url("/peer"), country=c).text == ip for ip, c in COUNTRY.items()
-        )
-
     # egress added by hand start unchecked: the pool worker (its own process, at a lower
-    # priority; on PostgreSQL 10 s late when the gateway has no judge) makes them active
+    # priority; on PostgreSQL 10 s late when the gateway has no judge) makes them active,
+    # and every worker of datorus serve reads that for itself (every 0.5 s): each is asked
+    # for each country (one worker could still answer 502 while the other already used all)
     try:  # a gateway that never gets ready is stopped too, not left running
-        wait_until(live, 40, 0.05, "each country's source address in use")
+        for ip, c in COUNTRY.items():
+            gw.each_worker(
+                forward(gw, peer_origin.url("/peer"), **{"X-Datorus-Country": c}),
+                lambda a, ip=ip: a[0] == 200 and a[2] == ip.encode(),
+                timeout=40,
+            )
         yield gw
     finally:
         gw.stop()
